@@ -1,0 +1,244 @@
+"""Loading, merging and validating configs.
+
+Two styles are supported:
+
+* detectron2 style: ``cfg = get_cfg(); cfg.merge_from_file(path); cfg.merge_from_list([...])``;
+* Detectron style: the module-level global ``cfg`` with ``cfg_from_file``, ``cfg_from_list`` and
+  ``assert_and_infer_cfg``.
+
+YAML files may name a ``_BASE_`` file (relative to themselves) that is loaded first. Every merge checks keys and
+types against the defaults and fails with a :class:`ConfigError` naming the key, the value and the file.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import os
+from typing import Any, Iterable, List, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as _CN
+
+from . import defaults as _defaults
+from .validate import validate_cfg, ConfigError
+
+__all__ = [
+    "CfgNode", "ConfigError", "get_cfg", "cfg", "cfg_from_file", "cfg_from_list", "assert_and_infer_cfg",
+    "merge_cfg_from_cfg", "load_yaml_with_base",
+]
+
+BASE_KEY = "_BASE_"
+
+
+class CfgNode(_CN):
+    """yacs ``CfgNode`` whose merges are checked (keys, types) and report the source file."""
+
+    def merge_from_file(self, cfg_filename: str) -> None:
+        data = load_yaml_with_base(cfg_filename)
+        _merge_dict(self, data, source=cfg_filename, prefix="")
+
+    def merge_from_other_cfg(self, cfg_other: _CN) -> None:
+        _merge_dict(self, _to_dict(cfg_other), source="<config object>", prefix="")
+
+    def merge_from_list(self, cfg_list: Sequence[Any]) -> None:
+        _merge_list(self, cfg_list, source="<command line>")
+
+    def dump(self, **kwargs) -> str:  # yacs dumps tuples oddly; lists round-trip
+        return yaml.safe_dump(_to_dict(self), sort_keys=False, **kwargs)
+
+
+def _to_dict(node: Any) -> Any:
+    if isinstance(node, _CN):
+        return {k: _to_dict(v) for k, v in node.items()}
+    if isinstance(node, tuple):
+        return [_to_dict(v) for v in node]
+    if isinstance(node, list):
+        return [_to_dict(v) for v in node]
+    return node
+
+
+def _from_cn(node: _CN) -> CfgNode:
+    out = CfgNode()
+    for k, v in node.items():
+        out[k] = _from_cn(v) if isinstance(v, _CN) else copy.deepcopy(v)
+    return out
+
+
+def get_cfg() -> CfgNode:
+    """A fresh, mutable copy of the defaults."""
+    return _from_cn(_defaults._C)
+
+
+def load_yaml_with_base(filename: str, _seen: Optional[List[str]] = None) -> dict:
+    """Read a YAML config, first loading (recursively) the file named by its ``_BASE_`` key.
+
+    Raises ConfigError naming the file when it is missing, unreadable, not a mapping, or inherits in a cycle.
+    """
+    filename = os.path.abspath(filename)
+    seen = list(_seen or [])
+    if filename in seen:
+        raise ConfigError(f"{filename}: _BASE_ inheritance cycle: {' -> '.join(seen + [filename])}")
+    seen.append(filename)
+    if not os.path.isfile(filename):
+        raise ConfigError(f"config file not found: {filename}")
+    try:
+        with open(filename, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{filename}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{filename}: a config file must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{filename}: _BASE_ must be a file path string, got {base!r}")
+    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(filename), base)
+    merged = load_yaml_with_base(base_path, seen)
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Return ``value`` converted to the type of ``default`` or raise ConfigError."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            value = list(value)
+            if default:
+                proto = default[0]
+                try:
+                    return [_coerce(key, v, proto, source) for v in value]
+                except ConfigError:
+                    raise ConfigError(
+                        f"{source}: {key}: wrong element type in {value!r}; expected a list of "
+                        f"{type(proto).__name__}") from None
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and default:
+            # A scalar where a list of numbers is expected (e.g. TRAIN.SCALES: 800) is a one-element list.
+            return [_coerce(key, value, default[0], source)]
+    elif default is None:
+        return value
+    raise ConfigError(
+        f"{source}: {key}: wrong type: got {value!r} ({type(value).__name__}), "
+        f"expected {type(default).__name__} like the default {default!r}")
+
+
+def _merge_dict(node: _CN, data: dict, source: str, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
+    for k, v in data.items():
+        full = prefix + str(k)
+        if k not in node:
+            hint = _close_matches(full)
+            raise ConfigError(f"{source}: unknown config key {full!r}{hint}")
+        cur = node[k]
+        if isinstance(cur, _CN):
+            _merge_dict(cur, v, source, full + ".")
+        else:
+            node[k] = _coerce(full, v, cur, source)
+
+
+def _close_matches(full_key: str) -> str:
+    import difflib
+    cands = difflib.get_close_matches(full_key, list(_defaults.KEY_DOCS), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(cands)}?)" if cands else ""
+
+
+def _parse_value(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    return text
+
+
+def _merge_list(node: _CN, cfg_list: Sequence[Any], source: str) -> None:
+    if len(cfg_list) % 2 != 0:
+        raise ConfigError(f"{source}: key/value list has an odd length: {list(cfg_list)!r}")
+    for key, raw in zip(cfg_list[0::2], cfg_list[1::2]):
+        parts = str(key).split(".")
+        cur = node
+        for i, p in enumerate(parts[:-1]):
+            if p not in cur or not isinstance(cur[p], _CN):
+                raise ConfigError(f"{source}: unknown config key {key!r}{_close_matches(str(key))}")
+            cur = cur[p]
+        leaf = parts[-1]
+        if leaf not in cur or isinstance(cur[leaf], _CN):
+            raise ConfigError(f"{source}: unknown config key {key!r}{_close_matches(str(key))}")
+        cur[leaf] = _coerce(str(key), _parse_value(raw), cur[leaf], source)
+
+
+def merge_cfg_from_cfg(dst: _CN, src: _CN) -> None:
+    _merge_dict(dst, _to_dict(src), source="<config object>", prefix="")
+
+
+# --- Detectron-style global config -------------------------------------------------------------------------------
+
+#: The global config that Detectron-style code mutates in place.
+cfg: CfgNode = get_cfg()
+
+
+def cfg_from_file(filename: str, config: Optional[CfgNode] = None) -> None:
+    """Merge a YAML file (with ``_BASE_`` support) into ``config`` (default: the global ``cfg``)."""
+    (cfg if config is None else config).merge_from_file(filename)
+
+
+def cfg_from_list(cfg_list: Sequence[Any], config: Optional[CfgNode] = None) -> None:
+    """Merge ``[KEY, VALUE, KEY, VALUE, ...]`` (values as strings or Python objects)."""
+    (cfg if config is None else config).merge_from_list(cfg_list)
+
+
+def assert_and_infer_cfg(config: Optional[CfgNode] = None, make_immutable: bool = True,
+                         source: str = "<config>") -> CfgNode:
+    """Infer derived keys (FPN from the body name, block type from the depth) and validate every value.
+
+    Raises ConfigError naming the key and value of the first impossible setting.
+    """
+    c = cfg if config is None else config
+    if c.is_frozen():
+        return c
+    body = c.MODEL.CONV_BODY
+    if body.startswith("FPN.") or body.startswith("fpn_"):
+        c.FPN.FPN_ON = True
+    depth = _body_depth(body)
+    if depth in (18, 34):
+        c.RESNETS.TRANS_FUNC = "basic_transformation"
+    validate_cfg(c, source=source)
+    if make_immutable:
+        c.freeze()
+    return c
+
+
+def _body_depth(body: str) -> Optional[int]:
+    import re
+    m = re.search(r"ResNet(\d+)_conv", body)
+    return int(m.group(1)) if m else None

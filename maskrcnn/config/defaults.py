@@ -1,0 +1,216 @@
+"""Every config key, its default, and one line of documentation.
+
+Section and key names follow Detectron (``MODEL``, ``RESNETS``, ``FPN``, ``RPN``, ``FAST_RCNN``, ``MRCNN``,
+``TRAIN``, ``TEST``, ``SOLVER``, ...). Keys are declared through :func:`_key` so that each one carries its doc
+line; ``docs/config.md`` is generated from :data:`KEY_DOCS` (``python -m maskrcnn.config.docs``) and a test keeps
+the two equal.
+
+Defaults describe Detectron's R-50-C4 Mask R-CNN at Detectron's default scale; files in ``configs/`` override them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.set_new_allowed(False)
+
+#: Full dotted key -> one-line documentation.
+KEY_DOCS: Dict[str, str] = {}
+#: Section name -> one-line documentation.
+SECTION_DOCS: Dict[str, str] = {}
+
+
+def _section(name: str, doc: str) -> None:
+    setattr(_C, name, CN())
+    SECTION_DOCS[name] = doc
+
+
+def _key(dotted: str, value: Any, doc: str) -> None:
+    node = _C
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = getattr(node, p)
+    setattr(node, parts[-1], value)
+    KEY_DOCS[dotted] = doc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+_key("OUTPUT_DIR", "output", "Directory where checkpoints, logs and results are written.")
+_key("RNG_SEED", 3, "Seed for Python, NumPy and PyTorch random number generators.")
+_key("NUM_GPUS", 1, "Number of GPUs (processes) the config's batch sizes and schedule were tuned for.")
+_key("DATA_DIR", "datasets", "Root folder under which catalog datasets (e.g. coco_2017_train) are looked up.")
+_key("PIXEL_MEANS", [102.9801, 115.9465, 122.7717],
+     "Per-channel means subtracted from the input, in PIXEL_ORDER and PIXEL_SCALE units.")
+_key("PIXEL_STDS", [1.0, 1.0, 1.0], "Per-channel standard deviations the input is divided by (after the mean).")
+_key("PIXEL_ORDER", "BGR", "Channel order the network expects: 'BGR' (Detectron, Caffe2 weights) or 'RGB' (torchvision).")
+_key("PIXEL_SCALE", 255.0, "Value range of the network input: 255.0 for 0..255 pixels (Detectron) or 1.0 for 0..1 (torchvision).")
+_key("OPS_BACKEND", "auto", "Kernel backend for nms/roi_align/roi_pool: 'native', 'torchvision' or 'auto' (fastest available).")
+_key("EPS", 1e-14, "Small number for numerical stability.")
+_key("VIS_TH", 0.9, "Score threshold for drawing detections in visualisations.")
+
+_section("MODEL", "Model composition.")
+_key("MODEL.TYPE", "generalized_rcnn", "Model family; only 'generalized_rcnn' exists.")
+_key("MODEL.CONV_BODY", "ResNet.ResNet50_conv4_body",
+     "Backbone: 'ResNet.ResNet{18,34,50,101,152}_conv{4,5}_body' or 'FPN.fpn_ResNet{18,34,50,101,152}_conv5_body'.")
+_key("MODEL.NUM_CLASSES", 81, "Number of classes including the background (COCO: 81).")
+_key("MODEL.CLS_AGNOSTIC_BBOX_REG", False, "Predict one box per RoI instead of one per class.")
+_key("MODEL.BBOX_REG_WEIGHTS", [10.0, 10.0, 5.0, 5.0], "Weights (wx, wy, ww, wh) of the Fast R-CNN box coder.")
+_key("MODEL.FASTER_RCNN", True, "Use RPN proposals (end-to-end Faster/Mask R-CNN).")
+_key("MODEL.MASK_ON", True, "Add the mask branch.")
+_key("MODEL.KEYPOINTS_ON", False, "Keypoint branch; not supported, must stay False.")
+_key("MODEL.RPN_ONLY", False, "Stop after the RPN (proposals are the output).")
+_key("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", False, "Initialise the backbone from RESNETS.IMAGENET_PRETRAINED_WEIGHTS.")
+_key("MODEL.LEGACY_PLUS_ONE", False,
+     "Detectron's box convention (width = x2 - x1 + 1) for anchors, box coding and clipping; True for Detectron weights.")
+_key("MODEL.DEVICE", "auto", "'auto' (CUDA when available), 'cpu' or 'cuda'.")
+
+_section("RESNETS", "ResNet / ResNeXt bodies.")
+_key("RESNETS.NUM_GROUPS", 1, "Groups of the 3x3 convolutions (ResNeXt cardinality; 1 for ResNet).")
+_key("RESNETS.WIDTH_PER_GROUP", 64, "Channels per group in the first stage's 3x3 convolution.")
+_key("RESNETS.STRIDE_1X1", True, "Put the stride in the first 1x1 conv (Caffe2/Detectron) instead of the 3x3 (torchvision).")
+_key("RESNETS.TRANS_FUNC", "bottleneck_transformation",
+     "Residual block: 'bottleneck_transformation' or 'basic_transformation' (ResNet-18/34, set by the body name).")
+_key("RESNETS.RES5_DILATION", 1, "Dilation of res5 (1 or 2).")
+_key("RESNETS.FREEZE_AT", 2, "Freeze the stem and stages up to resFREEZE_AT (0: nothing frozen, 2: stem+res2).")
+_key("RESNETS.NORM", "FrozenBN", "Normalisation in the body: 'FrozenBN', 'GN' or 'BN'.")
+_key("RESNETS.IMAGENET_PRETRAINED_WEIGHTS", "", "Path of an ImageNet backbone checkpoint (Caffe2 .pkl or torchvision .pth).")
+
+_section("FPN", "Feature Pyramid Network.")
+_key("FPN.FPN_ON", False, "Use FPN (set automatically by an FPN body name).")
+_key("FPN.DIM", 256, "Channels of every pyramid level.")
+_key("FPN.ZERO_INIT_LATERAL", False, "Zero-initialise the lateral 1x1 convolutions.")
+_key("FPN.USE_GN", False, "GroupNorm in the FPN convolutions.")
+_key("FPN.MULTILEVEL_ROIS", True, "Pool each RoI from the pyramid level matching its scale.")
+_key("FPN.ROI_CANONICAL_SCALE", 224, "Canonical RoI size that maps to ROI_CANONICAL_LEVEL.")
+_key("FPN.ROI_CANONICAL_LEVEL", 4, "Pyramid level of an RoI of the canonical size.")
+_key("FPN.ROI_MIN_LEVEL", 2, "Finest pyramid level RoIs are pooled from.")
+_key("FPN.ROI_MAX_LEVEL", 5, "Coarsest pyramid level RoIs are pooled from.")
+_key("FPN.MULTILEVEL_RPN", True, "Run the RPN on every pyramid level.")
+_key("FPN.RPN_MIN_LEVEL", 2, "Finest RPN level.")
+_key("FPN.RPN_MAX_LEVEL", 6, "Coarsest RPN level (P6 is a stride-2 max-pool of P5).")
+_key("FPN.RPN_ANCHOR_START_SIZE", 32, "Anchor size at RPN_MIN_LEVEL; doubles at each coarser level.")
+_key("FPN.RPN_ASPECT_RATIOS", [0.5, 1.0, 2.0], "Anchor aspect ratios (h/w) at every FPN level.")
+
+_section("RPN", "Region Proposal Network (single-level; FPN anchors are under FPN).")
+_key("RPN.RPN_ON", True, "Use an RPN.")
+_key("RPN.SIZES", [32, 64, 128, 256, 512], "Anchor sizes (sqrt of area, input pixels) of the single-level RPN.")
+_key("RPN.STRIDE", 16, "Stride of the single-level RPN feature map.")
+_key("RPN.ASPECT_RATIOS", [0.5, 1.0, 2.0], "Anchor aspect ratios (h/w) of the single-level RPN.")
+_key("RPN.CLS_ACTIVATION", "sigmoid", "Objectness activation; only 'sigmoid' (one logit per anchor) is supported.")
+_key("RPN.HEAD_DIM", -1, "Channels of the RPN 3x3 conv; -1 means the same as its input.")
+
+_section("FAST_RCNN", "Box head on RoI features.")
+_key("FAST_RCNN.ROI_BOX_HEAD", "ResNet.ResNet_roi_conv5_head",
+     "Box head: 'fast_rcnn_heads.roi_2mlp_head' (FPN) or 'ResNet.ResNet_roi_conv5_head' (C4, res5 + avgpool).")
+_key("FAST_RCNN.MLP_HEAD_DIM", 1024, "Width of the two fully connected layers of roi_2mlp_head.")
+_key("FAST_RCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform: 'RoIAlign' or 'RoIPoolF'.")
+_key("FAST_RCNN.ROI_XFORM_RESOLUTION", 14, "Output size of the RoI transform for the box head.")
+_key("FAST_RCNN.ROI_XFORM_SAMPLING_RATIO", 0, "RoIAlign samples per bin side; <= 0 is adaptive.")
+_key("FAST_RCNN.ROI_XFORM_ALIGNED", False, "RoIAlign with the half-pixel offset (detectron2's aligned=True).")
+
+_section("MRCNN", "Mask head.")
+_key("MRCNN.ROI_MASK_HEAD", "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",
+     "Mask head: 'mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs' (FPN), '..._v0upshare' (C4, shares res5), '..._v0up'.")
+_key("MRCNN.RESOLUTION", 14, "Side of the predicted mask (14 for C4, 28 for FPN).")
+_key("MRCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform for the mask head.")
+_key("MRCNN.ROI_XFORM_RESOLUTION", 7, "Output size of the RoI transform for the mask head.")
+_key("MRCNN.ROI_XFORM_SAMPLING_RATIO", 0, "RoIAlign samples per bin side for the mask head; <= 0 is adaptive.")
+_key("MRCNN.DIM_REDUCED", 256, "Channels of the mask head convolutions.")
+_key("MRCNN.NUM_CONVS", 4, "Number of 3x3 convolutions of the v1upXconvs head.")
+_key("MRCNN.DILATION", 1, "Dilation of the mask head 3x3 convolutions.")
+_key("MRCNN.CLS_SPECIFIC_MASK", True, "One mask per class instead of one class-agnostic mask.")
+_key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
+_key("MRCNN.THRESH_BINARIZE", 0.5, "Threshold turning mask probabilities into binary masks for results.")
+_key("MRCNN.CONV_INIT", "MSRAFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
+
+_section("TRAIN", "Training.")
+_key("TRAIN.DATASETS", [], "Training datasets: catalog names or specs (coco:ANN:IMGDIR, pennfudan:ROOT[:split], synthetic:split).")
+_key("TRAIN.SCALES", [600], "Shorter-side sizes; one is drawn per image.")
+_key("TRAIN.MAX_SIZE", 1000, "Longest side after resizing.")
+_key("TRAIN.IMS_PER_BATCH", 2, "Images per batch per process.")
+_key("TRAIN.BATCH_SIZE_PER_IM", 512, "RoIs sampled per image for the box head.")
+_key("TRAIN.FG_FRACTION", 0.25, "Largest fraction of foreground among the sampled RoIs.")
+_key("TRAIN.FG_THRESH", 0.5, "IoU with a ground-truth box at or above which an RoI is foreground.")
+_key("TRAIN.BG_THRESH_HI", 0.5, "Upper IoU bound (exclusive) of background RoIs.")
+_key("TRAIN.BG_THRESH_LO", 0.0, "Lower IoU bound (inclusive) of background RoIs.")
+_key("TRAIN.USE_FLIPPED", True, "Horizontal flip augmentation (probability 0.5).")
+_key("TRAIN.ASPECT_GROUPING", True, "Batch images of the same aspect-ratio group (landscape/portrait) together.")
+_key("TRAIN.FILTER_EMPTY_GT", False, "Drop images with no (non-crowd) objects instead of training on them as negatives.")
+_key("TRAIN.CROWD_FILTER_THRESH", 0.7, "Anchors/RoIs overlapping a crowd region more than this are ignored.")
+_key("TRAIN.SNAPSHOT_ITERS", 20000, "Write a checkpoint every this many iterations.")
+_key("TRAIN.FREEZE_CONV_BODY", False, "Freeze the whole backbone.")
+_key("TRAIN.RPN_PRE_NMS_TOP_N", 12000, "Proposals kept before NMS, per image (per level with FPN).")
+_key("TRAIN.RPN_POST_NMS_TOP_N", 2000, "Proposals kept after NMS, per image.")
+_key("TRAIN.RPN_NMS_THRESH", 0.7, "NMS IoU threshold for proposals.")
+_key("TRAIN.RPN_MIN_SIZE", 0.0, "Proposals smaller than this (input pixels) are dropped.")
+_key("TRAIN.RPN_POSITIVE_OVERLAP", 0.7, "IoU at or above which an anchor is positive.")
+_key("TRAIN.RPN_NEGATIVE_OVERLAP", 0.3, "IoU below which an anchor is negative.")
+_key("TRAIN.RPN_FG_FRACTION", 0.5, "Largest fraction of positives among the sampled anchors.")
+_key("TRAIN.RPN_BATCH_SIZE_PER_IM", 256, "Anchors sampled per image for the RPN loss.")
+_key("TRAIN.RPN_STRADDLE_THRESH", -1, "Anchors crossing the image border by more than this are ignored; -1 keeps all.")
+_key("TRAIN.AMP", "", "Mixed precision for training: '' (off), 'fp16' (CUDA) or 'bf16'.")
+_key("TRAIN.LOG_PERIOD", 20, "Log a line every this many iterations.")
+
+_section("TEST", "Inference.")
+_key("TEST.DATASETS", [], "Evaluation datasets, as TRAIN.DATASETS.")
+_key("TEST.SCALE", 600, "Shorter-side size at test time.")
+_key("TEST.MAX_SIZE", 1000, "Longest side at test time.")
+_key("TEST.NMS", 0.3, "Per-class NMS IoU threshold of the detections.")
+_key("TEST.SCORE_THRESH", 0.05, "Detections scoring below this are dropped.")
+_key("TEST.DETECTIONS_PER_IM", 100, "Detections kept per image.")
+_key("TEST.BBOX_REG", True, "Apply the box regression to the RoIs.")
+_key("TEST.MIN_BOX_SIZE", 0.0, "Detections smaller than this (input pixels of the resized image) are dropped.")
+_key("TEST.RPN_PRE_NMS_TOP_N", 6000, "Proposals kept before NMS at test time, per image (per level with FPN).")
+_key("TEST.RPN_POST_NMS_TOP_N", 1000, "Proposals kept after NMS at test time, per image.")
+_key("TEST.RPN_NMS_THRESH", 0.7, "NMS IoU threshold for test-time proposals.")
+_key("TEST.RPN_MIN_SIZE", 0.0, "Test-time proposals smaller than this are dropped.")
+_key("TEST.IMS_PER_BATCH", 1, "Images per inference batch.")
+_key("TEST.AMP", "", "Mixed precision at inference: '' (off), 'fp16' (CUDA) or 'bf16'.")
+_key("TEST.FUSE_FROZEN_BN", True, "Fold frozen BatchNorm into the preceding convolution at inference.")
+_key("TEST.CHANNELS_LAST", False, "Run convolutions in channels-last memory format at inference.")
+_key("TEST.MASK_PASTE_PADDING", 1, "Pixels of padding around each mask before pasting (torchvision and Detectron use 1).")
+
+_section("SOLVER", "Optimisation.")
+_key("SOLVER.BASE_LR", 0.001, "Learning rate for the config's total batch (NUM_GPUS x TRAIN.IMS_PER_BATCH).")
+_key("SOLVER.LR_POLICY", "steps_with_decay", "Learning-rate policy: 'steps_with_decay' or 'constant'.")
+_key("SOLVER.GAMMA", 0.1, "Learning-rate factor at each step.")
+_key("SOLVER.STEPS", [0, 30000, 40000], "Iterations at which the learning rate is multiplied by GAMMA (a leading 0 is allowed).")
+_key("SOLVER.MAX_ITER", 40000, "Training iterations.")
+_key("SOLVER.MOMENTUM", 0.9, "SGD momentum.")
+_key("SOLVER.WEIGHT_DECAY", 0.0001, "L2 weight decay.")
+_key("SOLVER.WEIGHT_DECAY_GN", 0.0, "Weight decay of GroupNorm parameters.")
+_key("SOLVER.BIAS_DOUBLE_LR", True, "Biases learn at twice the learning rate (Detectron).")
+_key("SOLVER.BIAS_WEIGHT_DECAY", False, "Apply weight decay to biases.")
+_key("SOLVER.WARM_UP_ITERS", 500, "Warm-up iterations.")
+_key("SOLVER.WARM_UP_FACTOR", 1.0 / 3.0, "Learning-rate factor at the start of warm-up.")
+_key("SOLVER.WARM_UP_METHOD", "linear", "Warm-up: 'linear' or 'constant'.")
+_key("SOLVER.CLIP_GRAD_NORM", 0.0, "Clip the gradient norm to this value; 0 disables.")
+_key("SOLVER.SCALE_WITH_BATCH", True, "Scale LR and schedule linearly when the total batch differs from the config's (Detectron's rule).")
+
+_section("DATA_LOADER", "Data loading.")
+_key("DATA_LOADER.NUM_THREADS", 2, "Worker processes per training process (0 loads in the main process).")
+_key("DATA_LOADER.SKIP_UNREADABLE", False, "Skip images that cannot be read instead of failing before training starts.")
+
+#: Body names accepted by MODEL.CONV_BODY (prefix optional).
+CONV_BODIES = tuple(
+    [f"ResNet.ResNet{d}_conv{c}_body" for d in (18, 34, 50, 101, 152) for c in (4, 5)]
+    + [f"FPN.fpn_ResNet{d}_conv5_body" for d in (18, 34, 50, 101, 152)]
+)
+BOX_HEADS = ("fast_rcnn_heads.roi_2mlp_head", "ResNet.ResNet_roi_conv5_head")
+MASK_HEADS = (
+    "mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs",
+    "mask_rcnn_heads.mask_rcnn_fcn_head_v1up",
+    "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",
+    "mask_rcnn_heads.mask_rcnn_fcn_head_v0up",
+)
+
+# Kept for the log(1000/16) clamp used by the box coders.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16.0)
+
+
+def get_default_cfg() -> CN:
+    """A deep copy of the defaults (never the module-level node itself)."""
+    return _C.clone()

@@ -1,0 +1,185 @@
+"""Value checks run by ``assert_and_infer_cfg``: impossible settings fail before any work starts."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Tuple
+
+from yacs.config import CfgNode as _CN
+
+from . import defaults as _defaults
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key, the value and the source."""
+
+
+def _strip_prefix(name: str) -> str:
+    return name.split(".", 1)[1] if "." in name else name
+
+
+def _one_of(choices) -> Tuple[Callable[[Any], bool], str]:
+    """Membership check; dotted names also match without their module prefix ('ResNet50_conv4_body')."""
+    if all(isinstance(c, str) for c in choices):
+        norm = {_strip_prefix(c) for c in choices}
+        return (lambda v: isinstance(v, str) and _strip_prefix(v) in norm,
+                "one of " + ", ".join(repr(c) for c in sorted(choices)))
+    return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+_POS = (lambda v: v > 0, "> 0")
+_NONNEG = (lambda v: v >= 0, ">= 0")
+_UNIT = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+
+# key -> (predicate, description of what is allowed)
+_CHECKS = {
+    "MODEL.CONV_BODY": _one_of(_defaults.CONV_BODIES),
+    "MODEL.NUM_CLASSES": (lambda v: v >= 2, ">= 2 (background plus at least one class)"),
+    "MODEL.TYPE": _one_of(["generalized_rcnn"]),
+    "MODEL.KEYPOINTS_ON": (lambda v: v is False, "False (keypoints are not supported)"),
+    "MODEL.DEVICE": _one_of(["auto", "cpu", "cuda"]),
+    "MODEL.BBOX_REG_WEIGHTS": (lambda v: len(v) == 4 and all(w > 0 for w in v), "four positive numbers"),
+    "PIXEL_MEANS": (lambda v: len(v) == 3, "three numbers"),
+    "PIXEL_STDS": (lambda v: len(v) == 3 and all(s > 0 for s in v), "three positive numbers"),
+    "PIXEL_ORDER": _one_of(["BGR", "RGB"]),
+    "PIXEL_SCALE": _POS,
+    "OPS_BACKEND": _one_of(["native", "torchvision", "auto"]),
+    "RESNETS.NUM_GROUPS": _POS,
+    "RESNETS.WIDTH_PER_GROUP": _POS,
+    "RESNETS.FREEZE_AT": (lambda v: 0 <= v <= 5, "in 0..5"),
+    "RESNETS.RES5_DILATION": _one_of([1, 2]),
+    "RESNETS.NORM": _one_of(["FrozenBN", "GN", "BN"]),
+    "RESNETS.TRANS_FUNC": _one_of(["bottleneck_transformation", "basic_transformation"]),
+    "FPN.DIM": _POS,
+    "FPN.ROI_CANONICAL_SCALE": _POS,
+    "RPN.SIZES": (lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive sizes"),
+    "RPN.STRIDE": _POS,
+    "RPN.ASPECT_RATIOS": (lambda v: len(v) > 0 and all(r > 0 for r in v), "a non-empty list of positive ratios"),
+    "FPN.RPN_ASPECT_RATIOS": (lambda v: len(v) > 0 and all(r > 0 for r in v), "a non-empty list of positive ratios"),
+    "FPN.RPN_ANCHOR_START_SIZE": _POS,
+    "RPN.CLS_ACTIVATION": _one_of(["sigmoid"]),
+    "FAST_RCNN.ROI_BOX_HEAD": _one_of(_defaults.BOX_HEADS),
+    "FAST_RCNN.MLP_HEAD_DIM": _POS,
+    "FAST_RCNN.ROI_XFORM_METHOD": _one_of(["RoIAlign", "RoIPoolF"]),
+    "FAST_RCNN.ROI_XFORM_RESOLUTION": _POS,
+    "MRCNN.ROI_MASK_HEAD": _one_of(_defaults.MASK_HEADS),
+    "MRCNN.RESOLUTION": _POS,
+    "MRCNN.ROI_XFORM_METHOD": _one_of(["RoIAlign", "RoIPoolF"]),
+    "MRCNN.ROI_XFORM_RESOLUTION": _POS,
+    "MRCNN.DIM_REDUCED": _POS,
+    "MRCNN.NUM_CONVS": _NONNEG,
+    "MRCNN.DILATION": _POS,
+    "MRCNN.THRESH_BINARIZE": _UNIT,
+    "MRCNN.CONV_INIT": _one_of(["MSRAFill", "GaussianFill"]),
+    "TRAIN.SCALES": (lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive sizes"),
+    "TRAIN.MAX_SIZE": _POS,
+    "TRAIN.IMS_PER_BATCH": _POS,
+    "TRAIN.BATCH_SIZE_PER_IM": _POS,
+    "TRAIN.FG_FRACTION": _UNIT,
+    "TRAIN.FG_THRESH": _UNIT,
+    "TRAIN.BG_THRESH_HI": _UNIT,
+    "TRAIN.BG_THRESH_LO": _UNIT,
+    "TRAIN.SNAPSHOT_ITERS": _POS,
+    "TRAIN.RPN_PRE_NMS_TOP_N": _POS,
+    "TRAIN.RPN_POST_NMS_TOP_N": _POS,
+    "TRAIN.RPN_NMS_THRESH": _UNIT,
+    "TRAIN.RPN_MIN_SIZE": _NONNEG,
+    "TRAIN.RPN_POSITIVE_OVERLAP": _UNIT,
+    "TRAIN.RPN_NEGATIVE_OVERLAP": _UNIT,
+    "TRAIN.RPN_FG_FRACTION": _UNIT,
+    "TRAIN.RPN_BATCH_SIZE_PER_IM": _POS,
+    "TRAIN.CROWD_FILTER_THRESH": _UNIT,
+    "TRAIN.AMP": _one_of(["", "fp16", "bf16"]),
+    "TRAIN.LOG_PERIOD": _POS,
+    "TEST.SCALE": _POS,
+    "TEST.MAX_SIZE": _POS,
+    "TEST.NMS": _UNIT,
+    "TEST.SCORE_THRESH": _UNIT,
+    "TEST.DETECTIONS_PER_IM": _POS,
+    "TEST.MIN_BOX_SIZE": _NONNEG,
+    "TEST.RPN_PRE_NMS_TOP_N": _POS,
+    "TEST.RPN_POST_NMS_TOP_N": _POS,
+    "TEST.RPN_NMS_THRESH": _UNIT,
+    "TEST.RPN_MIN_SIZE": _NONNEG,
+    "TEST.IMS_PER_BATCH": _POS,
+    "TEST.AMP": _one_of(["", "fp16", "bf16"]),
+    "TEST.MASK_PASTE_PADDING": _NONNEG,
+    "SOLVER.BASE_LR": _POS,
+    "SOLVER.LR_POLICY": _one_of(["steps_with_decay", "constant"]),
+    "SOLVER.GAMMA": _POS,
+    "SOLVER.MAX_ITER": _POS,
+    "SOLVER.MOMENTUM": _UNIT,
+    "SOLVER.WEIGHT_DECAY": _NONNEG,
+    "SOLVER.WEIGHT_DECAY_GN": _NONNEG,
+    "SOLVER.WARM_UP_ITERS": _NONNEG,
+    "SOLVER.WARM_UP_FACTOR": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "SOLVER.WARM_UP_METHOD": _one_of(["linear", "constant"]),
+    "SOLVER.CLIP_GRAD_NORM": _NONNEG,
+    "DATA_LOADER.NUM_THREADS": _NONNEG,
+    "NUM_GPUS": _POS,
+}
+
+
+def _get(cfg: _CN, dotted: str) -> Any:
+    node = cfg
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+def validate_cfg(cfg: _CN, source: str = "<config>") -> None:
+    """Raise ConfigError on the first impossible value, naming key, value and source."""
+    for key, (pred, allowed) in _CHECKS.items():
+        value = _get(cfg, key)
+        ok = False
+        try:
+            ok = bool(pred(value))
+        except Exception:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{source}: {key} = {value!r} is not allowed; it must be {allowed}")
+    _relations(cfg, source)
+
+
+def _relations(cfg: _CN, source: str) -> None:
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    f = cfg.FPN
+    if not (f.ROI_MIN_LEVEL <= f.ROI_MAX_LEVEL):
+        fail(f"FPN.ROI_MIN_LEVEL = {f.ROI_MIN_LEVEL} must be <= FPN.ROI_MAX_LEVEL = {f.ROI_MAX_LEVEL}")
+    if not (f.RPN_MIN_LEVEL <= f.RPN_MAX_LEVEL):
+        fail(f"FPN.RPN_MIN_LEVEL = {f.RPN_MIN_LEVEL} must be <= FPN.RPN_MAX_LEVEL = {f.RPN_MAX_LEVEL}")
+    if f.FPN_ON:
+        if f.ROI_MIN_LEVEL < 2 or f.ROI_MAX_LEVEL > 5:
+            fail(f"FPN RoI levels must lie in 2..5 (res2..res5), got {f.ROI_MIN_LEVEL}..{f.ROI_MAX_LEVEL}")
+        if f.RPN_MIN_LEVEL < 2 or f.RPN_MAX_LEVEL > 6:
+            fail(f"FPN RPN levels must lie in 2..6, got {f.RPN_MIN_LEVEL}..{f.RPN_MAX_LEVEL}")
+        if f.RPN_MIN_LEVEL > f.ROI_MIN_LEVEL:
+            fail(f"FPN.RPN_MIN_LEVEL = {f.RPN_MIN_LEVEL} must be <= FPN.ROI_MIN_LEVEL = {f.ROI_MIN_LEVEL}")
+    t = cfg.TRAIN
+    if t.BG_THRESH_LO > t.BG_THRESH_HI:
+        fail(f"TRAIN.BG_THRESH_LO = {t.BG_THRESH_LO} must be <= TRAIN.BG_THRESH_HI = {t.BG_THRESH_HI}")
+    if t.RPN_NEGATIVE_OVERLAP > t.RPN_POSITIVE_OVERLAP:
+        fail(f"TRAIN.RPN_NEGATIVE_OVERLAP = {t.RPN_NEGATIVE_OVERLAP} must be <= "
+             f"TRAIN.RPN_POSITIVE_OVERLAP = {t.RPN_POSITIVE_OVERLAP}")
+    for name in ("TRAIN", "TEST"):
+        n = cfg[name]
+        if n.RPN_POST_NMS_TOP_N > 0 and n.RPN_PRE_NMS_TOP_N <= 0:
+            fail(f"{name}.RPN_PRE_NMS_TOP_N must be positive")
+    steps: List[int] = list(cfg.SOLVER.STEPS)
+    if any(s < 0 for s in steps) or steps != sorted(steps):
+        fail(f"SOLVER.STEPS = {steps!r} must be non-negative and increasing")
+    if cfg.TRAIN.AMP == "fp16" and cfg.MODEL.DEVICE == "cpu":
+        fail("TRAIN.AMP = 'fp16' needs CUDA; use 'bf16' on the CPU")
+    if cfg.TEST.AMP == "fp16" and cfg.MODEL.DEVICE == "cpu":
+        fail("TEST.AMP = 'fp16' needs CUDA; use 'bf16' on the CPU")
+    is_c4 = "conv4" in cfg.MODEL.CONV_BODY
+    if cfg.FPN.FPN_ON and _strip_prefix(cfg.FAST_RCNN.ROI_BOX_HEAD) == "ResNet_roi_conv5_head":
+        fail("FAST_RCNN.ROI_BOX_HEAD = ResNet.ResNet_roi_conv5_head needs a conv4 body, not an FPN body")
+    if not is_c4 and cfg.MODEL.MASK_ON and "v0upshare" in cfg.MRCNN.ROI_MASK_HEAD:
+        fail(f"MRCNN.ROI_MASK_HEAD = {cfg.MRCNN.ROI_MASK_HEAD} shares res5 with the C4 box head and needs a conv4 body "
+             f"(MODEL.CONV_BODY = {cfg.MODEL.CONV_BODY})")
+    if "v0upshare" in cfg.MRCNN.ROI_MASK_HEAD and cfg.MODEL.MASK_ON and \
+            _strip_prefix(cfg.FAST_RCNN.ROI_BOX_HEAD) != "ResNet_roi_conv5_head":
+        fail("MRCNN.ROI_MASK_HEAD ..._v0upshare needs FAST_RCNN.ROI_BOX_HEAD = ResNet.ResNet_roi_conv5_head")
+    if len(cfg.PIXEL_MEANS) != len(cfg.PIXEL_STDS):
+        fail("PIXEL_MEANS and PIXEL_STDS must have the same length")
