@@ -8,10 +8,6 @@ import torch
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end or long-running test (deselect with -m 'not slow')")
-
-
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

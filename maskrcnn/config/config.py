@@ -36,6 +36,13 @@ class CfgNode(_CN):
     def merge_from_file(self, cfg_filename: str) -> None:
         data = load_yaml_with_base(cfg_filename)
         _merge_dict(self, data, source=cfg_filename, prefix="")
+        # Remembered (outside the key space) so that later validation errors can name the file.
+        self.__dict__.setdefault("_sources", []).append(str(cfg_filename))
+
+    @property
+    def sources(self) -> List[str]:
+        """Files merged into this config, in order."""
+        return list(self.__dict__.get("_sources", []))
 
     def merge_from_other_cfg(self, cfg_other: _CN) -> None:
         _merge_dict(self, _to_dict(cfg_other), source="<config object>", prefix="")
@@ -218,7 +225,7 @@ def cfg_from_list(cfg_list: Sequence[Any], config: Optional[CfgNode] = None) -> 
 
 
 def assert_and_infer_cfg(config: Optional[CfgNode] = None, make_immutable: bool = True,
-                         source: str = "<config>") -> CfgNode:
+                         source: Optional[str] = None) -> CfgNode:
     """Infer derived keys (FPN from the body name, block type from the depth) and validate every value.
 
     Raises ConfigError naming the key and value of the first impossible setting.
@@ -232,6 +239,9 @@ def assert_and_infer_cfg(config: Optional[CfgNode] = None, make_immutable: bool 
     depth = _body_depth(body)
     if depth in (18, 34):
         c.RESNETS.TRANS_FUNC = "basic_transformation"
+    if source is None:
+        files = c.__dict__.get("_sources", [])
+        source = ", ".join(files) if files else "<config>"
     validate_cfg(c, source=source)
     if make_immutable:
         c.freeze()

@@ -120,11 +120,11 @@ _key("MRCNN.ROI_XFORM_RESOLUTION", 7, "Output size of the RoI transform for the 
 _key("MRCNN.ROI_XFORM_SAMPLING_RATIO", 0, "RoIAlign samples per bin side for the mask head; <= 0 is adaptive.")
 _key("MRCNN.DIM_REDUCED", 256, "Channels of the mask head convolutions.")
 _key("MRCNN.NUM_CONVS", 4, "Number of 3x3 convolutions of the v1upXconvs head.")
-_key("MRCNN.DILATION", 1, "Dilation of the mask head 3x3 convolutions.")
+_key("MRCNN.DILATION", 2, "Dilation of the mask head 3x3 convolutions.")
 _key("MRCNN.CLS_SPECIFIC_MASK", True, "One mask per class instead of one class-agnostic mask.")
 _key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
 _key("MRCNN.THRESH_BINARIZE", 0.5, "Threshold turning mask probabilities into binary masks for results.")
-_key("MRCNN.CONV_INIT", "MSRAFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
+_key("MRCNN.CONV_INIT", "GaussianFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
 
 _section("TRAIN", "Training.")
 _key("TRAIN.DATASETS", [], "Training datasets: catalog names or specs (coco:ANN:IMGDIR, pennfudan:ROOT[:split], synthetic:split).")

@@ -1,0 +1,112 @@
+"""Choice between the pure-PyTorch ("native") and torchvision's compiled implementation of the ops.
+
+Three backend names are accepted:
+
+* ``"native"``: always the pure-PyTorch implementations in ``maskrcnn/ops`` (work on any device
+  PyTorch supports, need no compiled extension).
+* ``"torchvision"``: always ``torch.ops.torchvision.*``; an op raises ``RuntimeError`` when those
+  compiled kernels cannot be loaded.
+* ``"auto"`` (default): per op, the implementation named in :data:`AUTO_PREFERENCE`, falling back
+  to ``"native"`` when torchvision's kernels do not load.
+
+The active backend is, in order of precedence, the one given to :func:`set_backend` /
+:func:`use_backend`, else the environment variable ``MASKRCNN_OPS_BACKEND`` (read at each call, so
+it can be changed at run time), else ``"auto"``.
+"""
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("native", "torchvision", "auto")
+ENV_VAR = "MASKRCNN_OPS_BACKEND"
+
+# Fixed rule for "auto": which implementation each op uses when torchvision's kernels load.
+# nms: torchvision's kernel is a tight compiled loop that never materialises IoU blocks, and on
+#      CUDA a bitmask kernel; the native version is within ~2x on CPU but not faster.
+# roi_align / roi_pool: owned by their own modules, whose authors may change these entries after
+#      measuring (the native versions are fully differentiable and device-agnostic).
+AUTO_PREFERENCE = {"nms": "torchvision", "roi_align": "native", "roi_pool": "native"}
+
+_explicit_backend: Optional[str] = None
+_torchvision_ok: Optional[bool] = None
+
+
+def _validate(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(
+            f"invalid maskrcnn ops backend {name!r} (from {source}); expected one of {', '.join(BACKENDS)}"
+        )
+    return name.strip().lower()
+
+
+def get_backend() -> str:
+    """The active backend name: ``"native"``, ``"torchvision"`` or ``"auto"``.
+
+    Raises ``ValueError`` naming the bad value when ``MASKRCNN_OPS_BACKEND`` holds an unknown name.
+    """
+    if _explicit_backend is not None:
+        return _explicit_backend
+    value = os.environ.get(ENV_VAR)
+    if value is None or value == "":
+        return "auto"
+    return _validate(value, f"environment variable {ENV_VAR}")
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Select the backend for all ops; ``None`` returns control to ``MASKRCNN_OPS_BACKEND``."""
+    global _explicit_backend
+    _explicit_backend = None if name is None else _validate(name, "set_backend(name)")
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[str]:
+    """Context manager selecting ``name`` (as :func:`set_backend`) and restoring the previous choice."""
+    global _explicit_backend
+    previous = _explicit_backend
+    set_backend(name)
+    try:
+        yield get_backend()
+    finally:
+        _explicit_backend = previous
+
+
+def torchvision_ops_available() -> bool:
+    """Whether torchvision's compiled ops load and run (probed once with a tiny CPU ``nms``; never raises)."""
+    global _torchvision_ok
+    if _torchvision_ok is None:
+        try:
+            import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+
+            boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0]])
+            keep = torch.ops.torchvision.nms(boxes, torch.tensor([0.9, 0.8]), 0.5)
+            _torchvision_ok = keep.tolist() == [0]
+        except Exception:  # a missing/ABI-mismatched extension surfaces as many exception types
+            _torchvision_ok = False
+    return _torchvision_ok
+
+
+def resolve(op_name: str) -> str:
+    """The implementation (``"native"`` or ``"torchvision"``) that ``op_name`` must use now.
+
+    ``op_name`` is a key of :data:`AUTO_PREFERENCE`. Raises ``ValueError`` for an unknown op and
+    ``RuntimeError`` when the backend is ``"torchvision"`` but its compiled ops are unavailable.
+    """
+    if op_name not in AUTO_PREFERENCE:
+        raise ValueError(f"unknown op_name {op_name!r}; expected one of {sorted(AUTO_PREFERENCE)}")
+    backend = get_backend()
+    if backend == "native":
+        return "native"
+    if backend == "torchvision":
+        if not torchvision_ops_available():
+            raise RuntimeError(
+                f"ops backend 'torchvision' was requested for {op_name!r} but torchvision's compiled ops "
+                f"could not be loaded; use backend 'native' or 'auto'"
+            )
+        return "torchvision"
+    preferred = AUTO_PREFERENCE[op_name]
+    if preferred == "torchvision" and not torchvision_ops_available():
+        return "native"
+    return preferred
