@@ -1,0 +1,207 @@
+"""Input preprocessing and output postprocessing: the only place that knows about pixel formats and sizes.
+
+Images enter the model as a list of ``(3, H, W)`` float RGB tensors in ``[0, 1]`` of any sizes. They are
+
+1. converted to the network's channel order and value range (``PIXEL_ORDER``, ``PIXEL_SCALE``) and normalised with
+   ``PIXEL_MEANS`` / ``PIXEL_STDS``;
+2. resized so that the shorter side is ``min_size`` unless the longer side would exceed ``max_size`` (bilinear,
+   ``recompute_scale_factor=True``, the same arithmetic as torchvision's ``GeneralizedRCNNTransform``);
+3. zero-padded at the bottom/right to a common size that is a multiple of ``size_divisibility``.
+
+Training targets are scaled along (boxes by the per-axis size ratio, masks by nearest resizing). ``postprocess``
+maps detections back: boxes to input-image pixels, masks pasted into the input image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.masks import paste_masks_in_image
+
+__all__ = ["ImageList", "Preprocessor", "resize_boxes"]
+
+
+@dataclass
+class ImageList:
+    """A padded batch.
+
+    Attributes:
+        tensors: ``(N, 3, Hp, Wp)`` normalised network input, zero-padded at the bottom/right.
+        image_sizes: ``(h, w)`` of each resized image before padding.
+        scales: resize factor applied to each input image (``h / original_h`` up to rounding).
+    """
+
+    tensors: Tensor
+    image_sizes: List[Tuple[int, int]]
+    scales: List[float]
+
+    def to(self, device) -> "ImageList":
+        return ImageList(self.tensors.to(device), self.image_sizes, self.scales)
+
+    @property
+    def im_info(self) -> Tensor:
+        """Detectron's ``im_info``: ``(N, 3)`` float rows ``[height, width, scale]`` of the network input."""
+        rows = [[float(h), float(w), float(s)] for (h, w), s in zip(self.image_sizes, self.scales)]
+        return torch.tensor(rows, dtype=torch.float32, device=self.tensors.device).reshape(-1, 3)
+
+
+def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
+    """Scale ``(N, 4)`` xyxy boxes from an image of ``original_size`` (h, w) to one of ``new_size`` (h, w)."""
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=boxes.device) / torch.tensor(
+        original_size[0], dtype=torch.float32, device=boxes.device)
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=boxes.device) / torch.tensor(
+        original_size[1], dtype=torch.float32, device=boxes.device)
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+class Preprocessor(nn.Module):
+    """Resize, normalise and batch images (and their targets); map detections back.
+
+    Args:
+        min_size: shorter-side sizes; training draws one per image, evaluation uses the last.
+        max_size: longest side after resizing.
+        pixel_mean, pixel_std: per-channel statistics in ``pixel_order`` / ``pixel_scale`` units.
+        pixel_order: ``"RGB"`` or ``"BGR"``: channel order the network expects.
+        pixel_scale: ``1.0`` (inputs in [0, 1]) or ``255.0`` (inputs in [0, 255]).
+        size_divisibility: the padded batch size is a multiple of this (32 for FPN).
+        mask_paste_padding: border (pixels) added around each M x M mask before it is pasted.
+    """
+
+    def __init__(self, min_size: Sequence[int], max_size: int, pixel_mean: Sequence[float],
+                 pixel_std: Sequence[float], pixel_order: str = "RGB", pixel_scale: float = 1.0,
+                 size_divisibility: int = 32, mask_paste_padding: int = 1,
+                 test_min_size: Optional[int] = None, test_max_size: Optional[int] = None):
+        super().__init__()
+        if isinstance(min_size, int):
+            min_size = (min_size,)
+        if not min_size or any(s <= 0 for s in min_size):
+            raise ValueError(f"min_size must be a non-empty sequence of positive sizes, got {min_size!r}")
+        if max_size <= 0:
+            raise ValueError(f"max_size must be positive, got {max_size!r}")
+        if pixel_order not in ("RGB", "BGR"):
+            raise ValueError(f"pixel_order must be 'RGB' or 'BGR', got {pixel_order!r}")
+        self.min_size = tuple(int(s) for s in min_size)
+        self.max_size = int(max_size)
+        # Evaluation size; torchvision's rule (the last training size) unless given.
+        self.test_min_size = int(test_min_size if test_min_size is not None else self.min_size[-1])
+        self.test_max_size = int(test_max_size if test_max_size is not None else self.max_size)
+        self.pixel_order = pixel_order
+        self.pixel_scale = float(pixel_scale)
+        self.size_divisibility = int(size_divisibility)
+        self.mask_paste_padding = int(mask_paste_padding)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "Preprocessor":
+        return cls(
+            min_size=tuple(cfg.TRAIN.SCALES), max_size=cfg.TRAIN.MAX_SIZE,
+            test_min_size=cfg.TEST.SCALE, test_max_size=cfg.TEST.MAX_SIZE,
+            pixel_mean=cfg.PIXEL_MEANS, pixel_std=cfg.PIXEL_STDS, pixel_order=cfg.PIXEL_ORDER,
+            pixel_scale=cfg.PIXEL_SCALE, size_divisibility=32,
+            mask_paste_padding=cfg.TEST.MASK_PASTE_PADDING,
+        )
+
+    # --- sizes ----------------------------------------------------------------------------------------------------
+    def _target_sizes(self) -> Tuple[Tuple[int, ...], int]:
+        if self.training:
+            return self.min_size, self.max_size
+        return (self.test_min_size,), self.test_max_size
+
+    def set_test_size(self, min_size: int, max_size: int) -> None:
+        """Evaluate at ``min_size`` / ``max_size`` from now on (the Detectron API's target_scale)."""
+        self.test_min_size, self.test_max_size = int(min_size), int(max_size)
+
+    @staticmethod
+    def compute_scale(height: int, width: int, min_size: float, max_size: float) -> float:
+        """Resize factor of an ``height x width`` image (shorter side to min_size, longer side capped)."""
+        short, long = float(min(height, width)), float(max(height, width))
+        return min(min_size / short, max_size / long)
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def normalize(self, image: Tensor) -> Tensor:
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a (3, H, W) RGB image tensor, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"expected a float image in [0, 1], got dtype {image.dtype}")
+        if self.pixel_order == "BGR":
+            image = image.flip(0)
+        if self.pixel_scale != 1.0:
+            image = image * self.pixel_scale
+        mean = self.pixel_mean.to(image)
+        std = self.pixel_std.to(image)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
+               ) -> Tuple[Tensor, Optional[Dict[str, Tensor]], float]:
+        h, w = image.shape[-2:]
+        min_sizes, max_size = self._target_sizes()
+        if self.training and len(min_sizes) > 1:
+            size = min_sizes[int(torch.empty(1).uniform_(0.0, float(len(min_sizes))).item())]
+        else:
+            size = min_sizes[-1]
+        scale = self.compute_scale(h, w, float(size), float(max_size))
+        if scale != 1.0:
+            image = F.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
+                                  recompute_scale_factor=True, align_corners=False)[0]
+        if target is not None:
+            target = dict(target)
+            new_hw = tuple(image.shape[-2:])
+            if "boxes" in target and new_hw != (h, w):
+                target["boxes"] = resize_boxes(target["boxes"], (h, w), new_hw)
+            if "masks" in target and new_hw != (h, w) and target["masks"].numel() > 0:
+                m = target["masks"]
+                target["masks"] = F.interpolate(m[:, None].float(), size=new_hw)[:, 0].to(m.dtype)
+            elif "masks" in target and target["masks"].numel() == 0:
+                target["masks"] = target["masks"].new_zeros((0,) + new_hw)
+        return image, target, scale
+
+    def batch(self, images: List[Tensor]) -> Tensor:
+        max_h = max(int(im.shape[-2]) for im in images)
+        max_w = max(int(im.shape[-1]) for im in images)
+        d = self.size_divisibility
+        if d > 1:
+            max_h = int(math.ceil(max_h / d) * d)
+            max_w = int(math.ceil(max_w / d) * d)
+        out = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+        for i, im in enumerate(images):
+            out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return out
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[ImageList, Optional[List[Dict[str, Tensor]]]]:
+        if isinstance(images, Tensor):
+            images = list(images) if images.dim() == 4 else [images]
+        if len(images) == 0:
+            raise ValueError("expected at least one image")
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        out_images, out_targets, sizes, scales = [], [], [], []
+        for i, image in enumerate(images):
+            t = targets[i] if targets is not None else None
+            image = self.normalize(image)
+            image, t, scale = self.resize(image, t)
+            out_images.append(image)
+            out_targets.append(t)
+            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+            scales.append(scale)
+        return ImageList(self.batch(out_images), sizes, scales), (out_targets if targets is not None else None)
+
+    def postprocess(self, results: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]],
+                    original_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """Boxes from resized-image to original-image pixels; ``masks`` (N,1,M,M) pasted to (N,1,H,W)."""
+        out = []
+        for res, im_s, o_im_s in zip(results, image_sizes, original_sizes):
+            res = dict(res)
+            res["boxes"] = resize_boxes(res["boxes"], im_s, o_im_s)
+            if "masks" in res:
+                res["masks"] = paste_masks_in_image(res["masks"], res["boxes"], tuple(o_im_s),
+                                                    padding=self.mask_paste_padding)
+            out.append(res)
+        return out
