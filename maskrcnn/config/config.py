@@ -24,7 +24,7 @@ from .validate import validate_cfg, ConfigError
 
 __all__ = [
     "CfgNode", "ConfigError", "get_cfg", "cfg", "cfg_from_file", "cfg_from_list", "assert_and_infer_cfg",
-    "merge_cfg_from_cfg", "load_yaml_with_base",
+    "merge_cfg_from_cfg", "load_yaml_with_base", "reset_global_cfg",
 ]
 
 BASE_KEY = "_BASE_"
@@ -212,6 +212,19 @@ def merge_cfg_from_cfg(dst: _CN, src: _CN) -> None:
 
 #: The global config that Detectron-style code mutates in place.
 cfg: CfgNode = get_cfg()
+
+
+def reset_global_cfg() -> CfgNode:
+    """Put the global ``cfg`` back to the defaults (unfrozen), in place; returns it."""
+    cfg.defrost()
+    fresh = get_cfg()
+    for k in list(cfg.keys()):
+        if k not in fresh:
+            del cfg[k]
+    for k, v in fresh.items():
+        cfg[k] = v
+    cfg.__dict__["_sources"] = []
+    return cfg
 
 
 def cfg_from_file(filename: str, config: Optional[CfgNode] = None) -> None:

@@ -125,14 +125,15 @@ def test_infer_fpn_and_basic_blocks():
 
 def test_detectron_style_global_cfg(tmp_path):
     f = _write(tmp_path / "g.yaml", "MODEL:\n  NUM_CLASSES: 7\n")
-    saved = mconfig.cfg.clone()
     try:
         mconfig.cfg_from_file(f)
         mconfig.cfg_from_list(["TEST.NMS", "0.4"])
         assert mconfig.cfg.MODEL.NUM_CLASSES == 7 and mconfig.cfg.TEST.NMS == 0.4
+        mconfig.assert_and_infer_cfg()
+        assert mconfig.cfg.is_frozen()
     finally:
-        for k in list(mconfig.cfg.keys()):
-            mconfig.cfg[k] = saved[k]
+        mconfig.reset_global_cfg()
+    assert mconfig.cfg.MODEL.NUM_CLASSES == 81 and not mconfig.cfg.is_frozen() and mconfig.cfg.sources == []
 
 
 def test_all_shipped_configs_load_and_validate():
