@@ -1,6 +1,7 @@
 """Value checks run by ``assert_and_infer_cfg``: impossible settings fail before any work starts."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List, Tuple
 
 from yacs.config import CfgNode as _CN
@@ -25,13 +26,21 @@ def _one_of(choices) -> Tuple[Callable[[Any], bool], str]:
     return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
+def _conv_body_ok(value: Any) -> bool:
+    """Built-in body names, or a name a user added to CONV_BODY_REGISTRY (whose module is then imported)."""
+    if _one_of(_defaults.CONV_BODIES)[0](value):
+        return True
+    mod = sys.modules.get("maskrcnn.modeling.backbone.conv_body")
+    return mod is not None and value in getattr(mod, "CONV_BODY_REGISTRY", {})
+
+
 _POS = (lambda v: v > 0, "> 0")
 _NONNEG = (lambda v: v >= 0, ">= 0")
 _UNIT = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 # key -> (predicate, description of what is allowed)
 _CHECKS = {
-    "MODEL.CONV_BODY": _one_of(_defaults.CONV_BODIES),
+    "MODEL.CONV_BODY": (_conv_body_ok, _one_of(_defaults.CONV_BODIES)[1] + " or a name in CONV_BODY_REGISTRY"),
     "MODEL.NUM_CLASSES": (lambda v: v >= 2, ">= 2 (background plus at least one class)"),
     "MODEL.TYPE": _one_of(["generalized_rcnn"]),
     "MODEL.KEYPOINTS_ON": (lambda v: v is False, "False (keypoints are not supported)"),
