@@ -1,0 +1,100 @@
+"""``Mask_Outs``: per-class mask logits (Detectron's ``mask_rcnn_outputs``), the mask loss and mask probabilities.
+
+:class:`MaskRCNNOutputs` is a 1x1 convolution ``mask_fcn_logits`` from the mask head's ``(R, dim, M, M)`` features to
+``(R, K+1, M, M)`` logits (``(R, 1, M, M)`` class-agnostic), torchvision's ``MaskRCNNPredictor.mask_fcn_logits``.
+
+:func:`mask_rcnn_loss` is torchvision's ``maskrcnn_loss`` given ready-made targets: binary cross entropy with logits
+between each RoI's mask of its own class and its ``M x M`` target, averaged over all pixels of all RoIs.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mask_head import init_conv
+
+__all__ = ["MaskRCNNOutputs", "mask_rcnn_loss", "mask_probs_for_labels"]
+
+
+class MaskRCNNOutputs(nn.Module):
+    """Mask logits.
+
+    Args:
+        dim_in: channels of the mask head output (``MRCNN.DIM_REDUCED``).
+        num_classes: classes including the background (``MODEL.NUM_CLASSES``).
+        cls_specific: one mask per class (``MRCNN.CLS_SPECIFIC_MASK``); False gives a single mask.
+        conv_init: ``"MSRAFill"`` (He normal fan_out, torchvision's ``MaskRCNNPredictor``) or ``"GaussianFill"``
+            (std 0.001); bias 0.
+
+    ``forward(x (R, dim_in, M, M)) -> (R, K+1 or 1, M, M)`` logits.
+    """
+
+    def __init__(self, dim_in: int, num_classes: int, cls_specific: bool = True, conv_init: str = "MSRAFill"):
+        super().__init__()
+        if dim_in < 1:
+            raise ValueError(f"dim_in must be positive, got {dim_in}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.cls_specific = bool(cls_specific)
+        self.mask_fcn_logits = nn.Conv2d(dim_in, num_classes if cls_specific else 1, 1)
+        init_conv(self.mask_fcn_logits, conv_init)
+
+    @classmethod
+    def from_cfg(cls, cfg, dim_in: int) -> "MaskRCNNOutputs":
+        """Keys: ``MODEL.NUM_CLASSES``, ``MRCNN.{CLS_SPECIFIC_MASK, CONV_INIT}``."""
+        return cls(dim_in, cfg.MODEL.NUM_CLASSES, cfg.MRCNN.CLS_SPECIFIC_MASK, cfg.MRCNN.CONV_INIT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x must be (R, {self.mask_fcn_logits.in_channels}, M, M), got shape {tuple(x.shape)}")
+        return self.mask_fcn_logits(x)
+
+
+def _label_channel(mask_logits: Tensor, labels: Tensor, fn: str) -> Tensor:
+    """``(R, M, M)``: each RoI's logits of its own class (channel 0 when class-agnostic)."""
+    if mask_logits.dim() != 4:
+        raise ValueError(f"{fn}: mask_logits must be (R, C, M, M), got shape {tuple(mask_logits.shape)}")
+    num_rois, channels = mask_logits.shape[:2]
+    if labels.shape != (num_rois,):
+        raise ValueError(f"{fn}: labels must be ({num_rois},) to match mask_logits, got {tuple(labels.shape)}")
+    labels = labels.to(device=mask_logits.device, dtype=torch.int64)
+    if channels == 1:
+        return mask_logits[:, 0]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= channels):
+        raise ValueError(f"{fn}: labels must be in [0, {channels}), got min {int(labels.min())} "
+                         f"max {int(labels.max())}")
+    return mask_logits[torch.arange(num_rois, device=mask_logits.device), labels]
+
+
+def mask_rcnn_loss(mask_logits: Tensor, labels: Union[Tensor, Sequence[Tensor]],
+                   mask_targets: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    """Mask loss of the foreground RoIs.
+
+    Args:
+        mask_logits: ``(R, K+1 or 1, M, M)``.
+        labels: ``(R,)`` classes in 1..K of the RoIs (or a per-image list).
+        mask_targets: ``(R, M, M)`` targets in [0, 1] (e.g. ``project_masks_on_boxes``; or a per-image list).
+
+    Returns:
+        0-d mean BCE-with-logits; with ``R == 0``, ``0 * mask_logits.sum()`` so the graph stays connected.
+    """
+    labels = labels if isinstance(labels, Tensor) else torch.cat(list(labels))
+    mask_targets = mask_targets if isinstance(mask_targets, Tensor) else torch.cat(list(mask_targets))
+    if mask_targets.dim() != 3 or mask_targets.shape[0] != mask_logits.shape[0] or \
+            mask_targets.shape[1:] != mask_logits.shape[2:]:
+        raise ValueError(f"mask_targets must be ({mask_logits.shape[0]}, {mask_logits.shape[2]}, "
+                         f"{mask_logits.shape[3] if mask_logits.dim() == 4 else '?'}), got {tuple(mask_targets.shape)}")
+    logits = _label_channel(mask_logits, labels, "mask_rcnn_loss")
+    if mask_targets.numel() == 0:
+        return mask_logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(logits, mask_targets.to(logits.dtype))
+
+
+def mask_probs_for_labels(mask_logits: Tensor, labels: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    """``(R, 1, M, M)`` sigmoid probabilities of each RoI's mask for its label (the only mask when class-agnostic)."""
+    labels = labels if isinstance(labels, Tensor) else torch.cat(list(labels))
+    return _label_channel(mask_logits, labels, "mask_probs_for_labels").sigmoid()[:, None]
