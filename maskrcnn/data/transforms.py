@@ -1,0 +1,202 @@
+"""Joint image/target transforms for the data loader, and the image-reading helpers the datasets share.
+
+A transform is a callable ``t(image, target, generator=None) -> (image, target)`` where
+
+* ``image`` is a ``(3, H, W)`` float32 RGB tensor in ``[0, 1]``;
+* ``target`` is the dataset's dict (``boxes (N, 4)`` float32 ``x1, y1, x2, y2`` absolute pixels in the continuous
+  convention, ``masks (N, H, W)`` uint8, plus keys the transforms pass through untouched), or ``None``;
+* ``generator`` is an optional ``torch.Generator`` for the random draws. The training loader passes one seeded per
+  sample so that augmentation is reproducible and resumable; ``None`` draws from the global torch RNG.
+
+Normalisation is not a loader transform: the model's ``Preprocessor`` converts to its pixel order/scale and
+normalises. It also resizes, so :class:`ResizeShortestEdge` here is optional: resizing in the workers is a speed
+choice (smaller tensors cross the worker pipe; the model's own resize then is a no-op or nearly so, because both use
+the same arithmetic).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Compose",
+    "RandomHorizontalFlip",
+    "ResizeShortestEdge",
+    "hflip",
+    "read_image_rgb",
+    "to_float_tensor",
+]
+
+Target = Optional[Dict[str, Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# image helpers
+def read_image_rgb(path: str) -> np.ndarray:
+    """Read an image file as an ``(H, W, 3)`` uint8 RGB array (OpenCV decoder, as Detectron does).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        OSError: the file exists but OpenCV cannot decode it.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"could not decode image file {path} (unreadable or not an image)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def to_float_tensor(image: np.ndarray) -> Tensor:
+    """``(H, W, 3)`` uint8 RGB array -> ``(3, H, W)`` float32 tensor in ``[0, 1]``."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _check_image(image: Tensor, who: str) -> None:
+    if not isinstance(image, Tensor) or image.dim() != 3:
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"{who}: image must be a (C, H, W) tensor, got {shape}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# deterministic building blocks
+def hflip(image: Tensor, target: Target = None) -> Tuple[Tensor, Target]:
+    """Mirror an image and its target left-right.
+
+    Boxes map as ``x1' = W - x2``, ``x2' = W - x1`` (continuous convention: the mirror of pixel column ``c`` is
+    ``W - 1 - c``, so a box covering columns ``a..b`` covers ``W-1-b..W-1-a``, i.e. ``[W - (b+1), W - a)``).
+    """
+    _check_image(image, "hflip")
+    width = image.shape[-1]
+    image = image.flip(-1)
+    if target is None:
+        return image, None
+    target = dict(target)
+    if "boxes" in target:
+        boxes = target["boxes"]
+        flipped = boxes.clone()
+        flipped[:, 0] = width - boxes[:, 2]
+        flipped[:, 2] = width - boxes[:, 0]
+        target["boxes"] = flipped
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image, target
+
+
+def _resize(image: Tensor, target: Target, scale: float) -> Tuple[Tensor, Target]:
+    h, w = image.shape[-2:]
+    # Same call as the model's Preprocessor so that its resize of an already resized image is (close to) a no-op.
+    image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                          align_corners=False)[0]
+    nh, nw = image.shape[-2:]
+    if target is None:
+        return image, None
+    target = dict(target)
+    if "boxes" in target:
+        ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=target["boxes"].dtype)
+        target["boxes"] = target["boxes"] * ratio
+    if "masks" in target:
+        masks = target["masks"]
+        if masks.shape[0] == 0:
+            target["masks"] = masks.new_zeros((0, nh, nw))
+        else:
+            target["masks"] = F.interpolate(masks[:, None].float(), size=(nh, nw), mode="nearest")[:, 0].to(masks.dtype)
+    if "area" in target and "masks" in target:
+        # Area follows the segmentation, as in the source annotations.
+        target["area"] = target["masks"].flatten(1).sum(1).to(target["area"].dtype)
+    return image, target
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transform objects
+class Compose:
+    """Apply transforms in order, handing each the same ``generator``."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms: List[Callable] = list(transforms)
+        for i, t in enumerate(self.transforms):
+            if not callable(t):
+                raise TypeError(f"Compose: transforms[{i}] is not callable: {t!r}")
+
+    def __call__(self, image: Tensor, target: Target = None,
+                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Target]:
+        for t in self.transforms:
+            image, target = t(image, target, generator=generator)
+        return image, target
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(t) for t in self.transforms)
+        return f"Compose([{inner}])"
+
+
+class RandomHorizontalFlip:
+    """Flip image, boxes and masks together with probability ``p`` (see :func:`hflip`)."""
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p!r}")
+        self.p = float(p)
+
+    def __call__(self, image: Tensor, target: Target = None,
+                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Target]:
+        # Always draw, even for p in {0, 1}, so that the random stream does not depend on p.
+        u = float(torch.rand((), generator=generator))
+        if u < self.p:
+            return hflip(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class ResizeShortestEdge:
+    """Resize so the shorter side is one of ``min_sizes`` (drawn uniformly) unless the longer would exceed ``max_size``.
+
+    The image is resized bilinearly, boxes are scaled by the per-axis size ratio, masks are resized nearest and
+    ``area`` (when masks are present) is recomputed from the resized masks. The scale rule and the interpolation
+    call are the model ``Preprocessor``'s, so applying this in the loader with the training sizes only moves work
+    into the workers; it is optional.
+
+    Args:
+        min_sizes: candidate shorter-side sizes (pixels).
+        max_size: cap on the longer side (pixels).
+    """
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int):
+        if isinstance(min_sizes, int):
+            min_sizes = (min_sizes,)
+        if len(min_sizes) == 0 or any(int(s) <= 0 for s in min_sizes):
+            raise ValueError(f"ResizeShortestEdge: min_sizes must be non-empty positive sizes, got {min_sizes!r}")
+        if int(max_size) <= 0:
+            raise ValueError(f"ResizeShortestEdge: max_size must be positive, got {max_size!r}")
+        self.min_sizes = tuple(int(s) for s in min_sizes)
+        self.max_size = int(max_size)
+
+    @staticmethod
+    def get_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+        short, long = float(min(height, width)), float(max(height, width))
+        return min(min_size / short, max_size / long)
+
+    def __call__(self, image: Tensor, target: Target = None,
+                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Target]:
+        _check_image(image, "ResizeShortestEdge")
+        if len(self.min_sizes) == 1:
+            size = self.min_sizes[0]
+        else:
+            size = self.min_sizes[int(torch.randint(len(self.min_sizes), (), generator=generator))]
+        h, w = image.shape[-2:]
+        scale = self.get_scale(h, w, size, self.max_size)
+        if scale == 1.0:
+            return image, target
+        return _resize(image, target, scale)
+
+    def __repr__(self) -> str:
+        return f"ResizeShortestEdge(min_sizes={self.min_sizes}, max_size={self.max_size})"
