@@ -93,6 +93,8 @@ _key("FPN.RPN_MIN_LEVEL", 2, "Finest RPN level.")
 _key("FPN.RPN_MAX_LEVEL", 6, "Coarsest RPN level (P6 is a stride-2 max-pool of P5).")
 _key("FPN.RPN_ANCHOR_START_SIZE", 32, "Anchor size at RPN_MIN_LEVEL; doubles at each coarser level.")
 _key("FPN.RPN_ASPECT_RATIOS", [0.5, 1.0, 2.0], "Anchor aspect ratios (h/w) at every FPN level.")
+_key("FPN.RPN_ANCHOR_STRIDES_FROM_SIZE", False,
+     "Anchor stride of each level = padded image size // feature size (torchvision) instead of 2**level (Detectron).")
 
 _section("RPN", "Region Proposal Network (single-level; FPN anchors are under FPN).")
 _key("RPN.RPN_ON", True, "Use an RPN.")

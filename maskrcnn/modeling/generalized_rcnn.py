@@ -135,7 +135,8 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
     def _forward_train(self, blob_conv, image_list: ImageList, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         gt_boxes, gt_labels, gt_masks, crowd_boxes = _split_crowd(targets)
         rpn_targets = [{"boxes": b, "crowd_boxes": c} for b, c in zip(gt_boxes, crowd_boxes)]
-        proposals, losses = self.RPN(blob_conv, image_list.image_sizes, rpn_targets)
+        proposals, losses = self.RPN(blob_conv, image_list.image_sizes, rpn_targets,
+                                     batch_shape=tuple(image_list.tensors.shape[-2:]))
         losses = dict(losses)
         if self.rpn_only:
             return losses
@@ -180,7 +181,8 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
                ) -> List[Dict[str, Tensor]]:
         """Detections in resized-image coordinates; masks are ``(N, 1, M, M)`` probabilities (not pasted)."""
         if proposals is None:
-            proposals, _ = self.RPN(blob_conv, image_list.image_sizes, None)
+            proposals, _ = self.RPN(blob_conv, image_list.image_sizes, None,
+                                    batch_shape=tuple(image_list.tensors.shape[-2:]))
         if self.rpn_only:
             return [{"boxes": p, "scores": torch.ones_like(p[:, 0]),
                      "labels": torch.ones_like(p[:, 0], dtype=torch.int64)} for p in proposals]
