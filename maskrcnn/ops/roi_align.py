@@ -1,0 +1,492 @@
+"""RoIAlign (Mask R-CNN's bilinear RoI feature transform) in pure PyTorch.
+
+:func:`roi_align` returns what ``torchvision.ops.roi_align`` returns, up to float rounding:
+
+* box corners are multiplied by ``spatial_scale`` (and shifted by -0.5 when ``aligned``); with
+  ``aligned=False`` RoI sides shorter than 1 are raised to 1;
+* each of the ``oh x ow`` bins averages ``gh x gw`` bilinear samples placed at the centres of a
+  regular sub-grid, ``gh = sampling_ratio`` or, when ``sampling_ratio <= 0``, ``ceil(roi_h / oh)``
+  (likewise ``gw``); the average divides by ``max(gh * gw, 1)``;
+* a sample with ``y < -1`` or ``y > H`` (or ``x < -1``, ``x > W``) contributes 0; inside that band
+  coordinates are clamped into ``[0, H - 1]`` (``[0, W - 1]``), i.e. the border row is repeated;
+* with ``aligned=True`` and adaptive sampling an inverted box has a non-positive grid, runs no
+  sample and gives 0 (torchvision's CPU kernel fails on such boxes when only one side is inverted).
+
+Sample coordinates are computed with torchvision's operation order in the compute dtype, so they are
+bit-identical to its CPU kernel's; only the accumulation order differs.
+
+Algorithm. Bilinear weights and the border rules are separable, so for every RoI the per-axis
+samples of a bin (``g`` samples, 2 neighbours each) are first reduced to a short list of
+``(row, weight)`` "slots": when the samples are at most 1 pixel apart (always true for adaptive
+sampling) the neighbours of consecutive samples coincide and the slots are the ``span <= g + 1``
+consecutive rows the bin touches, with the weights of equal rows summed; otherwise the ``2g`` raw
+neighbours are kept. A bin then reads the ``ky x kx`` outer product of its two slot lists from the
+feature map laid out as a ``(N*H*W, C)`` table of contiguous channel vectors, as one weighted
+``embedding_bag`` (multithreaded, vectorised over channels) over all bins of all RoIs. RoIs are
+grouped by their (bucketed) slot counts only to build the flat index list; the gather is a single
+call. Huge RoIs cost at most ``H x W`` reads per bin (slots never exceed the map), not ``gh x gw x 4``.
+
+The backward pass is the transposed sparse product: the (index, weight) list is sorted by feature
+row (a stable radix sort) and a second weighted ``embedding_bag`` sums, for every feature row, the
+gradients of the bins that read it. No atomics, so it is deterministic.
+
+Dtypes: float32 and float64 are computed in their own dtype; float16 and bfloat16 are computed in
+float32 (coordinates, weights and accumulation) and the result is rounded to the input dtype.
+The output has the input's memory format (channels_last input gives channels_last output).
+"""
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from maskrcnn.ops import _backend
+
+RoIs = Union[Tensor, Sequence[Tensor]]
+
+# Per-axis slot counts above this are rounded up (<= 12.5% zero-weight padding) so that RoIs of
+# similar size share one index-building group; below it every count is its own group.
+_EXACT_SLOTS = 8
+
+
+def as_roi_tensor(rois: RoIs, name: str = "rois") -> Tensor:
+    """``(R, 5)`` rois ``[batch_idx, x1, y1, x2, y2]`` from that tensor or a list of ``(Ri, 4)`` boxes per image."""
+    if isinstance(rois, Tensor):
+        if rois.dim() != 2 or rois.shape[1] != 5:
+            raise ValueError(
+                f"{name} must be a (R, 5) tensor [batch_idx, x1, y1, x2, y2], got shape {tuple(rois.shape)}"
+            )
+        return rois
+    if not isinstance(rois, (list, tuple)):
+        raise ValueError(f"{name} must be a (R, 5) tensor or a list of (Ri, 4) tensors, got {type(rois).__name__}")
+    if len(rois) == 0:
+        raise ValueError(f"{name} is an empty list; pass one (Ri, 4) tensor per image (Ri may be 0)")
+    for i, b in enumerate(rois):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"{name}[{i}] must be a (Ri, 4) tensor, got {getattr(b, 'shape', type(b))}")
+    boxes = torch.cat([b.to(rois[0].dtype) for b in rois], 0)
+    counts = torch.tensor([b.shape[0] for b in rois], device=boxes.device)
+    batch = torch.repeat_interleave(torch.arange(len(rois), device=boxes.device), counts, output_size=boxes.shape[0])
+    return torch.cat([batch.to(boxes.dtype)[:, None], boxes], 1)
+
+
+def pair_size(output_size: Union[int, Sequence[int]], name: str = "output_size") -> Tuple[int, int]:
+    """``(h, w)`` from an int or a pair of positive ints."""
+    if isinstance(output_size, int) and not isinstance(output_size, bool):
+        size = (output_size, output_size)
+    elif isinstance(output_size, (list, tuple)) and len(output_size) == 2:
+        size = tuple(output_size)
+    else:
+        raise ValueError(f"{name} must be an int or a pair (h, w), got {output_size!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"{name} must hold positive ints, got {output_size!r}")
+    return int(size[0]), int(size[1])
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of the native kernels: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_batch_index(rois: Tensor, num_images: int, name: str = "rois") -> Tensor:
+    """Column 0 of ``rois`` as int64, raising ``ValueError`` when it is not an index in ``[0, num_images)``."""
+    batch = rois[:, 0].long()
+    outside = (batch < 0) | (batch >= num_images) | (rois[:, 0] != batch)
+    if bool(outside.any()):
+        raise ValueError(f"{name}[:, 0] must hold integer batch indices in [0, {num_images}), got values outside it")
+    return batch
+
+
+class GatherPlan(NamedTuple):
+    """A sparse ``(B, M)`` matrix as bags: bag ``b`` = sum of ``weight[e] * table[index[e]]``, e in its offset range."""
+
+    index: Tensor  # (E,) int64 rows of the (M, C) feature table
+    weight: Optional[Tensor]  # (E,) compute dtype (None for unweighted bags)
+    offsets: Tensor  # (B,) int64, non-decreasing, offsets[0] == 0
+
+
+def slot_bucket(k: Tensor) -> Tensor:
+    # Exact up to _EXACT_SLOTS, then rounded up to a multiple of 2**(ceil(log2 k) - 3).
+    e = torch.ceil(torch.log2(k.clamp(min=1).double()))
+    step = torch.exp2((e - 3).clamp(min=0)).long()
+    return torch.where(k <= _EXACT_SLOTS, k, (k + step - 1) // step * step)
+
+
+def _axis_slots(
+    start: Tensor, bin_size: Tensor, grid: Tensor, num_bins: int, size: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-axis (row, weight) slots of every bin.
+
+    start, bin_size: (R,) compute dtype; grid: (R,) int64 >= 0 samples per bin; size: (R,) int64
+    length of the axis. Returns index (R, num_bins, K) int64 in ``[0, size)``, weight
+    (R, num_bins, K) and the bucketed slot count (R,) of each RoI (its slots past it weigh 0).
+    """
+    dtype, device = start.dtype, start.device
+    num_rois = start.shape[0]
+    per_roi = grid * num_bins
+    total = int(per_roi.sum())
+    roi = torch.repeat_interleave(torch.arange(num_rois, device=device), per_roi, output_size=total)
+    local = torch.arange(total, device=device) - (torch.cumsum(per_roi, 0) - per_roi)[roi]
+    g = grid[roi]
+    p = local // g
+    i = local - p * g
+    step = bin_size[roi]
+    # torchvision's order: (start + p * bin) + ((i + .5) * bin) / grid.
+    pos = (start[roi] + p.to(dtype) * step) + ((i.to(dtype) + 0.5) * step) / g.to(dtype)
+    length = size[roi]
+    valid = (pos >= -1.0) & (pos <= length)
+    pos = torch.where(valid, pos, torch.zeros((), dtype=dtype, device=device)).clamp(min=0)
+    lo = pos.long()
+    at_end = lo >= length - 1
+    lo = torch.where(at_end, length - 1, lo)
+    hi = torch.where(at_end, lo, lo + 1)
+    frac = torch.where(at_end, torch.zeros((), dtype=dtype, device=device), pos - lo.to(dtype))
+    w_hi = frac * valid
+    w_lo = (1.0 - frac) * valid
+
+    num = num_rois * num_bins
+    bin_id = roi * num_bins + p
+    never = int(size.max()) + 1 if num_rois else 1
+    first = torch.full((num,), never, dtype=torch.long, device=device)
+    first.scatter_reduce_(0, bin_id, torch.where(valid, lo, never), "amin")
+    last = torch.full((num,), -1, dtype=torch.long, device=device)
+    last.scatter_reduce_(0, bin_id, torch.where(valid, hi, -1), "amax")
+    touched = last >= 0
+    first = torch.where(touched, first, 0)
+    last = torch.where(touched, last, 0)
+    span = torch.where(touched, last - first + 1, 0).view(num_rois, num_bins).amax(1)
+    raw = 2 * grid
+    compact = span <= raw
+    slots = slot_bucket(torch.where(compact, span, raw))
+    # At least one slot, so that zero-weight writes of out-of-map samples have somewhere to land.
+    k_max = max(int(slots.max()), 1) if num_rois else 0
+
+    ar = torch.arange(k_max, device=device)
+    index = torch.minimum(first[:, None] + ar, last[:, None])
+    weight = torch.zeros(num * k_max, dtype=dtype, device=device)
+    if total:
+        sample_compact = compact[roi]
+        base = first[bin_id]
+        slot_lo = torch.where(sample_compact, torch.where(valid, lo - base, 0), 2 * i)
+        slot_hi = torch.where(sample_compact, torch.where(valid, hi - base, 0), 2 * i + 1)
+        flat = bin_id * k_max
+        weight.index_put_((flat + slot_lo,), w_lo, accumulate=True)
+        weight.index_put_((flat + slot_hi,), w_hi, accumulate=True)
+        sample_raw = ~sample_compact
+        if bool(sample_raw.any()):
+            flat_index = index.view(-1)
+            flat_index[(flat + slot_lo)[sample_raw]] = lo[sample_raw]
+            flat_index[(flat + slot_hi)[sample_raw]] = hi[sample_raw]
+    return index.view(num_rois, num_bins, k_max), weight.view(num_rois, num_bins, k_max), slots
+
+
+def outer_plan(
+    row_part: Tensor,
+    row_weight: Optional[Tensor],
+    col_index: Tensor,
+    col_weight: Optional[Tensor],
+    row_slots: Tensor,
+    col_slots: Tensor,
+    empty: Optional[Tensor] = None,
+    empty_index: int = 0,
+) -> GatherPlan:
+    """Bags of the outer products of per-axis slots.
+
+    row_part: (R, oh, Ky) int64 table row of column 0 of each y-slot; col_index: (R, ow, Kx) int64
+    column of each x-slot; row_weight / col_weight: matching weights (None: no weights). RoI ``r``
+    uses the first ``row_slots[r]`` x ``col_slots[r]`` slots of each bin, row-major (y then x).
+    ``empty`` (R, oh, ow) bool sends all entries of those bins to row ``empty_index``. The weight of
+    the returned plan is None when no weights were given.
+    """
+    num_rois, oh, _ = row_part.shape
+    ow = col_index.shape[1]
+    device = row_part.device
+    per_roi = oh * ow * row_slots * col_slots
+    starts = torch.cumsum(per_roi, 0) - per_roi
+    offsets = (starts[:, None] + torch.arange(oh * ow, device=device) * (row_slots * col_slots)[:, None]).reshape(-1)
+    weighted = row_weight is not None
+    if num_rois == 0:
+        weight = row_weight.new_zeros(0) if weighted else None
+        return GatherPlan(row_part.new_zeros(0), weight, offsets)
+
+    def block(sel, ky: int, kx: int) -> Tuple[Tensor, Optional[Tensor]]:
+        rp, ci = (row_part, col_index) if sel is None else (row_part[sel], col_index[sel])
+        index = rp[:, :, None, :ky, None] + ci[:, None, :, None, :kx]
+        if empty is not None:
+            index = torch.where((empty if sel is None else empty[sel])[:, :, :, None, None], empty_index, index)
+        if not weighted:
+            return index.reshape(-1), None
+        wy, wx = (row_weight, col_weight) if sel is None else (row_weight[sel], col_weight[sel])
+        return index.reshape(-1), (wy[:, :, None, :ky, None] * wx[:, None, :, None, :kx]).reshape(-1)
+
+    key = row_slots * (int(col_slots.max()) + 1) + col_slots
+    groups, inverse = torch.unique(key, return_inverse=True)
+    if groups.numel() == 1:
+        return GatherPlan(*block(None, int(row_slots[0]), int(col_slots[0])), offsets)
+    total = int(per_roi.sum())
+    index = torch.empty(total, dtype=torch.long, device=device)
+    weight = torch.empty(total, dtype=row_weight.dtype, device=device) if weighted else None
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=groups.numel()).tolist()
+    for sel in torch.split(order, counts):
+        r0 = int(sel[0])
+        ky, kx = int(row_slots[r0]), int(col_slots[r0])
+        if ky * kx == 0:
+            continue
+        pos = (starts[sel, None] + torch.arange(oh * ow * ky * kx, device=device)).reshape(-1)
+        block_index, block_weight = block(sel, ky, kx)
+        index[pos] = block_index
+        if weighted:
+            weight[pos] = block_weight
+    return GatherPlan(index, weight, offsets)
+
+
+def roi_align_plan(
+    rois: Tensor,
+    scale: Tensor,
+    heights: Tensor,
+    widths: Tensor,
+    row_base: Tensor,
+    output_size: Tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+) -> GatherPlan:
+    """The bilinear sampling matrix of RoIAlign over a flat ``(M, C)`` feature table.
+
+    rois: (R, 5) in the compute dtype; scale: (R,) spatial scale of each RoI's map (compute dtype);
+    heights, widths: (R,) int64 size of each RoI's map; row_base: (R,) int64 table row of pixel
+    (0, 0) of the RoI's image in its map (rows are ``row_base + y * width + x``). Bags are ordered
+    RoI-major then ``(ph, pw)``, i.e. the bag sums viewed as ``(R, oh, ow, C)``.
+    """
+    oh, ow = output_size
+    dtype, device = rois.dtype, rois.device
+    num_rois = rois.shape[0]
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * scale - offset
+    y1 = rois[:, 2] * scale - offset
+    roi_w = rois[:, 3] * scale - offset - x1
+    roi_h = rois[:, 4] * scale - offset - y1
+    if not aligned:
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    bin_h = roi_h / oh
+    bin_w = roi_w / ow
+    if sampling_ratio > 0:
+        grid_h = torch.full((num_rois,), sampling_ratio, dtype=torch.long, device=device)
+        grid_w = grid_h
+    else:
+        grid_h = torch.ceil(bin_h).long()
+        grid_w = torch.ceil(bin_w).long()
+    inv_count = 1.0 / (grid_h * grid_w).clamp(min=1).to(dtype)
+    # A non-positive grid (aligned, inverted box, adaptive sampling) runs no sample: the bin is 0.
+    grid_h = grid_h.clamp(min=0)
+    grid_w = grid_w.clamp(min=0)
+    iy, wy, ky = _axis_slots(y1, bin_h, grid_h, oh, heights)
+    ix, wx, kx = _axis_slots(x1, bin_w, grid_w, ow, widths)
+    row_part = row_base[:, None, None] + iy * widths[:, None, None]
+    return outer_plan(row_part, wy * inv_count[:, None, None], ix, wx, ky, kx)
+
+
+def check_features(features: Sequence[Tensor], name: str = "features") -> None:
+    """Raise ``ValueError`` unless ``features`` are (N, C, H_l, W_l) float maps sharing N, C, dtype and device."""
+    if len(features) == 0:
+        raise ValueError(f"{name} must hold at least one (N, C, H, W) tensor")
+    for i, f in enumerate(features):
+        label = f"{name}[{i}]" if len(features) > 1 else name
+        if not isinstance(f, Tensor) or f.dim() != 4:
+            raise ValueError(f"{label} must be a (N, C, H, W) tensor, got {getattr(f, 'shape', type(f))}")
+        if not f.is_floating_point():
+            raise ValueError(f"{label} must be a floating point tensor, got {f.dtype}")
+        if f.shape[2] == 0 or f.shape[3] == 0:
+            raise ValueError(f"{label} must have non-empty spatial dims, got shape {tuple(f.shape)}")
+        ref = features[0]
+        if f.shape[:2] != ref.shape[:2] or f.dtype != ref.dtype or f.device != ref.device:
+            raise ValueError(
+                f"{label} has (N, C) = {tuple(f.shape[:2])}, {f.dtype}, {f.device}; "
+                f"expected {tuple(ref.shape[:2])}, {ref.dtype}, {ref.device} like {name}[0]"
+            )
+
+
+def pack_features(features: Sequence[Tensor], dtype: torch.dtype, extra_rows: int = 0) -> Tensor:
+    """Levels (N, C, H_l, W_l) -> one (sum_l N*H_l*W_l + extra_rows, C) table, level-major, rows ``(n, y, x)``.
+
+    One strided copy per level (none is made differentiable: callers own the backward). The extra
+    rows are left uninitialised for the caller.
+    """
+    c = features[0].shape[1]
+    rows = sum(f.shape[0] * f.shape[2] * f.shape[3] for f in features)
+    table = torch.empty((rows + extra_rows, c), dtype=dtype, device=features[0].device)
+    start = 0
+    for f in features:
+        n, _, h, w = f.shape
+        table[start : start + n * h * w].view(n, h, w, c).copy_(f.detach().permute(0, 2, 3, 1))
+        start += n * h * w
+    return table
+
+
+def feature_meta(features: Sequence[Tensor]) -> List[Tuple[torch.Size, torch.dtype, torch.memory_format]]:
+    """What :func:`unpack_grad` needs of the features (so backward does not keep them alive)."""
+    return [(f.shape, f.dtype, _memory_format(f)) for f in features]
+
+
+def unpack_grad(
+    grad_table: Tensor, meta: Sequence[Tuple[torch.Size, torch.dtype, torch.memory_format]], needs: Sequence[bool]
+) -> List[Optional[Tensor]]:
+    """Inverse layout of :func:`pack_features` for gradients, each in its feature's dtype and memory format."""
+    grads: List[Optional[Tensor]] = []
+    start = 0
+    c = grad_table.shape[1]
+    for (shape, dtype, memory_format), need in zip(meta, needs):
+        n, _, h, w = shape
+        if need:
+            g = grad_table[start : start + n * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
+            grads.append(g.to(dtype).contiguous(memory_format=memory_format))
+        else:
+            grads.append(None)
+        start += n * h * w
+    return grads
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def bags_to_output(bags: Tensor, output_size: Tuple[int, int], like: Tensor) -> Tensor:
+    """(R*oh*ow, C) bag rows -> (R, C, oh, ow) in ``like``'s dtype and memory format."""
+    oh, ow = output_size
+    out = bags.view(-1, oh, ow, bags.shape[1]).permute(0, 3, 1, 2)
+    return out.to(like.dtype).contiguous(memory_format=_memory_format(like))
+
+
+def output_grad_rows(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """(R, C, oh, ow) output gradient -> (R*oh*ow, C) contiguous rows in ``dtype``."""
+    return grad.permute(0, 2, 3, 1).to(dtype).contiguous().view(-1, grad.shape[1])
+
+
+def _transposed_gather(grad: Tensor, plan: GatherPlan, num_rows: int) -> Tensor:
+    """``S^T @ grad`` for the plan's sparse ``S``: (B, C) bag gradients -> (num_rows, C) table gradient."""
+    index, weight, offsets = plan
+    total = index.numel()
+    if total == 0:
+        return grad.new_zeros((num_rows, grad.shape[1]))
+    sizes = torch.diff(offsets, append=offsets.new_tensor([total]))
+    bag = torch.repeat_interleave(torch.arange(offsets.numel(), device=grad.device), sizes, output_size=total)
+    # Radix sort on 32-bit keys is about twice as fast as on 64-bit ones.
+    keys = index.int() if num_rows < 2**31 else index
+    rows, order = torch.sort(keys, stable=True)
+    row_offsets = torch.searchsorted(rows, torch.arange(num_rows, device=grad.device, dtype=rows.dtype))
+    return F.embedding_bag(bag[order], grad, row_offsets, mode="sum", per_sample_weights=weight[order])
+
+
+class _RoIAlignFunction(torch.autograd.Function):
+    """Bag sums of a :class:`GatherPlan` over packed feature maps; differentiable in the features only."""
+
+    @staticmethod
+    def forward(ctx, index: Tensor, weight: Tensor, offsets: Tensor, output_size: Tuple[int, int], *features: Tensor):
+        table = pack_features(features, weight.dtype)
+        ctx.save_for_backward(index, weight, offsets)
+        ctx.meta = feature_meta(features)
+        ctx.num_rows = table.shape[0]
+        if index.numel() == 0:
+            bags = table.new_zeros((offsets.numel(), table.shape[1]))
+        else:
+            bags = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
+        return bags_to_output(bags, output_size, features[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        index, weight, offsets = ctx.saved_tensors
+        needs = ctx.needs_input_grad[4:]
+        if not any(needs):
+            return (None,) * (4 + len(needs))
+        rows = output_grad_rows(grad, weight.dtype)
+        grad_table = _transposed_gather(rows, GatherPlan(index, weight, offsets), ctx.num_rows)
+        return (None, None, None, None, *unpack_grad(grad_table, ctx.meta, needs))
+
+
+def apply_roi_align_plan(features: Sequence[Tensor], plan: GatherPlan, output_size: Tuple[int, int]) -> Tensor:
+    """(R, C, oh, ow) RoIAlign output of ``plan`` over the packed ``features``, differentiable in them."""
+    return _RoIAlignFunction.apply(plan.index, plan.weight, plan.offsets, output_size, *features)
+
+
+def _roi_align_native(
+    input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> Tensor:
+    n, c, h, w = input.shape
+    dtype = compute_dtype(input.dtype)
+    rois = rois.detach().to(device=input.device, dtype=dtype)
+    batch = check_batch_index(rois, n)
+    num_rois = rois.shape[0]
+    device = input.device
+    scale = torch.full((num_rois,), float(spatial_scale), dtype=dtype, device=device)
+    heights = torch.full((num_rois,), h, dtype=torch.long, device=device)
+    widths = torch.full((num_rois,), w, dtype=torch.long, device=device)
+    plan = roi_align_plan(rois, scale, heights, widths, batch * (h * w), output_size, sampling_ratio, aligned)
+    return apply_roi_align_plan([input], plan, output_size)
+
+
+def roi_align(
+    input: Tensor,
+    rois: RoIs,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign of ``rois`` on ``input``.
+
+    Args:
+        input: (N, C, H, W) float features.
+        rois: (R, 5) ``[batch_idx, x1, y1, x2, y2]`` or a list of N ``(Ri, 4)`` boxes, in the
+            coordinates of the image ``input`` was computed from (scaled by ``spatial_scale``).
+        output_size: ``oh`` (square) or ``(oh, ow)``.
+        spatial_scale: feature-map size / image size (e.g. 1/4 for FPN's P2).
+        sampling_ratio: samples per bin side; ``<= 0`` is adaptive (``ceil(roi_side / bins)``).
+        aligned: shift boxes by -0.5 pixel (detectron2); False is Detectron's legacy RoIAlign.
+    Returns:
+        (R, C, oh, ow) in ``input``'s dtype. Backend per :func:`maskrcnn.ops._backend.resolve`
+        ("roi_align"); the native one is differentiable in ``input`` (not in ``rois``, like torchvision).
+    """
+    check_features([input], "input")
+    output_size = pair_size(output_size)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise ValueError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    roi_tensor = as_roi_tensor(rois)
+    if _backend.resolve("roi_align") == "torchvision":
+        import torchvision
+
+        return torchvision.ops.roi_align(
+            input, roi_tensor.to(input.dtype), output_size, float(spatial_scale), sampling_ratio, bool(aligned)
+        )
+    return _roi_align_native(input, roi_tensor, output_size, float(spatial_scale), sampling_ratio, bool(aligned))
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align` (fixed ``output_size``, ``spatial_scale``, ``sampling_ratio``, ``aligned``)."""
+
+    def __init__(
+        self,
+        output_size: Union[int, Tuple[int, int]],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool = False,
+    ) -> None:
+        super().__init__()
+        self.output_size = pair_size(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
+
+    def forward(self, input: Tensor, rois: RoIs) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
