@@ -1,0 +1,271 @@
+"""detectron2 model-zoo weights: ``.pkl`` (``{'model': {name: ndarray}, '__author__': ...}``) or ``.pth``
+(``{'model': state_dict, ...}``) for the R-50/101 C4 and FPN Mask / Faster R-CNN.
+
+Names (``detectron2/modeling/backbone/{resnet,fpn}.py``, ``proposal_generator/rpn.py``, ``roi_heads/*.py``)::
+
+    backbone.bottom_up.stem.conv1.weight  backbone.bottom_up.stem.conv1.norm.*       FPN models
+    backbone.stem.conv1.*                                                          C4 models (no bottom_up)
+    ...res{s}.{b}.conv{1,2,3}.weight  .conv{i}.norm.{weight,bias,running_mean,running_var}
+    ...res{s}.{b}.shortcut.weight  .shortcut.norm.*                                projection shortcut
+    backbone.fpn_lateral{2..5}.*  backbone.fpn_output{2..5}.*                      (GN: .norm.*)
+    proposal_generator.rpn_head.conv.*  .objectness_logits.*  .anchor_deltas.*
+    roi_heads.box_head.fc1.* fc2.*    roi_heads.res5.{b}.*  (C4 box head)
+    roi_heads.box_predictor.cls_score.*   K+1 rows, background LAST (row K)
+    roi_heads.box_predictor.bbox_pred.*   4K rows, foreground classes only (no background deltas)
+    roi_heads.mask_head.mask_fcn{1..4}.*  .deconv.*  .predictor.*     predictor: K channels, no background
+
+Conversion to the canonical (Detectron) layout: the background row of ``cls_score`` moves from last to first; the
+background's 4 ``bbox_pred`` rows and 1 mask channel are added as zeros (inference never reads them, and a
+fine-tuning start re-learns them); the single-level RPN's anchors are reordered from detectron2's size-major to
+Detectron's ratio-major order. ``pixel_mean``/``pixel_std`` buffers (older files) and anchor buffers are dropped.
+The MSRA-initialised zoo models take BGR 0..255 minus ``[103.53, 116.28, 123.675]`` (std 1), put the block stride
+in the 1x1 conv, use ``aligned=True`` RoIAlign (ROIAlignV2) and no "+1" in boxes.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .formats import WeightsConversionError, raise_unmapped, to_tensor, unwrap_state_dict
+
+__all__ = ["is_detectron2", "detectron2_to_canonical", "canonical_to_detectron2", "reorder_anchor_channels"]
+
+_BODY_RE = re.compile(r"^backbone\.(?:bottom_up\.)?(stem\.conv1|res[2-5]\.\d+\.(?:conv[123]|shortcut))"
+                      r"(\.norm)?\.(weight|bias|running_mean|running_var)$")
+_RES5_RE = re.compile(r"^roi_heads\.(res5\.\d+\.(?:conv[123]|shortcut))(\.norm)?\.(weight|bias|running_mean|"
+                      r"running_var)$")
+_FPN_RE = re.compile(r"^backbone\.fpn_(lateral|output)([2-6])(\.norm)?\.(weight|bias)$")
+_HEADS = {
+    "proposal_generator.rpn_head.conv": "rpn.conv",
+    "proposal_generator.rpn_head.objectness_logits": "rpn.cls_logits",
+    "proposal_generator.rpn_head.anchor_deltas": "rpn.bbox_pred",
+    "roi_heads.box_head.fc1": "box.fc6", "roi_heads.box_head.fc2": "box.fc7",
+    "roi_heads.box_predictor.cls_score": "box.cls_score", "roi_heads.box_predictor.bbox_pred": "box.bbox_pred",
+    "roi_heads.mask_head.deconv": "mask.conv5_mask", "roi_heads.mask_head.predictor": "mask.logits",
+}
+_MASK_FCN_RE = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$")
+_DROPPED_RE = re.compile(r"(^pixel_(mean|std)$|num_batches_tracked$|^proposal_generator\.anchor_generator\.)")
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_detectron2(obj: Any) -> bool:
+    """True for a detectron2 checkpoint (``__author__`` marker or its module names)."""
+    if isinstance(obj, Mapping) and "model" in obj and "__author__" in obj:
+        return True
+    try:
+        sd = unwrap_state_dict(obj)
+    except WeightsConversionError:
+        return False
+    return any(isinstance(k, str) and (k.startswith("backbone.bottom_up.") or k.startswith("backbone.stem.")
+                                       or k.startswith("proposal_generator.")) for k in sd)
+
+
+def _block_layer(path: str) -> str:
+    """detectron2 ``res2.0.conv1`` / ``res2.0.shortcut`` / ``stem.conv1`` -> canonical conv name."""
+    if path == "stem.conv1":
+        return "stem.conv1"
+    return path.replace(".shortcut", ".downsample.0")
+
+
+def _norm_layer(path: str) -> str:
+    if path == "stem.conv1":
+        return "stem.bn1"
+    stage_block, layer = path.rsplit(".", 1)
+    return f"{stage_block}.{'downsample.1' if layer == 'shortcut' else 'bn' + layer[-1]}"
+
+
+def reorder_anchor_channels(t: Tensor, num_sizes: int, num_ratios: int, per_anchor: int,
+                            size_major_to_ratio_major: bool = True) -> Tensor:
+    """Permute the anchor axis of an RPN output layer's weight or bias (dim 0 = ``A * per_anchor``) between
+    detectron2's size-major anchor order (``a = size * R + ratio``) and Detectron's / torchvision's ratio-major
+    order (``a = ratio * S + size``)."""
+    a = num_sizes * num_ratios
+    if t.shape[0] != a * per_anchor:
+        raise WeightsConversionError(f"RPN layer with {t.shape[0]} outputs does not fit {num_sizes} sizes x "
+                                     f"{num_ratios} ratios x {per_anchor}")
+    shape = (num_sizes, num_ratios) if size_major_to_ratio_major else (num_ratios, num_sizes)
+    grid = t.reshape(*shape, per_anchor, *t.shape[1:])
+    return grid.transpose(0, 1).reshape(t.shape).contiguous()
+
+
+def detectron2_to_canonical(obj: Any, anchor_grid: Optional[Tuple[int, int]] = None
+                            ) -> Tuple[Dict[str, Tensor], List[str]]:
+    """Map a detectron2 checkpoint to canonical names and Detectron's class/anchor layouts.
+
+    Args:
+        anchor_grid: ``(num_sizes, num_ratios)`` of a single-level (C4) RPN; None means detectron2's default
+            (5 sizes x 3 ratios) when the RPN has 15 anchors. FPN RPNs (one size per level) need no reordering.
+    Returns ``(canonical, notes)``.
+    """
+    sd = unwrap_state_dict(obj)
+    canonical: Dict[str, Tensor] = OrderedDict()
+    unmapped: List[str] = []
+    notes: List[str] = []
+    pixel = {}
+    dropped = 0
+    for name, value in sd.items():
+        if not isinstance(name, str):
+            unmapped.append(repr(name))
+            continue
+        if _DROPPED_RE.search(name):
+            if name in ("pixel_mean", "pixel_std"):
+                pixel[name] = [round(float(x), 4) for x in np.asarray(to_tensor(value, name)).reshape(-1)]
+            dropped += 1
+            continue
+        t = to_tensor(value, name)
+        m = _BODY_RE.match(name) or _RES5_RE.match(name)
+        if m:
+            path, norm, what = m.groups()
+            if norm:
+                canonical[f"{_norm_layer(path)}.{what}"] = t
+            elif what == "weight":
+                canonical[f"{_block_layer(path)}.weight"] = t
+            else:
+                unmapped.append(name)
+            continue
+        m = _FPN_RE.match(name)
+        if m:
+            kind, level, norm, what = m.groups()
+            canonical[f"fpn.{kind}{level}.{'norm.' if norm else ''}{what}"] = t
+            continue
+        m = _MASK_FCN_RE.match(name)
+        if m:
+            canonical[f"mask.fcn{m.group(1)}.{m.group(2)}"] = t
+            continue
+        head, _, what = name.rpartition(".")
+        if head in _HEADS and what in ("weight", "bias"):
+            canonical[f"{_HEADS[head]}.{what}"] = t
+            continue
+        unmapped.append(name)
+    raise_unmapped("detectron2", unmapped, "Cascade, keypoint, RetinaNet, GN-head and other non-standard "
+                   "detectron2 models are not supported.")
+    _fix_norms(canonical)
+    _to_detectron_classes(canonical, notes)
+    _to_detectron_anchors(canonical, anchor_grid, notes)
+    if dropped:
+        notes.append(f"detectron2: dropped {dropped} non-weight buffer(s) (pixel_mean/pixel_std, anchors, counters).")
+    if pixel:
+        notes.append("detectron2: the file's own normalisation: " +
+                     ", ".join(f"{k}={v}" for k, v in sorted(pixel.items())) + ".")
+    return canonical, notes
+
+
+def _fix_norms(canonical: Dict[str, Tensor]) -> None:
+    """detectron2 FrozenBN files without statistics are read by detectron2 with mean 0, var 1 (its version-1
+    upgrade); GN norms have weight/bias only and stay so."""
+    heads = {k.rsplit(".", 1)[0] for k in canonical if re.search(r"\.(bn\d|downsample\.1)\.\w+$", k)}
+    for head in heads:
+        if f"{head}.running_mean" in canonical or f"{head}.running_var" in canonical:
+            w = canonical[f"{head}.weight"]
+            canonical.setdefault(f"{head}.running_mean", torch.zeros_like(w))
+            canonical.setdefault(f"{head}.running_var", torch.ones_like(w))
+
+
+def _to_detectron_classes(canonical: Dict[str, Tensor], notes: List[str]) -> None:
+    for what in ("weight", "bias"):
+        key = f"box.cls_score.{what}"
+        if key in canonical:
+            t = canonical[key]
+            canonical[key] = torch.cat([t[-1:], t[:-1]]).contiguous()
+    cls = canonical.get("box.cls_score.weight")
+    num_fg = cls.shape[0] - 1 if cls is not None else None
+    for what in ("weight", "bias"):
+        key = f"box.bbox_pred.{what}"
+        # Class-specific (4K rows) or class-agnostic (4 rows) deltas: Detectron's layouts have 4(K+1) and 8.
+        if key in canonical and num_fg is not None and canonical[key].shape[0] in (4 * num_fg, 4):
+            t = canonical[key]
+            canonical[key] = torch.cat([torch.zeros_like(t[:4]), t]).contiguous()
+        key = f"mask.logits.{what}"
+        if key in canonical and num_fg is not None and canonical[key].shape[0] == num_fg:
+            t = canonical[key]
+            canonical[key] = torch.cat([torch.zeros_like(t[:1]), t]).contiguous()
+    if cls is not None:
+        notes.append(f"detectron2: {num_fg} classes; cls_score's background row moved from last to first, zero "
+                     "background rows added to bbox_pred and the mask predictor (class-specific layers).")
+
+
+def _to_detectron_anchors(canonical: Dict[str, Tensor], anchor_grid: Optional[Tuple[int, int]],
+                          notes: List[str]) -> None:
+    cls = canonical.get("rpn.cls_logits.weight")
+    if cls is None:
+        return
+    num_anchors = cls.shape[0]
+    if anchor_grid is None:
+        if any(k.startswith("fpn.") for k in canonical) or num_anchors in (1, 3):
+            return
+        if num_anchors != 15:
+            raise WeightsConversionError(
+                f"detectron2 single-level RPN with {num_anchors} anchors: pass anchor_grid=(num_sizes, num_ratios) "
+                "(a config with RPN.SIZES and RPN.ASPECT_RATIOS) so that its anchors can be reordered")
+        anchor_grid = (5, 3)
+    sizes, ratios = anchor_grid
+    if sizes * ratios != num_anchors:
+        raise WeightsConversionError(f"detectron2 RPN has {num_anchors} anchors per location, but the config has "
+                                     f"{sizes} sizes x {ratios} aspect ratios")
+    if sizes == 1 or ratios == 1:
+        return
+    for layer, per in (("rpn.cls_logits", 1), ("rpn.bbox_pred", 4)):
+        for what in ("weight", "bias"):
+            key = f"{layer}.{what}"
+            canonical[key] = reorder_anchor_channels(canonical[key], sizes, ratios, per)
+    notes.append(f"detectron2: RPN anchors reordered from size-major to ratio-major ({sizes} sizes x {ratios} "
+                 "ratios).")
+
+
+def canonical_to_detectron2(canonical: Mapping[str, Tensor], anchor_grid: Optional[Tuple[int, int]] = None
+                            ) -> Dict[str, Tensor]:
+    """Inverse of :func:`detectron2_to_canonical` (drops the background rows the forward direction adds)."""
+    fpn = any(k.startswith("fpn.") for k in canonical)
+    body = "backbone.bottom_up." if fpn else "backbone."
+    c4_res5 = not fpn and "box.fc6.weight" not in canonical
+    inverse = {v: k for k, v in _HEADS.items()}
+    out: Dict[str, Tensor] = OrderedDict()
+    for key, t in canonical.items():
+        m = re.match(r"^(stem|res[2-5]\.\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$", key)
+        if m:
+            prefix, layer, what = m.groups()
+            base = body if not (prefix.startswith("res5") and c4_res5) else "roi_heads."
+            if prefix == "stem":
+                out[f"{base}stem.conv1{'.norm' if layer == 'bn1' else ''}.{what}"] = t
+            elif layer.startswith("conv"):
+                out[f"{base}{prefix}.{layer}.{what}"] = t
+            elif layer.startswith("bn"):
+                out[f"{base}{prefix}.conv{layer[-1]}.norm.{what}"] = t
+            else:
+                out[f"{base}{prefix}.shortcut{'.norm' if layer.endswith('1') else ''}.{what}"] = t
+            continue
+        m = re.match(r"^fpn\.(lateral|output)([2-6])\.(norm\.)?(weight|bias)$", key)
+        if m:
+            out[f"backbone.fpn_{m.group(1)}{m.group(2)}.{m.group(3) or ''}{m.group(4)}"] = t
+            continue
+        m = re.match(r"^mask\.fcn(\d+)\.(weight|bias)$", key)
+        if m:
+            out[f"roi_heads.mask_head.mask_fcn{m.group(1)}.{m.group(2)}"] = t
+            continue
+        head, _, what = key.rpartition(".")
+        if head not in inverse:
+            raise WeightsConversionError(f"canonical tensor {key!r} has no detectron2 name")
+        if head == "box.cls_score":
+            t = torch.cat([t[1:], t[:1]])
+        elif head == "box.bbox_pred":
+            t = t[4:]
+        elif head == "mask.logits" and t.shape[0] > 1:
+            t = t[1:]
+        elif head in ("rpn.cls_logits", "rpn.bbox_pred") and anchor_grid is not None:
+            sizes, ratios = anchor_grid
+            t = reorder_anchor_channels(t, sizes, ratios, 1 if head == "rpn.cls_logits" else 4,
+                                        size_major_to_ratio_major=False)
+        out[f"{inverse[head]}.{what}"] = t.contiguous()
+    return out
+
+
+def as_model_zoo_pkl(state_dict: Mapping[str, Tensor]) -> Dict[str, Any]:
+    """The dict detectron2's model zoo pickles: numpy arrays under ``model`` plus an ``__author__`` marker."""
+    return {"model": {k: v.detach().cpu().numpy() for k, v in state_dict.items()},
+            "__author__": "Detectron2 Model Zoo"}
+
