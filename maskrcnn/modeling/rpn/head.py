@@ -1,4 +1,4 @@
-"""The RPN head: a shared 3x3 conv, then per-anchor objectness logits and box deltas on every level."""
+"""The RPN head: a 3x3 conv + ReLU, then per-anchor objectness logits and box deltas, shared by every level."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -10,32 +10,46 @@ __all__ = ["RPNHead"]
 
 
 class RPNHead(nn.Module):
-    """Detectron's single-conv RPN head, shared across FPN levels.
+    """Detectron's single-conv RPN head (torchvision's ``RPNHead`` with one conv), shared across FPN levels.
 
     Args:
         in_channels: channels of every input level.
         num_anchors: anchors per location (A).
-        conv_dim: channels of ``RPN_conv``; ``None`` keeps ``in_channels``.
+        conv_dim: output channels of ``RPN_conv``; ``None`` (or <= 0, Detectron's -1) keeps ``in_channels``.
 
-    ``forward(features)`` takes a ``(N, C, H, W)`` tensor or a list of them and returns two lists, one entry per
-    level: objectness logits ``(N, A, H, W)`` and box deltas ``(N, 4A, H, W)`` (dx, dy, dw, dh per anchor).
+    Layers (Detectron.pytorch names; torchvision's in brackets): ``RPN_conv`` 3x3 pad 1 (``conv.0.0``),
+    ``RPN_cls_score`` 1x1 -> A (``cls_logits``), ``RPN_bbox_pred`` 1x1 -> 4A (``bbox_pred``); weights
+    N(0, 0.01), biases 0.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, conv_dim: Optional[int] = None):
         super().__init__()
-        conv_dim = in_channels if conv_dim is None or conv_dim <= 0 else conv_dim
-        self.RPN_conv = nn.Conv2d(in_channels, conv_dim, kernel_size=3, stride=1, padding=1)
-        self.RPN_cls_score = nn.Conv2d(conv_dim, num_anchors, kernel_size=1)
-        self.RPN_bbox_pred = nn.Conv2d(conv_dim, 4 * num_anchors, kernel_size=1)
+        if int(in_channels) <= 0:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        if int(num_anchors) <= 0:
+            raise ValueError(f"num_anchors must be positive, got {num_anchors}")
+        conv_dim = int(in_channels) if conv_dim is None or int(conv_dim) <= 0 else int(conv_dim)
+        self.in_channels, self.num_anchors, self.conv_dim = int(in_channels), int(num_anchors), conv_dim
+        self.RPN_conv = nn.Conv2d(self.in_channels, conv_dim, kernel_size=3, stride=1, padding=1)
+        self.RPN_cls_score = nn.Conv2d(conv_dim, self.num_anchors, kernel_size=1)
+        self.RPN_bbox_pred = nn.Conv2d(conv_dim, 4 * self.num_anchors, kernel_size=1)
         for layer in (self.RPN_conv, self.RPN_cls_score, self.RPN_bbox_pred):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.constant_(layer.bias, 0)
 
     def forward(self, features: Union[Tensor, Sequence[Tensor]]) -> Tuple[List[Tensor], List[Tensor]]:
-        if isinstance(features, Tensor):
-            features = [features]
+        """``features``: a ``(N, C, H, W)`` tensor or a list of them (one per level).
+
+        Returns two lists with one entry per level: objectness logits ``(N, A, H, W)`` and box deltas
+        ``(N, 4A, H, W)`` laid out anchor-major (``dx, dy, dw, dh`` of anchor ``a`` at channels ``4a..4a+3``).
+        """
+        feats = [features] if isinstance(features, Tensor) else list(features)
+        if len(feats) == 0:
+            raise ValueError("RPNHead got an empty list of features")
         logits, deltas = [], []
-        for f in features:
+        for i, f in enumerate(feats):
+            if f.dim() != 4 or f.shape[1] != self.in_channels:
+                raise ValueError(f"features[{i}] must be (N, {self.in_channels}, H, W), got shape {tuple(f.shape)}")
             t = F.relu(self.RPN_conv(f))
             logits.append(self.RPN_cls_score(t))
             deltas.append(self.RPN_bbox_pred(t))

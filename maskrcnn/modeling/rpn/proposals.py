@@ -1,14 +1,16 @@
 """Turning RPN outputs into proposals: per-level top-k, decode, clip, drop small boxes, NMS, per-image top-N.
 
-The arithmetic follows torchvision's ``RegionProposalNetwork.filter_proposals`` (which Detectron's FPN collection
-also amounts to per image): the top ``pre_nms_top_n`` anchors of each level by objectness, decoded with weights
-(1, 1, 1, 1), clipped, boxes narrower than ``min_size`` dropped, NMS within each level, and the best
-``post_nms_top_n`` of the image kept.
+The arithmetic is that of torchvision's ``RegionProposalNetwork.filter_proposals`` (bit for bit with weights
+``(1, 1, 1, 1)``): for each image the ``pre_nms_top_n`` best anchors of every level by objectness are decoded,
+clipped to the image, boxes narrower or lower than ``min_size`` are dropped, then those scoring below
+``score_thresh``, NMS runs within each level, and the ``post_nms_top_n`` best survivors are kept. For a
+single-level (C4) RPN this is Detectron's ``GenerateProposalsOp``. With a legacy (``+1``) box coder, clipping,
+the size filter and NMS use Detectron's inclusive widths too.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,17 +19,33 @@ from ...ops.box_coder import BoxCoder
 from ...ops.boxes import clip_boxes_to_image, remove_small_boxes
 from ...ops.nms import batched_nms
 
-__all__ = ["generate_proposals", "flatten_level_outputs", "GenerateProposals"]
+__all__ = ["flatten_level_outputs", "generate_proposals", "GenerateProposals", "padded_batch_shape"]
 
 
-def flatten_level_outputs(objectness: Sequence[Tensor], deltas: Sequence[Tensor]) -> Tuple[Tensor, Tensor, List[int]]:
-    """``(N, A, H, W)`` / ``(N, 4A, H, W)`` per level → ``(N, sum HWA)``, ``(N, sum HWA, 4)`` in anchor order
-    (row, column, anchor), and the number of anchors per level."""
+def flatten_level_outputs(objectness: Sequence[Tensor], deltas: Sequence[Tensor]
+                          ) -> Tuple[Tensor, Tensor, List[int]]:
+    """Per level ``(N, A, H, W)`` logits and ``(N, 4A, H, W)`` deltas -> ``(N, T)`` and ``(N, T, 4)`` with
+    ``T = sum H*W*A`` in anchor order (level, row, column, anchor), and the ``H*W*A`` of each level."""
+    if isinstance(objectness, Tensor):
+        objectness = [objectness]
+    if isinstance(deltas, Tensor):
+        deltas = [deltas]
+    if len(objectness) != len(deltas) or len(objectness) == 0:
+        raise ValueError(f"objectness and deltas must be non-empty lists with one entry per level, got "
+                         f"{len(objectness)} and {len(deltas)}")
     scores, boxes, counts = [], [], []
-    for o, d in zip(objectness, deltas):
+    for i, (o, d) in enumerate(zip(objectness, deltas)):
+        if o.dim() != 4 or d.dim() != 4:
+            raise ValueError(f"level {i}: objectness and deltas must be 4-D, got shapes {tuple(o.shape)} and "
+                             f"{tuple(d.shape)}")
         n, a, h, w = o.shape
+        if tuple(d.shape) != (n, 4 * a, h, w):
+            raise ValueError(f"level {i}: deltas must be (N, 4A, H, W) = {(n, 4 * a, h, w)} for objectness "
+                             f"{tuple(o.shape)}, got {tuple(d.shape)}")
+        if i > 0 and n != scores[0].shape[0]:
+            raise ValueError(f"level {i} has {n} images but level 0 has {scores[0].shape[0]}")
         scores.append(o.permute(0, 2, 3, 1).reshape(n, -1))
-        boxes.append(d.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+        boxes.append(d.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
         counts.append(h * w * a)
     return torch.cat(scores, 1), torch.cat(boxes, 1), counts
 
@@ -36,90 +54,151 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
                        image_sizes: Sequence[Tuple[int, int]], pre_nms_top_n: int, post_nms_top_n: int,
                        nms_thresh: float, min_size: float, box_coder: BoxCoder, score_thresh: float = 0.0,
                        scores_are_probs: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
-    """Proposals per image.
+    """Proposals of every image of a batch.
 
     Args:
-        objectness: per level ``(N, A, H, W)`` logits (or probabilities with ``scores_are_probs``).
+        objectness: per level ``(N, A, H, W)`` logits (probabilities with ``scores_are_probs``).
         deltas: per level ``(N, 4A, H, W)``.
-        anchors: per level ``(H*W*A, 4)`` xyxy in padded-batch pixels (shared by all images).
-        image_sizes: ``(h, w)`` of each image before padding (proposals are clipped to it).
-        pre_nms_top_n: anchors kept per level (by score) before decoding and NMS.
+        anchors: per level ``(H*W*A, 4)`` xyxy anchors in padded-batch pixels, shared by all images.
+        image_sizes: ``(h, w)`` of each image before padding; proposals are clipped to it.
+        pre_nms_top_n: anchors kept per level and image (by score) before decoding.
         post_nms_top_n: proposals kept per image after NMS.
+        nms_thresh: IoU above which NMS suppresses a box (within one level).
+        min_size: boxes with width or height below this (input pixels) are dropped (torchvision uses 1e-3).
+        box_coder: decodes the deltas (RPN weights ``(1, 1, 1, 1)``).
+        score_thresh: proposals with probability below this are dropped.
 
     Returns:
-        ``boxes``: per image ``(P, 4)`` float32 xyxy; ``scores``: per image ``(P,)`` objectness probabilities,
-        sorted by decreasing score. Both are detached from the graph.
+        ``boxes``: per image ``(P, 4)`` xyxy, float32 (or the deltas' wider dtype); ``scores``: per image ``(P,)``
+        objectness probabilities, decreasing. Nothing is differentiable: proposals are constants for the
+        second stage, as in torchvision.
     """
+    if int(pre_nms_top_n) <= 0 or int(post_nms_top_n) < 0:
+        raise ValueError(f"pre_nms_top_n must be > 0 and post_nms_top_n >= 0, got {pre_nms_top_n} and "
+                         f"{post_nms_top_n}")
+    if not min_size >= 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    if isinstance(objectness, Tensor):
+        objectness = [objectness]
+    if isinstance(deltas, Tensor):
+        deltas = [deltas]
+    if isinstance(anchors, Tensor):
+        anchors = [anchors]
     scores, box_deltas, counts = flatten_level_outputs([o.detach() for o in objectness],
                                                        [d.detach() for d in deltas])
-    scores = scores.float()
+    if len(anchors) != len(counts) or any(a.shape != (n, 4) for a, n in zip(anchors, counts)):
+        raise ValueError(f"anchors must hold (H*W*A, 4) = {[(n, 4) for n in counts]} per level, got "
+                         f"{[tuple(a.shape) for a in anchors]}")
     num_images = scores.shape[0]
-    all_anchors = torch.cat(list(anchors), 0)
-    # Per-level top-k, without a Python loop over images.
-    idx, lvl = [], []
+    if len(image_sizes) != num_images:
+        raise ValueError(f"image_sizes has {len(image_sizes)} entries for a batch of {num_images} images")
+    device = scores.device
+
+    # Top-k level by level (as torchvision), each over all images at once. One topk per level over views of the
+    # same tensor is cheaper than padding the levels into one (L, max T_l) block, which would be mostly P2.
+    top_idx, top_level = [], []
     offset = 0
     for level, n in enumerate(counts):
         k = min(int(pre_nms_top_n), n)
-        top = scores[:, offset:offset + n].topk(k, dim=1).indices + offset
-        idx.append(top)
-        lvl.append(torch.full((k,), level, dtype=torch.int64, device=scores.device))
+        top_idx.append(scores[:, offset:offset + n].topk(k, dim=1).indices + offset)
+        top_level.append(torch.full((k,), level, dtype=torch.int64, device=device))
         offset += n
-    idx = torch.cat(idx, 1)
-    levels = torch.cat(lvl)
-    batch = torch.arange(num_images, device=scores.device)[:, None]
-    top_scores = scores[batch, idx]
-    top_deltas = box_deltas[batch, idx].float()
-    top_anchors = all_anchors[idx.reshape(-1)]
-    decoded = box_coder.decode(top_deltas.reshape(-1, 4), top_anchors).reshape(num_images, -1, 4)
+    idx = torch.cat(top_idx, 1)  # (N, K)
+    levels = torch.cat(top_level)
+    top_scores = scores.gather(1, idx).float()
     probs = top_scores if scores_are_probs else torch.sigmoid(top_scores)
+    batch = torch.arange(num_images, device=device)[:, None]
+    top_deltas = box_deltas[batch, idx]
+    top_anchors = torch.cat(list(anchors), 0).to(device)[idx]
+    # Decoding only the selected anchors: the same elementwise arithmetic torchvision applies to all of them.
+    decoded = box_coder.decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).reshape(num_images, -1, 4)
+
     legacy = bool(getattr(box_coder, "legacy_plus_one", False))
     out_boxes, out_scores = [], []
     for boxes, s, size in zip(decoded, probs, image_sizes):
         boxes = clip_boxes_to_image(boxes, (int(size[0]), int(size[1])), legacy_plus_one=legacy)
         keep = remove_small_boxes(boxes, min_size, legacy_plus_one=legacy)
+        # `>=` as torchvision: a threshold of 0 keeps every finite score but drops NaNs.
+        keep = keep[s[keep] >= score_thresh]
         boxes, s, lv = boxes[keep], s[keep], levels[keep]
-        if score_thresh > 0:
-            keep = torch.where(s >= score_thresh)[0]
-            boxes, s, lv = boxes[keep], s[keep], lv[keep]
-        keep = batched_nms(boxes, s, lv, nms_thresh)[: int(post_nms_top_n)]
+        # Detectron's NMS counts inclusive pixels: moving the far corners out by one gives exactly its IoU.
+        nms_boxes = boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0]) if legacy else boxes
+        keep = batched_nms(nms_boxes, s, lv, float(nms_thresh))[: int(post_nms_top_n)]
         out_boxes.append(boxes[keep])
         out_scores.append(s[keep])
     return out_boxes, out_scores
 
 
+def padded_batch_shape(image_sizes: Sequence[Tuple[int, int]], size_divisibility: int = 32) -> Tuple[int, int]:
+    """``(H, W)`` of a batch holding ``image_sizes``, padded up to a multiple of ``size_divisibility``."""
+    if len(image_sizes) == 0:
+        raise ValueError("image_sizes is empty")
+    d = max(int(size_divisibility), 1)
+    h = max(int(s[0]) for s in image_sizes)
+    w = max(int(s[1]) for s in image_sizes)
+    return int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
+
+
+def _per_mode(value, name: str) -> Dict[str, float]:
+    if isinstance(value, dict):
+        missing = {"training", "testing"} - set(value)
+        if missing:
+            raise ValueError(f"{name} as a dict needs keys 'training' and 'testing', missing {sorted(missing)}")
+        return {"training": value["training"], "testing": value["testing"]}
+    return {"training": value, "testing": value}
+
+
 class GenerateProposals(nn.Module):
     """Detectron.pytorch's ``RPN_GenerateProposals``: ``(cls_prob, bbox_pred, im_info) -> (rois, roi_probs)``.
 
-    ``cls_prob``: ``(N, A, H, W)`` sigmoid objectness (or a list per level); ``bbox_pred``: ``(N, 4A, H, W)`` (or a
-    list); ``im_info``: ``(N, 3)`` rows ``[height, width, scale]`` of the network input. Returns ``rois`` ``(R, 5)``
-    ``[batch_idx, x1, y1, x2, y2]`` and ``roi_probs`` ``(R,)``. Uses the train or test top-N by ``self.training``.
+    Args:
+        anchor_generator: the RPN's :class:`~maskrcnn.modeling.rpn.anchors.AnchorGenerator` (shared).
+        box_coder: the RPN's box coder (shared).
+        pre_nms_top_n, post_nms_top_n, nms_thresh, min_size: a number, or ``{"training": .., "testing": ..}``;
+            the pair used follows ``self.training``.
+        size_divisibility: padding multiple of the network input, used to recover the padded batch size when the
+            anchor strides are inferred from it.
+
+    ``forward(cls_prob, bbox_pred, im_info)``: ``cls_prob`` ``(N, A, H, W)`` sigmoid probabilities (or a list per
+    level), ``bbox_pred`` ``(N, 4A, H, W)`` (or a list), ``im_info`` ``(N, 3)`` rows ``[height, width, scale]`` of
+    the network input (the scale is informational: sizes are already in input pixels). Returns ``rois``
+    ``(R, 5)`` float ``[batch_idx, x1, y1, x2, y2]`` (images in order, best first) and ``roi_probs`` ``(R,)``.
     """
 
-    def __init__(self, anchor_generator: nn.Module, box_coder: BoxCoder, pre_nms_top_n: dict,
-                 post_nms_top_n: dict, nms_thresh: dict, min_size: dict):
+    def __init__(self, anchor_generator: nn.Module, box_coder: BoxCoder, pre_nms_top_n, post_nms_top_n,
+                 nms_thresh=0.7, min_size=0.0, size_divisibility: int = 32):
         super().__init__()
         self.anchor_generator = anchor_generator
         self.box_coder = box_coder
-        self.pre_nms_top_n, self.post_nms_top_n = dict(pre_nms_top_n), dict(post_nms_top_n)
-        self.nms_thresh, self.min_size = dict(nms_thresh), dict(min_size)
+        self.pre_nms_top_n = _per_mode(pre_nms_top_n, "pre_nms_top_n")
+        self.post_nms_top_n = _per_mode(post_nms_top_n, "post_nms_top_n")
+        self.nms_thresh = _per_mode(nms_thresh, "nms_thresh")
+        self.min_size = _per_mode(min_size, "min_size")
+        self.size_divisibility = int(size_divisibility)
 
-    def _mode(self) -> str:
-        return "training" if self.training else "testing"
+    def setting(self, name: str):
+        """The current (train or test) value of ``pre_nms_top_n``, ``post_nms_top_n``, ``nms_thresh``, ``min_size``."""
+        return getattr(self, name)["training" if self.training else "testing"]
 
     def forward(self, cls_prob: Union[Tensor, Sequence[Tensor]], bbox_pred: Union[Tensor, Sequence[Tensor]],
-                im_info: Tensor, batch_shape: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
+                im_info, batch_shape=None) -> Tuple[Tensor, Tensor]:
         probs = [cls_prob] if isinstance(cls_prob, Tensor) else list(cls_prob)
         deltas = [bbox_pred] if isinstance(bbox_pred, Tensor) else list(bbox_pred)
-        im_info = torch.as_tensor(im_info)
-        sizes = [(int(round(float(r[0]))), int(round(float(r[1])))) for r in im_info.reshape(-1, 3)]
+        info = torch.as_tensor(im_info, dtype=torch.float64).cpu()
+        if info.dim() != 2 or info.shape[1] != 3 or info.shape[0] != probs[0].shape[0]:
+            raise ValueError(f"im_info must be (N, 3) [height, width, scale] with N = {probs[0].shape[0]} images, "
+                             f"got shape {tuple(info.shape)}")
+        sizes = [(int(round(float(r[0]))), int(round(float(r[1])))) for r in info]
         if batch_shape is None and getattr(self.anchor_generator, "strides", None) is None:
-            # Inferred strides need the padded batch size; inputs are padded to a multiple of 32.
-            batch_shape = (int(math.ceil(max(h for h, _ in sizes) / 32.0) * 32),
-                           int(math.ceil(max(w for _, w in sizes) / 32.0) * 32))
+            batch_shape = padded_batch_shape(sizes, self.size_divisibility)
         anchors = self.anchor_generator(probs, batch_shape)
-        mode = self._mode()
-        boxes, scores = generate_proposals(probs, deltas, anchors, sizes, self.pre_nms_top_n[mode],
-                                           self.post_nms_top_n[mode], self.nms_thresh[mode], self.min_size[mode],
-                                           self.box_coder, scores_are_probs=True)
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)], 0)
-        return rois, torch.cat(scores, 0)
+        boxes, scores = generate_proposals(probs, deltas, anchors, sizes, self.setting("pre_nms_top_n"),
+                                           self.setting("post_nms_top_n"), self.setting("nms_thresh"),
+                                           self.setting("min_size"), self.box_coder, scores_are_probs=True)
+        batch_idx = torch.cat([torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device)
+                               for i, b in enumerate(boxes)])
+        return torch.cat([batch_idx, torch.cat(boxes)], 1), torch.cat(scores)
+
+    def extra_repr(self) -> str:
+        return (f"pre_nms_top_n={self.pre_nms_top_n}, post_nms_top_n={self.post_nms_top_n}, "
+                f"nms_thresh={self.nms_thresh}, min_size={self.min_size}")

@@ -1,3 +1,6 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
@@ -6,65 +9,164 @@ from torchvision.models.detection.image_list import ImageList as TVImageList
 from maskrcnn.config import assert_and_infer_cfg, get_cfg
 from maskrcnn.modeling.rpn.anchors import AnchorGenerator, detectron_cell_anchors, torchvision_cell_anchors
 
+FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
+FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5
+
+
+def _detectron_reference(stride, sizes, ratios):
+    """Detectron's generate_anchors written out step by step in NumPy (independent of the code under test)."""
+    out = []
+    base_w = base_h = float(stride)
+    ctr = 0.5 * (stride - 1)
+    for r in ratios:
+        w = np.round(np.sqrt(base_w * base_h / r))
+        h = np.round(w * r)
+        for s in sizes:
+            sw, sh = w * s / stride, h * s / stride
+            out.append([ctr - 0.5 * (sw - 1), ctr - 0.5 * (sh - 1), ctr + 0.5 * (sw - 1), ctr + 0.5 * (sh - 1)])
+    return np.array(out)
+
 
 def test_torchvision_cell_anchors_hand_computed():
-    # size 32, ratio 0.5: h = 32*sqrt(.5) = 22.63, w = 32/sqrt(.5) = 45.25 -> round(+-w/2, +-h/2)
-    # size 32, ratio 1: +-16; ratio 2: h = 45.25, w = 22.63
+    # size 32, ratio 0.5: h = 32 * sqrt(.5) = 22.63, w = 32 / sqrt(.5) = 45.25 -> round(+-w/2, +-h/2)
     a = torchvision_cell_anchors((32,), (0.5, 1.0, 2.0))
     assert a.tolist() == [[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]]
+    assert torch.equal(a, TVAnchorGenerator().generate_anchors([32], [0.5, 1.0, 2.0]))
 
 
-def test_detectron_anchors_hand_computed():
-    # Detectron's generate_anchors(stride=16, sizes=(128, 256, 512), ratios=(0.5, 1, 2)).
-    # Ratio 0.5 on the 16x16 base box (centre 7.5): w = round(sqrt(256 / 0.5)) = 23, h = round(23 * 0.5) = 12
-    # (half to even); scale 8 -> 184 x 96 around 7.5: [7.5 - 91.5, 7.5 - 47.5, 7.5 + 91.5, 7.5 + 47.5].
-    # Ratio 1, scale 8: 128 x 128 -> [7.5 - 63.5, ..., 7.5 + 63.5] = [-56, -56, 71, 71].
-    a = detectron_cell_anchors(16, (128, 256, 512), (0.5, 1.0, 2.0))
-    assert a.shape == (9, 4)
-    assert a[0].tolist() == [-84, -40, 99, 55]
-    assert a[3].tolist() == [-56, -56, 71, 71]
-    assert a[5].tolist() == [-248, -248, 263, 263]  # ratio 1, scale 32: 512 x 512
-    # ratio 2: w = round(sqrt(128)) = 11, h = 22; scale 8 -> 88 x 176: [7.5-43.5, 7.5-87.5, 7.5+43.5, 7.5+87.5]
-    assert a[6].tolist() == [-36, -80, 51, 95]
+def test_detectron_published_anchors():
+    # py-faster-rcnn / Detectron generate_anchors.py lists the anchors of stride 16, sizes 128..512 as computed
+    # by the original MATLAB code (1-based pixel indices); the Python version is that table minus one.
+    matlab = [[-83, -39, 100, 56], [-175, -87, 192, 104], [-359, -183, 376, 200],
+              [-55, -55, 72, 72], [-119, -119, 136, 136], [-247, -247, 264, 264],
+              [-35, -79, 52, 96], [-79, -167, 96, 184], [-167, -343, 184, 360]]
+    got = detectron_cell_anchors(16, (128, 256, 512), (0.5, 1.0, 2.0))
+    assert got.dtype == torch.float32
+    assert got.tolist() == (np.array(matlab) - 1).tolist()
 
 
-@pytest.mark.parametrize("batch", [(1, 3, 128, 160), (2, 3, 96, 224)])
-def test_fpn_anchors_equal_torchvision(batch):
-    sizes = ((32,), (64,), (128,), (256,), (512,))
-    ratios = ((0.5, 1.0, 2.0),) * 5
-    ours = AnchorGenerator(sizes, ratios, strides=None)
-    tv = TVAnchorGenerator(sizes, ratios)
+def test_detectron_default_c4_anchors_hand_computed():
+    got = detectron_cell_anchors(16, (32, 64, 128, 256, 512), (0.5, 1.0, 2.0))
+    assert got.shape == (15, 4)
+    # ratio 0.5: w = round(sqrt(256 / 0.5)) = 23, h = round(11.5) = 12 (half to even); size 32 -> 46 x 24 about
+    # the centre 7.5. Ratio 1, size 32: 32 x 32. Ratio 2: w = round(sqrt(128)) = 11, h = 22; size 32 -> 22 x 44.
+    assert got[0].tolist() == [-15, -4, 30, 19]
+    assert got[5].tolist() == [-8, -8, 23, 23]
+    assert got[10].tolist() == [-3, -14, 18, 29]
+    np.testing.assert_array_equal(got.numpy(), _detectron_reference(16, (32, 64, 128, 256, 512), (0.5, 1, 2)))
+    # FPN level 2 (stride 4, size 32): ratio rounding on a 4x4 base (w = round(sqrt(32)) = 6, h = 3 for r=0.5).
+    np.testing.assert_array_equal(detectron_cell_anchors(4, (32,), (0.5, 1.0, 2.0)).numpy(),
+                                  _detectron_reference(4, (32,), (0.5, 1.0, 2.0)))
+
+
+def test_legacy_grid_is_location_major():
+    gen = AnchorGenerator([(32, 64)], [(0.5, 1.0, 2.0)], strides=[16], legacy_plus_one=True)
+    assert gen.num_anchors_per_location() == [6]
+    a = gen([torch.zeros(1, 4, 2, 3)])[0]
+    assert a.shape == (2 * 3 * 6, 4)
+    cell = torch.from_numpy(_detectron_reference(16, (32, 64), (0.5, 1.0, 2.0))).float()
+    for y in range(2):
+        for x in range(3):
+            loc = (y * 3 + x) * 6
+            assert torch.equal(a[loc:loc + 6], cell + torch.tensor([16.0 * x, 16.0 * y, 16.0 * x, 16.0 * y]))
+
+
+@pytest.mark.parametrize("batch", [(1, 3, 128, 160), (2, 3, 96, 224), (1, 3, 800 // 8, 1216 // 8)])
+def test_fpn_anchors_equal_torchvision_with_inferred_strides(batch):
+    ours = AnchorGenerator(FPN_SIZES, FPN_RATIOS, strides=None)
+    tv = TVAnchorGenerator(FPN_SIZES, FPN_RATIOS)
     h, w = batch[-2:]
-    feats = [torch.zeros(batch[0], 8, -(-h // s), -(-w // s)) for s in (4, 8, 16, 32, 64)]
-    got = torch.cat(ours(feats, batch_shape=(h, w)))
+    # P6 is a stride-2 max-pool of P5: ceil sizes, so its inferred stride is not always 64.
+    feats = [torch.zeros(batch[0], 2, math.ceil(h / s), math.ceil(w / s)) for s in (4, 8, 16, 32, 64)]
+    got = ours(feats, batch_shape=(h, w))
+    assert [g.shape[0] for g in got] == [f.shape[-2] * f.shape[-1] * 3 for f in feats]
     ref = tv(TVImageList(torch.zeros(batch), [(h, w)] * batch[0]), feats)
     for r in ref:
-        assert torch.equal(got, r)
-    assert ours.num_anchors_per_location() == [3] * 5
+        assert torch.equal(torch.cat(got), r)
 
 
-def test_from_cfg_single_level_and_fpn():
+def test_single_level_and_explicit_strides_equal_torchvision():
+    sizes, ratios = ((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)
+    ours = AnchorGenerator(sizes, ratios, strides=[16])
+    tv = TVAnchorGenerator(sizes, ratios)
+    feat = torch.zeros(1, 2, 5, 7)
+    got = ours([feat])[0]
+    assert got.shape == (5 * 7 * 15, 4)
+    assert torch.equal(got, tv(TVImageList(torch.zeros(1, 3, 80, 112), [(80, 112)]), [feat])[0])
+    # the next location along x is the same cell shifted by one stride
+    assert torch.equal(got[15] - got[0], torch.tensor([16.0, 0, 16, 0]))
+    assert torch.equal(got[7 * 15] - got[0], torch.tensor([0.0, 16, 0, 16]))
+
+
+def test_flat_arguments_follow_torchvision():
+    ours = AnchorGenerator((32, 64), (0.5, 1.0, 2.0), strides=(8, 16))
+    assert ours.sizes == [(32.0,), (64.0,)] and ours.aspect_ratios == [(0.5, 1.0, 2.0)] * 2
+    assert ours.num_anchors_per_location() == TVAnchorGenerator((32, 64), (0.5, 1.0, 2.0)).num_anchors_per_location()
+
+
+def test_cache_dtype_and_device():
+    gen = AnchorGenerator(FPN_SIZES[:2], FPN_RATIOS[:2], strides=[4, 8])
+    feats = [torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 4, 4)]
+    a = gen(feats)
+    b = gen(feats)
+    assert all(x is y for x, y in zip(a, b))  # cached per (level, grid, stride, device, dtype)
+    assert gen([f.half() for f in feats])[0].dtype == torch.float32  # fp16 cannot hold pixel coordinates
+    d = gen([f.double() for f in feats])
+    assert d[0].dtype == torch.float64 and torch.equal(d[0].float(), a[0])
+    c = gen([torch.zeros(1, 2, 9, 8), torch.zeros(1, 2, 4, 4)])
+    assert c[0].shape[0] == 9 * 8 * 3 and c[1] is a[1]
+
+
+def test_from_cfg_single_level():
     cfg = get_cfg()
     assert_and_infer_cfg(cfg, make_immutable=False)
     gen = AnchorGenerator.from_cfg(cfg)
-    assert gen.num_anchors_per_location() == [15] and gen.strides == [16]
-    a = gen([torch.zeros(1, 4, 2, 3)])[0]
-    assert a.shape == (2 * 3 * 15, 4)
-    assert torch.equal(a[15] - a[0], torch.tensor([16.0, 0, 16, 0]))  # next location along x
+    assert gen.num_anchors_per_location() == [15] and gen.strides == [16] and not gen.legacy_plus_one
+    assert gen.sizes == [(32.0, 64.0, 128.0, 256.0, 512.0)] and gen.aspect_ratios == [(0.5, 1.0, 2.0)]
+    # a conv5 body (one scale of 1/32) moves the stride
+    assert AnchorGenerator.from_cfg(cfg, spatial_scales=[1.0 / 32]).strides == [32]
+    cfg.MODEL.LEGACY_PLUS_ONE = True
+    gen = AnchorGenerator.from_cfg(cfg)
+    assert gen.legacy_plus_one and gen.cell_anchors[0][5].tolist() == [-8, -8, 23, 23]
+
+
+def _fpn_cfg(*extra):
     cfg = get_cfg()
     cfg.merge_from_list(["MODEL.CONV_BODY", "FPN.fpn_ResNet50_conv5_body", "FAST_RCNN.ROI_BOX_HEAD",
                          "fast_rcnn_heads.roi_2mlp_head", "MRCNN.ROI_MASK_HEAD",
-                         "mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs", "MODEL.LEGACY_PLUS_ONE", "True"])
+                         "mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs", *extra])
     assert_and_infer_cfg(cfg, make_immutable=False)
-    gen = AnchorGenerator.from_cfg(cfg)
+    return cfg
+
+
+def test_from_cfg_fpn():
+    gen = AnchorGenerator.from_cfg(_fpn_cfg("FPN.RPN_ANCHOR_START_SIZE", "16", "FPN.RPN_MAX_LEVEL", "5"))
+    assert gen.strides == [4, 8, 16, 32] and gen.sizes == [(16.0,), (32.0,), (64.0,), (128.0,)]
+    assert gen.num_anchors_per_location() == [3] * 4
+    gen = AnchorGenerator.from_cfg(_fpn_cfg("MODEL.LEGACY_PLUS_ONE", "True"))
     assert gen.strides == [4, 8, 16, 32, 64] and gen.legacy_plus_one
-    assert gen.cell_anchors[0][1].tolist() == [-14, -14, 17, 17]  # 32x32 around (4-1)/2 = 1.5
+    assert gen.cell_anchors[0][1].tolist() == [-14, -14, 17, 17]  # 32x32 about (4 - 1) / 2 = 1.5
+    assert AnchorGenerator.from_cfg(_fpn_cfg("FPN.RPN_ANCHOR_STRIDES_FROM_SIZE", "True")).strides is None
+    with pytest.raises(ValueError, match="LEGACY_PLUS_ONE"):
+        AnchorGenerator.from_cfg(_fpn_cfg("FPN.RPN_ANCHOR_STRIDES_FROM_SIZE", "True", "MODEL.LEGACY_PLUS_ONE", "True"))
+    with pytest.raises(ValueError, match="MULTILEVEL_RPN"):
+        AnchorGenerator.from_cfg(_fpn_cfg("FPN.MULTILEVEL_RPN", "False"))
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="levels"):
         AnchorGenerator([(32,), (64,)], [(1.0,), (1.0,), (1.0,)])
+    with pytest.raises(ValueError, match="strides"):
+        AnchorGenerator([(32,), (64,)], [(1.0,)] * 2, strides=[4])
+    with pytest.raises(ValueError, match="strides"):
+        AnchorGenerator([(32,)], [(1.0,)], strides=[0])
+    with pytest.raises(ValueError, match="sizes\\[0\\]"):
+        AnchorGenerator([(-32,)], [(1.0,)])
+    with pytest.raises(ValueError, match="aspect_ratios\\[0\\]"):
+        AnchorGenerator([(32,)], [()])
     with pytest.raises(ValueError, match="explicit strides"):
         AnchorGenerator([(32,)], [(1.0,)], None, legacy_plus_one=True)
     with pytest.raises(ValueError, match="batch_shape"):
         AnchorGenerator([(32,)], [(1.0,)])([torch.zeros(1, 1, 4, 4)])
+    with pytest.raises(ValueError, match="2 feature levels"):
+        AnchorGenerator([(32,)], [(1.0,)], strides=[4])([torch.zeros(1, 1, 4, 4)] * 2)
