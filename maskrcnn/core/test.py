@@ -130,9 +130,12 @@ def box_results_with_nms_and_limit(scores: np.ndarray, boxes: np.ndarray, cfg=No
     if limit > 0:
         all_scores = np.hstack([cls_boxes[j][:, -1] for j in range(1, num_classes)])
         if len(all_scores) > limit:
-            image_thresh = np.sort(all_scores)[-limit]
+            # Exactly `limit` detections: Detectron's `score >= limit-th score` keeps extra ones on ties.
+            owner = np.concatenate([np.full(len(cls_boxes[j]), j) for j in range(1, num_classes)])
+            keep = np.zeros(len(all_scores), dtype=bool)
+            keep[np.argsort(-all_scores, kind="stable")[:limit]] = True
             for j in range(1, num_classes):
-                cls_boxes[j] = cls_boxes[j][cls_boxes[j][:, -1] >= image_thresh]
+                cls_boxes[j] = cls_boxes[j][keep[owner == j]]
     im_results = np.vstack([cls_boxes[j] for j in range(1, num_classes)])
     return im_results[:, -1], im_results[:, :-1], cls_boxes
 
