@@ -2,7 +2,12 @@
 
 Both wrap the dataset so that an exception raised while loading item ``i`` (in the main process or in a worker)
 reaches the caller as a :class:`DatasetItemError` naming the dataset index and the image file, with the original
-exception's type, message and (from workers) traceback in its text.
+exception's type, message and (from workers) traceback in its text. A worker process that dies without an exception
+(killed, out of memory, a segfault in a decoder) surfaces as :class:`WorkerDiedError` naming the item it was loading:
+each worker records, in a small shared-memory table, its pid and the index it is loading.
+
+Before training, :func:`build_train_loader` validates the dataset (:mod:`maskrcnn.data.validate`): images that cannot
+be read fail before the first step, or are skipped with ``skip_unreadable=True``.
 
 Training randomness (horizontal flips, a random resize size) is drawn from a ``torch.Generator`` seeded per sample by
 :class:`~maskrcnn.data.samplers.TrainingBatchSampler`, never from worker or global RNG state, so a run is reproducible
@@ -11,21 +16,30 @@ flips the uninterrupted run would have produced.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+import os
+import re
+import time
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, get_worker_info
 
 from .catalog import ConcatDataset
 from .collate import collate_fn
 from .samplers import InferenceSampler, TrainingBatchSampler, aspect_ratio_group_ids
 from .transforms import Compose, RandomHorizontalFlip
+from .validate import check_and_filter
 
-__all__ = ["DatasetItemError", "LoaderDataset", "LoaderIterator", "build_train_loader", "build_test_loader"]
+__all__ = ["DatasetItemError", "WorkerDiedError", "LoaderDataset", "LoaderIterator", "build_train_loader",
+           "build_test_loader"]
 
 
 class DatasetItemError(RuntimeError):
     """Loading one dataset item failed; the message names the index, the image file and the original error."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A loader worker process died without raising (killed by a signal, out of memory, a crash in native code)."""
 
 
 class LoaderDataset(Dataset):
@@ -45,6 +59,20 @@ class LoaderDataset(Dataset):
         self.dataset = dataset
         self.transforms = transforms
         self.return_index = bool(return_index)
+        self._progress: Optional[torch.Tensor] = None
+
+    def track_workers(self, num_workers: int) -> None:
+        """Allocate the shared ``(num_workers, 2)`` table of ``(pid, index being loaded)`` the workers fill in."""
+        self._progress = torch.full((max(int(num_workers), 1), 2), -1, dtype=torch.int64).share_memory_()
+
+    def in_flight(self) -> List[Tuple[int, int, int]]:
+        """``(worker id, pid, index)`` of each worker that is inside ``__getitem__`` now (or died there)."""
+        if self._progress is None:
+            return []
+        return [(w, int(pid), int(idx)) for w, (pid, idx) in enumerate(self._progress.tolist()) if idx >= 0]
+
+    def describe(self, index: int) -> str:
+        return self._describe(index)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -58,6 +86,10 @@ class LoaderDataset(Dataset):
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]):
         index, seed = key if isinstance(key, tuple) else (key, None)
+        info = get_worker_info() if self._progress is not None else None
+        if info is not None:
+            self._progress[info.id, 0] = os.getpid()
+            self._progress[info.id, 1] = int(index)
         try:
             image, target = self.dataset[index]
             if self.transforms is not None:
@@ -66,6 +98,8 @@ class LoaderDataset(Dataset):
         except Exception as e:
             raise DatasetItemError(f"failed to load dataset index {index} ({self._describe(index)}) of "
                                    f"{self.dataset!r}: {type(e).__name__}: {e}") from e
+        if info is not None:
+            self._progress[info.id, 1] = -1
         if self.return_index:
             return image, target, index
         return image, target
@@ -79,8 +113,9 @@ class LoaderIterator:
     worker then waits out a 5 s join timeout; here they are stopped at once. :meth:`close` stops them explicitly.
     """
 
-    def __init__(self, iterator):
+    def __init__(self, iterator, dataset: Optional[LoaderDataset] = None):
         self._it = iterator
+        self._dataset = dataset
 
     def __iter__(self) -> "LoaderIterator":
         return self
@@ -90,9 +125,72 @@ class LoaderIterator:
             return next(self._it)
         except StopIteration:
             raise
+        except DatasetItemError:
+            self.close()
+            raise
+        except Exception as e:
+            if self._dataset is None or not isinstance(e, (ConnectionError, EOFError, RuntimeError)):
+                self.close()
+                raise
+            text = f"{type(e).__name__}: {e}"
+            dead = {}
+            # The batch a dying worker shared can fail to arrive before the process is reaped, so wait briefly;
+            # meanwhile the loader's SIGCHLD handler may raise its own "worker killed" RuntimeError here.
+            for _ in range(3):
+                try:
+                    dead = self._dead_workers(wait=0.5)
+                    break
+                except RuntimeError as again:
+                    text += f"; {again}"
+            if dead or (type(e) is RuntimeError and "DataLoader worker" in str(e)):
+                message = self._explain_dead_worker(text, dead)
+                self._close_quietly()
+                raise WorkerDiedError(message) from e
+            self.close()
+            raise
         except BaseException:
             self.close()
             raise
+
+    def _close_quietly(self) -> None:
+        for _ in range(3):
+            try:
+                self.close()
+                return
+            except RuntimeError:  # the SIGCHLD handler again; the original error is what matters
+                continue
+
+    def _dead_workers(self, wait: float = 0.0) -> dict:
+        """``{pid: exitcode}`` of worker processes that have exited (a killed worker can surface in the main process
+        as a RuntimeError, or as a ConnectionResetError/EOFError while receiving a batch it shared)."""
+        out = {}
+        workers = getattr(self._it, "_workers", None) or []
+        if wait > 0:
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and all(w.exitcode in (None, 0) for w in workers):
+                time.sleep(0.02)
+        for w in workers:
+            code = getattr(w, "exitcode", None)
+            if code is not None and code != 0:
+                out[w.pid] = code
+        return out
+
+    def _explain_dead_worker(self, text: str, dead: dict) -> str:
+        m = re.search(r"pid(?:\(s\))?\s+([\d,\s]+)", text)
+        pids = ({int(p) for p in re.findall(r"\d+", m.group(1))} if m else set()) | set(dead)
+        if dead:
+            text += "; " + ", ".join(f"pid {pid} exit code {code}" + (f" (signal {-code})" if code < 0 else "")
+                                     for pid, code in dead.items())
+        flight = self._dataset.in_flight()
+        named = [f for f in flight if f[1] in pids] or flight
+        if not named:
+            what = "it was not loading an item (it died between items)"
+        else:
+            what = "; ".join(f"worker {w} (pid {pid}) was loading dataset index {idx} ({self._dataset.describe(idx)})"
+                             for w, pid, idx in named)
+        return (f"a data loader worker process died without raising an exception ({text.strip()}); {what}. "
+                f"Common causes: the out-of-memory killer (check dmesg; lower DATA_LOADER.NUM_THREADS or image "
+                f"sizes), a crash in an image decoder on that file, or an external kill.")
 
     def __len__(self) -> int:
         return len(self._it)
@@ -106,7 +204,7 @@ class LoaderIterator:
 
 class _TestDataLoader(DataLoader):
     def __iter__(self) -> LoaderIterator:
-        return LoaderIterator(super().__iter__())
+        return LoaderIterator(super().__iter__(), self.dataset)
 
 
 def _as_dataset(datasets: Union[Dataset, Sequence[Dataset]]) -> Dataset:
@@ -120,7 +218,8 @@ def _as_dataset(datasets: Union[Dataset, Sequence[Dataset]]) -> Dataset:
 def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batch: int, num_workers: int = 0,
                        aspect_grouping: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                        start_iter: int = 0, flip: bool = True, transforms: Optional[Callable] = None,
-                       pin_memory: bool = False) -> "LoaderIterator":
+                       pin_memory: bool = False, validate: bool = True,
+                       skip_unreadable: bool = False) -> "LoaderIterator":
     """Endless iterator of training batches ``(images, targets)`` for this rank.
 
     Args:
@@ -135,12 +234,22 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
         transforms: extra transforms applied after the flip, e.g. ``ResizeShortestEdge`` (optional: the model
             resizes anyway).
         pin_memory: pin batches in page-locked memory (for CUDA training).
+        validate: check the dataset first (:func:`maskrcnn.data.validate.validate_dataset`: file existence,
+            header, truncation, recorded size; no decoding) so that unreadable images fail before training starts.
+        skip_unreadable: instead of failing, leave unreadable images out (with one warning listing them); cfg
+            ``DATA_LOADER.SKIP_UNREADABLE``.
+
+    Raises:
+        maskrcnn.data.validate.UnreadableImagesError: ``validate`` found unusable images and ``skip_unreadable``
+            is False (the message counts them per kind and names the first files and image ids).
 
     Returns:
         a :class:`LoaderIterator` yielding ``(list of (3, H, W) float images, list of target dicts)``; it never
         ends (``close()`` stops its workers).
     """
     dataset = _as_dataset(datasets)
+    if validate and len(dataset) > 0:
+        dataset = check_and_filter(dataset, skip_unreadable=skip_unreadable)
     if len(dataset) == 0:
         raise ValueError(f"build_train_loader: dataset {dataset!r} is empty")
     if int(ims_per_batch) < 1:
@@ -152,6 +261,8 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
                                          world_size=world_size, start_iter=start_iter)
     steps = ([RandomHorizontalFlip(0.5)] if flip else []) + ([transforms] if transforms is not None else [])
     wrapped = LoaderDataset(dataset, Compose(steps) if steps else None)
+    if int(num_workers) > 0:
+        wrapped.track_workers(int(num_workers))
     loader = DataLoader(
         wrapped, batch_sampler=batch_sampler, num_workers=int(num_workers), collate_fn=collate_fn,
         # No worker_init_fn touching OpenCV: cv2.setNumThreads in a forked worker can deadlock on the thread pool
@@ -160,7 +271,7 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
         # The loader's base seed comes from this generator, not from the global RNG (which it would advance).
         generator=torch.Generator().manual_seed(int(seed)),
     )
-    return LoaderIterator(iter(loader))
+    return LoaderIterator(iter(loader), wrapped)
 
 
 def build_test_loader(dataset: Dataset, num_workers: int = 0, rank: int = 0, world_size: int = 1,
@@ -179,8 +290,11 @@ def build_test_loader(dataset: Dataset, num_workers: int = 0, rank: int = 0, wor
     if int(num_workers) < 0:
         raise ValueError(f"build_test_loader: num_workers must be >= 0, got {num_workers!r}")
     sampler = InferenceSampler(len(dataset), rank=rank, world_size=world_size)
+    wrapped = LoaderDataset(dataset, transforms, return_index=True)
+    if int(num_workers) > 0:
+        wrapped.track_workers(int(num_workers))
     return _TestDataLoader(
-        LoaderDataset(dataset, transforms, return_index=True),
+        wrapped,
         batch_sampler=BatchSampler(sampler, int(ims_per_batch), drop_last=False),
         num_workers=int(num_workers), collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(0),

@@ -16,12 +16,14 @@ the same arithmetic).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "RandomHorizontalFlip",
     "ResizeShortestEdge",
     "hflip",
+    "check_image_bytes",
+    "image_file_size",
     "read_image_rgb",
     "to_float_tensor",
 ]
@@ -38,18 +42,105 @@ Target = Optional[Dict[str, Tensor]]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # image helpers
-def read_image_rgb(path: str) -> np.ndarray:
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"
+# Some cameras append data (thumbnails, maker notes) after the JPEG end marker; look for it this far from the end.
+_JPEG_TAIL_BYTES = 1 << 16
+
+
+def _who(path: str, image_id) -> str:
+    return f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
+
+
+def check_image_bytes(path: str, image_id=None) -> None:
+    """Cheap checks that need no decoding: the file exists, is not empty, and a JPEG/PNG is not cut short.
+
+    Why the truncation check: OpenCV decodes a truncated JPEG without failing (it prints "Premature end of JPEG
+    file" and returns an image whose lower part is grey), which would be a silently wrong training image.
+
+    Raises:
+        FileNotFoundError: missing file. OSError: empty or truncated file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {_who(path, image_id)}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise OSError(f"image file is empty (0 bytes): {_who(path, image_id)}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(size - _JPEG_TAIL_BYTES, 0))
+        tail = f.read()
+    if head[:2] == _JPEG_SOI and _JPEG_EOI not in tail:
+        raise OSError(f"truncated JPEG file (no end-of-image marker): {_who(path, image_id)}")
+    if head == _PNG_MAGIC and not tail.endswith(_PNG_IEND):
+        raise OSError(f"truncated PNG file (no IEND chunk at the end): {_who(path, image_id)}")
+
+
+def image_file_size(path: str, image_id=None) -> Tuple[int, int]:
+    """``(height, width)`` of an image file as displayed (EXIF orientation applied), read from its header only.
+
+    Raises:
+        FileNotFoundError / OSError: as :func:`check_image_bytes`, or the file is not an image PIL can identify.
+    """
+    check_image_bytes(path, image_id)
+    with warnings.catch_warnings():
+        # A 12000x9000 photo trips PIL's decompression-bomb warning; only the header is read here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+                orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+        except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+            raise OSError(f"not a readable image file ({type(e).__name__}: {e}): {_who(path, image_id)}") from e
+    if width <= 0 or height <= 0:
+        raise OSError(f"image has zero size {width}x{height}: {_who(path, image_id)}")
+    # Orientations 5..8 transpose the picture (OpenCV applies them when decoding).
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def read_image_rgb(path: str, max_side: Optional[int] = None, image_id=None) -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array (OpenCV decoder, as Detectron does).
+
+    Grayscale images are expanded to 3 channels, an alpha channel is dropped, 16-bit images are scaled to 8 bits
+    (``v >> 8``, so 65535 -> 255), and a JPEG's EXIF orientation is applied (OpenCV's ``IMREAD_COLOR`` default).
+
+    Args:
+        path: image file.
+        max_side: when given, an image whose longer side exceeds it is returned resized (area interpolation) so
+            that its longer side is ``max_side``. Very large files are decoded with OpenCV's reduced-resolution
+            modes (``IMREAD_REDUCED_COLOR_2/4/8``: JPEG decodes at 1/2, 1/4, 1/8 scale directly), so a
+            12000x9000 photo never occupies its full-resolution 324 MB in memory. Callers compare the returned
+            shape with the original size to scale boxes and masks.
+        image_id: named in error messages.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        OSError: the file exists but OpenCV cannot decode it.
+        OSError: the file is empty, truncated, not an image, or OpenCV cannot decode it.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise OSError(f"could not decode image file {path} (unreadable or not an image)")
+    check_image_bytes(path, image_id)
+    flags = cv2.IMREAD_COLOR
+    if max_side is not None:
+        if int(max_side) <= 0:
+            raise ValueError(f"read_image_rgb: max_side must be positive, got {max_side!r}")
+        max_side = int(max_side)
+        long_side = max(image_file_size(path, image_id))
+        for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                                (2, cv2.IMREAD_REDUCED_COLOR_2)):
+            # Largest reduction that still leaves at least max_side pixels, so the final resize only shrinks.
+            if long_side // factor >= max_side:
+                flags = reduced
+                break
+    bgr = cv2.imread(path, flags)
+    if bgr is None or bgr.size == 0:
+        raise OSError(f"could not decode image file {_who(path, image_id)} (unreadable or not an image)")
+    if bgr.dtype != np.uint8:  # IMREAD_COLOR already converts 16-bit to 8-bit; other depths are not expected
+        raise OSError(f"image file {_who(path, image_id)} decoded to dtype {bgr.dtype}, expected uint8")
+    if max_side is not None and max(bgr.shape[:2]) > max_side:
+        h, w = bgr.shape[:2]
+        scale = max_side / max(h, w)
+        size = (max(int(round(w * scale)), 1), max(int(round(h * scale)), 1))
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

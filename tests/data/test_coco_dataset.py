@@ -168,7 +168,12 @@ def test_tiny_json_categories_rle_crowd_and_dropped_annotations(tiny_coco):
     messages = [str(w.message) for w in caught]
     for bad_id in (13, 15, 16):
         assert any(f"annotation id {bad_id} " in m for m in messages), (bad_id, messages)
-    assert not any("annotation id 10 " in m or "annotation id 14 " in m for m in messages)
+    # one warning for all of them; 10 is fine and 14 is kept (clipped, reported as such)
+    assert len(messages) == 1
+    assert "annotation id 10 " not in messages[0]
+    assert "box_clipped: 1" in messages[0] and "annotation id 14 " in messages[0]
+    assert {p.ann_id: p.kind for p in ds.annotation_problems} == {
+        13: "degenerate_box", 14: "box_clipped", 15: "nonfinite_box", 16: "short_polygon"}
 
     assert ds.classes == ["__background__", "three", "seven", "twelve"]
     assert ds.contiguous_to_category_id == {1: 3, 2: 7, 3: 12}

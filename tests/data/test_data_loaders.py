@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from maskrcnn.data.build import DatasetItemError, build_test_loader, build_train_loader
+from maskrcnn.data.validate import UnreadableImagesError
 from maskrcnn.data.catalog import ConcatDataset
 from maskrcnn.data.collate import collate_fn
 from maskrcnn.data.datasets.coco import COCODataset
@@ -136,7 +137,10 @@ def test_worker_error_from_real_unreadable_image(tmp_path):
             "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
     (tmp_path / "ann.json").write_text(json.dumps(data))
     ds = COCODataset(str(tmp_path / "ann.json"), str(tmp_path))
-    loader = build_train_loader(ds, 2, num_workers=1, aspect_grouping=False, seed=0)
+    # validation (the default) refuses it before any worker starts
+    with pytest.raises(UnreadableImagesError, match=r"bad\.jpg \(image id 9\)"):
+        build_train_loader(ds, 2, num_workers=1, aspect_grouping=False, seed=0)
+    loader = build_train_loader(ds, 2, num_workers=1, aspect_grouping=False, seed=0, validate=False)
     with pytest.raises(DatasetItemError) as info:
         next(loader)
     text = str(info.value)

@@ -12,19 +12,24 @@ Item contract (torchvision's detection tutorial): ``dataset[i] -> (image, target
 * ``target["iscrowd"]``: ``(N,)`` int64; crowd instances stay in the target and the model ignores them.
 
 Annotations are validated once, when the dataset is built: boxes with ``w <= 0``, ``h <= 0``, non-finite values or
-lying entirely outside the image, and segmentations without a usable polygon (fewer than 3 points) are dropped with a
-``warnings.warn`` naming the annotation id. A category named ``_background_`` (labelme writes one) or
+lying entirely outside the image, segmentations without a usable polygon (fewer than 3 points), RLEs whose size is
+not the image's, undeclared categories and annotations of image ids absent from the json are dropped; boxes partly
+outside the image are clipped. All of them are collected in ``annotation_problems`` and reported by *one*
+``warnings.warn`` (count per kind, first examples with annotation id, image id and file); see
+:mod:`maskrcnn.data.validate`. An image with no objects stays (a negative image). A category named ``_background_`` (labelme writes one) or
 ``__background__`` is not a class.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
@@ -33,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..transforms import read_image_rgb, to_float_tensor
+from ..validate import DataProblem, summarize_problems
 
 __all__ = ["COCODataset", "BACKGROUND_CATEGORY_NAMES"]
 
@@ -50,6 +56,9 @@ class COCODataset(Dataset):
         remove_images_without_annotations: keep only images with at least one valid non-crowd annotation
             (Detectron's training filter).
         transforms: optional ``t(image, target) -> (image, target)`` applied to each item.
+        max_image_side: images whose longer side exceeds this are decoded at reduced resolution and resized so the
+            longer side is ``max_image_side`` (memory stays bounded for e.g. 12000x9000 photos); boxes, masks and
+            ``area`` are scaled to match. ``None``: no limit.
 
     Attributes:
         coco: the ``pycocotools.coco.COCO`` index.
@@ -59,7 +68,7 @@ class COCODataset(Dataset):
     """
 
     def __init__(self, ann_file: str, image_dir: str, remove_images_without_annotations: bool = False,
-                 transforms=None):
+                 transforms=None, max_image_side: Optional[int] = None):
         if not os.path.isfile(ann_file):
             raise FileNotFoundError(f"COCODataset: annotation file not found: {ann_file}")
         if not os.path.isdir(image_dir):
@@ -67,12 +76,10 @@ class COCODataset(Dataset):
         self.ann_file = ann_file
         self.image_dir = image_dir
         self.transforms = transforms
-        # pycocotools prints progress lines on load; keep library use silent.
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                self.coco = COCO(ann_file)
-            except Exception as e:
-                raise ValueError(f"COCODataset: could not parse {ann_file} as COCO json: {e}") from e
+        if max_image_side is not None and int(max_image_side) <= 0:
+            raise ValueError(f"COCODataset: max_image_side must be positive or None, got {max_image_side!r}")
+        self.max_image_side = None if max_image_side is None else int(max_image_side)
+        self.coco = self._load_coco(ann_file)
 
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
         cats = [c for c in cats if c.get("name") not in BACKGROUND_CATEGORY_NAMES]
@@ -82,6 +89,11 @@ class COCODataset(Dataset):
         self.contiguous_to_category_id: Dict[int, int] = {v: k for k, v in self.category_id_to_contiguous.items()}
         self.classes: List[str] = ["__background__"] + [str(c["name"]) for c in cats]
 
+        #: Problems found while parsing (instances dropped or clipped); see :mod:`maskrcnn.data.validate`.
+        self.annotation_problems: List[DataProblem] = []
+        for ann in self.coco.dataset.get("annotations", []):
+            if ann.get("image_id") not in self.coco.imgs:
+                self._problem("missing_image", ann, None, f"image id {ann.get('image_id')!r} is not in 'images'")
         self._records: Dict[int, List[Dict[str, Any]]] = {}
         for img_id in sorted(self.coco.imgs):
             info = self.coco.imgs[img_id]
@@ -92,50 +104,96 @@ class COCODataset(Dataset):
         if remove_images_without_annotations:
             ids = [i for i in ids if any(not r["iscrowd"] for r in self._records[i])]
         self.ids: List[int] = ids
+        if self.annotation_problems:
+            warnings.warn(summarize_problems(
+                self.annotation_problems, 5,
+                f"COCODataset({self.ann_file}): {len(self.annotation_problems)} annotation problem(s); bad instances "
+                f"dropped, partial boxes clipped:"), stacklevel=2)
+
+    @staticmethod
+    def _load_coco(ann_file: str) -> COCO:
+        try:
+            with open(ann_file, "rb") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"COCODataset: {ann_file} is not valid json (truncated or corrupt?): {e.msg} at line "
+                             f"{e.lineno} column {e.colno} (char {e.pos})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"COCODataset: cannot read {ann_file}: {type(e).__name__}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"COCODataset: {ann_file} must hold a json object, got {type(data).__name__}")
+        for key in ("images", "categories"):
+            if not isinstance(data.get(key), list):
+                raise ValueError(f"COCODataset: {ann_file} has no list {key!r} (keys: {sorted(data)})")
+        for k, img in enumerate(data["images"]):
+            missing = [f for f in ("id", "file_name", "height", "width") if f not in img]
+            if missing:
+                raise ValueError(f"COCODataset: {ann_file}: images[{k}] lacks {missing}")
+        data.setdefault("annotations", [])
+        coco = COCO()
+        coco.dataset = data
+        # pycocotools prints progress lines while indexing; keep library use silent.
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                coco.createIndex()
+            except Exception as e:
+                raise ValueError(f"COCODataset: could not index {ann_file} as COCO json: {type(e).__name__}: {e}") from e
+        return coco
 
     # --- annotation parsing (once, at construction) ------------------------------------------------------------------
-    def _drop(self, ann: Dict[str, Any], why: str) -> None:
-        warnings.warn(f"COCODataset({self.ann_file}): dropping annotation id {ann.get('id')} "
-                      f"(image id {ann.get('image_id')}): {why}", stacklevel=3)
+    def _problem(self, kind: str, ann: Dict[str, Any], info: Optional[Dict[str, Any]], why: str) -> None:
+        self.annotation_problems.append(DataProblem(
+            kind, f"annotation id {ann.get('id')} (image id {ann.get('image_id')}): {why}", image_id=ann.get("image_id"),
+            ann_id=ann.get("id"), file=None if info is None else info.get("file_name")))
 
     def _parse_annotation(self, ann: Dict[str, Any], info: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         height, width = int(info["height"]), int(info["width"])
         cat = ann.get("category_id")
         if cat not in self.category_id_to_contiguous:
-            self._drop(ann, f"category_id {cat!r} is not a foreground category")
+            declared = cat in self.coco.cats
+            self._problem("background_category" if declared else "undeclared_category", ann, info,
+                          f"category_id {cat!r} is " + ("a background category" if declared else
+                                                        "not declared in 'categories'"))
             return None
         bbox = ann.get("bbox")
         if bbox is None or len(bbox) != 4:
-            self._drop(ann, f"bbox must be [x, y, w, h], got {bbox!r}")
+            self._problem("bad_box", ann, info, f"bbox must be [x, y, w, h], got {bbox!r}")
             return None
-        x, y, w, h = (float(v) for v in bbox)
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except (TypeError, ValueError):
+            self._problem("bad_box", ann, info, f"bbox values must be numbers, got {bbox!r}")
+            return None
         if not all(math.isfinite(v) for v in (x, y, w, h)):
-            self._drop(ann, f"non-finite bbox {bbox!r}")
+            self._problem("nonfinite_box", ann, info, f"non-finite bbox {bbox!r}")
             return None
         if w <= 0 or h <= 0:
-            self._drop(ann, f"degenerate bbox {bbox!r} (w and h must be > 0)")
+            self._problem("degenerate_box", ann, info, f"degenerate bbox {bbox!r} (w and h must be > 0)")
             return None
         x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
         x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
         if x2 <= x1 or y2 <= y1:
-            self._drop(ann, f"bbox {bbox!r} lies outside the {width}x{height} image")
+            self._problem("box_outside_image", ann, info, f"bbox {bbox!r} lies outside the {width}x{height} image")
             return None
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            self._problem("box_clipped", ann, info, f"bbox {bbox!r} clipped to the {width}x{height} image (kept)")
 
         segm = ann.get("segmentation")
         if isinstance(segm, list):
             # A polygon needs >= 3 points; pycocotools would also read a 4-number "polygon" as a box.
             polys = [list(map(float, p)) for p in segm if len(p) >= 6 and len(p) % 2 == 0]
             if not polys:
-                self._drop(ann, "segmentation has no polygon with at least 3 points")
+                self._problem("short_polygon", ann, info, "segmentation has no polygon with at least 3 points")
                 return None
             segm = polys
         elif isinstance(segm, dict):
             size = [int(s) for s in segm.get("size", [])]
             if size != [height, width] or "counts" not in segm:
-                raise ValueError(f"COCODataset({self.ann_file}): RLE of annotation id {ann.get('id')} has size "
-                                 f"{segm.get('size')!r} but image id {info['id']} is {height}x{width}")
+                self._problem("rle_size_mismatch", ann, info, f"RLE size {segm.get('size')!r} (counts "
+                              f"{'present' if 'counts' in segm else 'missing'}) but the image is {height}x{width}")
+                return None
         else:
-            self._drop(ann, f"missing or unsupported segmentation {type(segm).__name__}")
+            self._problem("bad_segmentation", ann, info, f"missing or unsupported segmentation {type(segm).__name__}")
             return None
         area = ann.get("area")
         return {
@@ -177,23 +235,48 @@ class COCODataset(Dataset):
         raise FileNotFoundError(f"COCODataset: image {info['file_name']!r} of image id {info['id']} not found "
                                 f"(tried {first} and {second})")
 
-    def get_target(self, index: int) -> Dict[str, Tensor]:
-        """The target of item ``index`` (masks decoded) without reading the image."""
+    def image_files(self, index: int) -> List[Tuple[str, Tuple[int, int]]]:
+        """``[(image path, (height, width) the json records)]`` (for :func:`maskrcnn.data.validate.validate_dataset`)."""
+        info = self.coco.imgs[self.ids[index]]
+        return [(self.image_path(index), (int(info["height"]), int(info["width"])))]
+
+    def get_target(self, index: int, size: Optional[Tuple[int, int]] = None) -> Dict[str, Tensor]:
+        """The target of item ``index`` (masks decoded) without reading the image.
+
+        ``size``: ``(h, w)`` the image was resized to (``max_image_side``); boxes and ``area`` are scaled and masks
+        are produced at that size (polygons rasterised at it directly, RLEs decoded one at a time and resized
+        nearest, so no full-resolution mask stack is ever held). ``None``: the json's size.
+        """
         img_id = self.ids[index]
         info = self.coco.imgs[img_id]
         height, width = int(info["height"]), int(info["width"])
+        out_h, out_w = (height, width) if size is None else (int(size[0]), int(size[1]))
+        sx, sy = out_w / width, out_h / height
         records = self._records[img_id]
         n = len(records)
-        if n:
+        if n and (out_h, out_w) == (height, width):
             rles = [self._to_rle(r["segmentation"], height, width) for r in records]
             # decode of a list returns (H, W, N) in Fortran order.
             masks = torch.from_numpy(np.ascontiguousarray(mask_util.decode(rles).transpose(2, 0, 1)))
             areas = [r["area"] if r["area"] is not None else float(m.sum()) for r, m in zip(records, masks)]
+        elif n:
+            planes = []
+            for r in records:
+                segm = r["segmentation"]
+                if isinstance(segm, list):
+                    scaled = [[v * (sx if k % 2 == 0 else sy) for k, v in enumerate(p)] for p in segm]
+                    planes.append(mask_util.decode(self._to_rle(scaled, out_h, out_w)))
+                else:
+                    full = mask_util.decode(self._to_rle(segm, height, width))
+                    planes.append(cv2.resize(full, (out_w, out_h), interpolation=cv2.INTER_NEAREST))
+            masks = torch.from_numpy(np.stack(planes))
+            areas = [r["area"] * sx * sy if r["area"] is not None else float(m.sum()) for r, m in zip(records, masks)]
         else:
-            masks = torch.zeros((0, height, width), dtype=torch.uint8)
+            masks = torch.zeros((0, out_h, out_w), dtype=torch.uint8)
             areas = []
+        scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
         return {
-            "boxes": torch.tensor([r["box"] for r in records], dtype=torch.float32).reshape(n, 4),
+            "boxes": torch.tensor([r["box"] for r in records], dtype=torch.float32).reshape(n, 4) * scale,
             "labels": torch.tensor([r["label"] for r in records], dtype=torch.int64),
             "masks": masks.to(torch.uint8),
             "image_id": torch.tensor(img_id, dtype=torch.int64),
@@ -203,12 +286,20 @@ class COCODataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
         path = self.image_path(index)
-        rgb = read_image_rgb(path)
         info = self.coco.imgs[self.ids[index]]
-        if rgb.shape[:2] != (int(info["height"]), int(info["width"])):
-            raise ValueError(f"COCODataset: image {path} (image id {info['id']}) is {rgb.shape[0]}x{rgb.shape[1]} "
-                             f"but {self.ann_file} says {info['height']}x{info['width']}")
-        image, target = to_float_tensor(rgb), self.get_target(index)
+        height, width = int(info["height"]), int(info["width"])
+        rgb = read_image_rgb(path, max_side=self.max_image_side, image_id=info["id"])
+        size = None
+        if rgb.shape[:2] != (height, width):
+            h, w = rgb.shape[:2]
+            # A reduced image keeps the aspect ratio up to rounding (one pixel per side).
+            reduced = (self.max_image_side is not None and max(height, width) > self.max_image_side
+                       and max(h, w) == self.max_image_side and abs(h * width - w * height) <= max(height, width))
+            if not reduced:
+                raise ValueError(f"COCODataset: image {path} (image id {info['id']}) is {h}x{w} but {self.ann_file} "
+                                 f"says {height}x{width}")
+            size = (h, w)
+        image, target = to_float_tensor(rgb), self.get_target(index, size)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

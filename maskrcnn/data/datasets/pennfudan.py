@@ -109,6 +109,12 @@ class PennFudanDataset(Dataset):
         return {"file_name": os.path.join("PNGImages", self._all_names[pos]), "height": height, "width": width,
                 "id": pos}
 
+    def image_files(self, index: int) -> List[Tuple[str, Any]]:
+        """``[(image path, None), (mask path, None)]``: the files item ``index`` reads (the mask must match the
+        image's size); used by :func:`maskrcnn.data.validate.validate_dataset`."""
+        image_path, mask_path = self._paths(index)
+        return [(image_path, None), (mask_path, None)]
+
     @staticmethod
     def read_instance_mask(path: str) -> np.ndarray:
         """The ``(H, W)`` instance-id array of a ``*_mask.png``.
@@ -145,7 +151,7 @@ class PennFudanDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
         image_path, mask_path = self._paths(index)
-        rgb = read_image_rgb(image_path)
+        rgb = read_image_rgb(image_path, image_id=self._positions[index])
         target = self.get_target(index)
         if tuple(target["masks"].shape[-2:]) != rgb.shape[:2]:
             raise ValueError(f"PennFudanDataset: mask {mask_path} is {tuple(target['masks'].shape[-2:])} but image "
