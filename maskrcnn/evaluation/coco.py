@@ -1,0 +1,238 @@
+"""COCO-style evaluation (pycocotools ``COCOeval``) of box and mask results on any dataset.
+
+Datasets read from a COCO json keep their own ground truth (``dataset.coco``); any other dataset (Penn-Fudan, the
+synthetic set, a user's) gets one built from its items: boxes as ``[x, y, w, h]``, masks as RLE, ``area`` and
+``iscrowd`` from the target (area defaults to the mask's pixel count).
+
+Metrics are in percent: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}}``; a value COCO cannot
+compute (e.g. ``APl`` with no large objects) is NaN in Python and ``null`` in ``metrics.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+__all__ = ["METRIC_NAMES", "dataset_image_id", "contiguous_to_category_id", "class_names", "coco_gt_from_dataset",
+           "evaluate_coco", "write_metrics", "mask_to_rle"]
+
+logger = logging.getLogger("maskrcnn.evaluation")
+
+#: Names of the first six COCOeval statistics, in order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def dataset_image_id(dataset, index: int) -> int:
+    """The image id results for item ``index`` carry: ``get_image_info(index)["id"]`` (the COCO image id for COCO
+    datasets), else the item's ``target["image_id"]``."""
+    if hasattr(dataset, "get_image_info"):
+        return int(dataset.get_image_info(index)["id"])
+    _, target = dataset[index]
+    return int(target["image_id"])
+
+
+def contiguous_to_category_id(dataset) -> Dict[int, int]:
+    """Label (1..K) -> category id of the results: the dataset's ``contiguous_to_category_id`` (COCO json), or the
+    identity over its classes."""
+    mapping = getattr(dataset, "contiguous_to_category_id", None)
+    if mapping:
+        return {int(k): int(v) for k, v in mapping.items()}
+    names = getattr(dataset, "classes", None)
+    if not names:
+        raise ValueError(f"dataset {dataset!r} has neither contiguous_to_category_id nor classes; cannot name its "
+                         f"categories for COCO evaluation")
+    return {k: k for k in range(1, len(names))}
+
+
+def class_names(dataset) -> Dict[int, str]:
+    """Category id -> name, for the per-category tables."""
+    names = list(getattr(dataset, "classes", []) or [])
+    out = {}
+    for label, cat in contiguous_to_category_id(dataset).items():
+        out[cat] = names[label] if label < len(names) else f"class {label}"
+    return out
+
+
+def mask_to_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
+    """COCO RLEs (``counts`` as ``str``, json-ready) of ``(N, H, W)`` binary masks."""
+    masks = np.asarray(masks, dtype=np.uint8)
+    if masks.ndim != 3:
+        raise ValueError(f"mask_to_rle: expected (N, H, W) masks, got shape {masks.shape}")
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return list(rles)
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _complete_coco(coco: COCO) -> COCO:
+    """``coco`` itself when every annotation has ``iscrowd`` and ``area`` (COCOeval needs both), else a completed
+    copy (``iscrowd`` 0, ``area`` of the segmentation or box)."""
+    anns = coco.dataset.get("annotations", [])
+    if all("iscrowd" in a and "area" in a for a in anns):
+        return coco
+    data = copy.deepcopy(coco.dataset)
+    imgs = {im["id"]: im for im in data.get("images", [])}
+    for a in data["annotations"]:
+        a.setdefault("iscrowd", 0)
+        if "area" not in a:
+            if a.get("segmentation"):
+                im = imgs[a["image_id"]]
+                seg = a["segmentation"]
+                rle = (mask_util.merge(mask_util.frPyObjects(seg, im["height"], im["width"])) if isinstance(seg, list)
+                       else seg)
+                if isinstance(rle.get("counts"), list):
+                    rle = mask_util.frPyObjects(rle, im["height"], im["width"])
+                a["area"] = float(mask_util.area(rle))
+            else:
+                a["area"] = float(a["bbox"][2] * a["bbox"][3])
+    out = COCO()
+    out.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        out.createIndex()
+    return out
+
+
+def coco_gt_from_dataset(dataset, indices: Optional[Sequence[int]] = None) -> COCO:
+    """A ``pycocotools`` ground truth for ``dataset`` (the dataset's own ``coco`` object when it has one).
+
+    Args:
+        dataset: items ``(image, target)`` with target ``boxes`` (N,4) xyxy, ``labels``, optional ``masks``
+            (N,H,W), ``area``, ``iscrowd``; or a COCO dataset with a ``coco`` attribute.
+        indices: items to include (default all); ignored for COCO datasets (evaluation restricts image ids).
+    """
+    own = getattr(dataset, "coco", None)
+    if isinstance(own, COCO):
+        return _complete_coco(own)
+    cat_of = contiguous_to_category_id(dataset)
+    names = class_names(dataset)
+    images, annotations = [], []
+    indices = range(len(dataset)) if indices is None else indices
+    for index in indices:
+        image, target = dataset[int(index)]
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        image_id = dataset_image_id(dataset, int(index))
+        info = dataset.get_image_info(int(index)) if hasattr(dataset, "get_image_info") else {}
+        images.append({"id": image_id, "height": h, "width": w, "file_name": str(info.get("file_name", index))})
+        boxes = _as_numpy(target["boxes"]).reshape(-1, 4).astype(np.float64)
+        labels = _as_numpy(target["labels"]).reshape(-1)
+        n = len(labels)
+        crowd = _as_numpy(target["iscrowd"]).reshape(-1) if "iscrowd" in target else np.zeros(n, np.int64)
+        rles = mask_to_rle(_as_numpy(target["masks"])) if "masks" in target else [None] * n
+        if "area" in target:
+            areas = _as_numpy(target["area"]).reshape(-1).astype(np.float64)
+        elif "masks" in target:
+            areas = np.array([float(mask_util.area(r)) for r in rles])
+        else:
+            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        for k in range(n):
+            x1, y1, x2, y2 = boxes[k].tolist()
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_of[int(labels[k])],
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(areas[k]), "iscrowd": int(crowd[k])}
+            if rles[k] is not None:
+                ann["segmentation"] = rles[k]
+            annotations.append(ann)
+    categories = [{"id": cat, "name": names[cat]} for cat in sorted(names)]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _per_category_ap(coco_eval: COCOeval) -> Dict[int, float]:
+    # precision: [iou thresholds, recall points, categories, area ranges, max dets]; area "all", 100 dets.
+    precision = coco_eval.eval["precision"]
+    out = {}
+    for k, cat in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[int(cat)] = float(p.mean() * 100) if p.size else float("nan")
+    return out
+
+
+def _format_per_category(ap: Mapping[int, float], names: Mapping[int, str], columns: int = 3) -> str:
+    cells = [f"{names.get(c, str(c)):<16} {v:6.2f}" for c, v in ap.items()]
+    rows = [" | ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
+    return "\n".join(rows)
+
+
+def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], img_ids: Optional[Sequence[int]] = None,
+                  names: Optional[Mapping[int, str]] = None, log: Optional[Callable[[str], Any]] = None,
+                  per_category: Optional[Dict[str, Dict[str, float]]] = None) -> Dict[str, Dict[str, float]]:
+    """Run COCOeval for each iou type in ``results`` (``"bbox"``, ``"segm"``) and report.
+
+    Args:
+        coco_gt: ground truth (:func:`coco_gt_from_dataset`).
+        results: iou type -> COCO results (``image_id``, ``category_id``, ``score``, ``bbox`` [x,y,w,h] or
+            ``segmentation`` RLE).
+        img_ids: evaluate these images only (default: every image of ``coco_gt``).
+        names: category id -> name for the per-category table (default: from ``coco_gt``).
+        log: where the 12-number tables and per-category APs go (default: the ``maskrcnn.evaluation`` logger).
+        per_category: when given, filled with ``{iou_type: {category name: AP}}``.
+
+    Returns:
+        ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` in percent (NaN where undefined).
+    """
+    log = log if log is not None else logger.info
+    if names is None:
+        names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
+    img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else sorted(int(i) for i in img_ids)
+    metrics: Dict[str, Dict[str, float]] = {}
+    for iou_type, dets in results.items():
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"evaluate_coco: unknown iou type {iou_type!r}; expected 'bbox' or 'segm'")
+        dets = [d for d in dets if int(d["image_id"]) in set(img_ids)] if dets else []
+        if not dets:
+            log(f"{iou_type}: no detections on the {len(img_ids)} evaluated images: every AP is 0")
+            metrics[iou_type] = {k: 0.0 for k in METRIC_NAMES}
+            continue
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            coco_dt = coco_gt.loadRes(copy.deepcopy(list(dets)))
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev.params.imgIds = img_ids
+            ev.evaluate()
+            ev.accumulate()
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            ev.summarize()
+        log(f"Evaluate annotation type *{iou_type}* on {len(img_ids)} images\n{table.getvalue().rstrip()}")
+        per_cat = _per_category_ap(ev)
+        log(f"per-category {iou_type} AP:\n{_format_per_category(per_cat, names)}")
+        metrics[iou_type] = {k: (float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan"))
+                             for i, k in enumerate(METRIC_NAMES)}
+        if per_category is not None:
+            per_category[iou_type] = {names.get(c, str(c)): v for c, v in per_cat.items()}
+    return metrics
+
+
+def _json_ready(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    return x
+
+
+def write_metrics(path: str, metrics: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write ``metrics`` as json atomically (NaN becomes ``null``)."""
+    from ..utils.checkpoint import atomic_write
+
+    text = json.dumps(_json_ready(dict(metrics)), indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), what="metrics file")

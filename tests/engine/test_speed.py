@@ -1,0 +1,327 @@
+"""Exactness of the speed features (maskrcnn/engine/speed.py) on tiny models; nothing here is timed.
+
+Tolerances: fp32 features (BN folding, oneDNN fusion, channels-last) only reorder float32 arithmetic, so outputs
+agree to ~1e-5 relative. bf16 autocast keeps 8 mantissa bits in the convolutions: features agree to a few percent
+(bf16 rounds to 2**-9 relative, and the error compounds over the layers), which is the documented loose tolerance
+(``BF16_RTOL``); the fp32 islands must still hand fp32 tensors to box decoding and NMS.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskrcnn.config import get_cfg
+from maskrcnn.engine import speed
+from maskrcnn.modeling.backbone.resnet import BasicBlock, BottleneckBlock, FrozenBatchNorm2d, ResNet
+from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+
+BF16_RTOL = 5e-2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: with other processes on the (2) cores, waking a second OpenMP thread costs more than each op.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(**extra):
+    cfg = get_cfg()
+    cfg.merge_from_list([
+        "MODEL.CONV_BODY", "FPN.fpn_ResNet18_conv5_body", "MODEL.NUM_CLASSES", 4,
+        "FAST_RCNN.ROI_BOX_HEAD", "fast_rcnn_heads.roi_2mlp_head", "FAST_RCNN.ROI_XFORM_RESOLUTION", 7,
+        "FAST_RCNN.ROI_XFORM_SAMPLING_RATIO", 2, "FAST_RCNN.MLP_HEAD_DIM", 64, "FPN.DIM", 32,
+        "MRCNN.ROI_MASK_HEAD", "mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs", "MRCNN.RESOLUTION", 28,
+        "MRCNN.ROI_XFORM_RESOLUTION", 14, "MRCNN.ROI_XFORM_SAMPLING_RATIO", 2, "MRCNN.DIM_REDUCED", 32,
+        "MRCNN.DILATION", 1, "TRAIN.SCALES", "(96,)", "TRAIN.MAX_SIZE", 128, "TEST.SCALE", 96, "TEST.MAX_SIZE", 128,
+        "TEST.RPN_PRE_NMS_TOP_N", 300, "TEST.RPN_POST_NMS_TOP_N", 32, "TEST.SCORE_THRESH", 0.0,
+        "TEST.DETECTIONS_PER_IM", 20, "TRAIN.RPN_PRE_NMS_TOP_N", 300, "TRAIN.RPN_POST_NMS_TOP_N", 64,
+        "TRAIN.BATCH_SIZE_PER_IM", 32, "TRAIN.RPN_BATCH_SIZE_PER_IM", 64, "RESNETS.FREEZE_AT", 2,
+        "RESNETS.NORM", "FrozenBN",
+    ])
+    cfg.merge_from_list([x for kv in extra.items() for x in kv])
+    return cfg
+
+
+@torch.no_grad()
+def randomize_frozen_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial frozen statistics, so that folding them is actually exercised (defaults are the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.num_features
+            m.weight.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model
+
+
+def tiny_model(seed: int = 0) -> Generalized_RCNN:
+    torch.manual_seed(seed)
+    model = randomize_frozen_bn(Generalized_RCNN(tiny_cfg()), seed)
+    # Scale the class logits up so that scores are well separated and rankings are not decided by rounding.
+    with torch.no_grad():
+        model.Box_Outs.cls_score.weight.mul_(4.0)
+    return model.eval()
+
+
+def images():
+    g = torch.Generator().manual_seed(3)
+    return [torch.rand(3, 80, 100, generator=g), torch.rand(3, 90, 72, generator=g)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The tiny fp32 model (never modified: tests work on deep copies) and its detections on ``images()``."""
+    model = tiny_model()
+    with torch.no_grad():
+        return model, model(images())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))
+
+
+def assert_same_detections(out, ref, box_tol=1e-2, score_tol=1e-3, mask_tol=1e-3):
+    """Same labels in the same order (identical ranking); boxes, scores and mask probabilities within float32
+    rounding of a random tiny model, amplified by its large logits (a few 1e-4 at most)."""
+    for o, r in zip(out, ref):
+        assert torch.equal(o["labels"], r["labels"])
+        assert (o["boxes"] - r["boxes"]).abs().max() <= box_tol
+        assert (o["scores"] - r["scores"]).abs().max() <= score_tol
+        assert (o["masks"] - r["masks"]).abs().max() <= mask_tol
+        assert o["boxes"].dtype == o["scores"].dtype == o["masks"].dtype == torch.float32
+
+
+# --- FusedConv2d ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stride,dilation,groups", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 4)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_conv2d_equals_conv_add_relu(stride, dilation, groups, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups)
+    x = torch.randn(2, 8, 13, 11)
+    ref_plain = conv(x)
+    other = torch.randn_like(ref_plain)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xf, of = x.contiguous(memory_format=fmt), other.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        for act in ("none", "relu"):
+            fused = speed.FusedConv2d(conv, act).to(memory_format=fmt)
+            expect = F.relu(ref_plain) if act == "relu" else ref_plain
+            assert rel_err(fused(xf), expect) < 1e-5
+            expect = F.relu(ref_plain + other) if act == "relu" else ref_plain + other
+            assert rel_err(fused(xf, of), expect) < 1e-5
+
+
+def test_fused_conv2d_bf16_autocast_within_loose_tolerance():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    fused = speed.FusedConv2d(conv, "relu").to(memory_format=torch.channels_last)
+    x = torch.randn(1, 16, 20, 20).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(1, 16, 20, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = F.relu(conv(x) + other)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused(x, other)
+        assert out.dtype == torch.bfloat16
+        assert rel_err(out, ref) < BF16_RTOL
+        # The cached bf16 weights are dropped when the module is cast or moved.
+        assert torch.bfloat16 in fused._cast_cache
+        fused.float()
+        assert fused._cast_cache == {}
+        assert fused(x).dtype == torch.float32
+
+
+def test_fused_conv2d_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="activation"):
+        speed.FusedConv2d(nn.Conv2d(2, 2, 1), "gelu")
+    with pytest.raises(ValueError, match="padding"):
+        speed.FusedConv2d(nn.Conv2d(2, 2, 3, padding="same"))
+
+
+# --- backbone-level folding and fusion ------------------------------------------------------------------------------
+@pytest.mark.parametrize("depth", [18, 50])
+def test_fold_fuse_channels_last_body_equals_reference(depth):
+    torch.manual_seed(0)
+    stages = ("res2", "res3", "res4", "res5") if depth < 50 else ("res2", "res3")  # res4/5 add only build time
+    body = randomize_frozen_bn(ResNet(depth, return_stages=stages, freeze_at=5)).eval()
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        ref = body(x)
+        fast = copy.deepcopy(body)
+        speed.fold_frozen_bn(fast)
+        count = speed.fuse_conv_activations(fast)
+        fast.to(memory_format=torch.channels_last)
+        out = fast(x.contiguous(memory_format=torch.channels_last))
+    if speed.onednn_fusion_available():
+        blocks = sum(isinstance(m, (BasicBlock, BottleneckBlock)) for m in body.modules())
+        assert count == 1 + blocks  # the stem and every block
+        assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    else:
+        assert count == 0
+    for name in ref:
+        assert out[name].is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(out[name], ref[name]) < 1e-5, name
+
+
+def test_fuse_conv_activations_leaves_unfolded_blocks_alone():
+    body = randomize_frozen_bn(ResNet(18, return_stages=("res2",), freeze_at=5)).eval()
+    assert speed.fuse_conv_activations(body) == 0
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+
+
+# --- whole model ----------------------------------------------------------------------------------------------------
+def test_prepare_for_inference_fp32_features_keep_detections(reference):
+    model, ref = reference
+    ims = images()
+    with torch.no_grad():
+        fast = speed.prepare_for_inference(copy.deepcopy(model), fold_bn=True, fuse_activations=True,
+                                           channels_last=True, amp="")
+        out = fast(ims)
+    assert len(ref[0]["boxes"]) == 20
+    assert_same_detections(out, ref)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    assert fast.Conv_Body.conv_body.res1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_prepare_for_inference_reads_config_keys(reference):
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["TEST.FUSE_FROZEN_BN", False, "TEST.CHANNELS_LAST", False])
+    model = speed.prepare_for_inference(copy.deepcopy(reference[0]), cfg)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, speed.FusedConv2d) for m in model.modules())
+    assert not model.Conv_Body.conv_body.res1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    cfg.merge_from_list(["TEST.FUSE_FROZEN_BN", True, "TEST.CHANNELS_LAST", True])
+    model = speed.prepare_for_inference(copy.deepcopy(reference[0]), cfg)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert model.Conv_Body.conv_body.res1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="'fp8'"):
+        speed.prepare_for_inference(copy.deepcopy(reference[0]), amp="fp8")
+    with pytest.raises(ValueError, match="CUDA"):
+        speed.enable_amp(copy.deepcopy(reference[0]), "fp16")
+
+
+def _record_dtypes(model):
+    seen = {}
+
+    def rec(name):
+        def hook(module, args, output):
+            outs = output if isinstance(output, (list, tuple)) else [output]
+            flat = [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o]) if torch.is_tensor(t)]
+            seen.setdefault(name, set()).update(t.dtype for t in flat)
+        return hook
+
+    for name in ("Conv_Body", "RPN.RPN_cls_score", "RPN.RPN_bbox_pred", "Box_Head", "Box_Outs", "Mask_Outs"):
+        speed._submodule(model, name).register_forward_hook(rec(name))
+    return seen
+
+
+def test_bf16_amp_runs_convs_in_bf16_and_box_math_in_fp32(reference):
+    model, ref = reference
+    ims = images()
+    with torch.no_grad():
+        fast = speed.prepare_for_inference(copy.deepcopy(model), fold_bn=True, fuse_activations=True,
+                                           channels_last=True, amp="bf16")
+        seen = _record_dtypes(fast)
+        out = fast(ims)
+    assert seen["Conv_Body"] == {torch.bfloat16}
+    assert seen["Box_Head"] == {torch.bfloat16}
+    for island in ("RPN.RPN_cls_score", "RPN.RPN_bbox_pred", "Box_Outs", "Mask_Outs"):
+        assert seen[island] == {torch.float32}, island
+    for o in out:
+        assert o["boxes"].dtype == o["scores"].dtype == o["masks"].dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+    # Same proposals through both models: the heads' outputs agree within the bf16 tolerance.
+    with torch.no_grad():
+        image_list, _ = model.preprocess(ims)
+        feats_ref = model.Conv_Body(image_list.tensors)
+        proposals, _ = model.RPN(feats_ref, image_list.image_sizes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats_bf16 = fast.Conv_Body(image_list.tensors)
+            logits_bf16, deltas_bf16 = fast.Box_Outs(fast.Box_Head(feats_bf16, proposals))
+        logits_ref, deltas_ref = model.Box_Outs(model.Box_Head(feats_ref, proposals))
+    for a, b in zip(feats_bf16, feats_ref):
+        assert rel_err(a, b) < BF16_RTOL
+    assert logits_bf16.dtype == deltas_bf16.dtype == torch.float32
+    assert rel_err(logits_bf16, logits_ref) < BF16_RTOL
+    assert rel_err(deltas_bf16, deltas_ref) < BF16_RTOL
+    # The top detection of each image survives bf16 (well-separated scores), its box within 3% of the image.
+    for o, r, im in zip(out, ref, ims):
+        assert int(o["labels"][0]) == int(r["labels"][0])
+        assert float((o["boxes"][0] - r["boxes"][0]).abs().max()) < 0.03 * max(im.shape[-2:])
+
+
+def test_amp_handle_removal_and_exception_restore_autocast_state(reference):
+    model, ref = copy.deepcopy(reference[0]), reference[1]
+    ims = images()
+    with torch.no_grad():
+        handle = speed.enable_amp(model, "bf16")
+        with pytest.raises(ValueError):
+            model.Box_Outs(torch.zeros(3, 5, 2, 2))  # wrong shape: the island's forward raises inside autocast-off
+        assert not torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(ValueError):
+                model.Box_Outs(torch.zeros(3, 5, 2, 2))
+            assert torch.is_autocast_enabled("cpu")
+        handle.remove()
+        out = model(ims)
+    assert_same_detections(out, ref, box_tol=0, score_tol=0, mask_tol=0)
+
+
+def test_compile_conv_body_keeps_state_dict_and_outputs():
+    model = nn.Module()
+    model.Conv_Body = randomize_frozen_bn(ResNet(18, return_stages=("res2",))).eval()
+    x = torch.rand(1, 3, 32, 48)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model.Conv_Body(x)
+        speed.compile_conv_body(model, backend="eager")
+        out = model.Conv_Body(x)
+    assert list(model.state_dict()) == keys
+    assert torch.equal(out["res2"], ref["res2"])
+    with pytest.raises(ValueError, match="Conv_Body"):
+        speed.compile_conv_body(nn.Linear(2, 2))
+
+
+# --- training-time folding ------------------------------------------------------------------------------------------
+def test_training_fold_gives_the_same_outputs_and_gradients_float64():
+    torch.manual_seed(0)
+    # freeze_at=0: FrozenBN everywhere but every conv trainable, so each folded pair gets a weight gradient.
+    ref = randomize_frozen_bn(ResNet(18, return_stages=("res2", "res3"), freeze_at=0, norm="FrozenBN"))
+    ref = ref.double().train()
+    fast = copy.deepcopy(ref)
+    params_before = dict(fast.named_parameters())
+    keys_before = list(fast.state_dict())
+    assert speed.fold_frozen_bn_for_training(fast) == sum(isinstance(m, FrozenBatchNorm2d) for m in ref.modules())
+    assert speed.fold_frozen_bn_for_training(fast) == 0  # already folded
+    assert list(fast.state_dict()) == keys_before
+    assert all(p is params_before[n] for n, p in fast.named_parameters())
+    x = torch.randn(1, 3, 32, 40, dtype=torch.float64)
+    out_ref, out_fast = ref(x), fast(x)
+    for k in out_ref:
+        assert torch.allclose(out_fast[k], out_ref[k], rtol=1e-10, atol=1e-12), k
+    sum(o.square().mean() for o in out_ref.values()).backward()
+    sum(o.square().mean() for o in out_fast.values()).backward()
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        assert p_ref.grad is not None, name
+        assert torch.allclose(p_fast.grad, p_ref.grad, rtol=1e-8, atol=1e-14), name
+
+
+def test_prepare_for_training_keeps_the_model_contract(reference):
+    model = copy.deepcopy(reference[0])
+    keys = list(model.state_dict())
+    speed.prepare_for_training(model, fold_bn=True, channels_last=False)
+    assert list(model.state_dict()) == keys
+    assert any(isinstance(m, speed.FrozenBNConv2d) for m in model.modules())
+    # Weights loaded after folding (e.g. a resumed checkpoint) are used: the BN buffers stay the source of truth.
+    donor = tiny_model(seed=7)
+    model.load_state_dict(donor.state_dict())
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        for a, b in zip(model.Conv_Body(x), donor.Conv_Body(x)):
+            assert rel_err(a, b) < 1e-5
