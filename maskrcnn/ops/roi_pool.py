@@ -32,19 +32,22 @@ from torch.autograd.function import once_differentiable
 
 from maskrcnn.ops import _backend
 from maskrcnn.ops.roi_align import (
+    PlanBlock,
     RoIs,
     as_roi_tensor,
-    bags_to_output,
     check_batch_index,
     check_features,
     compute_dtype,
     feature_meta,
+    new_output,
     outer_plan,
     output_grad_rows,
+    output_rows_to_nchw,
     pack_features,
     pair_size,
     slot_bucket,
     unpack_grad,
+    write_rois,
 )
 
 
@@ -139,30 +142,42 @@ class _RoIPoolFunction(torch.autograd.Function):
     """Bag maxima over the features' max-window table (+ one zero row); differentiable in the features only."""
 
     @staticmethod
-    def forward(ctx, index: Tensor, offsets: Tensor, output_size: Tuple[int, int], dtype, levels: int, input: Tensor):
+    def forward(ctx, plan: List[PlanBlock], num_rois: int, output_size: Tuple[int, int], dtype, levels: int, input):
         n, c, h, w = input.shape
         rows = n * h * w
         table = pack_features([input], dtype, extra_rows=levels * rows + 1)
         table[-1].zero_()
         track = ctx.needs_input_grad[5]
         right_wins = _max_windows(table, rows, n * h, w, levels, track)
-        if offsets.numel() == 0:
-            out, argmax = table.new_zeros((0, c)), index.new_zeros((0, c))
-        else:
-            out, _, _, argmax = torch.ops.aten._embedding_bag(table, index, offsets, False, 2, False, None, False, -1)
+        out = new_output(num_rois, c, output_size, input)
+        argmaxes = []
+        for rois, index, _ in plan:
+            bags, k = index.shape
+            if bags == 0:
+                continue
+            offsets = torch.arange(0, bags * k, k, dtype=index.dtype, device=index.device)
+            maxima, _, _, argmax = torch.ops.aten._embedding_bag(
+                table, index.reshape(-1), offsets, False, 2, False, None, False, -1
+            )
+            write_rois(out, rois, 0, output_rows_to_nchw(maxima, output_size))
+            argmaxes.append(argmax)
         if track:
-            ctx.save_for_backward(argmax, *right_wins)
-        ctx.table_rows, ctx.image_rows, ctx.width = table.shape[0], n * h, w
-        ctx.meta = feature_meta([input])
-        return bags_to_output(out, output_size, input)
+            ctx.save_for_backward(*right_wins, *argmaxes)
+            ctx.levels, ctx.block_rois = levels, [b.rois for b in plan if b.index.shape[0]]
+            ctx.table_rows, ctx.image_rows, ctx.width = table.shape[0], n * h, w
+            ctx.meta = feature_meta([input])
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        argmax, *right_wins = ctx.saved_tensors
-        grad_rows = output_grad_rows(grad, compute_dtype(ctx.meta[0][1]))
+        saved = ctx.saved_tensors
+        right_wins, argmaxes = list(saved[: ctx.levels]), saved[ctx.levels :]
+        dtype = compute_dtype(ctx.meta[0][1])
         # Bins' maxima -> the windows they read (the zero row collects empty bins) -> pixels.
-        grad_table = grad_rows.new_zeros((ctx.table_rows, grad_rows.shape[1])).scatter_add_(0, argmax, grad_rows)
+        grad_table = grad.new_zeros((ctx.table_rows, grad.shape[1]), dtype=dtype)
+        for rois, argmax in zip(ctx.block_rois, argmaxes):
+            grad_table.scatter_add_(0, argmax, output_grad_rows(grad, dtype, rois))
         rows = ctx.image_rows * ctx.width
         grad_pixels = _push_down(grad_table, right_wins, rows, ctx.image_rows, ctx.width)
         return (None, None, None, None, None, *unpack_grad(grad_pixels, ctx.meta, [True]))
@@ -180,12 +195,14 @@ def _roi_pool_native(input: Tensor, rois: Tensor, output_size: Tuple[int, int], 
     x_lo, x_hi = _bin_bounds(x1, (x2 - x1 + 1).clamp(min=1), ow, w, dtype)
     widest = int((x_hi - x_lo).max()) if rois.shape[0] else 1
     levels = int(_window_level(torch.tensor(max(widest, 1)), _MAX_WINDOW_LEVEL))
+    rows = n * h * w
     iy, ky = _row_slots(y_lo, y_hi, h)
-    ix, kx = _window_slots(x_lo, x_hi, levels, n * h * w)
+    ix, kx = _window_slots(x_lo, x_hi, levels, rows)
     row_part = (batch * (h * w))[:, None, None] + iy * w
-    empty = ((y_hi <= y_lo)[:, :, None] | (x_hi <= x_lo)[:, None, :])
-    plan = outer_plan(row_part, None, ix, None, ky, kx, empty=empty, empty_index=(levels + 1) * n * h * w)
-    return _RoIPoolFunction.apply(plan.index, plan.offsets, output_size, dtype, levels, input)
+    empty = (y_hi <= y_lo)[:, :, None] | (x_hi <= x_lo)[:, None, :]
+    table_rows = (levels + 1) * rows + 1
+    plan = outer_plan(row_part, None, ix, None, ky, kx, table_rows, empty=empty, empty_index=table_rows - 1)
+    return _RoIPoolFunction.apply(plan, rois.shape[0], output_size, dtype, levels, input)
 
 
 def roi_pool(
