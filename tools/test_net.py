@@ -30,7 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--cfg", required=True, help="config file (YAML)")
-    p.add_argument("--load_ckpt", required=True, help="checkpoint to evaluate")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load_ckpt", help="checkpoint to evaluate")
+    src.add_argument("--load_detectron", dest="load_ckpt",
+                     help="model-zoo weights to evaluate (Detectron .pkl, Detectron.pytorch, torchvision, detectron2; "
+                          "the format is detected)")
     p.add_argument("--dataset", default=None, help="dataset spec or catalog name; default TEST.DATASETS")
     p.add_argument("--output_dir", default=None, help="where results go (default: <checkpoint folder>/test)")
     p.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE", help="config overrides")

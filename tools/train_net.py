@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iter_size", type=int, default=1, help="batches accumulated per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (after any batch-size rescaling)")
     p.add_argument("--load_ckpt", default=None, help="weights to start from (or, with --resume, the checkpoint)")
+    p.add_argument("--load_detectron", default=None,
+                   help="model-zoo weights to start from (Detectron .pkl, Detectron.pytorch, torchvision, detectron2; "
+                        "the format is detected)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (OUTPUT_DIR)")
     p.add_argument("--use_tfboard", action="store_true", help="write TensorBoard scalars to OUTPUT_DIR/tb")
@@ -134,9 +137,10 @@ def train(cfg, args, ctx, logger) -> int:
         else:
             ckpt = checkpointer.resume(path)
             start_iter = int(ckpt["iteration"])
-    elif args.load_ckpt:
-        report = load_ckpt(model, args.load_ckpt)
-        logger.info("loaded weights from %s%s", args.load_ckpt,
+    elif args.load_ckpt or args.load_detectron:
+        weights = args.load_ckpt or args.load_detectron
+        report = load_ckpt(model, weights)  # the file's format (ours or a model zoo's) is detected
+        logger.info("loaded weights from %s%s", weights,
                     f" (re-initialised: {', '.join(report['skipped'])})" if report["skipped"] else "")
 
     cfg_yaml = cfg.dump()
@@ -152,7 +156,8 @@ def train(cfg, args, ctx, logger) -> int:
         loader = build_train_loader(
             dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=cfg.DATA_LOADER.NUM_THREADS,
             aspect_grouping=cfg.TRAIN.ASPECT_GROUPING, seed=cfg.RNG_SEED, rank=ctx.rank, world_size=ctx.world_size,
-            start_iter=start_iter * args.iter_size, flip=cfg.TRAIN.USE_FLIPPED, pin_memory=ctx.device.type == "cuda")
+            start_iter=start_iter * args.iter_size, flip=cfg.TRAIN.USE_FLIPPED, pin_memory=ctx.device.type == "cuda",
+            skip_unreadable=cfg.DATA_LOADER.SKIP_UNREADABLE)
         saver = PeriodicCheckpointer(checkpointer, cfg.TRAIN.SNAPSHOT_ITERS, cfg_yaml)
         trainer = Trainer(ddp_model, optimizer, scheduler, loader, max_iter=cfg.SOLVER.MAX_ITER, start_iter=start_iter,
                           iter_size=args.iter_size, amp=cfg.TRAIN.AMP, device=ctx.device,
@@ -207,7 +212,8 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from maskrcnn.data.build import DatasetItemError
+    from maskrcnn.data.build import DatasetItemError, WorkerDiedError
+    from maskrcnn.data.validate import UnreadableImagesError
     from maskrcnn.data.catalog import DatasetSpecError
     from maskrcnn.engine.hooks import TensorboardUnavailable
     from maskrcnn.engine.launch import setup_distributed, shutdown
@@ -232,7 +238,8 @@ def main(argv=None) -> int:
         except (ConfigError, DatasetSpecError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except (CheckpointError, TensorboardUnavailable, DatasetItemError) as e:
+        except (CheckpointError, TensorboardUnavailable, DatasetItemError, UnreadableImagesError,
+                WorkerDiedError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     finally:

@@ -170,6 +170,36 @@ def checkpoint_state_dict(obj: Any, source: str = "<checkpoint>") -> Mapping[str
                           f"are converted with tools/convert_weights.py")
 
 
+def _read_weights(path: str) -> Any:
+    """Our checkpoints (zip ``.pth``) through :func:`load_checkpoint`; anything else (Detectron/detectron2 ``.pkl``,
+    legacy ``.pth``) through the restricted readers of :mod:`maskrcnn.utils.weights.safe_pickle`."""
+    from .weights.safe_pickle import UnsafeWeightsError, WeightsFileError, load_weights_file
+    if not os.path.isfile(path) or zipfile.is_zipfile(path):
+        return load_checkpoint(path)
+    try:
+        return load_weights_file(path)
+    except (UnsafeWeightsError, WeightsFileError) as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _state_dict_any_format(obj: Any, source: str, target: nn.Module) -> Mapping[str, Tensor]:
+    """Our state dict, converting Detectron / Detectron.pytorch / torchvision / detectron2 files on the fly."""
+    from .weights.formats import WeightsConversionError, convert_to_ours, detect_format
+    try:
+        fmt = detect_format(obj, source)
+    except WeightsConversionError:
+        fmt = "ours"  # let checkpoint_state_dict explain what the file holds
+    if fmt == "ours":
+        return checkpoint_state_dict(obj, source)
+    try:
+        state, notes = convert_to_ours(obj, fmt, cfg=getattr(target, "cfg", None), model=target, path=source)
+    except WeightsConversionError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+    for note in notes:
+        (logger.warning if note.startswith("WARNING") else logger.info)("%s (%s): %s", source, fmt, note)
+    return state
+
+
 def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> Dict[str, Tensor]:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
         return {k[len(prefix):]: v for k, v in state_dict.items()}
@@ -203,9 +233,9 @@ def load_ckpt(model: nn.Module, checkpoint: Any, allow_class_mismatch: bool = Tr
         CheckpointMismatchError: missing, unexpected or shape-mismatched keys, all listed, and the model unchanged.
     """
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<in-memory checkpoint>"
-    obj = load_checkpoint(source) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    state = _strip_prefix(checkpoint_state_dict(obj, source))
     target = unwrap_model(model)
+    obj = _read_weights(source) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state = _strip_prefix(_state_dict_any_format(obj, source, target))
     own = target.state_dict()
 
     missing = [k for k in own if k not in state and not _ignorable(k)]
