@@ -178,8 +178,10 @@ def _read_weights(path: str) -> Any:
         return load_checkpoint(path)
     try:
         return load_weights_file(path)
-    except (UnsafeWeightsError, WeightsFileError) as e:
+    except UnsafeWeightsError as e:
         raise CheckpointError(str(e)) from e
+    except WeightsFileError as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read ({e})") from e
 
 
 def _state_dict_any_format(obj: Any, source: str, target: nn.Module) -> Mapping[str, Tensor]:
