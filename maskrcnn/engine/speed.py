@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modeling.backbone.fpn import FPN
 from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock, FrozenBatchNorm2d, fuse_frozen_bn
 
 __all__ = [
@@ -42,7 +43,10 @@ __all__ = [
     "FP32_MODULES",
     "FP32_OUTPUT_MODULES",
     "FrozenBNConv2d",
+    "FusedBasicBlock",
+    "FusedBottleneck",
     "FusedConv2d",
+    "FusedFPN",
     "SpeedHandle",
     "compile_conv_body",
     "enable_amp",
@@ -185,7 +189,9 @@ class FusedConv2d(nn.Module):
             return torch.get_autocast_dtype("cpu")
         return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
 
-    def forward(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, other: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
+        """``act(conv(x) [+ other])``; with ``accumulate=True`` the result is written into ``other`` (which the
+        caller must own and never read again as the addend) instead of a new tensor, when oneDNN runs it."""
         dtype = self._compute_dtype(x)
         weight, bias = self._params_for(dtype)
         x = x.to(dtype)
@@ -197,14 +203,17 @@ class FusedConv2d(nn.Module):
                   and x.is_contiguous(memory_format=torch.channels_last)
                   and not (torch.is_grad_enabled() and x.requires_grad))
         if onednn:
+            args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
             if other is None:
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                    self.activation, [], "")
-            unary = "relu" if self.activation == "relu" else ""
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, self.activation, [], "")
+            unary = "relu" if self.activation == "relu" else None
+            other = other.contiguous(memory_format=torch.channels_last)
+            if accumulate:
+                # Writing into the addend saves allocating (and page-faulting) a fresh output.
+                return torch.ops.mkldnn._convolution_pointwise_.binary(
+                    other, x, weight, bias, *args, "add", 1.0, unary, [], "")
             return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other.contiguous(memory_format=_memory_format(x)), weight, bias, list(self.padding),
-                list(self.stride), list(self.dilation), self.groups, "add", 1.0, unary or None, [], "")
+                x, other, weight, bias, *args, "add", 1.0, unary, [], "")
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if other is not None:
@@ -225,32 +234,71 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 class FusedBottleneck(nn.Module):
     """A folded :class:`BottleneckBlock` as three fused convs: ``relu(conv3(relu(conv2(relu(conv1 x)))) + sc)``
-    with the shortcut ``sc`` either ``x`` or the folded projection ``downsample``."""
+    with the shortcut ``sc`` either ``x`` or the folded projection ``downsample``.
 
-    def __init__(self, block: BottleneckBlock):
+    ``reuse_input``: the block's input is never read after the block (true inside a stage ``nn.Sequential``
+    except for its first block), so the output may overwrite it. A projection shortcut is always fresh and is
+    overwritten in any case.
+    """
+
+    def __init__(self, block: BottleneckBlock, reuse_input: bool = False):
         super().__init__()
         self.conv1 = FusedConv2d(block.conv1, "relu")
         self.conv2 = FusedConv2d(block.conv2, "relu")
         self.conv3 = FusedConv2d(block.conv3, "relu")
         self.downsample = FusedConv2d(block.downsample[0]) if block.downsample is not None else None
+        self.reuse_input = bool(reuse_input)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.conv2(self.conv1(x)), shortcut)
+        reuse = self.downsample is not None or self.reuse_input
+        return self.conv3(self.conv2(self.conv1(x)), shortcut, accumulate=reuse)
 
 
 class FusedBasicBlock(nn.Module):
-    """A folded :class:`BasicBlock` as two fused convs: ``relu(conv2(relu(conv1 x)) + sc)``."""
+    """A folded :class:`BasicBlock` as two fused convs: ``relu(conv2(relu(conv1 x)) + sc)`` (``reuse_input`` as
+    for :class:`FusedBottleneck`)."""
 
-    def __init__(self, block: BasicBlock):
+    def __init__(self, block: BasicBlock, reuse_input: bool = False):
         super().__init__()
         self.conv1 = FusedConv2d(block.conv1, "relu")
         self.conv2 = FusedConv2d(block.conv2, "relu")
         self.downsample = FusedConv2d(block.downsample[0]) if block.downsample is not None else None
+        self.reuse_input = bool(reuse_input)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv2(self.conv1(x), shortcut)
+        reuse = self.downsample is not None or self.reuse_input
+        return self.conv2(self.conv1(x), shortcut, accumulate=reuse)
+
+
+class FusedFPN(nn.Module):
+    """An :class:`~maskrcnn.modeling.backbone.fpn.FPN` without GroupNorm whose lateral 1x1 convs add the
+    upsampled coarser level inside the convolution (into the upsampled tensor, no extra output allocated).
+    Same inputs, outputs and arithmetic as the FPN it is built from."""
+
+    def __init__(self, fpn: FPN):
+        super().__init__()
+        if not all(isinstance(m, nn.Conv2d) for m in list(fpn.lateral_convs) + list(fpn.output_convs)):
+            raise ValueError("FusedFPN needs an FPN of plain convolutions (use_gn=False)")
+        self.lateral_convs = nn.ModuleList(FusedConv2d(c) for c in fpn.lateral_convs)
+        self.output_convs = nn.ModuleList(FusedConv2d(c) for c in fpn.output_convs)
+        self.in_channels_list, self.out_channels = list(fpn.in_channels_list), fpn.out_channels
+        self.top_block, self.num_outputs = fpn.top_block, fpn.num_outputs
+
+    def forward(self, features: Sequence[Tensor]) -> List[Tensor]:
+        features = list(features)
+        if len(features) != len(self.lateral_convs):
+            raise ValueError(f"FPN was built for {len(self.lateral_convs)} input levels, got {len(features)}")
+        inner = self.lateral_convs[-1](features[-1])
+        results = [self.output_convs[-1](inner)]
+        for i in range(len(features) - 2, -1, -1):
+            top_down = F.interpolate(inner, size=features[i].shape[-2:], mode="nearest")
+            inner = self.lateral_convs[i](features[i], top_down, accumulate=True)
+            results.insert(0, self.output_convs[i](inner))
+        if self.top_block == "maxpool":
+            results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
+        return results
 
 
 def _is_folded(block: nn.Module) -> bool:
@@ -264,8 +312,9 @@ def _is_folded(block: nn.Module) -> bool:
 
 
 def fuse_conv_activations(model: nn.Module) -> int:
-    """Replace, in place, every folded ResNet block by its :class:`FusedBottleneck` / :class:`FusedBasicBlock`
-    and every folded stem ``(conv1, Identity, ReLU, ...)`` by a conv+ReLU :class:`FusedConv2d`.
+    """Replace, in place, every folded ResNet block by its :class:`FusedBottleneck` / :class:`FusedBasicBlock`,
+    every folded stem ``(conv1, Identity, ReLU, ...)`` by a conv+ReLU :class:`FusedConv2d`, and every FPN of
+    plain convolutions by a :class:`FusedFPN`.
 
     Blocks whose norms are not folded (GN, trainable BN, or :func:`fold_frozen_bn` not applied) are left alone.
     Returns the number of modules replaced (0 when oneDNN's fused ops are unavailable). Inference only.
@@ -274,12 +323,17 @@ def fuse_conv_activations(model: nn.Module) -> int:
         return 0
     count = 0
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for index, (name, child) in enumerate(list(parent.named_children())):
+            # Inside a stage, a block's input is only the previous block's output: it may be overwritten.
+            reuse = isinstance(parent, nn.Sequential) and index > 0
             if isinstance(child, BottleneckBlock) and _is_folded(child):
-                setattr(parent, name, FusedBottleneck(child))
+                setattr(parent, name, FusedBottleneck(child, reuse_input=reuse))
                 count += 1
             elif isinstance(child, BasicBlock) and _is_folded(child):
-                setattr(parent, name, FusedBasicBlock(child))
+                setattr(parent, name, FusedBasicBlock(child, reuse_input=reuse))
+                count += 1
+            elif type(child) is FPN and all(isinstance(m, nn.Conv2d) for m in child.lateral_convs):
+                setattr(parent, name, FusedFPN(child))
                 count += 1
         # The ResNet stem: Sequential(conv1, bn1, relu, maxpool) with bn1 folded.
         if isinstance(parent, nn.Sequential) and {"conv1", "bn1", "relu"} <= set(parent._modules):

@@ -29,12 +29,16 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--ims", type=int, required=True)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--iter_size", type=int, default=1)
+    p.add_argument("--nan_on_rank1_at", type=int, default=None,
+                   help="make rank 1's loss NaN at this forward call and skip non-finite steps")
     args = p.parse_args()
     torch.set_num_threads(1)
     ctx = setup_distributed("cpu")
     try:
         torch.manual_seed(0)
-        model = ToyDetector(width=8)
+        nan_at = [args.nan_on_rank1_at] if args.nan_on_rank1_at is not None and ctx.rank == 1 else []
+        model = ToyDetector(width=8, nan_at=nan_at)
         optimizer = build_optimizer(model, base_lr=0.05)
         scheduler = WarmupMultiStepLR(optimizer, LRSchedule(0.05, steps=(0, 2), warmup_iters=1))
         ddp = create_ddp_model(model, ctx)
@@ -43,13 +47,14 @@ def main() -> None:
                                     world_size=ctx.world_size)
         ck = Checkpointer(model, os.path.dirname(args.out), optimizer, scheduler, save_to_disk=ctx.is_main)
         logger = setup_logger("ddp_worker", rank=ctx.rank)
-        trainer = Trainer(ddp, optimizer, scheduler, loader, max_iter=args.steps,
+        trainer = Trainer(ddp, optimizer, scheduler, loader, max_iter=args.steps, iter_size=args.iter_size,
+                          skip_nonfinite=args.nan_on_rank1_at is not None,
                           hooks=[LogHook(1, logger), PeriodicCheckpointer(ck, period=100)])
         trainer.train()
         loader.close()
-        if ctx.is_main:
-            torch.save({"model": model.state_dict(), "image_ids": trainer.image_ids, "world_size": ctx.world_size},
-                       args.out)
+        result = {"model": model.state_dict(), "image_ids": trainer.image_ids, "world_size": ctx.world_size,
+                  "skipped": trainer.skipped_steps}
+        torch.save(result, args.out if ctx.is_main else f"{args.out}.rank{ctx.rank}")
     finally:
         shutdown()
 

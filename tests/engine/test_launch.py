@@ -148,3 +148,22 @@ def test_two_processes_with_batch_1_equal_one_process_with_batch_2(tmp_path):
     assert len(final["rng_per_rank"]) == 2 and final["world_size"] == 2  # every rank's RNG state, for resuming
     for k, v in b["model"].items():
         assert torch.equal(final["model"][k], v), k
+
+
+@pytest.mark.slow
+def test_non_finite_loss_on_one_rank_is_skipped_by_all_ranks(tmp_path):
+    """Rank 1 alone sees a NaN loss (in the middle of gradient accumulation): both ranks skip the step together
+    (no hang in the gradient all-reduce) and their weights stay identical."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = tmp_path / "w.pth"
+    r = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "ddp_worker.py"),
+                        "--out", str(out), "--ims", "1", "--steps", "4", "--iter_size", "2", "--nan_on_rank1_at", "1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a = torch.load(str(out), weights_only=True)
+    b = torch.load(f"{out}.rank1", weights_only=True)
+    assert a["skipped"] == b["skipped"] == 1
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

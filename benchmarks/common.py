@@ -1,0 +1,369 @@
+"""Shared pieces of the model benchmarks: the two models with the same weights, the input image, alternated timing,
+peak memory, FLOP counts and this machine's matmul peak.
+
+Weights. torchvision's ``maskrcnn_resnet50_fpn`` layout (FrozenBN everywhere, stem and res2 frozen, 91 classes) with
+seeded random weights: convolutions and heads keep torchvision's initialisation, and the FrozenBN statistics are
+calibrated on the benchmark image (each BN's mean and variance are those of its input in one forward pass, its
+affine weight/bias drawn from U(0.8, 1.2) / U(-0.1, 0.1), U(0.1, 0.3) for the weight of the BN closing each residual
+branch), so activations stay O(1) and perturbations are not amplified through the 50 layers, as
+with trained weights (no overflow, no denormals); the class and objectness logit layers are scaled by
+``LOGIT_SCALE`` so that scores spread out as with trained weights instead of all sitting near 1/91. Our model loads the very same tensors through
+``maskrcnn.utils.weights.formats.convert_to_ours(state_dict, "torchvision", cfg)``.
+
+Memory. Peak resident set size (``VmHWM`` in ``/proc/self/status``) of a fresh child process per model, after
+resetting the high-water mark (``/proc/self/clear_refs``) once the model and input are built and one warm-up run
+is done; the figure is the peak minus the resident size at the reset, i.e. what the measured run adds on top of
+the weights. CPU tensors come from the system allocator, so this is the memory the process really asked for.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+TORCHVISION_CFG = os.path.join(ROOT, "configs", "torchvision", "e2e_mask_rcnn_R-50-FPN.yaml")
+PENNFUDAN = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "PennFudanPed-sample", "PNGImages"))
+IMAGE_SIZE = (800, 1066)
+LOGIT_SCALE = 10.0
+QUICK_IMAGE_SIZE = (480, 640)
+
+
+def resize_setting(image_size: Tuple[int, int]) -> Tuple[int, int]:
+    """``(min_size, max_size)`` for both models' resizing so that an ``image_size`` input is used as it is:
+    torchvision's defaults (800, 1333) for the full size, the image's own sides for smaller (``--quick``) ones."""
+    if tuple(image_size) == IMAGE_SIZE:
+        return 800, 1333
+    return min(image_size), max(image_size)
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------------
+def load_image(size: Tuple[int, int] = IMAGE_SIZE, source: str = "auto", index: int = 0) -> torch.Tensor:
+    """``(3, h, w)`` float RGB in [0, 1]: a PennFudanPed photo resized (bilinear) to ``size`` when the shared data is
+    there (``source`` 'auto' or 'pennfudan'), else (or with 'synthetic') a seeded random image of smooth blobs."""
+    import cv2
+
+    h, w = size
+    if source in ("auto", "pennfudan") and os.path.isdir(PENNFUDAN):
+        names = sorted(n for n in os.listdir(PENNFUDAN) if n.lower().endswith(".png"))
+        if names:
+            bgr = cv2.imread(os.path.join(PENNFUDAN, names[index % len(names)]), cv2.IMREAD_COLOR)
+            rgb = cv2.cvtColor(cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+            return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0).contiguous()
+    if source == "pennfudan":
+        raise FileNotFoundError(f"no PennFudanPed images under {PENNFUDAN}")
+    rng = np.random.default_rng(index)
+    small = rng.random((3, max(h // 32, 2), max(w // 32, 2))).astype(np.float32)
+    img = cv2.resize(small.transpose(1, 2, 0), (w, h), interpolation=cv2.INTER_CUBIC)
+    return torch.from_numpy(np.clip(img, 0, 1)).permute(2, 0, 1).contiguous()
+
+
+def image_source() -> str:
+    return "PennFudanPed (resized)" if os.path.isdir(PENNFUDAN) else "synthetic"
+
+
+def synthetic_targets(image: torch.Tensor, num: int = 4, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """``num`` random boxes (labels 1..90) with rectangular masks inside an image, for the training benchmark."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image.shape[-2:]
+    boxes, masks = [], torch.zeros(num, h, w, dtype=torch.uint8)
+    for i in range(num):
+        bw, bh = float(w) * (0.15 + 0.3 * torch.rand(1, generator=g).item()), float(h) * (
+            0.2 + 0.4 * torch.rand(1, generator=g).item())
+        x1, y1 = (w - bw) * torch.rand(1, generator=g).item(), (h - bh) * torch.rand(1, generator=g).item()
+        boxes.append([x1, y1, x1 + bw, y1 + bh])
+        masks[i, int(y1):int(y1 + bh), int(x1):int(x1 + bw)] = 1
+    labels = torch.randint(1, 91, (num,), generator=g)
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": labels, "masks": masks}
+
+
+# --- models ---------------------------------------------------------------------------------------------------------
+def build_torchvision(seed: int = 0, score_thresh: float = 0.0, calib_image: Optional[torch.Tensor] = None,
+                      size: Tuple[int, int] = (800, 1333)) -> nn.Module:
+    """torchvision ``MaskRCNN`` exactly as ``maskrcnn_resnet50_fpn`` builds it with pretrained weights (FrozenBN,
+    ``trainable_backbone_layers=3``), with seeded random weights and calibrated BN (module docstring).
+    ``size``: ``(min_size, max_size)`` of its resizing transform (torchvision's default 800, 1333)."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(seed)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3)
+    model = MaskRCNN(backbone, num_classes=91, box_score_thresh=score_thresh, min_size=size[0], max_size=size[1])
+    calib = calib_image if calib_image is not None else load_image(QUICK_IMAGE_SIZE)
+    _calibrate_frozen_bn(model, calib, seed)
+    with torch.no_grad():
+        # Larger class and objectness logits than the initialisation's (as trained weights have), so that the
+        # kept proposals and the 100 detections are not decided among near-equal scores.
+        model.roi_heads.box_predictor.cls_score.weight.mul_(LOGIT_SCALE)
+        model.rpn.head.cls_logits.weight.mul_(LOGIT_SCALE)
+    return model.eval()
+
+
+@torch.no_grad()
+def _calibrate_frozen_bn(model: nn.Module, image: torch.Tensor, seed: int) -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed + 1)
+    bns = [m for m in model.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d)]
+    residual_ends = {id(m) for name, m in model.backbone.body.named_modules() if name.endswith(".bn3")}
+    for bn in bns:
+        n = bn.weight.numel()
+        # Residual branches end small (as in trained ResNets), so that the stack of 16 blocks stays well
+        # conditioned: with unit gains every stage would amplify rounding differences about threefold.
+        low, high = (0.1, 0.3) if id(bn) in residual_ends else (0.8, 1.2)
+        bn.weight.copy_(low + (high - low) * torch.rand(n, generator=g))
+        bn.bias.copy_(-0.1 + 0.2 * torch.rand(n, generator=g))
+
+    def set_stats(module, args):
+        x = args[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    handles = [bn.register_forward_pre_hook(set_stats) for bn in bns]
+    try:
+        model.eval()
+        images, _ = model.transform([image])
+        model.backbone.body(images.tensors)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def ours_cfg(score_thresh: float = 0.0, size: Tuple[int, int] = (800, 1333), opts: Sequence[Any] = ()):
+    from maskrcnn.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(TORCHVISION_CFG)
+    cfg.merge_from_list(["TEST.SCORE_THRESH", score_thresh, "TEST.SCALE", size[0], "TEST.MAX_SIZE", size[1],
+                         "TRAIN.SCALES", (size[0],), "TRAIN.MAX_SIZE", size[1]] + list(opts))
+    return cfg
+
+
+def build_ours(tv_model: nn.Module, score_thresh: float = 0.0, size: Tuple[int, int] = (800, 1333),
+               opts: Sequence[Any] = ()) -> nn.Module:
+    """Our ``Generalized_RCNN`` from ``configs/torchvision/e2e_mask_rcnn_R-50-FPN.yaml`` holding ``tv_model``'s
+    weights (converted, strict load); ``size`` = ``(min_size, max_size)`` for test and training resizing."""
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+    from maskrcnn.utils.weights.formats import convert_to_ours
+
+    cfg = ours_cfg(score_thresh, size, opts)
+    model = Generalized_RCNN(cfg)
+    sd, _ = convert_to_ours(tv_model.state_dict(), "torchvision", cfg, model=model)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def prepared(model: nn.Module, mode: str) -> nn.Module:
+    """``model`` with the inference speed features of ``mode``: 'plain' (none), 'fp32' (config defaults, fp32),
+    'bf16' (config defaults + TEST.AMP bf16)."""
+    from maskrcnn.engine.speed import prepare_for_inference
+
+    if mode == "plain":
+        return prepare_for_inference(model, fold_bn=False, fuse_activations=False, channels_last=False,
+                                     amp="", compile_body=False)
+    if mode == "fp32":
+        return prepare_for_inference(model, fold_bn=True, fuse_activations=True, channels_last=True, amp="")
+    if mode == "bf16":
+        return prepare_for_inference(model, fold_bn=True, fuse_activations=True, channels_last=True, amp="bf16")
+    raise ValueError(f"mode must be 'plain', 'fp32' or 'bf16', got {mode!r}")
+
+
+# --- timing ---------------------------------------------------------------------------------------------------------
+def alternate(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+              budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+    """Wall times of each callable, run round-robin ``repeats`` times after ``warmup`` rounds; the order within a
+    round rotates so that no callable always follows the same one. Stops early (at least 2 rounds) once
+    ``budget_s`` seconds have passed."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+        if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+# --- machine --------------------------------------------------------------------------------------------------------
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on this machine's threads: the best of ``repeats``
+    (a peak; slower repeats were disturbed by other processes)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / min(ts) / 1e9
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls and convolutions:
+    RoIAlign, NMS and elementwise work count nothing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def machine_info() -> Dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+            cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min": round(load, 2),
+        "torch": torch.__version__,
+        "torchvision": _torchvision_version(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _torchvision_version() -> str:
+    import torchvision
+
+    return torchvision.__version__
+
+
+# --- memory ---------------------------------------------------------------------------------------------------------
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
+    if m is None:
+        raise RuntimeError(f"{key} not found in /proc/self/status")
+    return int(m.group(1))
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS; returns the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Peak RSS (bytes) since the last :func:`reset_peak_rss` (or since the process started)."""
+    return _status_kib("VmHWM") * 1024
+
+
+def measure_peak_memory(fn: Callable[[], Any]) -> int:
+    """Bytes the peak RSS rises above the current RSS during one ``fn()`` call (run a warm-up before)."""
+    base = reset_peak_rss()
+    fn()
+    return peak_rss() - base
+
+
+def run_child(script: str, args: Sequence[str], timeout: float = 600) -> Dict[str, Any]:
+    """Run ``python benchmarks/<script> <args>`` in a fresh process; returns the JSON object of its last stdout
+    line."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script)] + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- comparing detections -------------------------------------------------------------------------------------------
+def compare_detections(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], box_tol: float = 1e-2,
+                       score_tol: float = 1e-4, mask_tol: float = 1e-3) -> Dict[str, Any]:
+    """Whether ``a`` and ``b`` (``{boxes, labels, scores[, masks]}`` of one image) hold the same detections.
+
+    Each detection of ``a`` is paired with an unpaired one of ``b`` of the same label whose box is within
+    ``box_tol`` pixels (the closest); the pair must have scores within ``score_tol``. Order is not compared:
+    with random weights many scores agree to 1e-6, and float32 rounding may swap such near-ties (the scores of
+    swapped pairs are reported). ``identical``: every detection paired, both ways, and the binary masks
+    (probability > 0.5) of the pairs disagree on at most ``mask_tol`` of their pixels (XOR over union, all masks
+    together; random weights give mask logits of +-45 whose rounding moves a few probabilities near 0.5).
+    ``matched_iou90``: the fraction of ``a``'s detections with a same-label detection in ``b`` at IoU >= 0.9,
+    the agreement figure for bf16.
+    """
+    from torchvision.ops import box_iou
+
+    na, nb = int(a["boxes"].shape[0]), int(b["boxes"].shape[0])
+    out: Dict[str, Any] = {"count_a": na, "count_b": nb}
+    pairs = []
+    if na and nb:
+        diff = (a["boxes"][:, None, :].float() - b["boxes"][None, :, :].float()).abs().amax(-1)
+        same = a["labels"].long()[:, None] == b["labels"].long()[None, :]
+        diff = torch.where(same, diff, torch.full_like(diff, float("inf")))
+        free = torch.ones(nb, dtype=torch.bool)
+        for i in range(na):
+            d = torch.where(free, diff[i], torch.full_like(diff[i], float("inf")))
+            j = int(d.argmin())
+            if float(d[j]) <= box_tol:
+                pairs.append((i, j))
+                free[j] = False
+    ia = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+    ib = torch.tensor([j for _, j in pairs], dtype=torch.long)
+    out["paired"] = len(pairs)
+    out["in_same_order"] = bool(len(pairs) == na == nb and torch.equal(ia, ib))
+    out["swapped_scores"] = [float(a["scores"][i]) for i, j in pairs if i != j][:10]
+    out["max_box_diff"] = float((a["boxes"][ia] - b["boxes"][ib]).abs().max()) if pairs else None
+    out["max_score_diff"] = float((a["scores"][ia] - b["scores"][ib]).abs().max()) if pairs else None
+    if "masks" in a and "masks" in b and pairs:
+        ma, mb = a["masks"][ia], b["masks"][ib]
+        out["max_mask_diff"] = float((ma.float() - mb.float()).abs().max())
+        ma, mb = ma > 0.5, mb > 0.5
+        out["mask_pixel_disagreement"] = float((ma ^ mb).sum()) / max(float((ma | mb).sum()), 1.0)
+    else:
+        out["max_mask_diff"] = out["mask_pixel_disagreement"] = None
+    if na and nb:
+        iou = box_iou(a["boxes"].float(), b["boxes"].float())
+        same = a["labels"].long()[:, None] == b["labels"].long()[None, :]
+        out["matched_iou90"] = float(((iou >= 0.9) & same).any(1).float().mean())
+    else:
+        out["matched_iou90"] = 1.0 if na == nb else 0.0
+    out["identical"] = bool(len(pairs) == na == nb and (na == 0 or (
+        out["max_score_diff"] <= score_tol
+        and (out["mask_pixel_disagreement"] is None or out["mask_pixel_disagreement"] <= mask_tol))))
+    return out
+
+
+def fmt_s(x: float) -> str:
+    return f"{x:.3f} s"
+
+
+def fmt_mib(x: float) -> str:
+    return f"{x / 2 ** 20:.0f} MiB"

@@ -1,0 +1,63 @@
+"""Run every model benchmark, write one JSON of the results and draw the ratio chart.
+
+    python benchmarks/run_all.py [--quick] [--threads N] [--out output/benchmarks/results.json]
+                                 [--png docs/benchmarks_ratios.png] [--skip inference|train_step ...]
+
+Each benchmark runs in its own process (``inference.py``: fp32 and bf16 inference; ``train_step.py``: one SGD
+step on a batch of 2), one after the other, so that neither sees the other's memory. ``--quick`` uses 480x640
+images and fewer repeats (a smoke run, about 5 minutes on two cores; the full run about 10). The JSON holds every
+benchmark's full output under its name; ``plot.py`` turns it into ``docs/benchmarks_ratios.png`` and prints the
+markdown table of ``docs/benchmarks.md``. The ops micro-benchmarks (``benchmarks/ops.py``) are separate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BENCHMARKS = ("inference", "train_step")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="smaller images, fewer repeats")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for every benchmark")
+    p.add_argument("--out", default=os.path.join(ROOT, "output", "benchmarks", "results.json"))
+    p.add_argument("--png", default=os.path.join(ROOT, "docs", "benchmarks_ratios.png"))
+    p.add_argument("--skip", nargs="*", default=[], choices=BENCHMARKS)
+    args = p.parse_args(argv)
+
+    results = {}
+    common_args = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in BENCHMARKS:
+            if name in args.skip:
+                continue
+            out = os.path.join(tmp, f"{name}.json")
+            cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), "--json", out] + common_args
+            print(f"$ {' '.join(cmd)}", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT)
+            if proc.returncode != 0:
+                print(f"{name} failed with exit status {proc.returncode}", file=sys.stderr)
+                return proc.returncode
+            print(f"({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
+            with open(out) as f:
+                results[name] = json.load(f)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}")
+    return subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), args.out, "--out", args.png],
+                          cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Training step speed: our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same weights.
+
+    python benchmarks/train_step.py [--quick] [--repeats 3] [--threads N] [--json OUT]
+
+One step = forward with losses, backward, ``torch.optim.SGD`` step (lr 1e-3, momentum 0.9, weight decay 1e-4 on
+the trainable parameters), on a batch of 2 PennFudanPed images resized to 800x1066 (``--quick``: 480x640) with
+4 synthetic boxes and masks each. The models are those of ``inference.py`` in training mode (stem and res2 frozen,
+FrozenBN everywhere, 2000 proposals and 512 sampled RoIs per image); ours has ``maskrcnn.engine.speed.
+prepare_for_training`` applied (FrozenBN folded into the convolutions on the fly; gradients unchanged). The RNG is
+reseeded before every step of either model, and each model steps on its own copy of the weights. Steps alternate
+after a warm-up step each; medians and ``ratio = ours / torchvision`` are printed, with the peak memory of one step
+measured in a fresh child process per model (``common.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+MODELS = ("torchvision", "ours")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="480x640 images")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per model")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--budget", type=float, default=240.0, help="stop timing rounds after this many seconds")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--no-speed", action="store_true", help="ours without prepare_for_training (for comparison)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--child-memory", default=None, choices=MODELS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def make_batch(size):
+    images = [common.load_image(size, index=i) for i in range(2)]
+    targets = [common.synthetic_targets(im, num=4, seed=i) for i, im in enumerate(images)]
+    return images, targets
+
+
+def build(name: str, size, speed: bool = True):
+    """A model in training mode and a step function for it."""
+    from maskrcnn.engine.speed import prepare_for_training
+
+    images, targets = make_batch(size)
+    resize = common.resize_setting(size)
+    tv = common.build_torchvision(calib_image=images[0], size=resize)
+    if name == "torchvision":
+        model = tv
+    else:
+        model = common.build_ours(tv, size=resize)
+        del tv
+        if speed:
+            prepare_for_training(model, fold_bn=True, channels_last=False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    last: Dict[str, float] = {}
+
+    def step():
+        torch.manual_seed(0)
+        opt.zero_grad(set_to_none=True)
+        losses = model(images, targets)
+        total = sum(losses.values())
+        total.backward()
+        opt.step()
+        last.clear()
+        last.update({k: float(v.detach()) for k, v in losses.items()})
+
+    return model, step, last
+
+
+def child_memory(args) -> None:
+    size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
+    _, step, _ = build(args.child_memory, size, speed=not args.no_speed)
+    step()
+    gc.collect()
+    peak = common.measure_peak_memory(step)
+    print(json.dumps({"model": args.child_memory, "peak_bytes": peak}))
+
+
+def run(args) -> Dict[str, Any]:
+    size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
+    info = common.machine_info()
+    print(f"# training-step benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} "
+          f"threads, load {info['load_avg_1min']}), torch {info['torch']}, batch 2 x {size[0]}x{size[1]}")
+    steps, losses = {}, {}
+    for name in MODELS:
+        _, steps[name], losses[name] = build(name, size, speed=not args.no_speed)
+    times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
+    medians = {n: common.median(t) for n, t in times.items()}
+    rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],
+                                   "ratio": medians[n] / medians["torchvision"], "last_losses": losses[n]}
+                                  for n in MODELS]
+    del steps
+    gc.collect()
+    if not args.no_memory:
+        for r in rows:
+            child = ["--child-memory", r["model"]] + (["--quick"] if args.quick else []) + (
+                ["--no-speed"] if args.no_speed else [])
+            if args.threads:
+                child += ["--threads", str(args.threads)]
+            r["peak_memory_bytes"] = common.run_child("train_step.py", child)["peak_bytes"]
+    print("\n| model | median step | ratio ours/tv | peak memory |")
+    print("|---|---|---|---|")
+    for r in rows:
+        mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
+        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {r['ratio']:.3f} | {mem} |")
+    print(f"steps per model: {len(times['torchvision'])} (alternated); times: "
+          + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
+    for n in MODELS:
+        print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
+    return {"benchmark": "train_step", "machine": info, "image_size": list(size), "batch": 2,
+            "speed_features": not args.no_speed, "rows": rows}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child_memory:
+        child_memory(args)
+        return 0
+    result = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
