@@ -124,6 +124,8 @@ def train(cfg, args, ctx, logger) -> int:
 
     seed_all(int(cfg.RNG_SEED) + ctx.rank)
     model = Generalized_RCNN(cfg).to(ctx.device)
+    if cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS and not (args.resume or args.load_ckpt or args.load_detectron):
+        load_imagenet_backbone(model, cfg, logger)
     optimizer = build_optimizer_from_cfg(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
     scaler = make_grad_scaler(cfg.TRAIN.AMP, ctx.device)
@@ -202,6 +204,26 @@ def evaluate(cfg, model, ctx, final_path: str, logger) -> int:
 
 def _slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)[-80:]
+
+
+def load_imagenet_backbone(model, cfg, logger) -> None:
+    """RESNETS.IMAGENET_PRETRAINED_WEIGHTS (Caffe2 .pkl or torchvision .pth; a relative path is also looked up
+    under DATA_DIR) into the backbone; any mismatch is an error listing the names."""
+    from maskrcnn.utils.checkpoint import CheckpointError
+    from maskrcnn.utils.weights.formats import WeightsConversionError
+    from maskrcnn.utils.weights.imagenet import load_imagenet_pretrained_weights
+    path = cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS
+    candidates = [path] + ([os.path.join(cfg.DATA_DIR, path)] if not os.path.isabs(path) else [])
+    found = next((c for c in candidates if c and os.path.isfile(c)), None)
+    if found is None:
+        raise CheckpointError(f"MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS is True but RESNETS.IMAGENET_PRETRAINED_WEIGHTS "
+                              f"= {path!r} is not a file (looked at: {', '.join(map(repr, candidates))})")
+    try:
+        notes = load_imagenet_pretrained_weights(model, found, cfg)
+    except WeightsConversionError as e:
+        raise CheckpointError(str(e)) from e
+    for note in notes:
+        logger.info("ImageNet weights %s: %s", found, note)
 
 
 def main(argv=None) -> int:
