@@ -212,16 +212,23 @@ def median(xs: Sequence[float]) -> float:
 
 
 # --- machine --------------------------------------------------------------------------------------------------------
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on this machine's threads: the best of ``repeats``
-    (a peak; slower repeats were disturbed by other processes)."""
+def matmul_runner(dtype: torch.dtype = torch.float32, n: int = 4096) -> Callable[[], Any]:
+    """A callable running one ``n x n`` by ``n x n`` matmul in ``dtype`` (``2 n^3`` FLOPs), to time alongside
+    the models so that the peak is measured under the same conditions as they are."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     torch.mm(a, b)
+    return lambda: torch.mm(a, b)
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on this machine's threads: the best of ``repeats``
+    (a peak; slower repeats were disturbed by other processes)."""
+    run = matmul_runner(dtype, n)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
-        torch.mm(a, b)
+        run()
         ts.append(time.perf_counter() - t)
     return 2.0 * n ** 3 / min(ts) / 1e9
 

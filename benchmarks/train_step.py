@@ -6,7 +6,8 @@ One step = forward with losses, backward, ``torch.optim.SGD`` step (lr 1e-3, mom
 the trainable parameters), on a batch of 2 PennFudanPed images resized to 800x1066 (``--quick``: 480x640) with
 4 synthetic boxes and masks each. The models are those of ``inference.py`` in training mode (stem and res2 frozen,
 FrozenBN everywhere, 2000 proposals and 512 sampled RoIs per image); ours has ``maskrcnn.engine.speed.
-prepare_for_training`` applied (FrozenBN folded into the convolutions on the fly; gradients unchanged). The RNG is
+prepare_for_training`` applied (FrozenBN folded into the convolutions on the fly, channels-last weights and
+activations; gradients unchanged up to float rounding). The RNG is
 reseeded before every step of either model, and each model steps on its own copy of the weights. Steps alternate
 after a warm-up step each; medians and ``ratio = ours / torchvision`` are printed, with the peak memory of one step
 measured in a fresh child process per model (``common.py``).
@@ -61,7 +62,7 @@ def build(name: str, size, speed: bool = True):
         model = common.build_ours(tv, size=resize)
         del tv
         if speed:
-            prepare_for_training(model, fold_bn=True, channels_last=False)
+            prepare_for_training(model, fold_bn=True, channels_last=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)

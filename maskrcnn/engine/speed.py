@@ -3,8 +3,9 @@ the documented bf16 tolerance) and is switched by a config key.
 
 Inference (:func:`prepare_for_inference`, keys under ``TEST``):
 
-* ``FUSE_FROZEN_BN``: fold every ``FrozenBatchNorm2d`` into the convolution before it (backbone
-  :func:`~maskrcnn.modeling.backbone.resnet.fuse_frozen_bn`); saves two elementwise passes per conv.
+* ``FUSE_FROZEN_BN``: fold every ``FrozenBatchNorm2d`` (and eval-mode ``BatchNorm2d``) into the convolution
+  before it (backbone :func:`~maskrcnn.modeling.backbone.resnet.fuse_frozen_bn`); saves two elementwise passes
+  per conv.
 * ``FUSE_CONV_ACTIVATIONS``: on the CPU, run the folded ResNet blocks with oneDNN's fused primitives
   (conv + ReLU, and conv + residual add + ReLU in one pass) through :class:`FusedConv2d`; needs folded BN.
 * ``CHANNELS_LAST``: convolution weights (and the body's input) in channels-last memory format, the layout
@@ -112,9 +113,20 @@ def _model_device(model: nn.Module) -> torch.device:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Frozen BN folding (inference).
+def _freeze_eval_batch_norms(module: nn.Module) -> None:
+    # An nn.BatchNorm2d in eval mode is the affine map of its running statistics: a FrozenBatchNorm2d.
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm2d and not child.training and child.track_running_stats:
+            setattr(module, name, FrozenBatchNorm2d.from_batch_norm(child))
+        else:
+            _freeze_eval_batch_norms(child)
+
+
 def fold_frozen_bn(model: nn.Module) -> nn.Module:
-    """Fold every ``FrozenBatchNorm2d`` that follows a ``Conv2d`` into it, in place (inference only: the folded
-    parameters no longer match the checkpoint's names, and the BN becomes ``nn.Identity``)."""
+    """Fold every ``FrozenBatchNorm2d`` (and every ``nn.BatchNorm2d`` in eval mode, e.g. a model trained with
+    ``RESNETS.NORM: BN``) that follows a ``Conv2d`` into it, in place. Inference only: the folded parameters no
+    longer match the checkpoint's names, and the BN becomes ``nn.Identity``."""
+    _freeze_eval_batch_norms(model)
     return fuse_frozen_bn(model, inplace=True)
 
 

@@ -169,6 +169,30 @@ def test_fold_fuse_channels_last_body_equals_reference(depth):
         assert rel_err(out[name], ref[name]) < 1e-5, name
 
 
+def test_fold_handles_eval_batch_norm_and_leaves_training_bn_alone():
+    torch.manual_seed(0)
+    body = ResNet(18, return_stages=("res2", "res3"), norm="BN", freeze_at=0)
+    with torch.no_grad():
+        for m in body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(1, 3, 40, 56)
+    training = copy.deepcopy(body).train()
+    speed.fold_frozen_bn(training)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in training.modules()) > 0
+    body.eval()
+    with torch.no_grad():
+        ref = body(x)
+        speed.fold_frozen_bn(body)
+        out = body(x)
+    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in body.modules())
+    for k in ref:
+        assert rel_err(out[k], ref[k]) < 1e-5, k
+
+
 def test_fuse_conv_activations_leaves_unfolded_blocks_alone():
     body = randomize_frozen_bn(ResNet(18, return_stages=("res2",), freeze_at=5)).eval()
     assert speed.fuse_conv_activations(body) == 0
@@ -310,6 +334,39 @@ def test_training_fold_gives_the_same_outputs_and_gradients_float64():
     for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
         assert p_ref.grad is not None, name
         assert torch.allclose(p_fast.grad, p_ref.grad, rtol=1e-8, atol=1e-14), name
+
+
+def test_prepare_for_training_whole_model_same_losses_and_gradients_float64(reference):
+    ref = copy.deepcopy(reference[0]).double().train()
+    fast = speed.prepare_for_training(copy.deepcopy(ref), fold_bn=True, channels_last=True)
+    ims, targets = _train_batch()
+    ims = [im.double() for im in ims]
+    torch.manual_seed(5)
+    loss_ref = ref(ims, targets)
+    torch.manual_seed(5)
+    loss_fast = fast(ims, targets)
+    for k in loss_ref:
+        a, b = float(loss_ref[k].detach()), float(loss_fast[k].detach())
+        assert abs(a - b) <= 1e-9 * max(1.0, abs(a)), k
+    sum(loss_ref.values()).backward()
+    sum(loss_fast.values()).backward()
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        assert (p_ref.grad is None) == (p_fast.grad is None), name
+        if p_ref.grad is not None:
+            assert torch.allclose(p_fast.grad, p_ref.grad, rtol=1e-7, atol=1e-10), name
+
+
+def _train_batch():
+    ims = images()
+    targets = []
+    for im in ims:
+        h, w = im.shape[-2:]
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        masks[0, 10:40, 12:50] = 1
+        masks[1, 30:70, 20:60] = 1
+        targets.append({"boxes": torch.tensor([[12.0, 10, 50, 40], [20, 30, 60, 70]]),
+                        "labels": torch.tensor([1, 3]), "masks": masks})
+    return ims, targets
 
 
 def test_prepare_for_training_keeps_the_model_contract(reference):
