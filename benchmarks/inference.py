@@ -1,6 +1,7 @@
 """Inference speed: our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same weights, same image.
 
     python benchmarks/inference.py [--quick] [--modes fp32,bf16] [--repeats 5] [--threads N] [--json OUT]
+    python benchmarks/inference.py --ablation [--quick] [--threads N]    # the speed features one at a time
     python benchmarks/inference.py ap --cfg CFG --ckpt CKPT [--dataset synthetic:val]    # bf16 AP neutrality
 
 Both models get one RGB image resized to 800x1066 (``--quick``: 480x640) and score threshold 0, so both return 100
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=240.0, help="stop timing rounds after this many seconds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--ablation", action="store_true",
+                   help="time ours with the speed features switched on one after the other instead")
     p.add_argument("--child-memory", default=None, choices=("torchvision",) + tuple(f"ours-{m}" for m in MODES),
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -165,6 +168,45 @@ def run(args) -> Dict[str, Any]:
             "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16}, "rows": rows, "detections": checks}
 
 
+# --- one feature at a time ------------------------------------------------------------------------------------------
+#: (name, prepare_for_inference arguments), each adding one feature to the previous.
+ABLATION = (
+    ("ours, no speed feature", dict(fold_bn=False, fuse_activations=False, channels_last=False, amp="")),
+    ("+ FrozenBN folded", dict(fold_bn=True, fuse_activations=False, channels_last=False, amp="")),
+    ("+ channels-last", dict(fold_bn=True, fuse_activations=False, channels_last=True, amp="")),
+    ("+ oneDNN conv+ReLU/add fusion (= fp32)", dict(fold_bn=True, fuse_activations=True, channels_last=True, amp="")),
+    ("+ bf16 autocast (= bf16)", dict(fold_bn=True, fuse_activations=True, channels_last=True, amp="bf16")),
+)
+
+
+def run_ablation(args) -> Dict[str, Any]:
+    from maskrcnn.engine.speed import prepare_for_inference
+
+    size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
+    repeats = args.repeats or 3
+    info = common.machine_info()
+    print(f"# inference ablation {info['date']}, {info['threads']} threads, load {info['load_avg_1min']}, "
+          f"image {size[0]}x{size[1]}")
+    image = common.load_image(size)
+    resize = common.resize_setting(size)
+    tv = common.build_torchvision(calib_image=image, size=resize)
+    ours = common.build_ours(tv, size=resize)
+    models = {"torchvision": tv}
+    for name, kwargs in ABLATION:
+        models[name] = prepare_for_inference(copy.deepcopy(ours), **kwargs)
+    del ours
+    with torch.no_grad():
+        times = common.alternate({n: (lambda m=m: m([image])) for n, m in models.items()}, repeats=repeats,
+                                 warmup=1, budget_s=args.budget)
+    medians = {n: common.median(t) for n, t in times.items()}
+    print("\n| variant | median | ratio ours/tv |\n|---|---|---|")
+    for n, m in medians.items():
+        print(f"| {n} | {common.fmt_s(m)} | {m / medians['torchvision']:.3f} |")
+    return {"benchmark": "inference_ablation", "machine": info, "image_size": list(size),
+            "rows": [{"model": n, "median_s": m, "times_s": times[n], "ratio": m / medians["torchvision"]}
+                     for n, m in medians.items()]}
+
+
 # --- bf16 AP neutrality ---------------------------------------------------------------------------------------------
 def parse_ap_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="inference.py ap", description="COCO AP of a trained checkpoint in fp32 and "
@@ -230,7 +272,7 @@ def main(argv=None) -> int:
         if args.child_memory:
             child_memory(args)
             return 0
-        result = run(args)
+        result = run_ablation(args) if args.ablation else run(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

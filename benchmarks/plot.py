@@ -81,7 +81,7 @@ def draw(bars: List[Tuple[str, float, float]], title: str, subtitle: str) -> np.
         ty = y_of(target)
         for x in range(cx - bar_w // 2 - 12, cx + bar_w // 2 + 12, 10):
             cv2.line(img, (x, ty), (min(x + 6, cx + bar_w // 2 + 12), ty), (0, 0, 0), 2)
-        cv2.putText(img, f"target {target:.2f}", (cx + bar_w // 2 - 30, ty - 6), font, 0.42, (0, 0, 0), 1,
+        cv2.putText(img, f"target {target:.2f}", (cx + bar_w // 2 + 16, ty + 5), font, 0.42, (0, 0, 0), 1,
                     cv2.LINE_AA)
         size = cv2.getTextSize(label, font, 0.55, 1)[0]
         cv2.putText(img, label, (cx - size[0] // 2, h - bottom + 28), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
@@ -108,6 +108,13 @@ def markdown(results: Dict[str, Any]) -> str:
                 mem = f"{row['peak_memory_bytes'] / 2 ** 20:.0f} / {tv['peak_memory_bytes'] / 2 ** 20:.0f} MiB"
             lines.append(f"| {label} | {row['median_s']:.2f} s | {tv['median_s']:.2f} s | {row['ratio']:.3f} | "
                          f"<= {target:.2f} | {mem} |")
+    ap = results.get("bf16_ap")
+    if ap:
+        for iou_type, diff in ap["ap_difference"].items():
+            fp32 = ap["results"]["fp32"]["metrics"][iou_type]["AP"]
+            bf16 = ap["results"]["bf16"]["metrics"][iou_type]["AP"]
+            lines.append(f"| bf16 {iou_type} AP ({ap['dataset']}) | {bf16:.2f} | fp32: {fp32:.2f} | "
+                         f"{diff:+.2f} points | within 0.5 | - |")
     return "\n".join(lines)
 
 

@@ -154,6 +154,7 @@ def main(argv=None) -> int:
         print(f"error: checkpoint not found: {args.load_ckpt}", file=sys.stderr)
         return 1
     ctx = setup_distributed(cfg.MODEL.DEVICE, no_cuda=args.no_cuda)
+    clean_exit = False
     try:
         out = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.load_ckpt)), "test")
         logger = setup_logger("maskrcnn", out, rank=ctx.rank)
@@ -161,7 +162,9 @@ def main(argv=None) -> int:
         if cfg.OPS_BACKEND != "auto":
             set_backend(cfg.OPS_BACKEND)
         try:
-            return run(cfg, args, ctx, logger)
+            rc = run(cfg, args, ctx, logger)
+            clean_exit = rc == 0
+            return rc
         except (ConfigError, DatasetSpecError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     finally:
-        shutdown()
+        shutdown(wait_for_peers=clean_exit)
 
 
 if __name__ == "__main__":

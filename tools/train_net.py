@@ -249,6 +249,7 @@ def main(argv=None) -> int:
     from maskrcnn.utils.logger import setup_logger
 
     ctx = setup_distributed(cfg.MODEL.DEVICE, no_cuda=args.no_cuda)
+    clean_exit = False
     try:
         logger = setup_logger("maskrcnn", cfg.OUTPUT_DIR, rank=ctx.rank)
         logger.info("command line: %s", " ".join(sys.argv))
@@ -260,7 +261,9 @@ def main(argv=None) -> int:
         if cfg.OPS_BACKEND != "auto":
             set_backend(cfg.OPS_BACKEND)
         try:
-            return train(cfg, args, ctx, logger)
+            rc = train(cfg, args, ctx, logger)
+            clean_exit = rc == 0
+            return rc
         except (ConfigError, DatasetSpecError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -269,7 +272,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     finally:
-        shutdown()
+        shutdown(wait_for_peers=clean_exit)
 
 
 if __name__ == "__main__":

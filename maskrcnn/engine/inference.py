@@ -12,7 +12,6 @@ Records (one per image): ``{"index": dataset index, "image_id", "boxes": [[x1, y
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
@@ -20,7 +19,6 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -30,8 +28,8 @@ from ..utils import distributed as dist_utils
 from ..utils.checkpoint import atomic_write
 from ..utils.logger import Progress
 
-__all__ = ["RangeDataset", "prediction_record", "inference_on_dataset", "records_to_coco_results", "evaluate_on_dataset",
-           "write_coco_results", "PARTIAL_DIR"]
+__all__ = ["RangeDataset", "prediction_record", "inference_on_dataset", "records_to_coco_results",
+           "evaluate_on_dataset", "write_coco_results", "PARTIAL_DIR"]
 
 logger = logging.getLogger("maskrcnn.inference")
 

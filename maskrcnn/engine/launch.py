@@ -65,7 +65,15 @@ def create_ddp_model(model: nn.Module, ctx: DistContext, find_unused_parameters:
                                                find_unused_parameters=find_unused_parameters)
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op in a single process). No barrier: a process leaving after an error must not
-    wait for peers that may never arrive."""
+def shutdown(wait_for_peers: bool = False, timeout_s: float = 300.0) -> None:
+    """Leave the process group (no-op in a single process).
+
+    ``wait_for_peers``: pass True after a successful run. All processes then meet at a barrier before tearing the
+    group down, because with gloo a process that destroys its group while a peer is still in its last collective
+    can make the peer's transport thread abort the peer ("terminate called without an active exception", exit
+    signal 6). After an error, leave at once (the default): the peers may never arrive. The barrier gives up after
+    ``timeout_s`` (a peer that died) and the group is left anyway.
+    """
+    if wait_for_peers:
+        dist_utils.synchronize(timeout_s=timeout_s, raise_on_timeout=False)
     dist_utils.destroy()

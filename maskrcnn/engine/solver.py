@@ -125,7 +125,8 @@ class WarmupMultiStepLR(LRScheduler):
         was built with (the config of the resumed run), and every group's lr is set from it. A checkpoint written
         with other schedule settings is reported."""
         state = dict(state_dict)
-        changed = {k: (state[k], getattr(self, k)) for k in self._SETTINGS if k in state and state[k] != getattr(self, k)}
+        changed = {k: (state[k], getattr(self, k)) for k in self._SETTINGS
+                   if k in state and state[k] != getattr(self, k)}
         if changed:
             logger.warning("the checkpoint's lr schedule differs from the config's; the config's is used: %s",
                            ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))

@@ -5,6 +5,7 @@ Processes are started by ``torchrun`` (or any launcher that sets ``RANK``, ``WOR
 """
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from typing import Any, Dict, List, Optional
@@ -91,10 +92,23 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def synchronize() -> None:
-    """Barrier across all processes (no-op in a single process)."""
-    if get_world_size() > 1:
-        dist.barrier()
+def synchronize(timeout_s: Optional[float] = None, raise_on_timeout: bool = True) -> None:
+    """Barrier across all processes (no-op in a single process).
+
+    ``timeout_s``: wait at most this long (gloo reports which ranks did not arrive); by default the process
+    group's own timeout. With ``raise_on_timeout=False`` a failed barrier (timeout, peer gone) is logged instead.
+    """
+    if get_world_size() == 1:
+        return
+    try:
+        if timeout_s is not None and dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception as e:  # noqa: BLE001 - any transport failure means the same: a peer did not arrive
+        if raise_on_timeout:
+            raise
+        logging.getLogger(__name__).warning("barrier failed, going on without the other processes: %s", e)
 
 
 def _device_for_collectives() -> torch.device:

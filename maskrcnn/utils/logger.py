@@ -116,8 +116,9 @@ class Progress:
     and :meth:`close` instead.
     """
 
-    def __init__(self, iterable: Iterable[T], total: Optional[int] = None, desc: str = "", stream: Optional[TextIO] = None,
-                 log_every: float = 30.0, enabled: bool = True, unit: str = "it", initial: int = 0):
+    def __init__(self, iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
+                 stream: Optional[TextIO] = None, log_every: float = 30.0, enabled: bool = True, unit: str = "it",
+                 initial: int = 0):
         self.iterable = iterable
         if total is None:
             try:

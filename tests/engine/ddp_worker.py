@@ -35,6 +35,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     ctx = setup_distributed("cpu")
+    ok = False
     try:
         torch.manual_seed(0)
         nan_at = [args.nan_on_rank1_at] if args.nan_on_rank1_at is not None and ctx.rank == 1 else []
@@ -55,8 +56,9 @@ def main() -> None:
         result = {"model": model.state_dict(), "image_ids": trainer.image_ids, "world_size": ctx.world_size,
                   "skipped": trainer.skipped_steps}
         torch.save(result, args.out if ctx.is_main else f"{args.out}.rank{ctx.rank}")
+        ok = True
     finally:
-        shutdown()
+        shutdown(wait_for_peers=ok)
 
 
 if __name__ == "__main__":

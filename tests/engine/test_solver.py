@@ -181,7 +181,8 @@ def test_scaling_rule_for_a_larger_batch_and_explicit_config_batch():
     cfg.SOLVER.WARM_UP_ITERS = 100
     scale_schedule(cfg, total_batch=16, config_batch=2, log=lambda m: None)
     assert cfg.SOLVER.BASE_LR == pytest.approx(0.08)
-    assert (cfg.SOLVER.MAX_ITER, list(cfg.SOLVER.STEPS), cfg.SOLVER.WARM_UP_ITERS) == (125, [0, 63], 13)  # halves round up (Detectron.pytorch)
+    # Halves round up, as in Detectron.pytorch.
+    assert (cfg.SOLVER.MAX_ITER, list(cfg.SOLVER.STEPS), cfg.SOLVER.WARM_UP_ITERS) == (125, [0, 63], 13)
 
 
 def test_scaling_rule_off_or_same_batch_changes_nothing():

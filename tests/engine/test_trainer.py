@@ -181,7 +181,8 @@ def test_log_hook_line_has_losses_lr_time_eta_and_memory():
 def test_periodic_checkpointer_names_and_final(tmp_path):
     model, opt, sched, loader = _setup()
     ck = Checkpointer(model, str(tmp_path), opt, sched)
-    Trainer(model, opt, sched, loader, max_iter=5, hooks=[PeriodicCheckpointer(ck, period=2, cfg_yaml="X: 1\n")]).train()
+    saver = PeriodicCheckpointer(ck, period=2, cfg_yaml="X: 1\n")
+    Trainer(model, opt, sched, loader, max_iter=5, hooks=[saver]).train()
     names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth"))
     assert names == ["model_0000002.pth", "model_0000004.pth", "model_final.pth"]
     final = load_checkpoint(str(tmp_path / "model_final.pth"))
