@@ -112,7 +112,7 @@ def run(cfg, args, ctx, logger) -> int:
     base_out = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.load_ckpt)), "test")
     several = len(cfg.TEST.DATASETS) > 1
     for spec in cfg.TEST.DATASETS:
-        dataset = build_dataset(spec, cfg.DATA_DIR, is_train=False)
+        dataset = build_dataset(spec, cfg.DATA_DIR, is_train=False, max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
         classes = list(getattr(dataset, "classes", []) or [])
         if classes and len(classes) != cfg.MODEL.NUM_CLASSES:
             raise ConfigError(f"MODEL.NUM_CLASSES = {cfg.MODEL.NUM_CLASSES} but {dataset!r} has {len(classes)} "

@@ -121,7 +121,8 @@ def train(cfg, args, ctx, logger) -> int:
 
     output_dir = cfg.OUTPUT_DIR
     tb = TensorboardWriter(os.path.join(output_dir, "tb")) if args.use_tfboard and ctx.is_main else None
-    dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True, filter_empty=cfg.TRAIN.FILTER_EMPTY_GT)
+    dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True, filter_empty=cfg.TRAIN.FILTER_EMPTY_GT,
+                            max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
     check_classes(cfg, dataset)
     logger.info("training on %s (%d images), %d process(es) x %d images, iter_size %d, device %s",
                 dataset, len(dataset), ctx.world_size, cfg.TRAIN.IMS_PER_BATCH, args.iter_size, ctx.device)
@@ -198,7 +199,7 @@ def evaluate(cfg, model, ctx, final_path: str, logger) -> int:
     if not cfg.TEST.DATASETS:
         raise ConfigError("--eval_after: no test dataset: set TEST.DATASETS or pass --test_dataset")
     for spec in cfg.TEST.DATASETS:
-        dataset = build_dataset(spec, cfg.DATA_DIR, is_train=False)
+        dataset = build_dataset(spec, cfg.DATA_DIR, is_train=False, max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
         out = os.path.join(cfg.OUTPUT_DIR, "test" if len(cfg.TEST.DATASETS) == 1 else f"test_{_slug(spec)}")
         logger.info("evaluating %s on %s (%d images)", final_path, dataset, len(dataset))
         evaluate_on_dataset(model, dataset, cfg, device=ctx.device, output_dir=out,

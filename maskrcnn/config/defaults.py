@@ -194,6 +194,9 @@ _key("SOLVER.SCALE_WITH_BATCH", True, "Scale LR and schedule linearly when the t
 
 _section("DATA_LOADER", "Data loading.")
 _key("DATA_LOADER.NUM_THREADS", 2, "Worker processes per training process (0 loads in the main process).")
+_key("DATA_LOADER.MAX_IMAGE_SIDE", 4096, "COCO-format images whose longer side exceeds this many pixels are decoded "
+     "at reduced resolution and resized to it (boxes and masks scaled with them), so a 12000x9000 photo never "
+     "occupies memory at full size; test results are mapped back to the size the json records. 0 turns it off.")
 _key("DATA_LOADER.SKIP_UNREADABLE", False, "Skip images that cannot be read instead of failing before training starts.")
 
 #: Body names accepted by MODEL.CONV_BODY (prefix optional).

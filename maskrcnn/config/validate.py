@@ -123,6 +123,7 @@ _CHECKS = {
     "SOLVER.WARM_UP_METHOD": _one_of(["linear", "constant"]),
     "SOLVER.CLIP_GRAD_NORM": _NONNEG,
     "DATA_LOADER.NUM_THREADS": _NONNEG,
+    "DATA_LOADER.MAX_IMAGE_SIDE": _NONNEG,
     "NUM_GPUS": _POS,
 }
 

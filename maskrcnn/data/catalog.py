@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import ConcatDataset as _TorchConcatDataset
 from torch.utils.data import Dataset
@@ -126,10 +126,12 @@ class DatasetCatalog:
         return sorted(set(COCO_SPLITS) | set(cls._factories))
 
     @classmethod
-    def get(cls, name: str, data_dir: str = "datasets", remove_images_without_annotations: bool = False) -> Dataset:
+    def get(cls, name: str, data_dir: str = "datasets", remove_images_without_annotations: bool = False,
+            max_image_side: Optional[int] = None) -> Dataset:
         """Build dataset ``name``; ``data_dir`` (cfg ``DATA_DIR``) locates the built-in COCO splits.
 
-        ``remove_images_without_annotations`` applies to the built-in COCO splits only.
+        ``remove_images_without_annotations`` and ``max_image_side`` (see :class:`COCODataset`) apply to the
+        built-in COCO splits only.
         """
         if name in cls._factories:
             dataset = cls._factories[name]()
@@ -143,24 +145,28 @@ class DatasetCatalog:
                 if not os.path.exists(path):
                     raise DatasetSpecError(f"dataset {name!r} expects {path} (DATA_DIR={data_dir!r}); put COCO there "
                                            f"or set DATA_DIR")
-            return COCODataset(ann, images, remove_images_without_annotations=remove_images_without_annotations)
+            return COCODataset(ann, images, remove_images_without_annotations=remove_images_without_annotations,
+                               max_image_side=max_image_side)
         raise DatasetSpecError(f"unknown dataset {name!r}; catalog names: {cls.list()}; or a spec "
                                f"coco:ANN_JSON[:IMAGE_DIR], pennfudan:ROOT[:train|test|all], synthetic:train|val")
 
 
-def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool) -> Dataset:
+def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool,
+               max_image_side: Optional[int]) -> Dataset:
     fields = spec.split(":")
     kind = fields[0]
     if len(fields) == 1:
         if kind == "synthetic":
             return SyntheticShapesDataset("train" if is_train else "val")
-        return DatasetCatalog.get(kind, data_dir, remove_images_without_annotations=filter_empty and is_train)
+        return DatasetCatalog.get(kind, data_dir, remove_images_without_annotations=filter_empty and is_train,
+                                  max_image_side=max_image_side)
     if kind == "coco":
         if len(fields) not in (2, 3) or not fields[1]:
             raise DatasetSpecError(f"dataset spec {spec!r}: expected coco:ANN_JSON[:IMAGE_DIR]")
         ann = fields[1]
         image_dir = fields[2] if len(fields) == 3 and fields[2] else os.path.dirname(ann) or "."
-        return COCODataset(ann, image_dir, remove_images_without_annotations=filter_empty and is_train)
+        return COCODataset(ann, image_dir, remove_images_without_annotations=filter_empty and is_train,
+                           max_image_side=max_image_side)
     if kind == "pennfudan":
         if len(fields) not in (2, 3) or not fields[1]:
             raise DatasetSpecError(f"dataset spec {spec!r}: expected pennfudan:ROOT[:train|test|all]")
@@ -175,7 +181,7 @@ def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool) -> 
 
 
 def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", is_train: bool = True,
-                  filter_empty: bool = False) -> Dataset:
+                  filter_empty: bool = False, max_image_side: Optional[int] = None) -> Dataset:
     """Build the dataset a spec names (see the module docstring).
 
     Args:
@@ -183,6 +189,8 @@ def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", i
         data_dir: root of the built-in catalog datasets (cfg ``DATA_DIR``).
         is_train: chooses default splits (``pennfudan:ROOT``, ``synthetic``).
         filter_empty: when training, drop COCO images without non-crowd objects (cfg ``TRAIN.FILTER_EMPTY_GT``).
+        max_image_side: COCO-format images larger than this are decoded reduced (cfg ``DATA_LOADER.MAX_IMAGE_SIDE``;
+            None or 0: never).
 
     Returns:
         the dataset, or a :class:`ConcatDataset` for several specs.
@@ -198,7 +206,7 @@ def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", i
     datasets = []
     for part in parts:
         try:
-            dataset = _build_one(part, data_dir, is_train, filter_empty)
+            dataset = _build_one(part, data_dir, is_train, filter_empty, max_image_side or None)
         except DatasetSpecError:
             raise
         except (OSError, ValueError, TypeError, KeyError) as e:

@@ -124,7 +124,11 @@ def read_image_rgb(path: str, max_side: Optional[int] = None, image_id=None) -> 
         if int(max_side) <= 0:
             raise ValueError(f"read_image_rgb: max_side must be positive, got {max_side!r}")
         max_side = int(max_side)
-        long_side = max(image_file_size(path, image_id))
+        try:
+            long_side = max(image_file_size(path, image_id))
+        except OSError:
+            # The header reader cannot identify it; let OpenCV decode it at full size (or say it cannot).
+            long_side = 0
         for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                                 (2, cv2.IMREAD_REDUCED_COLOR_2)):
             # Largest reduction that still leaves at least max_side pixels, so the final resize only shrinks.

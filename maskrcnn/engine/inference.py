@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import cv2
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -85,11 +86,23 @@ class RangeDataset(Dataset):
         return f"{self.dataset!r}[{self.start}:{self.end}]"
 
 
-def prediction_record(index: int, image_id: int, output: Dict[str, Tensor], mask_threshold: float = 0.5
+def prediction_record(index: int, image_id: int, output: Dict[str, Tensor], mask_threshold: float = 0.5,
+                      image_size: Optional[Tuple[int, int]] = None, original_size: Optional[Tuple[int, int]] = None
                       ) -> Dict[str, Any]:
     """A json-ready record of one image's detections (see the module docstring); masks (N,1,H,W) probabilities
-    are binarised with ``> mask_threshold`` and RLE-encoded."""
+    are binarised with ``> mask_threshold`` and RLE-encoded.
+
+    ``image_size`` / ``original_size``: ``(h, w)`` of the image the model saw and of the image as the dataset's
+    json records it. When they differ (a very large image read reduced, cfg ``DATA_LOADER.MAX_IMAGE_SIDE``) the
+    record is mapped to ``original_size``: boxes scaled, each binary mask resized (nearest) one at a time, so that
+    the results are in the ground truth's coordinates without ever holding all masks at full size.
+    """
     boxes = output["boxes"].detach().float().cpu().reshape(-1, 4)
+    rescale = (image_size is not None and original_size is not None
+               and tuple(int(v) for v in image_size) != tuple(int(v) for v in original_size))
+    if rescale:
+        (h, w), (out_h, out_w) = image_size, original_size
+        boxes = boxes * torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h])
     # Rounded to 1/1000 pixel and 1e-6 in score: far below what COCO evaluation can see, and half the file size.
     rec: Dict[str, Any] = {"index": int(index), "image_id": int(image_id),
                            "boxes": [[round(v, 3) for v in b] for b in boxes.tolist()],
@@ -100,8 +113,23 @@ def prediction_record(index: int, image_id: int, output: Dict[str, Tensor], mask
         if masks.dim() == 4:
             masks = masks[:, 0]
         binary = (masks > mask_threshold).to(torch.uint8).cpu().numpy()
-        rec["segms"] = mask_to_rle(binary) if binary.shape[0] else []
+        if rescale:
+            size = (int(out_w), int(out_h))
+            rec["segms"] = [mask_to_rle(cv2.resize(m, size, interpolation=cv2.INTER_NEAREST)[None])[0] for m in binary]
+        else:
+            rec["segms"] = mask_to_rle(binary) if binary.shape[0] else []
     return rec
+
+
+def _recorded_size(dataset, index: int) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` the dataset's json records for item ``index``, or None when it keeps no such record."""
+    get_info = getattr(dataset, "get_image_info", None)
+    if get_info is None:
+        return None
+    info = get_info(index)
+    if "height" not in info or "width" not in info:
+        return None
+    return int(info["height"]), int(info["width"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,7 +266,9 @@ def inference_on_dataset(model: nn.Module, dataset: Dataset, device: Any = "cpu"
                     outputs = model(images)
                 for image, pos, out in zip(images, positions, outputs):
                     index = remaining[int(pos)]
-                    rec = prediction_record(index, dataset_image_id(dataset, index), out, mask_threshold)
+                    rec = prediction_record(index, dataset_image_id(dataset, index), out, mask_threshold,
+                                            image_size=tuple(image.shape[-2:]),
+                                            original_size=_recorded_size(dataset, index))
                     new.append(rec)
                     if own_file is not None:
                         own_file.write(json.dumps(rec) + "\n")

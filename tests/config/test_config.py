@@ -95,6 +95,7 @@ def test_impossible_value_names_key_value_and_file(tmp_path):
     (["SOLVER.STEPS", "[0, 100, 50]"], "SOLVER.STEPS"),
     (["TRAIN.BG_THRESH_LO", "0.6"], "TRAIN.BG_THRESH_LO"),
     (["PIXEL_ORDER", "GRB"], "PIXEL_ORDER"),
+    (["DATA_LOADER.MAX_IMAGE_SIDE", "-1"], "DATA_LOADER.MAX_IMAGE_SIDE"),
     (["MODEL.CONV_BODY", "FPN.fpn_ResNet50_conv5_body"], "ROI_BOX_HEAD"),
 ])
 def test_impossible_values_fail_at_load(pairs, key):

@@ -91,6 +91,9 @@ def test_not_an_image_and_empty_file(tmp_path):
         T.read_image_rgb(str(text))
     with pytest.raises(OSError, match=r"not a readable image file.*notes\.jpg"):
         T.image_file_size(str(text))
+    # the bounded-size path (whose header reader fails first) ends in the same decoder message
+    with pytest.raises(OSError, match=r"could not decode image file .*notes\.jpg \(image id 3\)"):
+        T.read_image_rgb(str(text), max_side=4096, image_id=3)
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     with pytest.raises(OSError, match=r"empty \(0 bytes\).*empty\.png \(image id 5\)"):

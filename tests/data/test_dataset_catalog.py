@@ -57,6 +57,10 @@ def test_coco_specs(paths):
     b = build_dataset(f"coco:{paths['labelme_json']}:{paths['labelme_root']}", "unused", is_train=False)
     assert isinstance(a, COCODataset) and len(a) == len(b) == 3
     assert a.image_dir == paths["labelme_root"]
+    # cfg DATA_LOADER.MAX_IMAGE_SIDE reaches COCO datasets; 0 or None means full size
+    assert a.max_image_side is None
+    assert build_dataset(f"coco:{paths['labelme_json']}", "unused", max_image_side=64).max_image_side == 64
+    assert build_dataset(f"coco:{paths['labelme_json']}", "unused", max_image_side=0).max_image_side is None
     with pytest.raises(DatasetSpecError, match=r"'coco:/no/such.json'.*annotation file not found"):
         build_dataset("coco:/no/such.json", "unused", is_train=True)
     with pytest.raises(DatasetSpecError, match=r"expected coco:ANN_JSON"):

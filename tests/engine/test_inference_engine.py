@@ -134,3 +134,40 @@ def test_range_dataset_and_progress_lines(tmp_path):
     assert [r["image_id"] for r in recs] == [3, 4, 5, 6]
     text = (tmp_path / "progress.txt").read_text()
     assert "\r" not in text and "4/4" in text  # a file gets plain lines, not a redrawn bar
+
+
+def test_prediction_record_maps_a_reduced_image_back_to_the_recorded_size():
+    probs = torch.zeros(1, 1, 3, 4)
+    probs[0, 0, 1:, 2:] = 1.0
+    out = {"boxes": torch.tensor([[2.0, 1.0, 4.0, 3.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1]),
+           "masks": probs}
+    rec = prediction_record(0, 1, out, image_size=(3, 4), original_size=(12, 16))
+    assert rec["boxes"] == [[8.0, 4.0, 16.0, 12.0]]
+    full = mask_util.decode(rec["segms"][0])
+    assert full.shape == (12, 16) and full.sum() == 8 * 8 and full[4:, 8:].all()
+    same = prediction_record(0, 1, out, image_size=(3, 4), original_size=(3, 4))
+    assert same["boxes"] == [[2.0, 1.0, 4.0, 3.0]] and mask_util.decode(same["segms"][0]).shape == (3, 4)
+
+
+def test_evaluation_of_images_read_reduced_is_in_the_json_coordinates(tmp_path):
+    """A dataset that reads its 800x600 image reduced to 200x150 (``max_image_side``): the oracle predicts the
+    reduced ground truth, and the results must still match the full-size ground truth exactly."""
+    import cv2
+
+    from maskrcnn.data.datasets.coco import COCODataset
+
+    (tmp_path / "big.png").write_bytes(cv2.imencode(".png", np.full((600, 800, 3), 90, np.uint8))[1].tobytes())
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": 0,
+             "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+            for k, (x, y, w, h) in enumerate([(100, 200, 400, 200), (600, 40, 120, 80)])]
+    data = {"images": [{"id": 1, "file_name": "big.png", "height": 600, "width": 800}], "annotations": anns,
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    ds = IndexedImages(COCODataset(str(tmp_path / "ann.json"), str(tmp_path), max_image_side=200))
+    ds.coco = ds.dataset.coco
+    assert ds[0][0].shape == (3, 150, 200)
+    metrics = evaluate_on_dataset(OracleDetector(ds), ds, get_cfg(), output_dir=str(tmp_path / "out"),
+                                  log=lambda m: None)
+    assert metrics["bbox"]["AP"] == pytest.approx(100.0) and metrics["segm"]["AP"] == pytest.approx(100.0)
+    dets = json.loads((tmp_path / "out" / "bbox_results.json").read_text())
+    assert sorted(d["bbox"] for d in dets) == sorted(a["bbox"] for a in anns)
