@@ -268,3 +268,42 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         dtype = _work_dtype(boxes, scores)
         return torchvision.ops.batched_nms(boxes.to(dtype), scores.to(dtype), idxs, float(iou_threshold))
     return batched_nms_native(boxes, scores, idxs, iou_threshold)
+
+
+def batched_nms_limited(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, limit: int) -> Tensor:
+    """The first ``limit`` indices of per-class NMS (:func:`batched_nms_native`: IoUs on the original coordinates,
+    exactly per-class :func:`nms`), computed on the highest-scoring boxes only.
+
+    Whether a box survives depends only on the boxes of its class visited before it (higher score, or equal score
+    and lower index). NMS over a prefix of that visiting order therefore decides the prefix exactly as NMS over all
+    boxes does, and its survivors are the first survivors of the full result. The prefix starts at ``4 * limit``
+    boxes (extended over ties with its last score) and grows fourfold until it yields ``limit`` survivors or holds
+    every box. Final detections (``TEST.DETECTIONS_PER_IM`` = 100 of up to 80 classes x 1000 RoIs) need NMS over a
+    few hundred boxes instead of 80 000.
+
+    Returns:
+        int64 indices into ``boxes``, by decreasing score (ties by index), at most ``limit`` of them.
+    """
+    _check_inputs(boxes, scores, idxs)
+    limit = int(limit)
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    n = boxes.shape[0]
+    if n == 0 or limit == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    work = scores.to(_work_dtype(boxes, scores))
+    order = torch.sort(work, descending=True, stable=True).indices
+    size = 4 * limit
+    while True:
+        if size >= n:
+            return batched_nms_native(boxes, scores, idxs, iou_threshold)[:limit]
+        # Every box tying with the prefix's last score joins it, so the prefix ends between two scores.
+        size = int(torch.count_nonzero(work >= work[order[size - 1]]))
+        if size >= n:
+            continue
+        cand = order[:size]
+        keep = batched_nms_native(boxes[cand], scores[cand], idxs[cand], iou_threshold)
+        if keep.numel() >= limit:
+            # Local indices follow the global visiting order, so ties keep their global index order.
+            return cand[keep[:limit]]
+        size *= 4

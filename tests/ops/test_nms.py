@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import maskrcnn.ops.nms as nms_module
 from maskrcnn.ops import _backend
 from maskrcnn.ops._backend import get_backend, resolve, set_backend, torchvision_ops_available, use_backend
-from maskrcnn.ops.nms import batched_nms, nms
+from maskrcnn.ops.nms import batched_nms, batched_nms_limited, nms
 
 BACKENDS = ["native", "torchvision"]
 DTYPES = [torch.float32, torch.float64]
@@ -250,6 +250,43 @@ def test_greedy_properties_hold(backend_name, rows, thr, half_pixel):
     with use_backend(backend_name):
         _check_greedy_properties(boxes, scores, torch.zeros_like(idxs), thr, nms(boxes, scores, thr))
         _check_greedy_properties(boxes, scores, idxs, thr, batched_nms(boxes, scores, idxs, thr))
+
+
+def _detection_like(rois=300, classes=80, seed=0, ties=False):
+    """Every (RoI, class) pair a candidate, as Fast R-CNN post-processing sees them (score threshold 0)."""
+    g = torch.Generator().manual_seed(seed)
+    base = _rpn_like(rois, generator=g)
+    boxes = (base[:, None, :] + torch.randn(rois, classes, 4, generator=g) * 4).reshape(-1, 4)
+    boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)], 1)
+    scores = torch.softmax(torch.randn(rois, classes + 1, generator=g) * 0.2, 1)[:, 1:].reshape(-1)
+    if ties:
+        scores = (scores * 2000).round() / 2000
+    labels = torch.arange(1, classes + 1).repeat(rois)
+    return boxes, scores, labels
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("limit", [1, 100, 5000])
+def test_batched_nms_limited_equals_the_head_of_per_class_nms(limit, ties):
+    boxes, scores, labels = _detection_like(ties=ties)
+    expected = _per_class_oracle(boxes, scores, labels, 0.5)[:limit]
+    got = batched_nms_limited(boxes, scores, labels, 0.5, limit)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=box_lists, thr=st.sampled_from([0.0, 0.3, 0.5, 0.7]), limit=st.integers(0, 20))
+def test_batched_nms_limited_property(rows, thr, limit):
+    data = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+    boxes = torch.cat([data[:, :2], data[:, :2] + data[:, 2:4]], 1)
+    scores, idxs = data[:, 4] / 4, data[:, 5].long()
+    expected = _per_class_oracle(boxes, scores, idxs, thr)[:limit] if len(rows) else torch.zeros(0, dtype=torch.long)
+    assert torch.equal(batched_nms_limited(boxes, scores, idxs, thr, limit), expected)
+
+
+def test_batched_nms_limited_rejects_a_negative_limit():
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        batched_nms_limited(torch.zeros(2, 4), torch.zeros(2), torch.zeros(2, dtype=torch.long), 0.5, -1)
 
 
 def test_bad_inputs_raise_clear_errors(backend):

@@ -5,7 +5,8 @@
 1. softmax over the ``K + 1`` logits; decode the per-class deltas against each RoI; clip to the image;
 2. drop the background column and flatten, so that every (RoI, class) pair is a candidate with its own box;
 3. keep candidates scoring ``> score_thresh``; drop boxes with a side ``< min_size``;
-4. NMS per class (``nms_thresh``) and keep the ``detections_per_img`` highest-scoring survivors.
+4. NMS per class (``nms_thresh``) and keep the ``detections_per_img`` highest-scoring survivors
+   (:func:`~maskrcnn.ops.nms.batched_nms_limited`: the same survivors, found among the top candidates only).
 
 Boxes are ``(x1, y1, x2, y2)`` in the pixels of the network input (the resized image); clipping and the minimum size
 use the box coder's ``legacy_plus_one`` convention.
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from ...ops.box_coder import BoxCoder
 from ...ops.boxes import clip_boxes_to_image, remove_small_boxes
-from ...ops.nms import batched_nms
+from ...ops.nms import batched_nms_limited
 
 __all__ = ["postprocess_detections"]
 
@@ -99,7 +100,8 @@ def postprocess_detections(
         keep = remove_small_boxes(boxes, min_size, legacy_plus_one=legacy)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
 
-        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        # Only the best detections_per_img survivors are kept, so NMS runs on the top-scoring candidates only.
+        keep = batched_nms_limited(boxes, scores, labels, nms_thresh, detections_per_img)
         all_boxes.append(boxes[keep])
         all_scores.append(scores[keep])
         all_labels.append(labels[keep])
