@@ -6,8 +6,9 @@ One step = forward with losses, backward, ``torch.optim.SGD`` step (lr 1e-3, mom
 the trainable parameters), on a batch of 2 PennFudanPed images resized to 800x1066 (``--quick``: 480x640) with
 4 synthetic boxes and masks each. The models are those of ``inference.py`` in training mode (stem and res2 frozen,
 FrozenBN everywhere, 2000 proposals and 512 sampled RoIs per image); ours has ``maskrcnn.engine.speed.
-prepare_for_training`` applied (FrozenBN folded into the convolutions on the fly, channels-last weights and
-activations; gradients unchanged up to float rounding). The RNG is
+prepare_for_training`` applied with the config defaults (``TRAIN.FUSE_FROZEN_BN``: FrozenBN folded into the
+convolutions on the fly; ``TRAIN.CHANNELS_LAST``, off by default; gradients unchanged up to float rounding;
+``--fold-bn 0/1`` and ``--channels-last 0/1`` override them). The RNG is
 reseeded before every step of either model, and each model steps on its own copy of the weights. Steps alternate
 after a warm-up step each; medians and ``ratio = ours / torchvision`` are printed, with the peak memory of one step
 measured in a fresh child process per model (``common.py``).
@@ -38,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=240.0, help="stop timing rounds after this many seconds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--no-speed", action="store_true", help="ours without prepare_for_training (for comparison)")
+    p.add_argument("--fold-bn", type=int, choices=(0, 1), default=None, help="override TRAIN.FUSE_FROZEN_BN")
+    p.add_argument("--channels-last", type=int, choices=(0, 1), default=None, help="override TRAIN.CHANNELS_LAST")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child-memory", default=None, choices=MODELS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -49,7 +52,17 @@ def make_batch(size):
     return images, targets
 
 
-def build(name: str, size, speed: bool = True):
+def features(args) -> Dict[str, bool]:
+    """``prepare_for_training`` arguments: the config defaults unless overridden on the command line."""
+    from maskrcnn.config import get_cfg
+
+    cfg = get_cfg()
+    fold = cfg.TRAIN.FUSE_FROZEN_BN if args.fold_bn is None else bool(args.fold_bn)
+    cl = cfg.TRAIN.CHANNELS_LAST if args.channels_last is None else bool(args.channels_last)
+    return {"fold_bn": bool(fold) and not args.no_speed, "channels_last": bool(cl) and not args.no_speed}
+
+
+def build(name: str, size, feats: Dict[str, bool]):
     """A model in training mode and a step function for it."""
     from maskrcnn.engine.speed import prepare_for_training
 
@@ -61,8 +74,7 @@ def build(name: str, size, speed: bool = True):
     else:
         model = common.build_ours(tv, size=resize)
         del tv
-        if speed:
-            prepare_for_training(model, fold_bn=True, channels_last=True)
+        prepare_for_training(model, **feats)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -83,7 +95,7 @@ def build(name: str, size, speed: bool = True):
 
 def child_memory(args) -> None:
     size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
-    _, step, _ = build(args.child_memory, size, speed=not args.no_speed)
+    _, step, _ = build(args.child_memory, size, features(args))
     step()
     gc.collect()
     peak = common.measure_peak_memory(step)
@@ -94,10 +106,11 @@ def run(args) -> Dict[str, Any]:
     size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
     info = common.machine_info()
     print(f"# training-step benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} "
-          f"threads, load {info['load_avg_1min']}), torch {info['torch']}, batch 2 x {size[0]}x{size[1]}")
+          f"threads, load {info['load_avg_1min']}), torch {info['torch']}, batch 2 x {size[0]}x{size[1]}, ours with "
+          f"{features(args)}")
     steps, losses = {}, {}
     for name in MODELS:
-        _, steps[name], losses[name] = build(name, size, speed=not args.no_speed)
+        _, steps[name], losses[name] = build(name, size, features(args))
     times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
     medians = {n: common.median(t) for n, t in times.items()}
     rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],
@@ -108,7 +121,8 @@ def run(args) -> Dict[str, Any]:
     if not args.no_memory:
         for r in rows:
             child = ["--child-memory", r["model"]] + (["--quick"] if args.quick else []) + (
-                ["--no-speed"] if args.no_speed else [])
+                ["--no-speed"] if args.no_speed else []) + sum(
+                ([f"--{k.replace('_', '-')}", str(int(v))] for k, v in features(args).items()), [])
             if args.threads:
                 child += ["--threads", str(args.threads)]
             r["peak_memory_bytes"] = common.run_child("train_step.py", child)["peak_bytes"]
@@ -122,7 +136,7 @@ def run(args) -> Dict[str, Any]:
     for n in MODELS:
         print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
     return {"benchmark": "train_step", "machine": info, "image_size": list(size), "batch": 2,
-            "speed_features": not args.no_speed, "rows": rows}
+            "speed_features": features(args), "rows": rows}
 
 
 def main(argv=None) -> int:

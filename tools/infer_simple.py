@@ -37,6 +37,8 @@ def main(argv=None) -> int:
 
     from maskrcnn.config import ConfigError, assert_and_infer_cfg, get_cfg
     from maskrcnn.core.test import im_detect_all
+    from maskrcnn.engine.speed import prepare_for_inference
+    from maskrcnn.engine.trainer import autocast_context
     from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
     from maskrcnn.utils.checkpoint import load_ckpt
     from maskrcnn.utils.vis import COCO_CLASSES, vis_one_image
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
     model = Generalized_RCNN(cfg)
     info = load_ckpt(model, args.load_ckpt)
-    model.to(device).eval()
+    prepare_for_inference(model.to(device), cfg)  # the TEST speed switches (folded BN, channels-last, ...)
     classes = (info or {}).get("classes") if isinstance(info, dict) else None
     if not classes:
         n = cfg.MODEL.NUM_CLASSES
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
         if im is None:
             print(f"skipping {path}: not a readable image", file=sys.stderr)
             continue
-        cls_boxes, cls_segms, _ = im_detect_all(model, im)
+        with autocast_context(cfg.TEST.AMP, device):  # im_detect_all calls the parts, not the model's forward
+            cls_boxes, cls_segms, _ = im_detect_all(model, im)
         n = sum(len(b) for b in cls_boxes[1:])
         out = vis_one_image(im[:, :, ::-1], path, args.output_dir, cls_boxes, cls_segms, None, thresh=args.thresh,
                             box_alpha=0.8, dataset=names, show_class=True, ext="png", out_when_no_box=True)

@@ -103,12 +103,13 @@ def make_visualizer(dataset, out_dir: str, thresh: float):
 def run(cfg, args, ctx, logger) -> int:
     from maskrcnn.data.catalog import build_dataset
     from maskrcnn.engine.inference import RangeDataset, evaluate_on_dataset
+    from maskrcnn.engine.speed import prepare_for_inference
     from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
     from maskrcnn.utils.checkpoint import load_ckpt
 
     model = Generalized_RCNN(cfg).to(ctx.device)
     load_ckpt(model, args.load_ckpt, allow_class_mismatch=False)
-    model.eval()
+    prepare_for_inference(model, cfg)  # TEST.FUSE_FROZEN_BN, FUSE_CONV_ACTIVATIONS, CHANNELS_LAST, AMP, COMPILE
     base_out = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.load_ckpt)), "test")
     several = len(cfg.TEST.DATASETS) > 1
     for spec in cfg.TEST.DATASETS:

@@ -16,6 +16,7 @@ Exit status: 0 done, 1 training error (message printed), 2 bad config, dataset o
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -114,6 +115,7 @@ def train(cfg, args, ctx, logger) -> int:
     from maskrcnn.engine.hooks import LogHook, PeriodicCheckpointer, TensorboardWriter
     from maskrcnn.engine.launch import create_ddp_model
     from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer_from_cfg
+    from maskrcnn.engine.speed import prepare_for_training
     from maskrcnn.engine.trainer import NonFiniteLossError, Trainer, make_grad_scaler
     from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
     from maskrcnn.utils.checkpoint import Checkpointer, load_ckpt
@@ -129,6 +131,7 @@ def train(cfg, args, ctx, logger) -> int:
 
     seed_all(int(cfg.RNG_SEED) + ctx.rank)
     model = Generalized_RCNN(cfg).to(ctx.device)
+    prepare_for_training(model, cfg)  # TRAIN.FUSE_FROZEN_BN, TRAIN.CHANNELS_LAST; parameters and keys unchanged
     if cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS and not (args.resume or args.load_ckpt or args.load_detectron):
         load_imagenet_backbone(model, cfg, logger)
     optimizer = build_optimizer_from_cfg(model, cfg)
@@ -195,7 +198,10 @@ def train(cfg, args, ctx, logger) -> int:
 def evaluate(cfg, model, ctx, final_path: str, logger) -> int:
     from maskrcnn.data.catalog import build_dataset
     from maskrcnn.engine.inference import evaluate_on_dataset
+    from maskrcnn.engine.speed import prepare_for_inference
 
+    # A copy: the inference speed features (folded BN, fused convolutions) make a model unfit for training.
+    model = prepare_for_inference(copy.deepcopy(model), cfg)
     if not cfg.TEST.DATASETS:
         raise ConfigError("--eval_after: no test dataset: set TEST.DATASETS or pass --test_dataset")
     for spec in cfg.TEST.DATASETS:

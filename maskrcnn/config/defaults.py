@@ -154,6 +154,10 @@ _key("TRAIN.RPN_FG_FRACTION", 0.5, "Largest fraction of positives among the samp
 _key("TRAIN.RPN_BATCH_SIZE_PER_IM", 256, "Anchors sampled per image for the RPN loss.")
 _key("TRAIN.RPN_STRADDLE_THRESH", -1, "Anchors crossing the image border by more than this are ignored; -1 keeps all.")
 _key("TRAIN.AMP", "", "Mixed precision for training: '' (off), 'fp16' (CUDA) or 'bf16'.")
+_key("TRAIN.FUSE_FROZEN_BN", True, "Run each convolution and its frozen BatchNorm as one convolution with the BN "
+     "folded into its weight at every step (maskrcnn.engine.speed.prepare_for_training; same gradients, same "
+     "checkpoint keys).")
+_key("TRAIN.CHANNELS_LAST", False, "Train with convolutions in channels-last memory format.")
 _key("TRAIN.LOG_PERIOD", 20, "Log a line every this many iterations.")
 
 _section("TEST", "Inference.")
@@ -171,8 +175,12 @@ _key("TEST.RPN_NMS_THRESH", 0.7, "NMS IoU threshold for test-time proposals.")
 _key("TEST.RPN_MIN_SIZE", 0.0, "Test-time proposals smaller than this are dropped.")
 _key("TEST.IMS_PER_BATCH", 1, "Images per inference batch.")
 _key("TEST.AMP", "", "Mixed precision at inference: '' (off), 'fp16' (CUDA) or 'bf16'.")
-_key("TEST.FUSE_FROZEN_BN", True, "Fold frozen BatchNorm into the preceding convolution at inference.")
-_key("TEST.CHANNELS_LAST", False, "Run convolutions in channels-last memory format at inference.")
+_key("TEST.FUSE_FROZEN_BN", True, "Fold frozen BatchNorm into the preceding convolution at inference "
+     "(maskrcnn.engine.speed.prepare_for_inference; exact up to float rounding).")
+_key("TEST.FUSE_CONV_ACTIVATIONS", True, "On the CPU, run the folded ResNet and FPN convolutions as oneDNN fused "
+     "conv+ReLU and conv+add+ReLU primitives (needs TEST.FUSE_FROZEN_BN).")
+_key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory format at inference.")
+_key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles for tens of seconds per input size).")
 _key("TEST.MASK_PASTE_PADDING", 1, "Pixels of padding around each mask before pasting (torchvision and Detectron use 1).")
 
 _section("SOLVER", "Optimisation.")

@@ -58,6 +58,7 @@ __all__ = [
     "prepare_for_inference",
     "prepare_for_training",
     "to_channels_last",
+    "unfold_frozen_bn_for_training",
 ]
 
 logger = logging.getLogger("maskrcnn.speed")
@@ -73,23 +74,21 @@ FP32_OUTPUT_MODULES: Tuple[str, ...] = ("Mask_Outs",)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Config access. Keys that a config may lack (an older saved config) take the documented default.
-_DEFAULTS = {
-    "TEST.FUSE_FROZEN_BN": True,
-    "TEST.FUSE_CONV_ACTIVATIONS": True,
-    "TEST.CHANNELS_LAST": True,
-    "TEST.AMP": "",
-    "TEST.COMPILE": False,
-    "TRAIN.FUSE_FROZEN_BN": True,
-    "TRAIN.CHANNELS_LAST": False,
-}
-
-
+# Config access. Keys that a config may lack (an older saved config) take the default of maskrcnn.config.
 def _cfg_value(cfg, dotted: str) -> Any:
     node = cfg
     for part in dotted.split("."):
         if node is None or part not in node:
-            return _DEFAULTS[dotted]
+            return _default(dotted)
+        node = node[part]
+    return node
+
+
+def _default(dotted: str) -> Any:
+    from ..config import get_cfg
+
+    node = get_cfg()
+    for part in dotted.split("."):
         node = node[part]
     return node
 
@@ -126,6 +125,9 @@ def fold_frozen_bn(model: nn.Module) -> nn.Module:
     """Fold every ``FrozenBatchNorm2d`` (and every ``nn.BatchNorm2d`` in eval mode, e.g. a model trained with
     ``RESNETS.NORM: BN``) that follows a ``Conv2d`` into it, in place. Inference only: the folded parameters no
     longer match the checkpoint's names, and the BN becomes ``nn.Identity``."""
+    # A model prepared for training computes its BN inside FrozenBNConv2d: undo that first, or it would be
+    # folded twice.
+    unfold_frozen_bn_for_training(model)
     _freeze_eval_batch_norms(model)
     return fuse_frozen_bn(model, inplace=True)
 
@@ -512,7 +514,8 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     model.eval()
     if fold:
         fold_frozen_bn(model)
-    if fuse and fold and _model_device(model).type == "cpu":
+    fuse = fuse and fold and _model_device(model).type == "cpu"
+    if fuse:
         fuse_conv_activations(model)
     if cl:
         to_channels_last(model)
@@ -520,6 +523,8 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
         model._speed_amp_handle = enable_amp(model, amp)
     if comp:
         compile_conv_body(model)
+    logger.info("inference speed features: folded BN %s, fused conv+activation %s, channels-last %s, amp %s, "
+                "compile %s", fold, fuse, cl, amp or "off", comp)
     return model
 
 
@@ -593,6 +598,28 @@ def fold_frozen_bn_for_training(model: nn.Module) -> int:
                 setattr(parent, bn_name, folded_bn)
                 setattr(parent, conv_name, FrozenBNConv2d(conv, folded_bn))
                 count += 1
+    return count
+
+
+def unfold_frozen_bn_for_training(model: nn.Module) -> int:
+    """Undo :func:`fold_frozen_bn_for_training` in place: each :class:`FrozenBNConv2d` becomes a plain ``Conv2d``
+    (same ``Parameter`` objects) and each :class:`FoldedFrozenBatchNorm2d` a ``FrozenBatchNorm2d`` (same buffers).
+    Returns the number of pairs restored."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FrozenBNConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                                 padding=child.padding, dilation=child.dilation, groups=child.groups,
+                                 bias=child.bias is not None, padding_mode=child.padding_mode, device="meta")
+                conv.weight, conv.bias = child.weight, child.bias
+                setattr(parent, name, conv)
+                count += 1
+            elif isinstance(child, FoldedFrozenBatchNorm2d):
+                bn = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                for buf in ("weight", "bias", "running_mean", "running_var"):
+                    setattr(bn, buf, getattr(child, buf))
+                setattr(parent, name, bn)
     return count
 
 

@@ -382,3 +382,30 @@ def test_prepare_for_training_keeps_the_model_contract(reference):
     with torch.no_grad():
         for a, b in zip(model.Conv_Body(x), donor.Conv_Body(x)):
             assert rel_err(a, b) < 1e-5
+
+
+def test_inference_features_on_a_model_prepared_for_training_fold_bn_once(reference):
+    """train_net evaluates the model it trained (FrozenBNConv2d inside): folding must not apply the BN twice."""
+    model, ref = reference
+    trained = speed.prepare_for_training(copy.deepcopy(model), fold_bn=True, channels_last=False)
+    keys = list(trained.state_dict())
+    assert speed.unfold_frozen_bn_for_training(copy.deepcopy(trained)) > 0
+    with torch.no_grad():
+        assert_same_detections(trained.eval()(images()), ref)
+        fast = speed.prepare_for_inference(trained, fold_bn=True, fuse_activations=True, channels_last=True, amp="")
+        assert_same_detections(fast(images()), ref)
+    assert not any(isinstance(m, (speed.FrozenBNConv2d, FrozenBatchNorm2d)) for m in fast.modules())
+    restored = speed.prepare_for_training(copy.deepcopy(model), fold_bn=True, channels_last=False)
+    speed.unfold_frozen_bn_for_training(restored)
+    assert list(restored.state_dict()) == keys
+    assert not any(isinstance(m, speed.FrozenBNConv2d) for m in restored.modules())
+    assert {type(m) for m in restored.modules() if isinstance(m, FrozenBatchNorm2d)} == {FrozenBatchNorm2d}
+
+
+def test_config_defaults_switch_on_every_exact_feature():
+    cfg = get_cfg()
+    assert (cfg.TEST.FUSE_FROZEN_BN, cfg.TEST.FUSE_CONV_ACTIVATIONS, cfg.TEST.CHANNELS_LAST) == (True, True, True)
+    assert (cfg.TEST.AMP, cfg.TEST.COMPILE) == ("", False)  # bf16 changes results; compiling costs minutes
+    assert cfg.TRAIN.FUSE_FROZEN_BN is True
+    # a config without the keys (an older saved one) gets the same defaults
+    assert speed._cfg_value(None, "TEST.CHANNELS_LAST") is True and speed._cfg_value({}, "TRAIN.AMP") == ""
