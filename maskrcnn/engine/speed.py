@@ -550,16 +550,53 @@ class FrozenBNConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         scale, shift = self._frozen_bn.scale_and_shift()
         w_dtype = self.weight.dtype
-        weight = self.weight * scale.to(w_dtype).view(-1, 1, 1, 1)
-        bias = shift.to(w_dtype) if self.bias is None else self.bias * scale.to(w_dtype) + shift.to(w_dtype)
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and self.padding_mode == "zeros"
-                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            # PyTorch sends 1x1 convolutions to its slower reference kernel when it runs single-threaded;
-            # oneDNN's (what it picks with more threads) is ~25% faster on channels-last inputs. Same autograd.
-            return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
-                                                     list(self.dilation), self.groups)
-        return self._conv_forward(x, weight, bias)
+        if self.padding_mode != "zeros":
+            weight = self.weight * scale.to(w_dtype).view(-1, 1, 1, 1)
+            bias = shift.to(w_dtype) if self.bias is None else self.bias * scale.to(w_dtype) + shift.to(w_dtype)
+            return self._conv_forward(x, weight, bias)
+        # PyTorch sends 1x1 convolutions to its slower reference kernel when it runs single-threaded; oneDNN's
+        # (what it picks with more threads) is ~25% faster on channels-last inputs.
+        onednn = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                  and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+                  and x.is_contiguous(memory_format=torch.channels_last))
+        return _ScaledWeightConv.apply(x, self.weight, self.bias, scale.to(w_dtype), shift.to(w_dtype),
+                                       (self.stride, self.padding, self.dilation, self.groups, onednn))
+
+
+class _ScaledWeightConv(torch.autograd.Function):
+    """``conv2d(x, weight * scale, bias * scale + shift)`` (``bias`` may be None) whose backward recomputes the
+    scaled weight from ``weight``, a parameter held anyway, instead of saving the scaled copy: saved, the copies
+    of res3-res5 would add about 90 MB to every training step. Gradients are those autograd gives for the
+    unfused expression (the same operations: ``grad_weight = grad_scaled_weight * scale``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor,
+                conf: Tuple[Any, ...]) -> Tensor:
+        stride, padding, dilation, groups, onednn = conf
+        scaled = weight * scale.view(-1, 1, 1, 1)
+        b = shift if bias is None else bias * scale + shift
+        if onednn:
+            y = torch.ops.aten.mkldnn_convolution(x, scaled, b, list(padding), list(stride), list(dilation), groups)
+        else:
+            y = F.conv2d(x, scaled, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, scale)
+        ctx.conf = conf
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups, _ = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        scaled = weight * scale.view(-1, 1, 1, 1)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [need_x, need_w, need_b and ctx.has_bias])
+        grad_weight = gw * scale.view(-1, 1, 1, 1) if need_w else None
+        grad_bias = gb * scale if need_b and ctx.has_bias else None
+        return (gx if need_x else None), grad_weight, grad_bias, None, None, None
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):

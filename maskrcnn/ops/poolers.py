@@ -170,9 +170,10 @@ class MultiLevelRoIAlign(nn.Module):
         h, w = heights[levels], widths[levels]
         row_base = level_start[levels] + batch * h * w
         num_rows = int(sizes.sum())
-        plan = roi_align_plan(
-            rois, scale, h, w, row_base, self.output_size, self.sampling_ratio, self.aligned, num_rows
-        )
+        def plan():
+            return roi_align_plan(rois, scale, h, w, row_base, self.output_size, self.sampling_ratio, self.aligned,
+                                  num_rows)
+
         return apply_roi_align_plan(features, plan, rois.shape[0], self.output_size, dtype)
 
     def extra_repr(self) -> str:

@@ -37,7 +37,7 @@ float32 (coordinates, weights and accumulation) and the result is rounded to the
 The output has the input's memory format (channels_last input gives channels_last output).
 """
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,10 @@ class PlanBlock(NamedTuple):
     rois: Optional[Tensor]  # (Rg,) int64 output position of the block's RoIs; None: all RoIs, in order
     index: Tensor  # (Rg*oh*ow, K) int32/int64 rows of the (M, C) table
     weight: Optional[Tensor]  # (Rg*oh*ow, K) weights in the compute dtype (None: unweighted)
+
+
+#: A plan, or a function without arguments that builds one.
+PlanOrMaker = Union[List[PlanBlock], Callable[[], List[PlanBlock]]]
 
 
 def slot_bucket(k: Tensor) -> Tensor:
@@ -373,11 +377,15 @@ def new_output(num_rois: int, c: int, output_size: Tuple[int, int], like: Tensor
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_memory_format(like))
 
 
-def output_grad_rows(grad: Tensor, dtype: torch.dtype, rois: Optional[Tensor] = None) -> Tensor:
-    """(R, C, oh, ow) output gradient -> (n*oh*ow, C) contiguous rows in ``dtype`` of RoIs ``rois`` (None: all)."""
-    rows = grad.permute(0, 2, 3, 1)
-    rows = rows.to(dtype).contiguous() if rois is None else rows[rois].to(dtype).contiguous()
-    return rows.view(-1, grad.shape[1])
+def output_grad_rows(grad: Tensor, dtype: torch.dtype, rois: Union[None, slice, Tensor] = None) -> Tensor:
+    """(R, C, oh, ow) output gradient -> (n*oh*ow, C) contiguous rows in ``dtype`` of RoIs ``rois`` (indices or a
+    slice; None: all)."""
+    if isinstance(rois, Tensor):
+        grad = grad.index_select(0, rois)
+    elif rois is not None:
+        grad = grad[rois]
+    # One copy: the permuted view is contiguous only for channels-last gradients.
+    return grad.permute(0, 2, 3, 1).to(dtype).contiguous().view(-1, grad.shape[1])
 
 
 def _roi_chunk(table: Tensor, bins: int) -> int:
@@ -406,38 +414,66 @@ def _plan_forward(table: Tensor, plan: List[PlanBlock], out: Tensor) -> Tensor:
     return out
 
 
-def _plan_backward(grad: Tensor, plan: List[PlanBlock], num_rows: int, dtype: torch.dtype) -> Tensor:
-    """``S^T @ grad``: (R, C, oh, ow) output gradient -> (num_rows, C) table gradient.
+def _plan_backward(grad: Tensor, plan: List[PlanBlock], meta: Sequence[Tuple[torch.Size, torch.dtype, torch.memory_format]],
+                   needs: Sequence[bool], dtype: torch.dtype) -> List[Optional[Tensor]]:
+    """``S^T @ grad``: (R, C, oh, ow) output gradient -> the gradient of each packed feature map (None where
+    ``needs`` is False), each a tensor of its own in channels-last layout.
 
-    The (row, weight) entries of all blocks are sorted by table row (stable radix sort, on 32-bit
-    keys when the indices are int32) and one weighted ``embedding_bag`` over the gradient rows sums,
-    for every table row, the bins that read it. Deterministic, no atomics.
+    Chunk by chunk of RoIs (``_CHUNK_BYTES`` of gradient rows each): the chunk's (row, weight) entries are sorted
+    by table row (stable radix sort), one weighted ``embedding_bag`` over the chunk's gradient rows sums the bins
+    that read each touched row, and ``index_add_`` adds those sums into the level the rows belong to.
+    Deterministic, no atomics. Memory: only chunk-sized temporaries besides the results; and the results are
+    separate tensors, not views of one table, so that autograd can add another branch's gradient (the box and
+    mask poolers read the same maps) into them in place and free each level once used.
     """
-    c = grad.shape[1]
-    order = None if len(plan) == 1 else torch.cat([b.rois for b in plan])
-    grad_rows = output_grad_rows(grad, dtype, order)
-    bags, base = [], 0
-    for _, index, _ in plan:
+    num_rois, c, oh, ow = grad.shape
+    bins = oh * ow
+    starts, levels = [], []
+    start = 0
+    for (shape, _, _), need in zip(meta, needs):
+        n, _, h, w = shape
+        starts.append(start)
+        levels.append(torch.empty((n, c, h, w), dtype=dtype, device=grad.device,
+                                  memory_format=torch.channels_last).zero_() if need else None)
+        start += n * h * w
+    # Rows of each level's gradient, in table order (a view: the tensors are channels-last).
+    level_rows = [None if g is None else g.permute(0, 2, 3, 1).view(-1, c) for g in levels]
+    bounds = torch.tensor(starts[1:], dtype=torch.int64, device=grad.device)
+    chunk = max(1, _CHUNK_BYTES // (bins * c * grad.element_size())) if grad.device.type == "cpu" else 1 << 62
+    for rois, index, weight in plan:
         k = index.shape[1]
-        bags.append(torch.arange(base, base + index.shape[0], device=grad.device).repeat_interleave(k))
-        base += index.shape[0]
-    index = torch.cat([b.index.reshape(-1) for b in plan])
-    if index.numel() == 0:
-        return grad_rows.new_zeros((num_rows, c))
-    weight = torch.cat([b.weight.reshape(-1) for b in plan])
-    rows, perm = torch.sort(index, stable=True)
-    row_offsets = torch.searchsorted(rows, torch.arange(num_rows, device=grad.device, dtype=rows.dtype))
-    return F.embedding_bag(torch.cat(bags)[perm], grad_rows, row_offsets, mode="sum", per_sample_weights=weight[perm])
+        n = index.shape[0] // bins
+        if k == 0 or n == 0:
+            continue
+        for r0 in range(0, n, chunk):
+            r1 = min(r0 + chunk, n)
+            rows = output_grad_rows(grad, dtype, slice(r0, r1) if rois is None else rois[r0:r1])
+            entries = index[r0 * bins : r1 * bins].reshape(-1)
+            touched, perm = torch.sort(entries, stable=True)
+            touched, counts = torch.unique_consecutive(touched, return_counts=True)
+            offsets = counts.cumsum(0) - counts
+            sums = F.embedding_bag(perm // k, rows, offsets, mode="sum",
+                                   per_sample_weights=weight[r0 * bins : r1 * bins].reshape(-1)[perm])
+            cuts = [0] + torch.searchsorted(touched, bounds.to(touched.dtype)).tolist() + [touched.numel()]
+            for level, out in enumerate(level_rows):
+                a, b = cuts[level], cuts[level + 1]
+                if out is not None and b > a:
+                    out.index_add_(0, touched[a:b] - starts[level], sums[a:b])
+    return [None if g is None else (g if g.dtype == f_dtype else g.to(f_dtype))
+            for g, (_, f_dtype, _) in zip(levels, meta)]
 
 
 class _RoIAlignFunction(torch.autograd.Function):
     """Bag sums of a plan over packed feature maps; differentiable in the features only."""
 
     @staticmethod
-    def forward(ctx, plan: List[PlanBlock], num_rois: int, output_size: Tuple[int, int], dtype, *features: Tensor):
+    def forward(ctx, plan: PlanOrMaker, num_rois: int, output_size: Tuple[int, int], dtype, *features: Tensor):
         table = pack_features(features, dtype)
+        # A plan maker is kept instead of its plan: the plan holds ~8 bytes per (bin, sample) entry (6 MB for
+        # 1024 RoIs at 7x7), and rebuilding it in backward costs a few milliseconds.
         ctx.plan, ctx.dtype, ctx.num_rows = plan, dtype, table.shape[0]
         ctx.meta = feature_meta(features)
+        plan = plan() if callable(plan) else plan
         return _plan_forward(table, plan, new_output(num_rois, table.shape[1], output_size, features[0]))
 
     @staticmethod
@@ -446,15 +482,18 @@ class _RoIAlignFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:]
         grads = [None] * len(needs)
         if any(needs):
-            grad_table = _plan_backward(grad, ctx.plan, ctx.num_rows, ctx.dtype)
-            grads = unpack_grad(grad_table, ctx.meta, needs)
+            plan = ctx.plan() if callable(ctx.plan) else ctx.plan
+            grads = _plan_backward(grad, plan, ctx.meta, needs, ctx.dtype)
         return (None, None, None, None, *grads)
 
 
 def apply_roi_align_plan(
-    features: Sequence[Tensor], plan: List[PlanBlock], num_rois: int, output_size: Tuple[int, int], dtype: torch.dtype
+    features: Sequence[Tensor], plan: PlanOrMaker, num_rois: int, output_size: Tuple[int, int], dtype: torch.dtype
 ) -> Tensor:
-    """(R, C, oh, ow) RoIAlign output of ``plan`` over the packed ``features``, differentiable in them."""
+    """(R, C, oh, ow) RoIAlign output of ``plan`` over the packed ``features``, differentiable in them.
+
+    ``plan``: the plan, or a function without arguments that builds it (called again in backward instead of
+    keeping the plan alive between forward and backward)."""
     return _RoIAlignFunction.apply(plan, num_rois, output_size, dtype, *features)
 
 
@@ -471,7 +510,9 @@ def _roi_align_native(
     heights = torch.full((num_rois,), h, dtype=torch.long, device=device)
     widths = torch.full((num_rois,), w, dtype=torch.long, device=device)
     row_base = batch * (h * w)
-    plan = roi_align_plan(rois, scale, heights, widths, row_base, output_size, sampling_ratio, aligned, n * h * w)
+    def plan() -> List[PlanBlock]:
+        return roi_align_plan(rois, scale, heights, widths, row_base, output_size, sampling_ratio, aligned, n * h * w)
+
     return apply_roi_align_plan([input], plan, num_rois, output_size, dtype)
 
 

@@ -336,6 +336,33 @@ def test_training_fold_gives_the_same_outputs_and_gradients_float64():
         assert torch.allclose(p_fast.grad, p_ref.grad, rtol=1e-8, atol=1e-14), name
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_fold_float32_gradients_and_saved_memory(channels_last):
+    """float32 (the oneDNN path with channels-last input), and the backward recomputes the scaled weights instead
+    of keeping them: what autograd saves for a folded conv is its input and the parameter itself."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1, bias=True), FrozenBatchNorm2d(16)
+    randomize_frozen_bn(nn.Sequential(bn))
+    fast = speed.FrozenBNConv2d(copy.deepcopy(conv), speed.FoldedFrozenBatchNorm2d.from_frozen(bn))
+    x = torch.randn(2, 8, 12, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        fast = fast.to(memory_format=torch.channels_last)
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = bn(conv(x_ref))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y_fast = fast(x_fast)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    assert sum(t.numel() for t in saved) == x.numel() + conv.weight.numel() + 16  # input, weight, scale
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y_fast.backward(g)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_prepare_for_training_whole_model_same_losses_and_gradients_float64(reference):
     ref = copy.deepcopy(reference[0]).double().train()
     fast = speed.prepare_for_training(copy.deepcopy(ref), fold_bn=True, channels_last=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,10 +48,23 @@ class RPNHead(nn.Module):
         if len(feats) == 0:
             raise ValueError("RPNHead got an empty list of features")
         logits, deltas = [], []
+        # Training: both predictors as one convolution, so that backward produces one gradient for ``t`` instead
+        # of two plus their sum (at P2 of an 800x1066 batch of 2, 3 x 106 MB: the peak of the whole step).
+        # Inference keeps the two modules (their hooks carry the fp32 islands of bf16 inference).
+        fused = self.training and torch.is_grad_enabled()
+        if fused:
+            num_logits = self.RPN_cls_score.out_channels
+            weight = torch.cat([self.RPN_cls_score.weight, self.RPN_bbox_pred.weight])
+            bias = torch.cat([self.RPN_cls_score.bias, self.RPN_bbox_pred.bias])
         for i, f in enumerate(feats):
             if f.dim() != 4 or f.shape[1] != self.in_channels:
                 raise ValueError(f"features[{i}] must be (N, {self.in_channels}, H, W), got shape {tuple(f.shape)}")
             t = F.relu(self.RPN_conv(f))
-            logits.append(self.RPN_cls_score(t))
-            deltas.append(self.RPN_bbox_pred(t))
+            if fused:
+                out = F.conv2d(t, weight, bias)
+                logits.append(out[:, :num_logits])
+                deltas.append(out[:, num_logits:])
+            else:
+                logits.append(self.RPN_cls_score(t))
+                deltas.append(self.RPN_bbox_pred(t))
         return logits, deltas
