@@ -77,7 +77,8 @@ def draw(bars: List[Tuple[str, float, float]], title: str, subtitle: str) -> np.
         met = ratio <= target
         color = (80, 170, 60) if met else (60, 80, 220)  # BGR: green when the target is met, red otherwise
         cv2.rectangle(img, (cx - bar_w // 2, y_of(ratio)), (cx + bar_w // 2, h - bottom), color, -1)
-        cv2.putText(img, f"{ratio:.2f}", (cx - 22, y_of(ratio) - 8), font, 0.6, (0, 0, 0), 2, cv2.LINE_AA)
+        # Inside the bar, below its top: above it the label would cross a nearby target line.
+        cv2.putText(img, f"{ratio:.2f}", (cx - 22, y_of(ratio) + 26), font, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
         ty = y_of(target)
         for x in range(cx - bar_w // 2 - 12, cx + bar_w // 2 + 12, 10):
             cv2.line(img, (x, ty), (min(x + 6, cx + bar_w // 2 + 12), ty), (0, 0, 0), 2)

@@ -157,7 +157,8 @@ _key("TRAIN.AMP", "", "Mixed precision for training: '' (off), 'fp16' (CUDA) or 
 _key("TRAIN.FUSE_FROZEN_BN", True, "Run each convolution and its frozen BatchNorm as one convolution with the BN "
      "folded into its weight at every step (maskrcnn.engine.speed.prepare_for_training; same gradients, same "
      "checkpoint keys).")
-_key("TRAIN.CHANNELS_LAST", False, "Train with convolutions in channels-last memory format.")
+_key("TRAIN.CHANNELS_LAST", True, "Train with convolutions in channels-last memory format (the layout oneDNN "
+     "convolves in; same results up to float rounding).")
 _key("TRAIN.LOG_PERIOD", 20, "Log a line every this many iterations.")
 
 _section("TEST", "Inference.")

@@ -433,6 +433,6 @@ def test_config_defaults_switch_on_every_exact_feature():
     cfg = get_cfg()
     assert (cfg.TEST.FUSE_FROZEN_BN, cfg.TEST.FUSE_CONV_ACTIVATIONS, cfg.TEST.CHANNELS_LAST) == (True, True, True)
     assert (cfg.TEST.AMP, cfg.TEST.COMPILE) == ("", False)  # bf16 changes results; compiling costs minutes
-    assert cfg.TRAIN.FUSE_FROZEN_BN is True
+    assert cfg.TRAIN.FUSE_FROZEN_BN is True and cfg.TRAIN.CHANNELS_LAST is True
     # a config without the keys (an older saved one) gets the same defaults
     assert speed._cfg_value(None, "TEST.CHANNELS_LAST") is True and speed._cfg_value({}, "TRAIN.AMP") == ""
