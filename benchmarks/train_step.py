@@ -7,8 +7,8 @@ the trainable parameters), on a batch of 2 PennFudanPed images resized to 800x10
 4 synthetic boxes and masks each. The models are those of ``inference.py`` in training mode (stem and res2 frozen,
 FrozenBN everywhere, 2000 proposals and 512 sampled RoIs per image); ours has ``maskrcnn.engine.speed.
 prepare_for_training`` applied with the config defaults (``TRAIN.FUSE_FROZEN_BN``: FrozenBN folded into the
-convolutions on the fly; ``TRAIN.CHANNELS_LAST``: channels-last weights and activations; gradients unchanged up to float rounding;
-``--fold-bn 0/1`` and ``--channels-last 0/1`` override them). The RNG is
+convolutions on the fly; ``TRAIN.CHANNELS_LAST``: channels-last weights and activations; gradients unchanged up to
+float rounding; ``--fold-bn 0/1`` and ``--channels-last 0/1`` override them). The RNG is
 reseeded before every step of either model, and each model steps on its own copy of the weights. Steps alternate
 after a warm-up step each; medians and ``ratio = ours / torchvision`` are printed, with the peak memory of one step
 measured in a fresh child process per model (``common.py``).

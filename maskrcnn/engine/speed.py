@@ -567,7 +567,8 @@ class _ScaledWeightConv(torch.autograd.Function):
     """``conv2d(x, weight * scale, bias * scale + shift)`` (``bias`` may be None) whose backward recomputes the
     scaled weight from ``weight``, a parameter held anyway, instead of saving the scaled copy: saved, the copies
     of res3-res5 would add about 90 MB to every training step. Gradients are those autograd gives for the
-    unfused expression (the same operations: ``grad_weight = grad_scaled_weight * scale``)."""
+    unfused expression (the same operations: ``grad_weight = grad_scaled_weight * scale``). Under autocast the
+    convolution runs in the autocast dtype, as ``F.conv2d`` would (inputs cast, the cast input saved)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor,
@@ -575,13 +576,20 @@ class _ScaledWeightConv(torch.autograd.Function):
         stride, padding, dilation, groups, onednn = conf
         scaled = weight * scale.view(-1, 1, 1, 1)
         b = shift if bias is None else bias * scale + shift
-        if onednn:
-            y = torch.ops.aten.mkldnn_convolution(x, scaled, b, list(padding), list(stride), list(dilation), groups)
-        else:
-            y = F.conv2d(x, scaled, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, scale)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        x_in = x.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            scaled, b = scaled.to(dtype), b.to(dtype)
+            if onednn and dtype == torch.float32:
+                y = torch.ops.aten.mkldnn_convolution(x_in, scaled, b, list(padding), list(stride), list(dilation),
+                                                      groups)
+            else:
+                y = F.conv2d(x_in, scaled, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x_in, weight, scale)
         ctx.conf = conf
         ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
@@ -590,13 +598,14 @@ class _ScaledWeightConv(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         stride, padding, dilation, groups, _ = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        scaled = weight * scale.view(-1, 1, 1, 1)
+        scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [need_x, need_w, need_b and ctx.has_bias])
-        grad_weight = gw * scale.view(-1, 1, 1, 1) if need_w else None
-        grad_bias = gb * scale if need_b and ctx.has_bias else None
-        return (gx if need_x else None), grad_weight, grad_bias, None, None, None
+            grad.to(x.dtype), x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, [need_x, need_w, need_b and ctx.has_bias])
+        grad_x = gx.to(ctx.x_dtype) if need_x else None
+        grad_weight = gw.to(weight.dtype) * scale.view(-1, 1, 1, 1) if need_w else None
+        grad_bias = gb.to(weight.dtype) * scale if need_b and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):

@@ -436,3 +436,22 @@ def test_config_defaults_switch_on_every_exact_feature():
     assert cfg.TRAIN.FUSE_FROZEN_BN is True and cfg.TRAIN.CHANNELS_LAST is True
     # a config without the keys (an older saved one) gets the same defaults
     assert speed._cfg_value(None, "TEST.CHANNELS_LAST") is True and speed._cfg_value({}, "TRAIN.AMP") == ""
+
+
+def test_training_fold_under_bf16_autocast_matches_the_unfused_pair():
+    """TRAIN.AMP bf16 with TRAIN.FUSE_FROZEN_BN: the folded conv runs in bf16 like F.conv2d would, and backward
+    returns gradients in the parameters' and input's dtypes."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1, bias=False), FrozenBatchNorm2d(16)
+    randomize_frozen_bn(nn.Sequential(bn))
+    fast = speed.FrozenBNConv2d(copy.deepcopy(conv), speed.FoldedFrozenBatchNorm2d.from_frozen(bn))
+    x = torch.randn(2, 8, 12, 10)
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y_fast = bn(conv(x_ref)), fast(x_fast)
+    assert y_fast.dtype == torch.bfloat16
+    torch.testing.assert_close(y_fast.float(), y_ref.float(), rtol=BF16_RTOL, atol=5e-2)
+    y_ref.float().square().sum().backward()
+    y_fast.float().square().sum().backward()
+    assert x_fast.grad.dtype == fast.weight.grad.dtype == torch.float32
+    assert rel_err(x_fast.grad, x_ref.grad) < BF16_RTOL and rel_err(fast.weight.grad, conv.weight.grad) < BF16_RTOL
