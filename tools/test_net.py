@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
     from maskrcnn.data.build import DatasetItemError
     from maskrcnn.data.catalog import DatasetSpecError
-    from maskrcnn.engine.launch import setup_distributed, shutdown
+    from maskrcnn.engine.launch import run_then_shutdown, setup_distributed
     from maskrcnn.ops._backend import set_backend
     from maskrcnn.utils.checkpoint import CheckpointError
     from maskrcnn.utils.logger import setup_logger
@@ -155,25 +155,17 @@ def main(argv=None) -> int:
         print(f"error: checkpoint not found: {args.load_ckpt}", file=sys.stderr)
         return 1
     ctx = setup_distributed(cfg.MODEL.DEVICE, no_cuda=args.no_cuda)
-    clean_exit = False
-    try:
+
+    def body() -> int:
         out = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.load_ckpt)), "test")
         logger = setup_logger("maskrcnn", out, rank=ctx.rank)
         logger.info("command line: %s", " ".join(sys.argv))
         if cfg.OPS_BACKEND != "auto":
             set_backend(cfg.OPS_BACKEND)
-        try:
-            rc = run(cfg, args, ctx, logger)
-            clean_exit = rc == 0
-            return rc
-        except (ConfigError, DatasetSpecError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (CheckpointError, DatasetItemError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    finally:
-        shutdown(wait_for_peers=clean_exit)
+        return run(cfg, args, ctx, logger)
+
+    return run_then_shutdown(body, usage_errors=(ConfigError, DatasetSpecError),
+                             run_errors=(CheckpointError, DatasetItemError))
 
 
 if __name__ == "__main__":

@@ -249,15 +249,15 @@ def main(argv=None) -> int:
     from maskrcnn.data.validate import UnreadableImagesError
     from maskrcnn.data.catalog import DatasetSpecError
     from maskrcnn.engine.hooks import TensorboardUnavailable
-    from maskrcnn.engine.launch import setup_distributed, shutdown
+    from maskrcnn.engine.launch import run_then_shutdown, setup_distributed
     from maskrcnn.ops._backend import set_backend
     from maskrcnn.utils.checkpoint import CheckpointError
     from maskrcnn.utils.env import collect_env_info
     from maskrcnn.utils.logger import setup_logger
 
     ctx = setup_distributed(cfg.MODEL.DEVICE, no_cuda=args.no_cuda)
-    clean_exit = False
-    try:
+
+    def body() -> int:
         logger = setup_logger("maskrcnn", cfg.OUTPUT_DIR, rank=ctx.rank)
         logger.info("command line: %s", " ".join(sys.argv))
         logger.info("environment:\n%s", collect_env_info())
@@ -267,19 +267,11 @@ def main(argv=None) -> int:
                 f.write(cfg.dump())
         if cfg.OPS_BACKEND != "auto":
             set_backend(cfg.OPS_BACKEND)
-        try:
-            rc = train(cfg, args, ctx, logger)
-            clean_exit = rc == 0
-            return rc
-        except (ConfigError, DatasetSpecError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (CheckpointError, TensorboardUnavailable, DatasetItemError, UnreadableImagesError,
-                WorkerDiedError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    finally:
-        shutdown(wait_for_peers=clean_exit)
+        return train(cfg, args, ctx, logger)
+
+    return run_then_shutdown(body, usage_errors=(ConfigError, DatasetSpecError),
+                             run_errors=(CheckpointError, TensorboardUnavailable, DatasetItemError,
+                                         UnreadableImagesError, WorkerDiedError))
 
 
 if __name__ == "__main__":

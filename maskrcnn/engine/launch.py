@@ -8,7 +8,9 @@ Each process trains on its own shard with ``TRAIN.IMS_PER_BATCH`` images; gradie
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Callable, Tuple, Type
 
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from ..utils import distributed as dist_utils
 from ..utils.env import resolve_device
 
-__all__ = ["DistContext", "setup_distributed", "create_ddp_model", "shutdown"]
+__all__ = ["DistContext", "setup_distributed", "create_ddp_model", "shutdown", "run_then_shutdown"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +79,27 @@ def shutdown(wait_for_peers: bool = False, timeout_s: float = 300.0) -> None:
     if wait_for_peers:
         dist_utils.synchronize(timeout_s=timeout_s, raise_on_timeout=False)
     dist_utils.destroy()
+
+
+def run_then_shutdown(body: Callable[[], int], usage_errors: Tuple[Type[BaseException], ...] = (),
+                      run_errors: Tuple[Type[BaseException], ...] = ()) -> int:
+    """A tool's main after :func:`setup_distributed`: the exit code of ``body()``, then leave the process group.
+
+    ``usage_errors`` (bad config, dataset spec) exit with 2 and ``run_errors`` (unreadable checkpoint or data) with 1,
+    each printed as one ``error: ...`` line without a traceback; anything else propagates. Processes meet at a
+    barrier before leaving only when ``body`` returned 0 (see :func:`shutdown`).
+    """
+    clean_exit = False
+    try:
+        try:
+            rc = body()
+        except usage_errors as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except run_errors as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        clean_exit = rc == 0
+        return rc
+    finally:
+        shutdown(wait_for_peers=clean_exit)

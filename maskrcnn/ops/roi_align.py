@@ -474,7 +474,7 @@ class _RoIAlignFunction(torch.autograd.Function):
         table = pack_features(features, dtype)
         # A plan maker is kept instead of its plan: the plan holds ~8 bytes per (bin, sample) entry (6 MB for
         # 1024 RoIs at 7x7), and rebuilding it in backward costs a few milliseconds.
-        ctx.plan, ctx.dtype, ctx.num_rows = plan, dtype, table.shape[0]
+        ctx.plan, ctx.dtype = plan, dtype
         ctx.meta = feature_meta(features)
         plan = plan() if callable(plan) else plan
         return _plan_forward(table, plan, new_output(num_rois, table.shape[1], output_size, features[0]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from maskrcnn.engine.launch import DistContext, create_ddp_model, setup_distributed
+from maskrcnn.engine.launch import DistContext, create_ddp_model, run_then_shutdown, setup_distributed
 from maskrcnn.utils import distributed as dist_utils
 from maskrcnn.utils.env import collect_env_info, memory_mb, resolve_device, seed_all
 from maskrcnn.utils.logger import Progress, SmoothedValue, format_seconds, setup_logger
@@ -167,3 +167,24 @@ def test_non_finite_loss_on_one_rank_is_skipped_by_all_ranks(tmp_path):
     assert a["skipped"] == b["skipped"] == 1
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_run_then_shutdown_maps_errors_to_exit_codes(capsys):
+    class Usage(Exception):
+        pass
+
+    class Run(Exception):
+        pass
+
+    def failing(exc):
+        def body():
+            raise exc("bad thing in cfg.yaml")
+        return body
+
+    assert run_then_shutdown(lambda: 0, (Usage,), (Run,)) == 0
+    assert run_then_shutdown(lambda: 3, (Usage,), (Run,)) == 3
+    assert run_then_shutdown(failing(Usage), (Usage,), (Run,)) == 2
+    assert run_then_shutdown(failing(Run), (Usage,), (Run,)) == 1
+    assert capsys.readouterr().err.count("error: bad thing in cfg.yaml") == 2
+    with pytest.raises(KeyError):
+        run_then_shutdown(failing(KeyError), (Usage,), (Run,))
