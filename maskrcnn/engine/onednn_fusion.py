@@ -16,7 +16,8 @@ from ..modeling.backbone.fpn import FPN
 from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConv2d", "FusedFPN", "fuse_conv_activations",
-           "onednn_fusion_available"]
+           "onednn_fusion_available",
+           "onednn_supports_dtype"]
 
 
 def onednn_fusion_available() -> bool:
@@ -27,6 +28,21 @@ def onednn_fusion_available() -> bool:
         return hasattr(torch.ops.mkldnn, "_convolution_pointwise")
     except (AttributeError, RuntimeError):
         return False
+
+
+def onednn_supports_dtype(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs oneDNN's convolutions in ``dtype``: bf16 and fp16 need AVX-512 (BW/VL/DQ) or
+    AVX-NE-CONVERT; on a CPU with only AVX2 the fused kernels raise, so :class:`FusedConv2d` takes its plain path."""
+    if dtype == torch.float32:
+        return True
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    return False
 
 
 class FusedConv2d(nn.Module):
@@ -99,6 +115,7 @@ class FusedConv2d(nn.Module):
         # oneDNN's fused kernels take channels-last activations; for contiguous ones PyTorch falls back to a
         # separate add/ReLU that lacks some dtypes, so those run the plain path below.
         onednn = (x.device.type == "cpu" and x.dim() == 4 and onednn_fusion_available()
+                  and onednn_supports_dtype(dtype)
                   and x.is_contiguous(memory_format=torch.channels_last)
                   and not (torch.is_grad_enabled() and x.requires_grad))
         if onednn:
