@@ -24,33 +24,83 @@ Caffe2 tensors have PyTorch's layouts (conv ``(out, in, kh, kw)``, FC ``(out, in
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import yaml
 from torch import Tensor
 
-from .formats import WeightsConversionError, affine_to_bn, raise_unmapped, to_tensor
+from .common import WeightsConversionError, affine_channels_to_bn, bn_to_affine_channels, to_tensor
+from .rules import Rule, RuleTable
 
 __all__ = ["is_detectron_blobs", "get_blobs", "detectron_to_canonical", "canonical_to_detectron",
            "read_detectron_cfg"]
 
-_SUFFIX = {"w": "weight", "b": "bias"}
-_BRANCH = {"2a": "1", "2b": "2", "2c": "3"}
-_RES_RE = re.compile(r"^(_\[mask\]_)?res([2-5])_(\d+)_branch(1|2a|2b|2c)_(w|b|bn_s|bn_b|gn_s|gn_b)$")
-_FPN_INNER_RE = re.compile(r"^fpn_inner_res([2-5])_(\d+)_sum(_lateral)?_(w|b|gn_s|gn_b)$")
-_FPN_OUT_RE = re.compile(r"^fpn_res([2-5])_(\d+)_sum_(w|b|gn_s|gn_b)$")
-_RPN_RE = re.compile(r"^(conv_rpn|rpn_cls_logits|rpn_bbox_pred)(?:_fpn(\d))?_(w|b)$")
-_RPN_CANON = {"conv_rpn": "rpn.conv", "rpn_cls_logits": "rpn.cls_logits", "rpn_bbox_pred": "rpn.bbox_pred"}
-_SIMPLE = {"fc6": "box.fc6", "fc7": "box.fc7", "cls_score": "box.cls_score", "bbox_pred": "box.bbox_pred",
-           "conv5_mask": "mask.conv5_mask", "mask_fcn_logits": "mask.logits"}
-_MASK_FCN_RE = re.compile(r"^_\[mask\]_fcn(\d+)_(w|b)$")
-# Blobs Detectron itself never loads into a detection model: conv biases of bias-free convs, ImageNet classifiers.
-# SpatialBN running statistics (``*_bn_rm``/``*_bn_riv``) are not AffineChannel parameters: Detectron ignores them too.
-_IGNORED_RE = re.compile(r"^(conv1_b|res\d_\d+_branch(1|2a|2b|2c)_b|pred_[wb]|fc1000_[wb]|_\[mask\]_res\d_\d+_branch"
-                         r"(1|2a|2b|2c)_b|.*_bn_(rm|riv))$")
-_NON_BLOB_KEYS = ("cfg", "lr", "iter", "model_iter")
+_WB = {"w": "weight", "b": "bias"}
+_AFFINE = {"s": "scale", "b": "shift"}  # AffineChannel blobs
+_GN = {"s": "weight", "b": "bias"}  # GroupNorm blobs
+_CONV = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "downsample.0"}
+_NORM = {"2a": "bn1", "2b": "bn2", "2c": "bn3", "1": "downsample.1"}
+_STAGE = {**{f"res{s}": f"res{s}" for s in range(2, 6)}, "_[mask]_res5": "mask_res5"}
+_RPN = {"conv_rpn": "conv", "rpn_cls_logits": "cls_logits", "rpn_bbox_pred": "bbox_pred"}
+_HEADS = {"fc6": "box.fc6", "fc7": "box.fc7", "cls_score": "box.cls_score", "bbox_pred": "box.bbox_pred",
+          "conv5_mask": "mask.conv5_mask", "mask_fcn_logits": "mask.logits"}
+_BLOCK = r"(?P<stage>res[2-5]|_\[mask\]_res5)_(?P<b>\d+)_branch(?P<br>1|2a|2b|2c)"
+_FPN_INNER = r"fpn_inner_res(?P<L>[2-5])_\d+_sum(?:_lateral)?"
+_FPN_OUT = r"fpn_res(?P<L>[2-5])_\d+_sum"
+_RPN_RE = re.compile(r"^(?:conv_rpn|rpn_cls_logits|rpn_bbox_pred)(?:_fpn(\d))?_[wb]$")
+
+#: Detectron blob name -> canonical name.
+TO_CANONICAL = RuleTable("this Detectron file", "maskrcnn's model", [
+    # Blobs Detectron itself never loads into a detection model: SGD state, metadata, conv biases of bias-free
+    # convs, ImageNet classifiers, and SpatialBN running statistics (not AffineChannel parameters).
+    Rule(r".*_momentum|cfg|lr|iter|model_iter", None),
+    Rule(r"conv1_b|pred_[wb]|fc1000_[wb]|.*_bn_(?:rm|riv)", None),
+    Rule(r"(?:_\[mask\]_)?res\d_\d+_branch(?:1|2a|2b|2c)_b", None),
+    Rule(r"conv1_w", "stem.conv1.weight"),
+    Rule(r"res_conv1_bn_(?P<p>[sb])", "stem.bn1.{p}", {"p": _AFFINE}),
+    Rule(r"conv1_gn_(?P<p>[sb])", "stem.bn1.{p}", {"p": _GN}),
+    Rule(_BLOCK + r"_w", "{stage}.{b}.{br}.weight", {"stage": _STAGE, "br": _CONV}),
+    Rule(_BLOCK + r"_bn_(?P<p>[sb])", "{stage}.{b}.{br}.{p}", {"stage": _STAGE, "br": _NORM, "p": _AFFINE}),
+    Rule(_BLOCK + r"_gn_(?P<p>[sb])", "{stage}.{b}.{br}.{p}", {"stage": _STAGE, "br": _NORM, "p": _GN}),
+    Rule(_FPN_INNER + r"_(?P<p>[wb])", "fpn.lateral{L}.{p}", {"p": _WB}),
+    Rule(_FPN_INNER + r"_gn_(?P<p>[sb])", "fpn.lateral{L}.norm.{p}", {"p": _GN}),
+    Rule(_FPN_OUT + r"_(?P<p>[wb])", "fpn.output{L}.{p}", {"p": _WB}),
+    Rule(_FPN_OUT + r"_gn_(?P<p>[sb])", "fpn.output{L}.norm.{p}", {"p": _GN}),
+    Rule(r"(?P<layer>conv_rpn|rpn_cls_logits|rpn_bbox_pred)(?:_fpn\d)?_(?P<p>[wb])", "rpn.{layer}.{p}",
+         {"layer": _RPN, "p": _WB}),
+    Rule(r"_\[mask\]_fcn(?P<i>\d+)_(?P<p>[wb])", "mask.fcn{i}.{p}", {"p": _WB}),
+    Rule(r"(?P<layer>\w+)_(?P<p>[wb])", "{layer}.{p}", {"layer": _HEADS, "p": _WB}),
+], hint="Keypoint, RetinaNet, GroupNorm-head and other non-Mask R-CNN models are not supported.")
+
+
+def _invert(table: Mapping[str, str]) -> Dict[str, str]:
+    return {v: k for k, v in table.items()}
+
+
+def _fpn_blob(f: Dict[str, Any]) -> str:
+    """Detectron names an FPN blob after the last block of its stage; the coarsest lateral has no ``_lateral``."""
+    stage = f"res{f['L']}_{f['last_block'].get(f['L'], 0)}_sum"
+    if f["kind"] == "output":
+        return f"fpn_{stage}_{f['p']}"
+    return f"fpn_inner_{stage}{'' if f['L'] == f['top'] else '_lateral'}_{f['p']}"
+
+
+#: Canonical name -> Detectron blob name (norms already folded to AffineChannel weight/bias).
+FROM_CANONICAL = RuleTable("the canonical weights", "Detectron's names", [
+    Rule(r"stem\.conv1\.weight", "conv1_w"),
+    Rule(r"stem\.bn1\.(?P<p>weight|bias)", "res_conv1_bn_{p}", {"p": _invert(_GN)}),
+    Rule(r"(?P<stage>res[2-5]|mask_res5)\.(?P<b>\d+)\.(?P<br>conv[123]|downsample\.0)\.weight",
+         "{stage}_{b}_branch{br}_w", {"stage": _invert(_STAGE), "br": _invert(_CONV)}),
+    Rule(r"(?P<stage>res[2-5]|mask_res5)\.(?P<b>\d+)\.(?P<br>bn[123]|downsample\.1)\.(?P<p>weight|bias)",
+         "{stage}_{b}_branch{br}_bn_{p}", {"stage": _invert(_STAGE), "br": _invert(_NORM), "p": _invert(_GN)}),
+    Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-5])\.(?P<p>weight|bias)", _fpn_blob, {"p": _invert(_WB)}),
+    Rule(r"rpn\.(?P<layer>conv|cls_logits|bbox_pred)\.(?P<p>weight|bias)", "{layer}{rpn_level}_{p}",
+         {"layer": _invert(_RPN), "p": _invert(_WB)}),
+    Rule(r"mask\.fcn(?P<i>\d+)\.(?P<p>weight|bias)", "_[mask]_fcn{i}_{p}", {"p": _invert(_WB)}),
+    Rule(r"(?P<layer>box\.\w+|mask\.\w+)\.(?P<p>weight|bias)", "{layer}_{p}",
+         {"layer": _invert(_HEADS), "p": _invert(_WB)}),
+])
 
 
 def get_blobs(obj: Any) -> Mapping[str, Any]:
@@ -69,98 +119,28 @@ def is_detectron_blobs(obj: Any) -> bool:
     except WeightsConversionError:
         return False
     names = [k for k, v in blobs.items() if isinstance(k, str) and isinstance(v, np.ndarray)]
-    return "conv1_w" in names or any(_RES_RE.match(n) or _RPN_RE.match(n) for n in names[:50])
-
-
-def _norm(canonical: Dict[str, Tensor], prefix: str, kind: str, s: Optional[Tensor], b: Optional[Tensor],
-          src: str) -> None:
-    if s is None or b is None:
-        raise WeightsConversionError(f"Detectron norm {src!r} needs both its _s and _b blobs")
-    if kind == "bn":
-        for k, v in affine_to_bn(s, b).items():
-            canonical[f"{prefix}.{k}"] = v
-    else:
-        canonical[f"{prefix}.weight"], canonical[f"{prefix}.bias"] = s, b
+    return "conv1_w" in names or any(re.fullmatch(_BLOCK + r"_(?:w|b|bn_s|bn_b|gn_s|gn_b)", n) or _RPN_RE.match(n)
+                                     for n in names[:50])
 
 
 def detectron_to_canonical(obj: Any) -> Tuple[Dict[str, Tensor], List[str]]:
-    """Map a loaded Detectron file to canonical names (see :mod:`maskrcnn.utils.weights.formats`).
+    """Map a loaded Detectron file to canonical names (see :mod:`maskrcnn.utils.weights.common`).
 
     Returns ``(canonical, notes)``. Momentum, conv biases of bias-free convs and ImageNet classifier blobs
     (``pred_*``, ``fc1000_*``) are dropped and counted in the notes; any other unknown blob is an error.
     """
     blobs = get_blobs(obj)
-    canonical: Dict[str, Tensor] = OrderedDict()
-    norms: Dict[Tuple[str, str], Dict[str, Tensor]] = OrderedDict()
-    ignored, unmapped, rpn_levels = [], [], set()
-    for name, value in blobs.items():
-        if not isinstance(name, str):
-            unmapped.append(repr(name))
-            continue
-        if name.endswith("_momentum") or name in _NON_BLOB_KEYS or _IGNORED_RE.match(name):
-            ignored.append(name)
-            continue
-        if not isinstance(value, np.ndarray):
-            ignored.append(name)
-            continue
-        t = to_tensor(value, name)
-        m = _RES_RE.match(name)
-        if m:
-            mask, stage, block, branch, what = m.groups()
-            prefix = f"{'mask_res5' if mask else 'res' + stage}.{block}"
-            if mask and stage != "5":
-                unmapped.append(name)
-                continue
-            layer = "downsample" if branch == "1" else None
-            if what == "w":
-                key = f"{prefix}.downsample.0.weight" if layer else f"{prefix}.conv{_BRANCH[branch]}.weight"
-                canonical[key] = t
-            else:
-                kind, sb = what.split("_")
-                norm_prefix = f"{prefix}.downsample.1" if layer else f"{prefix}.bn{_BRANCH[branch]}"
-                norms.setdefault((norm_prefix, kind), {})[sb] = t
-            continue
-        if name == "conv1_w":
-            canonical["stem.conv1.weight"] = t
-            continue
-        if name in ("res_conv1_bn_s", "res_conv1_bn_b", "conv1_gn_s", "conv1_gn_b"):
-            norms.setdefault(("stem.bn1", "bn" if "_bn_" in name else "gn"), {})[name[-1]] = t
-            continue
-        m = _FPN_INNER_RE.match(name) or _FPN_OUT_RE.match(name)
-        if m:
-            is_inner = name.startswith("fpn_inner_")
-            level, what = m.group(1), m.groups()[-1]
-            prefix = f"fpn.{'lateral' if is_inner else 'output'}{level}"
-            if what in ("w", "b"):
-                canonical[f"{prefix}.{_SUFFIX[what]}"] = t
-            else:
-                canonical[f"{prefix}.norm.{'weight' if what == 'gn_s' else 'bias'}"] = t
-            continue
-        m = _RPN_RE.match(name)
-        if m:
-            layer, level, what = m.groups()
-            rpn_levels.add(level)
-            canonical[f"{_RPN_CANON[layer]}.{_SUFFIX[what]}"] = t
-            continue
-        m = _MASK_FCN_RE.match(name)
-        if m:
-            canonical[f"mask.fcn{m.group(1)}.{_SUFFIX[m.group(2)]}"] = t
-            continue
-        base, _, what = name.rpartition("_")
-        if base in _SIMPLE and what in _SUFFIX:
-            canonical[f"{_SIMPLE[base]}.{_SUFFIX[what]}"] = t
-            continue
-        unmapped.append(name)
-    raise_unmapped("Detectron", unmapped, "Keypoint, RetinaNet, GroupNorm-head and other non-Mask R-CNN models are "
-                   "not supported.")
+    arrays = {k: v for k, v in blobs.items() if not isinstance(k, str) or isinstance(v, np.ndarray)}
+    rpn_levels = {m.group(1) for m in map(_RPN_RE.match, (k for k in arrays if isinstance(k, str))) if m}
     if len(rpn_levels) > 1:
         raise WeightsConversionError(f"Detectron RPN blobs for several levels {sorted(rpn_levels, key=str)}: the FPN "
                                      "RPN is shared and stored once under its lowest level")
-    for (prefix, kind), sb in norms.items():
-        _norm(canonical, prefix, kind, sb.get("s"), sb.get("b"), prefix)
+    renamed, dropped = TO_CANONICAL.apply(arrays, convert=to_tensor)
+    canonical = affine_channels_to_bn(renamed, "Detectron")
     notes = []
+    ignored = len(dropped) + len(blobs) - len(arrays)
     if ignored:
-        notes.append(f"Detectron: dropped {len(ignored)} blob(s) Detectron does not load into the network "
+        notes.append(f"Detectron: dropped {ignored} blob(s) Detectron does not load into the network "
                      f"(momentum, conv biases of bias-free convs, ImageNet classifier, metadata).")
     saved_cfg = read_detectron_cfg(obj.get("cfg") if isinstance(obj, Mapping) else None)
     if saved_cfg:
@@ -224,75 +204,18 @@ def _saved_cfg_notes(saved: Dict[str, Any]) -> List[str]:
     return notes
 
 
+
 # --- canonical -> Detectron (writes files Detectron can load; also used by the tests) ----------------------------
 def canonical_to_detectron(canonical: Mapping[str, Tensor]) -> Dict[str, np.ndarray]:
-    """Inverse of :func:`detectron_to_canonical` (batch norms must be affine: mean 0; their ``var`` is folded into
-    the scale). FPN blob names use the last block index of each stage, found from the ``res*`` keys."""
+    """Inverse of :func:`detectron_to_canonical` (batch norms are folded into AffineChannel scale and shift). FPN
+    blob names use the last block index of each stage, found from the ``res*`` keys."""
     last_block: Dict[str, int] = {}
     for k in canonical:
         m = re.match(r"^res([2-5])\.(\d+)\.", k)
         if m:
             last_block[m.group(1)] = max(last_block.get(m.group(1), 0), int(m.group(2)))
-    top = max(last_block) if last_block else "5"
-    out: Dict[str, np.ndarray] = OrderedDict()
-
-    def arr(t: Tensor) -> np.ndarray:
-        return t.detach().cpu().numpy().astype(np.float32)
-
-    done = set()
-    for key, t in canonical.items():
-        if key in done:
-            continue
-        m = re.match(r"^(stem|res[2-5]\.\d+|mask_res5\.\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$", key)
-        if m:
-            prefix, layer, what = m.groups()
-            if prefix == "stem":
-                base = "conv1" if layer == "conv1" else "res_conv1_bn"
-            else:
-                stage_block = prefix.replace(".", "_").replace("mask_res5", "_[mask]_res5")
-                branch = {"conv1": "2a", "bn1": "2a", "conv2": "2b", "bn2": "2b", "conv3": "2c", "bn3": "2c",
-                          "downsample.0": "1", "downsample.1": "1"}[layer]
-                base = f"{stage_block}_branch{branch}"
-                if layer.startswith("bn") or layer == "downsample.1":
-                    base += "_bn"
-            if layer.startswith("conv") or layer == "downsample.0":
-                out[f"{base}_w"] = arr(t)
-            else:
-                head = key.rsplit(".", 1)[0]
-                w, b = canonical[f"{head}.weight"], canonical[f"{head}.bias"]
-                mean = canonical.get(f"{head}.running_mean")
-                var = canonical.get(f"{head}.running_var")
-                if mean is not None and var is not None:
-                    scale = w / (var + 1e-5).sqrt()
-                    b = b - mean * scale
-                    w = scale
-                out[f"{base}_s"], out[f"{base}_b"] = arr(w), arr(b)
-                done.update(f"{head}.{k}" for k in ("weight", "bias", "running_mean", "running_var"))
-            continue
-        m = re.match(r"^fpn\.(lateral|output)([2-5])\.(weight|bias)$", key)
-        if m:
-            kind, level, what = m.groups()
-            stage_name = f"res{level}_{last_block.get(level, 0)}_sum"
-            if kind == "output":
-                base = f"fpn_{stage_name}"
-            else:
-                base = f"fpn_inner_{stage_name}" + ("" if level == top else "_lateral")
-            out[f"{base}_{what[0]}"] = arr(t)
-            continue
-        m = re.match(r"^(rpn\.conv|rpn\.cls_logits|rpn\.bbox_pred)\.(weight|bias)$", key)
-        if m:
-            names = {"rpn.conv": "conv_rpn", "rpn.cls_logits": "rpn_cls_logits", "rpn.bbox_pred": "rpn_bbox_pred"}
-            fpn = "_fpn2" if any(k.startswith("fpn.") for k in canonical) else ""
-            out[f"{names[m.group(1)]}{fpn}_{m.group(2)[0]}"] = arr(t)
-            continue
-        m = re.match(r"^mask\.fcn(\d+)\.(weight|bias)$", key)
-        if m:
-            out[f"_[mask]_fcn{m.group(1)}_{m.group(2)[0]}"] = arr(t)
-            continue
-        head, _, what = key.rpartition(".")
-        inverse = {v: k for k, v in _SIMPLE.items()}
-        if head in inverse:
-            out[f"{inverse[head]}_{what[0]}"] = arr(t)
-            continue
-        raise WeightsConversionError(f"canonical tensor {key!r} has no Detectron name")
+    context = {"last_block": last_block, "top": max(last_block) if last_block else "5",
+               "rpn_level": "_fpn2" if any(k.startswith("fpn.") for k in canonical) else ""}
+    out, _ = FROM_CANONICAL.apply(bn_to_affine_channels(canonical), context,
+                                  convert=lambda t, _: t.detach().cpu().numpy().astype(np.float32))
     return out

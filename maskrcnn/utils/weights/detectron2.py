@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .formats import WeightsConversionError, raise_unmapped, to_tensor, unwrap_state_dict
+from .common import BN_BUFFERS, WeightsConversionError, to_tensor, unwrap_state_dict
+from .rules import PARAM, Rule, RuleTable
 
 __all__ = ["is_detectron2", "detectron2_to_canonical", "canonical_to_detectron2", "reorder_anchor_channels"]
 
-_BODY_RE = re.compile(r"^backbone\.(?:bottom_up\.)?(stem\.conv1|res[2-5]\.\d+\.(?:conv[123]|shortcut))"
-                      r"(\.norm)?\.(weight|bias|running_mean|running_var)$")
-_RES5_RE = re.compile(r"^roi_heads\.(res5\.\d+\.(?:conv[123]|shortcut))(\.norm)?\.(weight|bias|running_mean|"
-                      r"running_var)$")
-_FPN_RE = re.compile(r"^backbone\.fpn_(lateral|output)([2-6])(\.norm)?\.(weight|bias)$")
+_NORM_BUFFER = r"(?P<p>" + "|".join(BN_BUFFERS) + ")"
 _HEADS = {
     "proposal_generator.rpn_head.conv": "rpn.conv",
     "proposal_generator.rpn_head.objectness_logits": "rpn.cls_logits",
@@ -48,9 +45,52 @@ _HEADS = {
     "roi_heads.box_predictor.cls_score": "box.cls_score", "roi_heads.box_predictor.bbox_pred": "box.bbox_pred",
     "roi_heads.mask_head.deconv": "mask.conv5_mask", "roi_heads.mask_head.predictor": "mask.logits",
 }
-_MASK_FCN_RE = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$")
-_DROPPED_RE = re.compile(r"(^pixel_(mean|std)$|num_batches_tracked$|^proposal_generator\.anchor_generator\.)")
-_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+_HEAD_PATTERN = r"(?P<layer>" + "|".join(k.replace(".", r"\.") for k in _HEADS) + r")\." + PARAM
+_BODY = r"backbone\.(?:bottom_up\.)?"  # FPN models wrap the ResNet in bottom_up
+
+
+def _resnet_rules(source: str, stage: str) -> Iterator[Rule]:
+    """detectron2's ResNet blocks under ``source`` (a pattern ending in the stage) -> canonical ``stage``: conv
+    ``i`` carries norm ``i``, and the projection shortcut is ``shortcut`` (+ ``.norm``)."""
+    block = source + r"\.(?P<b>\d+)\."
+    yield Rule(block + r"conv(?P<i>[123])\.weight", stage + ".{b}.conv{i}.weight")
+    yield Rule(block + r"conv(?P<i>[123])\.norm\." + _NORM_BUFFER, stage + ".{b}.bn{i}.{p}")
+    yield Rule(block + r"shortcut\.weight", stage + ".{b}.downsample.0.weight")
+    yield Rule(block + r"shortcut\.norm\." + _NORM_BUFFER, stage + ".{b}.downsample.1.{p}")
+
+
+def _resnet_rules_back(source: str, stage: str) -> Iterator[Rule]:
+    """Inverse of :func:`_resnet_rules`: canonical blocks under ``source`` -> detectron2's ``stage``."""
+    block = source + r"\.(?P<b>\d+)\."
+    yield Rule(block + r"conv(?P<i>[123])\.weight", stage + ".{b}.conv{i}.weight")
+    yield Rule(block + r"bn(?P<i>[123])\." + _NORM_BUFFER, stage + ".{b}.conv{i}.norm.{p}")
+    yield Rule(block + r"downsample\.0\.weight", stage + ".{b}.shortcut.weight")
+    yield Rule(block + r"downsample\.1\." + _NORM_BUFFER, stage + ".{b}.shortcut.norm.{p}")
+
+
+#: detectron2 state-dict name -> canonical name.
+TO_CANONICAL = RuleTable("this detectron2 file", "maskrcnn's model", [
+    Rule(r"pixel_(?:mean|std)|.*num_batches_tracked|proposal_generator\.anchor_generator\..*", None),
+    Rule(_BODY + r"stem\.conv1\.weight", "stem.conv1.weight"),
+    Rule(_BODY + r"stem\.conv1\.norm\." + _NORM_BUFFER, "stem.bn1.{p}"),
+    *_resnet_rules(_BODY + r"(?P<s>res[2-5])", "{s}"),
+    *_resnet_rules(r"roi_heads\.res5", "res5"),
+    Rule(r"backbone\.fpn_(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "fpn.{kind}{L}{norm}.{p}"),
+    Rule(r"roi_heads\.mask_head\.mask_fcn(?P<i>\d+)\." + PARAM, "mask.fcn{i}.{p}"),
+    Rule(_HEAD_PATTERN, "{layer}.{p}", {"layer": _HEADS}),
+], hint="Cascade, keypoint, RetinaNet, GN-head and other non-standard detectron2 models are not supported.")
+
+#: Canonical name -> detectron2 name. Context: ``body`` (``backbone.bottom_up.`` under FPN, else ``backbone.``) and
+#: ``res5`` (``roi_heads.`` when res5 is the C4 box head, else ``body``).
+FROM_CANONICAL = RuleTable("the canonical weights", "detectron2's names", [
+    Rule(r"stem\.conv1\.weight", "{body}stem.conv1.weight"),
+    Rule(r"stem\.bn1\." + _NORM_BUFFER, "{body}stem.conv1.norm.{p}"),
+    *_resnet_rules_back(r"(?P<s>res[2-4])", "{body}{s}"),
+    *_resnet_rules_back(r"res5", "{res5}res5"),
+    Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "backbone.fpn_{kind}{L}{norm}.{p}"),
+    Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "roi_heads.mask_head.mask_fcn{i}.{p}"),
+    Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": {v: k for k, v in _HEADS.items()}}),
+])
 
 
 def is_detectron2(obj: Any) -> bool:
@@ -63,20 +103,6 @@ def is_detectron2(obj: Any) -> bool:
         return False
     return any(isinstance(k, str) and (k.startswith("backbone.bottom_up.") or k.startswith("backbone.stem.")
                                        or k.startswith("proposal_generator.")) for k in sd)
-
-
-def _block_layer(path: str) -> str:
-    """detectron2 ``res2.0.conv1`` / ``res2.0.shortcut`` / ``stem.conv1`` -> canonical conv name."""
-    if path == "stem.conv1":
-        return "stem.conv1"
-    return path.replace(".shortcut", ".downsample.0")
-
-
-def _norm_layer(path: str) -> str:
-    if path == "stem.conv1":
-        return "stem.bn1"
-    stage_block, layer = path.rsplit(".", 1)
-    return f"{stage_block}.{'downsample.1' if layer == 'shortcut' else 'bn' + layer[-1]}"
 
 
 def reorder_anchor_channels(t: Tensor, num_sizes: int, num_ratios: int, per_anchor: int,
@@ -93,6 +119,8 @@ def reorder_anchor_channels(t: Tensor, num_sizes: int, num_ratios: int, per_anch
     return grid.transpose(0, 1).reshape(t.shape).contiguous()
 
 
+
+
 def detectron2_to_canonical(obj: Any, anchor_grid: Optional[Tuple[int, int]] = None
                             ) -> Tuple[Dict[str, Tensor], List[str]]:
     """Map a detectron2 checkpoint to canonical names and Detectron's class/anchor layouts.
@@ -103,52 +131,16 @@ def detectron2_to_canonical(obj: Any, anchor_grid: Optional[Tuple[int, int]] = N
     Returns ``(canonical, notes)``.
     """
     sd = unwrap_state_dict(obj)
-    canonical: Dict[str, Tensor] = OrderedDict()
-    unmapped: List[str] = []
+    pixel = {name: [round(float(x), 4) for x in np.asarray(to_tensor(sd[name], name)).reshape(-1)]
+             for name in ("pixel_mean", "pixel_std") if name in sd}
+    canonical, dropped = TO_CANONICAL.apply(sd, convert=to_tensor)
     notes: List[str] = []
-    pixel = {}
-    dropped = 0
-    for name, value in sd.items():
-        if not isinstance(name, str):
-            unmapped.append(repr(name))
-            continue
-        if _DROPPED_RE.search(name):
-            if name in ("pixel_mean", "pixel_std"):
-                pixel[name] = [round(float(x), 4) for x in np.asarray(to_tensor(value, name)).reshape(-1)]
-            dropped += 1
-            continue
-        t = to_tensor(value, name)
-        m = _BODY_RE.match(name) or _RES5_RE.match(name)
-        if m:
-            path, norm, what = m.groups()
-            if norm:
-                canonical[f"{_norm_layer(path)}.{what}"] = t
-            elif what == "weight":
-                canonical[f"{_block_layer(path)}.weight"] = t
-            else:
-                unmapped.append(name)
-            continue
-        m = _FPN_RE.match(name)
-        if m:
-            kind, level, norm, what = m.groups()
-            canonical[f"fpn.{kind}{level}.{'norm.' if norm else ''}{what}"] = t
-            continue
-        m = _MASK_FCN_RE.match(name)
-        if m:
-            canonical[f"mask.fcn{m.group(1)}.{m.group(2)}"] = t
-            continue
-        head, _, what = name.rpartition(".")
-        if head in _HEADS and what in ("weight", "bias"):
-            canonical[f"{_HEADS[head]}.{what}"] = t
-            continue
-        unmapped.append(name)
-    raise_unmapped("detectron2", unmapped, "Cascade, keypoint, RetinaNet, GN-head and other non-standard "
-                   "detectron2 models are not supported.")
     _fix_norms(canonical)
     _to_detectron_classes(canonical, notes)
     _to_detectron_anchors(canonical, anchor_grid, notes)
     if dropped:
-        notes.append(f"detectron2: dropped {dropped} non-weight buffer(s) (pixel_mean/pixel_std, anchors, counters).")
+        notes.append(f"detectron2: dropped {len(dropped)} non-weight buffer(s) (pixel_mean/pixel_std, anchors, "
+                     "counters).")
     if pixel:
         notes.append("detectron2: the file's own normalisation: " +
                      ", ".join(f"{k}={v}" for k, v in sorted(pixel.items())) + ".")
@@ -223,33 +215,9 @@ def canonical_to_detectron2(canonical: Mapping[str, Tensor], anchor_grid: Option
     fpn = any(k.startswith("fpn.") for k in canonical)
     body = "backbone.bottom_up." if fpn else "backbone."
     c4_res5 = not fpn and "box.fc6.weight" not in canonical
-    inverse = {v: k for k, v in _HEADS.items()}
-    out: Dict[str, Tensor] = OrderedDict()
+    layouts: Dict[str, Tensor] = OrderedDict()
     for key, t in canonical.items():
-        m = re.match(r"^(stem|res[2-5]\.\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$", key)
-        if m:
-            prefix, layer, what = m.groups()
-            base = body if not (prefix.startswith("res5") and c4_res5) else "roi_heads."
-            if prefix == "stem":
-                out[f"{base}stem.conv1{'.norm' if layer == 'bn1' else ''}.{what}"] = t
-            elif layer.startswith("conv"):
-                out[f"{base}{prefix}.{layer}.{what}"] = t
-            elif layer.startswith("bn"):
-                out[f"{base}{prefix}.conv{layer[-1]}.norm.{what}"] = t
-            else:
-                out[f"{base}{prefix}.shortcut{'.norm' if layer.endswith('1') else ''}.{what}"] = t
-            continue
-        m = re.match(r"^fpn\.(lateral|output)([2-6])\.(norm\.)?(weight|bias)$", key)
-        if m:
-            out[f"backbone.fpn_{m.group(1)}{m.group(2)}.{m.group(3) or ''}{m.group(4)}"] = t
-            continue
-        m = re.match(r"^mask\.fcn(\d+)\.(weight|bias)$", key)
-        if m:
-            out[f"roi_heads.mask_head.mask_fcn{m.group(1)}.{m.group(2)}"] = t
-            continue
-        head, _, what = key.rpartition(".")
-        if head not in inverse:
-            raise WeightsConversionError(f"canonical tensor {key!r} has no detectron2 name")
+        head = key.rpartition(".")[0]
         if head == "box.cls_score":
             t = torch.cat([t[1:], t[:1]])
         elif head == "box.bbox_pred":
@@ -260,12 +228,6 @@ def canonical_to_detectron2(canonical: Mapping[str, Tensor], anchor_grid: Option
             sizes, ratios = anchor_grid
             t = reorder_anchor_channels(t, sizes, ratios, 1 if head == "rpn.cls_logits" else 4,
                                         size_major_to_ratio_major=False)
-        out[f"{inverse[head]}.{what}"] = t.contiguous()
+        layouts[key] = t.contiguous()
+    out, _ = FROM_CANONICAL.apply(layouts, {"body": body, "res5": "roi_heads." if c4_res5 else body})
     return out
-
-
-def as_model_zoo_pkl(state_dict: Mapping[str, Tensor]) -> Dict[str, Any]:
-    """The dict detectron2's model zoo pickles: numpy arrays under ``model`` plus an ``__author__`` marker."""
-    return {"model": {k: v.detach().cpu().numpy() for k, v in state_dict.items()},
-            "__author__": "Detectron2 Model Zoo"}
-

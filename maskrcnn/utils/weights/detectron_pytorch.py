@@ -22,13 +22,14 @@ Weights were ported from Detectron unchanged, so they expect Detectron's BGR 0..
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .formats import WeightsConversionError, affine_to_bn, raise_unmapped, to_tensor, unwrap_state_dict
+from .common import (WeightsConversionError, affine_channels_to_bn, bn_to_affine_channels, to_tensor,
+                     unwrap_state_dict)
+from .rules import PARAM, Rule, RuleTable
 
 __all__ = ["is_detectron_pytorch", "detectron_pytorch_to_canonical", "canonical_to_detectron_pytorch"]
 
@@ -39,7 +40,72 @@ _MARKERS = re.compile(r"^(Conv_Body\.conv_top|Conv_Body\.topdown_lateral_modules
 # Names only maskrcnn uses (a GroupNorm body of ours also has norms without running statistics).
 _OUR_MARKERS = re.compile(r"^(RPN\.head\.RPN_|Conv_Body\.fpn\.|Box_Head\.fc[67]\.|Mask_Head\.mask_fcn|"
                           r"Mask_Head\.conv5_mask\.|Mask_Outs\.mask_fcn_logits\.)")
-_RES_RE = re.compile(r"^(res[1-5])\.(?:(\d+)\.)?(conv[123]|bn[123]|gn[123]|downsample\.[01])\.(weight|bias)$")
+
+_AFFINE = {"weight": "scale", "bias": "shift"}  # AffineChannel2d parameters
+_RPN = {"conv": "conv", "cls_score": "cls_logits", "bbox_pred": "bbox_pred"}
+# Its FPN numbers lateral convs from res4 down (conv_top is res5's) and output convs from res5 down.
+_LATERAL_LEVEL = {"0": "4", "1": "3", "2": "2"}
+_OUTPUT_LEVEL = {"0": "5", "1": "4", "2": "3", "3": "2"}
+_FC = {"1": "6", "2": "7"}
+_SUB = r"(?:\.(?P<norm>[01]))?"  # GN variants are Sequential(conv, GroupNorm): index 0 the conv, 1 the norm
+_NORM = {"": "", "0": "", "1": ".norm"}
+
+
+def _resnet_rules(source: str, stage: str) -> Iterator[Rule]:
+    """Rules for the ResNet blocks under ``source`` (a pattern ending in the stage), placed under ``stage``."""
+    block = source + r"\.(?P<b>\d+)\."
+    yield Rule(block + r"(?P<layer>conv[123]|downsample\.0)\.weight", stage + ".{b}.{layer}.weight")
+    yield Rule(block + r"(?P<layer>bn[123]|downsample\.1)\." + PARAM, stage + ".{b}.{layer}.{p}", {"p": _AFFINE})
+    yield Rule(block + r"gn(?P<i>[123])\." + PARAM, stage + ".{b}.bn{i}.{p}")
+
+
+_BODY = r"Conv_Body\.(?:conv_body\.)?"
+
+#: Detectron.pytorch state-dict name -> canonical name. ``Mask_Head.res5`` goes to ``mask_res5`` here; whether it
+#: is the box head's (shared) is decided afterwards.
+TO_CANONICAL = RuleTable("this Detectron.pytorch file", "maskrcnn's model", [
+    Rule(_BODY + r"res1\.conv1\.weight", "stem.conv1.weight"),
+    Rule(_BODY + r"res1\.bn1\." + PARAM, "stem.bn1.{p}", {"p": _AFFINE}),
+    Rule(_BODY + r"res1\.gn1\." + PARAM, "stem.bn1.{p}"),
+    *_resnet_rules(_BODY + r"(?P<s>res[2-5])", "{s}"),
+    *_resnet_rules(r"Box_Head\.res5", "res5"),
+    *_resnet_rules(r"Mask_Head\.res5", "mask_res5"),
+    Rule(r"Conv_Body\.conv_top" + _SUB + r"\." + PARAM, "fpn.lateral5{norm}.{p}", {"norm": _NORM}),
+    Rule(r"Conv_Body\.topdown_lateral_modules\.(?P<i>\d+)\.conv_lateral" + _SUB + r"\." + PARAM,
+         "fpn.lateral{i}{norm}.{p}", {"i": _LATERAL_LEVEL, "norm": _NORM}),
+    Rule(r"Conv_Body\.posthoc_modules\.(?P<i>\d+)" + _SUB + r"\." + PARAM, "fpn.output{i}{norm}.{p}",
+         {"i": _OUTPUT_LEVEL, "norm": _NORM}),
+    Rule(r"RPN\.(?:FPN_)?RPN_(?P<layer>conv|cls_score|bbox_pred)\." + PARAM, "rpn.{layer}.{p}", {"layer": _RPN}),
+    Rule(r"Box_Head\.fc(?P<i>[12])\." + PARAM, "box.fc{i}.{p}", {"i": _FC}),
+    Rule(r"Box_Outs\.(?P<layer>cls_score|bbox_pred)\." + PARAM, "box.{layer}.{p}"),
+    # conv_fcn is Sequential(conv, ReLU, conv, ReLU, ...): the convs sit at even indices.
+    Rule(r"Mask_Head\.conv_fcn\.(?P<i>\d+)\." + PARAM, "mask.fcn{i}.{p}",
+         {"i": lambda i: int(i) // 2 + 1 if int(i) % 2 == 0 else None}),
+    Rule(r"Mask_Head\.upconv5?\." + PARAM, "mask.conv5_mask.{p}"),
+    Rule(r"Mask_Outs\.classify\." + PARAM, "mask.logits.{p}"),
+], hint="Keypoint heads, roi_Xconv1fc heads and GN mask heads are not supported.")
+
+#: Canonical name -> Detectron.pytorch name (norms already folded to AffineChannel weight/bias). Context: ``body``
+#: (``Conv_Body.conv_body.`` under FPN), ``res5`` (where res5 lives: the body or ``Box_Head.``), ``rpn``
+#: (``FPN_`` under FPN) and ``upconv`` (the mask head's upsampling layer).
+FROM_CANONICAL = RuleTable("the canonical weights", "Detectron.pytorch's names", [
+    Rule(r"stem\.(?P<rest>.+)", "{body}res1.{rest}"),
+    Rule(r"res5\.(?P<rest>.+)", "{res5}res5.{rest}"),
+    Rule(r"(?P<s>res[2-4])\.(?P<rest>.+)", "{body}{s}.{rest}"),
+    Rule(r"mask_res5\.(?P<rest>.+)", "Mask_Head.res5.{rest}"),
+    Rule(r"fpn\.lateral5\." + PARAM, "Conv_Body.conv_top.{p}"),
+    Rule(r"fpn\.lateral(?P<i>[2-4])\." + PARAM, "Conv_Body.topdown_lateral_modules.{i}.conv_lateral.{p}",
+         {"i": {v: k for k, v in _LATERAL_LEVEL.items()}}),
+    Rule(r"fpn\.output(?P<i>[2-5])\." + PARAM, "Conv_Body.posthoc_modules.{i}.{p}",
+         {"i": {v: k for k, v in _OUTPUT_LEVEL.items()}}),
+    Rule(r"rpn\.(?P<layer>conv|cls_logits|bbox_pred)\." + PARAM, "RPN.{rpn}RPN_{layer}.{p}",
+         {"layer": {v: k for k, v in _RPN.items()}}),
+    Rule(r"box\.fc(?P<i>[67])\." + PARAM, "Box_Head.fc{i}.{p}", {"i": {v: k for k, v in _FC.items()}}),
+    Rule(r"box\.(?P<layer>cls_score|bbox_pred)\." + PARAM, "Box_Outs.{layer}.{p}"),
+    Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "Mask_Head.conv_fcn.{i}.{p}", {"i": lambda i: 2 * (int(i) - 1)}),
+    Rule(r"mask\.conv5_mask\." + PARAM, "Mask_Head.{upconv}.{p}"),
+    Rule(r"mask\.logits\." + PARAM, "Mask_Outs.classify.{p}"),
+])
 
 
 def is_detectron_pytorch(obj: Any) -> bool:
@@ -57,31 +123,6 @@ def is_detectron_pytorch(obj: Any) -> bool:
     return any(k.endswith("res1.bn1.weight") and k[: -len("weight")] + "running_mean" not in sd for k in keys)
 
 
-def _resnet(name: str, t: Tensor, prefix: str, canonical: Dict[str, Tensor],
-            norms: Dict[Tuple[str, str], Dict[str, Tensor]]) -> bool:
-    m = _RES_RE.match(name)
-    if not m:
-        return False
-    stage, block, layer, what = m.groups()
-    if stage == "res1":
-        if block is not None or layer not in ("conv1", "bn1", "gn1"):
-            return False
-        base = "stem"
-    else:
-        if block is None:
-            return False
-        base = f"{prefix}{stage}.{block}" if prefix else f"{stage}.{block}"
-    if layer.startswith("conv") or layer == "downsample.0":
-        if what != "weight":
-            return False
-        canonical[f"{base}.{layer}.weight"] = t
-        return True
-    kind = "gn" if layer.startswith("gn") else "bn"
-    canon_layer = "downsample.1" if layer == "downsample.1" else "bn" + layer[-1]
-    norms.setdefault((f"{base}.{canon_layer}", kind), {})[what] = t
-    return True
-
-
 def detectron_pytorch_to_canonical(obj: Any, mask_head_shares_res5: Optional[bool] = None
                                    ) -> Tuple[Dict[str, Tensor], List[str]]:
     """Map a Detectron.pytorch checkpoint (or its bare state dict) to canonical names.
@@ -90,92 +131,21 @@ def detectron_pytorch_to_canonical(obj: Any, mask_head_shares_res5: Optional[boo
     decides from the values (a shared module saves equal tensors twice). Returns ``(canonical, notes)``.
     """
     sd = unwrap_state_dict(obj)
-    canonical: Dict[str, Tensor] = OrderedDict()
-    norms: Dict[Tuple[str, str], Dict[str, Tensor]] = OrderedDict()
-    mask_res5: Dict[str, Tensor] = OrderedDict()
-    unmapped: List[str] = []
-    for name, value in sd.items():
-        t = to_tensor(value, name)
-        if name.startswith("Conv_Body.conv_body."):
-            if _resnet(name[len("Conv_Body.conv_body."):], t, "", canonical, norms):
-                continue
-        elif name.startswith("Conv_Body."):
-            rest = name[len("Conv_Body."):]
-            if _resnet(rest, t, "", canonical, norms):
-                continue
-            m = re.match(r"^(conv_top|topdown_lateral_modules\.(\d+)\.conv_lateral|posthoc_modules\.(\d+))"
-                         r"(?:\.(\d))?\.(weight|bias)$", rest)
-            if m:
-                head, lat_i, post_i, sub, what = m.groups()
-                level = 5 if head == "conv_top" else (4 - int(lat_i) if lat_i is not None else 5 - int(post_i))
-                prefix = f"fpn.{'output' if post_i is not None else 'lateral'}{level}"
-                # GN variants are Sequential(conv, GroupNorm): index 0 the conv, 1 the norm.
-                canonical[f"{prefix}.norm.{what}" if sub == "1" else f"{prefix}.{what}"] = t
-                continue
-        elif name.startswith("RPN."):
-            m = re.match(r"^RPN\.(?:FPN_)?RPN_(conv|cls_score|bbox_pred)\.(weight|bias)$", name)
-            if m:
-                layer = {"conv": "rpn.conv", "cls_score": "rpn.cls_logits", "bbox_pred": "rpn.bbox_pred"}[m.group(1)]
-                canonical[f"{layer}.{m.group(2)}"] = t
-                continue
-        elif name.startswith("Box_Head."):
-            rest = name[len("Box_Head."):]
-            m = re.match(r"^fc([12])\.(weight|bias)$", rest)
-            if m:
-                canonical[f"box.fc{5 + int(m.group(1))}.{m.group(2)}"] = t
-                continue
-            if rest.startswith("res5.") and _resnet(rest, t, "", canonical, norms):
-                continue
-        elif name.startswith("Box_Outs."):
-            m = re.match(r"^Box_Outs\.(cls_score|bbox_pred)\.(weight|bias)$", name)
-            if m:
-                canonical[f"box.{m.group(1)}.{m.group(2)}"] = t
-                continue
-        elif name.startswith("Mask_Head."):
-            rest = name[len("Mask_Head."):]
-            m = re.match(r"^conv_fcn\.(\d+)\.(weight|bias)$", rest)
-            if m and int(m.group(1)) % 2 == 0:
-                canonical[f"mask.fcn{int(m.group(1)) // 2 + 1}.{m.group(2)}"] = t
-                continue
-            m = re.match(r"^upconv5?\.(weight|bias)$", rest)
-            if m:
-                canonical[f"mask.conv5_mask.{m.group(1)}"] = t
-                continue
-            if rest.startswith("res5."):
-                mask_res5[rest] = t
-                continue
-        elif name.startswith("Mask_Outs."):
-            m = re.match(r"^Mask_Outs\.classify\.(weight|bias)$", name)
-            if m:
-                canonical[f"mask.logits.{m.group(1)}"] = t
-                continue
-        unmapped.append(name)
-    raise_unmapped("Detectron.pytorch", unmapped, "Keypoint heads, roi_Xconv1fc heads and GN mask heads are not "
-                   "supported.")
+    renamed, _ = TO_CANONICAL.apply(sd, convert=to_tensor)
     notes: List[str] = []
+    mask_res5 = {k[len("Mask_Head."):]: v for k, v in sd.items() if k.startswith("Mask_Head.res5.")}
     if mask_res5:
-        box_keys = {k: to_tensor(v, k) for k, v in sd.items() if k.startswith("Box_Head.res5.")}
         shared = mask_head_shares_res5
         if shared is None:
-            shared = len(box_keys) == len(mask_res5) and all(
-                f"Box_Head.{k}" in box_keys and torch.equal(box_keys[f"Box_Head.{k}"], v) for k, v in mask_res5.items())
+            box_res5 = {k[len("Box_Head."):]: v for k, v in sd.items() if k.startswith("Box_Head.res5.")}
+            shared = box_res5.keys() == mask_res5.keys() and all(
+                torch.equal(to_tensor(box_res5[k], k), to_tensor(v, k)) for k, v in mask_res5.items())
         if shared:
+            renamed = {k: v for k, v in renamed.items() if not k.startswith("mask_res5.")}
             notes.append("Detectron.pytorch: Mask_Head.res5 is the box head's res5 (v0upshare); kept once.")
         else:
-            own_norms: Dict[Tuple[str, str], Dict[str, Tensor]] = OrderedDict()
-            for k, v in mask_res5.items():
-                if not _resnet(k, v, "mask_", canonical, own_norms):
-                    raise_unmapped("Detectron.pytorch", [f"Mask_Head.{k}"])
-            norms.update(own_norms)
             notes.append("Detectron.pytorch: Mask_Head.res5 is the mask head's own res5 (v0up).")
-    for (prefix, kind), parts in norms.items():
-        if "weight" not in parts or "bias" not in parts:
-            raise WeightsConversionError(f"Detectron.pytorch norm {prefix!r} needs both weight and bias")
-        if kind == "bn":
-            for k, v in affine_to_bn(parts["weight"], parts["bias"]).items():
-                canonical[f"{prefix}.{k}"] = v
-        else:
-            canonical[f"{prefix}.weight"], canonical[f"{prefix}.bias"] = parts["weight"], parts["bias"]
+    canonical = affine_channels_to_bn(renamed, "Detectron.pytorch")
     cls = canonical.get("rpn.cls_logits.weight")
     box = canonical.get("rpn.bbox_pred.weight")
     if cls is not None and box is not None and 4 * cls.shape[0] != box.shape[0]:
@@ -191,62 +161,11 @@ def canonical_to_detectron_pytorch(canonical: Mapping[str, Tensor], mask_head_sh
     Writes ``Mask_Head.res5`` as a copy of ``Box_Head.res5`` for a C4 mask head when ``mask_head_shares_res5``."""
     fpn = any(k.startswith("fpn.") for k in canonical)
     body = "Conv_Body.conv_body." if fpn else "Conv_Body."
-    out: Dict[str, Tensor] = OrderedDict()
-    done = set()
     c4_res5 = not fpn and any(k.startswith("box.") for k in canonical) and not any(
         k.startswith("box.fc") for k in canonical)
-    for key, t in canonical.items():
-        if key in done:
-            continue
-        m = re.match(r"^(stem|mask_res5\.\d+|res[2-5]\.\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$", key)
-        if m:
-            prefix, layer, what = m.groups()
-            if prefix == "stem":
-                dst = f"{body}res1.{layer}"
-            elif prefix.startswith("mask_res5"):
-                dst = f"Mask_Head.res5.{prefix.split('.')[1]}.{layer}"
-            elif prefix.startswith("res5") and c4_res5:
-                dst = f"Box_Head.{prefix}.{layer}"
-            else:
-                dst = f"{body}{prefix}.{layer}"
-            if layer.startswith("conv") or layer == "downsample.0":
-                out[f"{dst}.weight"] = t
-                continue
-            head = key.rsplit(".", 1)[0]
-            w, b = canonical[f"{head}.weight"], canonical[f"{head}.bias"]
-            mean, var = canonical.get(f"{head}.running_mean"), canonical.get(f"{head}.running_var")
-            if mean is not None and var is not None:
-                scale = w / (var + 1e-5).sqrt()
-                w, b = scale, b - mean * scale
-            out[f"{dst}.weight"], out[f"{dst}.bias"] = w, b
-            done.update(f"{head}.{k}" for k in ("weight", "bias", "running_mean", "running_var"))
-            continue
-        m = re.match(r"^fpn\.(lateral|output)([2-5])\.(weight|bias)$", key)
-        if m:
-            kind, level, what = m.group(1), int(m.group(2)), m.group(3)
-            if kind == "output":
-                out[f"Conv_Body.posthoc_modules.{5 - level}.{what}"] = t
-            elif level == 5:
-                out[f"Conv_Body.conv_top.{what}"] = t
-            else:
-                out[f"Conv_Body.topdown_lateral_modules.{4 - level}.conv_lateral.{what}"] = t
-            continue
-        head, _, what = key.rpartition(".")
-        simple = {"rpn.conv": "RPN_conv", "rpn.cls_logits": "RPN_cls_score", "rpn.bbox_pred": "RPN_bbox_pred"}
-        if head in simple:
-            out[f"RPN.{'FPN_' if fpn else ''}{simple[head]}.{what}"] = t
-            continue
-        names = {"box.fc6": "Box_Head.fc1", "box.fc7": "Box_Head.fc2", "box.cls_score": "Box_Outs.cls_score",
-                 "box.bbox_pred": "Box_Outs.bbox_pred", "mask.logits": "Mask_Outs.classify",
-                 "mask.conv5_mask": "Mask_Head.upconv" if fpn else "Mask_Head.upconv5"}
-        if head in names:
-            out[f"{names[head]}.{what}"] = t
-            continue
-        m = re.match(r"^mask\.fcn(\d+)$", head)
-        if m:
-            out[f"Mask_Head.conv_fcn.{2 * (int(m.group(1)) - 1)}.{what}"] = t
-            continue
-        raise WeightsConversionError(f"canonical tensor {key!r} has no Detectron.pytorch name")
+    context = {"body": body, "res5": "Box_Head." if c4_res5 else body, "rpn": "FPN_" if fpn else "",
+               "upconv": "upconv" if fpn else "upconv5"}
+    out, _ = FROM_CANONICAL.apply(bn_to_affine_channels(canonical), context)
     if mask_head_shares_res5 and c4_res5 and "mask.conv5_mask.weight" in canonical and not any(
             k.startswith("mask_res5.") for k in canonical):
         for k in [k for k in out if k.startswith("Box_Head.res5.")]:

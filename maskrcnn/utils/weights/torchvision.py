@@ -19,29 +19,56 @@ the block stride in the 3x3 conv.
 """
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Tuple
 
 from torch import Tensor
 
-from .formats import WeightsConversionError, raise_unmapped, to_tensor, unwrap_state_dict
+from .common import WeightsConversionError, check_bn_complete, to_tensor, unwrap_state_dict
+from .rules import PARAM, Rule, RuleTable, plus
 
 __all__ = ["is_torchvision", "torchvision_to_canonical", "canonical_to_torchvision"]
 
-_BODY_RE = re.compile(r"^(?:backbone\.body\.)?(conv1\.weight|bn1\.\w+|layer([1-4])\.(\d+)\.(conv[123]\.weight|"
-                      r"bn[123]\.\w+|downsample\.[01]\.\w+))$")
-_HEADS = {
-    "rpn.head.conv.0.0": "rpn.conv", "rpn.head.conv": "rpn.conv",
+_BODY = r"(?:backbone\.body\.)?"
+_NORM_BUFFER = r"(?P<p>weight|bias|running_mean|running_var)"
+_HEADS = {  # torchvision module -> canonical layer, for the layers both name alike apart from the prefix
     "rpn.head.cls_logits": "rpn.cls_logits", "rpn.head.bbox_pred": "rpn.bbox_pred",
     "roi_heads.box_head.fc6": "box.fc6", "roi_heads.box_head.fc7": "box.fc7",
     "roi_heads.box_predictor.cls_score": "box.cls_score", "roi_heads.box_predictor.bbox_pred": "box.bbox_pred",
     "roi_heads.mask_predictor.conv5_mask": "mask.conv5_mask",
     "roi_heads.mask_predictor.mask_fcn_logits": "mask.logits",
 }
-_FPN_RE = re.compile(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)(?:\.0)?\.(weight|bias)$")
-_MASK_RE = re.compile(r"^roi_heads\.mask_head\.(?:(\d+)\.0|mask_fcn(\d+))\.(weight|bias)$")
-_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+_HEAD_PATTERN = r"(?P<layer>" + "|".join(k.replace(".", r"\.") for k in _HEADS) + r")\." + PARAM
+
+#: torchvision state-dict name -> canonical name.
+TO_CANONICAL = RuleTable("this torchvision file", "maskrcnn's model", [
+    Rule(r".*num_batches_tracked", None),  # BatchNorm2d counters
+    Rule(r"fc\.(?:weight|bias)", None),  # the ImageNet classifier
+    Rule(_BODY + r"conv1\.weight", "stem.conv1.weight"),
+    Rule(_BODY + r"bn1\." + _NORM_BUFFER, "stem.bn1.{p}"),
+    Rule(_BODY + r"layer(?P<s>[1-4])\.(?P<b>\d+)\.(?P<layer>conv[123]|downsample\.0)\.weight",
+         "res{s}.{b}.{layer}.weight", {"s": plus(1)}),
+    Rule(_BODY + r"layer(?P<s>[1-4])\.(?P<b>\d+)\.(?P<layer>bn[123]|downsample\.1)\." + _NORM_BUFFER,
+         "res{s}.{b}.{layer}.{p}", {"s": plus(1)}),
+    # Before torchvision 0.13: inner_blocks.{i}.*, rpn.head.conv.*, mask_head.mask_fcn{k}.*
+    Rule(r"backbone\.fpn\.inner_blocks\.(?P<i>\d+)(?:\.0)?\." + PARAM, "fpn.lateral{i}.{p}", {"i": plus(2)}),
+    Rule(r"backbone\.fpn\.layer_blocks\.(?P<i>\d+)(?:\.0)?\." + PARAM, "fpn.output{i}.{p}", {"i": plus(2)}),
+    Rule(r"rpn\.head\.conv(?:\.0\.0)?\." + PARAM, "rpn.conv.{p}"),
+    Rule(r"roi_heads\.mask_head\.(?P<i>\d+)\.0\." + PARAM, "mask.fcn{i}.{p}", {"i": plus(1)}),
+    Rule(r"roi_heads\.mask_head\.mask_fcn(?P<i>\d+)\." + PARAM, "mask.fcn{i}.{p}"),
+    Rule(_HEAD_PATTERN, "{layer}.{p}", {"layer": _HEADS}),
+], hint="Only the v1 maskrcnn/fasterrcnn_resnet50_fpn models and ImageNet ResNet/ResNeXt classifiers are supported "
+        "(not the *_v2 models, whose heads differ).")
+
+#: Canonical name -> current torchvision name; context ``body`` is ``backbone.body.`` or "" (ImageNet files).
+FROM_CANONICAL = RuleTable("the canonical weights", "torchvision's names", [
+    Rule(r"stem\.(?P<rest>.+)", "{body}{rest}"),
+    Rule(r"res(?P<s>[2-5])\.(?P<rest>.+)", "{body}layer{s}.{rest}", {"s": plus(-1)}),
+    Rule(r"fpn\.lateral(?P<i>[2-5])\." + PARAM, "backbone.fpn.inner_blocks.{i}.0.{p}", {"i": plus(-2)}),
+    Rule(r"fpn\.output(?P<i>[2-5])\." + PARAM, "backbone.fpn.layer_blocks.{i}.0.{p}", {"i": plus(-2)}),
+    Rule(r"rpn\.conv\." + PARAM, "rpn.head.conv.0.0.{p}"),
+    Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "roi_heads.mask_head.{i}.0.{p}", {"i": plus(-1)}),
+    Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": {v: k for k, v in _HEADS.items()}}),
+])
 
 
 def is_torchvision(obj: Any) -> bool:
@@ -58,85 +85,18 @@ def is_torchvision(obj: Any) -> bool:
 def torchvision_to_canonical(obj: Any) -> Tuple[Dict[str, Tensor], List[str]]:
     """Map a torchvision state dict (or a checkpoint dict holding it under ``model``/``state_dict``) to canonical
     names. Returns ``(canonical, notes)``; ``notes`` say what was dropped and whether it is a backbone-only file."""
-    sd = unwrap_state_dict(obj)
-    canonical: Dict[str, Tensor] = OrderedDict()
-    unmapped: List[str] = []
-    dropped_counters = dropped_fc = 0
-    for name, value in sd.items():
-        if name.endswith("num_batches_tracked"):
-            dropped_counters += 1
-            continue
-        if name in ("fc.weight", "fc.bias"):
-            dropped_fc += 1
-            continue
-        t = to_tensor(value, name)
-        m = _BODY_RE.match(name)
-        if m:
-            inner, layer, block, rest = m.groups()
-            if layer is None:
-                canonical[f"stem.{inner}"] = t
-            else:
-                canonical[f"res{int(layer) + 1}.{block}.{rest}"] = t
-            continue
-        m = _FPN_RE.match(name)
-        if m:
-            kind, i, what = m.groups()
-            canonical[f"fpn.{'lateral' if kind == 'inner_blocks' else 'output'}{int(i) + 2}.{what}"] = t
-            continue
-        m = _MASK_RE.match(name)
-        if m:
-            idx = int(m.group(1)) + 1 if m.group(1) is not None else int(m.group(2))
-            canonical[f"mask.fcn{idx}.{m.group(3)}"] = t
-            continue
-        head, _, what = name.rpartition(".")
-        if head in _HEADS and what in ("weight", "bias"):
-            canonical[f"{_HEADS[head]}.{what}"] = t
-            continue
-        unmapped.append(name)
-    raise_unmapped("torchvision", unmapped, "Only the v1 maskrcnn/fasterrcnn_resnet50_fpn models and ImageNet "
-                   "ResNet/ResNeXt classifiers are supported (not the *_v2 models, whose heads differ).")
-    _check_bn_complete(canonical)
+    canonical, dropped = TO_CANONICAL.apply(unwrap_state_dict(obj), convert=to_tensor)
+    check_bn_complete(canonical, "torchvision")
     notes: List[str] = []
-    if dropped_counters:
-        notes.append(f"torchvision: dropped {dropped_counters} BatchNorm num_batches_tracked counter(s).")
-    if dropped_fc:
+    counters = sum(name.endswith("num_batches_tracked") for name in dropped)
+    if counters:
+        notes.append(f"torchvision: dropped {counters} BatchNorm num_batches_tracked counter(s).")
+    if counters < len(dropped):
         notes.append("torchvision: ImageNet classification file; the classifier (fc) was dropped, backbone only.")
     return canonical, notes
 
 
-def _check_bn_complete(canonical: Mapping[str, Tensor]) -> None:
-    heads = {k.rsplit(".", 1)[0] for k in canonical if re.search(r"\.(bn\d|downsample\.1)\.\w+$", k)}
-    for head in heads:
-        missing = [b for b in _BN_KEYS if f"{head}.{b}" not in canonical]
-        if missing:
-            raise WeightsConversionError(f"torchvision norm {head!r} lacks {missing}")
-
-
 def canonical_to_torchvision(canonical: Mapping[str, Tensor], imagenet: bool = False) -> Dict[str, Tensor]:
     """Inverse of :func:`torchvision_to_canonical` with current torchvision names (FrozenBN keys)."""
-    inverse = {v: k for k, v in _HEADS.items() if k != "rpn.head.conv"}
-    body = "" if imagenet else "backbone.body."
-    out: Dict[str, Tensor] = OrderedDict()
-    for key, t in canonical.items():
-        if key.startswith("stem."):
-            out[body + key[len("stem."):]] = t
-            continue
-        m = re.match(r"^res([2-5])\.(\d+)\.(.+)$", key)
-        if m:
-            out[f"{body}layer{int(m.group(1)) - 1}.{m.group(2)}.{m.group(3)}"] = t
-            continue
-        m = re.match(r"^fpn\.(lateral|output)([2-5])\.(weight|bias)$", key)
-        if m:
-            kind = "inner_blocks" if m.group(1) == "lateral" else "layer_blocks"
-            out[f"backbone.fpn.{kind}.{int(m.group(2)) - 2}.0.{m.group(3)}"] = t
-            continue
-        m = re.match(r"^mask\.fcn(\d+)\.(weight|bias)$", key)
-        if m:
-            out[f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"] = t
-            continue
-        head, _, what = key.rpartition(".")
-        if head in inverse:
-            out[f"{inverse[head]}.{what}"] = t
-            continue
-        raise WeightsConversionError(f"canonical tensor {key!r} has no torchvision name")
+    out, _ = FROM_CANONICAL.apply(canonical, {"body": "" if imagenet else "backbone.body."})
     return out
