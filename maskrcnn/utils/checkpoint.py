@@ -25,6 +25,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .distributed import all_gather
+from .env import get_rng_state, set_rng_state
+from .weights.formats import WeightsConversionError, convert_to_ours, detect_format
+from .weights.safe_pickle import UnsafeWeightsError, WeightsFileError, load_weights_file
+
 __all__ = [
     "CheckpointError", "CheckpointMismatchError", "CLASS_SPECIFIC_LAYERS", "save_checkpoint", "atomic_write",
     "load_checkpoint", "checkpoint_state_dict", "load_ckpt", "Checkpointer", "unwrap_model",
@@ -173,7 +178,6 @@ def checkpoint_state_dict(obj: Any, source: str = "<checkpoint>") -> Mapping[str
 def _read_weights(path: str) -> Any:
     """Our checkpoints (zip ``.pth``) through :func:`load_checkpoint`; anything else (Detectron/detectron2 ``.pkl``,
     legacy ``.pth``) through the restricted readers of :mod:`maskrcnn.utils.weights.safe_pickle`."""
-    from .weights.safe_pickle import UnsafeWeightsError, WeightsFileError, load_weights_file
     if not os.path.isfile(path) or zipfile.is_zipfile(path):
         return load_checkpoint(path)
     try:
@@ -186,7 +190,6 @@ def _read_weights(path: str) -> Any:
 
 def _state_dict_any_format(obj: Any, source: str, target: nn.Module) -> Mapping[str, Tensor]:
     """Our state dict, converting Detectron / Detectron.pytorch / torchvision / detectron2 files on the fly."""
-    from .weights.formats import WeightsConversionError, convert_to_ours, detect_format
     try:
         fmt = detect_format(obj, source)
     except WeightsConversionError:
@@ -298,8 +301,6 @@ class Checkpointer:
 
     def payload(self, iteration: int, cfg_yaml: Optional[str] = None, rng_per_rank: Optional[List[Any]] = None,
                 **extra: Any) -> Dict[str, Any]:
-        from .env import get_rng_state
-
         rng_per_rank = rng_per_rank if rng_per_rank is not None else [get_rng_state()]
         out: Dict[str, Any] = {"model": {k: v.detach().cpu() for k, v in unwrap_model(self.model).state_dict().items()},
                                "iteration": int(iteration), "cfg": cfg_yaml, "rng": rng_per_rank[0],
@@ -319,9 +320,6 @@ class Checkpointer:
         Must be called on every process: the RNG states of all ranks are gathered so that a resumed multi-process
         run continues each rank's random stream.
         """
-        from .distributed import all_gather
-        from .env import get_rng_state
-
         rng_all = all_gather(get_rng_state())
         if not self.save_to_disk:
             return None
@@ -401,8 +399,6 @@ class Checkpointer:
     @staticmethod
     def restore_rng(ckpt: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> None:
         """Restore this rank's RNG states saved in ``ckpt`` (rank 0's when the world size changed)."""
-        from .env import set_rng_state
-
         per_rank = ckpt.get("rng_per_rank") or []
         if len(per_rank) == world_size and rank < len(per_rank):
             set_rng_state(per_rank[rank])
