@@ -1,9 +1,10 @@
 """The canonical weight layout and the tensor helpers every converter shares.
 
 Every source format (``detectron``, ``detectron.pytorch``, ``torchvision``, ``detectron2``) is first turned into one
-*canonical* dict of float32 CPU tensors with Detectron's semantics; :func:`maskrcnn.utils.weights.ours.canonical_to_ours`
-then places it in our module tree. One mapping per format plus one placement keeps the formats independent of each
-other and of our module names (which live in :data:`maskrcnn.utils.weights.ours.OUR_NAMES` only).
+*canonical* dict of float32 CPU tensors with Detectron's semantics;
+:func:`maskrcnn.utils.weights.ours.canonical_to_ours` then places it in our module tree. One mapping per format plus
+one placement keeps the formats independent of each other and of our module names (which live in
+:data:`maskrcnn.utils.weights.ours.OUR_NAMES` only).
 
 Canonical keys (``s`` = stage 2..5, ``b`` = block index, ``L`` = pyramid level 2..5)::
 

@@ -31,7 +31,7 @@ import yaml
 from torch import Tensor
 
 from .common import WeightsConversionError, affine_channels_to_bn, bn_to_affine_channels, to_tensor
-from .rules import Rule, RuleTable
+from .rules import Rule, RuleTable, inverse
 
 __all__ = ["is_detectron_blobs", "get_blobs", "detectron_to_canonical", "canonical_to_detectron",
            "read_detectron_cfg"]
@@ -74,10 +74,6 @@ TO_CANONICAL = RuleTable("this Detectron file", "maskrcnn's model", [
 ], hint="Keypoint, RetinaNet, GroupNorm-head and other non-Mask R-CNN models are not supported.")
 
 
-def _invert(table: Mapping[str, str]) -> Dict[str, str]:
-    return {v: k for k, v in table.items()}
-
-
 def _fpn_blob(f: Dict[str, Any]) -> str:
     """Detectron names an FPN blob after the last block of its stage; the coarsest lateral has no ``_lateral``."""
     stage = f"res{f['L']}_{f['last_block'].get(f['L'], 0)}_sum"
@@ -89,17 +85,17 @@ def _fpn_blob(f: Dict[str, Any]) -> str:
 #: Canonical name -> Detectron blob name (norms already folded to AffineChannel weight/bias).
 FROM_CANONICAL = RuleTable("the canonical weights", "Detectron's names", [
     Rule(r"stem\.conv1\.weight", "conv1_w"),
-    Rule(r"stem\.bn1\.(?P<p>weight|bias)", "res_conv1_bn_{p}", {"p": _invert(_GN)}),
+    Rule(r"stem\.bn1\.(?P<p>weight|bias)", "res_conv1_bn_{p}", {"p": inverse(_GN)}),
     Rule(r"(?P<stage>res[2-5]|mask_res5)\.(?P<b>\d+)\.(?P<br>conv[123]|downsample\.0)\.weight",
-         "{stage}_{b}_branch{br}_w", {"stage": _invert(_STAGE), "br": _invert(_CONV)}),
+         "{stage}_{b}_branch{br}_w", {"stage": inverse(_STAGE), "br": inverse(_CONV)}),
     Rule(r"(?P<stage>res[2-5]|mask_res5)\.(?P<b>\d+)\.(?P<br>bn[123]|downsample\.1)\.(?P<p>weight|bias)",
-         "{stage}_{b}_branch{br}_bn_{p}", {"stage": _invert(_STAGE), "br": _invert(_NORM), "p": _invert(_GN)}),
-    Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-5])\.(?P<p>weight|bias)", _fpn_blob, {"p": _invert(_WB)}),
+         "{stage}_{b}_branch{br}_bn_{p}", {"stage": inverse(_STAGE), "br": inverse(_NORM), "p": inverse(_GN)}),
+    Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-5])\.(?P<p>weight|bias)", _fpn_blob, {"p": inverse(_WB)}),
     Rule(r"rpn\.(?P<layer>conv|cls_logits|bbox_pred)\.(?P<p>weight|bias)", "{layer}{rpn_level}_{p}",
-         {"layer": _invert(_RPN), "p": _invert(_WB)}),
-    Rule(r"mask\.fcn(?P<i>\d+)\.(?P<p>weight|bias)", "_[mask]_fcn{i}_{p}", {"p": _invert(_WB)}),
+         {"layer": inverse(_RPN), "p": inverse(_WB)}),
+    Rule(r"mask\.fcn(?P<i>\d+)\.(?P<p>weight|bias)", "_[mask]_fcn{i}_{p}", {"p": inverse(_WB)}),
     Rule(r"(?P<layer>box\.\w+|mask\.\w+)\.(?P<p>weight|bias)", "{layer}_{p}",
-         {"layer": _invert(_HEADS), "p": _invert(_WB)}),
+         {"layer": inverse(_HEADS), "p": inverse(_WB)}),
 ])
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .common import BN_BUFFERS, WeightsConversionError, to_tensor, unwrap_state_dict
-from .rules import PARAM, Rule, RuleTable
+from .rules import PARAM, Rule, RuleTable, inverse
 
 __all__ = ["is_detectron2", "detectron2_to_canonical", "canonical_to_detectron2", "reorder_anchor_channels"]
 
@@ -89,7 +89,7 @@ FROM_CANONICAL = RuleTable("the canonical weights", "detectron2's names", [
     *_resnet_rules_back(r"res5", "{res5}res5"),
     Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "backbone.fpn_{kind}{L}{norm}.{p}"),
     Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "roi_heads.mask_head.mask_fcn{i}.{p}"),
-    Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": {v: k for k, v in _HEADS.items()}}),
+    Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": inverse(_HEADS)}),
 ])
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .common import (WeightsConversionError, affine_channels_to_bn, bn_to_affine_channels, to_tensor,
                      unwrap_state_dict)
-from .rules import PARAM, Rule, RuleTable
+from .rules import PARAM, Rule, RuleTable, inverse
 
 __all__ = ["is_detectron_pytorch", "detectron_pytorch_to_canonical", "canonical_to_detectron_pytorch"]
 
@@ -95,12 +95,12 @@ FROM_CANONICAL = RuleTable("the canonical weights", "Detectron.pytorch's names",
     Rule(r"mask_res5\.(?P<rest>.+)", "Mask_Head.res5.{rest}"),
     Rule(r"fpn\.lateral5\." + PARAM, "Conv_Body.conv_top.{p}"),
     Rule(r"fpn\.lateral(?P<i>[2-4])\." + PARAM, "Conv_Body.topdown_lateral_modules.{i}.conv_lateral.{p}",
-         {"i": {v: k for k, v in _LATERAL_LEVEL.items()}}),
+         {"i": inverse(_LATERAL_LEVEL)}),
     Rule(r"fpn\.output(?P<i>[2-5])\." + PARAM, "Conv_Body.posthoc_modules.{i}.{p}",
-         {"i": {v: k for k, v in _OUTPUT_LEVEL.items()}}),
+         {"i": inverse(_OUTPUT_LEVEL)}),
     Rule(r"rpn\.(?P<layer>conv|cls_logits|bbox_pred)\." + PARAM, "RPN.{rpn}RPN_{layer}.{p}",
-         {"layer": {v: k for k, v in _RPN.items()}}),
-    Rule(r"box\.fc(?P<i>[67])\." + PARAM, "Box_Head.fc{i}.{p}", {"i": {v: k for k, v in _FC.items()}}),
+         {"layer": inverse(_RPN)}),
+    Rule(r"box\.fc(?P<i>[67])\." + PARAM, "Box_Head.fc{i}.{p}", {"i": inverse(_FC)}),
     Rule(r"box\.(?P<layer>cls_score|bbox_pred)\." + PARAM, "Box_Outs.{layer}.{p}"),
     Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "Mask_Head.conv_fcn.{i}.{p}", {"i": lambda i: 2 * (int(i) - 1)}),
     Rule(r"mask\.conv5_mask\." + PARAM, "Mask_Head.{upconv}.{p}"),

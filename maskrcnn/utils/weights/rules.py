@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .common import WeightsConversionError, raise_unmapped
 
-__all__ = ["Rule", "RuleTable", "plus", "PARAM"]
+__all__ = ["Rule", "RuleTable", "plus", "inverse", "PARAM"]
 
 #: How a group value is translated before it fills the template: a lookup table (a value missing from it means the
 #: rule does not match) or a function (returning None means the rule does not match).
@@ -33,6 +33,11 @@ PARAM = r"(?P<p>weight|bias)"
 def plus(n: int) -> Callable[[str], int]:
     """Translation adding ``n`` to an integer group (index shifts such as ``layer1`` -> ``res2``)."""
     return lambda value: int(value) + n
+
+
+def inverse(table: Mapping[str, str]) -> Dict[str, str]:
+    """A lookup translation read backwards (for the table of the opposite direction)."""
+    return {v: k for k, v in table.items()}
 
 
 @dataclass(frozen=True)

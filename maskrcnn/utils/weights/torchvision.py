@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 from torch import Tensor
 
 from .common import WeightsConversionError, check_bn_complete, to_tensor, unwrap_state_dict
-from .rules import PARAM, Rule, RuleTable, plus
+from .rules import PARAM, Rule, RuleTable, inverse, plus
 
 __all__ = ["is_torchvision", "torchvision_to_canonical", "canonical_to_torchvision"]
 
@@ -67,7 +67,7 @@ FROM_CANONICAL = RuleTable("the canonical weights", "torchvision's names", [
     Rule(r"fpn\.output(?P<i>[2-5])\." + PARAM, "backbone.fpn.layer_blocks.{i}.0.{p}", {"i": plus(-2)}),
     Rule(r"rpn\.conv\." + PARAM, "rpn.head.conv.0.0.{p}"),
     Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "roi_heads.mask_head.{i}.0.{p}", {"i": plus(-1)}),
-    Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": {v: k for k, v in _HEADS.items()}}),
+    Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": inverse(_HEADS)}),
 ])
 
 
