@@ -223,8 +223,3 @@ MASK_HEADS = (
 
 # Kept for the log(1000/16) clamp used by the box coders.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16.0)
-
-
-def get_default_cfg() -> CN:
-    """A deep copy of the defaults (never the module-level node itself)."""
-    return _C.clone()
