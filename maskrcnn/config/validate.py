@@ -168,10 +168,6 @@ def _relations(cfg: _CN, source: str) -> None:
     if t.RPN_NEGATIVE_OVERLAP > t.RPN_POSITIVE_OVERLAP:
         fail(f"TRAIN.RPN_NEGATIVE_OVERLAP = {t.RPN_NEGATIVE_OVERLAP} must be <= "
              f"TRAIN.RPN_POSITIVE_OVERLAP = {t.RPN_POSITIVE_OVERLAP}")
-    for name in ("TRAIN", "TEST"):
-        n = cfg[name]
-        if n.RPN_POST_NMS_TOP_N > 0 and n.RPN_PRE_NMS_TOP_N <= 0:
-            fail(f"{name}.RPN_PRE_NMS_TOP_N must be positive")
     steps: List[int] = list(cfg.SOLVER.STEPS)
     if any(s < 0 for s in steps) or steps != sorted(steps):
         fail(f"SOLVER.STEPS = {steps!r} must be non-negative and increasing")
