@@ -146,8 +146,8 @@ def test_vis_one_image_cls_format_with_masks_and_jpg(tmp_path):
     mask = _box_mask(20, 20, 40, 40)
     rle = mask_util.encode(np.asfortranarray(mask))
     cls_boxes = [[], np.array([[18, 18, 42, 42, 0.99]], np.float32)]
-    path = vis_one_image(im, "x.png", str(tmp_path), cls_boxes, segms=[[], [rle]], ext="jpg", dataset=get_coco_dataset(),
-                         show_class=True)
+    path = vis_one_image(im, "x.png", str(tmp_path), cls_boxes, segms=[[], [rle]], ext="jpg",
+                         dataset=get_coco_dataset(), show_class=True)
     assert path.endswith("x.jpg")
     written = cv2.imread(path)
     assert written[28:32, 28:32].mean() > 40  # the mask is tinted
