@@ -20,7 +20,9 @@ import yaml
 from yacs.config import CfgNode as _CN
 
 from . import defaults as _defaults
-from .validate import validate_cfg, ConfigError
+from .errors import ConfigError
+from .names import parse_conv_body_name
+from .validate import validate_cfg
 
 __all__ = [
     "CfgNode", "ConfigError", "get_cfg", "cfg", "cfg_from_file", "cfg_from_list", "assert_and_infer_cfg",
@@ -246,12 +248,15 @@ def assert_and_infer_cfg(config: Optional[CfgNode] = None, make_immutable: bool 
     c = cfg if config is None else config
     if c.is_frozen():
         return c
-    body = c.MODEL.CONV_BODY
-    if body.startswith("FPN.") or body.startswith("fpn_"):
-        c.FPN.FPN_ON = True
-    depth = _body_depth(body)
-    if depth in (18, 34):
-        c.RESNETS.TRANS_FUNC = "basic_transformation"
+    try:
+        body = parse_conv_body_name(c.MODEL.CONV_BODY)
+    except ConfigError:
+        body = None  # a custom CONV_BODY_REGISTRY body declares FPN.FPN_ON and RESNETS.* itself; validated below
+    if body is not None:
+        if body.kind == "fpn":
+            c.FPN.FPN_ON = True
+        if body.depth in (18, 34):
+            c.RESNETS.TRANS_FUNC = "basic_transformation"
     if source is None:
         files = c.__dict__.get("_sources", [])
         source = ", ".join(files) if files else "<config>"
@@ -260,8 +265,3 @@ def assert_and_infer_cfg(config: Optional[CfgNode] = None, make_immutable: bool 
         c.freeze()
     return c
 
-
-def _body_depth(body: str) -> Optional[int]:
-    import re
-    m = re.search(r"ResNet(\d+)_conv", body)
-    return int(m.group(1)) if m else None

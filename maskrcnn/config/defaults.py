@@ -9,7 +9,6 @@ Defaults describe Detectron's R-50-C4 Mask R-CNN at Detectron's default scale; f
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict
 
 from yacs.config import CfgNode as CN
@@ -220,11 +219,3 @@ MASK_HEADS = (
     "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",
     "mask_rcnn_heads.mask_rcnn_fcn_head_v0up",
 )
-
-# Kept for the log(1000/16) clamp used by the box coders.
-BBOX_XFORM_CLIP = math.log(1000.0 / 16.0)
-
-
-def get_default_cfg() -> CN:
-    """A deep copy of the defaults (never the module-level node itself)."""
-    return _C.clone()

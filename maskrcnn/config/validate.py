@@ -7,14 +7,10 @@ from typing import Any, Callable, List, Tuple
 from yacs.config import CfgNode as _CN
 
 from . import defaults as _defaults
+from .errors import ConfigError
+from .names import find_in_registry, parse_conv_body_name, strip_module_prefix as _strip_prefix
 
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key, the value and the source."""
-
-
-def _strip_prefix(name: str) -> str:
-    return name.split(".", 1)[1] if "." in name else name
+__all__ = ["ConfigError", "validate_cfg"]
 
 
 def _one_of(choices) -> Tuple[Callable[[Any], bool], str]:
@@ -31,7 +27,8 @@ def _conv_body_ok(value: Any) -> bool:
     if _one_of(_defaults.CONV_BODIES)[0](value):
         return True
     mod = sys.modules.get("maskrcnn.modeling.backbone.conv_body")
-    return mod is not None and value in getattr(mod, "CONV_BODY_REGISTRY", {})
+    # The same look-up build_conv_body does, so that every name it builds passes (module prefix optional).
+    return mod is not None and find_in_registry(getattr(mod, "CONV_BODY_REGISTRY", {}), value) is not None
 
 
 _POS = (lambda v: v > 0, "> 0")
@@ -171,10 +168,6 @@ def _relations(cfg: _CN, source: str) -> None:
     if t.RPN_NEGATIVE_OVERLAP > t.RPN_POSITIVE_OVERLAP:
         fail(f"TRAIN.RPN_NEGATIVE_OVERLAP = {t.RPN_NEGATIVE_OVERLAP} must be <= "
              f"TRAIN.RPN_POSITIVE_OVERLAP = {t.RPN_POSITIVE_OVERLAP}")
-    for name in ("TRAIN", "TEST"):
-        n = cfg[name]
-        if n.RPN_POST_NMS_TOP_N > 0 and n.RPN_PRE_NMS_TOP_N <= 0:
-            fail(f"{name}.RPN_PRE_NMS_TOP_N must be positive")
     steps: List[int] = list(cfg.SOLVER.STEPS)
     if any(s < 0 for s in steps) or steps != sorted(steps):
         fail(f"SOLVER.STEPS = {steps!r} must be non-negative and increasing")
@@ -182,7 +175,11 @@ def _relations(cfg: _CN, source: str) -> None:
         fail("TRAIN.AMP = 'fp16' needs CUDA; use 'bf16' on the CPU")
     if cfg.TEST.AMP == "fp16" and cfg.MODEL.DEVICE == "cpu":
         fail("TEST.AMP = 'fp16' needs CUDA; use 'bf16' on the CPU")
-    is_c4 = "conv4" in cfg.MODEL.CONV_BODY
+    try:
+        body = parse_conv_body_name(cfg.MODEL.CONV_BODY)
+        is_c4 = body.kind == "resnet" and body.stage == 4
+    except ConfigError:  # a custom body from CONV_BODY_REGISTRY: not known to end at res4
+        is_c4 = False
     if cfg.FPN.FPN_ON and _strip_prefix(cfg.FAST_RCNN.ROI_BOX_HEAD) == "ResNet_roi_conv5_head":
         fail("FAST_RCNN.ROI_BOX_HEAD = ResNet.ResNet_roi_conv5_head needs a conv4 body, not an FPN body")
     if not is_c4 and cfg.MODEL.MASK_ON and "v0upshare" in cfg.MRCNN.ROI_MASK_HEAD:

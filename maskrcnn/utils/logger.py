@@ -134,6 +134,7 @@ class Progress:
         self.count = int(initial)
         self._initial = int(initial)
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._written_count: Optional[int] = None  # count of the last plain line written
 
     def advance(self, n: int = 1) -> None:
         """Count ``n`` more items done (for loops that do not iterate this object)."""
@@ -164,10 +165,12 @@ class Progress:
                 self.stream.write("\r" + self._line() + ("\n" if final else ""))
                 self.stream.flush()
                 self._last = now
-        elif final or now - self._last >= self.log_every:
+        elif (self.count != self._written_count) if final else (now - self._last >= self.log_every):
+            # The final line is skipped when the last item's periodic line already said the same.
             self.stream.write(self._line() + "\n")
             self.stream.flush()
             self._last = now
+            self._written_count = self.count
 
     def __iter__(self) -> Iterator[T]:
         self._start = self._last = time.perf_counter()

@@ -31,34 +31,24 @@ preferably ``spatial_scales``)::
 
     CONV_BODY_REGISTRY["MyBody"] = lambda cfg: MyBody()
     # with MODEL.CONV_BODY = "MyBody", build_conv_body(cfg) now returns MyBody()
+
+``assert_and_infer_cfg`` infers ``FPN.FPN_ON`` and ``RESNETS.TRANS_FUNC`` from built-in names only: a custom body
+that returns a pyramid (a list of maps, finest first) needs ``FPN.FPN_ON: True`` in its config.
 """
 from __future__ import annotations
 
-import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 from torch import Tensor, nn
 
 from ...config import ConfigError
 from ...config.defaults import CONV_BODIES
+from ...config.names import parse_conv_body_name, registry_lookup
 from .fpn import FPN
 from .resnet import ResNet, freeze_module
 
+# parse_conv_body_name lives with the config (assert_and_infer_cfg reads the body name too); re-exported here.
 __all__ = ["ResNetConvBody", "FPNConvBody", "CONV_BODY_REGISTRY", "build_conv_body", "parse_conv_body_name"]
-
-_RESNET_RE = re.compile(r"^(?:ResNet\.)?ResNet(\d+)_conv([45])_body$")
-_FPN_RE = re.compile(r"^(?:FPN\.)?fpn_ResNet(\d+)_conv5_body$")
-
-
-def parse_conv_body_name(name: str) -> Tuple[str, int, int]:
-    """``(kind, depth, last stage)`` of a built-in body name; kind is ``"resnet"`` or ``"fpn"``.
-    ``parse_conv_body_name("FPN.fpn_ResNet101_conv5_body") == ("fpn", 101, 5)``."""
-    for kind, pattern in (("resnet", _RESNET_RE), ("fpn", _FPN_RE)):
-        m = pattern.match(str(name))
-        if m:
-            return kind, int(m.group(1)), int(m.group(2)) if kind == "resnet" else 5
-    raise ConfigError(f"MODEL.CONV_BODY = {name!r} is not a ResNet or FPN body name "
-                      f"('ResNet.ResNet<depth>_conv<4|5>_body' or 'FPN.fpn_ResNet<depth>_conv5_body')")
 
 
 def _resnet_kwargs(cfg, depth: int) -> dict:
@@ -154,30 +144,16 @@ class FPNConvBody(nn.Module):
 
 #: ``MODEL.CONV_BODY`` name -> builder ``callable(cfg) -> nn.Module``. Add entries to register custom bodies.
 CONV_BODY_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
-    name: (FPNConvBody.from_cfg if name.startswith("FPN.") else ResNetConvBody.from_cfg) for name in CONV_BODIES
+    name: (FPNConvBody.from_cfg if parse_conv_body_name(name).kind == "fpn" else ResNetConvBody.from_cfg)
+    for name in CONV_BODIES
 }
-
-
-def _strip(name: str) -> str:
-    return name.split(".", 1)[1] if "." in name else name
-
-
-def _lookup(name: str) -> Callable[..., nn.Module]:
-    if name in CONV_BODY_REGISTRY:
-        return CONV_BODY_REGISTRY[name]
-    # Detectron names may be given with or without their module prefix.
-    matches = [k for k in CONV_BODY_REGISTRY if _strip(k) == _strip(name)]
-    if len(matches) == 1:
-        return CONV_BODY_REGISTRY[matches[0]]
-    raise ConfigError(f"MODEL.CONV_BODY = {name!r} is not a registered conv body; known: "
-                      f"{', '.join(sorted(CONV_BODY_REGISTRY))}")
 
 
 def build_conv_body(cfg) -> nn.Module:
     """The body named by ``cfg.MODEL.CONV_BODY`` (looked up in :data:`CONV_BODY_REGISTRY`). With
     ``TRAIN.FREEZE_CONV_BODY`` every parameter of it is frozen (BatchNorm layers become FrozenBatchNorm2d)."""
     name = str(cfg.MODEL.CONV_BODY)
-    body = _lookup(name)(cfg)
+    body = registry_lookup(CONV_BODY_REGISTRY, name, key="MODEL.CONV_BODY", what="conv body")(cfg)
     if not isinstance(body, nn.Module) or not hasattr(body, "out_channels"):
         raise ConfigError(f"MODEL.CONV_BODY = {name!r}: the builder returned {type(body).__name__}, which is not an "
                           f"nn.Module with an `out_channels` attribute")
