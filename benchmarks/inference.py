@@ -238,14 +238,11 @@ def run_ap(args) -> Dict[str, Any]:
     dataset = build_dataset(spec, cfg.DATA_DIR, is_train=False)
     results: Dict[str, Any] = {}
     for amp in ("", "bf16"):
-        run_cfg = cfg.clone()
-        run_cfg.defrost()
-        run_cfg.TEST.AMP = ""  # autocast comes from prepare_for_inference's hooks (with the fp32 islands)
-        model = Generalized_RCNN(run_cfg)
+        model = Generalized_RCNN(cfg)
         load_ckpt(model, args.ckpt, allow_class_mismatch=False)
-        prepare_for_inference(model, run_cfg, amp=amp)
+        prepare_for_inference(model, cfg, amp=amp)  # autocast with the fp32 islands, as TEST.AMP would
         t = time.perf_counter()
-        metrics = evaluate_on_dataset(model, dataset, run_cfg, device="cpu", num_workers=0, log=lambda m: None)
+        metrics = evaluate_on_dataset(model, dataset, cfg, device="cpu", num_workers=0, log=lambda m: None)
         results[amp or "fp32"] = {"metrics": metrics, "seconds": time.perf_counter() - t}
     out: Dict[str, Any] = {"benchmark": "bf16_ap", "dataset": spec, "ckpt": args.ckpt, "results": results}
     deltas = {}

@@ -38,7 +38,6 @@ def main(argv=None) -> int:
     from maskrcnn.config import ConfigError, assert_and_infer_cfg, get_cfg
     from maskrcnn.core.test import im_detect_all
     from maskrcnn.engine.speed import prepare_for_inference
-    from maskrcnn.engine.trainer import autocast_context
     from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
     from maskrcnn.utils.checkpoint import load_ckpt
     from maskrcnn.utils.vis import COCO_CLASSES, vis_one_image
@@ -66,7 +65,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
     model = Generalized_RCNN(cfg)
     info = load_ckpt(model, args.load_ckpt)
-    prepare_for_inference(model.to(device), cfg)  # the TEST speed switches (folded BN, channels-last, ...)
+    # The TEST speed switches (folded BN, channels-last, AMP, ...); the handle's autocast() is TEST.AMP's region.
+    model, speed = prepare_for_inference(model.to(device), cfg, return_handle=True)
     classes = (info or {}).get("classes") if isinstance(info, dict) else None
     if not classes:
         n = cfg.MODEL.NUM_CLASSES
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         if im is None:
             print(f"skipping {path}: not a readable image", file=sys.stderr)
             continue
-        with autocast_context(cfg.TEST.AMP, device):  # im_detect_all calls the parts, not the model's forward
+        with speed.autocast():  # im_detect_all calls the model's parts, not its forward
             cls_boxes, cls_segms, _ = im_detect_all(model, im)
         n = sum(len(b) for b in cls_boxes[1:])
         out = vis_one_image(im[:, :, ::-1], path, args.output_dir, cls_boxes, cls_segms, None, thresh=args.thresh,

@@ -7,13 +7,13 @@ Applied by :func:`maskrcnn.engine.speed.prepare_for_training`.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modeling.backbone.resnet import FrozenBatchNorm2d
+from ..modeling.backbone.frozen_bn import FrozenBatchNorm2d, find_conv_bn_pairs
 
 __all__ = ["FoldedFrozenBatchNorm2d", "FrozenBNConv2d", "fold_frozen_bn_for_training",
            "unfold_frozen_bn_for_training"]
@@ -113,26 +113,19 @@ class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
 
 
 def fold_frozen_bn_for_training(model: nn.Module) -> int:
-    """Replace, in place, each (``Conv2d``, ``FrozenBatchNorm2d``) pair that runs back to back (Detectron names
-    ``convK``/``bnK`` in one module, or consecutive elements of an ``nn.Sequential``) by a :class:`FrozenBNConv2d`
-    and a :class:`FoldedFrozenBatchNorm2d`. Trainable parameters (objects and names), buffers and state-dict keys
-    are unchanged. Returns the number of pairs folded."""
+    """Replace, in place, each (``Conv2d``, ``FrozenBatchNorm2d``) pair that the modules declare
+    (:func:`~maskrcnn.modeling.backbone.frozen_bn.find_conv_bn_pairs`) by a :class:`FrozenBNConv2d` and a
+    :class:`FoldedFrozenBatchNorm2d`. Trainable parameters (objects and names), buffers and state-dict keys are
+    unchanged. Returns the number of pairs folded (0 for pairs folded before)."""
     count = 0
-    for parent in list(model.modules()):
-        children = dict(parent.named_children())
-        pairs: List[Tuple[str, str]] = []
-        if isinstance(parent, nn.Sequential):
-            names = list(children)
-            pairs += list(zip(names, names[1:]))
-        pairs += [(n, "bn" + n[4:]) for n in children if n.startswith("conv") and "bn" + n[4:] in children]
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-            if (type(conv) is nn.Conv2d and isinstance(bn, FrozenBatchNorm2d)
-                    and not isinstance(bn, FoldedFrozenBatchNorm2d) and conv.out_channels == bn.num_features):
-                folded_bn = FoldedFrozenBatchNorm2d.from_frozen(bn)
-                setattr(parent, bn_name, folded_bn)
-                setattr(parent, conv_name, FrozenBNConv2d(conv, folded_bn))
-                count += 1
+    for pair in find_conv_bn_pairs(model):
+        conv, bn = pair.conv, pair.norm
+        if (type(conv) is nn.Conv2d and isinstance(bn, FrozenBatchNorm2d)
+                and not isinstance(bn, FoldedFrozenBatchNorm2d) and conv.out_channels == bn.num_features):
+            folded_bn = FoldedFrozenBatchNorm2d.from_frozen(bn)
+            setattr(pair.parent, pair.norm_name, folded_bn)
+            setattr(pair.parent, pair.conv_name, FrozenBNConv2d(conv, folded_bn))
+            count += 1
     return count
 
 

@@ -194,7 +194,7 @@ def _open_own_file(path: str, fingerprint: str, resume: bool):
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def inference_on_dataset(model: nn.Module, dataset: Dataset, device: Any = "cpu", num_workers: int = 0,
-                         ims_per_batch: int = 1, amp: str = "", mask_threshold: float = 0.5,
+                         ims_per_batch: int = 1, mask_threshold: float = 0.5,
                          output_dir: Optional[str] = None, resume: bool = False, fingerprint: str = "",
                          on_image: Optional[Callable[[int, Tensor, Dict[str, Any]], None]] = None,
                          log: Optional[Callable[[str], Any]] = None, progress_stream=None) -> List[Dict[str, Any]]:
@@ -202,11 +202,11 @@ def inference_on_dataset(model: nn.Module, dataset: Dataset, device: Any = "cpu"
     ``dataset``, this process's shard only, and gather the records of all processes.
 
     Args:
-        model: the detector (unwrapped, not DDP).
+        model: the detector (unwrapped, not DDP), run as it is: mixed precision comes from
+            :func:`maskrcnn.engine.speed.prepare_for_inference` (``TEST.AMP``), not from this loop.
         dataset: items ``(image, target)``.
         device: where the model runs.
         num_workers, ims_per_batch: test loader settings.
-        amp: '' / 'fp16' (CUDA) / 'bf16' autocast (cfg ``TEST.AMP``).
         mask_threshold: cfg ``MRCNN.THRESH_BINARIZE``.
         output_dir: where partial results are saved incrementally (None: nothing saved, no resume).
         resume: continue from the partial results in ``output_dir`` whose fingerprint equals ``fingerprint``.
@@ -219,7 +219,7 @@ def inference_on_dataset(model: nn.Module, dataset: Dataset, device: Any = "cpu"
         the records of all images, sorted by dataset index, on every process.
     """
     from ..data.build import build_test_loader
-    from .trainer import autocast_context, move_to_device
+    from .trainer import move_to_device
 
     log = log if log is not None else logger.info
     device = torch.device(device)
@@ -262,8 +262,7 @@ def inference_on_dataset(model: nn.Module, dataset: Dataset, device: Any = "cpu"
             start = time.perf_counter()
             for images, _targets, positions in loader:
                 images, _ = move_to_device(images, None, device)
-                with autocast_context(amp, device):
-                    outputs = model(images)
+                outputs = model(images)
                 for image, pos, out in zip(images, positions, outputs):
                     index = remaining[int(pos)]
                     rec = prediction_record(index, dataset_image_id(dataset, index), out, mask_threshold,
@@ -342,14 +341,16 @@ def evaluate_on_dataset(model: nn.Module, dataset: Dataset, cfg, device: Any = "
     """Inference, COCO results (``bbox_results.json``, ``segm_results.json``), COCO evaluation and
     ``metrics.json`` in ``output_dir`` — what ``tools/test_net.py`` does for one dataset.
 
-    Settings come from ``cfg``: ``TEST.IMS_PER_BATCH``, ``TEST.AMP``, ``MRCNN.THRESH_BINARIZE``. Returns the metrics
-    on rank 0 and None on the other ranks.
+    Settings come from ``cfg``: ``TEST.IMS_PER_BATCH``, ``MRCNN.THRESH_BINARIZE``. The model runs as it is: the
+    ``TEST`` speed features, mixed precision (``TEST.AMP``) included, are applied beforehand by
+    :func:`maskrcnn.engine.speed.prepare_for_inference` (``tools/test_net.py`` does). Returns the metrics on rank 0
+    and None on the other ranks.
     """
     from ..evaluation.coco import class_names, coco_gt_from_dataset, evaluate_coco, write_metrics
 
     log = log if log is not None else logger.info
     records = inference_on_dataset(model, dataset, device=device, num_workers=num_workers,
-                                   ims_per_batch=int(cfg.TEST.IMS_PER_BATCH), amp=cfg.TEST.AMP,
+                                   ims_per_batch=int(cfg.TEST.IMS_PER_BATCH),
                                    mask_threshold=float(cfg.MRCNN.THRESH_BINARIZE), output_dir=output_dir,
                                    resume=resume, fingerprint=fingerprint, on_image=on_image, log=log)
     if not dist_utils.is_main_process():

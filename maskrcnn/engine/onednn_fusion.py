@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modeling.backbone.fpn import FPN
-from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock
+from ..modeling.backbone.frozen_bn import find_conv_bn_pairs
+from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNetStem
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConv2d", "FusedFPN", "fuse_conv_activations",
            "onednn_fusion_available",
@@ -49,8 +50,8 @@ class FusedConv2d(nn.Module):
     """Inference-only convolution with a fused epilogue: ``act(conv(x) [+ other])``.
 
     On the CPU with oneDNN it is one primitive (``mkldnn._convolution_pointwise``: the ReLU and the residual add
-    happen while the output tile is in cache); elsewhere, or when gradients are needed, it is ``F.conv2d`` followed
-    by the same add and activation.
+    happen while the output tile is in cache); elsewhere, when gradients are needed, or in bf16/fp16 on a CPU
+    without oneDNN's kernels for that dtype, it is ``F.conv2d`` followed by the same add and activation.
 
     Args:
         conv: a ``Conv2d`` with ``padding_mode='zeros'``; its weight and bias are copied into buffers (``weight``,
@@ -142,12 +143,6 @@ class FusedConv2d(nn.Module):
                 f"activation={self.activation!r}")
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 class FusedBottleneck(nn.Module):
     """A folded :class:`BottleneckBlock` as three fused convs: ``relu(conv3(relu(conv2(relu(conv1 x)))) + sc)``
     with the shortcut ``sc`` either ``x`` or the folded projection ``downsample``.
@@ -218,13 +213,12 @@ class FusedFPN(nn.Module):
 
 
 def _is_folded(block: nn.Module) -> bool:
-    """A block whose norms were all folded: every ``bnK`` (and ``downsample.1``) is an Identity."""
-    norms = [m for n, m in block.named_children() if n.startswith("bn")]
-    if block.downsample is not None:
-        if not (isinstance(block.downsample, nn.Sequential) and len(block.downsample) == 2):
-            return False
-        norms.append(block.downsample[1])
-    return all(isinstance(m, nn.Identity) for m in norms)
+    """A block whose declared norms (:func:`find_conv_bn_pairs`, its ``downsample`` included) are all folded
+    (``nn.Identity``), and whose shortcut is the plain ``Sequential(conv, norm)`` the fused blocks expect."""
+    if block.downsample is not None and not (isinstance(block.downsample, nn.Sequential)
+                                             and len(block.downsample) == 2):
+        return False
+    return all(isinstance(pair.norm, nn.Identity) for pair in find_conv_bn_pairs(block))
 
 
 def fuse_conv_activations(model: nn.Module) -> int:
@@ -251,8 +245,8 @@ def fuse_conv_activations(model: nn.Module) -> int:
             elif type(child) is FPN and all(isinstance(m, nn.Conv2d) for m in child.lateral_convs):
                 setattr(parent, name, FusedFPN(child))
                 count += 1
-        # The ResNet stem: Sequential(conv1, bn1, relu, maxpool) with bn1 folded.
-        if isinstance(parent, nn.Sequential) and {"conv1", "bn1", "relu"} <= set(parent._modules):
+        # The ResNet stem (conv1, bn1, relu, maxpool) with bn1 folded.
+        if isinstance(parent, ResNetStem):
             conv, bn, relu = parent.conv1, parent.bn1, parent.relu
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.Identity) and isinstance(relu, nn.ReLU):
                 parent.conv1 = FusedConv2d(conv, "relu")

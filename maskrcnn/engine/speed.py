@@ -1,19 +1,32 @@
 """Speed features, applied to a built model: every one keeps the model's results (up to float rounding, or within
 the documented bf16 tolerance) and is switched by a config key.
 
+The transforms find what they change through what the modules declare, never through attribute paths into the
+model, so they work on any arrangement of the parts:
+
+* ``conv_bn_pairs()`` (ResNet blocks and stem; an ``nn.Sequential`` pairs by order): which norm follows which
+  convolution, read by :func:`~maskrcnn.modeling.backbone.frozen_bn.find_conv_bn_pairs` for both BN folds;
+* ``fp32_island = True`` (the RPN predictors, ``Box_Outs``): run in fp32 under mixed precision;
+  ``fp32_output = True`` (``Mask_Outs``): outputs cast to fp32 under mixed precision;
+* the ResNet itself takes a channels-last image when its weights are channels-last.
+
+A transform that the config (or an explicit argument) asks for and that finds nothing to do in the model raises a
+``ConfigError`` naming the key, instead of leaving the model as it was.
+
 Inference (:func:`prepare_for_inference`, keys under ``TEST``):
 
 * ``FUSE_FROZEN_BN``: fold every ``FrozenBatchNorm2d`` (and eval-mode ``BatchNorm2d``) into the convolution
-  before it (backbone :func:`~maskrcnn.modeling.backbone.resnet.fuse_frozen_bn`); saves two elementwise passes
-  per conv.
+  before it; saves two elementwise passes per conv.
 * ``FUSE_CONV_ACTIVATIONS``: on the CPU, run the folded ResNet blocks with oneDNN's fused primitives
-  (conv + ReLU, and conv + residual add + ReLU in one pass) through :class:`FusedConv2d`; needs folded BN.
-* ``CHANNELS_LAST``: convolution weights (and the body's input) in channels-last memory format, the layout
+  (conv + ReLU, and conv + residual add + ReLU in one pass) through :class:`FusedConv2d`; needs folded BN and
+  does not apply without it or off the CPU.
+* ``CHANNELS_LAST``: convolution weights (and so the body's input) in channels-last memory format, the layout
   oneDNN convolves in without reordering every activation.
-* ``AMP``: ``'bf16'`` (CPU or CUDA) / ``'fp16'`` (CUDA) autocast around the whole forward, with fp32 islands where
-  precision decides results: the RPN's objectness/box-delta convs and ``Box_Outs`` run in fp32 (so proposal ranking,
-  box decoding, score thresholds and NMS see fp32 logits and deltas) and ``Mask_Outs``' logits are returned in
-  fp32 before the sigmoid. Box coding, NMS and mask pasting are fp32 operations anyway.
+* ``AMP``: ``'bf16'`` (CPU or CUDA) / ``'fp16'`` (CUDA) autocast around the model's forward, with the fp32
+  islands above: proposal ranking, box decoding, score thresholds and NMS see fp32 logits and deltas, and mask
+  logits reach the sigmoid in fp32. This is the only way inference runs in mixed precision: :func:`enable_amp`
+  installs it as hooks and returns a :class:`SpeedHandle`, whose ``remove()`` undoes it and whose ``autocast()``
+  is the same region for code that calls the model's parts itself (``core/test.py``'s ``im_detect_all``).
 * ``COMPILE``: ``torch.compile`` of ``Conv_Body`` (inductor, freezing on the CPU). Optional: compilation takes
   tens of seconds per input size, and the fused eager path reaches about the same speed.
 
@@ -22,30 +35,31 @@ Training (:func:`prepare_for_training`, keys under ``TRAIN``):
 * ``FUSE_FROZEN_BN``: each (conv, ``FrozenBatchNorm2d``) pair becomes one convolution whose weight is scaled by the
   frozen BN on the fly (:class:`FrozenBNConv2d`). Gradients are those of the unfused pair; parameters, buffers and
   state-dict keys are unchanged (same ``Parameter`` objects, the BN keeps its buffers), so optimizers and
-  checkpoints are unaffected.
+  checkpoints are unaffected. A body without frozen BN (``RESNETS.NORM`` ``'BN'`` with ``FREEZE_AT: 0``, or
+  ``'GN'``) has nothing to fold: set the key to False.
 * ``CHANNELS_LAST``: as for inference.
 
-Every function edits the model in place and returns it. The oneDNN modules live in ``onednn_fusion.py`` and the
-training fold in ``frozen_bn_training.py``; both are re-exported here.
+Every transform edits the model in place. The oneDNN modules live in ``onednn_fusion.py`` and the training fold
+in ``frozen_bn_training.py`` (both re-exported here); the AMP dtype map in ``amp.py``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..modeling.backbone.resnet import FrozenBatchNorm2d, fuse_frozen_bn
+from ..config import ConfigError
+from ..modeling.backbone.frozen_bn import find_conv_bn_pairs, fold_frozen_bn_pairs
+from .amp import AMP_DTYPES, check_amp
 from .frozen_bn_training import (FoldedFrozenBatchNorm2d, FrozenBNConv2d, fold_frozen_bn_for_training,
                                  unfold_frozen_bn_for_training)
 from .onednn_fusion import (FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedFPN, fuse_conv_activations,
                             onednn_fusion_available)
 
 __all__ = [
-    "AMP_DTYPES",
-    "FP32_MODULES",
-    "FP32_OUTPUT_MODULES",
     "FoldedFrozenBatchNorm2d",
     "FrozenBNConv2d",
     "FusedBasicBlock",
@@ -55,6 +69,7 @@ __all__ = [
     "SpeedHandle",
     "compile_conv_body",
     "enable_amp",
+    "find_fp32_islands",
     "fold_frozen_bn",
     "fold_frozen_bn_for_training",
     "fuse_conv_activations",
@@ -66,15 +81,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("maskrcnn.speed")
-
-AMP_DTYPES: Dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-#: Sub-modules (dotted paths from the model) that run entirely in fp32 under autocast: their inputs are cast to
-#: fp32 and autocast is off inside. They produce the logits and deltas that box decoding, score thresholds and NMS
-#: rank, where bf16's 8-bit mantissa would create ties and shift boxes.
-FP32_MODULES: Tuple[str, ...] = ("RPN.RPN_cls_score", "RPN.RPN_bbox_pred", "Box_Outs")
-#: Sub-modules run under autocast whose floating outputs are cast back to fp32 (mask logits before the sigmoid).
-FP32_OUTPUT_MODULES: Tuple[str, ...] = ("Mask_Outs",)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -97,15 +103,6 @@ def _default(dotted: str) -> Any:
     return node
 
 
-def _submodule(model: nn.Module, dotted: str) -> Optional[nn.Module]:
-    obj: Any = model
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj if isinstance(obj, nn.Module) else None
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -116,43 +113,25 @@ def _model_device(model: nn.Module) -> torch.device:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Frozen BN folding (inference).
-def _freeze_eval_batch_norms(module: nn.Module) -> None:
-    # An nn.BatchNorm2d in eval mode is the affine map of its running statistics: a FrozenBatchNorm2d.
-    for name, child in list(module.named_children()):
-        if type(child) is nn.BatchNorm2d and not child.training and child.track_running_stats:
-            setattr(module, name, FrozenBatchNorm2d.from_batch_norm(child))
-        else:
-            _freeze_eval_batch_norms(child)
-
-
-def fold_frozen_bn(model: nn.Module) -> nn.Module:
+def fold_frozen_bn(model: nn.Module) -> int:
     """Fold every ``FrozenBatchNorm2d`` (and every ``nn.BatchNorm2d`` in eval mode, e.g. a model trained with
-    ``RESNETS.NORM: BN``) that follows a ``Conv2d`` into it, in place. Inference only: the folded parameters no
-    longer match the checkpoint's names, and the BN becomes ``nn.Identity``."""
+    ``RESNETS.NORM: BN``) that the modules declare after a ``Conv2d`` into it, in place. Inference only: the folded
+    parameters no longer match the checkpoint's names, and the BN becomes ``nn.Identity``. Returns the number of
+    pairs folded."""
     # A model prepared for training computes its BN inside FrozenBNConv2d: undo that first, or it would be
     # folded twice.
     unfold_frozen_bn_for_training(model)
-    _freeze_eval_batch_norms(model)
-    return fuse_frozen_bn(model, inplace=True)
+    return fold_frozen_bn_pairs(model, eval_batch_norm=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Channels-last.
-def _input_to_channels_last(module: nn.Module, args: tuple):
-    if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
-        return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
-    return None
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """Convert every 4-D parameter and buffer to channels-last, in place, and make ``model.Conv_Body`` (when there
-    is one) take its input channels-last, so that every feature map downstream is channels-last too."""
+def to_channels_last(model: nn.Module) -> int:
+    """Convert every 4-D parameter and buffer to channels-last, in place (the ResNet then takes its image
+    channels-last too, so that every feature map downstream is). Returns the number of 4-D tensors."""
+    count = sum(1 for t in list(model.parameters()) + list(model.buffers()) if t.dim() == 4)
     model.to(memory_format=torch.channels_last)
-    body = getattr(model, "Conv_Body", None)
-    if isinstance(body, nn.Module) and not getattr(body, "_speed_channels_last_hook", False):
-        body.register_forward_pre_hook(_input_to_channels_last)
-        body._speed_channels_last_hook = True
-    return model
+    return count
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -171,15 +150,14 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
 class _AutocastRegion:
     """A forward pre-hook / hook pair that runs a module inside ``torch.autocast(device, dtype, enabled)``.
 
-    ``cast_inputs`` / ``cast_outputs`` (a dtype or None) cast the floating tensors of the arguments / result.
-    The post-hook is registered with ``always_call=True`` so that the autocast state is restored even when the
-    forward raises.
+    ``cast_inputs`` (a dtype or None) casts the floating tensors of the arguments. The post-hook is registered
+    with ``always_call=True`` so that the autocast state is restored even when the forward raises.
     """
 
     def __init__(self, device_type: str, dtype: Optional[torch.dtype], enabled: bool,
-                 cast_inputs: Optional[torch.dtype] = None, cast_outputs: Optional[torch.dtype] = None):
+                 cast_inputs: Optional[torch.dtype] = None):
         self.device_type, self.dtype, self.enabled = device_type, dtype, enabled
-        self.cast_inputs, self.cast_outputs = cast_inputs, cast_outputs
+        self.cast_inputs = cast_inputs
         self._stack: List[torch.autocast] = []
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -193,25 +171,11 @@ class _AutocastRegion:
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         if self._stack:
             self._stack.pop().__exit__(None, None, None)
-        if self.cast_outputs is not None and output is not None:
-            return _cast_floats(output, self.cast_outputs)
         return None
 
     def register(self, module: nn.Module) -> List[Any]:
         return [module.register_forward_pre_hook(self.pre, with_kwargs=True),
                 module.register_forward_hook(self.post, with_kwargs=True, always_call=True)]
-
-
-class SpeedHandle:
-    """Hooks registered by :func:`enable_amp` (and the channels-last input hook); ``remove()`` undoes them."""
-
-    def __init__(self, handles: Iterable[Any] = ()):
-        self.handles = list(handles)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def _output_cast_hook(dtype: torch.dtype) -> Callable:
@@ -220,34 +184,69 @@ def _output_cast_hook(dtype: torch.dtype) -> Callable:
     return hook
 
 
-def enable_amp(model: nn.Module, amp: str, fp32_modules: Sequence[str] = FP32_MODULES,
-               fp32_output_modules: Sequence[str] = FP32_OUTPUT_MODULES) -> SpeedHandle:
+class SpeedHandle:
+    """What :func:`enable_amp` (through :func:`prepare_for_inference`) installed on a model.
+
+    ``handles``: the hook handles; ``remove()`` removes them all, after which the model computes as before.
+    ``amp``: ``''``, ``'bf16'`` or ``'fp16'``; ``device_type``: where the model runs. ``autocast()`` is the region
+    the model's forward runs in (a null context without AMP), for callers that run the model's parts themselves.
+    """
+
+    def __init__(self, handles: Iterable[Any] = (), amp: str = "", device_type: str = "cpu"):
+        self.handles = list(handles)
+        self.amp, self.device_type = amp, device_type
+
+    def autocast(self):
+        """``torch.autocast`` with the handle's device and dtype, or a null context when there is no AMP."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=AMP_DTYPES[self.amp])
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.amp = ""
+
+
+def find_fp32_islands(model: nn.Module) -> Tuple[List[nn.Module], List[nn.Module]]:
+    """The modules of ``model`` (itself included) that declare ``fp32_island = True`` (run wholly in fp32 under
+    autocast) and those that declare ``fp32_output = True`` (outputs cast to fp32), in ``model.modules()`` order."""
+    islands = [m for m in model.modules() if getattr(m, "fp32_island", False) is True]
+    outputs = [m for m in model.modules() if getattr(m, "fp32_output", False) is True]
+    return islands, outputs
+
+
+def enable_amp(model: nn.Module, amp: str, what: str = "amp") -> SpeedHandle:
     """Run ``model``'s forward under autocast (``amp`` = ``'bf16'`` or ``'fp16'``) with fp32 islands.
 
     Args:
         model: a built model (normally ``Generalized_RCNN``); its device picks the autocast device.
         amp: ``'bf16'`` (CPU or CUDA) or ``'fp16'`` (CUDA only).
-        fp32_modules: dotted sub-module paths run entirely in fp32 (inputs cast to fp32, autocast off inside).
-        fp32_output_modules: dotted sub-module paths whose floating outputs are cast to fp32.
-    Paths that do not exist in ``model`` are skipped. Returns a :class:`SpeedHandle` whose ``remove()`` turns it
-    all off again. The islands also hold when the caller enters autocast itself around ``model(...)``.
+        what: how errors name the setting (``'TEST.AMP'`` from :func:`prepare_for_inference`).
+
+    Every module declaring ``fp32_island = True`` gets its floating inputs cast to fp32 and runs with autocast
+    off; every module declaring ``fp32_output = True`` gets its floating outputs cast to fp32. The islands also
+    hold when the caller enters autocast itself (``SpeedHandle.autocast()``). Raises ``ConfigError`` when no module
+    declares an island: the detector's box maths would then run on half-precision logits. Returns the
+    :class:`SpeedHandle` whose ``remove()`` turns it all off again.
     """
     if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        raise ValueError(f"{what} must be 'bf16' or 'fp16' to enable mixed precision, got {amp!r}")
     device_type = _model_device(model).type
-    if amp == "fp16" and device_type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA model; use 'bf16' on the CPU")
-    dtype = AMP_DTYPES[amp]
-    handles = _AutocastRegion(device_type, dtype, True).register(model)
-    for path in fp32_modules:
-        sub = _submodule(model, path)
-        if sub is not None:
-            handles += _AutocastRegion(device_type, None, False, cast_inputs=torch.float32).register(sub)
-    for path in fp32_output_modules:
-        sub = _submodule(model, path)
-        if sub is not None:
-            handles.append(sub.register_forward_hook(_output_cast_hook(torch.float32)))
-    return SpeedHandle(handles)
+    check_amp(amp, device_type, what)
+    islands, outputs = find_fp32_islands(model)
+    if not islands and not outputs:
+        raise ConfigError(f"{what} = {amp!r}: no module of {type(model).__name__} declares `fp32_island = True` or "
+                          f"`fp32_output = True`, so box decoding and NMS would read {amp} logits; mark the "
+                          f"predictor modules (as RPNHead, FastRCNNOutputs and MaskRCNNOutputs do) or leave {what} "
+                          f"empty")
+    handles = _AutocastRegion(device_type, AMP_DTYPES[amp], True).register(model)
+    for module in islands:
+        handles += _AutocastRegion(device_type, None, False, cast_inputs=torch.float32).register(module)
+    for module in outputs:
+        handles.append(module.register_forward_hook(_output_cast_hook(torch.float32)))
+    return SpeedHandle(handles, amp, device_type)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,53 +267,86 @@ def compile_conv_body(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def _setting(cfg, arg: Any, key: str, param: str) -> Tuple[Any, str]:
+    """The value of a feature (explicit argument, else ``cfg``, else the default) and how errors name it."""
+    if arg is not None:
+        return arg, f"{param}={arg!r}"
+    value = _cfg_value(cfg, key)
+    return value, f"{key} = {value!r}"
+
+
+def _nothing_to_do(asked: str, found: str, fix: str) -> ConfigError:
+    return ConfigError(f"{asked} asks for a speed feature that has nothing to act on: {found}. {fix}")
+
+
+def _has_folded_bn(model: nn.Module) -> bool:
+    # A model prepared before: its declared norms are already Identity (or inside fused oneDNN blocks).
+    return any(isinstance(m, FusedConv2d) for m in model.modules()) or any(
+        isinstance(p.norm, nn.Identity) and type(p.conv) is nn.Conv2d for p in find_conv_bn_pairs(model))
+
+
 def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool] = None,
                           fuse_activations: Optional[bool] = None, channels_last: Optional[bool] = None,
-                          amp: Optional[str] = None, compile_body: Optional[bool] = None) -> nn.Module:
+                          amp: Optional[str] = None, compile_body: Optional[bool] = None,
+                          return_handle: bool = False) -> Union[nn.Module, Tuple[nn.Module, SpeedHandle]]:
     """Apply the inference speed features to ``model`` in place and put it in eval mode.
 
     Each feature is taken from the explicit argument when given, else from ``cfg`` (``TEST.FUSE_FROZEN_BN``,
     ``TEST.FUSE_CONV_ACTIVATIONS``, ``TEST.CHANNELS_LAST``, ``TEST.AMP``, ``TEST.COMPILE``), else from
-    ``model.cfg``, else the defaults (all on except ``AMP`` and ``COMPILE``). Conv/activation fusion needs
-    folded BN and is skipped without it. The model is for inference only afterwards (folded parameters train
-    wrongly). Returns ``model``.
+    ``model.cfg``, else the defaults (all on except ``AMP`` and ``COMPILE``). Conv/activation fusion applies on
+    the CPU with oneDNN and folded BN only. A feature asked for that finds nothing to change in the model raises
+    a ``ConfigError`` naming the key (e.g. ``TEST.FUSE_FROZEN_BN`` on a GroupNorm body). The model is for inference
+    only afterwards (folded parameters train wrongly).
+
+    Returns ``model``, or ``(model, handle)`` with ``return_handle=True``: the :class:`SpeedHandle` of the AMP
+    hooks (``handle.remove()`` undoes them, ``handle.autocast()`` runs the model's parts in the same precision).
     """
     cfg = cfg if cfg is not None else getattr(model, "cfg", None)
-    pick = lambda arg, key: _cfg_value(cfg, key) if arg is None else arg  # noqa: E731
-    fold = bool(pick(fold_bn, "TEST.FUSE_FROZEN_BN"))
-    fuse = bool(pick(fuse_activations, "TEST.FUSE_CONV_ACTIVATIONS"))
-    cl = bool(pick(channels_last, "TEST.CHANNELS_LAST"))
-    amp = str(pick(amp, "TEST.AMP"))
-    comp = bool(pick(compile_body, "TEST.COMPILE"))
-    if amp not in ("",) + tuple(AMP_DTYPES):
-        raise ValueError(f"TEST.AMP / amp must be '', 'bf16' or 'fp16', got {amp!r}")
+    fold, fold_key = _setting(cfg, fold_bn, "TEST.FUSE_FROZEN_BN", "fold_bn")
+    fuse, fuse_key = _setting(cfg, fuse_activations, "TEST.FUSE_CONV_ACTIVATIONS", "fuse_activations")
+    cl, cl_key = _setting(cfg, channels_last, "TEST.CHANNELS_LAST", "channels_last")
+    amp_value, _ = _setting(cfg, amp, "TEST.AMP", "amp")
+    comp, _ = _setting(cfg, compile_body, "TEST.COMPILE", "compile_body")
+    fold, fuse, cl, amp_value, comp = bool(fold), bool(fuse), bool(cl), str(amp_value), bool(comp)
+    amp_name = "TEST.AMP" if amp is None else "amp"
+    check_amp(amp_value, _model_device(model), amp_name)
     model.eval()
-    if fold:
-        fold_frozen_bn(model)
-    fuse = fuse and fold and _model_device(model).type == "cpu"
-    if fuse:
-        fuse_conv_activations(model)
-    if cl:
-        to_channels_last(model)
-    if amp:
-        model._speed_amp_handle = enable_amp(model, amp)
+    if fold and fold_frozen_bn(model) == 0 and not _has_folded_bn(model):
+        raise _nothing_to_do(fold_key, f"{type(model).__name__} has no convolution followed by a frozen or "
+                             "eval-mode BatchNorm (a GroupNorm body, or no declared conv_bn_pairs())",
+                             "Set TEST.FUSE_FROZEN_BN False for such a model.")
+    fuse = fuse and fold and _model_device(model).type == "cpu" and onednn_fusion_available()
+    if fuse and fuse_conv_activations(model) == 0 and not any(isinstance(m, FusedConv2d) for m in model.modules()):
+        raise _nothing_to_do(fuse_key, f"{type(model).__name__} has no folded ResNet block, ResNet stem or plain FPN",
+                             "Set TEST.FUSE_CONV_ACTIVATIONS False for such a model.")
+    if cl and to_channels_last(model) == 0:
+        raise _nothing_to_do(cl_key, f"{type(model).__name__} has no 4-D parameter or buffer",
+                             "Set TEST.CHANNELS_LAST False for such a model.")
+    handle = SpeedHandle(device_type=_model_device(model).type)
+    if amp_value:
+        handle = enable_amp(model, amp_value, what=amp_name)
     if comp:
         compile_conv_body(model)
     logger.info("inference speed features: folded BN %s, fused conv+activation %s, channels-last %s, amp %s, "
-                "compile %s", fold, fuse, cl, amp or "off", comp)
-    return model
+                "compile %s", fold, fuse, cl, amp_value or "off", comp)
+    return (model, handle) if return_handle else model
 
 
 def prepare_for_training(model: nn.Module, cfg=None, *, fold_bn: Optional[bool] = None,
                          channels_last: Optional[bool] = None) -> nn.Module:
     """Apply the training speed features in place (``TRAIN.FUSE_FROZEN_BN``, ``TRAIN.CHANNELS_LAST``; explicit
     arguments win, then ``cfg``, then ``model.cfg``). Parameters keep their identity, so this may run before or
-    after the optimizer is built; checkpoints load and save as before. Returns ``model``."""
+    after the optimizer is built; checkpoints load and save as before. A feature asked for that finds nothing to
+    change raises a ``ConfigError`` naming the key. Installs no hooks. Returns ``model``."""
     cfg = cfg if cfg is not None else getattr(model, "cfg", None)
-    fold = bool(_cfg_value(cfg, "TRAIN.FUSE_FROZEN_BN") if fold_bn is None else fold_bn)
-    cl = bool(_cfg_value(cfg, "TRAIN.CHANNELS_LAST") if channels_last is None else channels_last)
-    if fold:
-        fold_frozen_bn_for_training(model)
-    if cl:
-        to_channels_last(model)
+    fold, fold_key = _setting(cfg, fold_bn, "TRAIN.FUSE_FROZEN_BN", "fold_bn")
+    cl, cl_key = _setting(cfg, channels_last, "TRAIN.CHANNELS_LAST", "channels_last")
+    if fold and fold_frozen_bn_for_training(model) == 0 and not any(
+            isinstance(m, FrozenBNConv2d) for m in model.modules()):
+        raise _nothing_to_do(fold_key, f"{type(model).__name__} has no convolution followed by a FrozenBatchNorm2d "
+                             "(RESNETS.NORM 'BN' with RESNETS.FREEZE_AT 0, or 'GN', freeze nothing)",
+                             "Set TRAIN.FUSE_FROZEN_BN False for such a model.")
+    if cl and to_channels_last(model) == 0:
+        raise _nothing_to_do(cl_key, f"{type(model).__name__} has no 4-D parameter or buffer",
+                             "Set TRAIN.CHANNELS_LAST False for such a model.")
     return model

@@ -20,12 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import distributed as dist_utils
+from .amp import autocast_context, check_amp
 
 __all__ = ["Trainer", "NonFiniteLossError", "make_grad_scaler", "autocast_context", "move_to_device"]
 
 logger = logging.getLogger("maskrcnn.trainer")
-
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -38,27 +37,11 @@ class NonFiniteLossError(FloatingPointError):
         self.image_ids = image_ids
 
 
-def _check_amp(amp: str, device: torch.device) -> None:
-    if amp not in ("", "fp16", "bf16"):
-        raise ValueError(f"amp must be '', 'fp16' or 'bf16', got {amp!r}")
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on the CPU")
-
-
 def make_grad_scaler(amp: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
     """A ``GradScaler`` for fp16 training on CUDA, else None (bf16 and fp32 need no loss scaling)."""
     device = torch.device(device)
-    _check_amp(amp, device)
+    check_amp(amp, device)
     return torch.amp.GradScaler("cuda") if amp == "fp16" else None
-
-
-def autocast_context(amp: str, device: torch.device):
-    """``torch.autocast`` for ``amp`` ('fp16' / 'bf16') on ``device``, or a null context when ``amp`` is ''."""
-    device = torch.device(device)
-    _check_amp(amp, device)
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
 def move_to_device(images: Sequence[Tensor], targets: Optional[Sequence[Dict[str, Any]]], device: torch.device):
@@ -117,7 +100,7 @@ class Trainer:
         if float(clip_grad_norm) < 0:
             raise ValueError(f"Trainer: clip_grad_norm must be >= 0, got {clip_grad_norm}")
         self.device = torch.device(device)
-        _check_amp(amp, self.device)
+        check_amp(amp, self.device)
         if amp == "fp16" and scaler is None:
             raise ValueError("Trainer: amp='fp16' needs a GradScaler (make_grad_scaler('fp16', device))")
         self.model = model

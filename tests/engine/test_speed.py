@@ -241,7 +241,10 @@ def _record_dtypes(model):
         return hook
 
     for name in ("Conv_Body", "RPN.RPN_cls_score", "RPN.RPN_bbox_pred", "Box_Head", "Box_Outs", "Mask_Outs"):
-        speed._submodule(model, name).register_forward_hook(rec(name))
+        module = model
+        for part in name.split("."):
+            module = getattr(module, part)
+        module.register_forward_hook(rec(name))
     return seen
 
 

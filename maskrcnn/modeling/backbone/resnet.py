@@ -2,7 +2,7 @@
 
 Layout (``depth`` 18/34 use basic blocks, 50/101/152 bottleneck blocks)::
 
-    res1  = Sequential(conv1 7x7 s2, bn1, relu, maxpool 3x3 s2 p1)          stride 4,  64 channels
+    res1  = ResNetStem(conv1 7x7 s2, bn1, relu, maxpool 3x3 s2 p1)          stride 4,  64 channels
     res2  = Sequential(block 0, block 1, ...)                               stride 4   (256 | basic: 64)
     res3                                                                     stride 8   (512 | 128)
     res4                                                                     stride 16  (1024 | 256)
@@ -13,20 +13,26 @@ A bottleneck block has ``conv1`` (1x1), ``bn1``, ``conv2`` (3x3, grouped for Res
 ``conv1``/``bn1``/``conv2``/``bn2`` (both 3x3). The norm layers are called ``bn*`` whatever their kind, so that
 checkpoints map one-to-one between the FrozenBN, BN and GN variants.
 
+The blocks and the stem (:class:`ResNetStem`) declare which norm follows which convolution with a
+``conv_bn_pairs()`` method (``downsample``, an ``nn.Sequential``, by its order); the folds of
+:mod:`maskrcnn.modeling.backbone.frozen_bn` read nothing else.
+
 ``stride_in_1x1=True`` puts a block's stride in ``conv1`` (Caffe2 / Detectron weights); ``False`` puts it in the
 3x3 ``conv2`` (torchvision weights, "ResNet v1.5").
 """
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
 
+# FrozenBatchNorm2d and fuse_frozen_bn live in frozen_bn.py; imported here too, where they always were.
+from .frozen_bn import FrozenBatchNorm2d, fuse_frozen_bn
+
 __all__ = [
-    "FrozenBatchNorm2d", "get_norm", "BottleneckBlock", "BasicBlock", "make_stage", "ResNet",
+    "FrozenBatchNorm2d", "get_norm", "BottleneckBlock", "BasicBlock", "ResNetStem", "make_stage", "ResNet",
     "freeze_module", "fuse_frozen_bn", "RESNET_BLOCKS_PER_STAGE",
 ]
 
@@ -42,63 +48,6 @@ RESNET_BLOCKS_PER_STAGE: Dict[int, Tuple[int, int, int, int]] = {
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 _NORMS = ("FrozenBN", "GN", "BN")
 _GN_GROUPS = 32
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d whose statistics and affine parameters are fixed buffers.
-
-    ``y = (x - running_mean) * weight / sqrt(running_var + eps) + bias``, per channel of an ``(N, C, H, W)`` input.
-    State-dict keys and maths match ``torchvision.ops.misc.FrozenBatchNorm2d``, so torchvision checkpoints load as
-    they are; a ``num_batches_tracked`` entry (from an ``nn.BatchNorm2d``) is ignored when loading.
-    The output has the input's dtype (the per-channel scale and shift are cast to it).
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_features = int(num_features)
-        self.eps = float(eps)
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    @classmethod
-    def from_batch_norm(cls, bn: nn.BatchNorm2d) -> "FrozenBatchNorm2d":
-        """A frozen copy of ``bn``'s current affine parameters and running statistics."""
-        ref = bn.running_mean if bn.running_mean is not None else bn.weight
-        frozen = cls(bn.num_features, eps=bn.eps)
-        if ref is not None:
-            frozen = frozen.to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            if bn.affine:
-                frozen.weight.copy_(bn.weight)
-                frozen.bias.copy_(bn.bias)
-            if bn.track_running_stats:
-                frozen.running_mean.copy_(bn.running_mean)
-                frozen.running_var.copy_(bn.running_var)
-        return frozen
-
-    def scale_and_shift(self) -> Tuple[Tensor, Tensor]:
-        """Per-channel ``(scale, shift)`` with ``y = x * scale + shift``; both ``(C,)`` in the buffers' dtype."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
-        return scale, shift
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale, shift = self.scale_and_shift()
-        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        # An nn.BatchNorm2d checkpoint carries a counter that has no meaning here; the caller's dict is not touched.
-        key = prefix + "num_batches_tracked"
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
 
 
 def get_norm(norm: str, channels: int) -> nn.Module:
@@ -145,6 +94,10 @@ class BottleneckBlock(nn.Module):
                            if stride != 1 or in_channels != out_channels else None)
         self.relu = nn.ReLU(inplace=True)
 
+    def conv_bn_pairs(self) -> List[Tuple[str, str]]:
+        """``(conv, norm)`` child names, each norm applied to its conv's output (``downsample`` declares its own)."""
+        return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -167,11 +120,33 @@ class BasicBlock(nn.Module):
                            if stride != 1 or in_channels != out_channels else None)
         self.relu = nn.ReLU(inplace=True)
 
+    def conv_bn_pairs(self) -> List[Tuple[str, str]]:
+        """``(conv, norm)`` child names, each norm applied to its conv's output (``downsample`` declares its own)."""
+        return [("conv1", "bn1"), ("conv2", "bn2")]
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
+
+
+class ResNetStem(nn.Sequential):
+    """``res1``: ``conv1`` 7x7 stride 2 (3 -> 64 channels), ``bn1``, ``relu``, ``maxpool`` 3x3 stride 2 pad 1;
+    ``(N, 3, H, W) -> (N, 64, ceil(H/4), ceil(W/4))``. An ``nn.Sequential`` (checkpoint keys ``res1.conv1.weight``,
+    ``res1.bn1.*``) whose class tells the speed transforms what it is."""
+
+    def __init__(self, norm: str = "FrozenBN"):
+        super().__init__(OrderedDict([
+            ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)),
+            ("bn1", get_norm(norm, 64)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("maxpool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+        ]))
+
+    def conv_bn_pairs(self) -> List[Tuple[str, str]]:
+        """``(conv, norm)`` child names."""
+        return [("conv1", "bn1")]
 
 
 _BLOCKS = {
@@ -281,12 +256,7 @@ class ResNet(nn.Module):
         self.return_stages = tuple(s for s in _STAGE_NAMES if s in return_stages)
         last = max(_STAGE_NAMES.index(s) for s in return_stages)
 
-        self.res1 = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)),
-            ("bn1", get_norm(norm, 64)),
-            ("relu", nn.ReLU(inplace=True)),
-            ("maxpool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-        ]))
+        self.res1 = ResNetStem(norm)
         self.stage_channels: Dict[str, int] = {}
         self.stage_strides: Dict[str, int] = {}
         in_ch, stride = 64, 4
@@ -321,6 +291,12 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"ResNet expects an (N, 3, H, W) input, got shape {tuple(x.shape)}")
+        # Channels-last weights (TEST/TRAIN.CHANNELS_LAST) take a channels-last image, so that every activation
+        # after it, and oneDNN's fused stem, stays in that layout without a reorder.
+        stem_weight = getattr(self.res1.conv1, "weight", None)
+        if (isinstance(stem_weight, Tensor) and not stem_weight.is_contiguous()
+                and stem_weight.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous(memory_format=torch.channels_last)
         out: "OrderedDict[str, Tensor]" = OrderedDict()
         x = self.res1(x)
         for name in self.stage_channels:
@@ -328,51 +304,3 @@ class ResNet(nn.Module):
             if name in self.return_stages:
                 out[name] = x
         return out
-
-
-# --- inference-time folding of FrozenBN into convolutions -----------------------------------------------------------
-def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
-    if conv.out_channels != bn.num_features:
-        raise ValueError(f"cannot fold {bn} into {conv}: channel counts differ")
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                      dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode)
-    fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        scale, shift = bn.scale_and_shift()
-        scale, shift = scale.to(conv.weight.dtype), shift.to(conv.weight.dtype)
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-        fused.bias.copy_(conv_bias * scale + shift)
-    fused.weight.requires_grad_(conv.weight.requires_grad)
-    fused.bias.requires_grad_(conv.weight.requires_grad)
-    return fused
-
-
-def _fuse_children(module: nn.Module) -> None:
-    children = dict(module.named_children())
-    pairs: List[Tuple[str, str]] = []
-    if isinstance(module, nn.Sequential):
-        # Consecutive (conv, FrozenBN) elements, e.g. ``downsample = Sequential(conv, bn)`` and the stem.
-        names = list(children)
-        pairs += [(a, b) for a, b in zip(names, names[1:])]
-    # Detectron naming: ``convK`` is always followed by ``bnK`` in forward.
-    pairs += [(n, "bn" + n[4:]) for n in children if n.startswith("conv") and "bn" + n[4:] in children]
-    for conv_name, bn_name in pairs:
-        conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
-            setattr(module, conv_name, _fold(conv, bn))
-            setattr(module, bn_name, nn.Identity())
-    for child in module.children():
-        _fuse_children(child)
-
-
-def fuse_frozen_bn(module: nn.Module, inplace: bool = False) -> nn.Module:
-    """Fold every ``FrozenBatchNorm2d`` that directly follows a ``Conv2d`` into that conv (weight scaled, bias
-    added) and replace it by ``nn.Identity``. Pairs are found by Detectron naming (``convK`` -> ``bnK``) and as
-    consecutive elements of an ``nn.Sequential``; anything else is left alone. Outputs are unchanged up to float
-    rounding. For inference: the folded bias takes the conv's ``requires_grad``, so do not train the result.
-    Returns a fused deep copy, or ``module`` itself edited in place when ``inplace=True``.
-    """
-    target = module if inplace else copy.deepcopy(module)
-    _fuse_children(target)
-    return target

@@ -32,7 +32,12 @@ class FastRCNNOutputs(nn.Module):
 
     ``forward(x (R, dim_in) or (R, dim_in, 1, 1)) -> (cls_score (R, K+1), bbox_pred (R, 4(K+1)) or (R, 8))``.
     Init (Detectron): ``cls_score`` normal std 0.01, ``bbox_pred`` normal std 0.001, biases 0.
+
+    ``fp32_island``: under mixed precision the module runs in fp32 (:func:`maskrcnn.engine.speed.enable_amp`), so
+    that score thresholds, box decoding and NMS see fp32 logits and deltas.
     """
+
+    fp32_island = True
 
     def __init__(self, dim_in: int, num_classes: int, cls_agnostic_bbox_reg: bool = False):
         super().__init__()

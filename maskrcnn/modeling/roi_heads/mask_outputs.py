@@ -30,7 +30,13 @@ class MaskRCNNOutputs(nn.Module):
             (std 0.001); bias 0.
 
     ``forward(x (R, dim_in, M, M)) -> (R, K+1 or 1, M, M)`` logits.
+
+    ``fp32_output``: under mixed precision the convolution runs in the autocast dtype and its logits are cast to
+    fp32 before anything reads them (:func:`maskrcnn.engine.speed.enable_amp`), so that the sigmoid and the
+    binarisation threshold see fp32 values.
     """
+
+    fp32_output = True
 
     def __init__(self, dim_in: int, num_classes: int, cls_specific: bool = True, conv_init: str = "MSRAFill"):
         super().__init__()

@@ -20,7 +20,7 @@ class RPNHead(nn.Module):
 
     Layers (Detectron.pytorch names; torchvision's in brackets): ``RPN_conv`` 3x3 pad 1 (``conv.0.0``),
     ``RPN_cls_score`` 1x1 -> A (``cls_logits``), ``RPN_bbox_pred`` 1x1 -> 4A (``bbox_pred``); weights
-    N(0, 0.01), biases 0.
+    N(0, 0.01), biases 0. The two predictors carry ``fp32_island = True``: under mixed precision they run in fp32.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, conv_dim: Optional[int] = None):
@@ -37,6 +37,10 @@ class RPNHead(nn.Module):
         for layer in (self.RPN_conv, self.RPN_cls_score, self.RPN_bbox_pred):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.constant_(layer.bias, 0)
+        # fp32 islands under mixed precision (maskrcnn.engine.speed.enable_amp): proposal ranking, box decoding
+        # and NMS read these logits and deltas, and bf16's 8-bit mantissa would tie scores and shift boxes.
+        self.RPN_cls_score.fp32_island = True
+        self.RPN_bbox_pred.fp32_island = True
 
     def forward(self, features: Union[Tensor, Sequence[Tensor]]) -> Tuple[List[Tensor], List[Tensor]]:
         """``features``: a ``(N, C, H, W)`` tensor or a list of them (one per level).
@@ -50,7 +54,7 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         # Training: both predictors as one convolution, so that backward produces one gradient for ``t`` instead
         # of two plus their sum (at P2 of an 800x1066 batch of 2, 3 x 106 MB: the peak of the whole step).
-        # Inference keeps the two modules (their hooks carry the fp32 islands of bf16 inference).
+        # Inference keeps the two modules (their fp32-island hooks under bf16 inference).
         fused = self.training and torch.is_grad_enabled()
         if fused:
             num_logits = self.RPN_cls_score.out_channels
