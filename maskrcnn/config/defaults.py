@@ -155,7 +155,8 @@ _key("TRAIN.RPN_STRADDLE_THRESH", -1, "Anchors crossing the image border by more
 _key("TRAIN.AMP", "", "Mixed precision for training: '' (off), 'fp16' (CUDA) or 'bf16'.")
 _key("TRAIN.FUSE_FROZEN_BN", True, "Run each convolution and its frozen BatchNorm as one convolution with the BN "
      "folded into its weight at every step (maskrcnn.engine.speed.prepare_for_training; same gradients, same "
-     "checkpoint keys).")
+     "checkpoint keys). An error on a body without frozen BN (RESNETS.NORM 'GN', or 'BN' with FREEZE_AT 0): set "
+     "it False there.")
 _key("TRAIN.CHANNELS_LAST", True, "Train with convolutions in channels-last memory format (the layout oneDNN "
      "convolves in; same results up to float rounding).")
 _key("TRAIN.LOG_PERIOD", 20, "Log a line every this many iterations.")
@@ -174,9 +175,11 @@ _key("TEST.RPN_POST_NMS_TOP_N", 1000, "Proposals kept after NMS at test time, pe
 _key("TEST.RPN_NMS_THRESH", 0.7, "NMS IoU threshold for test-time proposals.")
 _key("TEST.RPN_MIN_SIZE", 0.0, "Test-time proposals smaller than this are dropped.")
 _key("TEST.IMS_PER_BATCH", 1, "Images per inference batch.")
-_key("TEST.AMP", "", "Mixed precision at inference: '' (off), 'fp16' (CUDA) or 'bf16'.")
+_key("TEST.AMP", "", "Mixed precision at inference: '' (off), 'fp16' (CUDA) or 'bf16'; autocast around the "
+     "model's forward with fp32 box and mask outputs (maskrcnn.engine.speed.prepare_for_inference).")
 _key("TEST.FUSE_FROZEN_BN", True, "Fold frozen BatchNorm into the preceding convolution at inference "
-     "(maskrcnn.engine.speed.prepare_for_inference; exact up to float rounding).")
+     "(maskrcnn.engine.speed.prepare_for_inference; exact up to float rounding). An error on a body without "
+     "BatchNorm (RESNETS.NORM 'GN'): set it False there.")
 _key("TEST.FUSE_CONV_ACTIVATIONS", True, "On the CPU, run the folded ResNet and FPN convolutions as oneDNN fused "
      "conv+ReLU and conv+add+ReLU primitives (needs TEST.FUSE_FROZEN_BN).")
 _key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory format at inference.")
