@@ -17,18 +17,11 @@ from maskrcnn.modeling.backbone.resnet import ResNet
 from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_speed import images, randomize_frozen_bn, tiny_cfg, tiny_model  # noqa: E402
+# _one_thread: test_speed's autouse fixture, used here too (tiny tensors run fastest on one thread).
+from test_speed import _one_thread, images, randomize_frozen_bn, tiny_cfg, tiny_model  # noqa: E402,F401
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quick_schedules",
                     "e2e_mask_rcnn_R-18-FPN_synthetic_cpu.yaml")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
