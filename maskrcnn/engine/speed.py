@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..modeling.backbone.frozen_bn import find_conv_bn_pairs, fold_frozen_bn_pairs
+from ..utils.model import model_device
 from .amp import AMP_DTYPES, check_amp
 from .frozen_bn_training import (FoldedFrozenBatchNorm2d, FrozenBNConv2d, fold_frozen_bn_for_training,
                                  unfold_frozen_bn_for_training)
@@ -101,14 +102,6 @@ def _default(dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -233,7 +226,7 @@ def enable_amp(model: nn.Module, amp: str, what: str = "amp") -> SpeedHandle:
     """
     if amp not in AMP_DTYPES:
         raise ValueError(f"{what} must be 'bf16' or 'fp16' to enable mixed precision, got {amp!r}")
-    device_type = _model_device(model).type
+    device_type = model_device(model).type
     check_amp(amp, device_type, what)
     islands, outputs = find_fp32_islands(model)
     if not islands and not outputs:
@@ -258,7 +251,7 @@ def compile_conv_body(model: nn.Module, **compile_kwargs) -> nn.Module:
     body = getattr(model, "Conv_Body", None)
     if not isinstance(body, nn.Module):
         raise ValueError("compile_conv_body needs a model with a Conv_Body module")
-    if _model_device(body).type == "cpu":
+    if model_device(body).type == "cpu":
         options = dict(compile_kwargs.pop("options", None) or {})
         options.setdefault("freezing", True)
         compile_kwargs["options"] = options
@@ -309,20 +302,20 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     comp, _ = _setting(cfg, compile_body, "TEST.COMPILE", "compile_body")
     fold, fuse, cl, amp_value, comp = bool(fold), bool(fuse), bool(cl), str(amp_value), bool(comp)
     amp_name = "TEST.AMP" if amp is None else "amp"
-    check_amp(amp_value, _model_device(model), amp_name)
+    check_amp(amp_value, model_device(model), amp_name)
     model.eval()
     if fold and fold_frozen_bn(model) == 0 and not _has_folded_bn(model):
         raise _nothing_to_do(fold_key, f"{type(model).__name__} has no convolution followed by a frozen or "
                              "eval-mode BatchNorm (a GroupNorm body, or no declared conv_bn_pairs())",
                              "Set TEST.FUSE_FROZEN_BN False for such a model.")
-    fuse = fuse and fold and _model_device(model).type == "cpu" and onednn_fusion_available()
+    fuse = fuse and fold and model_device(model).type == "cpu" and onednn_fusion_available()
     if fuse and fuse_conv_activations(model) == 0 and not any(isinstance(m, FusedConv2d) for m in model.modules()):
         raise _nothing_to_do(fuse_key, f"{type(model).__name__} has no folded ResNet block, ResNet stem or plain FPN",
                              "Set TEST.FUSE_CONV_ACTIVATIONS False for such a model.")
     if cl and to_channels_last(model) == 0:
         raise _nothing_to_do(cl_key, f"{type(model).__name__} has no 4-D parameter or buffer",
                              "Set TEST.CHANNELS_LAST False for such a model.")
-    handle = SpeedHandle(device_type=_model_device(model).type)
+    handle = SpeedHandle(device_type=model_device(model).type)
     if amp_value:
         handle = enable_amp(model, amp_value, what=amp_name)
     if comp:
