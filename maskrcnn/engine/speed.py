@@ -180,7 +180,8 @@ def _output_cast_hook(dtype: torch.dtype) -> Callable:
 class SpeedHandle:
     """What :func:`enable_amp` (through :func:`prepare_for_inference`) installed on a model.
 
-    ``handles``: the hook handles; ``remove()`` removes them all, after which the model computes as before.
+    ``handles``: the hook handles; ``remove()`` removes them all, after which the model computes as before (and
+    ``autocast()`` is a null context).
     ``amp``: ``''``, ``'bf16'`` or ``'fp16'``; ``device_type``: where the model runs. ``autocast()`` is the region
     the model's forward runs in (a null context without AMP), for callers that run the model's parts themselves.
     """

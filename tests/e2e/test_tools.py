@@ -138,7 +138,8 @@ def test_train_then_test_command_lines(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_training_and_inference_through_the_tools(tmp_path):
-    """TRAIN.AMP / TEST.AMP bf16 together with the default speed switches (folded-BN convs, channels-last)."""
+    """TRAIN.AMP / TEST.AMP bf16 together with the speed switches (channels-last; BN folded at inference: the
+    config trains BatchNorm, so TRAIN.FUSE_FROZEN_BN is off)."""
     out = tmp_path / "train"
     r = _run(["tools/train_net.py", "--cfg", SMOKE, "--output_dir", str(out), "--nw", "0", "--set", "TRAIN.AMP",
               "bf16"])
