@@ -1,4 +1,6 @@
-"""Detectron's inference API over the same modules as ``Generalized_RCNN.forward``.
+"""Detectron's inference API: a thin adapter over the model's own methods (``model.preprocess`` at an explicit
+scale, ``Conv_Body``, ``model.propose``, ``model.roi_heads.predict_boxes`` / ``mask_probs`` and the detection
+selection of ``roi_heads/inference.py``), so that it computes what ``Generalized_RCNN.forward`` computes.
 
 Images are BGR ``uint8`` arrays of shape ``(H, W, 3)`` as ``cv2.imread`` returns them. Box arrays are numpy
 ``float32`` in original-image pixels (x1, y1, x2, y2); ``cls_boxes[j]`` is ``(n_j, 5)`` ``[x1, y1, x2, y2, score]``
@@ -20,15 +22,13 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.nn.functional as F
 
-from ..ops.boxes import clip_boxes_to_image
-from ..ops.masks import paste_masks_in_image
-from ..ops.nms import nms
 from ..modeling.preprocess import ImageList, resize_boxes
+from ..modeling.roi_heads.inference import select_detections
+from ..ops.masks import paste_masks_in_image
 
 __all__ = ["im_detect_all", "im_detect_bbox", "box_results_with_nms_and_limit", "im_detect_mask", "segm_results",
-           "image_to_tensor"]
+           "image_to_tensor", "ImageFeatures"]
 
 
 def image_to_tensor(im: np.ndarray, device=None) -> torch.Tensor:
@@ -47,8 +47,14 @@ def _device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-class BlobConv:
-    """``im_detect_bbox``'s feature maps plus the batch geometry that ``im_detect_mask`` needs."""
+class ImageFeatures:
+    """What ``im_detect_bbox`` computed for one image and ``im_detect_mask`` reuses (Detectron's ``blob_conv``).
+
+    Attributes:
+        features: the ``Conv_Body`` output (a Tensor, or a list finest first).
+        image_list: the preprocessed one-image batch (network-input size and scale).
+        original_size: ``(height, width)`` of the image as given.
+    """
 
     def __init__(self, features, image_list: ImageList, original_size: Tuple[int, int]):
         self.features = features
@@ -59,89 +65,66 @@ class BlobConv:
 @torch.no_grad()
 def im_detect_bbox(model, im: np.ndarray, target_scale: int, target_max_size: int,
                    boxes: Optional[np.ndarray] = None):
-    """Score and regress RoIs (RPN proposals, or ``boxes`` in original pixels) for one image.
+    """Score and regress RoIs (RPN proposals, or ``boxes`` in original pixels) for one image, resized so that its
+    shorter side is ``target_scale`` (longer side at most ``target_max_size``).
 
     Returns:
         scores: ``(R, K+1)`` softmax class probabilities.
         pred_boxes: ``(R, 4(K+1))`` class-specific boxes in original pixels, clipped to the image.
         im_scale: resize factor from the original image to the network input.
-        blob_conv: the feature maps (pass to ``im_detect_mask``).
+        blob_conv: an :class:`ImageFeatures` (pass to ``im_detect_mask``).
     """
     x = image_to_tensor(im, _device(model))
-    pre = model.preprocess
-    saved = (pre.test_min_size, pre.test_max_size)
-    pre.set_test_size(target_scale, target_max_size)
-    try:
-        image_list, _ = pre([x])
-    finally:
-        pre.set_test_size(*saved)
-    im_scale = image_list.scales[0]
+    image_list, _ = model.preprocess([x], min_size=target_scale, max_size=target_max_size)
     orig = (int(im.shape[0]), int(im.shape[1]))
     net_size = image_list.image_sizes[0]
     features = model.Conv_Body(image_list.tensors)
     if boxes is None:
-        proposals, _ = model.RPN(features, image_list.image_sizes, None)
+        proposals, _ = model.propose(features, image_list)
     else:
         b = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), device=x.device)
         proposals = [resize_boxes(b, orig, net_size)]
-    box_feat = model.Box_Head(features, proposals)
-    if isinstance(box_feat, tuple):
-        box_feat = box_feat[0]
-    cls_score, bbox_pred = model.Box_Outs(box_feat)
-    scores = F.softmax(cls_score.float(), dim=-1)
-    num_classes = scores.shape[1]
-    if model.cfg.TEST.BBOX_REG:
-        pred = model.box_coder.decode(bbox_pred.float(), proposals[0])
-        if pred.shape[1] == 8:  # class-agnostic regression: background + one box shared by every class
-            pred = pred[:, 4:8].repeat(1, num_classes)
-    else:
-        pred = proposals[0].repeat(1, num_classes)
-    pred = clip_boxes_to_image(pred.reshape(-1, 4), net_size)
-    pred = resize_boxes(pred, net_size, orig).reshape(-1, 4 * num_classes)
-    return scores.cpu().numpy(), pred.cpu().numpy(), im_scale, BlobConv(features, image_list, orig)
+    probs, class_boxes = model.roi_heads.predict_boxes(features, proposals, image_list.image_sizes)
+    num_classes = probs[0].shape[1]
+    pred = resize_boxes(class_boxes[0].reshape(-1, 4), net_size, orig).reshape(-1, 4 * num_classes)
+    return probs[0].cpu().numpy(), pred.cpu().numpy(), image_list.scales[0], ImageFeatures(features, image_list, orig)
 
 
 def box_results_with_nms_and_limit(scores: np.ndarray, boxes: np.ndarray, cfg=None):
-    """Per-class score threshold and NMS, then keep the ``TEST.DETECTIONS_PER_IM`` best over all classes.
+    """Per-class score threshold and NMS, then keep the ``TEST.DETECTIONS_PER_IM`` best over all classes: the
+    model's own selection (:func:`~maskrcnn.modeling.roi_heads.inference.select_detections`) in original-image
+    pixels, without a minimum box size, equal scores ranked by class (Detectron's rules here).
 
     Args:
         scores: ``(R, K+1)``; boxes: ``(R, 4(K+1))`` (or ``(R, 4)`` shared by all classes).
         cfg: settings (``TEST.SCORE_THRESH``, ``TEST.NMS``, ``TEST.DETECTIONS_PER_IM``); the global cfg if None.
 
     Returns:
-        ``(scores (D,), boxes (D, 4), cls_boxes)`` with ``cls_boxes[j]`` ``(n_j, 5)`` float32.
+        ``(scores (D,), boxes (D, 4), cls_boxes)`` with ``cls_boxes[j]`` ``(n_j, 5)`` float32 by decreasing score;
+        ``scores`` / ``boxes`` are ``cls_boxes[1:]`` stacked (the row order of ``im_detect_mask``'s masks).
     """
     if cfg is None:
         from ..config import cfg as global_cfg
         cfg = global_cfg
     num_classes = scores.shape[1]
-    cls_boxes: List[np.ndarray] = [np.zeros((0, 5), dtype=np.float32) for _ in range(num_classes)]
-    for j in range(1, num_classes):
-        inds = np.where(scores[:, j] > cfg.TEST.SCORE_THRESH)[0]
-        scores_j = scores[inds, j]
-        boxes_j = boxes[inds, j * 4:(j + 1) * 4] if boxes.shape[1] > 4 else boxes[inds]
-        if inds.size:
-            keep = nms(torch.from_numpy(np.ascontiguousarray(boxes_j, dtype=np.float32)),
-                       torch.from_numpy(np.ascontiguousarray(scores_j, dtype=np.float32)),
-                       float(cfg.TEST.NMS)).numpy()
-            boxes_j, scores_j = boxes_j[keep], scores_j[keep]
-        cls_boxes[j] = np.hstack((boxes_j, scores_j[:, None])).astype(np.float32, copy=False)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if boxes.shape[1] == 4:
+        boxes = np.tile(boxes, (1, num_classes))
+    probs = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
     limit = int(cfg.TEST.DETECTIONS_PER_IM)
-    if limit > 0:
-        all_scores = np.hstack([cls_boxes[j][:, -1] for j in range(1, num_classes)])
-        if len(all_scores) > limit:
-            # Exactly `limit` detections: Detectron's `score >= limit-th score` keeps extra ones on ties.
-            owner = np.concatenate([np.full(len(cls_boxes[j]), j) for j in range(1, num_classes)])
-            keep = np.zeros(len(all_scores), dtype=bool)
-            keep[np.argsort(-all_scores, kind="stable")[:limit]] = True
-            for j in range(1, num_classes):
-                cls_boxes[j] = cls_boxes[j][keep[owner == j]]
-    im_results = np.vstack([cls_boxes[j] for j in range(1, num_classes)])
+    det_boxes, det_scores, det_labels = select_detections(
+        probs, torch.from_numpy(np.ascontiguousarray(boxes)), float(cfg.TEST.SCORE_THRESH), float(cfg.TEST.NMS),
+        limit if limit > 0 else probs.numel(), min_size=None, class_major=True)
+    rows = torch.cat([det_boxes, det_scores[:, None]], dim=1).numpy()
+    labels = det_labels.numpy()
+    cls_boxes: List[np.ndarray] = [np.zeros((0, 5), dtype=np.float32)]
+    cls_boxes += [np.ascontiguousarray(rows[labels == j], dtype=np.float32) for j in range(1, num_classes)]
+    im_results = np.vstack(cls_boxes[1:])
     return im_results[:, -1], im_results[:, :-1], cls_boxes
 
 
 @torch.no_grad()
-def im_detect_mask(model, im_scale: float, boxes: np.ndarray, blob_conv: BlobConv) -> np.ndarray:
+def im_detect_mask(model, im_scale: float, boxes: np.ndarray, blob_conv: ImageFeatures) -> np.ndarray:
     """Mask probabilities ``(R, C, M, M)`` for ``boxes`` (original pixels) — C = K+1, or 1 when class-agnostic."""
     if boxes.shape[0] == 0:
         m = model.cfg.MRCNN.RESOLUTION
@@ -149,13 +132,7 @@ def im_detect_mask(model, im_scale: float, boxes: np.ndarray, blob_conv: BlobCon
     net_size = blob_conv.image_list.image_sizes[0]
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)[:, :4], device=blob_conv.image_list.tensors.device)
     rois = [resize_boxes(b, blob_conv.original_size, net_size)]
-    features = blob_conv.features
-    if getattr(model.Mask_Head, "shares_box_head_res5", False):
-        _, res5_map = model.Box_Head(features, rois, return_res5=True)
-        mask_feat = model.Mask_Head(res5_map)
-    else:
-        mask_feat = model.Mask_Head(features, rois)
-    return torch.sigmoid(model.Mask_Outs(mask_feat).float()).cpu().numpy()
+    return model.roi_heads.mask_probs(blob_conv.features, rois)[0].cpu().numpy()
 
 
 def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int, im_w: int, cfg=None,
@@ -193,7 +170,7 @@ def im_detect_all(model, im: np.ndarray, box_proposals: Optional[np.ndarray] = N
                                                         boxes=box_proposals)
     scores, boxes, cls_boxes = box_results_with_nms_and_limit(scores, boxes, cfg)
     cls_segms = None
-    if cfg.MODEL.MASK_ON and hasattr(model, "Mask_Head"):
+    if model.mask_on:
         masks = im_detect_mask(model, im_scale, boxes, blob_conv)
         cls_segms = segm_results(cls_boxes, masks, boxes, im.shape[0], im.shape[1], cfg,
                                  padding=cfg.TEST.MASK_PASTE_PADDING)

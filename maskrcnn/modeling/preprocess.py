@@ -71,6 +71,8 @@ class Preprocessor(nn.Module):
         pixel_scale: ``1.0`` (inputs in [0, 1]) or ``255.0`` (inputs in [0, 255]).
         size_divisibility: the padded batch size is a multiple of this (32 for FPN).
         mask_paste_padding: border (pixels) added around each M x M mask before it is pasted.
+        test_min_size, test_max_size: evaluation size (default: the last ``min_size`` and ``max_size``); a call may
+            override it with ``forward(..., min_size=, max_size=)``.
     """
 
     def __init__(self, min_size: Sequence[int], max_size: int, pixel_mean: Sequence[float],
@@ -109,14 +111,16 @@ class Preprocessor(nn.Module):
         )
 
     # --- sizes ----------------------------------------------------------------------------------------------------
-    def _target_sizes(self) -> Tuple[Tuple[int, ...], int]:
+    def _target_sizes(self, min_size: Optional[int] = None, max_size: Optional[int] = None
+                      ) -> Tuple[Tuple[int, ...], int]:
+        if min_size is not None or max_size is not None:
+            if min_size is None or max_size is None or int(min_size) <= 0 or int(max_size) <= 0:
+                raise ValueError(f"an explicit size needs both min_size and max_size, positive; got "
+                                 f"min_size={min_size!r}, max_size={max_size!r}")
+            return (int(min_size),), int(max_size)
         if self.training:
             return self.min_size, self.max_size
         return (self.test_min_size,), self.test_max_size
-
-    def set_test_size(self, min_size: int, max_size: int) -> None:
-        """Evaluate at ``min_size`` / ``max_size`` from now on (the Detectron API's target_scale)."""
-        self.test_min_size, self.test_max_size = int(min_size), int(max_size)
 
     @staticmethod
     def compute_scale(height: int, width: int, min_size: float, max_size: float) -> float:
@@ -138,10 +142,10 @@ class Preprocessor(nn.Module):
         std = self.pixel_std.to(image)
         return (image - mean[:, None, None]) / std[:, None, None]
 
-    def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
-               ) -> Tuple[Tensor, Optional[Dict[str, Tensor]], float]:
+    def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None, min_size: Optional[int] = None,
+               max_size: Optional[int] = None) -> Tuple[Tensor, Optional[Dict[str, Tensor]], float]:
         h, w = image.shape[-2:]
-        min_sizes, max_size = self._target_sizes()
+        min_sizes, max_size = self._target_sizes(min_size, max_size)
         if self.training and len(min_sizes) > 1:
             size = min_sizes[int(torch.empty(1).uniform_(0.0, float(len(min_sizes))).item())]
         else:
@@ -174,8 +178,15 @@ class Preprocessor(nn.Module):
             out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
         return out
 
-    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None, *,
+                min_size: Optional[int] = None, max_size: Optional[int] = None
                 ) -> Tuple[ImageList, Optional[List[Dict[str, Tensor]]]]:
+        """Normalise, resize and batch ``images`` (list of ``(3, H, W)`` float RGB in [0, 1]) and scale ``targets``.
+
+        The shorter side goes to ``min_size`` with the longer side capped at ``max_size`` when both are given (an
+        explicit scale, e.g. the Detectron API's ``target_scale``); otherwise to a random training size in training
+        mode and the test size in eval mode. Nothing is stored: the sizes apply to this call only.
+        """
         if isinstance(images, Tensor):
             images = list(images) if images.dim() == 4 else [images]
         if len(images) == 0:
@@ -186,7 +197,7 @@ class Preprocessor(nn.Module):
         for i, image in enumerate(images):
             t = targets[i] if targets is not None else None
             image = self.normalize(image)
-            image, t, scale = self.resize(image, t)
+            image, t, scale = self.resize(image, t, min_size, max_size)
             out_images.append(image)
             out_targets.append(t)
             sizes.append((int(image.shape[-2]), int(image.shape[-1])))
