@@ -153,3 +153,71 @@ def test_custom_backbone_with_out_channels_trains_and_infers():
     model.eval()
     with torch.no_grad():
         assert len(model(images)) == 2
+
+
+# --- composition: ROIHeads inside, Detectron names and state-dict keys outside ----------------------------------------
+def test_heads_keep_their_detectron_names_and_state_dict_keys():
+    model = Generalized_RCNN(small_cfg("fpn"))
+    assert [n for n, _ in model.named_children()] == ["preprocess", "Conv_Body", "RPN", "roi_heads"]
+    for name in ("Box_Head", "Box_Outs", "Mask_Head", "Mask_Outs"):
+        assert getattr(model, name) is getattr(model.roi_heads, name)
+    keys = list(model.state_dict())
+    assert {k.split(".")[0] for k in keys} == {"Conv_Body", "RPN", "Box_Head", "Box_Outs", "Mask_Head", "Mask_Outs"}
+    assert "Box_Head.fc6.weight" in keys and "roi_heads.Box_Head.fc6.weight" in dict(model.named_parameters())
+    # Parameters keep their order (an optimizer's saved state refers to positions).
+    params = [n[len("roi_heads."):] if n.startswith("roi_heads.") else n for n, _ in model.named_parameters()]
+    assert [k for k in keys if k in set(params)] == params
+
+    other = Generalized_RCNN(small_cfg("fpn"))
+    other.load_state_dict(model.state_dict(), strict=True)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    nested = {("roi_heads." + k if k.split(".")[0] in ("Box_Head", "Box_Outs", "Mask_Head", "Mask_Outs") else k): v
+              for k, v in model.state_dict().items()}
+    other.load_state_dict(nested, strict=True)
+    broken = dict(model.state_dict())
+    broken.pop("Box_Outs.cls_score.bias")
+    broken["Mask_Outs.extra"] = torch.zeros(1)
+    result = other.load_state_dict(broken, strict=False)
+    assert result.missing_keys == ["Box_Outs.cls_score.bias"] and result.unexpected_keys == ["Mask_Outs.extra"]
+
+    wrapper = nn.Module()
+    wrapper.module = model  # DistributedDataParallel's layout
+    assert "module.Box_Head.fc6.weight" in wrapper.state_dict()
+    wrapper.load_state_dict(wrapper.state_dict(), strict=True)
+
+
+def test_assigning_a_head_on_the_model_replaces_it_in_roi_heads():
+    model = Generalized_RCNN(small_cfg("fpn"))
+    new_outs = nn.Conv2d(32, 2, 1)
+    model.Mask_Outs = new_outs
+    assert model.roi_heads.Mask_Outs is new_outs and "Mask_Outs" not in model._modules
+    assert model.state_dict()["Mask_Outs.weight"].shape == (2, 32, 1, 1)
+
+
+def test_faster_rcnn_model_has_no_mask_attributes():
+    model = Generalized_RCNN(small_cfg("fpn", **{"MODEL.MASK_ON": False}))
+    assert not model.mask_on and not hasattr(model, "Mask_Head") and not hasattr(model, "Mask_Outs")
+    assert hasattr(model, "Box_Head")
+    with pytest.raises(ValueError, match="MASK_ON"):
+        Generalized_RCNN(small_cfg("fpn", **{"MODEL.MASK_ON": False}), mask_head=nn.Identity())
+
+
+def test_from_parts_builds_nothing_from_a_config():
+    donor = Generalized_RCNN(small_cfg("fpn")).eval()
+    model = Generalized_RCNN.from_parts(preprocess=donor.preprocess, conv_body=donor.Conv_Body, rpn=donor.RPN,
+                                        roi_heads=donor.roi_heads).eval()
+    assert model.roi_heads is donor.roi_heads and model.Conv_Body is donor.Conv_Body
+    images = [torch.rand(3, 70, 90)]
+    with torch.no_grad():
+        for a, b in zip(model(images)[0].values(), donor(images)[0].values()):
+            assert torch.equal(a, b)
+    rpn_only = Generalized_RCNN.from_parts(preprocess=donor.preprocess, conv_body=donor.Conv_Body, rpn=donor.RPN,
+                                           roi_heads=None).eval()
+    assert rpn_only.rpn_only and not hasattr(rpn_only, "Box_Head")
+    assert {k.split(".")[0] for k in rpn_only.state_dict()} == {"Conv_Body", "RPN"}
+    with torch.no_grad():
+        out = rpn_only(images)[0]
+    assert out["boxes"].shape[0] == out["scores"].shape[0] > 0 and (out["labels"] == 1).all()
+    with pytest.raises(ValueError, match="roi_heads"):
+        Generalized_RCNN(small_cfg("fpn"), roi_heads=donor.roi_heads, box_outs=nn.Linear(2, 2))

@@ -87,3 +87,17 @@ def test_bad_inputs_are_explained():
         p([torch.rand(3, 8, 8)], [])
     with pytest.raises(ValueError, match="pixel_order"):
         Preprocessor((32,), 64, MEAN, STD, pixel_order="GBR")
+
+
+def test_explicit_size_applies_to_one_call_in_either_mode():
+    p = Preprocessor((64, 72), 120, MEAN, STD, test_min_size=48, test_max_size=100)
+    image = torch.rand(3, 40, 60)
+    for mode in (p.eval, p.train):
+        mode()
+        out, _ = p([image], min_size=80, max_size=100)
+        assert out.image_sizes == [(66, 100)] and out.scales[0] == pytest.approx(100 / 60)
+    p.eval()
+    assert p([image])[0].image_sizes == [(48, 72)]  # nothing was stored
+    assert (p.test_min_size, p.test_max_size) == (48, 100)
+    with pytest.raises(ValueError, match="both min_size and max_size"):
+        p([image], min_size=80)

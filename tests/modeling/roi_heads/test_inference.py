@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from maskrcnn.modeling.roi_heads.inference import postprocess_detections
+from maskrcnn.modeling.roi_heads.inference import postprocess_detections, select_detections
 from maskrcnn.ops import _backend
 from maskrcnn.ops.box_coder import BoxCoder
 
@@ -109,3 +109,23 @@ def test_bad_inputs_are_named():
         postprocess_detections(logits[:-1], deltas[:-1], proposals, SIZES, coder, 0.05, 0.5, 100)
     with pytest.raises(ValueError, match="image sizes"):
         postprocess_detections(logits, deltas, proposals, SIZES[:1], coder, 0.05, 0.5, 100)
+
+
+def test_select_detections_breaks_score_ties_by_roi_or_by_class():
+    # Two RoIs far apart, three classes all scoring alike: the limit keeps the first candidates in the tie order.
+    probs = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.1, 0.3, 0.3, 0.3]])
+    boxes = torch.tensor([[0.0, 0, 10, 10] * 4, [50.0, 50, 60, 60] * 4])
+    b, s, lab = select_detections(probs, boxes, 0.05, 0.5, 3)
+    assert lab.tolist() == [1, 2, 3] and b[:, 0].tolist() == [0, 0, 0]  # RoI 0's classes first (torchvision)
+    b, s, lab = select_detections(probs, boxes, 0.05, 0.5, 3, class_major=True)
+    assert lab.tolist() == [1, 1, 2] and b[:, 0].tolist() == [0, 50, 0]  # class 1's RoIs first (Detectron)
+    assert torch.all(s == 0.3)
+    with pytest.raises(ValueError, match="to match probs"):
+        select_detections(probs, boxes[:, :8], 0.05, 0.5, 3)
+
+
+def test_select_detections_min_size_none_keeps_empty_boxes():
+    probs = torch.tensor([[0.2, 0.8]])
+    boxes = torch.tensor([[0.0, 0, 0, 0, 5, 5, 5, 9]])  # zero width
+    assert select_detections(probs, boxes, 0.05, 0.5, 10)[0].shape[0] == 0
+    assert select_detections(probs, boxes, 0.05, 0.5, 10, min_size=None)[0].shape[0] == 1
