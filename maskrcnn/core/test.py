@@ -26,6 +26,7 @@ import torch
 from ..modeling.preprocess import ImageList, resize_boxes
 from ..modeling.roi_heads.inference import select_detections
 from ..ops.masks import paste_masks_in_image
+from ..utils.model import model_device
 
 __all__ = ["im_detect_all", "im_detect_bbox", "box_results_with_nms_and_limit", "im_detect_mask", "segm_results",
            "image_to_tensor", "ImageFeatures"]
@@ -40,11 +41,6 @@ def image_to_tensor(im: np.ndarray, device=None) -> torch.Tensor:
         raise ValueError(f"expected a uint8 BGR image, got dtype {im.dtype}")
     t = torch.from_numpy(np.ascontiguousarray(im[:, :, ::-1])).permute(2, 0, 1).float().div_(255.0)
     return t.to(device) if device is not None else t
-
-
-def _device(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class ImageFeatures:
@@ -74,7 +70,7 @@ def im_detect_bbox(model, im: np.ndarray, target_scale: int, target_max_size: in
         im_scale: resize factor from the original image to the network input.
         blob_conv: an :class:`ImageFeatures` (pass to ``im_detect_mask``).
     """
-    x = image_to_tensor(im, _device(model))
+    x = image_to_tensor(im, model_device(model))
     image_list, _ = model.preprocess([x], min_size=target_scale, max_size=target_max_size)
     orig = (int(im.shape[0]), int(im.shape[1]))
     net_size = image_list.image_sizes[0]
