@@ -186,8 +186,8 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
             _check_targets(targets, self.mask_on)
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         image_list, targets = self.preprocess(images, targets)
-        if targets is not None:
-            targets = _split_crowd(targets)
+        # Evaluation ignores targets, as Detectron does.
+        targets = _split_crowd(targets) if self.training else None
         features = self.Conv_Body(image_list.tensors)
         proposals, losses = self.propose(features, image_list, targets)
         if self.roi_heads is None:

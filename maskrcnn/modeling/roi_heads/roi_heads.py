@@ -172,7 +172,19 @@ class ROIHeads(nn.Module):
     # --- forward --------------------------------------------------------------------------------------------------
     def forward(self, features: BlobConv, proposals: List[Tensor], image_sizes: Sequence[Tuple[int, int]],
                 targets: Optional[List[Dict[str, Tensor]]] = None) -> Tuple[Detections, Dict[str, Tensor]]:
-        """``(results, losses)``; see the module docstring for shapes. Training needs ``targets``."""
+        """Run the heads on one batch.
+
+        Args:
+            features: ``Conv_Body`` output, ``(N, C, H, W)`` or a list of such maps, finest first.
+            proposals: per image ``(P_i, 4)`` float boxes in network-input pixels (the RPN's output).
+            image_sizes: per image ``(height, width)`` of the resized image before padding.
+            targets: training only, per image ``{"boxes": (G, 4), "labels": (G,) int64, "masks": (G, H, W) uint8,
+                optional "crowd_boxes": (C, 4)}`` in network-input pixels.
+
+        Returns:
+            training: ``([], {"loss_cls", "loss_bbox"[, "loss_mask"]})``; inference: ``(results, {})`` with per image
+            ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64 in 1..K[, "masks": (D, 1, M, M)]}``.
+        """
         if isinstance(proposals, Tensor):
             raise TypeError("proposals must be a list of (P_i, 4) tensors, one per image")
         if len(proposals) != len(image_sizes):
