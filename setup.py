@@ -1,37 +1,15 @@
-"""maskrcnn: a from-scratch Mask R-CNN in PyTorch, in the Detectron tradition."""
-import os
+"""Build shim for what pyproject.toml cannot say statically: the package list.
 
-from setuptools import find_packages, setup
+Project metadata lives in pyproject.toml. The top-level ``configs/`` folder (what users pass as ``--cfg configs/...``
+from a checkout) is shipped inside the wheel as ``maskrcnn/configs/`` through a package-dir mapping, one package per
+subfolder, so that git holds one copy and a new ``configs/`` subfolder needs no edit here.
+"""
+from setuptools import find_namespace_packages, find_packages, setup
 
-here = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
-    long_description = f.read()
+CONFIG_PACKAGES = ["maskrcnn.configs"] + [f"maskrcnn.configs.{p}" for p in find_namespace_packages(where="configs")]
 
 setup(
-    name="maskrcnn",
-    version="0.1.0",
-    description="Mask R-CNN from scratch on PyTorch, Detectron-style configs and API",
-    long_description=long_description,
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    packages=find_packages(include=["maskrcnn", "maskrcnn.*"]),
-    python_requires=">=3.9",
-    install_requires=[
-        "torch>=2.0",
-        "torchvision>=0.15",
-        "numpy>=1.21",
-        "pycocotools>=2.0.4",
-        "opencv-python-headless>=4.5",
-        "yacs>=0.1.8",
-        "PyYAML>=5.1",
-    ],
-    extras_require={
-        "dev": ["pytest>=7", "hypothesis>=6", "pytest-timeout>=2"],
-        "tensorboard": ["tensorboard>=2.10"],
-    },
-    classifiers=[
-        "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
+    packages=find_packages(include=["maskrcnn", "maskrcnn.*"]) + CONFIG_PACKAGES,
+    package_dir={"maskrcnn.configs": "configs"},
+    package_data={p: ["*.yaml"] for p in CONFIG_PACKAGES},
 )

@@ -6,8 +6,10 @@ Two styles are supported:
 * Detectron style: the module-level global ``cfg`` with ``cfg_from_file``, ``cfg_from_list`` and
   ``assert_and_infer_cfg``.
 
-YAML files may name a ``_BASE_`` file (relative to themselves) that is loaded first. Every merge checks keys and
-types against the defaults and fails with a :class:`ConfigError` naming the key, the value and the file.
+A config is named by a file path or by the name of a packaged config (``baselines/e2e_mask_rcnn_R-50-FPN_1x``, see
+:mod:`maskrcnn.config.paths`). YAML files may name a ``_BASE_`` file (relative to themselves, else a packaged config
+name) that is loaded first. Every merge checks keys and types against the defaults and fails with a
+:class:`ConfigError` naming the key, the value and the file.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from yacs.config import CfgNode as _CN
 from . import defaults as _defaults
 from .errors import ConfigError
 from .names import parse_conv_body_name
+from .paths import find_packaged_config, resolve_config_path
 from .validate import validate_cfg
 
 __all__ = [
@@ -81,8 +84,12 @@ def get_cfg() -> CfgNode:
 def load_yaml_with_base(filename: str, _seen: Optional[List[str]] = None) -> dict:
     """Read a YAML config, first loading (recursively) the file named by its ``_BASE_`` key.
 
+    ``filename`` is a path or a packaged config name (:func:`maskrcnn.config.paths.resolve_config_path`); a relative
+    ``_BASE_`` is looked up next to the file that names it, then among the packaged configs.
     Raises ConfigError naming the file when it is missing, unreadable, not a mapping, or inherits in a cycle.
     """
+    if _seen is None:
+        filename = resolve_config_path(filename)
     filename = os.path.abspath(filename)
     seen = list(_seen or [])
     if filename in seen:
@@ -105,6 +112,9 @@ def load_yaml_with_base(filename: str, _seen: Optional[List[str]] = None) -> dic
     if not isinstance(base, str):
         raise ConfigError(f"{filename}: _BASE_ must be a file path string, got {base!r}")
     base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(filename), base)
+    if not os.path.isfile(base_path):
+        # A user's config may inherit from a shipped one by name (`_BASE_: baselines/e2e_mask_rcnn_R-50-FPN_1x`).
+        base_path = find_packaged_config(base) or base_path
     merged = load_yaml_with_base(base_path, seen)
     _deep_update(merged, data)
     return merged

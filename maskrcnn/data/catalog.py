@@ -34,11 +34,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from torch.utils.data import ConcatDataset as _TorchConcatDataset
 from torch.utils.data import Dataset
 
+from ..config import ConfigError
 from .datasets.coco import COCODataset
 from .datasets.pennfudan import PennFudanDataset
 from .datasets.synthetic import SyntheticShapesDataset
 
-__all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "COCO_SPLITS"]
+__all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "check_num_classes", "COCO_SPLITS"]
 
 #: Built-in COCO splits: name -> (image folder, annotation json), both relative to DATA_DIR.
 COCO_SPLITS: Dict[str, Tuple[str, str]] = {
@@ -220,3 +221,17 @@ def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", i
         return ConcatDataset(datasets)
     except ValueError as e:
         raise DatasetSpecError(f"dataset spec {full!r}: {e}") from e
+
+
+def check_num_classes(cfg, dataset) -> None:
+    """Raise ConfigError when ``cfg.MODEL.NUM_CLASSES`` (background included) differs from the number of
+    ``dataset.classes`` (``"__background__"`` first); a dataset without ``classes`` is not checked.
+
+    Every tool calls this right after building a dataset, before any model work.
+    """
+    classes = list(getattr(dataset, "classes", []) or [])
+    if classes and len(classes) != cfg.MODEL.NUM_CLASSES:
+        shown = ", ".join(map(str, classes[:8])) + (", ..." if len(classes) > 8 else "")
+        raise ConfigError(f"MODEL.NUM_CLASSES = {cfg.MODEL.NUM_CLASSES} but the dataset {dataset!r} has "
+                          f"{len(classes)} classes including the background ({shown}); set MODEL.NUM_CLASSES to "
+                          f"{len(classes)} (on the command line: --set MODEL.NUM_CLASSES {len(classes)})")

@@ -1,0 +1,252 @@
+"""Train Mask R-CNN (Detectron-style command line): ``maskrcnn-train``, or ``python tools/train_net.py`` in a checkout.
+
+    maskrcnn-train --cfg quick_schedules/e2e_mask_rcnn_R-18-FPN_synthetic_cpu \\
+        --dataset synthetic:train --output_dir output/synthetic
+    torchrun --nproc_per_node 8 tools/train_net.py --cfg configs/baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml
+
+``--bs`` is the total batch size over all processes (each gets ``bs / processes``). When the total batch per
+optimizer step (processes x TRAIN.IMS_PER_BATCH x --iter_size) differs from the config file's
+(NUM_GPUS x TRAIN.IMS_PER_BATCH), BASE_LR and the schedule are rescaled (Detectron's linear rule; see
+SOLVER.SCALE_WITH_BATCH); ``--lr`` then sets BASE_LR explicitly. ``--resume`` continues from the newest checkpoint
+in the output folder (or from ``--load_ckpt``) exactly where it stopped.
+
+Exit status: 0 done, 1 training error (message printed), 2 bad config, dataset or command line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+from ..config import ConfigError, assert_and_infer_cfg
+from ..utils import distributed as dist_utils
+from .common import (add_cfg_argument, apply_loader_and_device_args, build_checked_dataset, config_error_exit,
+                     load_cfg_file)
+
+__all__ = ["main", "parse_args", "setup_cfg", "train", "evaluate", "load_imagenet_backbone"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a Mask R-CNN.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    add_cfg_argument(p)
+    p.add_argument("--dataset", default=None,
+                   help="training dataset(s): catalog name or spec (coco:ANN:IMGDIR, pennfudan:ROOT[:split], "
+                        "synthetic:train), several joined with commas; default TRAIN.DATASETS")
+    p.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE",
+                   help="config overrides, e.g. --set SOLVER.MAX_ITER 100 TRAIN.SCALES [128]")
+    p.add_argument("--bs", type=int, default=None, help="total batch size over all processes")
+    p.add_argument("--nw", type=int, default=None, help="data loader worker processes (DATA_LOADER.NUM_THREADS)")
+    p.add_argument("--iter_size", type=int, default=1, help="batches accumulated per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (after any batch-size rescaling)")
+    p.add_argument("--load_ckpt", default=None, help="weights to start from (or, with --resume, the checkpoint)")
+    p.add_argument("--load_detectron", default=None,
+                   help="model-zoo weights to start from (Detectron .pkl, Detectron.pytorch, torchvision, detectron2; "
+                        "the format is detected)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (OUTPUT_DIR)")
+    p.add_argument("--use_tfboard", action="store_true", help="write TensorBoard scalars to OUTPUT_DIR/tb")
+    p.add_argument("--seed", type=int, default=None, help="random seed (RNG_SEED)")
+    p.add_argument("--no_cuda", action="store_true", help="train on the CPU even when CUDA is available")
+    p.add_argument("--skip_nonfinite", action="store_true",
+                   help="skip iterations with a NaN/inf loss (counted) instead of stopping")
+    p.add_argument("--eval_after", action="store_true", help="evaluate model_final on TEST.DATASETS at the end")
+    p.add_argument("--test_dataset", default=None, help="dataset for --eval_after (implies it); default TEST.DATASETS")
+    return p.parse_args(argv)
+
+
+def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
+    """The run's config: file, overrides, batch-size rescaling, validation (raises ConfigError)."""
+    from ..engine.solver import scale_schedule
+
+    cfg = load_cfg_file(args.cfg)
+    config_batch = int(cfg.NUM_GPUS) * int(cfg.TRAIN.IMS_PER_BATCH)
+    if args.set_cfgs:
+        cfg.merge_from_list(args.set_cfgs)
+    if args.dataset:
+        cfg.TRAIN.DATASETS = [args.dataset]
+    if args.test_dataset:
+        cfg.TEST.DATASETS = [args.test_dataset]
+    if args.bs is not None:
+        if args.bs < 1 or args.bs % world_size:
+            raise ConfigError(f"--bs {args.bs}: the total batch must be a positive multiple of the number of "
+                              f"processes ({world_size})")
+        cfg.TRAIN.IMS_PER_BATCH = args.bs // world_size
+    if args.iter_size < 1:
+        raise ConfigError(f"--iter_size {args.iter_size}: must be >= 1")
+    apply_loader_and_device_args(cfg, args)
+    if args.output_dir:
+        cfg.OUTPUT_DIR = args.output_dir
+    if args.seed is not None:
+        cfg.RNG_SEED = args.seed
+    if not cfg.TRAIN.DATASETS:
+        raise ConfigError(f"{args.cfg}: no training dataset: set TRAIN.DATASETS or pass --dataset")
+    total = world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
+    scale_schedule(cfg, total, config_batch, log=log)
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise ConfigError(f"--lr {args.lr}: must be > 0")
+        cfg.SOLVER.BASE_LR = float(args.lr)
+    assert_and_infer_cfg(cfg, source=args.cfg)
+    return cfg
+
+
+def train(cfg, args, ctx, logger) -> int:
+    from ..data.build import build_train_loader
+    from ..engine.hooks import LogHook, PeriodicCheckpointer, TensorboardWriter
+    from ..engine.launch import create_ddp_model
+    from ..engine.solver import build_lr_scheduler, build_optimizer_from_cfg
+    from ..engine.speed import prepare_for_training
+    from ..engine.trainer import NonFiniteLossError, Trainer, make_grad_scaler
+    from ..modeling.generalized_rcnn import Generalized_RCNN
+    from ..utils.checkpoint import Checkpointer, load_ckpt
+    from ..utils.env import seed_all
+
+    output_dir = cfg.OUTPUT_DIR
+    tb = TensorboardWriter(os.path.join(output_dir, "tb")) if args.use_tfboard and ctx.is_main else None
+    dataset = build_checked_dataset(cfg, cfg.TRAIN.DATASETS, is_train=True)
+    logger.info("training on %s (%d images), %d process(es) x %d images, iter_size %d, device %s",
+                dataset, len(dataset), ctx.world_size, cfg.TRAIN.IMS_PER_BATCH, args.iter_size, ctx.device)
+
+    seed_all(int(cfg.RNG_SEED) + ctx.rank)
+    model = Generalized_RCNN(cfg).to(ctx.device)
+    prepare_for_training(model, cfg)  # TRAIN.FUSE_FROZEN_BN, TRAIN.CHANNELS_LAST; parameters and keys unchanged
+    if cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS and not (args.resume or args.load_ckpt or args.load_detectron):
+        load_imagenet_backbone(model, cfg, logger)
+    optimizer = build_optimizer_from_cfg(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg)
+    scaler = make_grad_scaler(cfg.TRAIN.AMP, ctx.device)
+    checkpointer = Checkpointer(model, output_dir, optimizer, scheduler, scaler, save_to_disk=ctx.is_main)
+
+    ckpt, start_iter = None, 0
+    if args.resume:
+        path = args.load_ckpt or checkpointer.find_last()
+        if path is None:
+            logger.warning("--resume: no checkpoint in %s; starting from iteration 0", output_dir)
+        else:
+            ckpt = checkpointer.resume(path)
+            start_iter = int(ckpt["iteration"])
+    elif args.load_ckpt or args.load_detectron:
+        weights = args.load_ckpt or args.load_detectron
+        report = load_ckpt(model, weights)  # the file's format (ours or a model zoo's) is detected
+        logger.info("loaded weights from %s%s", weights,
+                    f" (re-initialised: {', '.join(report['skipped'])})" if report["skipped"] else "")
+
+    cfg_yaml = cfg.dump()
+    if start_iter >= cfg.SOLVER.MAX_ITER:
+        logger.info("the checkpoint is at iteration %d >= SOLVER.MAX_ITER = %d: nothing left to train",
+                    start_iter, cfg.SOLVER.MAX_ITER)
+        # Decided on rank 0 for all: save() is a collective that every rank must enter.
+        if dist_utils.broadcast_object(not os.path.exists(os.path.join(output_dir, "model_final.pth"))):
+            checkpointer.save("model_final", iteration=start_iter, cfg_yaml=cfg_yaml)
+        final = os.path.join(output_dir, "model_final.pth")
+    else:
+        ddp_model = create_ddp_model(model, ctx)
+        loader = build_train_loader(
+            dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=cfg.DATA_LOADER.NUM_THREADS,
+            aspect_grouping=cfg.TRAIN.ASPECT_GROUPING, seed=cfg.RNG_SEED, rank=ctx.rank, world_size=ctx.world_size,
+            start_iter=start_iter * args.iter_size, flip=cfg.TRAIN.USE_FLIPPED, pin_memory=ctx.device.type == "cuda",
+            skip_unreadable=cfg.DATA_LOADER.SKIP_UNREADABLE)
+        saver = PeriodicCheckpointer(checkpointer, cfg.TRAIN.SNAPSHOT_ITERS, cfg_yaml)
+        trainer = Trainer(ddp_model, optimizer, scheduler, loader, max_iter=cfg.SOLVER.MAX_ITER, start_iter=start_iter,
+                          iter_size=args.iter_size, amp=cfg.TRAIN.AMP, device=ctx.device,
+                          clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM, skip_nonfinite=args.skip_nonfinite, scaler=scaler,
+                          hooks=[LogHook(cfg.TRAIN.LOG_PERIOD, logger, tb), saver])
+        if ckpt is not None:
+            # Last: everything above may draw random numbers (model init, DDP); the resumed stream starts here.
+            Checkpointer.restore_rng(ckpt, ctx.rank, ctx.world_size)
+        logger.info("training iterations %d..%d", start_iter, cfg.SOLVER.MAX_ITER - 1)
+        try:
+            trainer.train()
+        except NonFiniteLossError as e:
+            last = checkpointer.find_last()
+            logger.error("%s\nLast good checkpoint: %s", e, last or "none written yet")
+            return 1
+        finally:
+            loader.close()
+        if trainer.skipped_steps:
+            logger.warning("%d iteration(s) were skipped for non-finite losses", trainer.skipped_steps)
+        final = saver.final_path or os.path.join(output_dir, "model_final.pth")
+        logger.info("training done: %s", final)
+
+    if args.eval_after or args.test_dataset:
+        return evaluate(cfg, model, ctx, final, logger)
+    return 0
+
+
+def evaluate(cfg, model, ctx, final_path: str, logger) -> int:
+    from ..engine.inference import evaluate_on_dataset
+    from ..engine.speed import prepare_for_inference
+
+    # A copy: the inference speed features (folded BN, fused convolutions) make a model unfit for training.
+    model = prepare_for_inference(copy.deepcopy(model), cfg)
+    if not cfg.TEST.DATASETS:
+        raise ConfigError("--eval_after: no test dataset: set TEST.DATASETS or pass --test_dataset")
+    for spec in cfg.TEST.DATASETS:
+        dataset = build_checked_dataset(cfg, spec, is_train=False)
+        out = os.path.join(cfg.OUTPUT_DIR, "test" if len(cfg.TEST.DATASETS) == 1 else f"test_{_slug(spec)}")
+        logger.info("evaluating %s on %s (%d images)", final_path, dataset, len(dataset))
+        evaluate_on_dataset(model, dataset, cfg, device=ctx.device, output_dir=out,
+                            num_workers=cfg.DATA_LOADER.NUM_THREADS, log=logger.info)
+    return 0
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)[-80:]
+
+
+def load_imagenet_backbone(model, cfg, logger) -> None:
+    """RESNETS.IMAGENET_PRETRAINED_WEIGHTS (Caffe2 .pkl or torchvision .pth; a relative path is also looked up
+    under DATA_DIR) into the backbone; any mismatch is an error listing the names."""
+    from ..utils.checkpoint import CheckpointError
+    from ..utils.weights.formats import WeightsConversionError
+    from ..utils.weights.imagenet import load_imagenet_pretrained_weights
+    path = cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS
+    candidates = [path] + ([os.path.join(cfg.DATA_DIR, path)] if not os.path.isabs(path) else [])
+    found = next((c for c in candidates if c and os.path.isfile(c)), None)
+    if found is None:
+        raise CheckpointError(f"MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS is True but RESNETS.IMAGENET_PRETRAINED_WEIGHTS "
+                              f"= {path!r} is not a file (looked at: {', '.join(map(repr, candidates))})")
+    try:
+        notes = load_imagenet_pretrained_weights(model, found, cfg)
+    except WeightsConversionError as e:
+        raise CheckpointError(str(e)) from e
+    for note in notes:
+        logger.info("ImageNet weights %s: %s", found, note)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = setup_cfg(args, dist_utils.env_world_size(), log=lambda m: print(m, flush=True))
+    except ConfigError as e:
+        return config_error_exit(e)
+
+    from ..data.build import DatasetItemError, WorkerDiedError
+    from ..data.validate import UnreadableImagesError
+    from ..data.catalog import DatasetSpecError
+    from ..engine.hooks import TensorboardUnavailable
+    from ..engine.launch import run_then_shutdown, setup_distributed
+    from ..ops._backend import set_backend
+    from ..utils.checkpoint import CheckpointError
+    from ..utils.env import collect_env_info
+    from ..utils.logger import setup_logger
+
+    ctx = setup_distributed(cfg.MODEL.DEVICE, no_cuda=args.no_cuda)
+
+    def body() -> int:
+        logger = setup_logger("maskrcnn", cfg.OUTPUT_DIR, rank=ctx.rank)
+        logger.info("command line: %s", " ".join(sys.argv))
+        logger.info("environment:\n%s", collect_env_info())
+        if ctx.is_main:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(cfg.dump())
+        if cfg.OPS_BACKEND != "auto":
+            set_backend(cfg.OPS_BACKEND)
+        return train(cfg, args, ctx, logger)
+
+    return run_then_shutdown(body, usage_errors=(ConfigError, DatasetSpecError),
+                             run_errors=(CheckpointError, TensorboardUnavailable, DatasetItemError,
+                                         UnreadableImagesError, WorkerDiedError))
