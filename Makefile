@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Each creates ./.venv once (idempotent: redone only
-# when requirements-dev.txt or setup.py change) and installs the pinned development environment into it.
+# when requirements-dev.txt, pyproject.toml or setup.py change) and installs the pinned development environment into
+# it, then this package in editable mode (built with the venv's setuptools, which pyproject.toml needs to be >= 77).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,11 +11,11 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements-dev.txt setup.py
+$(STAMP): requirements-dev.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # The main job: train a small Mask R-CNN on the built-in synthetic set and evaluate it (CPU, a few minutes).

@@ -98,17 +98,21 @@ def run(cfg, args, ctx, logger) -> int:
     from ..modeling.generalized_rcnn import Generalized_RCNN
     from ..utils.checkpoint import load_ckpt
 
-    model = Generalized_RCNN(cfg).to(ctx.device)
-    load_ckpt(model, args.load_ckpt, allow_class_mismatch=False)
-    prepare_for_inference(model, cfg)  # TEST.FUSE_FROZEN_BN, FUSE_CONV_ACTIVATIONS, CHANNELS_LAST, AMP, COMPILE
-    base_out = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.load_ckpt)), "test")
-    several = len(cfg.TEST.DATASETS) > 1
+    # Every dataset is built and checked (class count, --range) before any model work.
+    datasets = []
     for spec in cfg.TEST.DATASETS:
         dataset = build_checked_dataset(cfg, spec, is_train=False)
         if args.range is not None:
             if args.range[0] >= len(dataset):
                 raise ConfigError(f"--range {args.range[0]} {args.range[1]}: {spec} has only {len(dataset)} images")
             dataset = RangeDataset(dataset, args.range[0], args.range[1])
+        datasets.append((spec, dataset))
+    model = Generalized_RCNN(cfg).to(ctx.device)
+    load_ckpt(model, args.load_ckpt, allow_class_mismatch=False)
+    prepare_for_inference(model, cfg)  # TEST.FUSE_FROZEN_BN, FUSE_CONV_ACTIVATIONS, CHANNELS_LAST, AMP, COMPILE
+    base_out = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.load_ckpt)), "test")
+    several = len(datasets) > 1
+    for spec, dataset in datasets:
         out = os.path.join(base_out, "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)) if several \
             else base_out
         on_image = make_visualizer(dataset, os.path.join(out, "vis"), cfg.VIS_TH) if args.vis else None

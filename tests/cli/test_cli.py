@@ -1,0 +1,138 @@
+"""The command-line package: entry points declared in pyproject.toml, tools/*.py shims, shared helpers (``--cfg`` by
+packaged name, one class-count check), and the single version source."""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from maskrcnn.cli import common
+from maskrcnn.config import ConfigError, get_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMOKE_NAME = "quick_schedules/e2e_mask_rcnn_R-18-FPN_smoke"
+SCRIPTS = {"maskrcnn-train": "maskrcnn.cli.train_net:main", "maskrcnn-test": "maskrcnn.cli.test_net:main",
+           "maskrcnn-infer": "maskrcnn.cli.infer:main", "maskrcnn-export": "maskrcnn.cli.export:main",
+           "maskrcnn-convert": "maskrcnn.cli.convert_weights:main"}
+
+
+def _pyproject():
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def _shim(name):
+    spec = importlib.util.spec_from_file_location(f"_shim_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pyproject_declares_the_console_scripts_and_each_is_a_main():
+    assert _pyproject()["project"]["scripts"] == SCRIPTS
+    for target in SCRIPTS.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
+def test_version_has_one_source():
+    from maskrcnn.version import __version__
+
+    project = _pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "maskrcnn.version.__version__"}
+    assert __version__ == "0.2.0"
+    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+        assert "version" not in f.read()
+
+
+def test_license_is_an_spdx_expression_with_a_setuptools_that_supports_it():
+    data = _pyproject()
+    assert data["project"]["license"] == "Apache-2.0"
+    assert not any(c.startswith("License ::") for c in data["project"].get("classifiers", []))  # PEP 639 forbids both
+    assert "setuptools>=77" in data["build-system"]["requires"]
+
+
+@pytest.mark.parametrize("tool, names", [("train_net", ["main", "parse_args", "setup_cfg"]),
+                                         ("test_net", ["main", "parse_args", "setup_cfg"]),
+                                         ("convert_weights", ["main", "parse_args"])])
+def test_tools_are_shims_over_the_package(tool, names):
+    shim = _shim(tool)
+    package = importlib.import_module(f"maskrcnn.cli.{tool}")
+    for name in names:
+        assert getattr(shim, name) is getattr(package, name)
+    assert os.path.getsize(os.path.join(REPO, "tools", f"{tool}.py")) < 800  # no code of its own
+
+
+def test_importing_the_cli_package_loads_no_tool_and_not_torch():
+    # OMP_WAIT_POLICY is set in maskrcnn.cli before torch loads OpenMP; nothing on the way may import torch.
+    code = ("import os, sys; import maskrcnn.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('maskrcnn.cli.')), 'torch' in sys.modules, "
+            "os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = REPO
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "False", "PASSIVE"], out.stdout + out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "ACTIVE"
+
+
+def test_load_cfg_file_takes_a_packaged_name():
+    cfg = common.load_cfg_file(SMOKE_NAME)
+    assert cfg.SOLVER.MAX_ITER == 2 and cfg.MODEL.NUM_CLASSES == 4
+    with pytest.raises(ConfigError, match="config file not found: no/such/config"):
+        common.load_cfg_file("no/such/config")
+
+
+def test_check_num_classes_names_both_counts_and_the_fix():
+    from maskrcnn.data.catalog import build_dataset, check_num_classes
+
+    cfg = get_cfg()
+    cfg.MODEL.NUM_CLASSES = 3
+    dataset = build_dataset("synthetic:val")
+    with pytest.raises(ConfigError) as e:
+        check_num_classes(cfg, dataset)
+    msg = str(e.value)
+    assert "MODEL.NUM_CLASSES = 3" in msg and "has 4 classes including the background" in msg
+    assert "__background__" in msg and "--set MODEL.NUM_CLASSES 4" in msg
+    cfg.MODEL.NUM_CLASSES = 4
+    check_num_classes(cfg, dataset)
+    check_num_classes(cfg, [1, 2, 3])  # a dataset without `classes` is not checked
+
+
+def test_train_and_test_stop_on_a_class_count_mismatch_before_any_model_work(tmp_path, capsys):
+    from maskrcnn.cli import test_net, train_net
+
+    rc = train_net.main(["--cfg", SMOKE_NAME, "--dataset", "synthetic:train", "--nw", "0", "--output_dir",
+                         str(tmp_path / "train"), "--set", "MODEL.NUM_CLASSES", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "MODEL.NUM_CLASSES = 3 but the dataset" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "train" / "model_final.pth")
+    ckpt = tmp_path / "unused.pth"
+    ckpt.write_bytes(b"\0" * 10)  # never read: the datasets are checked first
+    rc = test_net.main(["--cfg", SMOKE_NAME, "--load_ckpt", str(ckpt), "--dataset", "synthetic:val", "--output_dir",
+                        str(tmp_path / "test"), "--set", "MODEL.NUM_CLASSES", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "MODEL.NUM_CLASSES = 5 but the dataset" in err and "truncated" not in err
+
+
+def test_convert_weights_reports_a_bad_cfg_as_a_config_error(tmp_path, capsys):
+    from maskrcnn.cli import convert_weights
+
+    rc = convert_weights.main(["--src", "auto", "--input", str(tmp_path / "x.pkl"), "--output",
+                               str(tmp_path / "y.pth"), "--cfg", "baselines/e2e_mask_rcnn_R50-FPN_1x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("config error: config file not found")
+    assert "baselines/e2e_mask_rcnn_R-50-FPN_1x" in err  # the closest packaged name is suggested
+
+
+@pytest.mark.parametrize("tool", ["train_net", "test_net", "convert_weights"])
+def test_help_of_each_shim_mentions_packaged_config_names(tool):
+    out = subprocess.run([sys.executable, os.path.join("tools", f"{tool}.py"), "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--cfg" in out.stdout and "baselines/e2e_mask_rcnn_R-50-FPN_1x" in out.stdout
