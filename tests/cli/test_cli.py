@@ -5,7 +5,6 @@ import os
 import runpy
 import subprocess
 import sys
-import tomllib
 
 import pytest
 
@@ -20,6 +19,7 @@ SCRIPTS = {"maskrcnn-train": "maskrcnn.cli.train_net:main", "maskrcnn-test": "ma
 
 
 def _pyproject():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11's tomllib")
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
 
