@@ -116,7 +116,7 @@ def _check_class_names(names: Sequence[Any], num_classes: int, source: str) -> L
     names = [str(n) for n in names]
     if len(names) != int(num_classes):
         raise ValueError(f"{source}: {len(names)} class names {names[:5]}{'...' if len(names) > 5 else ''} but the "
-                         f"model has MODEL.NUM_CLASSES = {num_classes} (the background included, as names[0])")
+                         f"model has {num_classes} classes (MODEL.NUM_CLASSES, the background included as names[0])")
     return names
 
 
@@ -265,7 +265,8 @@ class Predictor:
         Args:
             model: a ``Generalized_RCNN`` (or any module with the same eval contract).
             cfg: its config; default ``model.cfg``.
-            class_names: as for the constructor (default :func:`default_class_names`).
+            class_names: as for the constructor (default :func:`default_class_names`); checked against the
+                model's ``Box_Outs.num_classes``, which differs from ``cfg`` when the predictors were replaced.
             device: move the model there first; default: where its parameters are.
             prepare: apply :func:`~maskrcnn.engine.speed.prepare_for_inference` (``cfg``'s ``TEST`` switches). It
                 changes ``model`` in place and for inference only (folded BN does not train): pass a
@@ -293,7 +294,8 @@ class Predictor:
         self.model = model.eval()
         self.cfg = cfg
         self.device = torch.device(device)
-        num_classes = int(cfg.MODEL.NUM_CLASSES)
+        # A model whose predictors were replaced (fine-tuning surgery) counts its classes in Box_Outs, not in cfg.
+        num_classes = int(getattr(getattr(model, "Box_Outs", None), "num_classes", cfg.MODEL.NUM_CLASSES))
         self.class_names: List[str] = (_check_class_names(names, num_classes, source) if names is not None
                                        else default_class_names(num_classes))
         batch_size = int(cfg.TEST.IMS_PER_BATCH) if batch_size is None else batch_size

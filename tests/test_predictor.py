@@ -133,7 +133,7 @@ def test_class_names_from_checkpoint_argument_or_defaults(tiny, photos):
     assert p.class_names == names
     out = p(photos[0])
     assert out["class_names"] == [names[k] for k in out["labels"].tolist()]
-    with pytest.raises(ValueError, match=r"3 class names .* MODEL.NUM_CLASSES = 4"):
+    with pytest.raises(ValueError, match=r"3 class names .* model has 4 classes \(MODEL.NUM_CLASSES"):
         Predictor(SMOKE, ckpt, overrides=TINY, class_names=["bg", "a", "b"])
     bare = os.path.join(os.path.dirname(ckpt), "bare_state_dict.pth")
     torch.save(torch.load(ckpt, weights_only=True)["model"], bare)
@@ -223,6 +223,12 @@ def test_from_model_prepares_an_in_process_model(tiny, photos):
     q = Predictor.from_model(unprepared, cfg, prepare=False)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unprepared.modules())
     assert q.class_names == default_class_names(4)
+    # Fine-tuning surgery: new predictors for 2 classes in a model whose cfg says 4.
+    from maskrcnn.modeling.roi_heads.box_outputs import FastRCNNOutputs
+    unprepared.Box_Outs = FastRCNNOutputs(unprepared.Box_Head.out_channels, 2)
+    assert Predictor.from_model(unprepared, prepare=False, class_names=["bg", "person"]).class_names == ["bg", "person"]
+    with pytest.raises(ValueError, match="model has 2 classes"):
+        Predictor.from_model(unprepared, prepare=False, class_names=CLASSES)
     with pytest.raises(ValueError, match="has no .cfg"):
         Predictor.from_model(torch.nn.Conv2d(3, 3, 1))
 
