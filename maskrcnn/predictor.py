@@ -113,9 +113,11 @@ def _checkpoint_metadata(weights: Any) -> Dict[str, Any]:
 
 
 def _check_class_names(names: Sequence[Any], num_classes: int, source: str) -> List[str]:
+    from .config import ConfigError
+
     names = [str(n) for n in names]
     if len(names) != int(num_classes):
-        raise ValueError(f"{source}: {len(names)} class names {names[:5]}{'...' if len(names) > 5 else ''} but the "
+        raise ConfigError(f"{source}: {len(names)} class names {names[:5]}{'...' if len(names) > 5 else ''} but the "
                          f"model has {num_classes} classes (MODEL.NUM_CLASSES, the background included as names[0])")
     return names
 
@@ -222,8 +224,9 @@ class Predictor:
             ``weights`` is an error, so a forgotten argument never yields a silently random detector.
 
     Raises:
-        ValueError: no weights (and not ``random_weights``), no config, or class names that do not match.
-        ConfigError: a bad config or override. CheckpointError / CheckpointMismatchError: unreadable weights or
+        ValueError: no weights (and not ``random_weights``), a bad ``device`` or ``batch_size``.
+        ConfigError: a bad config or override, no config (none given, none in the checkpoint), class names that do
+        not match the number of classes. CheckpointError / CheckpointMismatchError: unreadable weights or
         weights that do not fit the config (their messages name the file and the keys).
     """
 
@@ -231,6 +234,7 @@ class Predictor:
                  overrides: Sequence[Any] = (), score_thresh: Optional[float] = None,
                  batch_size: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
                  random_weights: bool = False):
+        from .config import ConfigError
         from .engine.speed import prepare_for_inference
         from .modeling.generalized_rcnn import Generalized_RCNN
         from .utils.checkpoint import load_ckpt
@@ -241,8 +245,8 @@ class Predictor:
         meta = _checkpoint_metadata(weights) if weights is not None else {}
         if cfg is None:
             if "cfg" not in meta:
-                raise ValueError(f"Predictor: no config given and the weights {_describe(weights)} hold no saved "
-                                 f"config; pass cfg=<YAML path or CfgNode>")
+                raise ConfigError(f"Predictor: no config given and the weights {_describe(weights)} hold no saved "
+                                 f"config; pass cfg=<YAML path or CfgNode> (--cfg on the command line)")
             import yaml
             cfg = yaml.safe_load(meta["cfg"])
         overrides = list(overrides) + (["TEST.SCORE_THRESH", float(score_thresh)] if score_thresh is not None else [])

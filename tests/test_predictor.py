@@ -133,7 +133,7 @@ def test_class_names_from_checkpoint_argument_or_defaults(tiny, photos):
     assert p.class_names == names
     out = p(photos[0])
     assert out["class_names"] == [names[k] for k in out["labels"].tolist()]
-    with pytest.raises(ValueError, match=r"3 class names .* model has 4 classes \(MODEL.NUM_CLASSES"):
+    with pytest.raises(ConfigError, match=r"3 class names .* model has 4 classes \(MODEL.NUM_CLASSES"):
         Predictor(SMOKE, ckpt, overrides=TINY, class_names=["bg", "a", "b"])
     bare = os.path.join(os.path.dirname(ckpt), "bare_state_dict.pth")
     torch.save(torch.load(ckpt, weights_only=True)["model"], bare)
@@ -154,7 +154,7 @@ def test_config_from_the_checkpoint_and_overrides(tiny, photos):
     assert bool((high(photos[0])["scores"] >= 0.3).all())
     bare = os.path.join(os.path.dirname(ckpt), "bare_state_dict.pth")
     torch.save(torch.load(ckpt, weights_only=True)["model"], bare)
-    with pytest.raises(ValueError, match=r"no config given .*bare_state_dict.pth"):
+    with pytest.raises(ConfigError, match=r"no config given .*bare_state_dict.pth"):
         Predictor(None, bare)
     with pytest.raises(ConfigError, match="TEST.NO_SUCH_KEY"):
         Predictor(SMOKE, ckpt, overrides=["TEST.NO_SUCH_KEY", 1])

@@ -10,7 +10,8 @@ checkpoint is used. Class names come from the checkpoint (``classes``) when pres
 the model has 81 or 91 classes, else "class k". Pictures are ``OUT/<image name>.png``. An unreadable image is
 reported and skipped.
 
-Exit status: 0 done, 1 the weights cannot be read or do not fit the config, 2 bad config or command line.
+Exit status: 0 done, 1 the weights cannot be read or do not fit the config, 2 bad config or command line (errors
+are one ``error: ...`` line, no traceback).
 """
 from __future__ import annotations
 
@@ -46,13 +47,9 @@ def list_images(image_dir: str) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    import cv2
-
-    from .. import Predictor
     from ..config import ConfigError
-    from ..data.transforms import read_image_rgb
+    from ..engine.launch import run_then_shutdown
     from ..utils.checkpoint import CheckpointError
-    from ..utils.vis import draw_instances
 
     if args.image_dir:
         if not os.path.isdir(args.image_dir):
@@ -65,17 +62,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if missing:
         print(f"image files not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    try:
-        predictor = Predictor(args.cfg, args.load_ckpt, overrides=args.set, device="cpu" if args.no_cuda else None)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # no config given and none saved in the checkpoint, class names that do not fit
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_then_shutdown(lambda: _draw_all(args, images), usage_errors=(ConfigError,),
+                             run_errors=(CheckpointError,))
+
+
+def _draw_all(args: argparse.Namespace, images: List[str]) -> int:
+    import cv2
+
+    from .. import Predictor
+    from ..data.transforms import read_image_rgb
+    from ..utils.vis import draw_instances
+
+    predictor = Predictor(args.cfg, args.load_ckpt, overrides=args.set, device="cpu" if args.no_cuda else None)
     mask_thresh = float(predictor.cfg.MRCNN.THRESH_BINARIZE)
     os.makedirs(args.output_dir, exist_ok=True)
 
