@@ -18,7 +18,6 @@ all a Predictor does besides reading the inputs.
 """
 from __future__ import annotations
 
-import logging
 import os
 import zipfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -28,8 +27,6 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Predictor", "load_config", "default_class_names", "image_to_rgb_tensor", "IMAGE_FORMATS"]
-
-logger = logging.getLogger("maskrcnn.predictor")
 
 #: Channel orders a NumPy array may be given in (``format=`` of :meth:`Predictor.__call__`).
 IMAGE_FORMATS = ("BGR", "RGB")
@@ -42,14 +39,14 @@ _COCO_CATEGORY_IDS = (
     64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
 )
 
-ImageInput = Union[str, os.PathLike, np.ndarray, Tensor]
+ImageInput = Union[str, os.PathLike, np.ndarray, Tensor, "PIL.Image.Image"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Config and class names
 def load_config(cfg_or_path: Any, overrides: Sequence[Any] = ()):
-    """A validated, frozen config from a YAML path, a ``CfgNode`` (copied, never modified) or a YAML string's
-    parsed dict, with ``overrides`` (``[KEY, VALUE, ...]`` as for ``--set``) merged last.
+    """A validated, frozen config from a YAML path, a ``CfgNode`` (copied, never modified) or a dict (e.g. a
+    checkpoint's saved ``"cfg"`` YAML parsed with ``yaml.safe_load``), with ``overrides`` (``[KEY, VALUE, ...]`` as for ``--set``) merged last.
 
     Raises:
         ConfigError: unknown key, wrong type or impossible value (the message names the key and the file).
@@ -130,6 +127,7 @@ def _check_format(fmt: Any) -> None:
 
 
 def _array_to_rgb(a: np.ndarray, fmt: str, who: str) -> np.ndarray:
+    """An image array in ``fmt`` order -> ``(H, W, 3)`` RGB, uint8 or float32 in ``[0, 1]`` (a view when possible)."""
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim == 2:
@@ -143,14 +141,17 @@ def _array_to_rgb(a: np.ndarray, fmt: str, who: str) -> np.ndarray:
     if a.dtype == np.uint16:
         a = (a >> 8).astype(np.uint8)  # 16-bit like read_image_rgb: 65535 -> 255
     elif a.dtype in (np.float32, np.float64, np.float16):
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
-            raise ValueError(f"{who}: a float image must hold values in [0, 1], got [{lo:g}, {hi:g}]; pass uint8 "
-                             f"0..255 arrays as they are, or divide by 255")
+        _check_unit_range(float(a.min()), float(a.max()), who)
         a = a.astype(np.float32)
     elif a.dtype != np.uint8:
         raise ValueError(f"{who}: unsupported array dtype {a.dtype}; use uint8 (0..255), uint16 or float in [0, 1]")
     return a[:, :, ::-1] if fmt == "BGR" else a
+
+
+def _check_unit_range(lo: float, hi: float, who: str) -> None:
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+        raise ValueError(f"{who}: a float image must hold values in [0, 1], got [{lo:g}, {hi:g}]; pass 0..255 images "
+                         f"as uint8, or divide by 255")
 
 
 def image_to_rgb_tensor(image: Any, format: str = "BGR", who: str = "image") -> Tensor:  # noqa: A002
@@ -170,6 +171,8 @@ def image_to_rgb_tensor(image: Any, format: str = "BGR", who: str = "image") -> 
         ValueError: a wrong shape, dtype, value range or format (the value is named).
         TypeError: anything else.
     """
+    from PIL import Image
+
     from .data.transforms import read_image_rgb, to_float_tensor
 
     _check_format(format)
@@ -184,8 +187,10 @@ def image_to_rgb_tensor(image: Any, format: str = "BGR", who: str = "image") -> 
             return image.float().div_(255.0)
         if not image.is_floating_point():
             raise ValueError(f"{who}: unsupported tensor dtype {image.dtype}; use uint8 or float in [0, 1]")
+        lo, hi = torch.aminmax(image)
+        _check_unit_range(float(lo), float(hi), who)
         return image.float()
-    if _is_pil_image(image):
+    if isinstance(image, Image.Image):
         return to_float_tensor(np.array(image.convert("RGB")))
     if isinstance(image, np.ndarray):
         rgb = _array_to_rgb(image, format, who)
@@ -194,14 +199,6 @@ def image_to_rgb_tensor(image: Any, format: str = "BGR", who: str = "image") -> 
         return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
     raise TypeError(f"{who}: expected an image path, a NumPy array, a PIL image or a (3, H, W) tensor, got "
                     f"{type(image).__name__}")
-
-
-def _is_pil_image(obj: Any) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # PIL is a dependency of the data package, but an image is never PIL without it
-        return False
-    return isinstance(obj, Image.Image)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -315,7 +312,8 @@ class Predictor:
         Args:
             images: one image, a list/tuple of images, or a ``(B, 3, H, W)`` tensor (B images); an image is a path,
                 a NumPy array, a PIL image or a ``(3, H, W)`` tensor (see :func:`image_to_rgb_tensor`). Images
-                may differ in size. A list is run in batches of ``batch_size`` under ``torch.inference_mode()``.
+                may differ in size. A list is read and run in batches of ``batch_size`` (one ``model(batch)``
+                call each), all under ``torch.inference_mode()``; a bad image raises when its batch is reached.
             format: channel order of NumPy arrays, ``"BGR"`` (as ``cv2.imread`` returns; the default) or ``"RGB"``
                 (e.g. ``np.asarray(PIL image)``). Paths, PIL images and tensors are unaffected.
 
@@ -332,12 +330,13 @@ class Predictor:
         _check_format(format)
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, Tensor) and images.dim() == 4)
         items = [images] if single else list(images)
-        tensors = [image_to_rgb_tensor(im, format, who=("image" if single else f"images[{i}]"))
-                   for i, im in enumerate(items)]
         outputs: List[Dict[str, Any]] = []
         with torch.inference_mode():
-            for start in range(0, len(tensors), self.batch_size):
-                batch = [t.to(self.device, non_blocking=True) for t in tensors[start:start + self.batch_size]]
+            # Read batch by batch: a long list of files is never all decoded in memory at once.
+            for start in range(0, len(items), self.batch_size):
+                batch = [image_to_rgb_tensor(im, format, who="image" if single else f"images[{start + i}]")
+                         .to(self.device, non_blocking=True)
+                         for i, im in enumerate(items[start:start + self.batch_size])]
                 outputs.extend(self._to_user(out) for out in self.model(batch))
         return outputs[0] if single else outputs
 

@@ -189,6 +189,8 @@ def test_bad_inputs_name_the_value(tiny, tmp_path):
         (np.full((40, 50, 3), 255.0), ValueError, r"float image must hold values in \[0, 1\], got \[255, 255\]"),
         (torch.zeros(40, 50, 3), ValueError, r"\(3, H, W\) RGB, got shape \(40, 50, 3\).*permute"),
         (torch.zeros(3, 40, 50, dtype=torch.int64), ValueError, "unsupported tensor dtype torch.int64"),
+        (torch.full((3, 40, 50), 255.0), ValueError, r"\[0, 1\], got \[255, 255\]; pass 0..255 images as uint8"),
+        (np.full((40, 50, 3), np.nan, np.float32), ValueError, r"\[0, 1\], got \[nan, nan\]"),
         (np.zeros((0, 50, 3), np.uint8), ValueError, "empty image"),
         (object(), TypeError, "got object"),
     ]
