@@ -237,8 +237,7 @@ def test_from_model_prepares_an_in_process_model(tiny, photos):
 
 def test_test_amp_runs_the_body_in_bf16_and_returns_fp32(tiny, photos):
     cfg, ckpt = tiny
-    # Not fused: oneDNN's fused bf16 convolution needs AVX-512 on the CPU; honouring TEST.AMP is what is tested.
-    p = Predictor(SMOKE, ckpt, overrides=TINY + ["TEST.AMP", "bf16", "TEST.FUSE_CONV_ACTIVATIONS", False])
+    p = Predictor(SMOKE, ckpt, overrides=TINY + ["TEST.AMP", "bf16"])
     dtypes = []
     handle = p.model.Conv_Body.register_forward_hook(lambda m, a, out: dtypes.append(
         (out[0] if isinstance(out, (list, tuple)) else out).dtype))
