@@ -254,3 +254,21 @@ def test_no_cuda_device_is_a_clear_error_on_a_cpu_machine(tiny):
         pytest.skip("CUDA is available here: the error is for machines without it")
     with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
         Predictor(SMOKE, tiny[1], device="cuda")
+
+
+@pytest.mark.slow
+def test_a_train_net_checkpoint_carries_its_config_and_class_names(tmp_path, photos):
+    import subprocess
+    import sys
+
+    out = tmp_path / "train"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--cfg", SMOKE, "--output_dir",
+                        str(out), "--nw", "0", "--no_cuda"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for name in ("model_0000001.pth", "model_final.pth"):
+        assert torch.load(out / name, weights_only=True)["classes"] == CLASSES, name
+    p = Predictor(None, str(out / "model_final.pth"), device="cpu", score_thresh=0.0)
+    assert p.class_names == CLASSES and p.cfg.TEST.SCALE == 64
+    det = p(photos[0])
+    assert det["class_names"] == [CLASSES[k] for k in det["labels"].tolist()]
