@@ -46,7 +46,8 @@ ImageInput = Union[str, os.PathLike, np.ndarray, Tensor, "PIL.Image.Image"]
 # Config and class names
 def load_config(cfg_or_path: Any, overrides: Sequence[Any] = ()):
     """A validated, frozen config from a YAML path, a ``CfgNode`` (copied, never modified) or a dict (e.g. a
-    checkpoint's saved ``"cfg"`` YAML parsed with ``yaml.safe_load``), with ``overrides`` (``[KEY, VALUE, ...]`` as for ``--set``) merged last.
+    checkpoint's saved ``"cfg"`` YAML parsed with ``yaml.safe_load``), with ``overrides`` (``[KEY, VALUE, ...]``
+    as for ``--set``) merged last.
 
     Raises:
         ConfigError: unknown key, wrong type or impossible value (the message names the key and the file).

@@ -1,5 +1,5 @@
-"""``maskrcnn-infer`` / ``tools/infer_simple.py``: run a trained model on images and write one picture per image with
-masks, boxes, class names and scores.
+"""Run a trained model on images and write one picture per image with masks, boxes, class names and scores
+(``tools/infer_simple.py`` is a shim over this module).
 
     python tools/infer_simple.py --cfg CFG --load_ckpt MODEL.pth (--images a.jpg b.png | --image_dir DIR) \\
         --output_dir OUT [--thresh 0.7] [--set KEY VALUE ...] [--no_cuda]
@@ -26,8 +26,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="infer_simple", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default=None, help="config file (default: the config saved in the checkpoint)")
     p.add_argument("--load_ckpt", required=True, help="weights to load (ours, Detectron, torchvision, detectron2)")
     src = p.add_mutually_exclusive_group(required=True)
