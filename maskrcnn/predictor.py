@@ -276,6 +276,7 @@ class Predictor:
             batch_size: as for the constructor.
         """
         from .engine.speed import prepare_for_inference
+        from .utils.model import model_device
 
         cfg = cfg if cfg is not None else getattr(model, "cfg", None)
         if cfg is None:
@@ -283,7 +284,7 @@ class Predictor:
         cfg = load_config(cfg)
         if device is not None:
             model.to(torch.device(device))
-        device = _module_device(model)
+        device = model_device(model)
         if prepare:
             prepare_for_inference(model, cfg)
         model.eval()
@@ -369,10 +370,3 @@ def _resolve_device(device: Union[str, torch.device, None], cfg) -> torch.device
         raise ValueError(f"Predictor: device={str(device)!r} but CUDA is not available here; use device='cpu'")
     return device
 
-
-def _module_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
