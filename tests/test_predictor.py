@@ -249,6 +249,14 @@ def test_test_amp_runs_the_body_in_bf16_and_returns_fp32(tiny, photos):
     assert len(out["boxes"]) > 0 and out["masks"].shape[-2:] == fp32["masks"].shape[-2:]
 
 
+@pytest.mark.parametrize("overrides, n", [(["MODEL.MASK_ON", False], 20),
+                                          (["MODEL.RPN_ONLY", True, "MODEL.MASK_ON", False], 50)])
+def test_models_without_masks_return_no_masks_key(overrides, n):
+    p = Predictor(SMOKE, random_weights=True, overrides=TINY + overrides)
+    out = p(np.full((60, 80, 3), 128, np.uint8))
+    assert set(out) == {"boxes", "labels", "scores", "class_names"} and len(out["boxes"]) == n
+
+
 def test_no_cuda_device_is_a_clear_error_on_a_cpu_machine(tiny):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here: the error is for machines without it")
