@@ -280,3 +280,14 @@ def test_a_train_net_checkpoint_carries_its_config_and_class_names(tmp_path, pho
     assert p.class_names == CLASSES and p.cfg.TEST.SCALE == 64
     det = p(photos[0])
     assert det["class_names"] == [CLASSES[k] for k in det["labels"].tolist()]
+
+
+def test_import_maskrcnn_is_light_and_predictor_loads_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, maskrcnn; light = 'torch' not in sys.modules; from maskrcnn import Predictor; "
+            "print(light, Predictor.__module__, maskrcnn.__all__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                       capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "True maskrcnn.predictor ['Predictor']", r.stdout + r.stderr
