@@ -134,12 +134,14 @@ def train(cfg, args, ctx, logger) -> int:
                     f" (re-initialised: {', '.join(report['skipped'])})" if report["skipped"] else "")
 
     cfg_yaml = cfg.dump()
+    # The class names travel with the weights: Predictor and infer_simple name the labels with them.
+    extra = {"classes": [str(c) for c in dataset.classes]} if getattr(dataset, "classes", None) else {}
     if start_iter >= cfg.SOLVER.MAX_ITER:
         logger.info("the checkpoint is at iteration %d >= SOLVER.MAX_ITER = %d: nothing left to train",
                     start_iter, cfg.SOLVER.MAX_ITER)
         # Decided on rank 0 for all: save() is a collective that every rank must enter.
         if dist_utils.broadcast_object(not os.path.exists(os.path.join(output_dir, "model_final.pth"))):
-            checkpointer.save("model_final", iteration=start_iter, cfg_yaml=cfg_yaml)
+            checkpointer.save("model_final", iteration=start_iter, cfg_yaml=cfg_yaml, **extra)
         final = os.path.join(output_dir, "model_final.pth")
     else:
         ddp_model = create_ddp_model(model, ctx)
@@ -148,7 +150,7 @@ def train(cfg, args, ctx, logger) -> int:
             aspect_grouping=cfg.TRAIN.ASPECT_GROUPING, seed=cfg.RNG_SEED, rank=ctx.rank, world_size=ctx.world_size,
             start_iter=start_iter * args.iter_size, flip=cfg.TRAIN.USE_FLIPPED, pin_memory=ctx.device.type == "cuda",
             skip_unreadable=cfg.DATA_LOADER.SKIP_UNREADABLE)
-        saver = PeriodicCheckpointer(checkpointer, cfg.TRAIN.SNAPSHOT_ITERS, cfg_yaml)
+        saver = PeriodicCheckpointer(checkpointer, cfg.TRAIN.SNAPSHOT_ITERS, cfg_yaml, extra=extra)
         trainer = Trainer(ddp_model, optimizer, scheduler, loader, max_iter=cfg.SOLVER.MAX_ITER, start_iter=start_iter,
                           iter_size=args.iter_size, amp=cfg.TRAIN.AMP, device=ctx.device,
                           clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM, skip_nonfinite=args.skip_nonfinite, scaler=scaler,

@@ -156,21 +156,25 @@ class PeriodicCheckpointer(HookBase):
         checkpointer: a :class:`~maskrcnn.utils.checkpoint.Checkpointer` (its ``save`` runs on every rank).
         period: cfg ``TRAIN.SNAPSHOT_ITERS``.
         cfg_yaml: the run's config, stored in every checkpoint.
+        extra: more entries stored in every checkpoint (train_net: the dataset's ``classes``, with which
+            ``maskrcnn.Predictor`` names the labels).
     """
 
-    def __init__(self, checkpointer, period: int, cfg_yaml: Optional[str] = None):
+    def __init__(self, checkpointer, period: int, cfg_yaml: Optional[str] = None,
+                 extra: Optional[Dict[str, Any]] = None):
         if int(period) < 1:
             raise ValueError(f"PeriodicCheckpointer: period must be >= 1, got {period}")
         self.checkpointer = checkpointer
         self.period = int(period)
         self.cfg_yaml = cfg_yaml
+        self.extra = dict(extra or {})
         self.final_path: Optional[str] = None
 
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if done % self.period == 0 and done < self.trainer.max_iter:
-            self.checkpointer.save(f"model_{done:07d}", iteration=done, cfg_yaml=self.cfg_yaml)
+            self.checkpointer.save(f"model_{done:07d}", iteration=done, cfg_yaml=self.cfg_yaml, **self.extra)
 
     def after_train(self) -> None:
         self.final_path = self.checkpointer.save("model_final", iteration=self.trainer.max_iter,
-                                                 cfg_yaml=self.cfg_yaml)
+                                                 cfg_yaml=self.cfg_yaml, **self.extra)

@@ -168,6 +168,14 @@ def test_periodic_checkpoints_and_final(period, max_iter, start_iter, expected):
     assert saver.final_path == "/ckpt/model_final.pth"
 
 
+def test_periodic_checkpointer_stores_its_extra_entries_in_every_checkpoint():
+    saves = []
+    ck = type("Ck", (), {"save": lambda self, name, iteration, cfg_yaml=None, **extra: saves.append((name, extra))})()
+    saver = PeriodicCheckpointer(ck, period=2, extra={"classes": ["__background__", "person"]})
+    _drive([saver], _FakeTrainer(max_iter=3, start_iter=0), [{}] * 3)
+    assert saves == [(n, {"classes": ["__background__", "person"]}) for n in ("model_0000002", "model_final")]
+
+
 # --- TensorboardWriter --------------------------------------------------------------------------------------------
 def test_tensorboard_writer_writes_each_scalar_then_flushes(monkeypatch):
     events = []
