@@ -153,9 +153,9 @@ class MultiLevelRoIAlign(nn.Module):
         result = ref.new_zeros((rois.shape[0], ref.shape[1]) + self.output_size)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.where(levels == level)[0]
-            result[idx] = roi_align(
-                feature, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned
-            ).to(result.dtype)
+            pooled = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
+            # index_copy_ rather than `result[idx] = ...`, which traces to a view sized for the example.
+            result.index_copy_(0, idx, pooled.to(result.dtype))
         return result
 
     def _one_gather(self, features: List[Tensor], rois: Tensor, levels: Tensor) -> Tensor:

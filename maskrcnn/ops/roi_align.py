@@ -82,7 +82,9 @@ def as_roi_tensor(rois: RoIs, name: str = "rois", features: Optional[Tensor] = N
     dtype = rois[0].dtype
     # new_full with each list entry's own length (not a tensor of Python counts) keeps the RoI counts
     # symbolic under torch.jit.trace.
-    return torch.cat([torch.cat((b.new_full((b.shape[0], 1), i, dtype=dtype), b.to(dtype)), 1) for i, b in enumerate(rois)])
+    return torch.cat(
+        [torch.cat((b.new_full((b.shape[0], 1), i, dtype=dtype), b.to(dtype)), 1) for i, b in enumerate(rois)]
+    )
 
 
 def pair_size(output_size: Union[int, Sequence[int]], name: str = "output_size") -> Tuple[int, int]:
