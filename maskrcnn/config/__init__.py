@@ -3,7 +3,7 @@ from .config import (
     CfgNode, ConfigError, assert_and_infer_cfg, cfg, cfg_from_file, cfg_from_list, get_cfg,
     load_yaml_with_base, merge_cfg_from_cfg, reset_global_cfg,
 )
-from .defaults import KEY_DOCS, SECTION_DOCS, get_default_cfg
+from .defaults import KEY_DOCS, SECTION_DOCS
 from .validate import validate_cfg
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "cfg_from_file",
     "cfg_from_list",
     "get_cfg",
-    "get_default_cfg",
     "load_yaml_with_base",
     "merge_cfg_from_cfg",
     "reset_global_cfg",

@@ -13,6 +13,7 @@ from .roi_heads import (
     MaskRCNNHeadV0UpShare,
     MaskRCNNOutputs,
     ResNetRoIConv5Head,
+    ROIHeads,
     Roi2MLPHead,
     build_box_head,
     build_mask_head,
@@ -35,7 +36,8 @@ __all__ = [
     "RPN",
     "RPNHead",
     "AnchorGenerator",
-    # Box_Head / Box_Outs
+    # RoI heads: Box_Head / Box_Outs
+    "ROIHeads",
     "build_box_head",
     "Roi2MLPHead",
     "ResNetRoIConv5Head",

@@ -14,6 +14,7 @@ from .checkpoint import (
 )
 from .env import collect_env_info, resolve_device, seed_all
 from .logger import SmoothedValue, setup_logger
+from .model import model_device
 
 __all__ = [
     "load_ckpt",
@@ -27,4 +28,5 @@ __all__ = [
     "collect_env_info",
     "setup_logger",
     "SmoothedValue",
+    "model_device",
 ]

@@ -3,8 +3,10 @@ from .box_head import BOX_HEAD_REGISTRY, ResNetRoIConv5Head, Roi2MLPHead, build_
 from .box_outputs import FastRCNNOutputs
 from .mask_head import MASK_HEAD_REGISTRY, MaskRCNNFCNHead, MaskRCNNHeadV0Up, MaskRCNNHeadV0UpShare, build_mask_head
 from .mask_outputs import MaskRCNNOutputs
+from .roi_heads import ROIHeads
 
 __all__ = [
+    "ROIHeads",
     # Box_Head / Box_Outs
     "build_box_head",
     "BOX_HEAD_REGISTRY",
