@@ -1,0 +1,24 @@
+"""Training and inference loops: trainer, hooks, solver, dataset inference/evaluation, launch, speed transforms."""
+from .hooks import HookBase, LogHook, PeriodicCheckpointer
+from .inference import evaluate_on_dataset, inference_on_dataset
+from .launch import create_ddp_model, setup_distributed
+from .solver import WarmupMultiStepLR, build_lr_scheduler, build_optimizer
+from .speed import prepare_for_inference, prepare_for_training
+from .trainer import NonFiniteLossError, Trainer
+
+__all__ = [
+    "Trainer",
+    "NonFiniteLossError",
+    "HookBase",
+    "LogHook",
+    "PeriodicCheckpointer",
+    "build_optimizer",
+    "build_lr_scheduler",
+    "WarmupMultiStepLR",
+    "inference_on_dataset",
+    "evaluate_on_dataset",
+    "setup_distributed",
+    "create_ddp_model",
+    "prepare_for_inference",
+    "prepare_for_training",
+]

@@ -1,0 +1,68 @@
+"""Box, RoI and mask operations: pure functions and small modules that know nothing of configs or models.
+
+Boxes are ``(N, 4)`` float ``x1, y1, x2, y2`` in absolute pixels; RoIs are ``(R, 5)`` with the batch
+index first. ``nms``/``batched_nms``/``roi_align``/``roi_pool`` run a pure-PyTorch ("native") or
+torchvision's compiled implementation, chosen by :func:`set_backend` / ``MASKRCNN_OPS_BACKEND``.
+Every op traces with ``torch.jit.trace`` into a graph valid for other input sizes.
+"""
+
+from maskrcnn.ops._backend import get_backend, set_backend, use_backend
+from maskrcnn.ops.box_coder import BoxCoder
+from maskrcnn.ops.boxes import (
+    box_area,
+    box_iou,
+    box_xywh_to_xyxy,
+    box_xyxy_to_xywh,
+    boxes_to_rois,
+    clip_boxes_to_image,
+    remove_small_boxes,
+)
+from maskrcnn.ops.losses import smooth_l1_loss
+from maskrcnn.ops.masks import (
+    paste_masks_in_image,
+    polygons_to_mask,
+    project_masks_on_boxes,
+    project_polygons_on_boxes,
+)
+from maskrcnn.ops.matcher import Matcher
+from maskrcnn.ops.nms import batched_nms, batched_nms_limited, nms
+from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign
+from maskrcnn.ops.roi_align import RoIAlign, roi_align
+from maskrcnn.ops.roi_pool import RoIPool, roi_pool
+from maskrcnn.ops.sampler import BalancedPositiveNegativeSampler
+
+__all__ = [
+    # boxes
+    "box_area",
+    "box_iou",
+    "box_xywh_to_xyxy",
+    "box_xyxy_to_xywh",
+    "boxes_to_rois",
+    "clip_boxes_to_image",
+    "remove_small_boxes",
+    "BoxCoder",
+    # non-maximum suppression
+    "nms",
+    "batched_nms",
+    "batched_nms_limited",
+    # RoI feature extraction
+    "roi_align",
+    "RoIAlign",
+    "roi_pool",
+    "RoIPool",
+    "LevelMapper",
+    "MultiLevelRoIAlign",
+    # training targets and losses
+    "Matcher",
+    "BalancedPositiveNegativeSampler",
+    "smooth_l1_loss",
+    # masks
+    "paste_masks_in_image",
+    "polygons_to_mask",
+    "project_masks_on_boxes",
+    "project_polygons_on_boxes",
+    # backend selection
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]

@@ -79,6 +79,11 @@ def torchvision_ops_available() -> bool:
     """Whether torchvision's compiled ops load and run (probed once with a tiny CPU ``nms``; never raises)."""
     global _torchvision_ok
     if _torchvision_ok is None:
+        # The probe must not run under torch.jit.trace: importing torchvision there fails (its
+        # import-time version check returns an int the tracer cannot record) and the probe's ops
+        # would be recorded into the user's graph.
+        tracing_state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
         try:
             import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 
@@ -87,6 +92,8 @@ def torchvision_ops_available() -> bool:
             _torchvision_ok = keep.tolist() == [0]
         except Exception:  # a missing/ABI-mismatched extension surfaces as many exception types
             _torchvision_ok = False
+        finally:
+            torch._C._set_tracing_state(tracing_state)
     return _torchvision_ok
 
 

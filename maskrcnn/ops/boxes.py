@@ -64,18 +64,27 @@ def clip_boxes_to_image(
 ) -> Tensor:
     """Clip ``boxes`` ``(..., 4K)`` (``K`` boxes per row, e.g. per-class predictions) into an image.
 
-    ``size`` is ``(height, width)``. x coordinates are clamped to ``[0, width]`` and y to
+    ``size`` is ``(height, width)`` (ints, or 0-dim tensors such as ``image.shape[-2:]`` under
+    ``torch.jit.trace``, where they stay symbolic). x coordinates are clamped to ``[0, width]`` and y to
     ``[0, height]`` (``[0, width - 1]`` / ``[0, height - 1]`` with ``legacy_plus_one``). Returns a new
     tensor of the same shape and dtype; gradients flow through unclamped coordinates.
     """
     _check_boxes(boxes, "boxes", multiple_of_four=True)
     if len(size) != 2:
         raise ValueError(f"size must be (height, width), got {tuple(size)!r}")
-    height, width = (float(v) for v in size)
-    if legacy_plus_one:
-        height, width = height - 1, width - 1
     groups = boxes.shape[-1] // 4
-    limits = torch.tensor([width, height, width, height] * groups, dtype=boxes.dtype, device=boxes.device)
+    if any(isinstance(v, Tensor) for v in size):
+        # Sizes read from a tensor's shape under torch.jit.trace are 0-dim tensors: float() would
+        # freeze the example's size into the trace, stacking keeps them symbolic.
+        height, width = (torch.as_tensor(v).to(dtype=boxes.dtype, device=boxes.device) for v in size)
+        if legacy_plus_one:
+            height, width = height - 1, width - 1
+        limits = torch.stack((width, height, width, height)).repeat(groups)
+    else:
+        height, width = (float(v) for v in size)
+        if legacy_plus_one:
+            height, width = height - 1, width - 1
+        limits = torch.tensor([width, height, width, height] * groups, dtype=boxes.dtype, device=boxes.device)
     return torch.minimum(boxes.clamp(min=0), limits)
 
 
@@ -116,7 +125,9 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
         _check_boxes(b, f"boxes[{i}]")
         if b.dim() != 2:
             raise ValueError(f"boxes[{i}] must be (R_i, 4), got shape {tuple(b.shape)}")
-    flat = torch.cat(list(boxes), dim=0)
-    counts = torch.tensor([b.shape[0] for b in boxes], device=flat.device)
-    image_index = torch.repeat_interleave(torch.arange(len(boxes), device=flat.device), counts)
-    return torch.cat((image_index.to(flat.dtype)[:, None], flat), dim=1)
+    dtype = torch.cat([b[:0] for b in boxes]).dtype  # the promoted dtype of all lists
+    # new_full with each list's own length (not a tensor of Python counts) keeps the counts symbolic
+    # under torch.jit.trace.
+    return torch.cat(
+        [torch.cat((b.new_full((b.shape[0], 1), i, dtype=dtype), b.to(dtype)), 1) for i, b in enumerate(boxes)]
+    )

@@ -19,7 +19,6 @@ Boxes are ``(x1, y1, x2, y2)`` float absolute pixels in the continuous conventio
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -102,6 +101,8 @@ def _as_flat_polygon(poly: PolygonLike, where: str) -> List[float]:
 def _rasterize(polygons: List[List[float]], height: int, width: int) -> np.ndarray:
     if not polygons:
         return np.zeros((height, width), dtype=np.uint8)
+    import pycocotools.mask as mask_util  # here, so that importing the ops does not load pycocotools
+
     rles = mask_util.frPyObjects(polygons, height, width)
     return np.ascontiguousarray(mask_util.decode(mask_util.merge(rles)), dtype=np.uint8)
 
@@ -238,7 +239,9 @@ def paste_masks_in_image(
         padding: pixels of zero padding added around each mask before resizing (>= 0).
 
     Returns:
-        ``(N, 1, h, w)`` tensor in ``masks``' dtype and device, zero outside each box.
+        ``(N, 1, h, w)`` tensor in ``masks``' dtype and device, zero outside each box. Under
+        ``torch.jit.trace`` the call is recorded as one op, ``maskrcnn::paste_masks_in_image``, valid
+        for any N and image size (``image_shape`` may then be ``image.shape[-2:]``).
     """
     fn = "paste_masks_in_image"
     if not isinstance(masks, Tensor) or masks.dim() not in (3, 4) or (masks.dim() == 4 and masks.shape[1] != 1):
@@ -255,6 +258,11 @@ def paste_masks_in_image(
         raise ValueError(f"{fn}: boxes must be ({masks.shape[0]}, 4) (one per mask), got {shape}")
     if len(image_shape) != 2:
         raise ValueError(f"{fn}: image_shape must be (h, w), got {image_shape!r}")
+    if torch.jit.is_tracing():
+        # int(h) would freeze the example's image size into the trace (and the chunk loops its mask
+        # count): record one op whose size argument is a tensor the trace keeps symbolic.
+        size = torch.stack([torch.as_tensor(v, dtype=torch.int64) for v in image_shape])
+        return torch.ops.maskrcnn.paste_masks_in_image(masks, boxes, size, int(padding))
     im_h, im_w = int(image_shape[0]), int(image_shape[1])
     if im_h < 0 or im_w < 0:
         raise ValueError(f"{fn}: image_shape must be non-negative, got {image_shape!r}")
@@ -313,3 +321,17 @@ def paste_masks_in_image(
             values += rows.index_select(0, k * padded_size + yi1[s + k, r]) * yw1[s + k, r, None]
             out_rows.index_copy_(0, (s + k) * im_h + r, values.to(out.dtype))
     return out
+
+
+# Opaque form for torch.jit.trace; ``image_size`` is an int64 (2,) tensor (h, w) so that sizes read
+# from shapes stay symbolic in the trace (int arguments of an op are recorded as constants).
+@torch.library.custom_op("maskrcnn::paste_masks_in_image", mutates_args=())
+def _paste_masks_op(masks: Tensor, boxes: Tensor, image_size: Tensor, padding: int) -> Tensor:
+    height, width = image_size.tolist()
+    return paste_masks_in_image(masks, boxes, (height, width), padding)
+
+
+@_paste_masks_op.register_fake
+def _paste_masks_fake(masks, boxes, image_size, padding):
+    ctx = torch.library.get_ctx()
+    return masks.new_empty((masks.shape[0], 1, ctx.new_dynamic_size(), ctx.new_dynamic_size()))

@@ -48,8 +48,10 @@ def _describe(t: object) -> str:
 
 
 def _check_inputs(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor] = None) -> None:
-    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be a (N, 4) tensor, got {_describe(boxes)}")
+    # A 1-D empty tensor is accepted as "no boxes", as torchvision and detectron2 accept it.
+    empty_1d = isinstance(boxes, Tensor) and boxes.dim() == 1 and boxes.shape[0] == 0
+    if not isinstance(boxes, Tensor) or not (empty_1d or (boxes.dim() == 2 and boxes.shape[1] == 4)):
+        raise ValueError(f"boxes must be a (N, 4) tensor (or an empty (0,) one), got {_describe(boxes)}")
     n = boxes.shape[0]
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.shape[0] != n:
         raise ValueError(f"scores must be a (N,) tensor with N = {n} (boxes), got {_describe(scores)}")
@@ -234,39 +236,67 @@ def batched_nms_native(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshol
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
+def _empty_keep(boxes: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.int64, device=boxes.device)
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS: int64 indices of the kept ``boxes`` ``(N, 4)`` (x1, y1, x2, y2), by decreasing ``scores`` ``(N,)``.
 
     A box is dropped when its IoU with a higher-scoring kept box is ``> iou_threshold``. Equal scores
     are visited in increasing index order. Uses torchvision's kernel or the native implementation
-    according to :func:`maskrcnn.ops._backend.resolve`; both give the same indices on CPU.
+    according to :func:`maskrcnn.ops._backend.resolve`; both give the same indices on CPU. Empty
+    input (``(0, 4)`` or ``(0,)`` boxes) gives an empty int64 tensor. Under ``torch.jit.trace`` the
+    call is recorded as one op (``torchvision::nms`` or ``maskrcnn::nms``), valid for any N.
     """
     _check_inputs(boxes, scores)
+    tracing = torch.jit.is_tracing()
+    if not tracing and boxes.shape[0] == 0:
+        return _empty_keep(boxes)
+    if tracing:
+        boxes = boxes.reshape(-1, 4)
     if _backend.resolve("nms") == "torchvision":
-        if boxes.shape[0] == 0:
-            return torch.empty(0, dtype=torch.int64, device=boxes.device)
         dtype = _work_dtype(boxes, scores)
         return torch.ops.torchvision.nms(boxes.to(dtype), scores.to(dtype), float(iou_threshold))
+    if tracing:
+        return torch.ops.maskrcnn.nms(boxes, scores, float(iou_threshold))
     return nms_native(boxes, scores, iou_threshold)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS applied independently to each category ``idxs`` ``(N,)`` (any integer dtype).
 
-    Returns int64 indices of the kept boxes by decreasing score. The torchvision backend calls
-    ``torchvision.ops.batched_nms``, whose coordinate-offset path (CPU, <= 1000 boxes) computes IoUs
-    on shifted, hence float32-rounded, coordinates and may flip decisions within ~1e-4 of the
-    threshold. The native backend computes IoUs on the original coordinates, so it equals per-class
-    :func:`nms` exactly, and orders equal scores by increasing index.
+    Returns int64 indices of the kept boxes by decreasing score (empty int64 for ``(0, 4)`` or
+    ``(0,)`` boxes). The torchvision backend calls ``torchvision.ops.batched_nms``, whose
+    coordinate-offset path (CPU, <= 1000 boxes) computes IoUs on shifted, hence float32-rounded,
+    coordinates and may flip decisions within ~1e-4 of the threshold. The native backend computes
+    IoUs on the original coordinates, so it equals per-class :func:`nms` exactly, and orders equal
+    scores by increasing index.
+
+    Under ``torch.jit.trace`` the native backend is recorded as one op (``maskrcnn::batched_nms``);
+    the torchvision one as torchvision's offset trick (what ``torchvision.ops.batched_nms`` itself
+    traces to), written so that the trace also accepts zero boxes.
     """
     _check_inputs(boxes, scores, idxs)
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    tracing = torch.jit.is_tracing()
+    if not tracing and boxes.shape[0] == 0:
+        return _empty_keep(boxes)
+    if tracing:
+        boxes = boxes.reshape(-1, 4)
     if _backend.resolve("nms") == "torchvision":
+        dtype = _work_dtype(boxes, scores)
+        boxes, scores = boxes.to(dtype), scores.to(dtype)
+        if tracing:
+            # torchvision's `if boxes.numel() == 0` would be frozen into the trace and `boxes.max()`
+            # fails on zero boxes; a -inf sentinel leaves the maximum of non-empty input unchanged.
+            top = torch.cat((boxes.flatten(), boxes.new_full((1,), -math.inf))).max()
+            offsets = idxs.to(boxes) * (top + torch.tensor(1).to(boxes))
+            return torch.ops.torchvision.nms(boxes + offsets[:, None], scores, float(iou_threshold))
         import torchvision
 
-        dtype = _work_dtype(boxes, scores)
-        return torchvision.ops.batched_nms(boxes.to(dtype), scores.to(dtype), idxs, float(iou_threshold))
+        return torchvision.ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
+    if tracing:
+        return torch.ops.maskrcnn.batched_nms(boxes, scores, idxs, float(iou_threshold))
     return batched_nms_native(boxes, scores, idxs, iou_threshold)
 
 
@@ -282,15 +312,18 @@ def batched_nms_limited(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thresho
     few hundred boxes instead of 80 000.
 
     Returns:
-        int64 indices into ``boxes``, by decreasing score (ties by index), at most ``limit`` of them.
+        int64 indices into ``boxes``, by decreasing score (ties by index), at most ``limit`` of them
+        (empty for ``(0, 4)`` or ``(0,)`` boxes). Always native; one op under ``torch.jit.trace``.
     """
     _check_inputs(boxes, scores, idxs)
     limit = int(limit)
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if torch.jit.is_tracing():
+        return torch.ops.maskrcnn.batched_nms_limited(boxes.reshape(-1, 4), scores, idxs, float(iou_threshold), limit)
     n = boxes.shape[0]
     if n == 0 or limit == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+        return _empty_keep(boxes)
     work = scores.to(_work_dtype(boxes, scores))
     order = torch.sort(work, descending=True, stable=True).indices
     size = 4 * limit
@@ -307,3 +340,31 @@ def batched_nms_limited(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thresho
             # Local indices follow the global visiting order, so ties keep their global index order.
             return cand[keep[:limit]]
         size *= 4
+
+
+# Opaque forms of the native ops for torch.jit.trace: the native algorithms branch on data in Python,
+# which a trace would freeze for its example input. Recorded as single ops, a trace (saved or not)
+# calls the native implementation again at run time, for any number of boxes. The fake kernels give
+# torch.export / torch.compile the output's (data-dependent) length.
+@torch.library.custom_op("maskrcnn::nms", mutates_args=())
+def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    return nms_native(boxes, scores, iou_threshold)
+
+
+@torch.library.custom_op("maskrcnn::batched_nms", mutates_args=())
+def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    return batched_nms_native(boxes, scores, idxs, iou_threshold)
+
+
+@torch.library.custom_op("maskrcnn::batched_nms_limited", mutates_args=())
+def _batched_nms_limited_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, limit: int) -> Tensor:
+    # The public function dispatches here when tracing; this runs the eager path.
+    return batched_nms_limited(boxes, scores, idxs, iou_threshold, limit)
+
+
+def _fake_keep(boxes: Tensor, *args: object) -> Tensor:
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+for _op in (_nms_op, _batched_nms_op, _batched_nms_limited_op):
+    _op.register_fake(_fake_keep)

@@ -131,17 +131,20 @@ class MultiLevelRoIAlign(nn.Module):
     def forward(self, features: Sequence[Tensor], boxes: RoIs) -> Tensor:
         """features: list of (N, C, H_l, W_l), finest first; boxes: list of N (Ri, 4) or (R, 5) rois.
 
-        Returns (R, C, oh, ow), RoIs in the order of ``boxes`` (image-major for a list).
+        Returns (R, C, oh, ow) in the features' dtype, RoIs in the order of ``boxes`` (image-major for
+        a list). Zero images (N == 0, ``boxes == []``) or zero boxes give an empty (0, C, oh, ow).
         """
         features = list(features)
         if len(features) != len(self.scales):
             raise ValueError(f"got {len(features)} feature maps for {len(self.scales)} scales {self.scales}")
         check_features(features)
-        rois = as_roi_tensor(boxes, "boxes")
+        rois = as_roi_tensor(boxes, "boxes", features=features[0])
         if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
         levels = self.map_levels(rois[:, 1:])
-        if _backend.resolve("roi_align") == "torchvision":
+        # Under torch.jit.trace the per-level loop records one opaque roi_align per level (the single
+        # gather builds its plan from data in Python, which a trace would freeze).
+        if torch.jit.is_tracing() or _backend.resolve("roi_align") == "torchvision":
             return self._per_level(features, rois, levels)
         return self._one_gather(features, rois, levels)
 
@@ -150,9 +153,9 @@ class MultiLevelRoIAlign(nn.Module):
         result = ref.new_zeros((rois.shape[0], ref.shape[1]) + self.output_size)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.where(levels == level)[0]
-            result[idx] = roi_align(
-                feature, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned
-            ).to(result.dtype)
+            pooled = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
+            # index_copy_ rather than `result[idx] = ...`, which traces to a view sized for the example.
+            result.index_copy_(0, idx, pooled.to(result.dtype))
         return result
 
     def _one_gather(self, features: List[Tensor], rois: Tensor, levels: Tensor) -> Tensor:

@@ -58,8 +58,12 @@ _CHUNK_BYTES = 1 << 22
 _EXACT_SLOTS = 8
 
 
-def as_roi_tensor(rois: RoIs, name: str = "rois") -> Tensor:
-    """``(R, 5)`` rois ``[batch_idx, x1, y1, x2, y2]`` from that tensor or a list of ``(Ri, 4)`` boxes per image."""
+def as_roi_tensor(rois: RoIs, name: str = "rois", features: Optional[Tensor] = None) -> Tensor:
+    """``(R, 5)`` rois ``[batch_idx, x1, y1, x2, y2]`` from that tensor or a list of ``(Ri, 4)`` boxes per image.
+
+    An empty list is one box list per image of a batch of zero images: accepted when ``features``
+    (the ``(N, C, H, W)`` map the rois are for) has ``N == 0``, giving ``(0, 5)`` rois in its dtype.
+    """
     if isinstance(rois, Tensor):
         if rois.dim() != 2 or rois.shape[1] != 5:
             raise ValueError(
@@ -69,14 +73,18 @@ def as_roi_tensor(rois: RoIs, name: str = "rois") -> Tensor:
     if not isinstance(rois, (list, tuple)):
         raise ValueError(f"{name} must be a (R, 5) tensor or a list of (Ri, 4) tensors, got {type(rois).__name__}")
     if len(rois) == 0:
+        if features is not None and features.shape[0] == 0:
+            return features.new_zeros((0, 5))
         raise ValueError(f"{name} is an empty list; pass one (Ri, 4) tensor per image (Ri may be 0)")
     for i, b in enumerate(rois):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             raise ValueError(f"{name}[{i}] must be a (Ri, 4) tensor, got {getattr(b, 'shape', type(b))}")
-    boxes = torch.cat([b.to(rois[0].dtype) for b in rois], 0)
-    counts = torch.tensor([b.shape[0] for b in rois], device=boxes.device)
-    batch = torch.repeat_interleave(torch.arange(len(rois), device=boxes.device), counts, output_size=boxes.shape[0])
-    return torch.cat([batch.to(boxes.dtype)[:, None], boxes], 1)
+    dtype = rois[0].dtype
+    # new_full with each list entry's own length (not a tensor of Python counts) keeps the RoI counts
+    # symbolic under torch.jit.trace.
+    return torch.cat(
+        [torch.cat((b.new_full((b.shape[0], 1), i, dtype=dtype), b.to(dtype)), 1) for i, b in enumerate(rois)]
+    )
 
 
 def pair_size(output_size: Union[int, Sequence[int]], name: str = "output_size") -> Tuple[int, int]:
@@ -500,23 +508,32 @@ def apply_roi_align_plan(
     return _RoIAlignFunction.apply(plan, num_rois, output_size, dtype, *features)
 
 
-def _roi_align_native(
-    input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool
-) -> Tensor:
-    n, c, h, w = input.shape
-    dtype = compute_dtype(input.dtype)
-    rois = rois.detach().to(device=input.device, dtype=dtype)
+def _single_map_plan(
+    shape: Sequence[int], rois: Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int,
+    aligned: bool,
+) -> Callable[[], List[PlanBlock]]:
+    """Plan maker of RoIAlign on one (N, C, H, W) map of ``shape``; ``rois`` (R, 5) in the compute dtype."""
+    n, _, h, w = shape
     batch = check_batch_index(rois, n)
-    num_rois = rois.shape[0]
-    device = input.device
+    num_rois, dtype, device = rois.shape[0], rois.dtype, rois.device
     scale = torch.full((num_rois,), float(spatial_scale), dtype=dtype, device=device)
     heights = torch.full((num_rois,), h, dtype=torch.long, device=device)
     widths = torch.full((num_rois,), w, dtype=torch.long, device=device)
     row_base = batch * (h * w)
+
     def plan() -> List[PlanBlock]:
         return roi_align_plan(rois, scale, heights, widths, row_base, output_size, sampling_ratio, aligned, n * h * w)
 
-    return apply_roi_align_plan([input], plan, num_rois, output_size, dtype)
+    return plan
+
+
+def _roi_align_native(
+    input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> Tensor:
+    dtype = compute_dtype(input.dtype)
+    rois = rois.detach().to(device=input.device, dtype=dtype)
+    plan = _single_map_plan(input.shape, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return apply_roi_align_plan([input], plan, rois.shape[0], output_size, dtype)
 
 
 def roi_align(
@@ -540,17 +557,23 @@ def roi_align(
     Returns:
         (R, C, oh, ow) in ``input``'s dtype. Backend per :func:`maskrcnn.ops._backend.resolve`
         ("roi_align"); the native one is differentiable in ``input`` (not in ``rois``, like torchvision).
+        Under ``torch.jit.trace`` the native backend is recorded as one op, ``maskrcnn::roi_align``
+        (differentiable too), so the trace holds for any input size and number of RoIs.
     """
     check_features([input], "input")
     output_size = pair_size(output_size)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
         raise ValueError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
-    roi_tensor = as_roi_tensor(rois)
+    roi_tensor = as_roi_tensor(rois, features=input)
     if _backend.resolve("roi_align") == "torchvision":
         import torchvision
 
         return torchvision.ops.roi_align(
             input, roi_tensor.to(input.dtype), output_size, float(spatial_scale), sampling_ratio, bool(aligned)
+        )
+    if torch.jit.is_tracing():
+        return torch.ops.maskrcnn.roi_align(
+            input, roi_tensor, float(spatial_scale), output_size[0], output_size[1], sampling_ratio, bool(aligned)
         )
     return _roi_align_native(input, roi_tensor, output_size, float(spatial_scale), sampling_ratio, bool(aligned))
 
@@ -579,3 +602,40 @@ class RoIAlign(nn.Module):
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
         )
+
+
+# Opaque form of the native op for torch.jit.trace: building the sampling plan branches on data in
+# Python (slot counts, groups, chunks), which a trace would freeze for its example input. Recorded as
+# one op, a trace (saved or not) rebuilds the plan at run time for whatever sizes it is given.
+@torch.library.custom_op("maskrcnn::roi_align", mutates_args=())
+def _roi_align_op(
+    input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    return _roi_align_native(input, rois, (pooled_height, pooled_width), spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_op.register_fake
+def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    return new_output(rois.shape[0], input.shape[1], (pooled_height, pooled_width), input)
+
+
+def _roi_align_setup_context(ctx, inputs, output) -> None:
+    input, rois, *ctx.args = inputs
+    ctx.meta = feature_meta([input])
+    ctx.save_for_backward(rois)
+
+
+def _roi_align_op_backward(ctx, grad: Tensor):
+    (rois,) = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = ctx.args
+    shape, input_dtype, _ = ctx.meta[0]
+    dtype = compute_dtype(input_dtype)
+    rois = rois.detach().to(device=grad.device, dtype=dtype)
+    output_size = (pooled_height, pooled_width)
+    plan = _single_map_plan(shape, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    (grad_input,) = _plan_backward(grad, plan(), ctx.meta, [True], dtype)
+    return grad_input, None, None, None, None, None, None
+
+
+_roi_align_op.register_autograd(_roi_align_op_backward, setup_context=_roi_align_setup_context)

@@ -218,15 +218,18 @@ def roi_pool(
         spatial_scale: feature-map size / image size.
     Returns:
         (R, C, oh, ow) in ``input``'s dtype. Backend per :func:`maskrcnn.ops._backend.resolve`
-        ("roi_pool"); the native one is differentiable in ``input``.
+        ("roi_pool"); the native one is differentiable in ``input``. Under ``torch.jit.trace`` the
+        native backend is recorded as one op, ``maskrcnn::roi_pool``, valid for any sizes.
     """
     check_features([input], "input")
     output_size = pair_size(output_size)
-    roi_tensor = as_roi_tensor(rois)
+    roi_tensor = as_roi_tensor(rois, features=input)
     if _backend.resolve("roi_pool") == "torchvision":
         import torchvision
 
         return torchvision.ops.roi_pool(input, roi_tensor.to(input.dtype), output_size, float(spatial_scale))
+    if torch.jit.is_tracing():
+        return torch.ops.maskrcnn.roi_pool(input, roi_tensor, float(spatial_scale), output_size[0], output_size[1])
     return _roi_pool_native(input, roi_tensor, output_size, float(spatial_scale))
 
 
@@ -243,3 +246,35 @@ class RoIPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+# Opaque form of the native op for torch.jit.trace (the plan branches on data in Python, which a trace
+# would freeze for its example input).
+@torch.library.custom_op("maskrcnn::roi_pool", mutates_args=())
+def _roi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
+    return _roi_pool_native(input, rois, (pooled_height, pooled_width), spatial_scale)
+
+
+@_roi_pool_op.register_fake
+def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+    return new_output(rois.shape[0], input.shape[1], (pooled_height, pooled_width), input)
+
+
+def _roi_pool_setup_context(ctx, inputs, output) -> None:
+    input, rois, *ctx.args = inputs
+    ctx.save_for_backward(input, rois)
+
+
+def _roi_pool_op_backward(ctx, grad: Tensor):
+    # The argmax routing lives in _RoIPoolFunction; running it again is simpler than exposing it and
+    # costs one forward pass, on the traced path only.
+    input, rois = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width = ctx.args
+    with torch.enable_grad():
+        leaf = input.detach().requires_grad_()
+        out = _roi_pool_native(leaf, rois, (pooled_height, pooled_width), spatial_scale)
+    (grad_input,) = torch.autograd.grad(out, leaf, grad)
+    return grad_input, None, None, None, None
+
+
+_roi_pool_op.register_autograd(_roi_pool_op_backward, setup_context=_roi_pool_setup_context)

@@ -1,13 +1,17 @@
+import importlib
+
 import pytest
 import torch
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import maskrcnn.ops.nms as nms_module
 from maskrcnn.ops import _backend
 from maskrcnn.ops._backend import get_backend, resolve, set_backend, torchvision_ops_available, use_backend
 from maskrcnn.ops.nms import batched_nms, batched_nms_limited, nms
+
+# The module, not the function `maskrcnn.ops.nms` that the package exports under the same name.
+nms_module = importlib.import_module("maskrcnn.ops.nms")
 
 BACKENDS = ["native", "torchvision"]
 DTYPES = [torch.float32, torch.float64]

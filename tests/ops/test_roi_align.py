@@ -1,10 +1,15 @@
+import importlib
+
 import pytest
 import torch
 import torchvision
 
-from maskrcnn.ops import _backend, roi_align as roi_align_module
+from maskrcnn.ops import _backend
 from maskrcnn.ops._backend import use_backend
 from maskrcnn.ops.roi_align import RoIAlign, roi_align
+
+# The module, not the function `maskrcnn.ops.roi_align` that the package exports under the same name.
+roi_align_module = importlib.import_module("maskrcnn.ops.roi_align")
 
 BACKENDS = ["native", "torchvision"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,10 +1,14 @@
+import importlib
+
 import pytest
 import torch
 import torchvision
 
-from maskrcnn.ops import roi_pool as roi_pool_module
 from maskrcnn.ops._backend import use_backend
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
+
+# The module, not the function `maskrcnn.ops.roi_pool` that the package exports under the same name.
+roi_pool_module = importlib.import_module("maskrcnn.ops.roi_pool")
 
 BACKENDS = ["native", "torchvision"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
