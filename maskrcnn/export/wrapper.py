@@ -19,6 +19,7 @@ continuous convention), ``labels (N,)`` int64 in 1..K, ``scores (N,)`` float32 (
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -37,8 +38,11 @@ INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
 
 
 def _shape_hw(x: Tensor) -> Tensor:
-    """``(2,)`` int64 ``[H, W]`` of a ``(..., H, W)`` tensor, as a traced value (never a constant)."""
-    return torch._shape_as_tensor(x)[-2:]
+    """``(2,)`` int64 ``[H, W]`` of a ``(..., H, W)`` tensor: a traced value under ``torch.jit.trace`` (never a
+    constant), built from the symbolic sizes under ``torch.export``."""
+    if torch.jit.is_tracing():
+        return torch._shape_as_tensor(x)[-2:]
+    return torch.tensor([x.shape[-2], x.shape[-1]], dtype=torch.int64, device=x.device)
 
 
 class ExportableMaskRCNN(nn.Module):
@@ -136,6 +140,8 @@ class ExportableMaskRCNN(nn.Module):
         if self.pixel_scale != 1.0:
             x = x * self.pixel_scale
         x = (x - self.pixel_mean) / self.pixel_std
+        if torch.compiler.is_compiling():
+            return self._resize_and_pad_symbolic(x)
         hw = _shape_hw(x)
         hw64 = hw.to(torch.float64)
         # float64 tensors, not Python scalars: exporters would turn the constants into float32 and the floored
@@ -155,19 +161,30 @@ class ExportableMaskRCNN(nn.Module):
         x = F.pad(x, [0, pad[1], 0, pad[0]])
         return x, new_hw
 
+    def _resize_and_pad_symbolic(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        # torch.export: sizes as symbolic ints (sizes read back from tensors would be unbacked, data-dependent).
+        h, w = x.shape[-2], x.shape[-1]
+        short, long = torch.sym_min(h, w), torch.sym_max(h, w)
+        scale = torch.sym_min(self.min_size / torch.sym_float(short), self.max_size / torch.sym_float(long))
+        new_h, new_w = math.floor(h * scale), math.floor(w * scale)
+        x = F.interpolate(x[None], size=[new_h, new_w], mode="bilinear", align_corners=False)
+        d = self.size_divisibility
+        x = F.pad(x, [0, (new_w + d - 1) // d * d - new_w, 0, (new_h + d - 1) // d * d - new_h])
+        return x, torch.tensor([new_h, new_w], dtype=torch.int64, device=x.device)
+
     # --- RPN ------------------------------------------------------------------------------------------------------
-    def anchors(self, feats: List[Tensor], batch_hw: Tensor) -> List[Tensor]:
-        """Per level ``(H_l * W_l * A, 4)`` float32 anchors, as :class:`AnchorGenerator` computes them."""
+    def anchors(self, feats: List[Tensor], batch: Tensor) -> List[Tensor]:
+        """Per level ``(H_l * W_l * A, 4)`` float32 anchors, as :class:`AnchorGenerator` computes them. Grid sizes
+        are read from the shapes, which both tracers and ``torch.export`` keep symbolic."""
         out = []
         for level, f in enumerate(feats):
-            grid = _shape_hw(f)
+            grid_h, grid_w = f.shape[-2], f.shape[-1]
             if self.anchor_strides is not None:
-                stride_y = stride_x = torch.tensor(self.anchor_strides[level], dtype=torch.int64)
+                stride_y = stride_x = self.anchor_strides[level]
             else:  # torchvision's rule: the stride is the padded batch size over the grid size
-                stride_y = torch.div(batch_hw[0], grid[0], rounding_mode="floor")
-                stride_x = torch.div(batch_hw[1], grid[1], rounding_mode="floor")
-            xs = torch.arange(grid[1], dtype=torch.int64, device=f.device) * stride_x
-            ys = torch.arange(grid[0], dtype=torch.int64, device=f.device) * stride_y
+                stride_y, stride_x = batch.shape[-2] // grid_h, batch.shape[-1] // grid_w
+            xs = torch.arange(grid_w, dtype=torch.int64, device=f.device) * stride_x
+            ys = torch.arange(grid_h, dtype=torch.int64, device=f.device) * stride_y
             yy, xx = torch.meshgrid(ys, xs, indexing="ij")
             xx, yy = xx.reshape(-1), yy.reshape(-1)
             shifts = torch.stack((xx, yy, xx, yy), dim=1).to(torch.float32)
@@ -178,7 +195,7 @@ class ExportableMaskRCNN(nn.Module):
     def proposals(self, feats: List[Tensor], batch: Tensor, image_hw: Tensor) -> Tensor:
         """``(P, 4)`` RPN proposals of the single image (the model's ``generate_proposals``)."""
         objectness, deltas = self.rpn_head(feats)
-        anchors = self.anchors(feats, _shape_hw(batch))
+        anchors = self.anchors(feats, batch)
         boxes, _ = generate_proposals(objectness, deltas, anchors, image_hw[None], self.rpn_pre_nms_top_n,
                                       self.rpn_post_nms_top_n, self.rpn_nms_thresh, self.rpn_min_size,
                                       self.rpn_box_coder, self.rpn_score_thresh)

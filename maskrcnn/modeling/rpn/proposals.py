@@ -122,10 +122,20 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         boxes, s, lv = boxes[keep], s[keep], levels[keep]
         # Detectron's NMS counts inclusive pixels: moving the far corners out by one gives exactly its IoU.
         nms_boxes = boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0]) if legacy else boxes
-        keep = batched_nms(nms_boxes, s, lv, float(nms_thresh))[: int(post_nms_top_n)]
+        keep = _batched_nms(nms_boxes, s, lv, float(nms_thresh))[: int(post_nms_top_n)]
         out_boxes.append(boxes[keep])
         out_scores.append(s[keep])
     return out_boxes, out_scores
+
+
+def _batched_nms(boxes: Tensor, scores: Tensor, levels: Tensor, iou_threshold: float) -> Tensor:
+    """Per-level NMS. Under ``torch.export`` one ``torchvision::nms`` over boxes shifted apart by level (the
+    dispatching :func:`~maskrcnn.ops.nms.batched_nms` branches on the number of boxes, which is data-dependent
+    there)."""
+    if torch.compiler.is_compiling():
+        offsets = levels.to(boxes) * (boxes.max() + 1)
+        return torch.ops.torchvision.nms(boxes + offsets[:, None], scores, iou_threshold)
+    return batched_nms(boxes, scores, levels, iou_threshold)
 
 
 def _flatten_level(o: Tensor, d: Tensor, level: int) -> Tuple[Tensor, Tensor]:
@@ -142,9 +152,12 @@ def _flatten_level(o: Tensor, d: Tensor, level: int) -> Tuple[Tensor, Tensor]:
 
 def _top_k(scores: Tensor, k: int):
     """``min(k, scores.shape[1])``; while tracing a 0-d tensor computed from the shape, so that the traced graph
-    (TorchScript, ONNX) does not bake in the number of anchors of the image it was traced with."""
+    (TorchScript, ONNX) does not bake in the number of anchors of the image it was traced with; under
+    ``torch.export`` a symbolic minimum (no guard on the image size)."""
     if torch.jit.is_tracing():
         return torch.clamp(torch._shape_as_tensor(scores)[1], max=k)
+    if torch.compiler.is_compiling():
+        return torch.sym_min(k, scores.shape[1])
     return min(k, int(scores.shape[1]))
 
 
