@@ -19,7 +19,6 @@ continuous convention), ``labels (N,)`` int64 in 1..K, ``scores (N,)`` float32 (
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -166,7 +165,8 @@ class ExportableMaskRCNN(nn.Module):
         h, w = x.shape[-2], x.shape[-1]
         short, long = torch.sym_min(h, w), torch.sym_max(h, w)
         scale = torch.sym_min(self.min_size / torch.sym_float(short), self.max_size / torch.sym_float(long))
-        new_h, new_w = math.floor(h * scale), math.floor(w * scale)
+        # sym_int truncates, which is floor for these positive sizes (math.floor does not serialise in a .pt2).
+        new_h, new_w = torch.sym_int(h * scale), torch.sym_int(w * scale)
         x = F.interpolate(x[None], size=[new_h, new_w], mode="bilinear", align_corners=False)
         d = self.size_divisibility
         x = F.pad(x, [0, (new_w + d - 1) // d * d - new_w, 0, (new_h + d - 1) // d * d - new_h])
