@@ -125,9 +125,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    unsupported: Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         runs = build_runs(args, tmp)
-        times = common.alternate(runs, repeats=args.repeats, warmup=1)
+        # The warm-up call of each run; a run this CPU cannot execute (e.g. oneDNN bf16 convolutions need
+        # AVX512-BF16 or AVX-NE-CONVERT) is reported as unsupported instead of stopping the benchmark.
+        for name in list(runs):
+            try:
+                runs[name]()
+            except RuntimeError as e:
+                unsupported[name] = str(e).splitlines()[0]
+                del runs[name]
+        times = common.alternate(runs, repeats=args.repeats, warmup=0)
     medians = {k: common.median(v) for k, v in times.items()}
     tv_best_name = min((k for k in TV_SETTINGS if k in medians), key=lambda k: medians[k])
     tv_best = medians[tv_best_name]
@@ -140,9 +149,12 @@ def main(argv=None) -> int:
                      "ratio": medians[k] / tv_best, "times_s": v})
         print(f"{k:34s} {medians[k] * 1e3:10.0f} {min(v) * 1e3:7.0f}-{max(v) * 1e3:<8.0f} "
               f"{medians[k] / tv_best:7.2f}")
+    for k, why in unsupported.items():
+        print(f"{k:34s} {'unsupported on this CPU':>10s}: {why}")
     result = {"benchmark": "export", "commit": git_commit(), "machine": common.machine_info(),
               "image": common.image_source(), "image_size": list(common.IMAGE_SIZE), "repeats": args.repeats,
-              "threads": args.threads, "torchvision_best": tv_best_name, "rows": rows}
+              "threads": args.threads, "torchvision_best": tv_best_name, "rows": rows,
+              "unsupported": unsupported}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
