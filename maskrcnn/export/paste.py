@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.masks import paste_masks_in_image
+from ..ops.masks import expanded_int_boxes, paste_masks_in_image
 
 __all__ = ["paste_masks", "paste_masks_dense"]
 
@@ -78,15 +78,7 @@ def paste_masks_dense(masks: Tensor, boxes: Tensor, image_hw: Union[Tensor, Tupl
     if not isinstance(image_hw, Tensor):
         image_hw = torch.tensor([int(image_hw[0]), int(image_hw[1])], dtype=torch.int64)
     boxes = boxes.float()
-    ratio = float(padded_size) / m
-    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * ratio
-    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * ratio
-    centre_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
-    centre_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    x1 = (centre_x - half_w).to(torch.int64)
-    x2 = (centre_x + half_w).to(torch.int64)
-    y1 = (centre_y - half_h).to(torch.int64)
-    y2 = (centre_y + half_h).to(torch.int64)
+    x1, y1, x2, y2 = expanded_int_boxes(boxes, float(padded_size) / m)
     wy = _interpolation_matrix(y1, y2, image_hw[0], padded_size, torch.float32)  # (N, H, P)
     wx = _interpolation_matrix(x1, x2, image_hw[1], padded_size, torch.float32)  # (N, W, P)
     return torch.matmul(torch.matmul(wy, padded), wx.transpose(1, 2))[:, None]
