@@ -1,8 +1,8 @@
 """``ExportableMaskRCNN``: one image in, detections out, written so that tracing keeps every size dynamic.
 
 The wrapper is built from a trained :class:`~maskrcnn.modeling.generalized_rcnn.Generalized_RCNN`'s own modules
-(``preprocess`` settings, ``Conv_Body``, ``RPN.head``, ``Box_Head``, ``Box_Outs``, ``Mask_Head``, ``Mask_Outs``) and
-shares their parameters. It runs the same inference as the model, but
+(``preprocess`` settings, ``Conv_Body``, ``RPN.head``, and ``roi_heads``' ``Box_Head``, ``Box_Outs``, ``Mask_Head``,
+``Mask_Outs`` and settings) and shares their parameters. It runs the same inference as the model, but
 
 * pre-processing (uint8 -> [0, 1], channel order, normalisation, resize, padding to a multiple of 32) is inside;
 * every size (resized image, padded batch, feature grids, anchor counts, top-k sizes) is computed from tensor
@@ -65,7 +65,7 @@ class ExportableMaskRCNN(nn.Module):
         for name in ("preprocess", "Conv_Body", "RPN"):
             if not hasattr(model, name):
                 raise TypeError(f"model must be a Generalized_RCNN (it has no {name!r}); got {type(model).__name__}")
-        if getattr(model, "rpn_only", False) or not hasattr(model, "Box_Head"):
+        if getattr(model, "rpn_only", False) or getattr(model, "roi_heads", None) is None:
             raise ValueError("an RPN-only model (MODEL.RPN_ONLY) has no detections to export")
         # Probed here, outside any tracer: the probe runs an op and caches its verdict.
         if not torchvision_ops_available():
@@ -101,21 +101,21 @@ class ExportableMaskRCNN(nn.Module):
         self.rpn_min_size = float(gp.min_size["testing"])
         self.rpn_score_thresh = float(rpn.score_thresh)
 
-        self.Box_Head = model.Box_Head
-        self.Box_Outs = model.Box_Outs
-        self.mask_on = bool(getattr(model, "mask_on", False)) and hasattr(model, "Mask_Head")
+        heads = model.roi_heads
+        self.Box_Head = heads.Box_Head
+        self.Box_Outs = heads.Box_Outs
+        self.mask_on = bool(heads.mask_on)
         if self.mask_on:
-            self.Mask_Head = model.Mask_Head
-            self.Mask_Outs = model.Mask_Outs
-            self.mask_shares_res5 = bool(getattr(model.Mask_Head, "shares_box_head_res5", False))
-        self.box_coder = model.box_coder
-        self.legacy = bool(getattr(model.box_coder, "legacy_plus_one", False))
-        self.score_thresh = float(model.score_thresh)
-        self.nms_thresh = float(model.nms_thresh)
-        self.detections_per_img = int(model.detections_per_img)
-        self.min_box_size = float(model.min_box_size)
-        self.cls_agnostic = bool(model.cls_agnostic_bbox_reg)
-        self.bbox_reg = bool(model.bbox_reg)
+            self.Mask_Head = heads.Mask_Head
+            self.Mask_Outs = heads.Mask_Outs
+            self.mask_shares_res5 = bool(heads.shares_res5)
+        self.box_coder = heads.box_coder
+        self.legacy = bool(getattr(heads.box_coder, "legacy_plus_one", False))
+        self.score_thresh = float(heads.score_thresh)
+        self.nms_thresh = float(heads.nms_thresh)
+        self.detections_per_img = int(heads.detections_per_img)
+        self.min_box_size = float(heads.min_box_size)
+        self.bbox_reg = bool(heads.bbox_reg)
         self.eval()
 
     def train(self, mode: bool = True) -> "ExportableMaskRCNN":
@@ -205,11 +205,11 @@ class ExportableMaskRCNN(nn.Module):
     def detections(self, cls_score: Tensor, bbox_pred: Tensor, proposals: Tensor, image_hw: Tensor
                    ) -> Tuple[Tensor, Tensor, Tensor]:
         """Softmax, per-class decode and clip, score threshold, size filter, per-class NMS, limit (the model's
-        ``postprocess_detections`` for one image). Boxes in resized-image pixels."""
+        ``roi_heads.predict_boxes`` + ``postprocess_detections`` for one image). Boxes in resized-image pixels."""
         num_classes = cls_score.shape[1]
-        if not self.bbox_reg:
-            bbox_pred = torch.zeros_like(bbox_pred)
-        if self.cls_agnostic:
+        if not self.bbox_reg:  # TEST.BBOX_REG off: every class's box is the RoI itself
+            boxes = proposals.repeat(1, num_classes)
+        elif bbox_pred.shape[1] != 4 * num_classes:  # class-agnostic regression (the last 4 columns)
             boxes = self.box_coder.decode(bbox_pred[:, -4:], proposals).repeat(1, num_classes)
         else:
             boxes = self.box_coder.decode(bbox_pred, proposals)

@@ -18,7 +18,8 @@ def _check(model, photos, tmp_path, arch):
         assert_separated(ref)
         with torch.no_grad():
             boxes, labels, scores, masks = traced(image)
-        assert masks.shape[1:] == (1, model.mask_resolution, model.mask_resolution)
+        m = model.roi_heads.mask_resolution
+        assert masks.shape[1:] == (1, m, m)
         diff = compare_detections(ref, {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks},
                                   image_size=image.shape[-2:])
         report("torchscript", arch, name, diff)
