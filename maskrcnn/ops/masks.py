@@ -208,6 +208,18 @@ def _paste_axis_weights(
     return i0, i1, w0, w1, inside
 
 
+def expanded_int_boxes(boxes: Tensor, ratio: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x1, y1, x2, y2)`` int64 ``(N,)`` of ``boxes`` ``(N, 4)`` scaled by ``ratio`` about their centres and
+    truncated towards zero: the same float operations, in the boxes' dtype, as torchvision's ``expand_boxes``, so
+    that the integer boxes a pasted mask covers are identical."""
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * ratio
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * ratio
+    centre_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    centre_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return ((centre_x - half_w).to(torch.int64), (centre_y - half_h).to(torch.int64),
+            (centre_x + half_w).to(torch.int64), (centre_y + half_h).to(torch.int64))
+
+
 def paste_masks_in_image(
     masks: Tensor, boxes: Tensor, image_shape: Tuple[int, int], padding: int = 1
 ) -> Tensor:
@@ -285,17 +297,7 @@ def paste_masks_in_image(
     if not boxes.is_floating_point():
         boxes = boxes.float()
     boxes = boxes.to(masks.device)
-    # Same float operations, in the boxes' dtype, as torchvision's expand_boxes, so that the
-    # integer boxes (truncation towards zero) are identical.
-    ratio = float(padded_size) / size
-    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * ratio
-    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * ratio
-    centre_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
-    centre_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    x1 = (centre_x - half_w).to(torch.int64)
-    x2 = (centre_x + half_w).to(torch.int64)
-    y1 = (centre_y - half_h).to(torch.int64)
-    y2 = (centre_y + half_h).to(torch.int64)
+    x1, y1, x2, y2 = expanded_int_boxes(boxes, float(padded_size) / size)
 
     xi0, xi1, xw0, xw1, _ = _paste_axis_weights(x1, x2, padded_size, im_w, compute_dtype)
     yi0, yi1, yw0, yw1, y_inside = _paste_axis_weights(y1, y2, padded_size, im_h, compute_dtype)

@@ -19,7 +19,8 @@ from ...ops.box_coder import BoxCoder
 from ...ops.boxes import clip_boxes_to_image, remove_small_boxes
 from ...ops.nms import batched_nms
 
-__all__ = ["flatten_level_outputs", "generate_proposals", "GenerateProposals", "padded_batch_shape"]
+__all__ = ["clip_boxes_to_size", "flatten_level_outputs", "generate_proposals", "GenerateProposals",
+           "padded_batch_shape"]
 
 
 def flatten_level_outputs(objectness: Sequence[Tensor], deltas: Sequence[Tensor]
@@ -35,23 +36,18 @@ def flatten_level_outputs(objectness: Sequence[Tensor], deltas: Sequence[Tensor]
                          f"{len(objectness)} and {len(deltas)}")
     scores, boxes, counts = [], [], []
     for i, (o, d) in enumerate(zip(objectness, deltas)):
-        if o.dim() != 4 or d.dim() != 4:
-            raise ValueError(f"level {i}: objectness and deltas must be 4-D, got shapes {tuple(o.shape)} and "
-                             f"{tuple(d.shape)}")
-        n, a, h, w = o.shape
-        if tuple(d.shape) != (n, 4 * a, h, w):
-            raise ValueError(f"level {i}: deltas must be (N, 4A, H, W) = {(n, 4 * a, h, w)} for objectness "
-                             f"{tuple(o.shape)}, got {tuple(d.shape)}")
-        if i > 0 and n != scores[0].shape[0]:
-            raise ValueError(f"level {i} has {n} images but level 0 has {scores[0].shape[0]}")
-        scores.append(o.permute(0, 2, 3, 1).reshape(n, -1))
-        boxes.append(d.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
-        counts.append(h * w * a)
+        if i > 0 and o.dim() == 4 and o.shape[0] != scores[0].shape[0]:
+            raise ValueError(f"level {i} has {o.shape[0]} images but level 0 has {scores[0].shape[0]}")
+        s, b = _flatten_level(o, d, i)
+        scores.append(s)
+        boxes.append(b)
+        counts.append(s.shape[1])
     return torch.cat(scores, 1), torch.cat(boxes, 1), counts
 
 
 def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], anchors: Sequence[Tensor],
-                       image_sizes: Sequence[Tuple[int, int]], pre_nms_top_n: int, post_nms_top_n: int,
+                       image_sizes: Union[Sequence[Tuple[int, int]], Tensor], pre_nms_top_n: int,
+                       post_nms_top_n: int,
                        nms_thresh: float, min_size: float, box_coder: BoxCoder, score_thresh: float = 0.0,
                        scores_are_probs: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
     """Proposals of every image of a batch.
@@ -60,7 +56,8 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         objectness: per level ``(N, A, H, W)`` logits (probabilities with ``scores_are_probs``).
         deltas: per level ``(N, 4A, H, W)``.
         anchors: per level ``(H*W*A, 4)`` xyxy anchors in padded-batch pixels, shared by all images.
-        image_sizes: ``(h, w)`` of each image before padding; proposals are clipped to it.
+        image_sizes: ``(h, w)`` of each image before padding; proposals are clipped to it. An ``(N, 2)`` int tensor
+            of ``[h, w]`` rows is accepted too (a traced graph then clips to the traced input's size).
         pre_nms_top_n: anchors kept per level and image (by score) before decoding.
         post_nms_top_n: proposals kept per image after NMS.
         nms_thresh: IoU above which NMS suppresses a box (within one level).
@@ -84,49 +81,98 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         deltas = [deltas]
     if isinstance(anchors, Tensor):
         anchors = [anchors]
-    scores, box_deltas, counts = flatten_level_outputs([o.detach() for o in objectness],
-                                                       [d.detach() for d in deltas])
-    if len(anchors) != len(counts) or any(a.shape != (n, 4) for a, n in zip(anchors, counts)):
-        raise ValueError(f"anchors must hold (H*W*A, 4) = {[(n, 4) for n in counts]} per level, got "
-                         f"{[tuple(a.shape) for a in anchors]}")
-    num_images = scores.shape[0]
-    if len(image_sizes) != num_images:
+    if len(objectness) != len(deltas) or len(objectness) == 0:
+        raise ValueError(f"objectness and deltas must be non-empty lists with one entry per level, got "
+                         f"{len(objectness)} and {len(deltas)}")
+    if len(anchors) != len(objectness):
+        raise ValueError(f"anchors must hold one (H*W*A, 4) tensor per level ({len(objectness)}), got {len(anchors)}")
+    num_images = objectness[0].shape[0]
+    if not isinstance(image_sizes, Tensor) and len(image_sizes) != num_images:
         raise ValueError(f"image_sizes has {len(image_sizes)} entries for a batch of {num_images} images")
-    device = scores.device
+    device = objectness[0].device
 
-    # Top-k level by level (as torchvision), each over all images at once. One topk per level over views of the
-    # same tensor is cheaper than padding the levels into one (L, max T_l) block, which would be mostly P2.
-    top_idx, top_level = [], []
-    offset = 0
-    for level, n in enumerate(counts):
-        k = min(int(pre_nms_top_n), n)
-        top_idx.append(scores[:, offset:offset + n].topk(k, dim=1).indices + offset)
-        top_level.append(torch.full((k,), level, dtype=torch.int64, device=device))
-        offset += n
-    idx = torch.cat(top_idx, 1)  # (N, K)
-    levels = torch.cat(top_level)
-    top_scores = scores.gather(1, idx).float()
-    probs = top_scores if scores_are_probs else torch.sigmoid(top_scores)
-    batch = torch.arange(num_images, device=device)[:, None]
-    top_deltas = box_deltas[batch, idx]
-    top_anchors = torch.cat(list(anchors), 0).to(device)[idx]
+    # Level by level (as torchvision): top-k of each level over all images at once, then only the selected
+    # anchors are decoded. Every size here comes from tensor shapes, so a traced graph keeps them dynamic.
+    top_scores, top_deltas, top_anchors, top_levels = [], [], [], []
+    for level, (o, d, a) in enumerate(zip(objectness, deltas, anchors)):
+        s, dl = _flatten_level(o.detach(), d.detach(), level)
+        if a.dim() != 2 or a.shape[0] != s.shape[1] or a.shape[1] != 4:
+            raise ValueError(f"anchors[{level}] must be (H*W*A, 4) = ({s.shape[1]}, 4), got {tuple(a.shape)}")
+        idx = s.topk(_top_k(s, int(pre_nms_top_n)), dim=1).indices  # (N, k)
+        top_scores.append(s.gather(1, idx))
+        top_deltas.append(dl.gather(1, idx[:, :, None].expand(-1, -1, 4)))
+        top_anchors.append(a.to(device)[idx])
+        top_levels.append(torch.full_like(idx[0], level))
+    scores = torch.cat(top_scores, 1).float()
+    probs = scores if scores_are_probs else torch.sigmoid(scores)
+    box_deltas = torch.cat(top_deltas, 1)
+    levels = torch.cat(top_levels)
     # Decoding only the selected anchors: the same elementwise arithmetic torchvision applies to all of them.
-    decoded = box_coder.decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).reshape(num_images, -1, 4)
+    decoded = box_coder.decode(box_deltas.reshape(-1, 4), torch.cat(top_anchors, 1).reshape(-1, 4)).reshape(
+        num_images, -1, 4)
 
     legacy = bool(getattr(box_coder, "legacy_plus_one", False))
     out_boxes, out_scores = [], []
-    for boxes, s, size in zip(decoded, probs, image_sizes):
-        boxes = clip_boxes_to_image(boxes, (int(size[0]), int(size[1])), legacy_plus_one=legacy)
+    for i in range(num_images):
+        boxes, s = decoded[i], probs[i]
+        boxes = clip_boxes_to_size(boxes, image_sizes[i], legacy)
         keep = remove_small_boxes(boxes, min_size, legacy_plus_one=legacy)
         # `>=` as torchvision: a threshold of 0 keeps every finite score but drops NaNs.
         keep = keep[s[keep] >= score_thresh]
         boxes, s, lv = boxes[keep], s[keep], levels[keep]
         # Detectron's NMS counts inclusive pixels: moving the far corners out by one gives exactly its IoU.
         nms_boxes = boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0]) if legacy else boxes
-        keep = batched_nms(nms_boxes, s, lv, float(nms_thresh))[: int(post_nms_top_n)]
+        keep = _batched_nms(nms_boxes, s, lv, float(nms_thresh))[: int(post_nms_top_n)]
         out_boxes.append(boxes[keep])
         out_scores.append(s[keep])
     return out_boxes, out_scores
+
+
+def _batched_nms(boxes: Tensor, scores: Tensor, levels: Tensor, iou_threshold: float) -> Tensor:
+    """Per-level NMS. Under ``torch.export`` one ``torchvision::nms`` over boxes shifted apart by level (the
+    dispatching :func:`~maskrcnn.ops.nms.batched_nms` branches on the number of boxes, which is data-dependent
+    there)."""
+    if torch.compiler.is_compiling():
+        offsets = levels.to(boxes) * (boxes.max() + 1)
+        return torch.ops.torchvision.nms(boxes + offsets[:, None], scores, iou_threshold)
+    return batched_nms(boxes, scores, levels, iou_threshold)
+
+
+def _flatten_level(o: Tensor, d: Tensor, level: int) -> Tuple[Tensor, Tensor]:
+    """``(N, A, H, W)`` logits and ``(N, 4A, H, W)`` deltas -> ``(N, H*W*A)`` and ``(N, H*W*A, 4)`` (anchor order)."""
+    if o.dim() != 4 or d.dim() != 4:
+        raise ValueError(f"level {level}: objectness and deltas must be 4-D, got shapes {tuple(o.shape)} and "
+                         f"{tuple(d.shape)}")
+    n, a, h, w = o.shape
+    if tuple(d.shape) != (n, 4 * a, h, w):
+        raise ValueError(f"level {level}: deltas must be (N, 4A, H, W) = {(n, 4 * a, h, w)} for objectness "
+                         f"{tuple(o.shape)}, got {tuple(d.shape)}")
+    return o.permute(0, 2, 3, 1).reshape(n, -1), d.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+
+
+def _top_k(scores: Tensor, k: int):
+    """``min(k, scores.shape[1])``; while tracing a 0-d tensor computed from the shape, so that the traced graph
+    (TorchScript, ONNX) does not bake in the number of anchors of the image it was traced with; under
+    ``torch.export`` a symbolic minimum (no guard on the image size)."""
+    if torch.jit.is_tracing():
+        return torch.clamp(torch._shape_as_tensor(scores)[1], max=k)
+    if torch.compiler.is_compiling():
+        return torch.sym_min(k, scores.shape[1])
+    return min(k, int(scores.shape[1]))
+
+
+def clip_boxes_to_size(boxes: Tensor, size, legacy_plus_one: bool = False) -> Tensor:
+    """Clip ``(P, 4)`` boxes into an image of ``size`` = ``(h, w)`` ints or a ``(2,)`` tensor ``[h, w]``.
+
+    A tensor size keeps the clip dynamic in a traced graph; ints give exactly
+    :func:`~maskrcnn.ops.boxes.clip_boxes_to_image`."""
+    if not isinstance(size, Tensor):
+        return clip_boxes_to_image(boxes, (int(size[0]), int(size[1])), legacy_plus_one=legacy_plus_one)
+    hw = size.to(device=boxes.device, dtype=boxes.dtype)
+    if legacy_plus_one:
+        hw = hw - 1
+    limits = torch.stack((hw[1], hw[0], hw[1], hw[0]))
+    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 def padded_batch_shape(image_sizes: Sequence[Tuple[int, int]], size_divisibility: int = 32) -> Tuple[int, int]:

@@ -1,0 +1,84 @@
+"""Pasting an exported model's ``M x M`` mask probabilities into the image.
+
+Two forms of the same operation (torchvision's ``paste_masks_in_image``: the mask is zero-padded by ``padding``
+pixels, its box expanded by ``(M + 2p) / M`` about the centre and truncated to ints, the padded mask bilinearly
+resized, ``align_corners=False``, to the integer box and written into a zero image):
+
+* :func:`paste_masks`: on the user side, for the ``(N, 1, M, M)`` output of an exported model (NumPy arrays from
+  ONNX Runtime / OpenVINO, or tensors); it is the package's own :func:`~maskrcnn.ops.masks.paste_masks_in_image`.
+* :func:`paste_masks_dense`: inside an exported graph (``paste_masks=True``). Loops and data-dependent slices do
+  not export, so each mask is resized by two dense interpolation matrices, ``Wy (H, M+2p) @ mask @ Wx^T``, whose
+  rows hold the two bilinear taps of each image row/column inside the box and zeros elsewhere. Same taps and
+  weights as the interpolation kernel; only the float rounding of the blend may differ.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.masks import expanded_int_boxes, paste_masks_in_image
+
+__all__ = ["paste_masks", "paste_masks_dense"]
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+
+def paste_masks(masks: ArrayLike, boxes: ArrayLike, image_size: Sequence[int], padding: int = 1,
+                threshold: float = None) -> ArrayLike:
+    """Paste ``(N, 1, M, M)`` (or ``(N, M, M)``) probabilities of ``boxes`` ``(N, 4)`` (x1y1x2y2, image pixels)
+    into an image of ``image_size`` = ``(H, W)``.
+
+    Returns ``(N, 1, H, W)`` float probabilities, or bool masks ``> threshold`` when ``threshold`` is given, of
+    the same kind as ``masks`` (NumPy array or tensor). ``padding`` is ``TEST.MASK_PASTE_PADDING`` (1).
+    """
+    as_numpy = isinstance(masks, np.ndarray)
+    m = torch.as_tensor(np.asarray(masks) if as_numpy else masks).float()
+    b = torch.as_tensor(np.asarray(boxes) if isinstance(boxes, np.ndarray) else boxes).float()
+    if len(image_size) != 2:
+        raise ValueError(f"image_size must be (H, W), got {image_size!r}")
+    out = paste_masks_in_image(m, b, (int(image_size[0]), int(image_size[1])), padding=int(padding))
+    if threshold is not None:
+        out = out > float(threshold)
+    return out.numpy() if as_numpy else out
+
+
+def _interpolation_matrix(lo: Tensor, hi: Tensor, size: Tensor, padded: int, dtype: torch.dtype) -> Tensor:
+    """``(N, size, padded)`` bilinear weights that resize ``padded`` source pixels onto the integer span
+    ``[lo, hi]`` of an axis of ``size`` pixels (rows outside the span are zero)."""
+    pos = torch.arange(size, device=lo.device)[None, :]  # (1, S) image coordinate
+    length = (hi - lo + 1)[:, None]  # (N, 1) pixels of the resized mask
+    dst = (pos - lo[:, None]).to(dtype)
+    scale = float(padded) / length.to(dtype)
+    src = (scale * (dst + 0.5) - 0.5).clamp(min=0)
+    i0 = src.to(torch.int64)
+    i1 = torch.clamp(i0 + 1, max=padded - 1)
+    l1 = src - i0.to(dtype)
+    l0 = 1.0 - l1
+    inside = ((pos >= lo[:, None]) & (pos <= hi[:, None])).to(dtype)
+    taps = torch.arange(padded, device=lo.device)[None, None, :]
+    weights = l0[..., None] * (taps == i0[..., None]).to(dtype) + l1[..., None] * (taps == i1[..., None]).to(dtype)
+    return weights * inside[..., None]
+
+
+def paste_masks_dense(masks: Tensor, boxes: Tensor, image_hw: Union[Tensor, Tuple[int, int]], padding: int = 1
+                      ) -> Tensor:
+    """Traceable paste: ``(N, 1, M, M)`` probabilities and ``(N, 4)`` boxes -> ``(N, 1, H, W)``.
+
+    ``image_hw`` is ``(H, W)`` ints or a ``(2,)`` int64 tensor (dynamic in a traced graph).
+    """
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    m = masks.shape[-1]
+    padded_size = m + 2 * int(padding)
+    padded = F.pad(masks.float(), [int(padding)] * 4)
+    if not isinstance(image_hw, Tensor):
+        image_hw = torch.tensor([int(image_hw[0]), int(image_hw[1])], dtype=torch.int64)
+    boxes = boxes.float()
+    x1, y1, x2, y2 = expanded_int_boxes(boxes, float(padded_size) / m)
+    wy = _interpolation_matrix(y1, y2, image_hw[0], padded_size, torch.float32)  # (N, H, P)
+    wx = _interpolation_matrix(x1, x2, image_hw[1], padded_size, torch.float32)  # (N, W, P)
+    return torch.matmul(torch.matmul(wy, padded), wx.transpose(1, 2))[:, None]

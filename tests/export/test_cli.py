@@ -1,0 +1,61 @@
+"""``maskrcnn-export`` / ``tools/export_model.py``: a checkpoint and config in, an exported file out, checked
+against the eager model on a real photo."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from maskrcnn.cli.export import main
+
+from export_models import PHOTOS, REPO, fpn_cfg
+
+PHOTO_DIR = os.path.join(REPO, "..", "shared", "data", "PennFudanPed-sample", "PNGImages")
+
+
+def _checkpoint_and_cfg(model, tmp_path):
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict(), "iteration": 0}, ckpt)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(fpn_cfg().dump())
+    return str(cfg), str(ckpt)
+
+
+def test_torchscript_export_with_check(fpn_model, tmp_path, capsys):
+    cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
+    out = tmp_path / "out" / "model.ts"
+    photo = os.path.join(PHOTO_DIR, PHOTOS[1] + ".png")
+    rc = main(["--cfg", cfg, "--load_ckpt", ckpt, "--format", "torchscript", "--output", str(out),
+               "--example", os.path.join(PHOTO_DIR, PHOTOS[0] + ".png"), "--check", photo])
+    printed = capsys.readouterr().out
+    print(printed)
+    assert rc == 0, printed
+    assert out.is_file()
+    assert f"check {PHOTOS[1]}.png: detections" in printed and "outside tolerance" not in printed
+
+
+def test_config_override_reaches_the_export(fpn_model, tmp_path):
+    cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
+    out = tmp_path / "model.ts"
+    rc = main(["--cfg", cfg, "--load_ckpt", ckpt, "--format", "torchscript", "--output", str(out),
+               "--set", "TEST.DETECTIONS_PER_IM", "3"])
+    assert rc == 0
+    image = torch.randint(0, 256, (3, 200, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = torch.jit.load(str(out))(image)[0]
+    assert boxes.shape[0] <= 3
+
+
+def test_missing_files_and_bad_overrides_exit_2(fpn_model, tmp_path, capsys):
+    cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
+    assert main(["--cfg", cfg, "--load_ckpt", str(tmp_path / "nope.pth"), "--format", "onnx",
+                 "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "nope.pth: file not found" in capsys.readouterr().err
+    assert main(["--cfg", cfg, "--load_ckpt", ckpt, "--format", "torchscript", "--output", str(tmp_path / "m.ts"),
+                 "--set", "TEST.NO_SUCH_KEY", "1"]) == 2
+    assert "NO_SUCH_KEY" in capsys.readouterr().err
+
+
+def test_tools_shim_runs_the_cli():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_model.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--format" in res.stdout
