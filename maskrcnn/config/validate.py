@@ -41,6 +41,9 @@ _CHECKS = {
     "MODEL.NUM_CLASSES": (lambda v: v >= 2, ">= 2 (background plus at least one class)"),
     "MODEL.TYPE": _one_of(["generalized_rcnn"]),
     "MODEL.KEYPOINTS_ON": (lambda v: v is False, "False (keypoints are not supported)"),
+    "MODEL.FASTER_RCNN": (lambda v: v is True, "True (Fast R-CNN on precomputed proposals is not supported; every "
+                          "model runs its own RPN)"),
+    "RPN.RPN_ON": (lambda v: v is True, "True (precomputed proposals are not supported; every model runs its own RPN)"),
     "MODEL.DEVICE": _one_of(["auto", "cpu", "cuda"]),
     "MODEL.BBOX_REG_WEIGHTS": (lambda v: len(v) == 4 and all(w > 0 for w in v), "four positive numbers"),
     "PIXEL_MEANS": (lambda v: len(v) == 3, "three numbers"),
@@ -62,6 +65,7 @@ _CHECKS = {
     "FPN.RPN_ASPECT_RATIOS": (lambda v: len(v) > 0 and all(r > 0 for r in v), "a non-empty list of positive ratios"),
     "FPN.RPN_ANCHOR_START_SIZE": _POS,
     "RPN.CLS_ACTIVATION": _one_of(["sigmoid"]),
+    "RPN.LOSS_NORMALIZATION": _one_of(["torchvision", "detectron"]),
     "FAST_RCNN.ROI_BOX_HEAD": _one_of(_defaults.BOX_HEADS),
     "FAST_RCNN.MLP_HEAD_DIM": _POS,
     "FAST_RCNN.ROI_XFORM_METHOD": _one_of(["RoIAlign", "RoIPoolF"]),
