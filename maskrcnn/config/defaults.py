@@ -123,6 +123,8 @@ _key("FAST_RCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform: 'RoIAlign
 _key("FAST_RCNN.ROI_XFORM_RESOLUTION", 14, "Output size of the RoI transform for the box head.")
 _key("FAST_RCNN.ROI_XFORM_SAMPLING_RATIO", 0, "RoIAlign samples per bin side; <= 0 is adaptive.")
 _key("FAST_RCNN.ROI_XFORM_ALIGNED", False, "RoIAlign with the half-pixel offset (detectron2's aligned=True).")
+_key("FAST_RCNN.SMOOTH_L1_BETA", 1.0 / 9, "Transition point of the smooth L1 box loss: 1.0 in Detectron "
+     "(fast_rcnn_heads.py, Caffe2's SmoothL1Loss default), 1/9 in torchvision (roi_heads.fastrcnn_loss); 0 is L1.")
 
 _section("MRCNN", "Mask head.")
 _key("MRCNN.ROI_MASK_HEAD", "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",

@@ -70,6 +70,7 @@ _CHECKS = {
     "FAST_RCNN.MLP_HEAD_DIM": _POS,
     "FAST_RCNN.ROI_XFORM_METHOD": _one_of(["RoIAlign", "RoIPoolF"]),
     "FAST_RCNN.ROI_XFORM_RESOLUTION": _POS,
+    "FAST_RCNN.SMOOTH_L1_BETA": _NONNEG,
     "MRCNN.ROI_MASK_HEAD": _one_of(_defaults.MASK_HEADS),
     "MRCNN.RESOLUTION": _POS,
     "MRCNN.ROI_XFORM_METHOD": _one_of(["RoIAlign", "RoIPoolF"]),
