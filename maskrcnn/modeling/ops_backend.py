@@ -45,13 +45,22 @@ def apply_ops_backend(model: nn.Module, name: str, skip: Iterable[str] = BACKBON
     if backend == "auto":
         return backend
 
-    def enter(_module, _inputs):
-        _backend.push_scope(backend)
-
-    def leave(_module, _inputs, _output):
-        _backend.pop_scope()
-
+    enter, leave = _EnterScope(backend), _LeaveScope()
     for module in _hooked_modules(model, skip):
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(leave, always_call=True)
     return backend
+
+
+# Hooks are module-level classes, not closures, so that a model carrying them still pickles (torch.save(model)).
+class _EnterScope:
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __call__(self, _module: nn.Module, _inputs) -> None:
+        _backend.push_scope(self.backend)
+
+
+class _LeaveScope:
+    def __call__(self, _module: nn.Module, _inputs, _output) -> None:
+        _backend.pop_scope()

@@ -1,5 +1,7 @@
 """OPS_BACKEND is a per-model library setting: a model built from a config runs the kernels that config names (seen
 at dispatch, and by counting calls into torchvision's kernels), whatever another model or the environment says."""
+import pickle
+
 import pytest
 import torch
 import torchvision
@@ -146,3 +148,11 @@ def test_scoped_backend_nests_and_stays_below_set_backend(monkeypatch):
     assert _backend.get_backend() == "torchvision"  # the environment again
     with pytest.raises(RuntimeError, match="without a matching push_scope"):
         _backend.pop_scope()
+
+
+def test_model_with_a_backend_pickles_and_keeps_it(models, dispatch):
+    loaded = pickle.loads(pickle.dumps(models["torchvision"]))  # as torch.save(model) or a spawned worker would
+    with torch.no_grad():
+        loaded(_image())
+    assert loaded.ops_backend == "torchvision"
+    assert dispatch.implementations("roi_align") == {"torchvision"}
