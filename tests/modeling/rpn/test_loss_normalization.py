@@ -1,8 +1,6 @@
 """RPN.LOSS_NORMALIZATION: torchvision's and Detectron's loss divisors against hand-computed values, on a batch where
 both images have fewer labelled anchors than RPN_BATCH_SIZE_PER_IM (the only case where the rules differ)."""
-import glob
 import math
-import os
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from maskrcnn.ops.box_coder import BoxCoder
 from maskrcnn.ops.matcher import Matcher
 from maskrcnn.ops.sampler import BalancedPositiveNegativeSampler
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 BATCH_PER_IMAGE = 4
 # Three anchors, no two overlapping. Image 0: gt = A0, so A0 positive and A1, A2 negative (3 sampled).
 # Image 1: gt = A1 and a crowd region over A2, so A1 positive, A0 negative, A2 ignored (2 sampled).
@@ -111,17 +108,3 @@ def test_rpn_module_takes_the_rule_from_the_config(normalization):
     cfg.merge_from_list(["RPN.LOSS_NORMALIZATION", normalization])
     rpn = RPN.from_cfg(cfg, in_channels=8, spatial_scales=[1.0 / 16])
     assert rpn.loss_normalization == normalization
-
-
-def test_each_family_uses_its_own_rule():
-    def rule(path):
-        cfg = get_cfg()
-        cfg.merge_from_file(path)
-        return cfg.RPN.LOSS_NORMALIZATION
-
-    baselines = sorted(glob.glob(os.path.join(REPO, "configs", "baselines", "*.yaml")))
-    torchvision = sorted(glob.glob(os.path.join(REPO, "configs", "torchvision", "*.yaml")))
-    assert baselines and torchvision
-    assert {os.path.basename(p): rule(p) for p in baselines} == {os.path.basename(p): "detectron" for p in baselines}
-    assert {os.path.basename(p): rule(p) for p in torchvision} == {os.path.basename(p): "torchvision"
-                                                                   for p in torchvision}
