@@ -177,10 +177,13 @@ def rpn_losses(objectness: Sequence[Tensor], deltas: Sequence[Tensor], anchors: 
         zero = flat_scores.float().sum() * 0.0 + flat_deltas.float().sum() * 0.0
         return {"loss_rpn_cls": zero, "loss_rpn_bbox": zero.clone()}
     target_labels = torch.cat(labels)[sampled].to(torch.float32)
+    if normalization == "torchvision":  # torchvision's exact operations (bit-identical losses)
+        loss_cls = F.binary_cross_entropy_with_logits(flat_scores[sampled].float(), target_labels)
+        loss_bbox = smooth_l1_loss(flat_deltas[pos_idx].float(), torch.cat(targets).float(), beta=beta,
+                                   reduction="sum") / sampled.numel()
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
     cls_sum = F.binary_cross_entropy_with_logits(flat_scores[sampled].float(), target_labels, reduction="sum")
     box_elems = smooth_l1_loss(flat_deltas[pos_idx].float(), torch.cat(targets).float(), beta=beta, reduction="none")
-    if normalization == "torchvision":
-        return {"loss_rpn_cls": cls_sum / sampled.numel(), "loss_rpn_bbox": box_elems.sum() / sampled.numel()}
     # Detectron: each positive weighs 1 / (its image's sample size), then the mean over the images.
     per_image_sampled = torch.stack([(p | n).sum() for p, n in zip(pos_masks, neg_masks)]).to(box_elems.device)
     num_anchors = all_anchors.shape[0]
