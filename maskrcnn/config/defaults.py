@@ -5,7 +5,9 @@ Section and key names follow Detectron (``MODEL``, ``RESNETS``, ``FPN``, ``RPN``
 line; ``docs/config.md`` is generated from :data:`KEY_DOCS` (``python -m maskrcnn.config.docs``) and a test keeps
 the two equal.
 
-Defaults describe Detectron's R-50-C4 Mask R-CNN at Detectron's default scale; files in ``configs/`` override them.
+Defaults describe Detectron's R-50-C4 Mask R-CNN at Detectron's default scale, except the loss rules
+(``RPN.LOSS_NORMALIZATION``, ``FAST_RCNN.SMOOTH_L1_BETA``), which default to torchvision's as this package always
+trained; ``configs/baselines/`` set Detectron's. Files in ``configs/`` override the defaults.
 """
 from __future__ import annotations
 
