@@ -77,8 +77,8 @@ class ROIHeads(nn.Module):
                  fg_bg_sampler: Optional[BalancedPositiveNegativeSampler] = None, bg_thresh_lo: float = 0.0,
                  crowd_thresh: float = 0.7, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 100, min_box_size: float = 0.0, bbox_reg: bool = True,
-                 box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None, mask_outs: Optional[nn.Module] = None,
-                 mask_resolution: int = 28, mask_loss_weight: float = 1.0):
+                 box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None,
+                 mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0):
         super().__init__()
         if not isinstance(box_head, nn.Module) or not isinstance(box_outs, nn.Module):
             raise TypeError(f"box_head and box_outs must be nn.Modules, got {type(box_head).__name__} and "
@@ -143,8 +143,8 @@ class ROIHeads(nn.Module):
             fg_bg_sampler=BalancedPositiveNegativeSampler(t.BATCH_SIZE_PER_IM, t.FG_FRACTION),
             bg_thresh_lo=t.BG_THRESH_LO, crowd_thresh=t.CROWD_FILTER_THRESH, score_thresh=s.SCORE_THRESH,
             nms_thresh=s.NMS, detections_per_img=s.DETECTIONS_PER_IM, min_box_size=s.MIN_BOX_SIZE,
-            bbox_reg=s.BBOX_REG, box_smooth_l1_beta=cfg.FAST_RCNN.SMOOTH_L1_BETA, mask_head=mask_head, mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION,
-            mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
+            bbox_reg=s.BBOX_REG, box_smooth_l1_beta=cfg.FAST_RCNN.SMOOTH_L1_BETA, mask_head=mask_head,
+            mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION, mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
         )
 
     # --- structure ------------------------------------------------------------------------------------------------
