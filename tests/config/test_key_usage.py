@@ -2,19 +2,20 @@
 listed (with its reason) in ``DETECTRON_COMPAT_KEYS``, whose non-default values log a warning.
 
 A key counts as read when the code (comments and docstrings removed) accesses it as an attribute
-(``cfg.MODEL.MASK_ON``, ``c.TRAIN.AMP``), through a local alias of its section (``f = cfg.FPN`` ... ``f.USE_GN``),
-through ``SECTION.get("KEY")`` / ``getattr(cfg.SECTION, "KEY")``, or names it as a whole dotted string literal
-(``_cfg_value(cfg, "TEST.AMP")``). The config package's own files do not count: declaring, documenting, loading or
+(``cfg.MODEL.MASK_ON``, ``c.TRAIN.AMP``), through a local alias of its section (``f = cfg.FPN`` or
+``t, s = cfg.TRAIN, cfg.TEST``, then ``f.USE_GN``), through ``SECTION.get("KEY")`` / ``getattr(cfg.SECTION, "KEY")``,
+or names it as a whole dotted string literal (``_cfg_value(cfg, "TEST.AMP")``). The config package's own files do not count: declaring, documenting, loading or
 validating a key is not using it.
 """
 from __future__ import annotations
 
+import ast
 import io
 import logging
 import os
 import re
 import tokenize
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Set
 
 import pytest
 
@@ -68,7 +69,7 @@ def load_sources(root: str = REPO, dirs: Iterable[str] = SCANNED_DIRS) -> Dict[s
     return out
 
 
-def _reads(key: str, code: str, strings: List[str]) -> bool:
+def _reads(key: str, code: str, strings: List[str], aliases: Dict[str, Set[str]]) -> bool:
     parts = key.split(".")
     leaf = re.escape(parts[-1])
     if key in strings:
@@ -86,17 +87,34 @@ def _reads(key: str, code: str, strings: List[str]) -> bool:
         return True
     if (re.search(patterns[1], code) or re.search(patterns[2], code)) and parts[-1] in strings:
         return True
-    # A local alias of the section: `f = cfg.FPN` ... `f.USE_GN`.
-    for alias in re.findall(r"\b(\w+)\s*=\s*(?:\w+\s*\.\s*)*%s\b(?!\s*\.)" % section, code):
+    # A local alias of the section: `f = cfg.FPN` or `t, s = cfg.TRAIN, cfg.TEST` ... `f.USE_GN`.
+    for alias in aliases.get(parts[0], ()):
         if re.search(r"\b%s\s*\.\s*%s\b" % (re.escape(alias), leaf), code):
             return True
     return False
 
 
+def section_aliases(source: str) -> Dict[str, Set[str]]:
+    """``{section: {local names}}`` bound to ``<anything>.SECTION`` by a plain or tuple assignment in ``source``."""
+    out: Dict[str, Set[str]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            pairs = [(target, node.value)]
+            if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple) and \
+                    len(target.elts) == len(node.value.elts):
+                pairs = list(zip(target.elts, node.value.elts))
+            for name, value in pairs:
+                if isinstance(name, ast.Name) and isinstance(value, ast.Attribute) and value.attr.isupper():
+                    out.setdefault(value.attr, set()).add(name.id)
+    return out
+
+
 def unread_keys(keys: Iterable[str], sources: Dict[str, str]) -> List[str]:
     """The keys that no file of ``sources`` reads (see the module docstring for what counts as a read)."""
-    parsed = [code_and_strings(src) for src in sources.values()]
-    return [k for k in keys if not any(_reads(k, code, strings) for code, strings in parsed)]
+    parsed = [code_and_strings(src) + (section_aliases(src),) for src in sources.values()]
+    return [k for k in keys if not any(_reads(k, code, strings, aliases) for code, strings, aliases in parsed)]
 
 
 # --- the checker itself -------------------------------------------------------------------------------------------
@@ -106,13 +124,15 @@ def test_checker_finds_a_dead_key_and_each_way_of_reading():
                 "x = cfg.MODEL.ATTR  # cfg.MODEL.DEAD_IN_COMMENT\n"
                 "f = cfg.FPN\n"
                 "y = f.ALIASED\n"
+                "t, s = cfg.TRAIN, self.cfg.SOLVER\n"
+                "y2 = t.TUPLE_ALIASED + s.SELF_TUPLE_ALIASED\n"
                 "z = cfg.TEST.get('GOT', 0)\n"
                 "w = getattr(cfg.TRAIN, 'GETATTR')\n"
                 "v = _cfg_value(cfg, 'SOLVER.DOTTED')\n"
                 "u = cfg.TOP_LEVEL\n"
                 "msg = f'{x} MODEL.DEAD_IN_MESSAGE'\n",
     }
-    keys = ["MODEL.ATTR", "FPN.ALIASED", "TEST.GOT", "TRAIN.GETATTR", "SOLVER.DOTTED", "TOP_LEVEL",
+    keys = ["MODEL.ATTR", "FPN.ALIASED", "TRAIN.TUPLE_ALIASED", "SOLVER.SELF_TUPLE_ALIASED", "TEST.GOT", "TRAIN.GETATTR", "SOLVER.DOTTED", "TOP_LEVEL",
             "MODEL.DEAD_IN_DOCSTRING", "MODEL.DEAD_IN_COMMENT", "MODEL.DEAD_IN_MESSAGE", "MODEL.NEVER", "NEVER_TOP",
             "FPN.NOT_ALIASED"]
     assert unread_keys(keys, sources) == ["MODEL.DEAD_IN_DOCSTRING", "MODEL.DEAD_IN_COMMENT",
