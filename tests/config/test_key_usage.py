@@ -4,8 +4,8 @@ listed (with its reason) in ``DETECTRON_COMPAT_KEYS``, whose non-default values 
 A key counts as read when the code (comments and docstrings removed) accesses it as an attribute
 (``cfg.MODEL.MASK_ON``, ``c.TRAIN.AMP``), through a local alias of its section (``f = cfg.FPN`` or
 ``t, s = cfg.TRAIN, cfg.TEST``, then ``f.USE_GN``), through ``SECTION.get("KEY")`` / ``getattr(cfg.SECTION, "KEY")``,
-or names it as a whole dotted string literal (``_cfg_value(cfg, "TEST.AMP")``). The config package's own files do not count: declaring, documenting, loading or
-validating a key is not using it.
+or names it as a whole dotted string literal (``_cfg_value(cfg, "TEST.AMP")``). The config package's own files do
+not count: declaring, documenting, loading or validating a key is not using it.
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def test_checker_finds_a_dead_key_and_each_way_of_reading():
                 "u = cfg.TOP_LEVEL\n"
                 "msg = f'{x} MODEL.DEAD_IN_MESSAGE'\n",
     }
-    keys = ["MODEL.ATTR", "FPN.ALIASED", "TRAIN.TUPLE_ALIASED", "SOLVER.SELF_TUPLE_ALIASED", "TEST.GOT", "TRAIN.GETATTR", "SOLVER.DOTTED", "TOP_LEVEL",
+    keys = ["MODEL.ATTR", "FPN.ALIASED", "TRAIN.TUPLE_ALIASED", "SOLVER.SELF_TUPLE_ALIASED", "TEST.GOT",
+            "TRAIN.GETATTR", "SOLVER.DOTTED", "TOP_LEVEL",
             "MODEL.DEAD_IN_DOCSTRING", "MODEL.DEAD_IN_COMMENT", "MODEL.DEAD_IN_MESSAGE", "MODEL.NEVER", "NEVER_TOP",
             "FPN.NOT_ALIASED"]
     assert unread_keys(keys, sources) == ["MODEL.DEAD_IN_DOCSTRING", "MODEL.DEAD_IN_COMMENT",
