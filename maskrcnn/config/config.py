@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import logging
 import os
 from typing import Any, Iterable, List, Optional, Sequence
 
@@ -29,10 +30,12 @@ from .validate import validate_cfg
 
 __all__ = [
     "CfgNode", "ConfigError", "get_cfg", "cfg", "cfg_from_file", "cfg_from_list", "assert_and_infer_cfg",
-    "merge_cfg_from_cfg", "load_yaml_with_base", "reset_global_cfg",
+    "merge_cfg_from_cfg", "load_yaml_with_base", "reset_global_cfg", "warn_compat_keys",
 ]
 
 BASE_KEY = "_BASE_"
+
+_logger = logging.getLogger(__name__)
 
 
 class CfgNode(_CN):
@@ -249,6 +252,25 @@ def cfg_from_list(cfg_list: Sequence[Any], config: Optional[CfgNode] = None) -> 
     (cfg if config is None else config).merge_from_list(cfg_list)
 
 
+def warn_compat_keys(config: _CN, source: str = "<config>") -> List[str]:
+    """Log a warning for each key of :data:`~maskrcnn.config.defaults.DETECTRON_COMPAT_KEYS` set to a value other
+    than its default (such a key is read by nothing, so the value has no effect); returns the keys warned about."""
+    warned = []
+    for key, reason in _defaults.DETECTRON_COMPAT_KEYS.items():
+        value, default = _get_dotted(config, key), _get_dotted(_defaults._C, key)
+        if value != default:
+            _logger.warning("%s: %s = %r has no effect (kept only so that Detectron config files load: %s); "
+                            "remove it or set it back to %r", source, key, value, reason, default)
+            warned.append(key)
+    return warned
+
+
+def _get_dotted(node: _CN, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def assert_and_infer_cfg(config: Optional[CfgNode] = None, make_immutable: bool = True,
                          source: Optional[str] = None) -> CfgNode:
     """Infer derived keys (FPN from the body name, block type from the depth) and validate every value.
@@ -271,6 +293,7 @@ def assert_and_infer_cfg(config: Optional[CfgNode] = None, make_immutable: bool 
         files = c.__dict__.get("_sources", [])
         source = ", ".join(files) if files else "<config>"
     validate_cfg(c, source=source)
+    warn_compat_keys(c, source)
     if make_immutable:
         c.freeze()
     return c

@@ -5,7 +5,9 @@ Section and key names follow Detectron (``MODEL``, ``RESNETS``, ``FPN``, ``RPN``
 line; ``docs/config.md`` is generated from :data:`KEY_DOCS` (``python -m maskrcnn.config.docs``) and a test keeps
 the two equal.
 
-Defaults describe Detectron's R-50-C4 Mask R-CNN at Detectron's default scale; files in ``configs/`` override them.
+Defaults describe Detectron's R-50-C4 Mask R-CNN at Detectron's default scale, except the loss rules
+(``RPN.LOSS_NORMALIZATION``, ``FAST_RCNN.SMOOTH_L1_BETA``), which default to torchvision's as this package always
+trained; ``configs/baselines/`` set Detectron's. Files in ``configs/`` override the defaults.
 """
 from __future__ import annotations
 
@@ -46,8 +48,12 @@ _key("PIXEL_MEANS", [102.9801, 115.9465, 122.7717],
 _key("PIXEL_STDS", [1.0, 1.0, 1.0], "Per-channel standard deviations the input is divided by (after the mean).")
 _key("PIXEL_ORDER", "BGR", "Channel order the network expects: 'BGR' (Detectron, Caffe2 weights) or 'RGB' (torchvision).")
 _key("PIXEL_SCALE", 255.0, "Value range of the network input: 255.0 for 0..255 pixels (Detectron) or 1.0 for 0..1 (torchvision).")
-_key("OPS_BACKEND", "auto", "Kernel backend for nms/roi_align/roi_pool: 'native', 'torchvision' or 'auto' (fastest available).")
-_key("EPS", 1e-14, "Small number for numerical stability.")
+_key("OPS_BACKEND", "auto",
+     "Kernels a model built from this config runs for nms/roi_align/roi_pool: 'native' (pure PyTorch), "
+     "'torchvision' (torchvision's compiled kernels) or 'auto' (defer to the MASKRCNN_OPS_BACKEND environment "
+     "variable, else nms from torchvision's kernel and roi_align/roi_pool native; see maskrcnn/ops/_backend.py).")
+_key("EPS", 1e-14, "Detectron's numerical-stability constant; kept so Detectron files load, nothing reads it "
+     "(a non-default value logs a warning).")
 _key("VIS_TH", 0.9, "Score threshold for drawing detections in visualisations.")
 
 _section("MODEL", "Model composition.")
@@ -57,7 +63,8 @@ _key("MODEL.CONV_BODY", "ResNet.ResNet50_conv4_body",
 _key("MODEL.NUM_CLASSES", 81, "Number of classes including the background (COCO: 81).")
 _key("MODEL.CLS_AGNOSTIC_BBOX_REG", False, "Predict one box per RoI instead of one per class.")
 _key("MODEL.BBOX_REG_WEIGHTS", [10.0, 10.0, 5.0, 5.0], "Weights (wx, wy, ww, wh) of the Fast R-CNN box coder.")
-_key("MODEL.FASTER_RCNN", True, "Use RPN proposals (end-to-end Faster/Mask R-CNN).")
+_key("MODEL.FASTER_RCNN", True, "End-to-end Faster/Mask R-CNN on RPN proposals; must stay True (False, Fast "
+     "R-CNN on precomputed proposals, is not supported and is rejected).")
 _key("MODEL.MASK_ON", True, "Add the mask branch.")
 _key("MODEL.KEYPOINTS_ON", False, "Keypoint branch; not supported, must stay False.")
 _key("MODEL.RPN_ONLY", False, "Stop after the RPN (proposals are the output).")
@@ -82,7 +89,8 @@ _key("FPN.FPN_ON", False, "Use FPN (set automatically by an FPN body name).")
 _key("FPN.DIM", 256, "Channels of every pyramid level.")
 _key("FPN.ZERO_INIT_LATERAL", False, "Zero-initialise the lateral 1x1 convolutions.")
 _key("FPN.USE_GN", False, "GroupNorm in the FPN convolutions.")
-_key("FPN.MULTILEVEL_ROIS", True, "Pool each RoI from the pyramid level matching its scale.")
+_key("FPN.MULTILEVEL_ROIS", True, "Pool each RoI from the pyramid level matching its scale; False pools every RoI "
+     "from the finest RoI level FPN.ROI_MIN_LEVEL (P2), as Detectron's P2-only FPN bodies.")
 _key("FPN.ROI_CANONICAL_SCALE", 224, "Canonical RoI size that maps to ROI_CANONICAL_LEVEL.")
 _key("FPN.ROI_CANONICAL_LEVEL", 4, "Pyramid level of an RoI of the canonical size.")
 _key("FPN.ROI_MIN_LEVEL", 2, "Finest pyramid level RoIs are pooled from.")
@@ -96,12 +104,18 @@ _key("FPN.RPN_ANCHOR_STRIDES_FROM_SIZE", False,
      "Anchor stride of each level = padded image size // feature size (torchvision) instead of 2**level (Detectron).")
 
 _section("RPN", "Region Proposal Network (single-level; FPN anchors are under FPN).")
-_key("RPN.RPN_ON", True, "Use an RPN.")
+_key("RPN.RPN_ON", True, "Use an RPN; must stay True (False, precomputed proposals, is not supported and is "
+     "rejected).")
 _key("RPN.SIZES", [32, 64, 128, 256, 512], "Anchor sizes (sqrt of area, input pixels) of the single-level RPN.")
 _key("RPN.STRIDE", 16, "Stride of the single-level RPN feature map.")
 _key("RPN.ASPECT_RATIOS", [0.5, 1.0, 2.0], "Anchor aspect ratios (h/w) of the single-level RPN.")
 _key("RPN.CLS_ACTIVATION", "sigmoid", "Objectness activation; only 'sigmoid' (one logit per anchor) is supported.")
 _key("RPN.HEAD_DIM", -1, "Channels of the RPN 3x3 conv; -1 means the same as its input.")
+_key("RPN.LOSS_NORMALIZATION", "torchvision",
+     "Divisors of the RPN losses: 'torchvision' (objectness averaged over the sampled anchors of the batch, box loss "
+     "summed and divided by their number) or 'detectron' (FPN objectness summed and divided by "
+     "TRAIN.RPN_BATCH_SIZE_PER_IM x images, single-level objectness averaged; box loss divided per image by that "
+     "image's sampled anchors, then averaged over images).")
 
 _section("FAST_RCNN", "Box head on RoI features.")
 _key("FAST_RCNN.ROI_BOX_HEAD", "ResNet.ResNet_roi_conv5_head",
@@ -111,6 +125,8 @@ _key("FAST_RCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform: 'RoIAlign
 _key("FAST_RCNN.ROI_XFORM_RESOLUTION", 14, "Output size of the RoI transform for the box head.")
 _key("FAST_RCNN.ROI_XFORM_SAMPLING_RATIO", 0, "RoIAlign samples per bin side; <= 0 is adaptive.")
 _key("FAST_RCNN.ROI_XFORM_ALIGNED", False, "RoIAlign with the half-pixel offset (detectron2's aligned=True).")
+_key("FAST_RCNN.SMOOTH_L1_BETA", 1.0 / 9, "Transition point of the smooth L1 box loss: 1.0 in Detectron "
+     "(fast_rcnn_heads.py, Caffe2's SmoothL1Loss default), 1/9 in torchvision (roi_heads.fastrcnn_loss); 0 is L1.")
 
 _section("MRCNN", "Mask head.")
 _key("MRCNN.ROI_MASK_HEAD", "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",
@@ -222,3 +238,23 @@ MASK_HEADS = (
     "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",
     "mask_rcnn_heads.mask_rcnn_fcn_head_v0up",
 )
+
+#: Keys that no code reads: kept only so that Detectron config files load unchanged. Each one has a single
+#: supported value (its default), or none that matters. ``assert_and_infer_cfg`` rejects a value the model cannot
+#: honour (see ``config/validate.py``) and logs a warning naming the key and the file for any other non-default
+#: value, so that setting one never changes nothing silently. ``tests/config/test_key_usage.py`` fails for a key
+#: that is neither read somewhere in ``maskrcnn/`` or ``tools/`` nor listed here.
+DETECTRON_COMPAT_KEYS: Dict[str, str] = {
+    # Detectron read it in a few numpy helpers (e.g. box-target normalisation); our ops carry their own epsilons.
+    "EPS": "nothing reads it; the ops use their own numerical-stability constants",
+    # Detectron's one model family; the value only selected the model builder there.
+    "MODEL.TYPE": "'generalized_rcnn' is the only model",
+    # False is Fast R-CNN on precomputed proposals (Detectron's PROPOSAL_FILES), which is not implemented.
+    "MODEL.FASTER_RCNN": "only end-to-end Faster/Mask R-CNN (True) is supported",
+    # Detectron files set it to False; the keypoint branch is not implemented.
+    "MODEL.KEYPOINTS_ON": "the keypoint branch is not implemented",
+    # Detectron infers RPN_ON from FASTER_RCNN / RPN_ONLY; False only makes sense with precomputed proposals.
+    "RPN.RPN_ON": "every model has an RPN (True); precomputed proposals are not supported",
+    # Detectron also had 'softmax' (two logits per anchor); the RPN head here has one sigmoid logit per anchor.
+    "RPN.CLS_ACTIVATION": "only 'sigmoid' is supported",
+}

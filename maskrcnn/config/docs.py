@@ -11,7 +11,8 @@ from . import defaults
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return repr(round(value, 6))
+        # repr is exact and shortest: 1e-14 stays 1e-14 (rounding printed Detectron's EPS as 0.0).
+        return repr(value)
     return json.dumps(value) if isinstance(value, (list, str, bool)) else repr(value)
 
 

@@ -31,6 +31,7 @@ from ..config import assert_and_infer_cfg, get_cfg
 from ..config import cfg as global_cfg
 from .backbone.conv_body import build_conv_body
 from .flat_state_dict import flatten_child_state_dict
+from .ops_backend import apply_ops_backend
 from .preprocess import ImageList, Preprocessor
 from .roi_heads.roi_heads import ROIHeads
 from .rpn.rpn import RPN
@@ -135,6 +136,8 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
             roi_heads = ROIHeads.from_cfg(cfg, in_channels, self.spatial_scales, **head_parts)
         self.register_module("roi_heads", roi_heads)
         flatten_child_state_dict(self, "roi_heads")
+        # Last, so that every module built above runs the config's kernels (a per-model choice, not global state).
+        apply_ops_backend(self, cfg.OPS_BACKEND)
 
     @classmethod
     def from_cfg(cls, cfg, **parts) -> "Generalized_RCNN":

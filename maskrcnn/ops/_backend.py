@@ -9,14 +9,25 @@ Three backend names are accepted:
 * ``"auto"`` (default): per op, the implementation named in :data:`AUTO_PREFERENCE`, falling back
   to ``"native"`` when torchvision's kernels do not load.
 
-The active backend is, in order of precedence, the one given to :func:`set_backend` /
-:func:`use_backend`, else the environment variable ``MASKRCNN_OPS_BACKEND`` (read at each call, so
-it can be changed at run time), else ``"auto"``.
+The active backend is, in order of precedence:
+
+1. the one given to :func:`set_backend` / :func:`use_backend` (process-wide, set by code);
+2. the innermost :func:`scoped_backend` of the current thread: a model built from a config whose
+   ``OPS_BACKEND`` is not ``"auto"`` runs its modules inside one (see
+   :func:`maskrcnn.modeling.ops_backend.apply_ops_backend`), so two models with different configs each
+   run their own backend;
+3. the environment variable ``MASKRCNN_OPS_BACKEND`` (read at each call, so it can be changed at run
+   time);
+4. ``"auto"``.
+
+Under ``"auto"`` only ``nms`` runs torchvision's compiled kernel (when it loads); ``roi_align`` and
+``roi_pool`` run the pure-PyTorch code. Only ``"native"`` is pure PyTorch for every op.
 """
 
 import contextlib
 import os
-from typing import Iterator, Optional
+import threading
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -34,6 +45,9 @@ AUTO_PREFERENCE = {"nms": "torchvision", "roi_align": "native", "roi_pool": "nat
 
 _explicit_backend: Optional[str] = None
 _torchvision_ok: Optional[bool] = None
+# Per-thread stack of scoped backends (innermost last): a model's forward in one thread must not
+# change what another thread's model runs.
+_scopes = threading.local()
 
 
 def _validate(name: object, source: str) -> str:
@@ -51,6 +65,9 @@ def get_backend() -> str:
     """
     if _explicit_backend is not None:
         return _explicit_backend
+    stack = _scope_stack()
+    if stack:
+        return stack[-1]
     value = os.environ.get(ENV_VAR)
     if value is None or value == "":
         return "auto"
@@ -73,6 +90,41 @@ def use_backend(name: Optional[str]) -> Iterator[str]:
         yield get_backend()
     finally:
         _explicit_backend = previous
+
+
+def _scope_stack() -> List[str]:
+    stack = getattr(_scopes, "stack", None)
+    if stack is None:
+        stack = _scopes.stack = []
+    return stack
+
+
+def push_scope(name: str) -> None:
+    """Enter a scoped backend on this thread (below :func:`set_backend`, above the environment variable).
+
+    Every call must be paired with :func:`pop_scope`; prefer :func:`scoped_backend`. Raises ``ValueError``
+    for an unknown name.
+    """
+    _scope_stack().append(_validate(name, "scoped backend"))
+
+
+def pop_scope() -> None:
+    """Leave the innermost scoped backend of this thread (``RuntimeError`` when none is active)."""
+    stack = _scope_stack()
+    if not stack:
+        raise RuntimeError("pop_scope() without a matching push_scope()")
+    stack.pop()
+
+
+@contextlib.contextmanager
+def scoped_backend(name: str) -> Iterator[str]:
+    """Context manager running its body with backend ``name`` on this thread unless :func:`set_backend`
+    chose one; yields the backend then active."""
+    push_scope(name)
+    try:
+        yield get_backend()
+    finally:
+        pop_scope()
 
 
 def torchvision_ops_available() -> bool:

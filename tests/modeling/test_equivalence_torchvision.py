@@ -54,6 +54,7 @@ def models():
     cfg.merge_from_list(["TEST.SCALE", SCALE, "TEST.MAX_SIZE", MAX_SIZE, "TRAIN.SCALES", f"({SCALE},)",
                          "TRAIN.MAX_SIZE", MAX_SIZE, "OPS_BACKEND", "torchvision"])
     ours = Generalized_RCNN(cfg)
+    assert ours.ops_backend == "torchvision"  # its nms/roi_align run torchvision's kernels (see test_ops_backend.py)
     state, _notes = convert_to_ours(tv.state_dict(), fmt="torchvision", cfg=cfg)
     ours.load_state_dict(state, strict=True)
     ours.eval()

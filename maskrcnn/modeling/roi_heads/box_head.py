@@ -32,7 +32,7 @@ from ..backbone.resnet import RESNET_BLOCKS_PER_STAGE, make_stage
 
 __all__ = [
     "Roi2MLPHead", "ResNetRoIConv5Head", "BOX_HEAD_REGISTRY", "build_box_head",
-    "make_roi_xform", "as_rois", "fpn_feature_indices", "roi_transform", "xavier_fill",
+    "make_roi_xform", "as_rois", "fpn_feature_indices", "roi_feature_indices", "roi_transform", "xavier_fill",
 ]
 
 BlobConv = Union[Tensor, Sequence[Tensor]]
@@ -97,6 +97,14 @@ def fpn_feature_indices(spatial_scales: Sequence[float], min_level: int, max_lev
     if not idx:
         raise ValueError(f"no feature map has a level in [{min_level}, {max_level}]; levels are {levels}")
     return idx
+
+
+def roi_feature_indices(cfg, spatial_scales: Sequence[float]) -> List[int]:
+    """The maps the RoI heads pool from: the FPN levels ``FPN.ROI_MIN_LEVEL..ROI_MAX_LEVEL``, or with
+    ``FPN.MULTILEVEL_ROIS = False`` only the finest, ``ROI_MIN_LEVEL`` (P2), for every RoI (Detectron's P2-only FPN
+    bodies); ``[0]`` for a single-level body."""
+    max_level = cfg.FPN.ROI_MAX_LEVEL if cfg.FPN.MULTILEVEL_ROIS else cfg.FPN.ROI_MIN_LEVEL
+    return fpn_feature_indices(spatial_scales, cfg.FPN.ROI_MIN_LEVEL, max_level)
 
 
 def roi_transform(roi_xform: nn.Module, blob_conv: BlobConv, rois: RoIsLike, num_levels: int,
@@ -168,8 +176,9 @@ class Roi2MLPHead(nn.Module):
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float]) -> "Roi2MLPHead":
         """Keys: ``FAST_RCNN.{ROI_XFORM_METHOD, ROI_XFORM_RESOLUTION, ROI_XFORM_SAMPLING_RATIO, ROI_XFORM_ALIGNED,
-        MLP_HEAD_DIM}``, ``FPN.{ROI_MIN_LEVEL, ROI_MAX_LEVEL, ROI_CANONICAL_SCALE, ROI_CANONICAL_LEVEL}``."""
-        idx = fpn_feature_indices(spatial_scales, cfg.FPN.ROI_MIN_LEVEL, cfg.FPN.ROI_MAX_LEVEL)
+        MLP_HEAD_DIM}``, ``FPN.{MULTILEVEL_ROIS, ROI_MIN_LEVEL, ROI_MAX_LEVEL, ROI_CANONICAL_SCALE,
+        ROI_CANONICAL_LEVEL}`` (see :func:`roi_feature_indices`)."""
+        idx = roi_feature_indices(cfg, spatial_scales)
         fr = cfg.FAST_RCNN
         return cls(in_channels, [spatial_scales[i] for i in idx], resolution=fr.ROI_XFORM_RESOLUTION,
                    sampling_ratio=fr.ROI_XFORM_SAMPLING_RATIO, mlp_dim=fr.MLP_HEAD_DIM, aligned=fr.ROI_XFORM_ALIGNED,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbone.resnet import make_stage
-from .box_head import (BlobConv, RoIsLike, fpn_feature_indices, init_res5, make_roi_xform, res5_first_stride,
+from .box_head import (BlobConv, RoIsLike, init_res5, make_roi_xform, res5_first_stride, roi_feature_indices,
                        roi_transform)
 
 __all__ = [
@@ -90,7 +90,7 @@ class MaskRCNNFCNHead(nn.Module):
                  ) -> "MaskRCNNFCNHead":
         """Keys: ``MRCNN.{ROI_XFORM_METHOD, ROI_XFORM_RESOLUTION, ROI_XFORM_SAMPLING_RATIO, DIM_REDUCED, NUM_CONVS,
         DILATION, CONV_INIT}``, ``FAST_RCNN.ROI_XFORM_ALIGNED``, ``FPN.ROI_*``."""
-        idx = fpn_feature_indices(spatial_scales, cfg.FPN.ROI_MIN_LEVEL, cfg.FPN.ROI_MAX_LEVEL)
+        idx = roi_feature_indices(cfg, spatial_scales)
         m = cfg.MRCNN
         return cls(in_channels, [spatial_scales[i] for i in idx], resolution=m.ROI_XFORM_RESOLUTION,
                    sampling_ratio=m.ROI_XFORM_SAMPLING_RATIO,

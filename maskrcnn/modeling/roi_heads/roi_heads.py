@@ -64,6 +64,8 @@ class ROIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_img, min_box_size: detection post-processing (``TEST.SCORE_THRESH``,
             ``TEST.NMS``, ``TEST.DETECTIONS_PER_IM``, ``TEST.MIN_BOX_SIZE`` in network-input pixels).
         bbox_reg: apply the box regression at test time (``TEST.BBOX_REG``); False keeps the RoIs.
+        box_smooth_l1_beta: transition point of the smooth L1 box loss (``FAST_RCNN.SMOOTH_L1_BETA``; 1/9 as
+            torchvision, Detectron uses 1.0).
         mask_head, mask_outs: the mask branch (``Mask_Head``, ``Mask_Outs``), both or neither. A mask head with
             ``shares_box_head_res5 = True`` takes the box head's res5 map instead of ``(features, rois)``.
         mask_resolution: side ``M`` of the mask targets (``MRCNN.RESOLUTION``; the mask logits' side).
@@ -75,8 +77,8 @@ class ROIHeads(nn.Module):
                  fg_bg_sampler: Optional[BalancedPositiveNegativeSampler] = None, bg_thresh_lo: float = 0.0,
                  crowd_thresh: float = 0.7, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 100, min_box_size: float = 0.0, bbox_reg: bool = True,
-                 mask_head: Optional[nn.Module] = None, mask_outs: Optional[nn.Module] = None,
-                 mask_resolution: int = 28, mask_loss_weight: float = 1.0):
+                 box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None,
+                 mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0):
         super().__init__()
         if not isinstance(box_head, nn.Module) or not isinstance(box_outs, nn.Module):
             raise TypeError(f"box_head and box_outs must be nn.Modules, got {type(box_head).__name__} and "
@@ -102,6 +104,9 @@ class ROIHeads(nn.Module):
         self.detections_per_img = int(detections_per_img)
         self.min_box_size = float(min_box_size)
         self.bbox_reg = bool(bbox_reg)
+        if not float(box_smooth_l1_beta) >= 0.0:
+            raise ValueError(f"box_smooth_l1_beta must be >= 0, got {box_smooth_l1_beta}")
+        self.box_smooth_l1_beta = float(box_smooth_l1_beta)
         self.mask_resolution = int(mask_resolution)
         self.mask_loss_weight = float(mask_loss_weight)
 
@@ -113,7 +118,8 @@ class ROIHeads(nn.Module):
         ``MODEL.MASK_ON``) on a body with ``in_channels`` and ``spatial_scales`` (finest first); any given head is
         used instead. Other keys: ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI,
         BG_THRESH_LO, BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS,
-        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``MRCNN.{RESOLUTION, WEIGHT_LOSS_MASK}``."""
+        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
+        WEIGHT_LOSS_MASK}``."""
         mask_on = bool(cfg.MODEL.MASK_ON)
         if not mask_on and (mask_head is not None or mask_outs is not None):
             raise ValueError("mask_head / mask_outs were given but MODEL.MASK_ON is False; set MODEL.MASK_ON True "
@@ -137,8 +143,8 @@ class ROIHeads(nn.Module):
             fg_bg_sampler=BalancedPositiveNegativeSampler(t.BATCH_SIZE_PER_IM, t.FG_FRACTION),
             bg_thresh_lo=t.BG_THRESH_LO, crowd_thresh=t.CROWD_FILTER_THRESH, score_thresh=s.SCORE_THRESH,
             nms_thresh=s.NMS, detections_per_img=s.DETECTIONS_PER_IM, min_box_size=s.MIN_BOX_SIZE,
-            bbox_reg=s.BBOX_REG, mask_head=mask_head, mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION,
-            mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
+            bbox_reg=s.BBOX_REG, box_smooth_l1_beta=cfg.FAST_RCNN.SMOOTH_L1_BETA, mask_head=mask_head,
+            mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION, mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
         )
 
     # --- structure ------------------------------------------------------------------------------------------------
@@ -217,7 +223,7 @@ class ROIHeads(nn.Module):
         box_feat, res5_map = self._box_features(features, sampled.rois, keep_res5=True)
         cls_score, bbox_pred = self.Box_Outs(box_feat)
         loss_cls, loss_bbox = fast_rcnn_losses(cls_score, bbox_pred, torch.cat(sampled.labels),
-                                               torch.cat(sampled.regression_targets))
+                                               torch.cat(sampled.regression_targets), beta=self.box_smooth_l1_beta)
         losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
         if self.mask_on:
             losses["loss_mask"] = self.mask_loss(features, sampled, [t["masks"] for t in targets], res5_map)

@@ -1,9 +1,20 @@
-"""RPN losses with torchvision's semantics plus Detectron's anchor filters.
+"""RPN losses with torchvision's or Detectron's normalisation, plus Detectron's anchor filters.
 
 Every anchor is matched to the ground truth (``Matcher(0.7, 0.3, allow_low_quality_matches=True)``): label 1
 (foreground), 0 (background) or -1 (ignored). A balanced sample per image (256 anchors, at most half positive)
-then gives the objectness loss, binary cross-entropy averaged over the sample, and the box loss, smooth L1
-(``beta = 1/9``) summed over the sampled positives and divided by the sample size.
+then gives the objectness loss, binary cross-entropy over the sample, and the box loss, smooth L1
+(``beta = 1/9``) over the sampled positives. The two rules differ only in the divisors (``S_i`` sampled anchors in
+image ``i`` of ``N``, ``B`` = the sampler's ``batch_size_per_image``):
+
+* ``"torchvision"`` (``rpn.py``'s ``compute_loss``): objectness ``sum / sum_i S_i`` (the mean over the sample),
+  box ``sum / sum_i S_i``.
+* ``"detectron"`` (Detectron / Detectron.pytorch): objectness ``sum / (B * N)`` on a multi-level (FPN) RPN
+  (``FPN.fpn_rpn_losses``) and the mean over the sample on a single-level one (``single_scale_rpn_losses``); box
+  ``(1 / N) * sum_i (box sum of image i) / S_i`` (``roi_data/rpn.py`` weights each positive by ``1 / S_i``, the
+  smooth L1 divides by the images).
+
+They agree whenever every image fills its sample (``S_i = B``); they differ when an image has fewer labelled anchors
+than ``B`` (few anchors, or most of them ignored by the straddle and crowd filters).
 
 Beyond torchvision: an image without ground truth makes every anchor a negative; ``straddle_thresh >= 0``
 ignores anchors reaching more than that many pixels outside the image and keeps them out of the matching
@@ -26,7 +37,10 @@ from ...ops.matcher import Matcher
 from ...ops.sampler import BalancedPositiveNegativeSampler
 from .proposals import flatten_level_outputs
 
-__all__ = ["assign_anchor_labels", "rpn_losses"]
+__all__ = ["LOSS_NORMALIZATIONS", "assign_anchor_labels", "rpn_losses"]
+
+#: Accepted values of ``rpn_losses(normalization=...)`` (config key ``RPN.LOSS_NORMALIZATION``).
+LOSS_NORMALIZATIONS = ("torchvision", "detectron")
 
 
 def _intersection_over_anchor(crowd: Tensor, anchors: Tensor, legacy_plus_one: bool) -> Tensor:
@@ -105,7 +119,8 @@ def rpn_losses(objectness: Sequence[Tensor], deltas: Sequence[Tensor], anchors: 
                gt_boxes: Sequence[Tensor], image_sizes: Sequence[Tuple[int, int]], matcher: Matcher,
                sampler: BalancedPositiveNegativeSampler, box_coder: BoxCoder, beta: float = 1.0 / 9,
                straddle_thresh: float = -1, crowd_boxes: Optional[Sequence[Optional[Tensor]]] = None,
-               crowd_thresh: float = 0.7, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+               crowd_thresh: float = 0.7, generator: Optional[torch.Generator] = None,
+               normalization: str = "torchvision") -> Dict[str, Tensor]:
     """``{"loss_rpn_cls", "loss_rpn_bbox"}`` of a batch (0-d float32 tensors).
 
     Args:
@@ -118,7 +133,11 @@ def rpn_losses(objectness: Sequence[Tensor], deltas: Sequence[Tensor], anchors: 
         beta: smooth L1 transition point.
         straddle_thresh, crowd_boxes (per image ``(C_i, 4)`` or None), crowd_thresh: see :func:`assign_anchor_labels`.
         generator: optional RNG for the sampler (default: the global RNG, drawn in torchvision's order).
+        normalization: ``"torchvision"`` or ``"detectron"``, the divisors of the two losses (module docstring);
+            Detectron's fixed objectness divisor is ``sampler.batch_size_per_image`` times the number of images.
     """
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
     scores, box_deltas, counts = flatten_level_outputs(objectness, deltas)
     if isinstance(anchors, Tensor):
         anchors = [anchors]
@@ -158,7 +177,19 @@ def rpn_losses(objectness: Sequence[Tensor], deltas: Sequence[Tensor], anchors: 
         zero = flat_scores.float().sum() * 0.0 + flat_deltas.float().sum() * 0.0
         return {"loss_rpn_cls": zero, "loss_rpn_bbox": zero.clone()}
     target_labels = torch.cat(labels)[sampled].to(torch.float32)
-    loss_cls = F.binary_cross_entropy_with_logits(flat_scores[sampled].float(), target_labels)
-    loss_bbox = smooth_l1_loss(flat_deltas[pos_idx].float(), torch.cat(targets).float(), beta=beta,
-                               reduction="sum") / sampled.numel()
-    return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
+    if normalization == "torchvision":  # torchvision's exact operations (bit-identical losses)
+        loss_cls = F.binary_cross_entropy_with_logits(flat_scores[sampled].float(), target_labels)
+        loss_bbox = smooth_l1_loss(flat_deltas[pos_idx].float(), torch.cat(targets).float(), beta=beta,
+                                   reduction="sum") / sampled.numel()
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
+    cls_sum = F.binary_cross_entropy_with_logits(flat_scores[sampled].float(), target_labels, reduction="sum")
+    box_elems = smooth_l1_loss(flat_deltas[pos_idx].float(), torch.cat(targets).float(), beta=beta, reduction="none")
+    # Detectron: each positive weighs 1 / (its image's sample size), then the mean over the images.
+    per_image_sampled = torch.stack([(p | n).sum() for p, n in zip(pos_masks, neg_masks)]).to(box_elems.device)
+    num_anchors = all_anchors.shape[0]
+    pos_image = torch.div(pos_idx, num_anchors, rounding_mode="floor")
+    weights = 1.0 / per_image_sampled[pos_image].to(torch.float32)
+    loss_bbox = (box_elems.sum(dim=1) * weights).sum() / num_images
+    multi_level = len(counts) > 1
+    cls_divisor = sampler.batch_size_per_image * num_images if multi_level else sampled.numel()
+    return {"loss_rpn_cls": cls_sum / cls_divisor, "loss_rpn_bbox": loss_bbox}

@@ -11,7 +11,7 @@ from ...ops.matcher import Matcher
 from ...ops.sampler import BalancedPositiveNegativeSampler
 from .anchors import AnchorGenerator
 from .head import RPNHead
-from .loss import rpn_losses
+from .loss import LOSS_NORMALIZATIONS, rpn_losses
 from .proposals import GenerateProposals, generate_proposals, padded_batch_shape
 
 __all__ = ["RPN"]
@@ -33,6 +33,8 @@ class RPN(nn.Module):
         crowd_thresh: ignore anchors covered by a crowd region for more than this fraction of their area.
         score_thresh: proposals with a lower objectness probability are dropped.
         smooth_l1_beta: transition point of the box loss.
+        loss_normalization: ``"torchvision"`` or ``"detectron"``: the divisors of the losses (see
+            :mod:`maskrcnn.modeling.rpn.loss`).
         size_divisibility: padding multiple of the input batch (to recover its size when ``batch_shape`` is not
             given and the anchor strides are inferred from it).
 
@@ -45,7 +47,8 @@ class RPN(nn.Module):
     def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module, box_coder: BoxCoder, matcher: Matcher,
                  sampler: BalancedPositiveNegativeSampler, pre_nms_top_n, post_nms_top_n, nms_thresh=0.7,
                  min_size=0.0, straddle_thresh: float = -1, crowd_thresh: float = 0.7, score_thresh: float = 0.0,
-                 smooth_l1_beta: float = 1.0 / 9, size_divisibility: int = 32):
+                 smooth_l1_beta: float = 1.0 / 9, size_divisibility: int = 32,
+                 loss_normalization: str = "torchvision"):
         super().__init__()
         self.anchor_generator = anchor_generator
         self.head = head
@@ -57,6 +60,9 @@ class RPN(nn.Module):
         self.score_thresh = float(score_thresh)
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.size_divisibility = int(size_divisibility)
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {loss_normalization!r}")
+        self.loss_normalization = loss_normalization
         # Holds the train/test settings; it is also Detectron.pytorch's entry point for probabilities.
         self.RPN_GenerateProposals = GenerateProposals(anchor_generator, box_coder, pre_nms_top_n, post_nms_top_n,
                                                        nms_thresh, min_size, size_divisibility)
@@ -65,7 +71,7 @@ class RPN(nn.Module):
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Optional[Sequence[float]] = None) -> "RPN":
         """Anchors from ``RPN.*`` / ``FPN.*`` (see :meth:`AnchorGenerator.from_cfg`), head width ``RPN.HEAD_DIM``,
         matching and sampling from ``TRAIN.RPN_*``, proposal settings from ``TRAIN.RPN_*`` / ``TEST.RPN_*``,
-        ``MODEL.LEGACY_PLUS_ONE`` for the box convention."""
+        ``MODEL.LEGACY_PLUS_ONE`` for the box convention, ``RPN.LOSS_NORMALIZATION`` for the loss divisors."""
         anchors = AnchorGenerator.from_cfg(cfg, spatial_scales)
         num = anchors.num_anchors_per_location()
         if len(set(num)) != 1:
@@ -82,6 +88,7 @@ class RPN(nn.Module):
             nms_thresh={"training": float(cfg.TRAIN.RPN_NMS_THRESH), "testing": float(cfg.TEST.RPN_NMS_THRESH)},
             min_size={"training": float(cfg.TRAIN.RPN_MIN_SIZE), "testing": float(cfg.TEST.RPN_MIN_SIZE)},
             straddle_thresh=cfg.TRAIN.RPN_STRADDLE_THRESH, crowd_thresh=cfg.TRAIN.CROWD_FILTER_THRESH,
+            loss_normalization=cfg.RPN.LOSS_NORMALIZATION,
         )
 
     # Detectron.pytorch names for the head's layers, so that `model.RPN.RPN_conv(x)` works as there. The
@@ -140,5 +147,6 @@ class RPN(nn.Module):
             losses = rpn_losses(objectness, deltas, anchors, [t["boxes"] for t in targets], image_sizes,
                                 self.matcher, self.sampler, self.box_coder, beta=self.smooth_l1_beta,
                                 straddle_thresh=self.straddle_thresh,
-                                crowd_boxes=[t.get("crowd_boxes") for t in targets], crowd_thresh=self.crowd_thresh)
+                                crowd_boxes=[t.get("crowd_boxes") for t in targets], crowd_thresh=self.crowd_thresh,
+                                normalization=self.loss_normalization)
         return proposals, losses
