@@ -49,22 +49,24 @@ def _resized_bgr(name: str, size) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float()
 
 
+@pytest.mark.parametrize("arch", ["R_50_FPN", "R_50_C4"])
 @pytest.mark.parametrize("fmt", ["detectron2", "detectron"])
 @torch.no_grad()
-def test_fpn_box_head_outputs_match_detectron2(fmt, tmp_path):
-    ref = np.load(os.path.join(FIXTURES, "ref_R_50_FPN.npz"))
+def test_box_head_outputs_match_detectron2(fmt, arch, tmp_path):
+    ref = np.load(os.path.join(FIXTURES, f"ref_{arch}.npz"))
     cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(REPO, "configs", "detectron2", "mask_rcnn_R_50_FPN_3x.yaml"))
+    cfg.merge_from_file(os.path.join(REPO, "configs", "detectron2", f"mask_rcnn_{arch}_3x.yaml"))
     cfg.merge_from_list(["OPS_BACKEND", "torchvision"])
     model = Generalized_RCNN(cfg).eval()
-    load_ckpt(model, _write(fmt, "R_50_FPN", tmp_path))
+    load_ckpt(model, _write(fmt, arch, tmp_path))
     means = torch.tensor(cfg.PIXEL_MEANS).view(3, 1, 1)
     n = ref["im0_rois"].shape[0]
     cls_all, reg_all = [], []
-    # detectron2 ran both photos as one batch, zero-padded (after normalisation) to the largest size rounded up to
-    # the FPN stride 32: the padding is seen by the convolutions near the border, so it is rebuilt exactly.
+    # detectron2 ran both photos as one batch, zero-padded (after normalisation) to the largest size, rounded up to
+    # the FPN stride 32 (C4: not rounded): convolutions near the border see the padding, so it is rebuilt exactly.
     sizes = [ref[f"im{i}_resized"] for i in range(len(seeded.PHOTOS))]
-    ph, pw = ((max(int(s[d]) for s in sizes) + 31) // 32 * 32 for d in (0, 1))
+    div = 32 if arch.endswith("FPN") else 1
+    ph, pw = ((max(int(s[d]) for s in sizes) + div - 1) // div * div for d in (0, 1))
     for i, name in enumerate(seeded.PHOTOS):
         x = (_resized_bgr(name, ref[f"im{i}_resized"]) - means)
         h, w = x.shape[1:]
@@ -81,7 +83,7 @@ def test_fpn_box_head_outputs_match_detectron2(fmt, tmp_path):
     assert cls.shape == ref_cls.shape == (2 * n, 81)
     cls_diff = (cls - ref_cls).abs().max().item()
     reg_diff = (reg[:, 4:] - ref_reg).abs().max().item()
-    print(f"{fmt} R-50-FPN box head vs detectron2: max |cls logit diff| {cls_diff:.2e}, "
+    print(f"{fmt} {arch} box head vs detectron2: max |cls logit diff| {cls_diff:.2e}, "
           f"max |delta diff| {reg_diff:.2e}")
     torch.testing.assert_close(cls, ref_cls, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(reg[:, 4:], ref_reg, rtol=1e-3, atol=1e-3)
