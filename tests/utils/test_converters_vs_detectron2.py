@@ -17,6 +17,7 @@ from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
 from maskrcnn.utils.checkpoint import load_ckpt
 from maskrcnn.utils.weights.detectron import canonical_to_detectron
 from maskrcnn.utils.weights.detectron2 import detectron2_to_canonical
+from maskrcnn.utils.weights.detectron_pytorch import canonical_to_detectron_pytorch
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "detectron2")
@@ -32,8 +33,12 @@ def _write(fmt: str, model: str, tmp_path) -> str:
     if fmt == "detectron2":
         path = os.path.join(tmp_path, "model_final.pth")
         torch.save({"model": state, "__author__": "seeded test"}, path)
-    else:  # Detectron .pkl: Detectron's blob names, affine BN
-        canonical, _ = detectron2_to_canonical({"model": state})
+        return path
+    canonical, _ = detectron2_to_canonical({"model": state})
+    if fmt == "detectron.pytorch":  # names from our own inverse converter: proves the round trip, not the names
+        path = os.path.join(tmp_path, "model_step89999.pth")
+        torch.save({"model": canonical_to_detectron_pytorch(canonical), "step": 89999}, path)
+    else:  # Detectron .pkl: Detectron's blob names (proven by detectron2's own c2 loader in make_reference.py)
         path = os.path.join(tmp_path, "model_final.pkl")
         with open(path, "wb") as f:
             pickle.dump({"blobs": canonical_to_detectron(canonical)}, f)
@@ -50,7 +55,7 @@ def _resized_bgr(name: str, size) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["R_50_FPN", "R_50_C4"])
-@pytest.mark.parametrize("fmt", ["detectron2", "detectron"])
+@pytest.mark.parametrize("fmt", ["detectron2", "detectron", "detectron.pytorch"])
 @torch.no_grad()
 def test_box_head_outputs_match_detectron2(fmt, arch, tmp_path):
     ref = np.load(os.path.join(FIXTURES, f"ref_{arch}.npz"))
