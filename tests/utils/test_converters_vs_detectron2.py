@@ -1,6 +1,6 @@
 """Our converters proven on detectron2's own outputs (tests/fixtures/detectron2/, made by make_reference.py with
 detectron2 02b5c4e): the seeded checkpoints are regenerated here bit-identically (no detectron2 needed), written in
-detectron2's .pth and Detectron's .pkl formats, loaded through ``load_ckpt`` into our model with
+detectron2's .pth, Detectron's .pkl and Detectron.pytorch's formats, loaded through ``load_ckpt`` into our model with
 configs/detectron2/, and the box head's outputs for fixed RoIs on a real photo must equal detectron2's.
 """
 import os
