@@ -288,8 +288,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         boxes, scores = boxes.to(dtype), scores.to(dtype)
         if tracing:
             # torchvision's `if boxes.numel() == 0` would be frozen into the trace and `boxes.max()`
-            # fails on zero boxes; a -inf sentinel leaves the maximum of non-empty input unchanged.
-            top = torch.cat((boxes.flatten(), boxes.new_full((1,), -math.inf))).max()
+            # fails on zero boxes; a 0 sentinel leaves the maximum unchanged for the non-negative coordinates
+            # the offset trick assumes anyway (a -inf sentinel breaks ONNX shape inference: "cannot be converted
+            # to int64_t without overflow").
+            top = torch.cat((boxes.flatten(), boxes.new_zeros((1,)))).max()
             offsets = idxs.to(boxes) * (top + torch.tensor(1).to(boxes))
             return torch.ops.torchvision.nms(boxes + offsets[:, None], scores, float(iou_threshold))
         import torchvision

@@ -31,6 +31,17 @@ def test_pyproject_declares_the_console_scripts_and_each_is_a_main():
         assert callable(getattr(importlib.import_module(module), func)), target
 
 
+def test_cli_command_table_matches_pyproject_and_run_dispatches():
+    from maskrcnn import cli
+
+    assert {name: f"{module}:main" for name, module in cli.COMMANDS.items()} == SCRIPTS
+    with pytest.raises(SystemExit) as e:
+        cli.run("convert", ["--help"])
+    assert e.value.code == 0
+    with pytest.raises(ValueError, match="unknown command 'nope'"):
+        cli.run("nope")
+
+
 def test_version_has_one_source():
     from maskrcnn.version import __version__
 
