@@ -83,7 +83,8 @@ class Trainer:
 
     Attributes for hooks (set by each step): ``iter``, ``losses`` (floats averaged over the accumulated batches),
     ``total_loss``, ``lr`` (the schedule's lr of this step, before the per-group factors), ``step_time``,
-    ``data_time``, ``grad_norm`` (None without clipping), ``image_ids``, ``skipped_steps``, ``step_skipped``.
+    ``data_time``, ``grad_norm`` (None without clipping), ``image_ids``, ``skipped_steps``, ``step_skipped``;
+    ``ema``: the :class:`~maskrcnn.engine.ema.ModelEMA` (set by ``EMAHook``; None without EMA).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_loader: Iterator,
@@ -130,6 +131,7 @@ class Trainer:
         self.step_skipped = False
         self._consecutive_skips = 0
         self.completed = False
+        self.ema = None  # set by maskrcnn.engine.ema.EMAHook
 
     def register_hooks(self, hooks: Iterable[Any]) -> None:
         for h in hooks:
