@@ -127,14 +127,24 @@ class EMAHook(HookBase):
     """Updates ``ema`` after every iteration whose optimizer step ran (a skipped non-finite step changes nothing)
     and, once all iterations have run, copies the EMA weights into the model, so that hooks after it
     (:class:`~maskrcnn.engine.hooks.PeriodicCheckpointer`: ``model_final.pth``) and the final evaluation use them.
-    Register it before the checkpointer. Sets ``trainer.ema`` so other hooks can use :meth:`ModelEMA.apply_to`.
+    Register it before the checkpointer. Registering it sets ``trainer.ema``, so that other hooks (an evaluation
+    during training) can use ``with trainer.ema.apply_to(model):``.
     """
 
     def __init__(self, ema: ModelEMA):
         self.ema = ema
+        self._trainer = None
 
-    def before_train(self) -> None:
-        self.trainer.ema = self.ema
+    @property
+    def trainer(self):
+        return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer) -> None:
+        # Set on registration: every hook sees trainer.ema from its before_train on, whatever the order.
+        self._trainer = trainer
+        if trainer is not None:
+            trainer.ema = self.ema
 
     def after_step(self) -> None:
         if not getattr(self.trainer, "step_skipped", False):

@@ -116,6 +116,7 @@ class Trainer:
         self.skip_nonfinite = bool(skip_nonfinite)
         self.max_consecutive_skips = int(max_consecutive_skips)
         self.scaler = scaler
+        self.ema = None  # set by maskrcnn.engine.ema.EMAHook when it is registered
         self.hooks: List[Any] = []
         self.register_hooks(hooks or [])
 
@@ -131,7 +132,6 @@ class Trainer:
         self.step_skipped = False
         self._consecutive_skips = 0
         self.completed = False
-        self.ema = None  # set by maskrcnn.engine.ema.EMAHook
 
     def register_hooks(self, hooks: Iterable[Any]) -> None:
         for h in hooks:
