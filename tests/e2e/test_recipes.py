@@ -57,3 +57,17 @@ def test_ema_adamw_cosine_resume_is_exact_and_final_holds_the_ema(tmp_path):
     snap = torch.load(os.path.join(full, "model_0000002.pth"), map_location="cpu", weights_only=True)
     assert any(not torch.equal(snap["model"][k], snap["ema"]["shadow"][k]) for k in snap["model"]
                if snap["model"][k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_gn_scratch_recipe_learns_from_random_weights(tmp_path):
+    """configs/scratch GN recipe, shortened to 120 iterations (the full 700 reach box/mask AP 66.2/67.7, see
+    docs/getting_started.md): GN body, GN FPN and both GN heads learn from scratch on synthetic:train. Measured at
+    120 iterations: box AP 11.9, mask AP 25.0 (an untrained model scores ~0); the floors are half of that."""
+    import json
+    cfg = os.path.join(REPO, "configs", "scratch", "e2e_mask_rcnn_R-18-FPN_GN_scratch_synthetic.yaml")
+    rc = _train_net().main(["--cfg", cfg, "--nw", "0", "--output_dir", str(tmp_path), "--eval_after", "--set",
+                            "SOLVER.MAX_ITER", "120", "SOLVER.WARM_UP_ITERS", "20", "TRAIN.SNAPSHOT_ITERS", "1000"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert metrics["bbox"]["AP"] >= 6.0 and metrics["segm"]["AP"] >= 12.5, metrics
