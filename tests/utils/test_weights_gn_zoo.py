@@ -188,3 +188,13 @@ def test_detectron_pytorch_gn_heads_convert_like_the_blobs(gn_model):
     assert torch.equal(canonical["box.conv4.norm.bias"], sd["Box_Head.convs.10.bias"])
     assert torch.equal(canonical["mask.fcn2.norm.weight"], sd["Mask_Head.conv_fcn.4.weight"])
     assert torch.equal(canonical["box.fc6.weight"], sd["Box_Head.fc.weight"])
+
+
+def test_the_gn_baseline_config_has_exactly_detectrons_gn_layout():
+    import os
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(repo, "configs", "baselines", "e2e_mask_rcnn_R-50-FPN_2x_gn.yaml"))
+    sd = Generalized_RCNN(cfg).state_dict()
+    assert set(detectron_gn_names().values()) == set(sd)
+    assert sd["Box_Head.fc6.weight"].shape == (1024, 256 * 7 * 7) and sd["Mask_Head.mask_fcn4.weight"].shape[0] == 256
