@@ -114,7 +114,8 @@ class LRSchedule:
 
 class WarmupMultiStepLR(LRScheduler):
     """Sets each group's lr to ``schedule(last_epoch) * group["lr_factor"]``; ``last_epoch`` counts optimizer steps,
-    so after ``k`` calls of ``step()`` the next optimizer step uses ``lr_at(k)``.
+    so after ``k`` calls of ``step()`` the next optimizer step uses ``lr_at(k)``. Runs every policy of
+    :data:`LR_POLICIES` (multi-step, cosine, constant) with its warm-up; the name is kept from the step-only days.
 
     Its ``state_dict`` holds plain numbers only (no callables), so it round-trips through
     ``torch.load(weights_only=True)``.
