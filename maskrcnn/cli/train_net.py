@@ -137,14 +137,22 @@ def train(cfg, args, ctx, logger) -> int:
         else:
             ckpt = checkpointer.resume(path)
             start_iter = int(ckpt["iteration"])
-    elif args.load_ckpt or args.load_detectron:
+    # Without --resume, or with --resume on a fresh output folder (a job script that always passes it): the
+    # starting weights a first run would load.
+    starting = ckpt is None and not (args.resume and args.load_ckpt) and bool(args.load_ckpt or args.load_detectron)
+    if starting:
         weights = args.load_ckpt or args.load_detectron
         report = load_ckpt(model, weights)  # the file's format (ours or a model zoo's) is detected
         logger.info("loaded weights from %s%s", weights,
                     f" (re-initialised: {', '.join(report['skipped'])})" if report["skipped"] else "")
         if ema is not None:
             ema.reset(model)
-    if ckpt is None and not imagenet and not (args.load_ckpt or args.load_detectron):
+    if args.resume and ckpt is None and not starting and cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS:
+        load_imagenet_backbone(model, cfg, logger)
+        imagenet = True
+        if ema is not None:
+            ema.reset(model)
+    if ckpt is None and not imagenet and not starting:
         check_trainable_from_scratch(model, args.cfg)  # random weights: FrozenBN would diverge (ConfigError)
     total_batch = ctx.world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
     if getattr(args, "lr_scaling", None) and args.lr_scaling.get("message"):

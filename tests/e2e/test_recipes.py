@@ -71,3 +71,21 @@ def test_gn_scratch_recipe_learns_from_random_weights(tmp_path):
     assert rc == 0
     metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
     assert metrics["bbox"]["AP"] >= 6.0 and metrics["segm"]["AP"] >= 12.5, metrics
+
+
+def test_resume_on_a_fresh_folder_starts_from_imagenet_weights_with_frozen_bn(tmp_path):
+    """A job script that always passes --resume: the first launch finds no checkpoint and must start as a first run
+    would (ImageNet backbone), so the FrozenBN body is not random and the guard lets it train."""
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(tv.state_dict(), weights)
+    out = tmp_path / "out"
+    rc = _train_net().main(["--cfg", SMOKE, "--nw", "0", "--output_dir", str(out), "--resume", "--set",
+                            "SOLVER.MAX_ITER", "1", "SOLVER.BASE_LR", "0.000001", "RESNETS.NORM", "FrozenBN",
+                            "RESNETS.FREEZE_AT", "2", "MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", "True",
+                            "RESNETS.IMAGENET_PRETRAINED_WEIGHTS", str(weights)])
+    assert rc == 0
+    sd = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    torch.testing.assert_close(sd["Conv_Body.conv_body.res1.conv1.weight"], tv.conv1.weight, rtol=0, atol=0)
