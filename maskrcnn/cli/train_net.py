@@ -83,7 +83,8 @@ def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
     if not cfg.TRAIN.DATASETS:
         raise ConfigError(f"{args.cfg}: no training dataset: set TRAIN.DATASETS or pass --dataset")
     total = world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
-    scale_schedule(cfg, total, config_batch, log=log)
+    # Kept on args so that train() repeats the rule in the run's log.
+    args.lr_scaling = scale_schedule(cfg, total, config_batch, log=log)
     if args.lr is not None:
         if not args.lr > 0:
             raise ConfigError(f"--lr {args.lr}: must be > 0")
@@ -95,10 +96,12 @@ def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
 def train(cfg, args, ctx, logger) -> int:
     from ..data.build import build_train_loader
     from ..engine.hooks import LogHook, PeriodicCheckpointer, TensorboardWriter
+    from ..engine.ema import EMAHook, ModelEMA
     from ..engine.launch import create_ddp_model
-    from ..engine.solver import build_lr_scheduler, build_optimizer_from_cfg
+    from ..engine.solver import build_lr_scheduler, build_optimizer_from_cfg, describe_solver
     from ..engine.speed import prepare_for_training
     from ..engine.trainer import NonFiniteLossError, Trainer, make_grad_scaler
+    from ..modeling.backbone.norms import check_trainable_from_scratch, convert_sync_batchnorm
     from ..modeling.generalized_rcnn import Generalized_RCNN
     from ..utils.checkpoint import Checkpointer, load_ckpt
     from ..utils.env import seed_all
@@ -112,12 +115,19 @@ def train(cfg, args, ctx, logger) -> int:
     seed_all(int(cfg.RNG_SEED) + ctx.rank)
     model = Generalized_RCNN(cfg).to(ctx.device)
     prepare_for_training(model, cfg)  # TRAIN.FUSE_FROZEN_BN, TRAIN.CHANNELS_LAST; parameters and keys unchanged
-    if cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS and not (args.resume or args.load_ckpt or args.load_detectron):
+    # RESNETS.NORM SyncBN: SyncBatchNorm across processes (same parameters and keys); plain BN on one process.
+    try:
+        model = convert_sync_batchnorm(model, cfg.RESNETS.NORM, ctx.world_size, ctx.device.type)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    imagenet = cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS and not (args.resume or args.load_ckpt or args.load_detectron)
+    if imagenet:
         load_imagenet_backbone(model, cfg, logger)
     optimizer = build_optimizer_from_cfg(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
     scaler = make_grad_scaler(cfg.TRAIN.AMP, ctx.device)
-    checkpointer = Checkpointer(model, output_dir, optimizer, scheduler, scaler, save_to_disk=ctx.is_main)
+    ema = ModelEMA(model, cfg.SOLVER.EMA_DECAY) if cfg.SOLVER.EMA_DECAY > 0 else None
+    checkpointer = Checkpointer(model, output_dir, optimizer, scheduler, scaler, save_to_disk=ctx.is_main, ema=ema)
 
     ckpt, start_iter = None, 0
     if args.resume:
@@ -127,11 +137,30 @@ def train(cfg, args, ctx, logger) -> int:
         else:
             ckpt = checkpointer.resume(path)
             start_iter = int(ckpt["iteration"])
-    elif args.load_ckpt or args.load_detectron:
+    # Without --resume, or with --resume on a fresh output folder (a job script that always passes it): the
+    # starting weights a first run would load.
+    starting = ckpt is None and not (args.resume and args.load_ckpt) and bool(args.load_ckpt or args.load_detectron)
+    if starting:
         weights = args.load_ckpt or args.load_detectron
         report = load_ckpt(model, weights)  # the file's format (ours or a model zoo's) is detected
         logger.info("loaded weights from %s%s", weights,
                     f" (re-initialised: {', '.join(report['skipped'])})" if report["skipped"] else "")
+        if ema is not None:
+            ema.reset(model)
+    if args.resume and ckpt is None and not starting and cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS:
+        load_imagenet_backbone(model, cfg, logger)
+        imagenet = True
+        if ema is not None:
+            ema.reset(model)
+    if ckpt is None and not imagenet and not starting:
+        check_trainable_from_scratch(model, args.cfg)  # random weights: FrozenBN would diverge (ConfigError)
+    total_batch = ctx.world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
+    if getattr(args, "lr_scaling", None) and args.lr_scaling.get("message"):
+        logger.info("%s", args.lr_scaling["message"])
+    logger.info("%s", describe_solver(cfg, optimizer, total_batch))
+    if ema is not None:
+        logger.info("EMA of the weights: decay %g (SOLVER.EMA_DECAY); model_final.pth holds the EMA weights and they "
+                    "are the ones evaluated", ema.decay)
 
     cfg_yaml = cfg.dump()
     # The class names travel with the weights: Predictor and infer_simple name the labels with them.
@@ -140,6 +169,8 @@ def train(cfg, args, ctx, logger) -> int:
         logger.info("the checkpoint is at iteration %d >= SOLVER.MAX_ITER = %d: nothing left to train",
                     start_iter, cfg.SOLVER.MAX_ITER)
         # Decided on rank 0 for all: save() is a collective that every rank must enter.
+        if ema is not None and ckpt is not None and "ema" in ckpt:
+            ema.copy_to(model)  # the final weights of an EMA run are the averaged ones
         if dist_utils.broadcast_object(not os.path.exists(os.path.join(output_dir, "model_final.pth"))):
             checkpointer.save("model_final", iteration=start_iter, cfg_yaml=cfg_yaml, **extra)
         final = os.path.join(output_dir, "model_final.pth")
@@ -154,7 +185,9 @@ def train(cfg, args, ctx, logger) -> int:
         trainer = Trainer(ddp_model, optimizer, scheduler, loader, max_iter=cfg.SOLVER.MAX_ITER, start_iter=start_iter,
                           iter_size=args.iter_size, amp=cfg.TRAIN.AMP, device=ctx.device,
                           clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM, skip_nonfinite=args.skip_nonfinite, scaler=scaler,
-                          hooks=[LogHook(cfg.TRAIN.LOG_PERIOD, logger, tb), saver])
+                          hooks=[LogHook(cfg.TRAIN.LOG_PERIOD, logger, tb),
+                                 EMAHook(ema) if ema is not None else None,  # before saver: final = EMA weights
+                                 saver])
         if ckpt is not None:
             # Last: everything above may draw random numbers (model init, DDP); the resumed stream starts here.
             Checkpointer.restore_rng(ckpt, ctx.rank, ctx.world_size)
@@ -180,9 +213,11 @@ def train(cfg, args, ctx, logger) -> int:
 def evaluate(cfg, model, ctx, final_path: str, logger) -> int:
     from ..engine.inference import evaluate_on_dataset
     from ..engine.speed import prepare_for_inference
+    from ..modeling.backbone.norms import revert_sync_batchnorm
 
     # A copy: the inference speed features (folded BN, fused convolutions) make a model unfit for training.
-    model = prepare_for_inference(copy.deepcopy(model), cfg)
+    # SyncBatchNorm (RESNETS.NORM SyncBN under DDP) goes back to BatchNorm: eval-mode BN, folded like any other.
+    model = prepare_for_inference(revert_sync_batchnorm(copy.deepcopy(model)), cfg)
     if not cfg.TEST.DATASETS:
         raise ConfigError("--eval_after: no test dataset: set TEST.DATASETS or pass --test_dataset")
     for spec in cfg.TEST.DATASETS:

@@ -81,7 +81,7 @@ _key("RESNETS.TRANS_FUNC", "bottleneck_transformation",
      "Residual block: 'bottleneck_transformation' or 'basic_transformation' (ResNet-18/34, set by the body name).")
 _key("RESNETS.RES5_DILATION", 1, "Dilation of res5 (1 or 2).")
 _key("RESNETS.FREEZE_AT", 2, "Freeze the stem and stages up to resFREEZE_AT (0: nothing frozen, 2: stem+res2).")
-_key("RESNETS.NORM", "FrozenBN", "Normalisation in the body: 'FrozenBN', 'GN' or 'BN'.")
+_key("RESNETS.NORM", "FrozenBN", "Normalisation in the body (and C4 res5 heads): 'FrozenBN' (needs pretrained weights), 'BN', 'SyncBN' (BN synchronised over processes under DDP, CUDA; plain BN on one process) or 'GN'.")
 _key("RESNETS.IMAGENET_PRETRAINED_WEIGHTS", "", "Path of an ImageNet backbone checkpoint (Caffe2 .pkl or torchvision .pth).")
 
 _section("FPN", "Feature Pyramid Network.")
@@ -119,8 +119,12 @@ _key("RPN.LOSS_NORMALIZATION", "torchvision",
 
 _section("FAST_RCNN", "Box head on RoI features.")
 _key("FAST_RCNN.ROI_BOX_HEAD", "ResNet.ResNet_roi_conv5_head",
-     "Box head: 'fast_rcnn_heads.roi_2mlp_head' (FPN) or 'ResNet.ResNet_roi_conv5_head' (C4, res5 + avgpool).")
-_key("FAST_RCNN.MLP_HEAD_DIM", 1024, "Width of the two fully connected layers of roi_2mlp_head.")
+     "Box head: 'fast_rcnn_heads.roi_2mlp_head' (FPN), 'ResNet.ResNet_roi_conv5_head' (C4, res5 + avgpool), "
+     "'fast_rcnn_heads.roi_Xconv1fc_head' or '..._roi_Xconv1fc_gn_head' (NUM_STACKED_CONVS 3x3 convs, with GroupNorm "
+     "in the _gn one, + one fc; Detectron's GN configs).")
+_key("FAST_RCNN.MLP_HEAD_DIM", 1024, "Width of the fully connected layers of roi_2mlp_head and roi_Xconv1fc(_gn)_head.")
+_key("FAST_RCNN.NUM_STACKED_CONVS", 4, "3x3 convolutions of roi_Xconv1fc_head / roi_Xconv1fc_gn_head.")
+_key("FAST_RCNN.CONV_HEAD_DIM", 256, "Channels of the roi_Xconv1fc(_gn)_head convolutions.")
 _key("FAST_RCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform: 'RoIAlign' or 'RoIPoolF'.")
 _key("FAST_RCNN.ROI_XFORM_RESOLUTION", 14, "Output size of the RoI transform for the box head.")
 _key("FAST_RCNN.ROI_XFORM_SAMPLING_RATIO", 0, "RoIAlign samples per bin side; <= 0 is adaptive.")
@@ -130,13 +134,14 @@ _key("FAST_RCNN.SMOOTH_L1_BETA", 1.0 / 9, "Transition point of the smooth L1 box
 
 _section("MRCNN", "Mask head.")
 _key("MRCNN.ROI_MASK_HEAD", "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",
-     "Mask head: 'mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs' (FPN), '..._v0upshare' (C4, shares res5), '..._v0up'.")
+     "Mask head: 'mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs' (FPN), '..._v1up4convs_gn' (its convs with "
+     "GroupNorm, Detectron's GN configs), '..._v1up', '..._v0upshare' (C4, shares res5), '..._v0up'.")
 _key("MRCNN.RESOLUTION", 14, "Side of the predicted mask (14 for C4, 28 for FPN).")
 _key("MRCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform for the mask head.")
 _key("MRCNN.ROI_XFORM_RESOLUTION", 7, "Output size of the RoI transform for the mask head.")
 _key("MRCNN.ROI_XFORM_SAMPLING_RATIO", 0, "RoIAlign samples per bin side for the mask head; <= 0 is adaptive.")
 _key("MRCNN.DIM_REDUCED", 256, "Channels of the mask head convolutions.")
-_key("MRCNN.NUM_CONVS", 4, "Number of 3x3 convolutions of the v1upXconvs head.")
+_key("MRCNN.NUM_CONVS", 4, "Number of 3x3 convolutions of the v1up4convs(_gn) head.")
 _key("MRCNN.DILATION", 2, "Dilation of the mask head 3x3 convolutions.")
 _key("MRCNN.CLS_SPECIFIC_MASK", True, "One mask per class instead of one class-agnostic mask.")
 _key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
@@ -203,20 +208,32 @@ _key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles f
 _key("TEST.MASK_PASTE_PADDING", 1, "Pixels of padding around each mask before pasting (torchvision and Detectron use 1).")
 
 _section("SOLVER", "Optimisation.")
-_key("SOLVER.BASE_LR", 0.001, "Learning rate for the config's total batch (NUM_GPUS x TRAIN.IMS_PER_BATCH).")
-_key("SOLVER.LR_POLICY", "steps_with_decay", "Learning-rate policy: 'steps_with_decay' or 'constant'.")
+_key("SOLVER.OPTIMIZER", "SGD", "'SGD' (with MOMENTUM) or 'AdamW' (with ADAM_BETAS, decoupled weight decay).")
+_key("SOLVER.ADAM_BETAS", [0.9, 0.999], "AdamW's (beta1, beta2).")
+_key("SOLVER.BASE_LR", 0.001, "Learning rate for the config's total batch (NUM_GPUS x TRAIN.IMS_PER_BATCH); "
+     "rescaled linearly with the run's total batch (SCALE_WITH_BATCH, Detectron's rule), stated in the log.")
+_key("SOLVER.LR_POLICY", "steps_with_decay", "Learning-rate policy: 'steps_with_decay' (multi-step: x GAMMA at each "
+     "of STEPS), 'cosine_decay' (half cosine from BASE_LR to BASE_LR_END at MAX_ITER) or 'constant'; warm-up first.")
+_key("SOLVER.BASE_LR_END", 0.0, "Final learning rate of 'cosine_decay' (rescaled with BASE_LR).")
 _key("SOLVER.GAMMA", 0.1, "Learning-rate factor at each step.")
 _key("SOLVER.STEPS", [0, 30000, 40000], "Iterations at which the learning rate is multiplied by GAMMA (a leading 0 is allowed).")
 _key("SOLVER.MAX_ITER", 40000, "Training iterations.")
 _key("SOLVER.MOMENTUM", 0.9, "SGD momentum.")
 _key("SOLVER.WEIGHT_DECAY", 0.0001, "L2 weight decay.")
-_key("SOLVER.WEIGHT_DECAY_GN", 0.0, "Weight decay of GroupNorm parameters.")
+_key("SOLVER.WEIGHT_DECAY_GN", 0.0, "Weight decay of norm (GroupNorm, BatchNorm) parameters when WEIGHT_DECAY_NORM < 0 "
+     "(Detectron's key).")
+_key("SOLVER.WEIGHT_DECAY_NORM", -1.0, "Weight decay of norm (GroupNorm, BatchNorm) weights and biases; < 0 uses "
+     "WEIGHT_DECAY_GN (detectron2's key; 0.0 = no decay on norms).")
+_key("SOLVER.WEIGHT_DECAY_BIAS", -1.0, "Weight decay of the biases of convs and fcs; < 0 uses WEIGHT_DECAY if "
+     "BIAS_WEIGHT_DECAY else 0 (Detectron's rule; detectron2's key).")
 _key("SOLVER.BIAS_DOUBLE_LR", True, "Biases learn at twice the learning rate (Detectron).")
 _key("SOLVER.BIAS_WEIGHT_DECAY", False, "Apply weight decay to biases.")
 _key("SOLVER.WARM_UP_ITERS", 500, "Warm-up iterations.")
 _key("SOLVER.WARM_UP_FACTOR", 1.0 / 3.0, "Learning-rate factor at the start of warm-up.")
 _key("SOLVER.WARM_UP_METHOD", "linear", "Warm-up: 'linear' or 'constant'.")
 _key("SOLVER.CLIP_GRAD_NORM", 0.0, "Clip the gradient norm to this value; 0 disables.")
+_key("SOLVER.EMA_DECAY", 0.0, "Exponential moving average of the weights, updated every iteration with this decay "
+     "(e.g. 0.999; 0 = off); checkpointed and resumed, and the EMA weights are evaluated and saved in model_final.pth.")
 _key("SOLVER.SCALE_WITH_BATCH", True, "Scale LR and schedule linearly when the total batch differs from the config's (Detectron's rule).")
 
 _section("DATA_LOADER", "Data loading.")
@@ -231,9 +248,11 @@ CONV_BODIES = tuple(
     [f"ResNet.ResNet{d}_conv{c}_body" for d in (18, 34, 50, 101, 152) for c in (4, 5)]
     + [f"FPN.fpn_ResNet{d}_conv5_body" for d in (18, 34, 50, 101, 152)]
 )
-BOX_HEADS = ("fast_rcnn_heads.roi_2mlp_head", "ResNet.ResNet_roi_conv5_head")
+BOX_HEADS = ("fast_rcnn_heads.roi_2mlp_head", "ResNet.ResNet_roi_conv5_head", "fast_rcnn_heads.roi_Xconv1fc_head",
+             "fast_rcnn_heads.roi_Xconv1fc_gn_head")
 MASK_HEADS = (
     "mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs",
+    "mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs_gn",
     "mask_rcnn_heads.mask_rcnn_fcn_head_v1up",
     "mask_rcnn_heads.mask_rcnn_fcn_head_v0upshare",
     "mask_rcnn_heads.mask_rcnn_fcn_head_v0up",

@@ -55,7 +55,7 @@ _CHECKS = {
     "RESNETS.WIDTH_PER_GROUP": _POS,
     "RESNETS.FREEZE_AT": (lambda v: 0 <= v <= 5, "in 0..5"),
     "RESNETS.RES5_DILATION": _one_of([1, 2]),
-    "RESNETS.NORM": _one_of(["FrozenBN", "GN", "BN"]),
+    "RESNETS.NORM": _one_of(["FrozenBN", "GN", "BN", "SyncBN"]),
     "RESNETS.TRANS_FUNC": _one_of(["bottleneck_transformation", "basic_transformation"]),
     "FPN.DIM": _POS,
     "FPN.ROI_CANONICAL_SCALE": _POS,
@@ -68,6 +68,8 @@ _CHECKS = {
     "RPN.LOSS_NORMALIZATION": _one_of(["torchvision", "detectron"]),
     "FAST_RCNN.ROI_BOX_HEAD": _one_of(_defaults.BOX_HEADS),
     "FAST_RCNN.MLP_HEAD_DIM": _POS,
+    "FAST_RCNN.NUM_STACKED_CONVS": _NONNEG,
+    "FAST_RCNN.CONV_HEAD_DIM": _POS,
     "FAST_RCNN.ROI_XFORM_METHOD": _one_of(["RoIAlign", "RoIPoolF"]),
     "FAST_RCNN.ROI_XFORM_RESOLUTION": _POS,
     "FAST_RCNN.SMOOTH_L1_BETA": _NONNEG,
@@ -114,7 +116,11 @@ _CHECKS = {
     "TEST.AMP": _one_of(["", "fp16", "bf16"]),
     "TEST.MASK_PASTE_PADDING": _NONNEG,
     "SOLVER.BASE_LR": _POS,
-    "SOLVER.LR_POLICY": _one_of(["steps_with_decay", "constant"]),
+    "SOLVER.LR_POLICY": _one_of(["steps_with_decay", "cosine_decay", "constant"]),
+    "SOLVER.OPTIMIZER": _one_of(["SGD", "AdamW"]),
+    "SOLVER.ADAM_BETAS": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "SOLVER.BASE_LR_END": _NONNEG,
+    "SOLVER.EMA_DECAY": (lambda v: 0.0 <= v < 1.0, "in [0, 1) (0 turns the EMA off)"),
     "SOLVER.GAMMA": _POS,
     "SOLVER.MAX_ITER": _POS,
     "SOLVER.MOMENTUM": _UNIT,
@@ -173,6 +179,8 @@ def _relations(cfg: _CN, source: str) -> None:
     if t.RPN_NEGATIVE_OVERLAP > t.RPN_POSITIVE_OVERLAP:
         fail(f"TRAIN.RPN_NEGATIVE_OVERLAP = {t.RPN_NEGATIVE_OVERLAP} must be <= "
              f"TRAIN.RPN_POSITIVE_OVERLAP = {t.RPN_POSITIVE_OVERLAP}")
+    if cfg.SOLVER.LR_POLICY == "cosine_decay" and cfg.SOLVER.BASE_LR_END > cfg.SOLVER.BASE_LR:
+        fail(f"SOLVER.BASE_LR_END = {cfg.SOLVER.BASE_LR_END} must be <= SOLVER.BASE_LR = {cfg.SOLVER.BASE_LR}")
     steps: List[int] = list(cfg.SOLVER.STEPS)
     if any(s < 0 for s in steps) or steps != sorted(steps):
         fail(f"SOLVER.STEPS = {steps!r} must be non-negative and increasing")

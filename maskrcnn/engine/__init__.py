@@ -1,4 +1,5 @@
 """Training and inference loops: trainer, hooks, solver, dataset inference/evaluation, launch, speed transforms."""
+from .ema import EMAHook, ModelEMA
 from .hooks import HookBase, LogHook, PeriodicCheckpointer
 from .inference import evaluate_on_dataset, inference_on_dataset
 from .launch import create_ddp_model, setup_distributed
@@ -12,6 +13,8 @@ __all__ = [
     "HookBase",
     "LogHook",
     "PeriodicCheckpointer",
+    "ModelEMA",
+    "EMAHook",
     "build_optimizer",
     "build_lr_scheduler",
     "WarmupMultiStepLR",

@@ -83,7 +83,8 @@ class Trainer:
 
     Attributes for hooks (set by each step): ``iter``, ``losses`` (floats averaged over the accumulated batches),
     ``total_loss``, ``lr`` (the schedule's lr of this step, before the per-group factors), ``step_time``,
-    ``data_time``, ``grad_norm`` (None without clipping), ``image_ids``, ``skipped_steps``, ``step_skipped``.
+    ``data_time``, ``grad_norm`` (None without clipping), ``image_ids``, ``skipped_steps``, ``step_skipped``;
+    ``ema``: the :class:`~maskrcnn.engine.ema.ModelEMA` (set by ``EMAHook``; None without EMA).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_loader: Iterator,
@@ -115,6 +116,7 @@ class Trainer:
         self.skip_nonfinite = bool(skip_nonfinite)
         self.max_consecutive_skips = int(max_consecutive_skips)
         self.scaler = scaler
+        self.ema = None  # set by maskrcnn.engine.ema.EMAHook when it is registered
         self.hooks: List[Any] = []
         self.register_hooks(hooks or [])
 

@@ -287,16 +287,19 @@ class Checkpointer:
         model: the (possibly DDP-wrapped) model.
         output_dir: folder of the checkpoints and of the ``last_checkpoint`` file naming the newest one.
         optimizer, scheduler, scaler: saved and restored with the model when given.
+        ema: a :class:`~maskrcnn.engine.ema.ModelEMA` (``SOLVER.EMA_DECAY``), saved under ``"ema"`` and restored
+            when given.
         save_to_disk: False on processes other than rank 0 (they take part in gathering RNG states only).
     """
 
     def __init__(self, model: nn.Module, output_dir: str, optimizer=None, scheduler=None, scaler=None,
-                 save_to_disk: bool = True):
+                 save_to_disk: bool = True, ema=None):
         self.model = model
         self.output_dir = os.fspath(output_dir)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scaler = scaler
+        self.ema = ema
         self.save_to_disk = bool(save_to_disk)
 
     def payload(self, iteration: int, cfg_yaml: Optional[str] = None, rng_per_rank: Optional[List[Any]] = None,
@@ -311,6 +314,8 @@ class Checkpointer:
             out["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None and self.scaler.is_enabled():
             out["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            out["ema"] = self.ema.state_dict()
         out.update(extra)
         return out
 
@@ -386,8 +391,14 @@ class Checkpointer:
             raise CheckpointError(f"{path}: holds no 'iteration'; it is a weights file, not a training checkpoint "
                                   f"(load it with --load_ckpt instead of --resume)")
         load_ckpt(self.model, ckpt, allow_class_mismatch=False)
-        for name, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.scaler)):
+        for name, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.scaler),
+                          ("ema", self.ema)):
             if obj is None or (name == "scaler" and not obj.is_enabled()):
+                continue
+            if name == "ema" and name not in ckpt:
+                # EMA turned on for the rest of a run: average from the resumed weights on.
+                logger.warning("%s holds no EMA state (SOLVER.EMA_DECAY was 0); the EMA starts from its weights", path)
+                obj.reset(self.model)
                 continue
             if name not in ckpt:
                 raise CheckpointError(f"{path}: has no {name} state to resume from")

@@ -63,7 +63,7 @@ def test_defaults_and_an_fpn_config_pass_and_are_not_changed():
     ("TEST.DETECTIONS_PER_IM", 0, "> 0"),
     ("SOLVER.BASE_LR", -0.1, "> 0"),
     ("SOLVER.WARM_UP_FACTOR", 0.0, "in (0, 1]"),
-    ("SOLVER.LR_POLICY", "cosine", "one of 'constant', 'steps_with_decay'"),
+    ("SOLVER.LR_POLICY", "cosine", "one of 'constant', 'cosine_decay', 'steps_with_decay'"),
     ("DATA_LOADER.NUM_THREADS", -2, ">= 0"),
     ("NUM_GPUS", 0, "> 0"),
 ])

@@ -1,4 +1,5 @@
 import io
+import math
 
 import pytest
 import torch
@@ -200,3 +201,94 @@ def test_scaling_rule_needs_an_unfrozen_cfg():
     cfg.freeze()
     with pytest.raises(ValueError, match="frozen"):
         scale_schedule(cfg, total_batch=4)
+
+
+# --- cosine decay, AdamW, weight-decay keys, the rule in the log ------------------------------------------------------
+def test_cosine_decay_matches_torch_cosine_annealing_after_the_warmup():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50, eta_min=0.001)
+    ours = LRSchedule(0.1, policy="cosine_decay", max_iter=50, base_lr_end=0.001, warmup_iters=0)
+    for it in range(50):
+        assert opt.param_groups[0]["lr"] == pytest.approx(ours(it), rel=1e-9), it
+        opt.step()
+        cos.step()
+    assert ours(50) == pytest.approx(0.001) and ours(80) == pytest.approx(0.001)  # flat at the end
+
+
+def test_cosine_decay_with_linear_warmup_values():
+    kw = dict(base_lr=0.02, policy="cosine_decay", max_iter=100, warmup_iters=10, warmup_factor=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.02 * 0.1 * 1.0)  # cos(0) = 1
+    assert lr_at(5, **kw) == pytest.approx(0.02 * (0.5 * (1 + math.cos(math.pi * 0.05))) * (0.1 * 0.5 + 0.5))
+    assert lr_at(50, **kw) == pytest.approx(0.01)
+    assert lr_at(99, **kw) < 1e-4
+    with pytest.raises(ValueError, match="max_iter"):
+        lr_at(0, 0.1, policy="cosine_decay")
+    with pytest.raises(ValueError, match="base_lr_end"):
+        LRSchedule(0.1, policy="cosine_decay", max_iter=10, base_lr_end=0.2)
+
+
+def test_cosine_scheduler_from_cfg_and_resume_round_trip():
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.LR_POLICY", "cosine_decay", "SOLVER.BASE_LR", 0.1, "SOLVER.MAX_ITER", 20,
+                         "SOLVER.WARM_UP_ITERS", 0, "SOLVER.BASE_LR_END", 0.01])
+    model = _toy_model()
+    opt = build_optimizer_from_cfg(model, cfg)
+    sched = build_lr_scheduler(opt, cfg)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    opt2 = build_optimizer_from_cfg(model, cfg)
+    sched2 = build_lr_scheduler(opt2, cfg)
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 7 / 20)))
+
+
+def test_adamw_with_groups_and_detectron2_weight_decay_keys():
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", 1e-3, "SOLVER.WEIGHT_DECAY", 0.05,
+                         "SOLVER.ADAM_BETAS", "[0.9, 0.99]", "SOLVER.WEIGHT_DECAY_NORM", 0.0,
+                         "SOLVER.WEIGHT_DECAY_BIAS", 0.0, "SOLVER.BIAS_DOUBLE_LR", False])
+    opt = build_optimizer_from_cfg(_toy_model(), cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["weights"]["weight_decay"] == 0.05 and groups["weights"]["betas"] == (0.9, 0.99)
+    assert groups["biases"]["weight_decay"] == 0.0 and groups["norms"]["weight_decay"] == 0.0
+    assert groups["biases"]["lr"] == pytest.approx(1e-3)
+    # Decay on norms and biases when asked; < 0 falls back to Detectron's keys.
+    cfg.merge_from_list(["SOLVER.WEIGHT_DECAY_NORM", 0.01, "SOLVER.WEIGHT_DECAY_BIAS", 0.02])
+    groups = {g["name"]: g for g in build_optimizer_from_cfg(_toy_model(), cfg).param_groups}
+    assert groups["norms"]["weight_decay"] == 0.01 and groups["biases"]["weight_decay"] == 0.02
+    cfg.merge_from_list(["SOLVER.WEIGHT_DECAY_NORM", -1.0, "SOLVER.WEIGHT_DECAY_GN", 0.003,
+                         "SOLVER.WEIGHT_DECAY_BIAS", -1.0, "SOLVER.BIAS_WEIGHT_DECAY", True])
+    groups = {g["name"]: g for g in build_optimizer_from_cfg(_toy_model(), cfg).param_groups}
+    assert groups["norms"]["weight_decay"] == 0.003 and groups["biases"]["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        build_optimizer(_toy_model(), base_lr=0.1, optimizer="Adam")
+
+
+def test_adamw_decay_is_decoupled_from_the_gradient():
+    # A parameter with zero gradient under AdamW shrinks by lr * wd exactly (torch's decoupled decay).
+    p = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        p.weight.fill_(1.0)
+    opt = build_optimizer(p, base_lr=0.1, weight_decay=0.5, optimizer="AdamW")
+    p.weight.grad = torch.zeros_like(p.weight)
+    opt.step()
+    torch.testing.assert_close(p.weight, torch.full((2, 2), 1.0 - 0.1 * 0.5))
+
+
+def test_solver_description_states_the_rule_and_the_schedule():
+    from maskrcnn.engine.solver import describe_solver
+    cfg = _detectron_cfg()
+    msgs = []
+    info = scale_schedule(cfg, total_batch=16, log=msgs.append)
+    assert "equals the config's (16)" in msgs[0] and "lr proportional to the total batch" in msgs[0]
+    assert info["message"] == msgs[0]
+    cfg.SOLVER.LR_POLICY = "cosine_decay"
+    cfg.SOLVER.BASE_LR_END = 0.001
+    scale_schedule(cfg, total_batch=8, log=msgs.append)
+    assert cfg.SOLVER.BASE_LR == pytest.approx(0.01) and cfg.SOLVER.BASE_LR_END == pytest.approx(0.0005)
+    line = describe_solver(cfg, build_optimizer_from_cfg(_toy_model(), cfg), total_batch=8)
+    assert "SGD (momentum 0.9)" in line and "BASE_LR 0.01 for a total batch of 8 images" in line
+    assert "cosine_decay to 0.0005 at iteration 180000" in line and "linear warm-up over 1000" in line

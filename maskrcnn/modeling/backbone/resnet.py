@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 # FrozenBatchNorm2d and fuse_frozen_bn live in frozen_bn.py; imported here too, where they always were.
 from .frozen_bn import FrozenBatchNorm2d, fuse_frozen_bn
+from .norms import NORMS, get_norm
 
 __all__ = [
     "FrozenBatchNorm2d", "get_norm", "BottleneckBlock", "BasicBlock", "ResNetStem", "make_stage", "ResNet",
@@ -46,21 +47,7 @@ RESNET_BLOCKS_PER_STAGE: Dict[int, Tuple[int, int, int, int]] = {
 }
 
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
-_NORMS = ("FrozenBN", "GN", "BN")
-_GN_GROUPS = 32
-
-
-def get_norm(norm: str, channels: int) -> nn.Module:
-    """Normalisation layer over ``channels``: ``"FrozenBN"``, ``"GN"`` (32 groups) or ``"BN"`` (trainable)."""
-    if norm == "FrozenBN":
-        return FrozenBatchNorm2d(channels)
-    if norm == "GN":
-        if channels % _GN_GROUPS != 0:
-            raise ValueError(f"GN needs channels divisible by {_GN_GROUPS}, got channels={channels}")
-        return nn.GroupNorm(_GN_GROUPS, channels)
-    if norm == "BN":
-        return nn.BatchNorm2d(channels)
-    raise ValueError(f"norm={norm!r} is not supported; use one of {', '.join(repr(n) for n in _NORMS)}")
+_NORMS = NORMS
 
 
 def _conv(in_ch: int, out_ch: int, k: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -215,7 +202,8 @@ class ResNet(nn.Module):
         num_groups, width_per_group: ResNeXt cardinality and per-group width of res2's 3x3 conv (res2 bottleneck
             width = ``num_groups * width_per_group``, doubled at each later stage); ResNeXt-101 32x8d is (32, 8).
         stride_in_1x1: stride in the first 1x1 conv (Caffe2/Detectron) instead of the 3x3 (torchvision).
-        norm: ``"FrozenBN"`` (fixed affine, Detectron's AffineChannel), ``"GN"`` or ``"BN"`` (trainable).
+        norm: ``"FrozenBN"`` (fixed affine, Detectron's AffineChannel), ``"GN"``, ``"BN"`` or ``"SyncBN"``
+            (trainable; see :mod:`maskrcnn.modeling.backbone.norms`).
         freeze_at: 0 freezes nothing, 1 the stem ``res1``, k >= 2 ``res1``..``resk`` (Detectron). Frozen BN layers
             become :class:`FrozenBatchNorm2d`.
         res5_dilation: 1, or 2 to keep res5 at stride 16 (dilated 3x3 convs, no stride).

@@ -5,6 +5,10 @@
 - :class:`ResNetRoIConv5Head` (Detectron's ``ResNet.ResNet_roi_conv5_head``, the C4 head): RoIAlign on res4 to
   ``1024 x 14 x 14``, the ``res5`` stage (stride 2) -> ``2048 x 7 x 7``, average pool -> ``(R, 2048)``. It can also
   return the res5 map, which the ``v0upshare`` mask head consumes.
+- :class:`RoiXconv1fcHead` (Detectron's ``fast_rcnn_heads.roi_Xconv1fc_head`` and, with ``use_gn``,
+  ``roi_Xconv1fc_gn_head`` of its GroupNorm configs): RoIAlign to ``C x 7 x 7``, ``num_convs`` 3x3 convs
+  ``head_conv1..N`` (+ GroupNorm ``head_conv{i}_gn``, then no conv bias) with ReLU, then ``fc6`` with ReLU ->
+  ``(R, mlp_dim)``.
 
 Both take ``forward(blob_conv, rois)`` where ``blob_conv`` is the body's output (a Tensor, or a list finest first)
 and ``rois`` is an ``(R, 5)`` tensor ``[batch_idx, x1, y1, x2, y2]``, a list of per-image ``(R_i, 4)`` boxes, or
@@ -28,10 +32,11 @@ from ...ops.boxes import boxes_to_rois
 from ...ops.poolers import MultiLevelRoIAlign
 from ...ops.roi_align import RoIAlign
 from ...ops.roi_pool import RoIPool
+from ..backbone.norms import group_norm
 from ..backbone.resnet import RESNET_BLOCKS_PER_STAGE, make_stage
 
 __all__ = [
-    "Roi2MLPHead", "ResNetRoIConv5Head", "BOX_HEAD_REGISTRY", "build_box_head",
+    "Roi2MLPHead", "ResNetRoIConv5Head", "RoiXconv1fcHead", "BOX_HEAD_REGISTRY", "build_box_head",
     "make_roi_xform", "as_rois", "fpn_feature_indices", "roi_feature_indices", "roi_transform", "xavier_fill",
 ]
 
@@ -191,6 +196,74 @@ class Roi2MLPHead(nn.Module):
         return F.relu(self.fc7(x))
 
 
+class RoiXconv1fcHead(nn.Module):
+    """RoI transform + ``num_convs`` 3x3 convolutions + one fully connected layer (Detectron's GN box head).
+
+    Args:
+        in_channels, scales, resolution, sampling_ratio, aligned, canonical_scale, canonical_level, roi_xform,
+            feature_indices: as :class:`Roi2MLPHead`.
+        num_convs: stacked 3x3 convolutions (Detectron's ``FAST_RCNN.NUM_STACKED_CONVS``, 4).
+        conv_dim: their channels (``FAST_RCNN.CONV_HEAD_DIM``, 256).
+        mlp_dim: width of ``fc6`` (``out_channels``).
+        use_gn: GroupNorm (32 groups) after every conv, which then has no bias (Detectron's ``ConvGN``).
+
+    Modules: ``head_conv{i}`` (+ ``head_conv{i}_gn``), ``fc6`` — Detectron's blob names ``head_conv{i}_w``,
+    ``head_conv{i}_gn_{s,b}``, ``fc6_{w,b}``. ``forward(blob_conv, rois) -> (R, mlp_dim)``. Init: MSRAFill convs,
+    XavierFill ``fc6``, zero biases (Detectron).
+    """
+
+    def __init__(self, in_channels: int, scales: Sequence[float], resolution: int = 7, sampling_ratio: int = 2,
+                 num_convs: int = 4, conv_dim: int = 256, mlp_dim: int = 1024, use_gn: bool = False,
+                 aligned: bool = False, canonical_scale: int = 224, canonical_level: int = 4,
+                 roi_xform: str = "RoIAlign", feature_indices: Optional[Sequence[int]] = None):
+        super().__init__()
+        if in_channels < 1 or conv_dim < 1 or mlp_dim < 1 or num_convs < 0:
+            raise ValueError(f"need in_channels, conv_dim, mlp_dim >= 1 and num_convs >= 0; got in_channels="
+                             f"{in_channels}, conv_dim={conv_dim}, mlp_dim={mlp_dim}, num_convs={num_convs}")
+        self.roi_xform = make_roi_xform(roi_xform, resolution, scales, sampling_ratio, aligned, canonical_scale,
+                                        canonical_level)
+        self.num_levels = len(scales)
+        self.feature_indices = None if feature_indices is None else [int(i) for i in feature_indices]
+        self.resolution = int(resolution)
+        self.num_convs = int(num_convs)
+        self.use_gn = bool(use_gn)
+        channels = int(in_channels)
+        for i in range(1, self.num_convs + 1):
+            conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=not self.use_gn)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+            self.add_module(f"head_conv{i}", conv)
+            if self.use_gn:
+                self.add_module(f"head_conv{i}_gn", group_norm(conv_dim))
+            channels = conv_dim
+        self.fc6 = nn.Linear(channels * self.resolution ** 2, mlp_dim)
+        xavier_fill(self.fc6.weight)
+        nn.init.zeros_(self.fc6.bias)
+        self.out_channels = int(mlp_dim)
+
+    @classmethod
+    def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], use_gn: bool = False
+                 ) -> "RoiXconv1fcHead":
+        """Keys: those of :meth:`Roi2MLPHead.from_cfg` and ``FAST_RCNN.{NUM_STACKED_CONVS, CONV_HEAD_DIM}``."""
+        idx = roi_feature_indices(cfg, spatial_scales)
+        fr = cfg.FAST_RCNN
+        return cls(in_channels, [spatial_scales[i] for i in idx], resolution=fr.ROI_XFORM_RESOLUTION,
+                   sampling_ratio=fr.ROI_XFORM_SAMPLING_RATIO, num_convs=fr.NUM_STACKED_CONVS,
+                   conv_dim=fr.CONV_HEAD_DIM, mlp_dim=fr.MLP_HEAD_DIM, use_gn=use_gn, aligned=fr.ROI_XFORM_ALIGNED,
+                   canonical_scale=cfg.FPN.ROI_CANONICAL_SCALE, canonical_level=cfg.FPN.ROI_CANONICAL_LEVEL,
+                   roi_xform=fr.ROI_XFORM_METHOD, feature_indices=idx)
+
+    def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
+        x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
+        for i in range(1, self.num_convs + 1):
+            x = getattr(self, f"head_conv{i}")(x)
+            if self.use_gn:
+                x = getattr(self, f"head_conv{i}_gn")(x)
+            x = F.relu(x)
+        return F.relu(self.fc6(x.flatten(start_dim=1)))
+
+
 def res5_first_stride(resolution: int, dilation: int) -> int:
     """Detectron's rule for an RoI res5: stride ``resolution // 7`` (14 -> 7), or 1 when dilated."""
     return 1 if dilation > 1 else max(int(resolution) // 7, 1)
@@ -277,6 +350,9 @@ def _res5_blocks(conv_body: str) -> int:
 BOX_HEAD_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "roi_2mlp_head": Roi2MLPHead.from_cfg,
     "ResNet_roi_conv5_head": ResNetRoIConv5Head.from_cfg,
+    "roi_Xconv1fc_head": RoiXconv1fcHead.from_cfg,
+    "roi_Xconv1fc_gn_head": lambda cfg, in_channels, spatial_scales: RoiXconv1fcHead.from_cfg(
+        cfg, in_channels, spatial_scales, use_gn=True),
 }
 
 

@@ -2,7 +2,9 @@
 
 - :class:`MaskRCNNFCNHead` (``mask_rcnn_fcn_head_v1up4convs`` / ``_v1up``, FPN): RoIAlign to ``C x 14 x 14``,
   ``num_convs`` 3x3 convs ``mask_fcn1..N`` with ReLU, ``conv5_mask`` 2x2 stride-2 deconv with ReLU ->
-  ``(R, dim, 28, 28)``. torchvision's ``mask_head`` + ``mask_predictor.conv5_mask`` compute the same.
+  ``(R, dim, 28, 28)``. torchvision's ``mask_head`` + ``mask_predictor.conv5_mask`` compute the same. With
+  ``use_gn`` (``mask_rcnn_fcn_head_v1up4convs_gn``, Detectron's GN configs) each conv is followed by a GroupNorm
+  ``mask_fcn{i}_gn`` and has no bias (Detectron's blobs ``_mask_fcn{i}_w``, ``_mask_fcn{i}_gn_{s,b}``).
 - :class:`MaskRCNNHeadV0UpShare` (``_v0upshare``, C4): the box head's res5 map ``(R, 2048, 7, 7)`` ->
   ``conv5_mask`` deconv + ReLU -> ``(R, dim, 14, 14)``. It owns no res5: the caller gets the map from
   ``ResNetRoIConv5Head(..., return_res5=True)`` (foreground rows during training, detections at test time).
@@ -18,6 +20,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbone.norms import group_norm
 from ..backbone.resnet import make_stage
 from .box_head import (BlobConv, RoIsLike, init_res5, make_roi_xform, res5_first_stride, roi_feature_indices,
                        roi_transform)
@@ -56,6 +59,7 @@ class MaskRCNNFCNHead(nn.Module):
         dilation: dilation (and padding) of the 3x3 convolutions.
         aligned, canonical_scale, canonical_level, roi_xform, feature_indices: as :class:`Roi2MLPHead`.
         conv_init: ``"MSRAFill"`` or ``"GaussianFill"``.
+        use_gn: GroupNorm (32 groups) after every 3x3 conv (``mask_fcn{i}_gn``); the convs then have no bias.
 
     ``forward(blob_conv, rois) -> (R, dim, 2 * resolution, 2 * resolution)``.
     """
@@ -65,7 +69,8 @@ class MaskRCNNFCNHead(nn.Module):
     def __init__(self, in_channels: int, scales: Sequence[float], resolution: int = 14, sampling_ratio: int = 2,
                  num_convs: int = 4, dim: int = 256, dilation: int = 1, aligned: bool = False,
                  canonical_scale: int = 224, canonical_level: int = 4, roi_xform: str = "RoIAlign",
-                 feature_indices: Optional[Sequence[int]] = None, conv_init: str = "MSRAFill"):
+                 feature_indices: Optional[Sequence[int]] = None, conv_init: str = "MSRAFill",
+                 use_gn: bool = False):
         super().__init__()
         if in_channels < 1 or dim < 1 or num_convs < 0 or dilation < 1:
             raise ValueError(f"need in_channels >= 1, dim >= 1, num_convs >= 0, dilation >= 1; got "
@@ -75,19 +80,22 @@ class MaskRCNNFCNHead(nn.Module):
         self.num_levels = len(scales)
         self.feature_indices = None if feature_indices is None else [int(i) for i in feature_indices]
         self.num_convs = int(num_convs)
+        self.use_gn = bool(use_gn)
         channels = in_channels
         for i in range(1, self.num_convs + 1):
-            conv = nn.Conv2d(channels, dim, 3, padding=dilation, dilation=dilation)
+            conv = nn.Conv2d(channels, dim, 3, padding=dilation, dilation=dilation, bias=not self.use_gn)
             init_conv(conv, conv_init)
             self.add_module(f"mask_fcn{i}", conv)
+            if self.use_gn:
+                self.add_module(f"mask_fcn{i}_gn", group_norm(dim))
             channels = dim
         self.conv5_mask = nn.ConvTranspose2d(channels, dim, 2, stride=2)
         init_conv(self.conv5_mask, conv_init)
         self.out_channels = int(dim)
 
     @classmethod
-    def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], num_convs: Optional[int] = None
-                 ) -> "MaskRCNNFCNHead":
+    def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], num_convs: Optional[int] = None,
+                 use_gn: bool = False) -> "MaskRCNNFCNHead":
         """Keys: ``MRCNN.{ROI_XFORM_METHOD, ROI_XFORM_RESOLUTION, ROI_XFORM_SAMPLING_RATIO, DIM_REDUCED, NUM_CONVS,
         DILATION, CONV_INIT}``, ``FAST_RCNN.ROI_XFORM_ALIGNED``, ``FPN.ROI_*``."""
         idx = roi_feature_indices(cfg, spatial_scales)
@@ -97,12 +105,15 @@ class MaskRCNNFCNHead(nn.Module):
                    num_convs=m.NUM_CONVS if num_convs is None else num_convs, dim=m.DIM_REDUCED,
                    dilation=m.DILATION, aligned=cfg.FAST_RCNN.ROI_XFORM_ALIGNED,
                    canonical_scale=cfg.FPN.ROI_CANONICAL_SCALE, canonical_level=cfg.FPN.ROI_CANONICAL_LEVEL,
-                   roi_xform=m.ROI_XFORM_METHOD, feature_indices=idx, conv_init=m.CONV_INIT)
+                   roi_xform=m.ROI_XFORM_METHOD, feature_indices=idx, conv_init=m.CONV_INIT, use_gn=use_gn)
 
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
         for i in range(1, self.num_convs + 1):
-            x = F.relu(getattr(self, f"mask_fcn{i}")(x))
+            x = getattr(self, f"mask_fcn{i}")(x)
+            if self.use_gn:
+                x = getattr(self, f"mask_fcn{i}_gn")(x)
+            x = F.relu(x)
         return F.relu(self.conv5_mask(x))
 
 
@@ -199,6 +210,10 @@ def _v1up4convs(cfg, in_channels, spatial_scales, box_head=None):
     return MaskRCNNFCNHead.from_cfg(cfg, in_channels, spatial_scales)
 
 
+def _v1up4convs_gn(cfg, in_channels, spatial_scales, box_head=None):
+    return MaskRCNNFCNHead.from_cfg(cfg, in_channels, spatial_scales, use_gn=True)
+
+
 def _v1up(cfg, in_channels, spatial_scales, box_head=None):
     return MaskRCNNFCNHead.from_cfg(cfg, in_channels, spatial_scales, num_convs=2)
 
@@ -215,6 +230,7 @@ def _v0up(cfg, in_channels, spatial_scales, box_head=None):
 #: ``(cfg, in_channels, spatial_scales, box_head=None)``.
 MASK_HEAD_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "mask_rcnn_fcn_head_v1up4convs": _v1up4convs,
+    "mask_rcnn_fcn_head_v1up4convs_gn": _v1up4convs_gn,
     "mask_rcnn_fcn_head_v1up": _v1up,
     "mask_rcnn_fcn_head_v0upshare": _v0upshare,
     "mask_rcnn_fcn_head_v0up": _v0up,
@@ -224,7 +240,7 @@ MASK_HEAD_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
 def build_mask_head(cfg, in_channels: int, spatial_scales: Sequence[float], box_head: Optional[nn.Module] = None
                     ) -> nn.Module:
     """The mask head named by ``MRCNN.ROI_MASK_HEAD``. v1up4convs uses ``MRCNN.NUM_CONVS`` convolutions (4 by
-    default), v1up always 2; v0upshare reads its input width from ``box_head``."""
+    default; also the _gn variant), v1up always 2; v0upshare reads its input width from ``box_head``."""
     name = str(cfg.MRCNN.ROI_MASK_HEAD)
     key = name.split(".", 1)[1] if "." in name else name
     if key not in MASK_HEAD_REGISTRY:

@@ -15,6 +15,11 @@ and the ImageNet models hold the blob dict at the top level); ``*_momentum`` blo
     fc6_{w,b} fc7_{w,b}  cls_score_{w,b}  bbox_pred_{w,b}                      box head / outputs (bg = class 0)
     res5_*                                            C4 box head (ResNet_roi_conv5_head)
     _[mask]_fcn{1..4}_{w,b}  conv5_mask_{w,b}  mask_fcn_logits_{w,b}           mask head / outputs
+    head_conv{1..4}_w  head_conv{i}_gn_{s,b}  fc6_{w,b}      GN box head (roi_Xconv1fc_gn_head: ConvGN, no conv bias)
+    _mask_fcn{1..4}_w  _mask_fcn{i}_gn_{s,b}                 GN mask head (mask_rcnn_fcn_head_v1upXconvs_gn names
+                                                              its ConvGN blobs '_mask_fcn', without the brackets)
+    ..._gn_{s,b}                                             GroupNorm scale/shift of a ConvGN blob (GN bodies and
+                                                              FPN too: res2_0_branch2a_gn_s, fpn_inner_res5_2_sum_gn_s)
     _[mask]_res5_*                                    v0up mask head's own res5 (v0upshare shares res5_*)
 
 Caffe2 tensors have PyTorch's layouts (conv ``(out, in, kh, kw)``, FC ``(out, in)``, transposed conv
@@ -69,31 +74,55 @@ TO_CANONICAL = RuleTable("this Detectron file", "maskrcnn's model", [
     Rule(_FPN_OUT + r"_gn_(?P<p>[sb])", "fpn.output{L}.norm.{p}", {"p": _GN}),
     Rule(r"(?P<layer>conv_rpn|rpn_cls_logits|rpn_bbox_pred)(?:_fpn\d)?_(?P<p>[wb])", "rpn.{layer}.{p}",
          {"layer": _RPN, "p": _WB}),
-    Rule(r"_\[mask\]_fcn(?P<i>\d+)_(?P<p>[wb])", "mask.fcn{i}.{p}", {"p": _WB}),
+    Rule(r"_(?:\[mask\]|mask)_fcn(?P<i>\d+)_gn_(?P<p>[sb])", "mask.fcn{i}.norm.{p}", {"p": _GN}),
+    Rule(r"_(?:\[mask\]|mask)_fcn(?P<i>\d+)_(?P<p>[wb])", "mask.fcn{i}.{p}", {"p": _WB}),
+    Rule(r"head_conv(?P<i>\d+)_gn_(?P<p>[sb])", "box.conv{i}.norm.{p}", {"p": _GN}),
+    Rule(r"head_conv(?P<i>\d+)_(?P<p>[wb])", "box.conv{i}.{p}", {"p": _WB}),
     Rule(r"(?P<layer>\w+)_(?P<p>[wb])", "{layer}.{p}", {"layer": _HEADS, "p": _WB}),
-], hint="Keypoint, RetinaNet, GroupNorm-head and other non-Mask R-CNN models are not supported.")
+], hint="Keypoint, RetinaNet and other non-Mask R-CNN models are not supported.")
 
 
 def _fpn_blob(f: Dict[str, Any]) -> str:
     """Detectron names an FPN blob after the last block of its stage; the coarsest lateral has no ``_lateral``."""
     stage = f"res{f['L']}_{f['last_block'].get(f['L'], 0)}_sum"
+    suffix = f"_gn_{f['p']}" if f.get("norm") else f"_{f['p']}"
     if f["kind"] == "output":
-        return f"fpn_{stage}_{f['p']}"
-    return f"fpn_inner_{stage}{'' if f['L'] == f['top'] else '_lateral'}_{f['p']}"
+        return f"fpn_{stage}{suffix}"
+    return f"fpn_inner_{stage}{'' if f['L'] == f['top'] else '_lateral'}{suffix}"
+
+
+def _norm_blob(f: Dict[str, Any]) -> str:
+    """A ResNet norm: AffineChannel ``_bn_{s,b}`` or, in a GroupNorm body, ``_gn_{s,b}`` (the stem's AffineChannel is
+    ``res_conv1_bn``, its GroupNorm ``conv1_gn``)."""
+    kind = "gn" if f["gn_body"] else "bn"
+    if f.get("stem"):
+        return f"conv1_gn_{f['p']}" if f["gn_body"] else f"res_conv1_bn_{f['p']}"
+    return f"{f['stage']}_{f['b']}_branch{f['br']}_{kind}_{f['p']}"
+
+
+def _mask_fcn_blob(f: Dict[str, Any]) -> str:
+    """Detectron's GN mask head names its blobs ``_mask_fcn{i}`` (no brackets), the plain one ``_[mask]_fcn{i}``."""
+    prefix = "_mask_fcn" if f["gn_mask"] else "_[mask]_fcn"
+    return f"{prefix}{f['i']}_gn_{f['p']}" if f.get("norm") else f"{prefix}{f['i']}_{f['p']}"
 
 
 #: Canonical name -> Detectron blob name (norms already folded to AffineChannel weight/bias).
 FROM_CANONICAL = RuleTable("the canonical weights", "Detectron's names", [
     Rule(r"stem\.conv1\.weight", "conv1_w"),
-    Rule(r"stem\.bn1\.(?P<p>weight|bias)", "res_conv1_bn_{p}", {"p": inverse(_GN)}),
+    Rule(r"stem\.bn1\.(?P<p>weight|bias)", lambda f: _norm_blob({**f, "stem": True}), {"p": inverse(_GN)}),
     Rule(r"(?P<stage>res[2-5]|mask_res5)\.(?P<b>\d+)\.(?P<br>conv[123]|downsample\.0)\.weight",
          "{stage}_{b}_branch{br}_w", {"stage": inverse(_STAGE), "br": inverse(_CONV)}),
     Rule(r"(?P<stage>res[2-5]|mask_res5)\.(?P<b>\d+)\.(?P<br>bn[123]|downsample\.1)\.(?P<p>weight|bias)",
-         "{stage}_{b}_branch{br}_bn_{p}", {"stage": inverse(_STAGE), "br": inverse(_NORM), "p": inverse(_GN)}),
+         _norm_blob, {"stage": inverse(_STAGE), "br": inverse(_NORM), "p": inverse(_GN)}),
+    Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-5])\.(?P<norm>norm\.)(?P<p>weight|bias)", _fpn_blob,
+         {"p": inverse(_GN)}),
     Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-5])\.(?P<p>weight|bias)", _fpn_blob, {"p": inverse(_WB)}),
     Rule(r"rpn\.(?P<layer>conv|cls_logits|bbox_pred)\.(?P<p>weight|bias)", "{layer}{rpn_level}_{p}",
          {"layer": inverse(_RPN), "p": inverse(_WB)}),
-    Rule(r"mask\.fcn(?P<i>\d+)\.(?P<p>weight|bias)", "_[mask]_fcn{i}_{p}", {"p": inverse(_WB)}),
+    Rule(r"mask\.fcn(?P<i>\d+)\.(?P<norm>norm\.)(?P<p>weight|bias)", _mask_fcn_blob, {"p": inverse(_GN)}),
+    Rule(r"mask\.fcn(?P<i>\d+)\.(?P<p>weight|bias)", _mask_fcn_blob, {"p": inverse(_WB)}),
+    Rule(r"box\.conv(?P<i>\d+)\.norm\.(?P<p>weight|bias)", "head_conv{i}_gn_{p}", {"p": inverse(_GN)}),
+    Rule(r"box\.conv(?P<i>\d+)\.(?P<p>weight|bias)", "head_conv{i}_{p}", {"p": inverse(_WB)}),
     Rule(r"(?P<layer>box\.\w+|mask\.\w+)\.(?P<p>weight|bias)", "{layer}_{p}",
          {"layer": inverse(_HEADS), "p": inverse(_WB)}),
 ])
@@ -210,8 +239,11 @@ def canonical_to_detectron(canonical: Mapping[str, Tensor]) -> Dict[str, np.ndar
         m = re.match(r"^res([2-5])\.(\d+)\.", k)
         if m:
             last_block[m.group(1)] = max(last_block.get(m.group(1), 0), int(m.group(2)))
+    # A GroupNorm body has norms with weight/bias only (no statistics); the GN mask head has norms after its convs.
+    gn_body = "stem.bn1.weight" in canonical and "stem.bn1.running_mean" not in canonical
     context = {"last_block": last_block, "top": max(last_block) if last_block else "5",
-               "rpn_level": "_fpn2" if any(k.startswith("fpn.") for k in canonical) else ""}
+               "rpn_level": "_fpn2" if any(k.startswith("fpn.") for k in canonical) else "",
+               "gn_body": gn_body, "gn_mask": any(re.match(r"^mask\.fcn\d+\.norm\.", k) for k in canonical)}
     out, _ = FROM_CANONICAL.apply(bn_to_affine_channels(canonical), context,
                                   convert=lambda t, _: t.detach().cpu().numpy().astype(np.float32))
     return out

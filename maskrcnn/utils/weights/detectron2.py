@@ -10,9 +10,11 @@ Names (``detectron2/modeling/backbone/{resnet,fpn}.py``, ``proposal_generator/rp
     backbone.fpn_lateral{2..5}.*  backbone.fpn_output{2..5}.*                      (GN: .norm.*)
     proposal_generator.rpn_head.conv.*  .objectness_logits.*  .anchor_deltas.*
     roi_heads.box_head.fc1.* fc2.*    roi_heads.res5.{b}.*  (C4 box head)
+    roi_heads.box_head.conv{1..4}.weight  .conv{i}.norm.{weight,bias}  .fc1.*      GN box head (4conv1fc, no conv bias)
     roi_heads.box_predictor.cls_score.*   K+1 rows, background LAST (row K)
     roi_heads.box_predictor.bbox_pred.*   4K rows, foreground classes only (no background deltas)
     roi_heads.mask_head.mask_fcn{1..4}.*  .deconv.*  .predictor.*     predictor: K channels, no background
+    roi_heads.mask_head.mask_fcn{i}.norm.{weight,bias}                GN mask head
 
 Conversion to the canonical (Detectron) layout: the background row of ``cls_score`` moves from last to first; the
 background's 4 ``bbox_pred`` rows and 1 mask channel are added as zeros (inference never reads them, and a
@@ -76,9 +78,10 @@ TO_CANONICAL = RuleTable("this detectron2 file", "maskrcnn's model", [
     *_resnet_rules(_BODY + r"(?P<s>res[2-5])", "{s}"),
     *_resnet_rules(r"roi_heads\.res5", "res5"),
     Rule(r"backbone\.fpn_(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "fpn.{kind}{L}{norm}.{p}"),
-    Rule(r"roi_heads\.mask_head\.mask_fcn(?P<i>\d+)\." + PARAM, "mask.fcn{i}.{p}"),
+    Rule(r"roi_heads\.mask_head\.mask_fcn(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "mask.fcn{i}{norm}.{p}"),
+    Rule(r"roi_heads\.box_head\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "box.conv{i}{norm}.{p}"),
     Rule(_HEAD_PATTERN, "{layer}.{p}", {"layer": _HEADS}),
-], hint="Cascade, keypoint, RetinaNet, GN-head and other non-standard detectron2 models are not supported.")
+], hint="Cascade, keypoint, RetinaNet and other non-standard detectron2 models are not supported.")
 
 #: Canonical name -> detectron2 name. Context: ``body`` (``backbone.bottom_up.`` under FPN, else ``backbone.``) and
 #: ``res5`` (``roi_heads.`` when res5 is the C4 box head, else ``body``).
@@ -88,7 +91,8 @@ FROM_CANONICAL = RuleTable("the canonical weights", "detectron2's names", [
     *_resnet_rules_back(r"(?P<s>res[2-4])", "{body}{s}"),
     *_resnet_rules_back(r"res5", "{res5}res5"),
     Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "backbone.fpn_{kind}{L}{norm}.{p}"),
-    Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "roi_heads.mask_head.mask_fcn{i}.{p}"),
+    Rule(r"mask\.fcn(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "roi_heads.mask_head.mask_fcn{i}{norm}.{p}"),
+    Rule(r"box\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "roi_heads.box_head.conv{i}{norm}.{p}"),
     Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": inverse(_HEADS)}),
 ])
 

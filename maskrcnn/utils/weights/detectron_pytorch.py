@@ -14,6 +14,8 @@ Module names (from its ``lib/modeling/*.py`` and their ``detectron_weight_mappin
     Box_Head.fc1 / fc2 (roi_2mlp_head, Detectron fc6/fc7)        or Box_Head.res5.* (ResNet_roi_conv5_head)
     Box_Outs.cls_score / bbox_pred
     Mask_Head.conv_fcn.{0,2,4,6} (3x3 convs, ReLUs between) + Mask_Head.upconv   (v1up4convs)
+    Mask_Head.conv_fcn.{0,3,6,9} convs, .{1,4,7,10} GroupNorms (v1upXconvs_gn: conv, GN, ReLU triples)
+    Box_Head.convs.{0,3,6,9} convs, .{1,4,7,10} GroupNorms, Box_Head.fc    (roi_Xconv1fc_gn_head; Detectron fc6)
     Mask_Head.upconv5 (+ Mask_Head.res5.*: the box head's res5 for v0upshare, its own for v0up)
     Mask_Outs.classify
 
@@ -35,10 +37,10 @@ __all__ = ["is_detectron_pytorch", "detectron_pytorch_to_canonical", "canonical_
 
 # Names only Detectron.pytorch uses (its ResNet body, Conv_Body.conv_body.*, has our names).
 _MARKERS = re.compile(r"^(Conv_Body\.conv_top|Conv_Body\.topdown_lateral_modules|Conv_Body\.posthoc_modules|"
-                      r"RPN\.FPN_RPN_|RPN\.RPN_(conv|cls_score|bbox_pred)\.|Box_Head\.fc[12]\.|"
+                      r"RPN\.FPN_RPN_|RPN\.RPN_(conv|cls_score|bbox_pred)\.|Box_Head\.fc[12]?\.|Box_Head\.convs\.|"
                       r"Mask_Head\.conv_fcn\.|Mask_Head\.upconv|Mask_Outs\.classify\.)")
 # Names only maskrcnn uses (a GroupNorm body of ours also has norms without running statistics).
-_OUR_MARKERS = re.compile(r"^(RPN\.head\.RPN_|Conv_Body\.fpn\.|Box_Head\.fc[67]\.|Mask_Head\.mask_fcn|"
+_OUR_MARKERS = re.compile(r"^(RPN\.head\.RPN_|Conv_Body\.fpn\.|Box_Head\.fc[67]\.|Box_Head\.head_conv|Mask_Head\.mask_fcn|"
                           r"Mask_Head\.conv5_mask\.|Mask_Outs\.mask_fcn_logits\.)")
 
 _AFFINE = {"weight": "scale", "bias": "shift"}  # AffineChannel2d parameters
@@ -61,6 +63,25 @@ def _resnet_rules(source: str, stage: str) -> Iterator[Rule]:
 
 _BODY = r"Conv_Body\.(?:conv_body\.)?"
 
+
+def _gn_conv_index(i: str) -> Optional[int]:
+    return int(i) // 3 + 1 if int(i) % 3 == 0 else None
+
+
+def _gn_norm_index(i: str) -> Optional[int]:
+    return int(i) // 3 + 1 if int(i) % 3 == 1 else None
+
+
+def _mark_gn_heads(sd: Mapping[str, Any]) -> Dict[str, Any]:
+    """Its GN heads hold (conv, GroupNorm, ReLU) triples where the plain mask head holds (conv, ReLU) pairs under
+    the same name: a GroupNorm at index 1 tells them apart, and such a head is renamed ``*_gn`` for the rules."""
+    out = dict(sd)
+    for head in ("Box_Head.convs", "Mask_Head.conv_fcn"):
+        if f"{head}.1.weight" in sd:
+            for k in [k for k in sd if isinstance(k, str) and k.startswith(head + ".")]:
+                out[f"{head}_gn." + k[len(head) + 1:]] = out.pop(k)
+    return out
+
 #: Detectron.pytorch state-dict name -> canonical name. ``Mask_Head.res5`` goes to ``mask_res5`` here; whether it
 #: is the box head's (shared) is decided afterwards.
 TO_CANONICAL = RuleTable("this Detectron.pytorch file", "maskrcnn's model", [
@@ -77,13 +98,19 @@ TO_CANONICAL = RuleTable("this Detectron.pytorch file", "maskrcnn's model", [
          {"i": _OUTPUT_LEVEL, "norm": _NORM}),
     Rule(r"RPN\.(?:FPN_)?RPN_(?P<layer>conv|cls_score|bbox_pred)\." + PARAM, "rpn.{layer}.{p}", {"layer": _RPN}),
     Rule(r"Box_Head\.fc(?P<i>[12])\." + PARAM, "box.fc{i}.{p}", {"i": _FC}),
+    Rule(r"Box_Head\.fc\." + PARAM, "box.fc6.{p}"),
+    # GN heads (renamed *_gn by _mark_gn_heads): Sequential(conv, GroupNorm, ReLU, conv, ...).
+    Rule(r"Box_Head\.convs_gn\.(?P<i>\d+)\." + PARAM, "box.conv{i}.{p}", {"i": _gn_conv_index}),
+    Rule(r"Box_Head\.convs_gn\.(?P<i>\d+)\." + PARAM, "box.conv{i}.norm.{p}", {"i": _gn_norm_index}),
+    Rule(r"Mask_Head\.conv_fcn_gn\.(?P<i>\d+)\." + PARAM, "mask.fcn{i}.{p}", {"i": _gn_conv_index}),
+    Rule(r"Mask_Head\.conv_fcn_gn\.(?P<i>\d+)\." + PARAM, "mask.fcn{i}.norm.{p}", {"i": _gn_norm_index}),
     Rule(r"Box_Outs\.(?P<layer>cls_score|bbox_pred)\." + PARAM, "box.{layer}.{p}"),
     # conv_fcn is Sequential(conv, ReLU, conv, ReLU, ...): the convs sit at even indices.
     Rule(r"Mask_Head\.conv_fcn\.(?P<i>\d+)\." + PARAM, "mask.fcn{i}.{p}",
          {"i": lambda i: int(i) // 2 + 1 if int(i) % 2 == 0 else None}),
     Rule(r"Mask_Head\.upconv5?\." + PARAM, "mask.conv5_mask.{p}"),
     Rule(r"Mask_Outs\.classify\." + PARAM, "mask.logits.{p}"),
-], hint="Keypoint heads, roi_Xconv1fc heads and GN mask heads are not supported.")
+], hint="Keypoint heads and roi_Xconv1fc heads without GroupNorm are not supported.")
 
 #: Canonical name -> Detectron.pytorch name (norms already folded to AffineChannel weight/bias). Context: ``body``
 #: (``Conv_Body.conv_body.`` under FPN), ``res5`` (where res5 lives: the body or ``Box_Head.``), ``rpn``
@@ -130,7 +157,7 @@ def detectron_pytorch_to_canonical(obj: Any, mask_head_shares_res5: Optional[boo
     ``mask_head_shares_res5``: whether ``Mask_Head.res5`` is the box head's (v0upshare) or its own (v0up); None
     decides from the values (a shared module saves equal tensors twice). Returns ``(canonical, notes)``.
     """
-    sd = unwrap_state_dict(obj)
+    sd = _mark_gn_heads(unwrap_state_dict(obj))
     renamed, _ = TO_CANONICAL.apply(sd, convert=to_tensor)
     notes: List[str] = []
     mask_res5 = {k[len("Mask_Head."):]: v for k, v in sd.items() if k.startswith("Mask_Head.res5.")}

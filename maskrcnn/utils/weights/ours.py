@@ -31,6 +31,9 @@ OUR_NAMES: Dict[str, str] = {
     "box.cls_score": "Box_Outs.cls_score",
     "box.bbox_pred": "Box_Outs.bbox_pred",
     "mask.fcn{i}": "Mask_Head.mask_fcn{i}",
+    "mask.fcn{i}.norm": "Mask_Head.mask_fcn{i}_gn",
+    "box.conv{i}": "Box_Head.head_conv{i}",
+    "box.conv{i}.norm": "Box_Head.head_conv{i}_gn",
     "mask.conv5_mask": "Mask_Head.conv5_mask",
     "mask.logits": "Mask_Outs.mask_fcn_logits",
 }
@@ -38,7 +41,10 @@ OUR_NAMES: Dict[str, str] = {
 _STAGE_RE = re.compile(r"^(res[2-5]|mask_res5)\.(\d+)\.(.+)$")
 _FPN_RE = re.compile(r"^fpn\.(lateral|output)([2-6])\.(norm\.)?(weight|bias)$")
 _HEAD_RE = re.compile(r"^(rpn\.conv|rpn\.cls_logits|rpn\.bbox_pred|box\.fc6|box\.fc7|box\.cls_score|box\.bbox_pred|"
-                      r"mask\.fcn\d+|mask\.conv5_mask|mask\.logits)\.(weight|bias)$")
+                      r"mask\.conv5_mask|mask\.logits)\.(weight|bias)$")
+# Numbered head convs, each with an optional GroupNorm (``.norm``): mask.fcn{i} (v1up4convs[_gn]), box.conv{i}
+# (roi_Xconv1fc[_gn]_head).
+_NUMBERED_RE = re.compile(r"^(mask\.fcn|box\.conv)(\d+)(\.norm)?\.(weight|bias)$")
 
 
 def layout_from_cfg(cfg) -> Optional[str]:
@@ -153,9 +159,12 @@ def canonical_to_ours(canonical: Mapping[str, Tensor], *, cfg=None, target: Opti
         m = _HEAD_RE.match(key)
         if m:
             head, what = m.groups()
-            fcn = re.match(r"^mask\.fcn(\d+)$", head)
-            name = OUR_NAMES["mask.fcn{i}"].format(i=fcn.group(1)) if fcn else OUR_NAMES[head]
-            out[f"{name}.{what}"] = t
+            out[f"{OUR_NAMES[head]}.{what}"] = t
+            continue
+        m = _NUMBERED_RE.match(key)
+        if m:
+            head, i, norm, what = m.groups()
+            out[f"{OUR_NAMES[head + '{i}' + (norm or '')].format(i=i)}.{what}"] = t
             continue
         raise WeightsConversionError(f"canonical tensor {key!r} has no place in maskrcnn's model")
     if target is not None:
@@ -203,7 +212,8 @@ def ours_to_canonical(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
             torch.equal(mask_res5[k], box_res5[k]) for k in mask_res5))
     lat = re.compile("^" + re.escape(OUR_NAMES["fpn_lateral"]).replace(r"\{i\}", r"(\d+)") + r"\.(?:(\d)\.)?(\w+)$")
     outp = re.compile("^" + re.escape(OUR_NAMES["fpn_output"]).replace(r"\{i\}", r"(\d+)") + r"\.(?:(\d)\.)?(\w+)$")
-    fcn = re.compile("^" + re.escape(OUR_NAMES["mask.fcn{i}"]).replace(r"\{i\}", r"(\d+)") + r"\.(\w+)$")
+    numbered = [(canon, re.compile("^" + re.escape(OUR_NAMES[canon]).replace(r"\{i\}", r"(\d+)") + r"\.(\w+)$"))
+                for canon in ("mask.fcn{i}", "mask.fcn{i}.norm", "box.conv{i}", "box.conv{i}.norm")]
     out: Dict[str, Tensor] = OrderedDict()
     for key, t in state_dict.items():
         if key.endswith("num_batches_tracked"):
@@ -223,9 +233,9 @@ def ours_to_canonical(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
             i, sub, what = m.groups()
             norm = "norm." if sub == "1" else ""
             out[f"fpn.{kind}{int(i) + 2}.{norm}{what}"] = t
-        elif fcn.match(key):
-            m = fcn.match(key)
-            out[f"mask.fcn{m.group(1)}.{m.group(2)}"] = t
+        elif any(r.match(key) for _, r in numbered):
+            canon, m = next((c, r.match(key)) for c, r in numbered if r.match(key))
+            out[f"{canon.format(i=m.group(1))}.{m.group(2)}"] = t
         else:
             head, _, what = key.rpartition(".")
             if head not in heads:

@@ -198,8 +198,8 @@ def test_make_stage():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="depth=42"):
         ResNet(42)
-    with pytest.raises(ValueError, match="norm='SyncBN'"):
-        ResNet(18, norm="SyncBN")
+    with pytest.raises(ValueError, match="norm='LayerNorm'"):  # SyncBN is supported (tests/modeling/backbone/test_norms.py)
+        ResNet(18, norm="LayerNorm")
     with pytest.raises(ValueError, match="return_stages"):
         ResNet(18, return_stages=("res6",))
     with pytest.raises(ValueError, match="freeze_at=6"):
