@@ -97,7 +97,8 @@ class _RecordPass:
         for r in recs:
             # every coordinate and count is read, as rasterising the masks does
             segm = r["segmentation"]
-            n += sum(map(sum, segm)) if isinstance(segm, list) else sum(map(float, segm["counts"]))
+            n += sum(map(sum, segm)) if isinstance(segm, list) else (
+                sum(segm["counts"]) if isinstance(segm["counts"], list) else len(segm["counts"]))
             n += sum(r["box"]) + r["label"] + r["iscrowd"]
         return os.getpid(), n
 
