@@ -83,7 +83,8 @@ class Trainer:
 
     Attributes for hooks (set by each step): ``iter``, ``losses`` (floats averaged over the accumulated batches),
     ``total_loss``, ``lr`` (the schedule's lr of this step, before the per-group factors), ``step_time``,
-    ``data_time``, ``grad_norm`` (None without clipping), ``image_ids``, ``skipped_steps``, ``step_skipped``;
+    ``data_time``, ``grad_norm`` (None without clipping), ``image_ids``, ``skipped_steps``, ``step_skipped``,
+    ``scaler_skipped_steps`` (fp16: updates the GradScaler skipped for inf/NaN gradients, as it lowered its scale);
     ``ema``: the :class:`~maskrcnn.engine.ema.ModelEMA` (set by ``EMAHook``; None without EMA).
     """
 
@@ -129,6 +130,7 @@ class Trainer:
         self.grad_norm: Optional[float] = None
         self.image_ids: List[Any] = []
         self.skipped_steps = 0
+        self.scaler_skipped_steps = 0
         self.step_skipped = False
         self._consecutive_skips = 0
         self.completed = False
@@ -203,8 +205,13 @@ class Trainer:
             self._consecutive_skips = 0
             self.losses = sums
             self.total_loss = sum(sums.values())
-            self._optimizer_step()
-            self.scheduler.step()
+            if self._optimizer_step():
+                self.scheduler.step()
+            else:
+                with warnings.catch_warnings():
+                    # fp16: the GradScaler skipped the update (inf/NaN gradients); the schedule still advances.
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                    self.scheduler.step()
         else:
             with warnings.catch_warnings():
                 # The schedule advances with the iteration even when its update was skipped.
@@ -212,17 +219,24 @@ class Trainer:
                 self.scheduler.step()
         self.step_time = time.perf_counter() - start
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> bool:
+        """Unscale (fp16), clip, step; returns False when the GradScaler skipped the update because of inf/NaN
+        gradients (it then lowers its scale, which is how the skip is seen from outside)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad_norm > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+        if self.scaler is None:
             self.optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        stepped = not self.scaler.is_enabled() or self.scaler.get_scale() >= scale
+        if not stepped:
+            self.scaler_skipped_steps += 1
+        return stepped
 
     def _non_finite(self, values: Dict[str, float], total: float, finite_here: bool) -> None:
         where = "" if not finite_here else " (on another process; this one's losses are finite)"

@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from ..transforms import read_image_rgb, to_float_tensor
 from ..validate import DataProblem, summarize_problems
+from .coco_index import PackedAnnotationIndex, PackedIndexBuilder
 
 __all__ = ["COCODataset", "BACKGROUND_CATEGORY_NAMES"]
 
@@ -60,8 +61,12 @@ class COCODataset(Dataset):
             longer side is ``max_image_side`` (memory stays bounded for e.g. 12000x9000 photos); boxes, masks and
             ``area`` are scaled to match. ``None``: no limit.
 
+    The annotations are parsed and validated once, into a packed index (numpy arrays, see
+    :mod:`maskrcnn.data.datasets.coco_index`) that DataLoader workers share without copying; an item's records are
+    decoded when it is read (:meth:`records`).
+
     Attributes:
-        coco: the ``pycocotools.coco.COCO`` index.
+        coco: the ``pycocotools.coco.COCO`` of the json, read on first access (evaluation's ground truth).
         ids: COCO image id of each dataset index (ascending).
         classes: class names, ``classes[0] == "__background__"``.
         category_id_to_contiguous / contiguous_to_category_id: label maps for reading and writing results.
@@ -79,39 +84,76 @@ class COCODataset(Dataset):
         if max_image_side is not None and int(max_image_side) <= 0:
             raise ValueError(f"COCODataset: max_image_side must be positive or None, got {max_image_side!r}")
         self.max_image_side = None if max_image_side is None else int(max_image_side)
-        self.coco = self._load_coco(ann_file)
+        self._coco: Optional[COCO] = None
+        data = self._read_json(ann_file)
 
-        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+        all_cats = {c["id"]: c for c in data["categories"]}
+        cats = sorted(all_cats.values(), key=lambda c: c["id"])
         cats = [c for c in cats if c.get("name") not in BACKGROUND_CATEGORY_NAMES]
         if not cats:
             raise ValueError(f"COCODataset: {ann_file} has no (non-background) categories")
+        self._declared_categories = frozenset(all_cats)
         self.category_id_to_contiguous: Dict[int, int] = {c["id"]: i + 1 for i, c in enumerate(cats)}
         self.contiguous_to_category_id: Dict[int, int] = {v: k for k, v in self.category_id_to_contiguous.items()}
         self.classes: List[str] = ["__background__"] + [str(c["name"]) for c in cats]
 
         #: Problems found while parsing (instances dropped or clipped); see :mod:`maskrcnn.data.validate`.
         self.annotation_problems: List[DataProblem] = []
-        for ann in self.coco.dataset.get("annotations", []):
-            if ann.get("image_id") not in self.coco.imgs:
-                self._problem("missing_image", ann, None, f"image id {ann.get('image_id')!r} is not in 'images'")
-        self._records: Dict[int, List[Dict[str, Any]]] = {}
-        for img_id in sorted(self.coco.imgs):
-            info = self.coco.imgs[img_id]
-            anns = self.coco.imgToAnns.get(img_id, [])
-            self._records[img_id] = [r for r in (self._parse_annotation(a, info) for a in anns) if r is not None]
-
-        ids = sorted(self.coco.imgs)
-        if remove_images_without_annotations:
-            ids = [i for i in ids if any(not r["iscrowd"] for r in self._records[i])]
-        self.ids: List[int] = ids
+        self._index = self._build_index(data)
+        del data
+        keep = self._index.has_non_crowd() if remove_images_without_annotations else None
+        rows = np.arange(len(self._index), dtype=np.int64)
+        # dataset index -> row of the packed index (numpy, so that forked workers share it).
+        self._rows: np.ndarray = rows if keep is None else rows[keep]
         if self.annotation_problems:
             warnings.warn(summarize_problems(
                 self.annotation_problems, 5,
                 f"COCODataset({self.ann_file}): {len(self.annotation_problems)} annotation problem(s); bad instances "
                 f"dropped, partial boxes clipped:"), stacklevel=2)
 
+    def _build_index(self, data: Dict[str, Any]) -> PackedAnnotationIndex:
+        """Parse every annotation of ``data`` (images by ascending id, each image's annotations in json order) into
+        the packed index. Annotations are released as they are parsed, so the peak stays near the json's size."""
+        builder = PackedIndexBuilder()
+        infos: Dict[int, Dict[str, Any]] = {}
+        for k, img in enumerate(data["images"]):
+            img_id = img["id"]
+            if isinstance(img_id, bool) or not isinstance(img_id, int):
+                raise ValueError(f"COCODataset: {self.ann_file}: images[{k}] id must be an integer, got {img_id!r}")
+            if img_id in infos:
+                raise ValueError(f"COCODataset: {self.ann_file}: image id {img_id} appears twice in 'images' "
+                                 f"({infos[img_id]['file_name']!r} and {img['file_name']!r}); ids must be unique")
+            infos[img_id] = img
+        for img_id in sorted(infos):
+            info = infos[img_id]
+            builder.add_image(img_id, int(info["height"]), int(info["width"]), info["file_name"])
+        rank = {img_id: r for r, img_id in enumerate(sorted(infos))}
+        anns = data["annotations"]
+        where = np.empty(len(anns), dtype=np.int64)
+        for k, ann in enumerate(anns):
+            if not isinstance(ann, dict):
+                raise ValueError(f"COCODataset: {self.ann_file}: annotations[{k}] must be a json object, got "
+                                 f"{type(ann).__name__}")
+            r = rank.get(ann.get("image_id"), -1)
+            if r < 0:
+                self._problem("missing_image", ann, None, f"image id {ann.get('image_id')!r} is not in 'images'")
+            where[k] = r
+        for k in np.argsort(where, kind="stable")[np.searchsorted(np.sort(where), 0):].tolist():
+            ann, anns[k] = anns[k], None
+            info = infos[ann["image_id"]]
+            record = self._parse_annotation(ann, info)
+            if record is not None and record["id"] is not None and (
+                    isinstance(record["id"], bool) or not isinstance(record["id"], int)):
+                raise ValueError(f"COCODataset: {self.ann_file}: annotation id {record['id']!r} (image id "
+                                 f"{ann['image_id']}) must be an integer")
+            if record is not None:
+                builder.add_record(ann["image_id"], record)
+        return builder.build()
+
     @staticmethod
-    def _load_coco(ann_file: str) -> COCO:
+    def _read_json(ann_file: str) -> Dict[str, Any]:
+        """The json of ``ann_file``, checked: an object with lists ``images`` (each with ``id``, ``file_name``,
+        ``height``, ``width``) and ``categories`` (each with ``id``); ``annotations`` defaults to ``[]``."""
         try:
             with open(ann_file, "rb") as f:
                 data = json.load(f)
@@ -129,7 +171,19 @@ class COCODataset(Dataset):
             missing = [f for f in ("id", "file_name", "height", "width") if f not in img]
             if missing:
                 raise ValueError(f"COCODataset: {ann_file}: images[{k}] lacks {missing}")
+        for k, cat in enumerate(data["categories"]):
+            if not isinstance(cat, dict) or "id" not in cat:
+                raise ValueError(f"COCODataset: {ann_file}: categories[{k}] must be an object with an 'id', got "
+                                 f"{cat!r}")
         data.setdefault("annotations", [])
+        if not isinstance(data["annotations"], list):
+            raise ValueError(f"COCODataset: {ann_file}: 'annotations' must be a list, got "
+                             f"{type(data['annotations']).__name__}")
+        return data
+
+    @staticmethod
+    def _load_coco(ann_file: str) -> COCO:
+        data = COCODataset._read_json(ann_file)
         coco = COCO()
         coco.dataset = data
         # pycocotools prints progress lines while indexing; keep library use silent.
@@ -139,6 +193,34 @@ class COCODataset(Dataset):
             except Exception as e:
                 raise ValueError(f"COCODataset: could not index {ann_file} as COCO json: {type(e).__name__}: {e}") from e
         return coco
+
+    @property
+    def coco(self) -> COCO:
+        """The ``pycocotools.coco.COCO`` of the json (the evaluation's ground truth), read on first use: training
+        never needs it, and the packed index is all an item read uses."""
+        if self._coco is None:
+            self._coco = self._load_coco(self.ann_file)
+        return self._coco
+
+    @coco.setter
+    def coco(self, value: COCO) -> None:
+        self._coco = value
+
+    @property
+    def ids(self) -> List[int]:
+        """COCO image id of each dataset index, ascending (a new list on each access)."""
+        return self._index.image_ids[self._rows].tolist()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Workers started by spawn get the packed arrays, not the (large, lazily built) pycocotools index.
+        state = dict(self.__dict__)
+        state["_coco"] = None
+        return state
+
+    def records(self, index: int) -> List[Dict[str, Any]]:
+        """The parsed annotations of item ``index`` (valid ones, json order): ``{"id", "label", "box" (x1, y1, x2,
+        y2 clipped), "segmentation" (polygons or RLE dict), "area" (None when the json has none), "iscrowd"}``."""
+        return self._index.records(int(self._rows[index]))
 
     # --- annotation parsing (once, at construction) ------------------------------------------------------------------
     def _problem(self, kind: str, ann: Dict[str, Any], info: Optional[Dict[str, Any]], why: str) -> None:
@@ -150,7 +232,7 @@ class COCODataset(Dataset):
         height, width = int(info["height"]), int(info["width"])
         cat = ann.get("category_id")
         if cat not in self.category_id_to_contiguous:
-            declared = cat in self.coco.cats
+            declared = cat in self._declared_categories
             self._problem("background_category" if declared else "undeclared_category", ann, info,
                           f"category_id {cat!r} is " + ("a background category" if declared else
                                                         "not declared in 'categories'"))
@@ -192,6 +274,10 @@ class COCODataset(Dataset):
                 self._problem("rle_size_mismatch", ann, info, f"RLE size {segm.get('size')!r} (counts "
                               f"{'present' if 'counts' in segm else 'missing'}) but the image is {height}x{width}")
                 return None
+            if isinstance(segm["counts"], list) and not all(
+                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in segm["counts"]):
+                self._problem("bad_segmentation", ann, info, "uncompressed RLE counts must be non-negative integers")
+                return None
         else:
             self._problem("bad_segmentation", ann, info, f"missing or unsupported segmentation {type(segm).__name__}")
             return None
@@ -215,30 +301,37 @@ class COCODataset(Dataset):
 
     # --- Dataset API -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._rows)
+
+    def _image(self, index: int) -> Tuple[int, int, int, str]:
+        """``(image id, height, width, file_name)`` of item ``index`` as the json records them."""
+        if not -len(self._rows) <= index < len(self._rows):
+            raise IndexError(f"COCODataset: index {index} out of range for {len(self._rows)} images")
+        pos = int(self._rows[index])
+        idx = self._index
+        return int(idx.image_ids[pos]), int(idx.heights[pos]), int(idx.widths[pos]), idx.file_name(pos)
 
     def get_image_info(self, index: int) -> Dict[str, Any]:
         """``{"file_name", "height", "width", "id"}`` of dataset item ``index`` from the json (no pixels read)."""
-        info = self.coco.imgs[self.ids[index]]
-        return {"file_name": info["file_name"], "height": int(info["height"]), "width": int(info["width"]),
-                "id": int(info["id"])}
+        img_id, height, width, file_name = self._image(index)
+        return {"file_name": file_name, "height": height, "width": width, "id": img_id}
 
     def image_path(self, index: int) -> str:
         """Path of item ``index``'s image: ``image_dir/file_name``, else relative to the json's folder."""
-        info = self.coco.imgs[self.ids[index]]
-        first = os.path.join(self.image_dir, info["file_name"])
+        img_id, _, _, file_name = self._image(index)
+        first = os.path.join(self.image_dir, file_name)
         if os.path.exists(first):
             return first
-        second = os.path.join(os.path.dirname(os.path.abspath(self.ann_file)), info["file_name"])
+        second = os.path.join(os.path.dirname(os.path.abspath(self.ann_file)), file_name)
         if os.path.exists(second):
             return second
-        raise FileNotFoundError(f"COCODataset: image {info['file_name']!r} of image id {info['id']} not found "
+        raise FileNotFoundError(f"COCODataset: image {file_name!r} of image id {img_id} not found "
                                 f"(tried {first} and {second})")
 
     def image_files(self, index: int) -> List[Tuple[str, Tuple[int, int]]]:
         """``[(image path, (height, width) the json records)]`` (for :func:`maskrcnn.data.validate.validate_dataset`)."""
-        info = self.coco.imgs[self.ids[index]]
-        return [(self.image_path(index), (int(info["height"]), int(info["width"])))]
+        _, height, width, _ = self._image(index)
+        return [(self.image_path(index), (height, width))]
 
     def get_target(self, index: int, size: Optional[Tuple[int, int]] = None) -> Dict[str, Tensor]:
         """The target of item ``index`` (masks decoded) without reading the image.
@@ -247,12 +340,10 @@ class COCODataset(Dataset):
         are produced at that size (polygons rasterised at it directly, RLEs decoded one at a time and resized
         nearest, so no full-resolution mask stack is ever held). ``None``: the json's size.
         """
-        img_id = self.ids[index]
-        info = self.coco.imgs[img_id]
-        height, width = int(info["height"]), int(info["width"])
+        img_id, height, width, _ = self._image(index)
         out_h, out_w = (height, width) if size is None else (int(size[0]), int(size[1]))
         sx, sy = out_w / width, out_h / height
-        records = self._records[img_id]
+        records = self.records(index)
         n = len(records)
         if n and (out_h, out_w) == (height, width):
             rles = [self._to_rle(r["segmentation"], height, width) for r in records]
@@ -286,9 +377,8 @@ class COCODataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
         path = self.image_path(index)
-        info = self.coco.imgs[self.ids[index]]
-        height, width = int(info["height"]), int(info["width"])
-        rgb = read_image_rgb(path, max_side=self.max_image_side, image_id=info["id"])
+        img_id, height, width, _ = self._image(index)
+        rgb = read_image_rgb(path, max_side=self.max_image_side, image_id=img_id)
         size = None
         if rgb.shape[:2] != (height, width):
             h, w = rgb.shape[:2]
@@ -296,7 +386,7 @@ class COCODataset(Dataset):
             reduced = (self.max_image_side is not None and max(height, width) > self.max_image_side
                        and max(h, w) == self.max_image_side and abs(h * width - w * height) <= max(height, width))
             if not reduced:
-                raise ValueError(f"COCODataset: image {path} (image id {info['id']}) is {h}x{w} but {self.ann_file} "
+                raise ValueError(f"COCODataset: image {path} (image id {img_id}) is {h}x{w} but {self.ann_file} "
                                  f"says {height}x{width}")
             size = (h, w)
         image, target = to_float_tensor(rgb), self.get_target(index, size)
