@@ -27,16 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-MODELS = ("torchvision", "ours")
+#: The timed runs: torchvision in its three eager settings, ours with the config's training speed features in fp32
+#: and under bf16 autocast (``TRAIN.AMP bf16``: ``maskrcnn.engine.amp.autocast_context`` around the forward).
+MODELS = common.TV_SETTINGS + ("ours-fp32", "ours-bf16")
+BF16_RUNS = (common.TV_BF16, "ours-bf16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="480x640 images")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per model")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (>= 5 for the docs table)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--budget", type=float, default=240.0, help="stop timing rounds after this many seconds")
+    p.add_argument("--budget", type=float, default=None, help="stop timing rounds (at least 2) after this many seconds (default: never)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--no-speed", action="store_true", help="ours without prepare_for_training (for comparison)")
     p.add_argument("--fold-bn", type=int, choices=(0, 1), default=None, help="override TRAIN.FUSE_FROZEN_BN")
@@ -63,18 +66,22 @@ def features(args) -> Dict[str, bool]:
 
 
 def build(name: str, size, feats: Dict[str, bool]):
-    """A model in training mode and a step function for it."""
+    """A model in training mode (one of :data:`MODELS`, its own copy of the weights) and a step function."""
+    from maskrcnn.engine.amp import autocast_context
     from maskrcnn.engine.speed import prepare_for_training
 
     images, targets = make_batch(size)
     resize = common.resize_setting(size)
     tv = common.build_torchvision(calib_image=images[0], size=resize)
-    if name == "torchvision":
+    if name == common.TV_PLAIN:
         model = tv
+    elif name.startswith("torchvision"):
+        model = tv.to(memory_format=torch.channels_last)
     else:
         model = common.build_ours(tv, size=resize)
         del tv
         prepare_for_training(model, **feats)
+    amp = "bf16" if name in BF16_RUNS else ""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -83,7 +90,8 @@ def build(name: str, size, feats: Dict[str, bool]):
     def step():
         torch.manual_seed(0)
         opt.zero_grad(set_to_none=True)
-        losses = model(images, targets)
+        with autocast_context(amp, "cpu"):
+            losses = model(images, targets)
         total = sum(losses.values())
         total.backward()
         opt.step()
@@ -113,9 +121,10 @@ def run(args) -> Dict[str, Any]:
         _, steps[name], losses[name] = build(name, size, features(args))
     times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
     medians = {n: common.median(t) for n, t in times.items()}
+    tv = medians[common.TV_PLAIN]
     rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],
-                                   "ratio": medians[n] / medians["torchvision"], "last_losses": losses[n]}
-                                  for n in MODELS]
+                                   "ratio": medians[n] / tv, "last_losses": losses[n]} for n in MODELS]
+    ratios = common.fair_ratios(medians, "ours-fp32", "ours-bf16")
     del steps
     gc.collect()
     if not args.no_memory:
@@ -126,17 +135,21 @@ def run(args) -> Dict[str, Any]:
             if args.threads:
                 child += ["--threads", str(args.threads)]
             r["peak_memory_bytes"] = common.run_child("train_step.py", child)["peak_bytes"]
-    print("\n| model | median step | ratio ours/tv | peak memory |")
-    print("|---|---|---|---|")
+    print("\n| model | median step | spread (min-max) | ratio to tv plain | peak memory |")
+    print("|---|---|---|---|---|")
     for r in rows:
         mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
-        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {r['ratio']:.3f} | {mem} |")
-    print(f"steps per model: {len(times['torchvision'])} (alternated); times: "
+        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {r['ratio']:.3f} | "
+              f"{mem} |")
+    print("\n| ratio | value |\n|---|---|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.3f} |")
+    print(f"steps per model: {len(times[common.TV_PLAIN])} (alternated); times: "
           + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
     for n in MODELS:
         print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
-    return {"benchmark": "train_step", "machine": info, "image_size": list(size), "batch": 2,
-            "speed_features": features(args), "rows": rows}
+    return {"benchmark": "train_step", "commit": common.git_commit(), "machine": info, "image_size": list(size),
+            "batch": 2, "repeats": args.repeats, "speed_features": features(args), "rows": rows, "ratios": ratios}
 
 
 def main(argv=None) -> int:
