@@ -1,26 +1,31 @@
 """Inference speed: our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same weights, same image.
 
-    python benchmarks/inference.py [--quick] [--modes fp32,bf16] [--repeats 5] [--threads N] [--json OUT]
+    python benchmarks/inference.py [--quick] [--modes fp32,bf16] [--score-threshes 0,0.05] [--repeats 5] [--json OUT]
     python benchmarks/inference.py --ablation [--quick] [--threads N]    # the speed features one at a time
     python benchmarks/inference.py ap --cfg CFG --ckpt CKPT [--dataset synthetic:val]    # bf16 AP neutrality
 
-Both models get one RGB image resized to 800x1066 (``--quick``: 480x640) and score threshold 0, so both return 100
-detections with masks pasted into the image. Models (see ``common.py``): torchvision's layout with seeded random,
-BN-calibrated weights; ours is ``configs/torchvision/e2e_mask_rcnn_R-50-FPN.yaml`` with the converted weights and the
-inference speed features of ``maskrcnn.engine.speed.prepare_for_inference``:
+Both models get one RGB image resized to 800x1066 (``--quick``: 480x640), once per score threshold: 0 (both
+return 100 detections with masks pasted into the image) and 0.05 (the configs' default ``TEST.SCORE_THRESH``).
+Models (see ``common.py``): torchvision's layout with seeded random, BN-calibrated weights; ours is
+``configs/torchvision/e2e_mask_rcnn_R-50-FPN.yaml`` with the converted weights and the inference speed features of
+``maskrcnn.engine.speed.prepare_for_inference``:
 
-* ``fp32``: FrozenBN folded, oneDNN conv+ReLU(+add) fusion, channels-last; checked to give the same detections as
-  torchvision (labels equal, boxes within 0.01 px, scores within 1e-4, mask probabilities within 1e-3).
-* ``bf16``: the same plus bf16 autocast with fp32 box maths, against torchvision in fp32. With random weights the
-  100 detections are near-ties (scores all ~1/91), so bf16 re-ranks them; accuracy is judged by AP instead
-  (``ap`` sub-command, on a trained model).
+* ``ours-fp32``: FrozenBN folded, oneDNN conv+ReLU(+add) fusion, channels-last. **Checked**: its detections must be
+  identical to torchvision plain's (``common.compare_detections``: same count, same labels in the same order,
+  boxes within ``common.BOX_TOL`` = 0.01 px, scores within ``SCORE_TOL`` = 1e-4, pasted mask probabilities within
+  ``MASK_TOL`` = 1e-3), at every score threshold; otherwise the run exits with status 1 (after writing the JSON).
+* ``ours-bf16``: the same plus bf16 autocast with fp32 box maths. Not checked one to one (bf16 re-ranks near-tied
+  random-weight scores); accuracy is judged by AP instead (``ap`` sub-command, on a trained model).
+* torchvision in its three eager settings (``common.TV_SETTINGS``): plain, channels-last, and bf16 autocast +
+  channels-last.
 
-Runs of all models alternate after a warm-up; medians are reported with ``ratio = ours / torchvision`` (below 1:
-ours is faster). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on each model's plain eager
-graph (the oneDNN fused ops are invisible to it; they do the same arithmetic), and divided by the median time to
-give GFLOP/s and the fraction of this machine's fp32 matmul peak (the best time of a 4096^3 sgemm run before and in
-every round of the alternation, so under the same load as the models; likewise a bf16 matmul). Peak
-memory is measured in a fresh child process per model (``common.py``).
+All runs (both thresholds) alternate in every round, with no warm-up beyond the output check, for ``--repeats``
+rounds (default 5); medians and the spread (min-max) are printed with ``ratio`` to torchvision plain (today's
+figure) and the fair ratios: ours fp32 / torchvision's best fp32 setting, ours bf16 / torchvision bf16 +
+channels-last (``common.fair_ratios``). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on each
+model's plain eager graph and divided by the median time to give GFLOP/s and the fraction of this machine's
+matmul peak (a 4096^3 matmul timed in every round). Peak memory is measured in a fresh child process per model
+(``common.py``). The JSON records the commit.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training step speed: our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same weights.
 
-    python benchmarks/train_step.py [--quick] [--repeats 3] [--threads N] [--json OUT]
+    python benchmarks/train_step.py [--quick] [--repeats 5] [--threads N] [--json OUT]
 
 One step = forward with losses, backward, ``torch.optim.SGD`` step (lr 1e-3, momentum 0.9, weight decay 1e-4 on
 the trainable parameters), on a batch of 2 PennFudanPed images resized to 800x1066 (``--quick``: 480x640) with
@@ -9,9 +9,12 @@ FrozenBN everywhere, 2000 proposals and 512 sampled RoIs per image); ours has ``
 prepare_for_training`` applied with the config defaults (``TRAIN.FUSE_FROZEN_BN``: FrozenBN folded into the
 convolutions on the fly; ``TRAIN.CHANNELS_LAST``: channels-last weights and activations; gradients unchanged up to
 float rounding; ``--fold-bn 0/1`` and ``--channels-last 0/1`` override them). The RNG is
-reseeded before every step of either model, and each model steps on its own copy of the weights. Steps alternate
-after a warm-up step each; medians and ``ratio = ours / torchvision`` are printed, with the peak memory of one step
-measured in a fresh child process per model (``common.py``).
+reseeded before every step of every run, and each run steps on its own copy of the weights. Runs
+(:data:`MODELS`): torchvision plain, channels-last, bf16 autocast + channels-last; ours in fp32 and under bf16
+autocast. Steps alternate after a warm-up step each (5 rounds by default); medians, the spread (min-max),
+``ratio`` to torchvision plain (today's figure) and the fair ratios (ours fp32 / torchvision's best fp32 setting,
+ours bf16 / torchvision bf16 + channels-last) are printed, with the peak memory of one step measured in a fresh
+child process per run (``common.py``). The JSON records the commit.
 """
 from __future__ import annotations
 
