@@ -74,6 +74,8 @@ def build_models(size, modes, score_thresh: float = 0.0) -> Dict[str, Any]:
     tv = common.build_torchvision(calib_image=image, size=resize, score_thresh=score_thresh)
     ours = common.build_ours(tv, size=resize, score_thresh=score_thresh)
     fns = common.torchvision_settings(tv, lambda m: m([image]))
+    if "bf16" not in modes:  # --modes fp32: no bf16 run on either side
+        del fns[common.TV_BF16]
     for mode in modes:
         model = common.prepared(copy.deepcopy(ours), mode)
         fns[f"ours-{mode}"] = lambda m=model: m([image])
@@ -168,7 +170,8 @@ def run(args) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     ratios: Dict[str, Dict[str, float]] = {}
     for thr in threshes:
-        med = {n: medians[row_name(n, thr)] for n in common.TV_SETTINGS + tuple(f"ours-{m}" for m in modes)}
+        med = {n: medians[row_name(n, thr)] for n in common.TV_SETTINGS + tuple(f"ours-{m}" for m in modes)
+               if row_name(n, thr) in medians}
         ratios[f"{thr:g}"] = common.fair_ratios(med, "ours-fp32", "ours-bf16")
         for name, m in med.items():
             fl = flops[f"{thr:g}"]["ours" if name.startswith("ours") else "torchvision"]
