@@ -321,23 +321,30 @@ def run_child(script: str, args: Sequence[str], timeout: float = 600) -> Dict[st
 
 
 # --- comparing detections -------------------------------------------------------------------------------------------
-def compare_detections(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], box_tol: float = 1e-2,
-                       score_tol: float = 1e-4, mask_tol: float = 1e-3) -> Dict[str, Any]:
+#: The tolerances of the "identical detections" check (docs/benchmarks.md states the same figures).
+BOX_TOL = 1e-2       # pixels, every box coordinate
+SCORE_TOL = 1e-4     # absolute, every score
+MASK_TOL = 1e-3      # absolute, every pasted mask probability
+
+
+def compare_detections(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], box_tol: float = BOX_TOL,
+                       score_tol: float = SCORE_TOL, mask_tol: float = MASK_TOL) -> Dict[str, Any]:
     """Whether ``a`` and ``b`` (``{boxes, labels, scores[, masks]}`` of one image) hold the same detections.
 
-    Each detection of ``a`` is paired with an unpaired one of ``b`` of the same label whose box is within
-    ``box_tol`` pixels (the closest); the pair must have scores within ``score_tol``. Order is not compared:
-    with random weights many scores agree to 1e-6, and float32 rounding may swap such near-ties (the scores of
-    swapped pairs are reported). ``identical``: every detection paired, both ways, and the binary masks
-    (probability > 0.5) of the pairs disagree on at most ``mask_tol`` of their pixels (XOR over union, all masks
-    together; random weights give mask logits of +-45 whose rounding moves a few probabilities near 0.5).
-    ``matched_iou90``: the fraction of ``a``'s detections with a same-label detection in ``b`` at IoU >= 0.9,
-    the agreement figure for bf16.
+    ``identical`` is the check the benchmarks enforce (:func:`require_identical`): the same number of
+    detections, detection ``i`` of ``a`` and of ``b`` have the same label, boxes within ``box_tol`` pixels
+    (every coordinate), scores within ``score_tol`` and pasted mask probabilities within ``mask_tol`` (every
+    pixel), i.e. the same detections **in the same order**. The rest is diagnostics: each detection of ``a`` is
+    also paired with the closest unpaired same-label one of ``b`` within ``box_tol`` regardless of order
+    (``paired``, ``in_same_order``, the scores of swapped pairs), the fraction of mask pixels whose binary mask
+    (probability > 0.5) differs, and ``matched_iou90``: the fraction of ``a``'s detections with a same-label
+    detection in ``b`` at IoU >= 0.9, the agreement figure for bf16.
     """
     from torchvision.ops import box_iou
 
     na, nb = int(a["boxes"].shape[0]), int(b["boxes"].shape[0])
-    out: Dict[str, Any] = {"count_a": na, "count_b": nb}
+    out: Dict[str, Any] = {"count_a": na, "count_b": nb, "tolerances": {"box_px": box_tol, "score": score_tol,
+                                                                          "mask_prob": mask_tol}}
     pairs = []
     if na and nb:
         diff = (a["boxes"][:, None, :].float() - b["boxes"][None, :, :].float()).abs().amax(-1)
@@ -357,7 +364,8 @@ def compare_detections(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], b
     out["swapped_scores"] = [float(a["scores"][i]) for i, j in pairs if i != j][:10]
     out["max_box_diff"] = float((a["boxes"][ia] - b["boxes"][ib]).abs().max()) if pairs else None
     out["max_score_diff"] = float((a["scores"][ia] - b["scores"][ib]).abs().max()) if pairs else None
-    if "masks" in a and "masks" in b and pairs:
+    has_masks = "masks" in a and "masks" in b
+    if has_masks and pairs:
         ma, mb = a["masks"][ia], b["masks"][ib]
         out["max_mask_diff"] = float((ma.float() - mb.float()).abs().max())
         ma, mb = ma > 0.5, mb > 0.5
@@ -370,10 +378,91 @@ def compare_detections(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], b
         out["matched_iou90"] = float(((iou >= 0.9) & same).any(1).float().mean())
     else:
         out["matched_iou90"] = 1.0 if na == nb else 0.0
-    out["identical"] = bool(len(pairs) == na == nb and (na == 0 or (
-        out["max_score_diff"] <= score_tol
-        and (out["mask_pixel_disagreement"] is None or out["mask_pixel_disagreement"] <= mask_tol))))
+    out["identical"] = _identical_in_order(a, b, box_tol, score_tol, mask_tol, has_masks)
     return out
+
+
+def _identical_in_order(a, b, box_tol: float, score_tol: float, mask_tol: float, has_masks: bool) -> bool:
+    if a["boxes"].shape[0] != b["boxes"].shape[0]:
+        return False
+    if a["boxes"].shape[0] == 0:
+        return True
+    if not torch.equal(a["labels"].long(), b["labels"].long()):
+        return False
+    if float((a["boxes"].float() - b["boxes"].float()).abs().max()) > box_tol:
+        return False
+    if float((a["scores"].float() - b["scores"].float()).abs().max()) > score_tol:
+        return False
+    if has_masks:
+        if a["masks"].shape != b["masks"].shape:
+            return False
+        if float((a["masks"].float() - b["masks"].float()).abs().max()) > mask_tol:
+            return False
+    return True
+
+
+def require_identical(checks: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Names of the :func:`compare_detections` results in ``checks`` that are not identical, each printed with
+    its differences; the benchmarks exit with status 1 when this is not empty."""
+    failed = [name for name, c in checks.items() if not c["identical"]]
+    for name in failed:
+        c = checks[name]
+        print(f"IDENTICAL-DETECTIONS CHECK FAILED for {name}: {c['count_b']} vs {c['count_a']} detections, same "
+              f"order {c['in_same_order']}, max |d box| {c['max_box_diff']} (tol {c['tolerances']['box_px']}), "
+              f"max |d score| {c['max_score_diff']} (tol {c['tolerances']['score']}), max |d mask prob| "
+              f"{c['max_mask_diff']} (tol {c['tolerances']['mask_prob']})", file=sys.stderr)
+    return failed
+
+
+# --- torchvision at its best, and the fair ratios ---------------------------------------------------------------------
+#: torchvision's eager settings timed by every benchmark: plain, channels-last, bf16 autocast + channels-last.
+TV_PLAIN, TV_CL, TV_BF16 = "torchvision plain", "torchvision channels-last", "torchvision bf16+channels-last"
+TV_SETTINGS = (TV_PLAIN, TV_CL, TV_BF16)
+
+
+def torchvision_settings(tv: nn.Module, call: Callable[[nn.Module], Any]) -> Dict[str, Callable[[], Any]]:
+    """One callable per torchvision setting (:data:`TV_SETTINGS`): ``call(model)`` on ``tv`` as it is, on a
+    channels-last copy, and on that copy under CPU bf16 autocast (torchvision's own mixed precision)."""
+    import copy
+
+    tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call(tv_cl)
+    return {TV_PLAIN: lambda: call(tv), TV_CL: lambda: call(tv_cl), TV_BF16: bf16}
+
+
+def fair_ratios(medians: Dict[str, float], ours_fp32: Optional[str], ours_bf16: Optional[str]) -> Dict[str, float]:
+    """Median-time ratios (below 1: ours faster). Today's: ours against torchvision plain. Fair: ours fp32
+    against torchvision's best fp32 setting (plain or channels-last), ours bf16 against torchvision bf16 +
+    channels-last."""
+    out: Dict[str, float] = {}
+    tv_fp32 = min((medians[k], k) for k in (TV_PLAIN, TV_CL) if k in medians)
+    if ours_fp32 in medians:
+        out[f"{ours_fp32} / {TV_PLAIN}"] = medians[ours_fp32] / medians[TV_PLAIN]
+        out[f"{ours_fp32} / best fp32 ({tv_fp32[1]})"] = medians[ours_fp32] / tv_fp32[0]
+    if ours_bf16 in medians:
+        out[f"{ours_bf16} / {TV_PLAIN}"] = medians[ours_bf16] / medians[TV_PLAIN]
+        if TV_BF16 in medians:
+            out[f"{ours_bf16} / {TV_BF16}"] = medians[ours_bf16] / medians[TV_BF16]
+    return out
+
+
+def spread(xs: Sequence[float]) -> str:
+    """``min-max`` of timings in seconds, for the printed tables."""
+    return f"{min(xs):.2f}-{max(xs):.2f} s"
+
+
+def git_commit() -> str:
+    """This checkout's commit (``-dirty`` when tracked files differ from it), recorded in every result JSON."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def fmt_s(x: float) -> str:

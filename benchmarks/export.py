@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Any, Callable, Dict
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-TV_SETTINGS = ("torchvision plain", "torchvision channels-last", "torchvision bf16+channels-last")
+TV_SETTINGS = common.TV_SETTINGS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,17 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated names of runs to leave out")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=common.ROOT, capture_output=True, text=True,
-                             timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=common.ROOT,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def build_runs(args, tmp: str) -> Dict[str, Callable[[], Any]]:
@@ -110,14 +98,7 @@ def build_runs(args, tmp: str) -> Dict[str, Callable[[], Any]]:
         if name not in skip:
             runs[name] = pasted(OpenVINOModel(onnx_path, precision=prec, num_threads=threads))
 
-    tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
-    runs["torchvision plain"] = lambda: tv([image])
-    runs["torchvision channels-last"] = lambda: tv_cl([image])
-
-    def tv_bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return tv_cl([image])
-    runs["torchvision bf16+channels-last"] = tv_bf16
+    runs.update(common.torchvision_settings(tv, lambda m: m([image])))
     return {k: v for k, v in runs.items() if k not in skip}
 
 
@@ -151,7 +132,7 @@ def main(argv=None) -> int:
               f"{medians[k] / tv_best:7.2f}")
     for k, why in unsupported.items():
         print(f"{k:34s} {'unsupported on this CPU':>10s}: {why}")
-    result = {"benchmark": "export", "commit": git_commit(), "machine": common.machine_info(),
+    result = {"benchmark": "export", "commit": common.git_commit(), "machine": common.machine_info(),
               "image": common.image_source(), "image_size": list(common.IMAGE_SIZE), "repeats": args.repeats,
               "threads": args.threads, "torchvision_best": tv_best_name, "rows": rows,
               "unsupported": unsupported}

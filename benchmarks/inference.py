@@ -1,26 +1,31 @@
 """Inference speed: our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same weights, same image.
 
-    python benchmarks/inference.py [--quick] [--modes fp32,bf16] [--repeats 5] [--threads N] [--json OUT]
+    python benchmarks/inference.py [--quick] [--modes fp32,bf16] [--score-threshes 0,0.05] [--repeats 5] [--json OUT]
     python benchmarks/inference.py --ablation [--quick] [--threads N]    # the speed features one at a time
     python benchmarks/inference.py ap --cfg CFG --ckpt CKPT [--dataset synthetic:val]    # bf16 AP neutrality
 
-Both models get one RGB image resized to 800x1066 (``--quick``: 480x640) and score threshold 0, so both return 100
-detections with masks pasted into the image. Models (see ``common.py``): torchvision's layout with seeded random,
-BN-calibrated weights; ours is ``configs/torchvision/e2e_mask_rcnn_R-50-FPN.yaml`` with the converted weights and the
-inference speed features of ``maskrcnn.engine.speed.prepare_for_inference``:
+Both models get one RGB image resized to 800x1066 (``--quick``: 480x640), once per score threshold: 0 (both
+return 100 detections with masks pasted into the image) and 0.05 (the configs' default ``TEST.SCORE_THRESH``).
+Models (see ``common.py``): torchvision's layout with seeded random, BN-calibrated weights; ours is
+``configs/torchvision/e2e_mask_rcnn_R-50-FPN.yaml`` with the converted weights and the inference speed features of
+``maskrcnn.engine.speed.prepare_for_inference``:
 
-* ``fp32``: FrozenBN folded, oneDNN conv+ReLU(+add) fusion, channels-last; checked to give the same detections as
-  torchvision (labels equal, boxes within 0.01 px, scores within 1e-4, mask probabilities within 1e-3).
-* ``bf16``: the same plus bf16 autocast with fp32 box maths, against torchvision in fp32. With random weights the
-  100 detections are near-ties (scores all ~1/91), so bf16 re-ranks them; accuracy is judged by AP instead
-  (``ap`` sub-command, on a trained model).
+* ``ours-fp32``: FrozenBN folded, oneDNN conv+ReLU(+add) fusion, channels-last. **Checked**: its detections must be
+  identical to torchvision plain's (``common.compare_detections``: same count, same labels in the same order,
+  boxes within ``common.BOX_TOL`` = 0.01 px, scores within ``SCORE_TOL`` = 1e-4, pasted mask probabilities within
+  ``MASK_TOL`` = 1e-3), at every score threshold; otherwise the run exits with status 1 (after writing the JSON).
+* ``ours-bf16``: the same plus bf16 autocast with fp32 box maths. Not checked one to one (bf16 re-ranks near-tied
+  random-weight scores); accuracy is judged by AP instead (``ap`` sub-command, on a trained model).
+* torchvision in its three eager settings (``common.TV_SETTINGS``): plain, channels-last, and bf16 autocast +
+  channels-last.
 
-Runs of all models alternate after a warm-up; medians are reported with ``ratio = ours / torchvision`` (below 1:
-ours is faster). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on each model's plain eager
-graph (the oneDNN fused ops are invisible to it; they do the same arithmetic), and divided by the median time to
-give GFLOP/s and the fraction of this machine's fp32 matmul peak (the best time of a 4096^3 sgemm run before and in
-every round of the alternation, so under the same load as the models; likewise a bf16 matmul). Peak
-memory is measured in a fresh child process per model (``common.py``).
+All runs (both thresholds) alternate in every round, with no warm-up beyond the output check, for ``--repeats``
+rounds (default 5); medians and the spread (min-max) are printed with ``ratio`` to torchvision plain (today's
+figure) and the fair ratios: ours fp32 / torchvision's best fp32 setting, ours bf16 / torchvision bf16 +
+channels-last (``common.fair_ratios``). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on each
+model's plain eager graph and divided by the median time to give GFLOP/s and the fraction of this machine's
+matmul peak (a 4096^3 matmul timed in every round). Peak memory is measured in a fresh child process per model
+(``common.py``). The JSON records the commit.
 """
 from __future__ import annotations
 
@@ -47,8 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="480x640 image, 3 repeats")
     p.add_argument("--modes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default 5, quick 3)")
+    p.add_argument("--score-threshes", default="0,0.05",
+                   help="comma-separated score thresholds, one set of rows each (0: 100 detections everywhere; "
+                        "0.05: the configs' default TEST.SCORE_THRESH)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--budget", type=float, default=240.0, help="stop timing rounds after this many seconds")
+    p.add_argument("--budget", type=float, default=None, help="stop timing rounds (at least 2) after this many seconds (default: never)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--ablation", action="store_true",
@@ -58,15 +66,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_models(size, modes) -> Dict[str, Any]:
+def build_models(size, modes, score_thresh: float = 0.0) -> Dict[str, Any]:
+    """The timed callables of one score threshold: ours per mode and torchvision in its three settings
+    (``common.TV_SETTINGS``), the same weights; plus the plain models, for the outputs and FLOP counts."""
     image = common.load_image(size)
     resize = common.resize_setting(size)
-    tv = common.build_torchvision(calib_image=image, size=resize)
-    ours = common.build_ours(tv, size=resize)
-    models = {"torchvision": tv}
+    tv = common.build_torchvision(calib_image=image, size=resize, score_thresh=score_thresh)
+    ours = common.build_ours(tv, size=resize, score_thresh=score_thresh)
+    fns = common.torchvision_settings(tv, lambda m: m([image]))
+    if "bf16" not in modes:  # --modes fp32: no bf16 run on either side
+        del fns[common.TV_BF16]
     for mode in modes:
-        models[f"ours-{mode}"] = common.prepared(copy.deepcopy(ours), mode)
-    return {"image": image, "models": models, "plain": ours}
+        model = common.prepared(copy.deepcopy(ours), mode)
+        fns[f"ours-{mode}"] = lambda m=model: m([image])
+    return {"image": image, "fns": fns, "tv": tv, "plain": ours}
+
+
+def row_name(name: str, score_thresh: float) -> str:
+    return f"{name} @score>={score_thresh:g}"
 
 
 def child_memory(args) -> None:
@@ -93,34 +110,49 @@ def run(args) -> Dict[str, Any]:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown mode(s) {bad}; choose from {MODES}")
+    threshes = [float(t) for t in args.score_threshes.split(",") if t]
     size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
     repeats = args.repeats or (3 if args.quick else 5)
     info = common.machine_info()
     print(f"# inference benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads, "
-          f"load {info['load_avg_1min']}), torch {info['torch']}, image {size[0]}x{size[1]} ({common.image_source()})")
+          f"load {info['load_avg_1min']}), torch {info['torch']}, capability {info['capability']}, image "
+          f"{size[0]}x{size[1]} ({common.image_source()}), score thresholds {threshes}, commit {common.git_commit()}")
     peak_fp32 = common.matmul_peak(torch.float32)
     peak_bf16 = common.matmul_peak(torch.bfloat16) if "bf16" in modes else None
     print(f"matmul peak: fp32 {peak_fp32:.0f} GFLOP/s" + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
 
-    built = build_models(size, modes)
-    image, models = built["image"], built["models"]
-    outputs = {}
+    fns: Dict[str, Any] = {}
+    checks: Dict[str, Dict[str, Any]] = {}
+    flops: Dict[str, int] = {}
+    detections: Dict[str, Dict[str, Any]] = {}
     with torch.no_grad():
-        for name, model in models.items():
-            outputs[name] = model([image])[0]
-        checks = {name: common.compare_detections(outputs["torchvision"], outputs[name])
-                  for name in models if name != "torchvision"}
-        for name, c in checks.items():
-            print(f"detections {name} vs torchvision: {c['count_b']} vs {c['count_a']}, identical={c['identical']} "
-                  f"(paired {c['paired']}, same order {c['in_same_order']}, max |d box| {c['max_box_diff']}, "
-                  f"max |d score| {c['max_score_diff']}, max |d mask prob| {c['max_mask_diff']}, mask pixels "
-                  f"differing {c['mask_pixel_disagreement']}, same label & IoU>=0.9: "
-                  f"{100 * c['matched_iou90']:.0f}%)")
-
-        flops = {"torchvision": common.count_flops(lambda: models["torchvision"]([image])),
-                 "ours": common.count_flops(lambda: built["plain"]([image]))}
+        for thr in threshes:
+            built = build_models(size, modes, thr)
+            image = built["image"]
+            outputs = {name: fn()[0] for name, fn in built["fns"].items()}
+            ref = outputs[common.TV_PLAIN]
+            scores = ref["scores"]
+            gaps = scores[:-1] - scores[1:]
+            detections[f"{thr:g}"] = {"count": int(scores.numel()),
+                                      "min_score_gap": float(gaps.min()) if gaps.numel() else None,
+                                      "score_range": [float(scores.min()), float(scores.max())]
+                                      if scores.numel() else None}
+            print(f"score >= {thr:g}: torchvision returns {scores.numel()} detections, scores "
+                  f"{detections[f'{thr:g}']['score_range']}, smallest gap between consecutive scores "
+                  f"{detections[f'{thr:g}']['min_score_gap']}")
+            for name, out in outputs.items():
+                if name == common.TV_PLAIN:
+                    continue
+                c = common.compare_detections(ref, out)
+                checks[row_name(name, thr)] = c
+                print(f"detections {row_name(name, thr)} vs torchvision plain: {c['count_b']} vs {c['count_a']}, "
+                      f"identical={c['identical']} (same order {c['in_same_order']}, max |d box| "
+                      f"{c['max_box_diff']}, max |d score| {c['max_score_diff']}, max |d mask prob| "
+                      f"{c['max_mask_diff']}, same label & IoU>=0.9: {100 * c['matched_iou90']:.0f}%)")
+            flops[f"{thr:g}"] = {"torchvision": common.count_flops(lambda: built["tv"]([image])),
+                                 "ours": common.count_flops(lambda: built["plain"]([image]))}
+            fns.update({row_name(n, thr): f for n, f in built["fns"].items()})
         # The matmul probes run in every round too: the peak is their best time under the models' conditions.
-        fns = {n: (lambda m=m: m([image])) for n, m in models.items()}
         fns["matmul-fp32"] = common.matmul_runner(torch.float32)
         if peak_bf16 is not None:
             fns["matmul-bf16"] = common.matmul_runner(torch.bfloat16)
@@ -131,41 +163,57 @@ def run(args) -> Dict[str, Any]:
             peak_bf16 = max(peak_bf16, matmul_flops / min(times.pop("matmul-bf16")) / 1e9)
         print(f"matmul peak (best of all rounds): fp32 {peak_fp32:.0f} GFLOP/s"
               + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
-    del built
+    del built, fns
     gc.collect()
 
     medians = {n: common.median(t) for n, t in times.items()}
     rows: List[Dict[str, Any]] = []
-    for name in models:
-        fl = flops["torchvision" if name == "torchvision" else "ours"]
-        gflops = fl / medians[name] / 1e9
-        row = {"model": name, "median_s": medians[name], "times_s": times[name],
-               "ratio": medians[name] / medians["torchvision"], "gflop": fl / 1e9, "gflop_per_s": gflops,
-               "fraction_of_fp32_peak": gflops / peak_fp32}
-        if name.endswith("bf16") and peak_bf16:
-            row["fraction_of_bf16_peak"] = gflops / peak_bf16
-        rows.append(row)
+    ratios: Dict[str, Dict[str, float]] = {}
+    for thr in threshes:
+        med = {n: medians[row_name(n, thr)] for n in common.TV_SETTINGS + tuple(f"ours-{m}" for m in modes)
+               if row_name(n, thr) in medians}
+        ratios[f"{thr:g}"] = common.fair_ratios(med, "ours-fp32", "ours-bf16")
+        for name, m in med.items():
+            fl = flops[f"{thr:g}"]["ours" if name.startswith("ours") else "torchvision"]
+            gflops = fl / m / 1e9
+            row = {"model": row_name(name, thr), "score_thresh": thr, "median_s": m,
+                   "times_s": times[row_name(name, thr)], "ratio": m / med[common.TV_PLAIN], "gflop": fl / 1e9,
+                   "gflop_per_s": gflops, "fraction_of_fp32_peak": gflops / peak_fp32}
+            if "bf16" in name and peak_bf16:
+                row["fraction_of_bf16_peak"] = gflops / peak_bf16
+            rows.append(row)
     memory: Dict[str, int] = {}
     if not args.no_memory:
-        for name in models:
+        for name in ("torchvision",) + tuple(f"ours-{m}" for m in modes):
             child = ["--child-memory", name] + (["--quick"] if args.quick else [])
             if args.threads:
                 child += ["--threads", str(args.threads)]
             memory[name] = common.run_child("inference.py", child)["peak_bytes"]
         for r in rows:
-            r["peak_memory_bytes"] = memory[r["model"]]
+            key = r["model"].split(" @")[0]
+            key = "torchvision" if key == common.TV_PLAIN else key
+            if key in memory:
+                r["peak_memory_bytes"] = memory[key]
 
-    print(f"\n| model | median | ratio ours/tv | GFLOP | GFLOP/s | of fp32 peak | of bf16 peak | peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| model | median | spread (min-max) | ratio to tv plain | GFLOP | GFLOP/s | of fp32 peak | "
+          f"of bf16 peak | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
         bf = f"{100 * r['fraction_of_bf16_peak']:.0f}%" if "fraction_of_bf16_peak" in r else "-"
-        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {r['ratio']:.3f} | {r['gflop']:.0f} | "
-              f"{r['gflop_per_s']:.0f} | {100 * r['fraction_of_fp32_peak']:.0f}% | {bf} | {mem} |")
-    print(f"runs per model: {len(times['torchvision'])} (alternated); times: "
-          + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
-    return {"benchmark": "inference", "machine": info, "image_size": list(size), "image": common.image_source(),
-            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16}, "rows": rows, "detections": checks}
+        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {r['ratio']:.3f} | "
+              f"{r['gflop']:.0f} | {r['gflop_per_s']:.0f} | {100 * r['fraction_of_fp32_peak']:.0f}% | {bf} | "
+              f"{mem} |")
+    print("\n| score threshold | ratio | value |\n|---|---|---|")
+    for thr, rs in ratios.items():
+        for k, v in rs.items():
+            print(f"| {thr} | {k} | {v:.3f} |")
+    print(f"rounds: {len(times[rows[0]['model']])} (alternated)")
+    failed = common.require_identical({k: v for k, v in checks.items() if "ours-fp32" in k})
+    return {"benchmark": "inference", "commit": common.git_commit(), "machine": info, "image_size": list(size),
+            "image": common.image_source(), "repeats": repeats, "score_thresholds": threshes,
+            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16}, "rows": rows, "ratios": ratios,
+            "detections": checks, "torchvision_detections": detections, "identical_check_failed": failed}
 
 
 # --- one feature at a time ------------------------------------------------------------------------------------------
@@ -273,7 +321,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    return 0
+    # The fp32 identical-detections check fails the run (after the JSON is written, for the record).
+    return 1 if result.get("identical_check_failed") else 0
 
 
 if __name__ == "__main__":

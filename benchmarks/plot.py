@@ -33,12 +33,12 @@ def ratios(results: Dict[str, Any]) -> List[Tuple[str, float, float]]:
     inf = results.get("inference")
     if inf:
         for row in inf["rows"]:
-            if row["model"].startswith("ours-"):
-                found[f"inference_{row['model'][5:]}"] = row["ratio"]
+            if row["model"].startswith("ours-") and row.get("score_thresh", 0.0) == 0.0:
+                found[f"inference_{row['model'].split(' @')[0][5:]}"] = row["ratio"]
     train = results.get("train_step")
     if train:
         for row in train["rows"]:
-            if row["model"] == "ours":
+            if row["model"] == "ours-fp32":
                 found["train_step"] = row["ratio"]
     return [(TARGETS[k][0], found[k], TARGETS[k][1]) for k in TARGETS if k in found]
 
@@ -97,10 +97,11 @@ def markdown(results: Dict[str, Any]) -> str:
     for key, bench in (("inference", results.get("inference")), ("train_step", results.get("train_step"))):
         if not bench:
             continue
-        rows = {r["model"]: r for r in bench["rows"]}
-        tv = rows["torchvision"]
+        # Today's rows: ours against torchvision plain (score threshold 0 for inference); fair ratios below.
+        rows = {r["model"].split(" @")[0]: r for r in bench["rows"] if r.get("score_thresh", 0.0) == 0.0}
+        tv = rows["torchvision plain"]
         for name, row in rows.items():
-            if name == "torchvision":
+            if not name.startswith("ours-") or (key == "train_step" and name != "ours-fp32"):
                 continue
             label = f"inference {name[5:]}" if key == "inference" else "training step (batch 2)"
             target = TARGETS["inference_" + name[5:] if key == "inference" else "train_step"][1]
@@ -109,6 +110,12 @@ def markdown(results: Dict[str, Any]) -> str:
                 mem = f"{row['peak_memory_bytes'] / 2 ** 20:.0f} / {tv['peak_memory_bytes'] / 2 ** 20:.0f} MiB"
             lines.append(f"| {label} | {row['median_s']:.2f} s | {tv['median_s']:.2f} s | {row['ratio']:.3f} | "
                          f"<= {target:.2f} | {mem} |")
+    for key in ("inference", "train_step"):
+        fair = (results.get(key) or {}).get("ratios") or {}
+        for thr, rs in (fair.items() if key == "inference" else [("-", fair)]):
+            for name, v in rs.items():
+                lines.append(f"| {key} ratio {name}" + (f" (score >= {thr})" if key == "inference" else "")
+                             + f" | - | - | {v:.3f} | - | - |")
     ap = results.get("bf16_ap")
     if ap:
         for iou_type, diff in ap["ap_difference"].items():

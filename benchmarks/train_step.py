@@ -1,7 +1,6 @@
 """Training step speed: our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same weights.
 
-    python benchmarks/train_step.py [--quick] [--repeats 3] [--threads N] [--json OUT]
-    python benchmarks/train_step.py --device cuda [--amp fp16|bf16] [--quick]    # GPU rows
+    python benchmarks/train_step.py [--quick] [--repeats 5] [--threads N] [--json OUT]
 
 One step = forward with losses, backward, ``torch.optim.SGD`` step (lr 1e-3, momentum 0.9, weight decay 1e-4 on
 the trainable parameters), on a batch of 2 PennFudanPed images resized to 800x1066 (``--quick``: 480x640) with
@@ -10,14 +9,12 @@ FrozenBN everywhere, 2000 proposals and 512 sampled RoIs per image); ours has ``
 prepare_for_training`` applied with the config defaults (``TRAIN.FUSE_FROZEN_BN``: FrozenBN folded into the
 convolutions on the fly; ``TRAIN.CHANNELS_LAST``: channels-last weights and activations; gradients unchanged up to
 float rounding; ``--fold-bn 0/1`` and ``--channels-last 0/1`` override them). The RNG is
-reseeded before every step of either model, and each model steps on its own copy of the weights. Steps alternate
-after a warm-up step each; medians and ``ratio = ours / torchvision`` are printed, with the peak memory of one step
-measured in a fresh child process per model (``common.py``).
-
-``--device cuda`` runs both models and the batch on the GPU (steps end with ``torch.cuda.synchronize()``; the peak
-memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the step, in the same process).
-``--amp fp16|bf16`` runs both models' forward under autocast, fp16 with a ``GradScaler`` as ``TRAIN.AMP`` does
-(:mod:`maskrcnn.engine.amp`; fp16 needs CUDA).
+reseeded before every step of every run, and each run steps on its own copy of the weights. Runs
+(:data:`MODELS`): torchvision plain, channels-last, bf16 autocast + channels-last; ours in fp32 and under bf16
+autocast. Steps alternate after a warm-up step each (5 rounds by default); medians, the spread (min-max),
+``ratio`` to torchvision plain (today's figure) and the fair ratios (ours fp32 / torchvision's best fp32 setting,
+ours bf16 / torchvision bf16 + channels-last) are printed, with the peak memory of one step measured in a fresh
+child process per run (``common.py``). The JSON records the commit.
 """
 from __future__ import annotations
 
@@ -33,40 +30,32 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-MODELS = ("torchvision", "ours")
+#: The timed runs: torchvision in its three eager settings, ours with the config's training speed features in fp32
+#: and under bf16 autocast (``TRAIN.AMP bf16``: ``maskrcnn.engine.amp.autocast_context`` around the forward).
+MODELS = common.TV_SETTINGS + ("ours-fp32", "ours-bf16")
+BF16_RUNS = (common.TV_BF16, "ours-bf16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="480x640 images")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per model")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (>= 5 for the docs table)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--budget", type=float, default=240.0, help="stop timing rounds after this many seconds")
+    p.add_argument("--budget", type=float, default=None, help="stop timing rounds (at least 2) after this many seconds (default: never)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--no-speed", action="store_true", help="ours without prepare_for_training (for comparison)")
     p.add_argument("--fold-bn", type=int, choices=(0, 1), default=None, help="override TRAIN.FUSE_FROZEN_BN")
     p.add_argument("--channels-last", type=int, choices=(0, 1), default=None, help="override TRAIN.CHANNELS_LAST")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models and batch live")
-    p.add_argument("--amp", default="", choices=("", "bf16", "fp16"), help="autocast both models (fp16: + GradScaler)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child-memory", default=None, choices=MODELS, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
-    from maskrcnn.engine.amp import check_amp
-
-    try:
-        check_amp(args.amp, args.device, "--amp")
-    except ValueError as e:
-        p.error(str(e))
-    return args
+    return p.parse_args(argv)
 
 
-def make_batch(size, device="cpu"):
+def make_batch(size):
     images = [common.load_image(size, index=i) for i in range(2)]
     targets = [common.synthetic_targets(im, num=4, seed=i) for i, im in enumerate(images)]
-    return [im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return images, targets
 
 
 def features(args) -> Dict[str, bool]:
@@ -79,42 +68,36 @@ def features(args) -> Dict[str, bool]:
     return {"fold_bn": bool(fold) and not args.no_speed, "channels_last": bool(cl) and not args.no_speed}
 
 
-def build(name: str, size, feats: Dict[str, bool], device: str = "cpu", amp: str = ""):
-    """A model in training mode and a step function for it."""
+def build(name: str, size, feats: Dict[str, bool]):
+    """A model in training mode (one of :data:`MODELS`, its own copy of the weights) and a step function."""
     from maskrcnn.engine.amp import autocast_context
     from maskrcnn.engine.speed import prepare_for_training
 
     images, targets = make_batch(size)
     resize = common.resize_setting(size)
     tv = common.build_torchvision(calib_image=images[0], size=resize)
-    images, targets = make_batch(size, device)
-    if name == "torchvision":
+    if name == common.TV_PLAIN:
         model = tv
+    elif name.startswith("torchvision"):
+        model = tv.to(memory_format=torch.channels_last)
     else:
         model = common.build_ours(tv, size=resize)
         del tv
         prepare_for_training(model, **feats)
-    model.to(device).train()
+    amp = "bf16" if name in BF16_RUNS else ""
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device) if amp == "fp16" else None
     last: Dict[str, float] = {}
 
     def step():
         torch.manual_seed(0)
         opt.zero_grad(set_to_none=True)
-        with autocast_context(amp, device):
+        with autocast_context(amp, "cpu"):
             losses = model(images, targets)
-        total = sum(v.float() for v in losses.values())
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            total.backward()
-            opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        total = sum(losses.values())
+        total.backward()
+        opt.step()
         last.clear()
         last.update({k: float(v.detach()) for k, v in losses.items()})
 
@@ -123,7 +106,7 @@ def build(name: str, size, feats: Dict[str, bool], device: str = "cpu", amp: str
 
 def child_memory(args) -> None:
     size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
-    _, step, _ = build(args.child_memory, size, features(args), args.device, args.amp)
+    _, step, _ = build(args.child_memory, size, features(args))
     step()
     gc.collect()
     peak = common.measure_peak_memory(step)
@@ -135,46 +118,41 @@ def run(args) -> Dict[str, Any]:
     info = common.machine_info()
     print(f"# training-step benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} "
           f"threads, load {info['load_avg_1min']}), torch {info['torch']}, batch 2 x {size[0]}x{size[1]}, ours with "
-          f"{features(args)}, device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda"
-                                                       else "") + f", amp {args.amp or 'off'}")
+          f"{features(args)}")
     steps, losses = {}, {}
     for name in MODELS:
-        _, steps[name], losses[name] = build(name, size, features(args), args.device, args.amp)
+        _, steps[name], losses[name] = build(name, size, features(args))
     times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
     medians = {n: common.median(t) for n, t in times.items()}
+    tv = medians[common.TV_PLAIN]
     rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],
-                                   "ratio": medians[n] / medians["torchvision"], "last_losses": losses[n]}
-                                  for n in MODELS]
-    if args.device == "cuda" and not args.no_memory:
-        for r in rows:  # both models stay allocated: the peak above the allocation before the step
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            steps[r["model"]]()
-            r["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - base
+                                   "ratio": medians[n] / tv, "last_losses": losses[n]} for n in MODELS]
+    ratios = common.fair_ratios(medians, "ours-fp32", "ours-bf16")
     del steps
     gc.collect()
-    if not args.no_memory and args.device == "cpu":
+    if not args.no_memory:
         for r in rows:
             child = ["--child-memory", r["model"]] + (["--quick"] if args.quick else []) + (
-                ["--amp", args.amp] if args.amp else []) + (
                 ["--no-speed"] if args.no_speed else []) + sum(
                 ([f"--{k.replace('_', '-')}", str(int(v))] for k, v in features(args).items()), [])
             if args.threads:
                 child += ["--threads", str(args.threads)]
             r["peak_memory_bytes"] = common.run_child("train_step.py", child)["peak_bytes"]
-    print("\n| model | median step | ratio ours/tv | peak memory |")
-    print("|---|---|---|---|")
+    print("\n| model | median step | spread (min-max) | ratio to tv plain | peak memory |")
+    print("|---|---|---|---|---|")
     for r in rows:
         mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
-        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {r['ratio']:.3f} | {mem} |")
-    print(f"steps per model: {len(times['torchvision'])} (alternated); times: "
+        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {r['ratio']:.3f} | "
+              f"{mem} |")
+    print("\n| ratio | value |\n|---|---|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.3f} |")
+    print(f"steps per model: {len(times[common.TV_PLAIN])} (alternated); times: "
           + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
     for n in MODELS:
         print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
-    return {"benchmark": "train_step", "machine": info, "image_size": list(size), "batch": 2, "device": args.device,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "amp": args.amp,
-            "speed_features": features(args), "rows": rows}
+    return {"benchmark": "train_step", "commit": common.git_commit(), "machine": info, "image_size": list(size),
+            "batch": 2, "repeats": args.repeats, "speed_features": features(args), "rows": rows, "ratios": ratios}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,95 @@
+"""The checking and ratio pieces of benchmarks/common.py, on tiny hand-made detections (no timing, no model)."""
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+import common  # noqa: E402
+
+
+def _dets(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 20], 1)
+    return {"boxes": boxes, "labels": torch.tensor([1, 2, 1, 3][:n]),
+            "scores": torch.tensor([0.9, 0.7, 0.5, 0.3][:n]), "masks": torch.rand(n, 1, 32, 32, generator=g)}
+
+
+def _copy(d):
+    return {k: v.clone() for k, v in d.items()}
+
+
+def test_identical_on_equal_and_within_tolerance():
+    a = _dets()
+    b = _copy(a)
+    b["boxes"] += 0.5 * common.BOX_TOL
+    b["scores"] -= 0.5 * common.SCORE_TOL
+    b["masks"] += 0.5 * common.MASK_TOL
+    c = common.compare_detections(a, b)
+    assert c["identical"] and c["in_same_order"]
+    assert common.require_identical({"x": c}) == []
+
+
+@pytest.mark.parametrize("key,delta", [("boxes", 2 * common.BOX_TOL), ("scores", 2 * common.SCORE_TOL),
+                                       ("masks", 2 * common.MASK_TOL)])
+def test_perturbed_output_fails(key, delta, capsys):
+    a = _dets()
+    b = _copy(a)
+    b[key][1] += delta  # one detection only
+    c = common.compare_detections(a, b)
+    assert not c["identical"]
+    assert common.require_identical({"ours": c}) == ["ours"]
+    assert "IDENTICAL-DETECTIONS CHECK FAILED for ours" in capsys.readouterr().err
+
+
+def test_swapped_order_fails_even_when_every_detection_pairs():
+    a = _dets()
+    order = torch.tensor([1, 0, 2, 3])
+    b = {k: v[order] for k, v in a.items()}
+    c = common.compare_detections(a, b)
+    assert c["paired"] == 4 and not c["in_same_order"] and not c["identical"]
+
+
+def test_missing_or_relabelled_detection_fails():
+    a = _dets()
+    b = {k: v[:3] for k, v in a.items()}
+    assert not common.compare_detections(a, b)["identical"]
+    b = _copy(a)
+    b["labels"][2] = 7
+    assert not common.compare_detections(a, b)["identical"]
+    empty = {k: v[:0] for k, v in a.items()}
+    assert common.compare_detections(empty, _copy(empty))["identical"]
+
+
+def test_fair_ratios():
+    med = {common.TV_PLAIN: 4.0, common.TV_CL: 3.2, common.TV_BF16: 8.0, "ours-fp32": 2.4, "ours-bf16": 2.0}
+    r = common.fair_ratios(med, "ours-fp32", "ours-bf16")
+    assert r[f"ours-fp32 / {common.TV_PLAIN}"] == pytest.approx(0.6)
+    assert r[f"ours-fp32 / best fp32 ({common.TV_CL})"] == pytest.approx(0.75)
+    assert r[f"ours-bf16 / {common.TV_PLAIN}"] == pytest.approx(0.5)
+    assert r[f"ours-bf16 / {common.TV_BF16}"] == pytest.approx(0.25)
+    med[common.TV_CL] = 5.0  # channels-last slower: plain is torchvision's best fp32
+    assert common.fair_ratios(med, "ours-fp32", None) == {
+        f"ours-fp32 / {common.TV_PLAIN}": pytest.approx(0.6),
+        f"ours-fp32 / best fp32 ({common.TV_PLAIN})": pytest.approx(0.6)}
+
+
+def test_torchvision_settings_run_channels_last_and_bf16():
+    conv = nn.Conv2d(3, 4, 3).eval()
+    x = torch.rand(1, 3, 8, 8)
+    fns = common.torchvision_settings(conv, lambda m: m(x))
+    assert set(fns) == set(common.TV_SETTINGS)
+    with torch.no_grad():
+        plain, cl, bf16 = fns[common.TV_PLAIN](), fns[common.TV_CL](), fns[common.TV_BF16]()
+    assert plain.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, plain, rtol=1e-5, atol=1e-5)
+    assert conv.weight.is_contiguous()  # the original keeps its layout
+
+
+def test_git_commit_is_recorded():
+    commit = common.git_commit()
+    assert commit == "unknown" or len(commit.split("-")[0]) == 40
