@@ -1,8 +1,9 @@
 """COCO-style box and mask evaluation (pycocotools) of a dataset's predictions."""
-from .coco import METRIC_NAMES, coco_gt_from_dataset, evaluate_coco, mask_to_rle, write_metrics
+from .coco import METRIC_NAMES, RECALL_NAMES, coco_gt_from_dataset, evaluate_coco, mask_to_rle, write_metrics
 
 __all__ = [
     "METRIC_NAMES",
+    "RECALL_NAMES",
     "coco_gt_from_dataset",
     "evaluate_coco",
     "mask_to_rle",

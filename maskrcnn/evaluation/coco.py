@@ -5,7 +5,10 @@ synthetic set, a user's) gets one built from its items: boxes as ``[x, y, w, h]`
 ``iscrowd`` from the target (area defaults to the mask's pixel count).
 
 Metrics are in percent: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}}``; a value COCO cannot
-compute (e.g. ``APl`` with no large objects) is NaN in Python and ``null`` in ``metrics.json``.
+compute (e.g. ``APl`` with no large objects) is NaN in Python and ``null`` in ``metrics.json``. With
+``detailed=True`` (what ``maskrcnn-test``'s ``metrics.json`` and the evaluations during training hold) each type
+also has the six recalls ``AR1, AR10, AR100, ARs, ARm, ARl`` and one ``AP-<class name>`` per category
+(detectron2's names).
 """
 from __future__ import annotations
 
@@ -23,13 +26,15 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["METRIC_NAMES", "dataset_image_id", "contiguous_to_category_id", "class_names", "coco_gt_from_dataset",
+__all__ = ["METRIC_NAMES", "RECALL_NAMES", "dataset_image_id", "contiguous_to_category_id", "class_names", "coco_gt_from_dataset",
            "evaluate_coco", "write_metrics", "mask_to_rle"]
 
 logger = logging.getLogger("maskrcnn.evaluation")
 
 #: Names of the first six COCOeval statistics, in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+#: Names of the last six COCOeval statistics (average recall at 1, 10, 100 detections; by area at 100), in order.
+RECALL_NAMES = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def dataset_image_id(dataset, index: int) -> int:
@@ -174,7 +179,8 @@ def _format_per_category(ap: Mapping[int, float], names: Mapping[int, str], colu
 
 def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], img_ids: Optional[Sequence[int]] = None,
                   names: Optional[Mapping[int, str]] = None, log: Optional[Callable[[str], Any]] = None,
-                  per_category: Optional[Dict[str, Dict[str, float]]] = None) -> Dict[str, Dict[str, float]]:
+                  per_category: Optional[Dict[str, Dict[str, float]]] = None,
+                  detailed: bool = False) -> Dict[str, Dict[str, float]]:
     """Run COCOeval for each iou type in ``results`` (``"bbox"``, ``"segm"``) and report.
 
     Args:
@@ -185,9 +191,11 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         names: category id -> name for the per-category table (default: from ``coco_gt``).
         log: where the 12-number tables and per-category APs go (default: the ``maskrcnn.evaluation`` logger).
         per_category: when given, filled with ``{iou_type: {category name: AP}}``.
+        detailed: also return the recalls (:data:`RECALL_NAMES`) and ``"AP-<category name>"`` for each category.
 
     Returns:
-        ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` in percent (NaN where undefined).
+        ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` in percent (NaN where undefined), plus with
+        ``detailed`` ``"AR1", ..., "ARl"`` and ``"AP-<name>"``.
     """
     log = log if log is not None else logger.info
     if names is None:
@@ -201,6 +209,9 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         if not dets:
             log(f"{iou_type}: no detections on the {len(img_ids)} evaluated images: every AP is 0")
             metrics[iou_type] = {k: 0.0 for k in METRIC_NAMES}
+            if detailed:
+                metrics[iou_type].update({k: 0.0 for k in RECALL_NAMES})
+                metrics[iou_type].update({f"AP-{names.get(c, str(c))}": 0.0 for c in sorted(coco_gt.getCatIds())})
             continue
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
@@ -215,8 +226,11 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         log(f"Evaluate annotation type *{iou_type}* on {len(img_ids)} images\n{table.getvalue().rstrip()}")
         per_cat = _per_category_ap(ev)
         log(f"per-category {iou_type} AP:\n{_format_per_category(per_cat, names)}")
+        names_and_stats = METRIC_NAMES + (RECALL_NAMES if detailed else ())
         metrics[iou_type] = {k: (float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan"))
-                             for i, k in enumerate(METRIC_NAMES)}
+                             for i, k in enumerate(names_and_stats)}
+        if detailed:
+            metrics[iou_type].update({f"AP-{names.get(c, str(c))}": v for c, v in per_cat.items()})
         if per_category is not None:
             per_category[iou_type] = {names.get(c, str(c)): v for c, v in per_cat.items()}
     return metrics
