@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMOKE_NAME = "quick_schedules/e2e_mask_rcnn_R-18-FPN_smoke"
 SCRIPTS = {"maskrcnn-train": "maskrcnn.cli.train_net:main", "maskrcnn-test": "maskrcnn.cli.test_net:main",
            "maskrcnn-infer": "maskrcnn.cli.infer:main", "maskrcnn-export": "maskrcnn.cli.export:main",
-           "maskrcnn-convert": "maskrcnn.cli.convert_weights:main"}
+           "maskrcnn-convert": "maskrcnn.cli.convert_weights:main", "maskrcnn-plot": "maskrcnn.cli.plot:main"}
 
 
 def _pyproject():
