@@ -69,7 +69,8 @@ def train_record(done: int, values: Mapping[str, float], trainer: Any, memory_mb
         rec["total_loss"] = float(values["loss"])
     rec.update({k: float(v) for k, v in sorted(values.items()) if k not in ("loss", "time", "data_time")})
     rec.update({"lr": float(trainer.lr), "time": float(values["time"]), "data_time": float(values["data_time"]),
-                "memory_mb": float(memory_mb), "peak_memory_mb": peak_memory_mb(trainer.device),
+                "memory_mb": float(memory_mb),
+                "peak_memory_mb": max(peak_memory_mb(trainer.device), float(memory_mb)),
                 "grad_norm": None if trainer.grad_norm is None else float(trainer.grad_norm)})
     if getattr(trainer, "skipped_steps", 0):
         rec["skipped_steps"] = int(trainer.skipped_steps)
