@@ -26,8 +26,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["METRIC_NAMES", "RECALL_NAMES", "dataset_image_id", "contiguous_to_category_id", "class_names", "coco_gt_from_dataset",
-           "evaluate_coco", "write_metrics", "mask_to_rle"]
+__all__ = ["METRIC_NAMES", "RECALL_NAMES", "dataset_image_id", "contiguous_to_category_id", "class_names",
+           "coco_gt_from_dataset", "evaluate_coco", "write_metrics", "mask_to_rle"]
 
 logger = logging.getLogger("maskrcnn.evaluation")
 
@@ -188,7 +188,9 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         results: iou type -> COCO results (``image_id``, ``category_id``, ``score``, ``bbox`` [x,y,w,h] or
             ``segmentation`` RLE).
         img_ids: evaluate these images only (default: every image of ``coco_gt``).
-        names: category id -> name for the per-category table (default: from ``coco_gt``).
+        names: category id -> name for the per-category table (default: from ``coco_gt``); when given, the
+            per-category APs cover these categories only (a json's ``_background_`` category, which the dataset
+            does not train, gets none).
         log: where the 12-number tables and per-category APs go (default: the ``maskrcnn.evaluation`` logger).
         per_category: when given, filled with ``{iou_type: {category name: AP}}``.
         detailed: also return the recalls (:data:`RECALL_NAMES`) and ``"AP-<category name>"`` for each category.
@@ -198,6 +200,7 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         ``detailed`` ``"AR1", ..., "ARl"`` and ``"AP-<name>"``.
     """
     log = log if log is not None else logger.info
+    named_only = names is not None
     if names is None:
         names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
     img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else sorted(int(i) for i in img_ids)
@@ -211,7 +214,8 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
             metrics[iou_type] = {k: 0.0 for k in METRIC_NAMES}
             if detailed:
                 metrics[iou_type].update({k: 0.0 for k in RECALL_NAMES})
-                metrics[iou_type].update({f"AP-{names.get(c, str(c))}": 0.0 for c in sorted(coco_gt.getCatIds())})
+                metrics[iou_type].update({f"AP-{names.get(c, str(c))}": 0.0 for c in sorted(coco_gt.getCatIds())
+                                          if not named_only or c in names})
             continue
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
@@ -224,7 +228,7 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         with contextlib.redirect_stdout(table):
             ev.summarize()
         log(f"Evaluate annotation type *{iou_type}* on {len(img_ids)} images\n{table.getvalue().rstrip()}")
-        per_cat = _per_category_ap(ev)
+        per_cat = {c: v for c, v in _per_category_ap(ev).items() if not named_only or c in names}
         log(f"per-category {iou_type} AP:\n{_format_per_category(per_cat, names)}")
         names_and_stats = METRIC_NAMES + (RECALL_NAMES if detailed else ())
         metrics[iou_type] = {k: (float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan"))
