@@ -97,7 +97,7 @@ def plot_curves(runs: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], output:
     Figure, FigureCanvasAgg, MaxNLocator = _import_matplotlib()
     fig = Figure(figsize=(15, 4.5), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    axes = fig.subplots(1, 3, sharex=True)  # one iteration axis: loss, AP and lr line up
     titles = {"loss": "training loss (median over the log period)", "AP": "evaluation AP (%)",
               "lr": "learning rate"}
     for ax, panel in zip(axes, PANELS):

@@ -99,6 +99,13 @@ def test_train_interrupted_and_resumed_with_evaluations_metrics_tensorboard_best
     assert [s for s, _ in scalars["loss/total_loss"]] == [1, 2, 3, 4]
     assert [s for s, _ in scalars["bbox/AP"]] == [2, 4]
 
+    # Evaluating (on a model copy, RNG state restored) and resuming changed nothing: the weights equal a plain run's.
+    plain = tmp_path / "plain"
+    assert train.main(["--cfg", SMOKE, "--nw", "0", "--output_dir", str(plain), "--set", "SOLVER.MAX_ITER", "4"]) == 0
+    a = torch.load(str(plain / "model_final.pth"), map_location="cpu", weights_only=True)["model"]
+    b = torch.load(str(out / "model_final.pth"), map_location="cpu", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     # The curves of the run, and of two runs compared.
     plot = _tool("plot_curves")
     assert plot.main([str(out)]) == 0 and (out / "curves.png").stat().st_size > 10_000
