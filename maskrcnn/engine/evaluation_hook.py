@@ -165,13 +165,50 @@ class BestCheckpointer:
             return False
         self.best_value, self.best_iteration = v, int(iteration)
         if self.save_to_disk:
-            state = {k: t.detach().cpu() for k, t in unwrap_model(self.model).state_dict().items()}
-            payload = {"model": state, "iteration": int(iteration), "cfg": self.cfg_yaml,
-                       "best_metric": self.metric, "best_value": v}
-            payload.update(self.extra)
-            save_checkpoint(self.path, payload)
+            self._save(unwrap_model(self.model).state_dict(), iteration, v)
             self.logger.info("new best %s %.3f at iteration %d: wrote %s", self.metric, v, iteration, self.path)
         return True
+
+    def _save(self, state: Mapping[str, Any], iteration: int, value: float) -> None:
+        payload = {"model": {k: t.detach().cpu() for k, t in state.items()}, "iteration": int(iteration),
+                   "cfg": self.cfg_yaml, "best_metric": self.metric, "best_value": float(value)}
+        payload.update(self.extra)
+        save_checkpoint(self.path, payload)
+
+    def reconcile(self, start_iter: int) -> None:
+        """Make ``model_best.pth`` agree with the kept ``metrics.jsonl`` records of a run (re)starting at
+        ``start_iter`` (0: a new run; K: resumed from the checkpoint of iteration K, ``self.model`` holding its
+        weights). A file written after that checkpoint (or by another run, or for another metric) belongs to
+        evaluations that were dropped: it is replaced by the weights of the best kept evaluation when they are at
+        hand (the resumed weights, or the periodic checkpoint of that iteration), else removed with a warning.
+        Only the process with ``save_to_disk`` acts."""
+        if not self.save_to_disk or not os.path.isfile(self.path):
+            return
+        from ..utils.checkpoint import load_checkpoint
+
+        old = load_checkpoint(self.path)
+        if old.get("best_metric") == self.metric and self.best_iteration == int(old.get("iteration", -1)):
+            return  # written at the best kept evaluation (the previous records are those up to start_iter)
+        reason = (f"it holds iteration {old.get('iteration')} by {old.get('best_metric')!r}, not the best kept "
+                  f"evaluation" + ("" if self.best_iteration is None else
+                                   f" ({self.metric} {self.best_value:.3f} at iteration {self.best_iteration})"))
+        if self.best_iteration is not None:
+            source = None
+            if self.best_iteration == int(start_iter):
+                source, state = "the resumed checkpoint", unwrap_model(self.model).state_dict()
+            else:
+                path = os.path.join(os.path.dirname(self.path), f"model_{self.best_iteration:07d}.pth")
+                if os.path.isfile(path):
+                    source, state = path, load_checkpoint(path)["model"]
+            if source is not None:
+                self._save(state, self.best_iteration, self.best_value)
+                self.logger.info("%s: %s; rewritten from %s", self.path, reason, source)
+                return
+        os.remove(self.path)
+        self.logger.warning("%s: %s; removed (%s)", self.path, reason,
+                            "no evaluation kept" if self.best_iteration is None else
+                            f"no checkpoint of iteration {self.best_iteration} left to take the weights from; the next "
+                            f"evaluation above {self.best_value:.3f} writes it again")
 
 
 class EvalHook(HookBase):

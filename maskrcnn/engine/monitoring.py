@@ -3,7 +3,8 @@
 - ``OUTPUT_DIR/metrics.jsonl`` (:mod:`maskrcnn.engine.metrics`), and TensorBoard scalars of the same values in
   ``OUTPUT_DIR/tb`` (``--use_tfboard``), both cut back to the resumed iteration on ``--resume``;
 - evaluations every ``TEST.EVAL_PERIOD`` iterations and at the end, and ``model_best.pth`` by
-  ``SOLVER.CHECKPOINT_BEST`` (:mod:`maskrcnn.engine.evaluation_hook`);
+  ``SOLVER.CHECKPOINT_BEST`` (:mod:`maskrcnn.engine.evaluation_hook`), made to agree with the kept records on
+  ``--resume`` (:meth:`~maskrcnn.engine.evaluation_hook.BestCheckpointer.reconcile`);
 - the live progress bar on a terminal (:mod:`maskrcnn.engine.progress`).
 
 Hook order matters for resuming: train_net registers ``LogHook`` (train record), the :class:`EvalHook` (eval
@@ -68,6 +69,7 @@ def build_training_monitors(cfg, *, model, eval_datasets: Sequence[Tuple[str, An
             best = BestCheckpointer(output_dir, model, best_metric, cfg_yaml=cfg_yaml, extra=extra,
                                     save_to_disk=is_main, previous=metrics.previous if metrics is not None else (),
                                     logger=logger)
+            best.reconcile(start_iter)  # a model_best.pth of dropped evaluations (or of another run) goes
         evaluate = coco_evaluator(model, eval_datasets, cfg, device=device,
                                   num_workers=int(cfg.DATA_LOADER.NUM_THREADS), log=logger.info)
         eval_hook = EvalHook(period, evaluate, metrics_writer=metrics, best=best, logger=logger)

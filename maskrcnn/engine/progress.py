@@ -1,5 +1,6 @@
-"""A live progress bar with ETA for training, on a terminal: the inference loop's :class:`~maskrcnn.utils.logger.Progress`
-counting iterations, redrawn after every iteration (at most 10 times a second) between the log lines.
+"""A live progress bar with ETA for training, on a terminal: the inference loop's
+:class:`~maskrcnn.utils.logger.Progress` counting iterations, redrawn after every iteration (at most 10 times a
+second) between the log lines.
 
     train  [#######.............] 350/1000  2.51 it/s eta 0:04:19  elapsed 0:02:19
 

@@ -1,6 +1,7 @@
 """maskrcnn.engine.evaluation_hook: periodic and final evaluations, their records, the best checkpoint, the
 metric-name checks, and the COCO evaluator (on the oracle detector: exactly 100 AP, every AR and per-class AP)."""
 import json
+import logging
 import os
 import sys
 from typing import Dict, List, Optional
@@ -116,6 +117,77 @@ def test_best_checkpointer_resumes_from_the_kept_records_and_only_rank_0_writes(
     other_rank = BestCheckpointer(str(tmp_path), torch.nn.Linear(1, 1), "bbox/AP", save_to_disk=False)
     assert other_rank.update(6, {"bbox/AP": 1.0}) and not (tmp_path / BEST_FILE).exists()
     assert best.update(8, {"bbox/AP": 51.0}) and (tmp_path / BEST_FILE).exists()
+
+
+def _evals(*pairs):
+    return [{"type": "eval", "iteration": it, "bbox/AP": ap} for it, ap in pairs]
+
+
+def _first_run(tmp_path, pairs):
+    """A run that evaluated at ``pairs`` (iteration, bbox/AP) with weights filled with the iteration; returns the
+    model. Periodic checkpoints exist for iterations 2 and 4 only."""
+    model = torch.nn.Linear(2, 1)
+    best = BestCheckpointer(str(tmp_path), model, "bbox/AP")
+    for it, ap in pairs:
+        with torch.no_grad():
+            model.weight.fill_(it)
+        best.update(it, {"bbox/AP": ap})
+        if it in (2, 4):
+            torch.save({"model": model.state_dict(), "iteration": it}, str(tmp_path / f"model_{it:07d}.pth"))
+    return model
+
+
+def _best_file(tmp_path):
+    ck = load_checkpoint(str(tmp_path / BEST_FILE))
+    return ck["iteration"], ck["best_value"], float(ck["model"]["weight"].flatten()[0])
+
+
+@pytest.mark.parametrize("resume_at, pairs, expected", [
+    (4, [(2, 10.0), (4, 30.0), (6, 20.0)], (4, 30.0, 4.0)),     # written at a kept evaluation: left alone
+    (4, [(2, 10.0), (4, 30.0), (6, 40.0)], (4, 30.0, 4.0)),     # best at 6 dropped: the resumed weights (4)
+    (6, [(2, 30.0), (4, 10.0), (6, 5.0), (7, 40.0)], (2, 30.0, 2.0)),  # best at 2: from model_0000002.pth
+])
+def test_best_checkpoint_of_a_resumed_run_agrees_with_the_kept_records(tmp_path, resume_at, pairs, expected):
+    model = _first_run(tmp_path, pairs)
+    with torch.no_grad():
+        model.weight.fill_(resume_at)  # the resumed checkpoint's weights
+    kept = [r for r in _evals(*pairs) if r["iteration"] <= resume_at]
+    BestCheckpointer(str(tmp_path), model, "bbox/AP", previous=kept).reconcile(resume_at)
+    assert _best_file(tmp_path) == expected
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.text = ""
+
+    def emit(self, record):
+        self.text += record.getMessage() + "\n"
+
+
+def test_best_checkpoint_without_the_weights_of_the_kept_best_or_of_another_run_is_removed(tmp_path):
+    log = logging.getLogger("test.evaluation_hook.reconcile")
+    log.propagate = False
+    lines = _Lines()
+    log.handlers[:] = [lines]
+    model = _first_run(tmp_path, [(1, 30.0), (3, 40.0)])  # no checkpoint of iteration 1
+    kept = _evals((1, 30.0))
+    BestCheckpointer(str(tmp_path), model, "bbox/AP", previous=kept, logger=log).reconcile(2)
+    assert not (tmp_path / BEST_FILE).exists()
+    assert "no checkpoint of iteration 1 left" in lines.text and "holds iteration 3" in lines.text
+    _first_run(tmp_path, [(2, 5.0)])
+    BestCheckpointer(str(tmp_path), model, "bbox/AP", logger=log).reconcile(0)  # a new run in the same folder
+    assert not (tmp_path / BEST_FILE).exists() and "no evaluation kept" in lines.text
+    _first_run(tmp_path, [(2, 5.0)])
+    other_metric = BestCheckpointer(str(tmp_path), model, "segm/AP", previous=[{"type": "eval", "iteration": 2,
+                                                                                "segm/AP": 1.0}])
+    with torch.no_grad():
+        model.weight.fill_(-1.0)
+    other_metric.reconcile(2)  # the resumed run ranks by another metric: rewritten for it
+    ck = load_checkpoint(str(tmp_path / BEST_FILE))
+    assert ck["best_metric"] == "segm/AP" and ck["iteration"] == 2 and float(ck["model"]["weight"][0, 0]) == -1.0
+    BestCheckpointer(str(tmp_path), model, "segm/AP", save_to_disk=False).reconcile(0)  # not rank 0: no action
+    assert (tmp_path / BEST_FILE).exists()
 
 
 def _val(n=6):
