@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """The README's main job (`make demo`): train a small Mask R-CNN from scratch on the built-in synthetic shapes set
-on the CPU, evaluate it on the synthetic val split (COCO box and mask AP) and draw a few of its detections.
+on the CPU, evaluating it on the synthetic val split every --eval_period iterations, then evaluate the final model
+(COCO box and mask AP), draw a few of its detections and plot the training curves.
 
-    python tools/demo.py [--output_dir output/demo] [--cfg CFG] [--set KEY VALUE ...]
+    python tools/demo.py [--output_dir output/demo] [--cfg CFG] [--eval_period N] [--set KEY VALUE ...]
 
-It runs tools/train_net.py then tools/test_net.py, exactly as a user would; their output streams through. An
-interrupted demo continues from its last checkpoint when run again (train_net --resume).
+It runs tools/train_net.py, tools/test_net.py then tools/plot_curves.py (OUTPUT_DIR/curves.png: loss, AP and lr
+against the iteration; skipped with a note when matplotlib is not installed), exactly as a user would; their output
+streams through. An interrupted demo continues from its last checkpoint when run again (train_net --resume).
 """
 import argparse
 import json
@@ -44,12 +46,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default=DEFAULT_CFG, help="config file")
     p.add_argument("--output_dir", default=os.path.join(REPO, "output", "demo"), help="where everything is written")
+    p.add_argument("--eval_period", type=int, default=100,
+                   help="evaluate on synthetic:val every this many training iterations (TEST.EVAL_PERIOD; the AP "
+                        "curve of the plot), 0: only the final evaluation")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY VALUE", help="config overrides for both tools")
     args = p.parse_args(argv)
     start = time.time()
     overrides = ["--set"] + args.set if args.set else []
     train = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--cfg", args.cfg,
-             "--dataset", "synthetic:train", "--output_dir", args.output_dir] + overrides
+             "--dataset", "synthetic:train", "--output_dir", args.output_dir,
+             "--set", "TEST.DATASETS", '["synthetic:val"]', "TEST.EVAL_PERIOD", str(args.eval_period)] + args.set
     if os.path.isfile(os.path.join(args.output_dir, "last_checkpoint")):
         train.append("--resume")
     rc = run(train)
@@ -63,10 +69,18 @@ def main(argv=None) -> int:
     if rc != 0:
         print(f"demo: evaluation failed (exit status {rc})", file=sys.stderr)
         return rc
+    curves = os.path.join(args.output_dir, "curves.png")
+    rc = run([sys.executable, os.path.join(REPO, "tools", "plot_curves.py"), args.output_dir, "-o", curves,
+              "--title", f"demo: {os.path.basename(args.cfg)}"])
+    if rc != 0:
+        # The curves are a bonus: the run itself succeeded (exit status 1: matplotlib is not installed).
+        print(f"demo: no training curves (plot_curves exit status {rc}; see above)", file=sys.stderr)
+        curves = None
     with open(os.path.join(eval_dir, "metrics.json"), encoding="utf-8") as f:
         metrics = json.load(f)
     print(f"\ndemo finished in {time.time() - start:.0f} s: box AP {metrics['bbox']['AP']:.1f}, "
-          f"mask AP {metrics['segm']['AP']:.1f} on synthetic:val; results and pictures in {eval_dir}")
+          f"mask AP {metrics['segm']['AP']:.1f} on synthetic:val; results and pictures in {eval_dir}"
+          + (f"; training curves in {curves}" if curves else ""))
     passed, line = verdict(metrics)
     if args.set or os.path.abspath(args.cfg) != DEFAULT_CFG:
         line += " -- NOTE: the promise is for the default config and schedule; this run changed them"

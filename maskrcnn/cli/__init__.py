@@ -1,6 +1,7 @@
 """Command-line entry points: ``maskrcnn-train`` (:mod:`.train_net`), ``maskrcnn-test`` (:mod:`.test_net`),
-``maskrcnn-infer`` (:mod:`.infer`), ``maskrcnn-export`` (:mod:`.export`) and ``maskrcnn-convert``
-(:mod:`.convert_weights`), each a ``main(argv=None) -> int``; ``tools/*.py`` are shims over them.
+``maskrcnn-infer`` (:mod:`.infer`), ``maskrcnn-export`` (:mod:`.export`), ``maskrcnn-convert``
+(:mod:`.convert_weights`) and ``maskrcnn-plot`` (:mod:`.plot`), each a ``main(argv=None) -> int``; ``tools/*.py`` are
+shims over them.
 
 Submodules are imported on use, never here: one command must not pay for the others' imports.
 """
@@ -18,6 +19,7 @@ COMMANDS = {
     "maskrcnn-infer": "maskrcnn.cli.infer",
     "maskrcnn-export": "maskrcnn.cli.export",
     "maskrcnn-convert": "maskrcnn.cli.convert_weights",
+    "maskrcnn-plot": "maskrcnn.cli.plot",
 }
 
 

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the format is detected)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (OUTPUT_DIR)")
-    p.add_argument("--use_tfboard", action="store_true", help="write TensorBoard scalars to OUTPUT_DIR/tb")
+    p.add_argument("--use_tfboard", action="store_true",
+                   help="write TensorBoard scalars to OUTPUT_DIR/tb (the values of OUTPUT_DIR/metrics.jsonl)")
     p.add_argument("--seed", type=int, default=None, help="random seed (RNG_SEED)")
     p.add_argument("--no_cuda", action="store_true", help="train on the CPU even when CUDA is available")
     p.add_argument("--skip_nonfinite", action="store_true",
@@ -95,9 +96,11 @@ def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
 
 def train(cfg, args, ctx, logger) -> int:
     from ..data.build import build_train_loader
-    from ..engine.hooks import LogHook, PeriodicCheckpointer, TensorboardWriter
     from ..engine.ema import EMAHook, ModelEMA
+    from ..engine.evaluation_hook import check_best_metric
+    from ..engine.hooks import LogHook, PeriodicCheckpointer
     from ..engine.launch import create_ddp_model
+    from ..engine.monitoring import build_training_monitors
     from ..engine.solver import build_lr_scheduler, build_optimizer_from_cfg, describe_solver
     from ..engine.speed import prepare_for_training
     from ..engine.trainer import NonFiniteLossError, Trainer, make_grad_scaler
@@ -107,8 +110,15 @@ def train(cfg, args, ctx, logger) -> int:
     from ..utils.env import seed_all
 
     output_dir = cfg.OUTPUT_DIR
-    tb = TensorboardWriter(os.path.join(output_dir, "tb")) if args.use_tfboard and ctx.is_main else None
     dataset = build_checked_dataset(cfg, cfg.TRAIN.DATASETS, is_train=True)
+    # TEST.EVAL_PERIOD: the test sets are built (and SOLVER.CHECKPOINT_BEST checked) before any model work.
+    eval_datasets = ([(spec, build_checked_dataset(cfg, spec, is_train=False)) for spec in cfg.TEST.DATASETS]
+                     if cfg.TEST.EVAL_PERIOD > 0 else [])
+    if cfg.TEST.EVAL_PERIOD > 0 and not eval_datasets:
+        raise ConfigError(f"TEST.EVAL_PERIOD = {cfg.TEST.EVAL_PERIOD} needs a test dataset: set TEST.DATASETS or "
+                          f"pass --test_dataset")
+    best_metric = (check_best_metric(cfg.SOLVER.CHECKPOINT_BEST, eval_datasets, cfg.MODEL.MASK_ON,
+                                     cfg.TEST.EVAL_PERIOD) if cfg.SOLVER.CHECKPOINT_BEST else "")
     logger.info("training on %s (%d images), %d process(es) x %d images, iter_size %d, device %s",
                 dataset, len(dataset), ctx.world_size, cfg.TRAIN.IMS_PER_BATCH, args.iter_size, ctx.device)
 
@@ -182,12 +192,17 @@ def train(cfg, args, ctx, logger) -> int:
             start_iter=start_iter * args.iter_size, flip=cfg.TRAIN.USE_FLIPPED, pin_memory=ctx.device.type == "cuda",
             skip_unreadable=cfg.DATA_LOADER.SKIP_UNREADABLE)
         saver = PeriodicCheckpointer(checkpointer, cfg.TRAIN.SNAPSHOT_ITERS, cfg_yaml, extra=extra)
+        # metrics.jsonl (+ TensorBoard), evaluations, model_best.pth, progress bar; the order keeps resume exact.
+        mon = build_training_monitors(cfg, model=model, eval_datasets=eval_datasets, device=ctx.device,
+                                      is_main=ctx.is_main, start_iter=start_iter, use_tensorboard=args.use_tfboard,
+                                      best_metric=best_metric, cfg_yaml=cfg_yaml, extra=extra, logger=logger)
         trainer = Trainer(ddp_model, optimizer, scheduler, loader, max_iter=cfg.SOLVER.MAX_ITER, start_iter=start_iter,
                           iter_size=args.iter_size, amp=cfg.TRAIN.AMP, device=ctx.device,
                           clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM, skip_nonfinite=args.skip_nonfinite, scaler=scaler,
-                          hooks=[LogHook(cfg.TRAIN.LOG_PERIOD, logger, tb),
-                                 EMAHook(ema) if ema is not None else None,  # before saver: final = EMA weights
-                                 saver])
+                          hooks=[LogHook(cfg.TRAIN.LOG_PERIOD, logger, metrics_writer=mon.metrics),
+                                 # before evaluation and saving: both see the EMA weights of this iteration
+                                 EMAHook(ema) if ema is not None else None,
+                                 mon.eval_hook, saver, mon.progress])
         if ckpt is not None:
             # Last: everything above may draw random numbers (model init, DDP); the resumed stream starts here.
             Checkpointer.restore_rng(ckpt, ctx.rank, ctx.world_size)

@@ -205,6 +205,8 @@ _key("TEST.FUSE_CONV_ACTIVATIONS", True, "On the CPU, run the folded ResNet and 
      "conv+ReLU and conv+add+ReLU primitives (needs TEST.FUSE_FROZEN_BN).")
 _key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory format at inference.")
 _key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles for tens of seconds per input size).")
+_key("TEST.EVAL_PERIOD", 0, "During training, run the COCO evaluation on TEST.DATASETS every this many iterations and "
+     "after the last one (logged, and written to OUTPUT_DIR/metrics.jsonl); 0 disables.")
 _key("TEST.MASK_PASTE_PADDING", 1, "Pixels of padding around each mask before pasting (torchvision and Detectron use 1).")
 
 _section("SOLVER", "Optimisation.")
@@ -234,6 +236,8 @@ _key("SOLVER.WARM_UP_METHOD", "linear", "Warm-up: 'linear' or 'constant'.")
 _key("SOLVER.CLIP_GRAD_NORM", 0.0, "Clip the gradient norm to this value; 0 disables.")
 _key("SOLVER.EMA_DECAY", 0.0, "Exponential moving average of the weights, updated every iteration with this decay "
      "(e.g. 0.999; 0 = off); checkpointed and resumed, and the EMA weights are evaluated and saved in model_final.pth.")
+_key("SOLVER.CHECKPOINT_BEST", "", "Keep OUTPUT_DIR/model_best.pth, the weights at the evaluation (TEST.EVAL_PERIOD) "
+     "with the highest value of this metric, e.g. 'segm/AP', 'bbox/AP50', 'bbox/AR100', 'segm/AP-<class>'; '' disables.")
 _key("SOLVER.SCALE_WITH_BATCH", True, "Scale LR and schedule linearly when the total batch differs from the config's (Detectron's rule).")
 
 _section("DATA_LOADER", "Data loading.")

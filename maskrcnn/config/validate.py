@@ -115,6 +115,7 @@ _CHECKS = {
     "TEST.IMS_PER_BATCH": _POS,
     "TEST.AMP": _one_of(["", "fp16", "bf16"]),
     "TEST.MASK_PASTE_PADDING": _NONNEG,
+    "TEST.EVAL_PERIOD": _NONNEG,
     "SOLVER.BASE_LR": _POS,
     "SOLVER.LR_POLICY": _one_of(["steps_with_decay", "cosine_decay", "constant"]),
     "SOLVER.OPTIMIZER": _one_of(["SGD", "AdamW"]),

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 from ..utils import distributed as dist_utils
 from ..utils.env import memory_mb
 from ..utils.logger import SmoothedValue, format_seconds, progress_bar
+from .metrics import train_record
 
 __all__ = ["HookBase", "LogHook", "TensorboardWriter", "TensorboardUnavailable", "PeriodicCheckpointer"]
 
@@ -49,14 +50,16 @@ class TensorboardWriter:
     ``--use_tfboard`` fails before training starts, not at the first log line).
     """
 
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, purge_step: Optional[int] = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise TensorboardUnavailable(f"--use_tfboard needs the 'tensorboard' package, which is not installed "
                                f"({e}); install it with `pip install tensorboard` or drop --use_tfboard") from None
         self.log_dir = log_dir
-        self._writer = SummaryWriter(log_dir=log_dir)
+        # purge_step (a resumed run: its first iteration done): TensorBoard hides the older events at or past it.
+        self._writer = (SummaryWriter(log_dir=log_dir) if purge_step is None
+                        else SummaryWriter(log_dir=log_dir, purge_step=int(purge_step)))
 
     def add_scalars(self, values: Dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -77,15 +80,19 @@ class LogHook(HookBase):
         logger: where lines go (only rank 0 writes TensorBoard scalars).
         tb_writer: optional :class:`TensorboardWriter` (rank 0).
         show_bar: prefix lines with a progress bar (default: when stdout is a terminal).
+        metrics_writer: optional :class:`~maskrcnn.engine.metrics.MetricsWriter` (rank 0): each line's values also
+            go to ``metrics.jsonl`` (and its TensorBoard writer) as a ``"train"`` record; closed with this hook.
     """
 
     def __init__(self, period: int = 20, logger: Optional[logging.Logger] = None,
-                 tb_writer: Optional[TensorboardWriter] = None, show_bar: Optional[bool] = None):
+                 tb_writer: Optional[TensorboardWriter] = None, show_bar: Optional[bool] = None,
+                 metrics_writer=None):
         if int(period) < 1:
             raise ValueError(f"LogHook: period must be >= 1, got {period}")
         self.period = int(period)
         self.logger = logger or logging.getLogger("maskrcnn.train")
         self.tb_writer = tb_writer
+        self.metrics_writer = metrics_writer
         self.show_bar = sys.stdout.isatty() if show_bar is None else bool(show_bar)
         self._series: Dict[str, SmoothedValue] = {}
         self._time = SmoothedValue(self.period)
@@ -143,10 +150,14 @@ class LogHook(HookBase):
             scalars.update({"lr": t.lr, "time/iter": values["time"], "time/data": values["data_time"],
                             "memory_mb": mem})
             self.tb_writer.add_scalars(scalars, done)
+        if self.metrics_writer is not None and dist_utils.is_main_process():
+            self.metrics_writer.write(train_record(done, values, t, mem))
 
     def close(self) -> None:
         if self.tb_writer is not None:
             self.tb_writer.close()
+        if self.metrics_writer is not None:
+            self.metrics_writer.close()
 
 
 class PeriodicCheckpointer(HookBase):

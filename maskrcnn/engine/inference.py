@@ -339,7 +339,8 @@ def evaluate_on_dataset(model: nn.Module, dataset: Dataset, cfg, device: Any = "
                         on_image: Optional[Callable[[int, Tensor, Dict[str, Any]], None]] = None,
                         log: Optional[Callable[[str], Any]] = None) -> Optional[Dict[str, Dict[str, float]]]:
     """Inference, COCO results (``bbox_results.json``, ``segm_results.json``), COCO evaluation and
-    ``metrics.json`` in ``output_dir`` — what ``tools/test_net.py`` does for one dataset.
+    ``metrics.json`` in ``output_dir`` — what ``tools/test_net.py`` does for one dataset. The metrics are
+    :func:`~maskrcnn.evaluation.coco.evaluate_coco`'s ``detailed`` ones: APs, ARs and per-category APs.
 
     Settings come from ``cfg``: ``TEST.IMS_PER_BATCH``, ``MRCNN.THRESH_BINARIZE``. The model runs as it is: the
     ``TEST`` speed features, mixed precision (``TEST.AMP``) included, are applied beforehand by
@@ -361,7 +362,7 @@ def evaluate_on_dataset(model: nn.Module, dataset: Dataset, cfg, device: Any = "
             log(f"wrote {len(results[iou_type])} {iou_type} results to {path}")
     coco_gt = coco_gt_from_dataset(dataset)
     img_ids = [int(r["image_id"]) for r in records]
-    metrics = evaluate_coco(coco_gt, results, img_ids=img_ids, names=class_names(dataset), log=log)
+    metrics = evaluate_coco(coco_gt, results, img_ids=img_ids, names=class_names(dataset), log=log, detailed=True)
     if output_dir is not None:
         path = os.path.join(output_dir, "metrics.json")
         write_metrics(path, metrics)

@@ -83,9 +83,10 @@ class Trainer:
 
     Attributes for hooks (set by each step): ``iter``, ``losses`` (floats averaged over the accumulated batches),
     ``total_loss``, ``lr`` (the schedule's lr of this step, before the per-group factors), ``step_time``,
-    ``data_time``, ``grad_norm`` (None without clipping), ``image_ids``, ``skipped_steps``, ``step_skipped``,
-    ``scaler_skipped_steps`` (fp16: updates the GradScaler skipped for inf/NaN gradients, as it lowered its scale);
-    ``ema``: the :class:`~maskrcnn.engine.ema.ModelEMA` (set by ``EMAHook``; None without EMA).
+    ``data_time``, ``grad_norm`` (total gradient norm before clipping; None on a skipped step), ``image_ids``,
+    ``skipped_steps``, ``step_skipped``, ``scaler_skipped_steps`` (fp16: updates the GradScaler skipped for inf/NaN
+    gradients, as it lowered its scale); ``ema``: the :class:`~maskrcnn.engine.ema.ModelEMA` (set by ``EMAHook``;
+    None without EMA).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_loader: Iterator,
@@ -224,9 +225,13 @@ class Trainer:
         gradients (it then lowers its scale, which is how the skip is seen from outside)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.clip_grad_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
+        elif params:
+            # Read-only (metrics.jsonl's grad_norm): the same total 2-norm clip_grad_norm_ returns.
+            self.grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])))
         if self.scaler is None:
             self.optimizer.step()
             return True

@@ -10,7 +10,10 @@ takes faster-coco-eval when it is installed: on 5,000 images x 100 detections it
 times faster with AP equal to 4 decimals (``benchmarks/data.py``, ``docs/benchmarks.md``).
 
 Metrics are in percent: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}}``; a value COCO cannot
-compute (e.g. ``APl`` with no large objects) is NaN in Python and ``null`` in ``metrics.json``.
+compute (e.g. ``APl`` with no large objects) is NaN in Python and ``null`` in ``metrics.json``. With
+``detailed=True`` (what ``maskrcnn-test``'s ``metrics.json`` and the evaluations during training hold) each type
+also has the six recalls ``AR1, AR10, AR100, ARs, ARm, ARl`` and one ``AP-<class name>`` per category
+(detectron2's names).
 """
 from __future__ import annotations
 
@@ -28,13 +31,16 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["METRIC_NAMES", "EVALUATORS", "resolve_evaluator", "dataset_image_id", "contiguous_to_category_id", "class_names", "coco_gt_from_dataset",
-           "evaluate_coco", "write_metrics", "mask_to_rle"]
+__all__ = ["METRIC_NAMES", "RECALL_NAMES", "EVALUATORS", "resolve_evaluator", "dataset_image_id",
+           "contiguous_to_category_id", "class_names", "coco_gt_from_dataset", "evaluate_coco", "write_metrics",
+           "mask_to_rle"]
 
 logger = logging.getLogger("maskrcnn.evaluation")
 
 #: Names of the first six COCOeval statistics, in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+#: Names of the last six COCOeval statistics (average recall at 1, 10, 100 detections; by area at 100), in order.
+RECALL_NAMES = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 #: Values of ``evaluate_coco(evaluator=...)``.
 EVALUATORS = ("auto", "pycocotools", "faster_coco_eval")
@@ -236,7 +242,7 @@ def _format_per_category(ap: Mapping[int, float], names: Mapping[int, str], colu
 def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], img_ids: Optional[Sequence[int]] = None,
                   names: Optional[Mapping[int, str]] = None, log: Optional[Callable[[str], Any]] = None,
                   per_category: Optional[Dict[str, Dict[str, float]]] = None,
-                  evaluator: str = "auto") -> Dict[str, Dict[str, float]]:
+                  evaluator: str = "auto", detailed: bool = False) -> Dict[str, Dict[str, float]]:
     """Run COCOeval for each iou type in ``results`` (``"bbox"``, ``"segm"``) and report.
 
     Args:
@@ -244,16 +250,21 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         results: iou type -> COCO results (``image_id``, ``category_id``, ``score``, ``bbox`` [x,y,w,h] or
             ``segmentation`` RLE). Not modified.
         img_ids: evaluate these images only (default: every image of ``coco_gt``).
-        names: category id -> name for the per-category table (default: from ``coco_gt``).
+        names: category id -> name for the per-category table (default: from ``coco_gt``); when given, the
+            per-category APs cover these categories only (a json's ``_background_`` category, which the dataset
+            does not train, gets none).
         log: where the 12-number tables and per-category APs go (default: the ``maskrcnn.evaluation`` logger).
         per_category: when given, filled with ``{iou_type: {category name: AP}}``.
         evaluator: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"`` (:func:`resolve_evaluator`).
+        detailed: also return the recalls (:data:`RECALL_NAMES`) and ``"AP-<category name>"`` for each category.
 
     Returns:
-        ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` in percent (NaN where undefined).
+        ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` in percent (NaN where undefined), plus with
+        ``detailed`` ``"AR1", ..., "ARl"`` and ``"AP-<name>"``.
     """
     log = log if log is not None else logger.info
     evaluator = resolve_evaluator(evaluator)
+    named_only = names is not None
     if names is None:
         names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
     img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else sorted(int(i) for i in img_ids)
@@ -267,13 +278,20 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         if not dets:
             log(f"{iou_type}: no detections on the {len(img_ids)} evaluated images: every AP is 0")
             metrics[iou_type] = {k: 0.0 for k in METRIC_NAMES}
+            if detailed:
+                metrics[iou_type].update({k: 0.0 for k in RECALL_NAMES})
+                metrics[iou_type].update({f"AP-{names.get(c, str(c))}": 0.0 for c in sorted(coco_gt.getCatIds())
+                                          if not named_only or c in names})
             continue
         ev, table = _run_cocoeval(evaluator, coco_gt, dets, iou_type, img_ids, gt_cache)
         log(f"Evaluate annotation type *{iou_type}* on {len(img_ids)} images ({evaluator})\n{table}")
-        per_cat = _per_category_ap(ev)
+        per_cat = {c: v for c, v in _per_category_ap(ev).items() if not named_only or c in names}
         log(f"per-category {iou_type} AP:\n{_format_per_category(per_cat, names)}")
+        names_and_stats = METRIC_NAMES + (RECALL_NAMES if detailed else ())
         metrics[iou_type] = {k: (float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan"))
-                             for i, k in enumerate(METRIC_NAMES)}
+                             for i, k in enumerate(names_and_stats)}
+        if detailed:
+            metrics[iou_type].update({f"AP-{names.get(c, str(c))}": v for c, v in per_cat.items()})
         if per_category is not None:
             per_category[iou_type] = {names.get(c, str(c)): v for c, v in per_cat.items()}
     return metrics

@@ -135,6 +135,7 @@ class Progress:
         self._initial = int(initial)
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._written_count: Optional[int] = None  # count of the last plain line written
+        self._drawn = 0  # characters of the redrawn terminal line now on screen (0: none)
 
     def advance(self, n: int = 1) -> None:
         """Count ``n`` more items done (for loops that do not iterate this object)."""
@@ -162,9 +163,12 @@ class Progress:
         if self._tty:
             # Redrawing more than ~10 times a second only costs time.
             if final or now - self._last >= 0.1:
-                self.stream.write("\r" + self._line() + ("\n" if final else ""))
+                line = self._line()
+                # Padded over a longer previous line, so that no stale characters remain.
+                self.stream.write("\r" + line.ljust(self._drawn) + ("\n" if final else ""))
                 self.stream.flush()
                 self._last = now
+                self._drawn = 0 if final else len(line)
         elif (self.count != self._written_count) if final else (now - self._last >= self.log_every):
             # The final line is skipped when the last item's periodic line already said the same.
             self.stream.write(self._line() + "\n")
@@ -187,3 +191,12 @@ class Progress:
     def close(self) -> None:
         """Write the final line (when using :meth:`advance`)."""
         self._maybe_report(final=True)
+
+    def clear(self) -> None:
+        """Erase the redrawn terminal line, so that other output (a log line) starts on a clean line; the next
+        :meth:`advance` draws it again. Nothing to do on a non-terminal stream."""
+        if self.enabled and self._tty and self._drawn:
+            self.stream.write("\r" + " " * self._drawn + "\r")
+            self.stream.flush()
+            self._drawn = 0
+            self._last = float("-inf")

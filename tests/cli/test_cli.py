@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMOKE_NAME = "quick_schedules/e2e_mask_rcnn_R-18-FPN_smoke"
 SCRIPTS = {"maskrcnn-train": "maskrcnn.cli.train_net:main", "maskrcnn-test": "maskrcnn.cli.test_net:main",
            "maskrcnn-infer": "maskrcnn.cli.infer:main", "maskrcnn-export": "maskrcnn.cli.export:main",
-           "maskrcnn-convert": "maskrcnn.cli.convert_weights:main"}
+           "maskrcnn-convert": "maskrcnn.cli.convert_weights:main", "maskrcnn-plot": "maskrcnn.cli.plot:main"}
 
 
 def _pyproject():
@@ -60,12 +60,13 @@ def test_license_is_an_spdx_expression_with_a_setuptools_that_supports_it():
     assert "setuptools>=77" in data["build-system"]["requires"]
 
 
-@pytest.mark.parametrize("tool, names", [("train_net", ["main", "parse_args", "setup_cfg"]),
-                                         ("test_net", ["main", "parse_args", "setup_cfg"]),
-                                         ("convert_weights", ["main", "parse_args"])])
-def test_tools_are_shims_over_the_package(tool, names):
+@pytest.mark.parametrize("tool, module, names", [("train_net", "train_net", ["main", "parse_args", "setup_cfg"]),
+                                                 ("test_net", "test_net", ["main", "parse_args", "setup_cfg"]),
+                                                 ("convert_weights", "convert_weights", ["main", "parse_args"]),
+                                                 ("plot_curves", "plot", ["main", "parse_args"])])
+def test_tools_are_shims_over_the_package(tool, module, names):
     shim = runpy.run_path(os.path.join(REPO, "tools", f"{tool}.py"))  # as a module, not as __main__
-    package = importlib.import_module(f"maskrcnn.cli.{tool}")
+    package = importlib.import_module(f"maskrcnn.cli.{module}")
     for name in names:
         assert shim[name] is getattr(package, name)
     assert os.path.getsize(os.path.join(REPO, "tools", f"{tool}.py")) < 800  # no code of its own

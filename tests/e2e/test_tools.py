@@ -127,7 +127,9 @@ def test_train_then_test_command_lines(tmp_path):
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in r.stdout
     assert "per-category segm AP" in r.stdout
     metrics = json.loads((test_out / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm"} and set(metrics["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(metrics) == {"bbox", "segm"}
+    assert set(metrics["segm"]) == ({"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+                                     "ARl"} | {f"AP-{c}" for c in ("rectangle", "ellipse", "triangle")})
     bbox = json.loads((test_out / "bbox_results.json").read_text())
     assert {d["image_id"] for d in bbox} <= set(range(6))
     assert len(os.listdir(test_out / "vis")) == 6
@@ -205,12 +207,19 @@ def test_torchrun_two_processes_train_and_test(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "ddp"
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "tools/train_net.py", "--cfg", SMOKE,
-                        "--nw", "0", "--output_dir", str(out), "--set", "TRAIN.IMS_PER_BATCH", "1"],
+                        "--nw", "0", "--output_dir", str(out), "--set", "TRAIN.IMS_PER_BATCH", "1",
+                        "TEST.EVAL_PERIOD", "2", "SOLVER.CHECKPOINT_BEST", "segm/AP"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     ck = torch.load(str(out / "model_final.pth"), weights_only=True)
     assert ck["world_size"] == 2 and len(ck["rng_per_rank"]) == 2
     assert "2 process(es) x 1 images" in (out / "log.txt").read_text()
+    # Evaluation during training ran on both processes (64 val images, each its shard) and rank 0 alone wrote.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(rec["type"], rec["iteration"]) for rec in records] == [("train", 1), ("train", 2), ("eval", 2)]
+    assert records[2]["segm/AR100"] >= 0 and "segm/AP-ellipse" in records[2]
+    assert "evaluation at iteration 2" in (out / "log.txt").read_text()
+    assert torch.load(str(out / "model_best.pth"), weights_only=True)["iteration"] == 2
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "tools/test_net.py", "--cfg", SMOKE,
                         "--load_ckpt", str(out / "model_final.pth"), "--range", "0", "5", "--output_dir",
                         str(tmp_path / "test")], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)

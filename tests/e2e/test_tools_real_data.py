@@ -36,4 +36,7 @@ def test_train_and_test_on_shared_data(kind, shared_data, tmp_path):
                              "--output_dir", str(tmp_path / "eval")] + sets)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm"} and set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    classes = build_dataset(spec, is_train=False).classes[1:]
+    assert set(metrics) == {"bbox", "segm"}
+    assert set(metrics["bbox"]) == ({"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+                                     "ARl"} | {f"AP-{c}" for c in classes})

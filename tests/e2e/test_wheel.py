@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_NAME = "quick_schedules/e2e_mask_rcnn_R-18-FPN_smoke"
-SCRIPTS = ("maskrcnn-train", "maskrcnn-test", "maskrcnn-infer", "maskrcnn-export", "maskrcnn-convert")
+SCRIPTS = ("maskrcnn-train", "maskrcnn-test", "maskrcnn-infer", "maskrcnn-export", "maskrcnn-convert", "maskrcnn-plot")
 SDIST_INPUTS = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "maskrcnn", "configs")
 
 
@@ -152,6 +152,13 @@ def test_maskrcnn_infer_draws_a_photo(installed, trained, shared_data):
     assert len(pictures) == 1 and pictures[0].startswith("FudanPed00001"), pictures
     drawn = cv2.imread(str(out / pictures[0]))
     assert drawn is not None and drawn.ndim == 3 and drawn.shape[0] > 100 and drawn.shape[1] > 100
+
+
+def test_maskrcnn_plot_draws_the_installed_run_s_curves(installed, trained):
+    pytest.importorskip("matplotlib", reason="the optional plot extra (pinned in requirements-dev.txt)")
+    r = _check([str(installed.bin / "maskrcnn-plot"), str(trained.out)], cwd=installed.cwd)
+    assert "1 run(s), 6 loss and 0 AP curve(s)" in r.stdout  # total + 5 losses of metrics.jsonl; no evaluation
+    assert (trained.out / "curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -7,8 +7,8 @@ import torch
 from pycocotools.coco import COCO
 
 from maskrcnn.data.datasets.synthetic import SyntheticShapesDataset
-from maskrcnn.evaluation.coco import (METRIC_NAMES, class_names, coco_gt_from_dataset, contiguous_to_category_id,
-                                      evaluate_coco, mask_to_rle, write_metrics)
+from maskrcnn.evaluation.coco import (METRIC_NAMES, RECALL_NAMES, class_names, coco_gt_from_dataset,
+                                      contiguous_to_category_id, evaluate_coco, mask_to_rle, write_metrics)
 
 
 def _synthetic(n=12):
@@ -158,3 +158,27 @@ def test_mask_to_rle_round_trip_and_shape_check():
     assert mask_to_rle(np.zeros((0, 4, 4))) == []
     with pytest.raises(ValueError, match="N, H, W"):
         mask_to_rle(np.zeros((4, 4)))
+
+
+def test_detailed_metrics_have_recalls_and_ap_per_named_category_only():
+    """A COCO json may carry a ``_background_`` category (id 0, labelme2coco does) that the dataset does not train:
+    with ``names`` given, the per-category APs cover the named categories, with and without detections."""
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "height": 20, "width": 20}],
+                    "categories": [{"id": 0, "name": "_background_"}, {"id": 1, "name": "thing"},
+                                   {"id": 2, "name": "other"}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8], "area": 64,
+                                     "iscrowd": 0}]}
+    coco.createIndex()
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8], "score": 0.9}]
+    names = {1: "thing", 2: "other"}
+    lines = []
+    metrics = evaluate_coco(coco, {"bbox": dets}, names=names, detailed=True, log=lines.append)["bbox"]
+    assert set(metrics) == set(METRIC_NAMES) | set(RECALL_NAMES) | {"AP-thing", "AP-other"}
+    assert metrics["AP-thing"] == pytest.approx(100.0) and np.isnan(metrics["AP-other"])  # no ground truth
+    assert metrics["AR100"] == pytest.approx(100.0) and metrics["AR1"] == pytest.approx(100.0)
+    assert "_background_" not in lines[-1] and "thing" in lines[-1]
+    empty = evaluate_coco(coco, {"bbox": []}, names=names, detailed=True, log=lambda m: None)["bbox"]
+    assert set(empty) == set(metrics) and all(v == 0.0 for v in empty.values())
+    # Without names, every category of the json is reported (by its json name).
+    assert "AP-_background_" in evaluate_coco(coco, {"bbox": dets}, detailed=True, log=lambda m: None)["bbox"]
