@@ -13,6 +13,10 @@ comes close but differs by 1 on ~0.2% of the pixels. This module reproduces Pill
 * the horizontal pass first, then the vertical one on its 8-bit output, each
   ``clip8((2**21 + sum(pixel * weight)) >> 22)``; a pass is skipped when its size does not change.
 
+The pass order is Pillow's classic one (horizontal first). Pillow 13 (python-pillow/Pillow#9549) resizes some sizes
+vertically first, where the height shrinks while the width grows or shrinks less; the 8-bit rounding between the
+passes then moves about a quarter of the pixels by one level (tests/ops/test_pil_resize.py shows where).
+
 Integer sums of at most ``255 * 2**22 * (1 + eps)`` fit int32 as in Pillow, so the result is exact on any device.
 """
 from __future__ import annotations
