@@ -4,25 +4,17 @@ detectron2 needed), written in detectron2's .pth, Detectron's .pkl and Detectron
 ``load_ckpt`` into our model with configs/detectron2/, and must compute what detectron2 computed:
 
 * the box head's outputs for fixed RoIs (:func:`test_box_head_outputs_match_detectron2`);
-* end to end from the photo (:func:`test_outputs_match_detectron2`): the resized size, the top-50 proposals and
-  their objectness logits, all final detections (boxes in original-image pixels, scores and classes, in the same
-  order), the 28x28 (FPN) / 14x14 (C4) mask probabilities of the best 20 and the pasted binary masks of the best 5.
+* end to end from the photo (:func:`test_outputs_match_detectron2`): the resized sizes and pixels (PIL's), the
+  top-50 proposals and their objectness logits, all final detections (boxes in original-image pixels, scores and
+  classes, in the same order), the 28x28 (FPN) / 14x14 (C4) mask probabilities of the best 20 and the pasted binary
+  masks of the best 5.
 
-Figures (``pytest tests/utils/test_converters_vs_detectron2.py -s``; max over both photos; fixture mask
-probabilities are float16, whose rounding is up to 2.4e-4):
+The Detectron .pkl is the file detectron2 itself read for the references (make_reference.py asserts that it gives
+detectron2's model the .pth's parameters), so the references hold detectron2's arithmetic: no Detectron "+1" boxes
+(MODEL.LEGACY_PLUS_ONE False). Detectron.pytorch files, written by our inverse converter, load bit-identical weights
+to the .pkl's (:func:`test_detectron_pytorch_round_trip_loads_the_pkl_weights`), so their outputs are the .pkl's.
 
-==================  ========  ==========  ===========  ==========  ===========  ==========  =========  ==========
-weights             model     proposals   |box| px     |logit|     detections   |box| px   |score|    |mask prob|
-==================  ========  ==========  ===========  ==========  ===========  ==========  =========  ==========
-detectron2 .pth     R-50-FPN  FIGURES_FPN_D2
-Detectron .pkl      R-50-FPN  FIGURES_FPN_PKL
-Detectron.pytorch   R-50-FPN  FIGURES_FPN_DP
-detectron2 .pth     R-50-C4   FIGURES_C4_D2
-Detectron .pkl      R-50-C4   FIGURES_C4_PKL
-Detectron.pytorch   R-50-C4   FIGURES_C4_DP
-==================  ========  ==========  ===========  ==========  ===========  ==========  =========  ==========
-
-Pasted masks: PASTED_FIGURES
+Figures: ``pytest tests/utils/test_converters_vs_detectron2.py -s`` prints them; docs/model_zoo.md lists them.
 """
 import os
 import pickle
