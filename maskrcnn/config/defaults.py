@@ -48,6 +48,12 @@ _key("PIXEL_MEANS", [102.9801, 115.9465, 122.7717],
 _key("PIXEL_STDS", [1.0, 1.0, 1.0], "Per-channel standard deviations the input is divided by (after the mean).")
 _key("PIXEL_ORDER", "BGR", "Channel order the network expects: 'BGR' (Detectron, Caffe2 weights) or 'RGB' (torchvision).")
 _key("PIXEL_SCALE", 255.0, "Value range of the network input: 255.0 for 0..255 pixels (Detectron) or 1.0 for 0..1 (torchvision).")
+_key("RESIZE_METHOD", "torchvision",
+     "How images are resized to the TRAIN/TEST scale: 'torchvision' (normalise, then float bilinear without "
+     "antialiasing, size floor(side x scale)) or 'detectron2' (ResizeShortestEdge: size int(side x scale + 0.5), "
+     "PIL's antialiased bilinear on the 0..255 image rounded to uint8, then normalise).")
+_key("SIZE_DIVISIBILITY", 32, "The padded batch's height and width are multiples of this (32: torchvision, and "
+     "Detectron/detectron2 FPN models; 0: padded to the largest image only, as detectron2's C4 models).")
 _key("OPS_BACKEND", "auto",
      "Kernels a model built from this config runs for nms/roi_align/roi_pool: 'native' (pure PyTorch), "
      "'torchvision' (torchvision's compiled kernels) or 'auto' (defer to the MASKRCNN_OPS_BACKEND environment "
@@ -110,6 +116,13 @@ _key("RPN.SIZES", [32, 64, 128, 256, 512], "Anchor sizes (sqrt of area, input pi
 _key("RPN.STRIDE", 16, "Stride of the single-level RPN feature map.")
 _key("RPN.ASPECT_RATIOS", [0.5, 1.0, 2.0], "Anchor aspect ratios (h/w) of the single-level RPN.")
 _key("RPN.CLS_ACTIVATION", "sigmoid", "Objectness activation; only 'sigmoid' (one logit per anchor) is supported.")
+_key("RPN.ROUND_ANCHORS", True, "Round the zero-centred cell anchors to integers (torchvision's AnchorGenerator); "
+     "False keeps them exact as detectron2's DefaultAnchorGenerator (w = sqrt(size^2 / ratio), h = ratio x w, "
+     "OFFSET 0). MODEL.LEGACY_PLUS_ONE (Detectron's generate_anchors) needs True.")
+_key("RPN.MIN_SIZE_STRICT", False, "Keep proposals whose width and height are > TRAIN/TEST.RPN_MIN_SIZE "
+     "(detectron2's Boxes.nonempty: with 0 it drops empty boxes) instead of >= it (torchvision, Detectron).")
+_key("RPN.NMS_ON_LOGITS", False, "Rank proposals in NMS by their objectness logits (detectron2) instead of sigmoid "
+     "probabilities (torchvision), which tie at 1.0 in float32 above a logit of about 17.")
 _key("RPN.HEAD_DIM", -1, "Channels of the RPN 3x3 conv; -1 means the same as its input.")
 _key("RPN.LOSS_NORMALIZATION", "torchvision",
      "Divisors of the RPN losses: 'torchvision' (objectness averaged over the sampled anchors of the batch, box loss "
@@ -207,7 +220,14 @@ _key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory forma
 _key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles for tens of seconds per input size).")
 _key("TEST.EVAL_PERIOD", 0, "During training, run the COCO evaluation on TEST.DATASETS every this many iterations and "
      "after the last one (logged, and written to OUTPUT_DIR/metrics.jsonl); 0 disables.")
-_key("TEST.MASK_PASTE_PADDING", 1, "Pixels of padding around each mask before pasting (torchvision and Detectron use 1).")
+_key("TEST.MASK_PASTE_PADDING", 1, "Pixels of padding around each mask before pasting (torchvision and Detectron "
+     "use 1); read by the 'torchvision' TEST.MASK_PASTE_METHOD only.")
+_key("TEST.MASK_PASTE_METHOD", "torchvision", "How M x M mask probabilities are pasted into the image: "
+     "'torchvision' (padded mask resized to the integer box, paste_masks_in_image) or 'detectron2' (grid_sample "
+     "at pixel centres of the float box, detectron2's paste_masks_in_image; binarise with >= 0.5 as it does).")
+_key("TEST.DETECTOR_POSTPROCESS", "torchvision", "How detections are mapped to the original image: 'torchvision' "
+     "(boxes scaled by the size ratio) or 'detectron2' (detector_postprocess: scaled by float64 factors, clipped "
+     "to the original image, boxes with a side <= 0 dropped).")
 
 _section("SOLVER", "Optimisation.")
 _key("SOLVER.OPTIMIZER", "SGD", "'SGD' (with MOMENTUM) or 'AdamW' (with ADAM_BETAS, decoupled weight decay).")

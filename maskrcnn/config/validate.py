@@ -51,6 +51,8 @@ _CHECKS = {
     "PIXEL_ORDER": _one_of(["BGR", "RGB"]),
     "PIXEL_SCALE": _POS,
     "OPS_BACKEND": _one_of(["native", "torchvision", "auto"]),
+    "RESIZE_METHOD": _one_of(["torchvision", "detectron2"]),
+    "SIZE_DIVISIBILITY": _NONNEG,
     "RESNETS.NUM_GROUPS": _POS,
     "RESNETS.WIDTH_PER_GROUP": _POS,
     "RESNETS.FREEZE_AT": (lambda v: 0 <= v <= 5, "in 0..5"),
@@ -116,6 +118,8 @@ _CHECKS = {
     "TEST.AMP": _one_of(["", "fp16", "bf16"]),
     "TEST.MASK_PASTE_PADDING": _NONNEG,
     "TEST.EVAL_PERIOD": _NONNEG,
+    "TEST.MASK_PASTE_METHOD": _one_of(["torchvision", "detectron2"]),
+    "TEST.DETECTOR_POSTPROCESS": _one_of(["torchvision", "detectron2"]),
     "SOLVER.BASE_LR": _POS,
     "SOLVER.LR_POLICY": _one_of(["steps_with_decay", "cosine_decay", "constant"]),
     "SOLVER.OPTIMIZER": _one_of(["SGD", "AdamW"]),
@@ -202,5 +206,8 @@ def _relations(cfg: _CN, source: str) -> None:
     if "v0upshare" in cfg.MRCNN.ROI_MASK_HEAD and cfg.MODEL.MASK_ON and \
             _strip_prefix(cfg.FAST_RCNN.ROI_BOX_HEAD) != "ResNet_roi_conv5_head":
         fail("MRCNN.ROI_MASK_HEAD ..._v0upshare needs FAST_RCNN.ROI_BOX_HEAD = ResNet.ResNet_roi_conv5_head")
+    if cfg.MODEL.LEGACY_PLUS_ONE and not cfg.RPN.ROUND_ANCHORS:
+        fail("RPN.ROUND_ANCHORS = False (detectron2's unrounded anchors) cannot be combined with "
+             "MODEL.LEGACY_PLUS_ONE = True (Detectron's anchors, rounded their own way); set RPN.ROUND_ANCHORS True")
     if len(cfg.PIXEL_MEANS) != len(cfg.PIXEL_STDS):
         fail("PIXEL_MEANS and PIXEL_STDS must have the same length")

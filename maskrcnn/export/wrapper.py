@@ -44,6 +44,23 @@ def _shape_hw(x: Tensor) -> Tensor:
     return torch.tensor([x.shape[-2], x.shape[-1]], dtype=torch.int64, device=x.device)
 
 
+def _check_exportable_rules(model: nn.Module) -> None:
+    """The graph reproduces torchvision's pre/post-processing and proposal rules only: refuse a model configured
+    for detectron2's (it would export a graph that computes differently from the model)."""
+    pre, rpn = model.preprocess, model.RPN
+    chosen = {"RESIZE_METHOD": getattr(pre, "resize_method", "torchvision"),
+              "TEST.MASK_PASTE_METHOD": getattr(pre, "mask_paste_method", "torchvision"),
+              "TEST.DETECTOR_POSTPROCESS": getattr(pre, "detector_postprocess", "torchvision")}
+    bad = [f"{k} = {v!r}" for k, v in chosen.items() if v != "torchvision"]
+    bad += [f"RPN.{k.upper()} = True" for k in ("min_size_strict", "nms_on_logits") if getattr(rpn, k, False)]
+    if int(getattr(pre, "size_divisibility", 32)) < 1:
+        bad.append(f"SIZE_DIVISIBILITY = {pre.size_divisibility}")
+    if bad:
+        raise NotImplementedError("exporting reproduces torchvision's pre/post-processing only; this model sets "
+                                  + ", ".join(bad) + " (detectron2's rules): export it with those keys at their "
+                                  "defaults, or run it in PyTorch")
+
+
 class ExportableMaskRCNN(nn.Module):
     """Single-image Mask R-CNN inference with pre- and post-processing inside, for TorchScript / ONNX / export.
 
@@ -71,6 +88,7 @@ class ExportableMaskRCNN(nn.Module):
         if not torchvision_ops_available():
             raise RuntimeError("exporting needs torchvision's compiled ops (torch.ops.torchvision.nms / roi_align), "
                                "which could not be loaded; install the torchvision build matching torch")
+        _check_exportable_rules(model)
         model.eval()
         self.input_dtype = input_dtype
         self.paste_masks = bool(paste_masks)

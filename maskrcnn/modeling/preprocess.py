@@ -4,12 +4,21 @@ Images enter the model as a list of ``(3, H, W)`` float RGB tensors in ``[0, 1]`
 
 1. converted to the network's channel order and value range (``PIXEL_ORDER``, ``PIXEL_SCALE``) and normalised with
    ``PIXEL_MEANS`` / ``PIXEL_STDS``;
-2. resized so that the shorter side is ``min_size`` unless the longer side would exceed ``max_size`` (bilinear,
-   ``recompute_scale_factor=True``, the same arithmetic as torchvision's ``GeneralizedRCNNTransform``);
-3. zero-padded at the bottom/right to a common size that is a multiple of ``size_divisibility``.
+2. resized so that the shorter side is ``min_size`` unless the longer side would exceed ``max_size``;
+3. zero-padded at the bottom/right to a common size that is a multiple of ``size_divisibility`` (0 or 1: the
+   largest image's size).
+
+Two resize methods (``RESIZE_METHOD``):
+
+* ``"torchvision"``: steps 1 then 2, bilinear ``F.interpolate`` (``recompute_scale_factor=True``: output side
+  ``floor(side * scale)``, no antialiasing), the arithmetic of torchvision's ``GeneralizedRCNNTransform``;
+* ``"detectron2"``: step 2 then 1, as detectron2's ``ResizeShortestEdge`` + ``preprocess_image``: output side
+  ``int(side * scale + 0.5)`` (its ``get_output_shape``), PIL's antialiased bilinear resize of the image rounded to
+  8 bits (:func:`~maskrcnn.ops.pil_resize.pil_bilinear_resize`, bit-exact), then normalised.
 
 Training targets are scaled along (boxes by the per-axis size ratio, masks by nearest resizing). ``postprocess``
-maps detections back: boxes to input-image pixels, masks pasted into the input image.
+maps detections back: boxes to input-image pixels (``TEST.DETECTOR_POSTPROCESS``), masks pasted into the input
+image (``TEST.MASK_PASTE_METHOD``).
 """
 from __future__ import annotations
 
@@ -21,9 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.grid_paste import paste_masks_grid_sample
 from ..ops.masks import paste_masks_in_image
+from ..ops.pil_resize import pil_bilinear_resize
 
-__all__ = ["ImageList", "Preprocessor", "resize_boxes"]
+__all__ = ["ImageList", "Preprocessor", "resize_boxes", "RESIZE_METHODS", "MASK_PASTE_METHODS",
+           "DETECTOR_POSTPROCESS_METHODS"]
+
+RESIZE_METHODS = ("torchvision", "detectron2")
+MASK_PASTE_METHODS = ("torchvision", "detectron2")
+DETECTOR_POSTPROCESS_METHODS = ("torchvision", "detectron2")
 
 
 @dataclass
@@ -69,17 +85,36 @@ class Preprocessor(nn.Module):
         pixel_mean, pixel_std: per-channel statistics in ``pixel_order`` / ``pixel_scale`` units.
         pixel_order: ``"RGB"`` or ``"BGR"``: channel order the network expects.
         pixel_scale: ``1.0`` (inputs in [0, 1]) or ``255.0`` (inputs in [0, 255]).
-        size_divisibility: the padded batch size is a multiple of this (32 for FPN).
-        mask_paste_padding: border (pixels) added around each M x M mask before it is pasted.
+        size_divisibility: the padded batch size is a multiple of this (32 for FPN); 0 or 1 pads to the largest
+            image only.
+        mask_paste_padding: border (pixels) added around each M x M mask before it is pasted (torchvision method).
         test_min_size, test_max_size: evaluation size (default: the last ``min_size`` and ``max_size``); a call may
             override it with ``forward(..., min_size=, max_size=)``.
+        resize_method: ``"torchvision"`` or ``"detectron2"`` (see the module docstring).
+        mask_paste_method: ``"torchvision"`` (:func:`~maskrcnn.ops.masks.paste_masks_in_image`) or
+            ``"detectron2"`` (:func:`~maskrcnn.ops.grid_paste.paste_masks_grid_sample`).
+        detector_postprocess: ``"torchvision"`` (boxes scaled by the size ratio) or ``"detectron2"`` (its
+            ``detector_postprocess``: scaled in place by Python-float factors, clipped to the original image,
+            boxes with a side ``<= 0`` dropped with their scores, labels and masks).
     """
 
     def __init__(self, min_size: Sequence[int], max_size: int, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], pixel_order: str = "RGB", pixel_scale: float = 1.0,
                  size_divisibility: int = 32, mask_paste_padding: int = 1,
-                 test_min_size: Optional[int] = None, test_max_size: Optional[int] = None):
+                 test_min_size: Optional[int] = None, test_max_size: Optional[int] = None,
+                 resize_method: str = "torchvision", mask_paste_method: str = "torchvision",
+                 detector_postprocess: str = "torchvision"):
         super().__init__()
+        for name, value, allowed in (("resize_method", resize_method, RESIZE_METHODS),
+                                     ("mask_paste_method", mask_paste_method, MASK_PASTE_METHODS),
+                                     ("detector_postprocess", detector_postprocess, DETECTOR_POSTPROCESS_METHODS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if int(size_divisibility) < 0:
+            raise ValueError(f"size_divisibility must be >= 0, got {size_divisibility!r}")
+        self.resize_method = resize_method
+        self.mask_paste_method = mask_paste_method
+        self.detector_postprocess = detector_postprocess
         if isinstance(min_size, int):
             min_size = (min_size,)
         if not min_size or any(s <= 0 for s in min_size):
@@ -106,8 +141,9 @@ class Preprocessor(nn.Module):
             min_size=tuple(cfg.TRAIN.SCALES), max_size=cfg.TRAIN.MAX_SIZE,
             test_min_size=cfg.TEST.SCALE, test_max_size=cfg.TEST.MAX_SIZE,
             pixel_mean=cfg.PIXEL_MEANS, pixel_std=cfg.PIXEL_STDS, pixel_order=cfg.PIXEL_ORDER,
-            pixel_scale=cfg.PIXEL_SCALE, size_divisibility=32,
-            mask_paste_padding=cfg.TEST.MASK_PASTE_PADDING,
+            pixel_scale=cfg.PIXEL_SCALE, size_divisibility=int(cfg.SIZE_DIVISIBILITY),
+            mask_paste_padding=cfg.TEST.MASK_PASTE_PADDING, resize_method=cfg.RESIZE_METHOD,
+            mask_paste_method=cfg.TEST.MASK_PASTE_METHOD, detector_postprocess=cfg.TEST.DETECTOR_POSTPROCESS,
         )
 
     # --- sizes ----------------------------------------------------------------------------------------------------
@@ -128,16 +164,34 @@ class Preprocessor(nn.Module):
         short, long = float(min(height, width)), float(max(height, width))
         return min(min_size / short, max_size / long)
 
+    @staticmethod
+    def detectron2_output_shape(height: int, width: int, min_size: float, max_size: float) -> Tuple[int, int]:
+        """detectron2's ``ResizeShortestEdge.get_output_shape``: ``(h, w)`` after resizing, each side rounded with
+        ``int(x + 0.5)`` (torchvision floors ``side * scale``)."""
+        size = float(min_size)
+        scale = size / min(height, width)
+        if height < width:
+            newh, neww = size, scale * width
+        else:
+            newh, neww = scale * height, size
+        if max(newh, neww) > max_size:
+            scale = max_size * 1.0 / max(newh, neww)
+            newh = newh * scale
+            neww = neww * scale
+        return int(newh + 0.5), int(neww + 0.5)
+
     # --- forward --------------------------------------------------------------------------------------------------
-    def normalize(self, image: Tensor) -> Tensor:
+    def normalize(self, image: Tensor, value_range: float = 1.0) -> Tensor:
+        """``(3, H, W)`` RGB image with values in ``[0, value_range]`` -> normalised network input (channel order
+        ``pixel_order``, values scaled to ``[0, pixel_scale]``, then ``(x - mean) / std``)."""
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a (3, H, W) RGB image tensor, got shape {tuple(image.shape)}")
         if not image.is_floating_point():
             raise TypeError(f"expected a float image in [0, 1], got dtype {image.dtype}")
         if self.pixel_order == "BGR":
             image = image.flip(0)
-        if self.pixel_scale != 1.0:
-            image = image * self.pixel_scale
+        if self.pixel_scale != value_range:
+            image = image * (self.pixel_scale / value_range)
         mean = self.pixel_mean.to(image)
         std = self.pixel_std.to(image)
         return (image - mean[:, None, None]) / std[:, None, None]
@@ -151,7 +205,12 @@ class Preprocessor(nn.Module):
         else:
             size = min_sizes[-1]
         scale = self.compute_scale(h, w, float(size), float(max_size))
-        if scale != 1.0:
+        if self.resize_method == "detectron2":
+            # `image` holds 0..255 values here (forward resizes before normalising, as detectron2 does).
+            new_h, new_w = self.detectron2_output_shape(int(h), int(w), float(size), float(max_size))
+            if (new_h, new_w) != (int(h), int(w)):
+                image = pil_bilinear_resize(image, (new_h, new_w))
+        elif scale != 1.0:
             image = F.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
                                   recompute_scale_factor=True, align_corners=False)[0]
         if target is not None:
@@ -170,7 +229,7 @@ class Preprocessor(nn.Module):
         max_h = max(int(im.shape[-2]) for im in images)
         max_w = max(int(im.shape[-1]) for im in images)
         d = self.size_divisibility
-        if d > 1:
+        if d > 1:  # 0 or 1: the largest image's size
             max_h = int(math.ceil(max_h / d) * d)
             max_w = int(math.ceil(max_w / d) * d)
         out = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
@@ -196,8 +255,17 @@ class Preprocessor(nn.Module):
         out_images, out_targets, sizes, scales = [], [], [], []
         for i, image in enumerate(images):
             t = targets[i] if targets is not None else None
-            image = self.normalize(image)
-            image, t, scale = self.resize(image, t, min_size, max_size)
+            if self.resize_method == "detectron2":
+                # detectron2 resizes the 8-bit image, then normalises: round to 0..255 first (exact for images that
+                # came from uint8), and normalise from that range without a lossy /255 * 255 round trip.
+                if image.dim() != 3 or not image.is_floating_point():
+                    self.normalize(image)  # raises the shape / dtype error
+                image = (image * 255.0).round().clamp(0, 255)
+                image, t, scale = self.resize(image, t, min_size, max_size)
+                image = self.normalize(image, value_range=255.0)
+            else:
+                image = self.normalize(image)
+                image, t, scale = self.resize(image, t, min_size, max_size)
             out_images.append(image)
             out_targets.append(t)
             sizes.append((int(image.shape[-2]), int(image.shape[-1])))
@@ -210,9 +278,35 @@ class Preprocessor(nn.Module):
         out = []
         for res, im_s, o_im_s in zip(results, image_sizes, original_sizes):
             res = dict(res)
-            res["boxes"] = resize_boxes(res["boxes"], im_s, o_im_s)
+            if self.detector_postprocess == "detectron2":
+                res = _detectron2_postprocess(res, im_s, o_im_s)
+            else:
+                res["boxes"] = resize_boxes(res["boxes"], im_s, o_im_s)
             if "masks" in res:
-                res["masks"] = paste_masks_in_image(res["masks"], res["boxes"], tuple(o_im_s),
-                                                    padding=self.mask_paste_padding)
+                if self.mask_paste_method == "detectron2":
+                    res["masks"] = paste_masks_grid_sample(res["masks"], res["boxes"], tuple(o_im_s))
+                else:
+                    res["masks"] = paste_masks_in_image(res["masks"], res["boxes"], tuple(o_im_s),
+                                                        padding=self.mask_paste_padding)
             out.append(res)
         return out
+
+
+def _detectron2_postprocess(res: Dict[str, Tensor], image_size: Sequence[int], original_size: Sequence[int]
+                            ) -> Dict[str, Tensor]:
+    """detectron2's ``detector_postprocess`` on one image's detections (``boxes`` in ``image_size`` pixels): boxes
+    scaled in place by Python-float factors (as ``Boxes.scale``), clipped to ``original_size`` and every entry of
+    a box with a side ``<= 0`` dropped (``Boxes.nonempty``)."""
+    scale_x = float(original_size[1]) / float(image_size[1])
+    scale_y = float(original_size[0]) / float(image_size[0])
+    boxes = res["boxes"].clone()
+    boxes[:, 0::2] *= scale_x
+    boxes[:, 1::2] *= scale_y
+    h, w = int(original_size[0]), int(original_size[1])
+    boxes = torch.stack((boxes[:, 0].clamp(min=0, max=w), boxes[:, 1].clamp(min=0, max=h),
+                         boxes[:, 2].clamp(min=0, max=w), boxes[:, 3].clamp(min=0, max=h)), dim=-1)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+    n = boxes.shape[0]
+    out = {k: (v[keep] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v) for k, v in res.items()}
+    out["boxes"] = boxes[keep]
+    return out

@@ -17,6 +17,7 @@ from maskrcnn.ops.boxes import (
     clip_boxes_to_image,
     remove_small_boxes,
 )
+from maskrcnn.ops.grid_paste import paste_masks_grid_sample
 from maskrcnn.ops.losses import smooth_l1_loss
 from maskrcnn.ops.masks import (
     paste_masks_in_image,
@@ -26,6 +27,7 @@ from maskrcnn.ops.masks import (
 )
 from maskrcnn.ops.matcher import Matcher
 from maskrcnn.ops.nms import batched_nms, batched_nms_limited, nms
+from maskrcnn.ops.pil_resize import pil_bilinear_resize
 from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign
 from maskrcnn.ops.roi_align import RoIAlign, roi_align
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
@@ -58,9 +60,12 @@ __all__ = [
     "smooth_l1_loss",
     # masks
     "paste_masks_in_image",
+    "paste_masks_grid_sample",
     "polygons_to_mask",
     "project_masks_on_boxes",
     "project_polygons_on_boxes",
+    # images
+    "pil_bilinear_resize",
     # backend selection
     "get_backend",
     "set_backend",

@@ -88,14 +88,18 @@ def clip_boxes_to_image(
     return torch.minimum(boxes.clamp(min=0), limits)
 
 
-def remove_small_boxes(boxes: Tensor, min_size: float, legacy_plus_one: bool = False) -> Tensor:
-    """Indices (int64, increasing) of the ``boxes`` ``(N, 4)`` whose width and height are both >= ``min_size``."""
+def remove_small_boxes(boxes: Tensor, min_size: float, legacy_plus_one: bool = False, strict: bool = False) -> Tensor:
+    """Indices (int64, increasing) of the ``boxes`` ``(N, 4)`` whose width and height are both >= ``min_size``
+    (torchvision's ``remove_small_boxes``), or with ``strict`` both > ``min_size`` (detectron2's
+    ``Boxes.nonempty(threshold=min_size)``, which with 0 drops empty boxes)."""
     _check_boxes(boxes, "boxes")
     if boxes.dim() != 2:
         raise ValueError(f"boxes must be (N, 4), got shape {tuple(boxes.shape)}")
     offset = 1 if legacy_plus_one else 0
     widths = boxes[:, 2] - boxes[:, 0] + offset
     heights = boxes[:, 3] - boxes[:, 1] + offset
+    if strict:
+        return torch.nonzero((widths > min_size) & (heights > min_size)).flatten()
     return torch.nonzero((widths >= min_size) & (heights >= min_size)).flatten()
 
 

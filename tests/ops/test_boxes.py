@@ -157,6 +157,15 @@ def test_remove_small_boxes_legacy_plus_one():
     assert remove_small_boxes(boxes, 4.0).tolist() == [0]
 
 
+def test_remove_small_boxes_strict():
+    # detectron2's Boxes.nonempty(threshold): sides must be > the threshold, so 0 drops empty boxes.
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 0.0, 9.0], [2.0, 2.0, 5.0, 2.0], [1.0, 1.0, 3.0, 4.0]])
+    assert remove_small_boxes(boxes, 0.0).tolist() == [0, 1, 2, 3]
+    assert remove_small_boxes(boxes, 0.0, strict=True).tolist() == [0, 3]
+    assert remove_small_boxes(boxes, 2.0).tolist() == [0, 3]
+    assert remove_small_boxes(boxes, 2.0, strict=True).tolist() == [0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_box_format_conversions_match_torchvision(dtype):
     boxes = _adversarial_boxes(dtype)

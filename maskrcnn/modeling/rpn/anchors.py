@@ -1,10 +1,13 @@
 """Anchor generation for single-level (C4) and multi-level (FPN) RPNs.
 
-Two conventions, chosen by ``legacy_plus_one``:
+Three conventions, chosen by ``legacy_plus_one`` and ``rounded``:
 
 * torchvision's (default): zero-centred cell anchors ``round([-w, -h, w, h] / 2)`` with ``h = size * sqrt(r)``,
-  ``w = size / sqrt(r)`` (``r = h / w``), shifted to ``(x * stride, y * stride)``; continuous box widths.
+  ``w = size / sqrt(r)`` (``r = h / w``) in float32, shifted to ``(x * stride, y * stride)``; continuous box widths.
   Equal to ``torchvision.models.detection.anchor_utils.AnchorGenerator``.
+* detectron2's (``rounded=False``): the same zero-centred cell anchors, not rounded, computed as detectron2's
+  ``DefaultAnchorGenerator.generate_cell_anchors`` does (``w = sqrt(size**2 / r)``, ``h = r * w`` in float64, then
+  float32), shifted by ``(x * stride, y * stride)`` (its ``ANCHOR_GENERATOR.OFFSET`` 0.0).
 * Detectron's (``legacy_plus_one=True``): ``generate_anchors(stride, sizes, aspect_ratios)``: the base box
   ``[0, 0, stride - 1, stride - 1]`` is reshaped to each ratio keeping its area (widths and heights rounded), then
   scaled by ``size / stride``, all centred on ``((stride - 1) / 2, (stride - 1) / 2)``; inclusive ``+1`` widths.
@@ -23,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AnchorGenerator", "torchvision_cell_anchors", "detectron_cell_anchors"]
+__all__ = ["AnchorGenerator", "torchvision_cell_anchors", "detectron2_cell_anchors", "detectron_cell_anchors"]
 
 # Distinct (level, grid, stride, device, dtype) entries kept; many image sizes (multi-scale training) would
 # otherwise grow the cache without bound.
@@ -39,6 +42,21 @@ def torchvision_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[flo
     ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
     hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+def detectron2_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
+    """``(len(aspect_ratios) * len(sizes), 4)`` float32 zero-centred anchors, not rounded: detectron2's
+    ``generate_cell_anchors`` arithmetic (Python floats, i.e. float64, then float32).
+
+    Ordered ratio-major then size, as the other conventions here (detectron2 orders size-major; its checkpoints'
+    RPN channels are reordered by the converter, so that both orders describe the same anchors)."""
+    rows = []
+    for r in aspect_ratios:
+        for size in sizes:
+            w = math.sqrt(float(size) ** 2.0 / float(r))
+            h = float(r) * w
+            rows.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _boxes_around(ws: Tensor, hs: Tensor, x_ctr: Tensor, y_ctr: Tensor) -> Tensor:
@@ -89,10 +107,12 @@ class AnchorGenerator(nn.Module):
             batch size (``batch // feature`` per axis, torchvision's rule; with FPN its P6 stride is then not
             64); ``forward`` then needs ``batch_shape``.
         legacy_plus_one: Detectron's anchors (see the module docstring); needs explicit strides.
+        rounded: round the cell anchors to integers (torchvision); False keeps detectron2's exact ones. Detectron's
+            anchors (``legacy_plus_one``) have their own rounding and need ``rounded=True``.
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[Sequence[float]],
-                 strides: Optional[Sequence[int]] = None, legacy_plus_one: bool = False):
+                 strides: Optional[Sequence[int]] = None, legacy_plus_one: bool = False, rounded: bool = True):
         super().__init__()
         sizes_l = _per_level(sizes, "sizes")
         if isinstance(aspect_ratios, Sequence) and len(aspect_ratios) > 0 and all(
@@ -110,12 +130,18 @@ class AnchorGenerator(nn.Module):
             strides = [int(s) for s in strides]
         elif legacy_plus_one:
             raise ValueError("legacy_plus_one=True (Detectron anchors) needs explicit strides, got strides=None")
+        if legacy_plus_one and not rounded:
+            raise ValueError("rounded=False selects detectron2's unrounded anchors; legacy_plus_one=True selects "
+                             "Detectron's, which are rounded: set one of them, not both")
         self.sizes = sizes_l
         self.aspect_ratios = ratios_l
         self.strides: Optional[List[int]] = strides
         self.legacy_plus_one = bool(legacy_plus_one)
+        self.rounded = bool(rounded)
         if self.legacy_plus_one:
             self.cell_anchors = [detectron_cell_anchors(st, s, r) for st, s, r in zip(strides, sizes_l, ratios_l)]
+        elif not self.rounded:
+            self.cell_anchors = [detectron2_cell_anchors(s, r) for s, r in zip(sizes_l, ratios_l)]
         else:
             self.cell_anchors = [torchvision_cell_anchors(s, r) for s, r in zip(sizes_l, ratios_l)]
         # Plain attributes, not buffers: anchors are a function of the configuration, never stored in checkpoints.
@@ -127,8 +153,14 @@ class AnchorGenerator(nn.Module):
         ``RPN_ANCHOR_START_SIZE * 2**(l - min)``, stride ``2**l`` (inferred from the batch with
         ``FPN.RPN_ANCHOR_STRIDES_FROM_SIZE``) and ratios ``FPN.RPN_ASPECT_RATIOS``. Otherwise one level with
         ``RPN.SIZES``, ``RPN.ASPECT_RATIOS`` and stride ``RPN.STRIDE``, or ``1 / spatial_scales[0]`` when the body's
-        single scale is given (e.g. a conv5 body). ``MODEL.LEGACY_PLUS_ONE`` selects Detectron's anchors."""
+        single scale is given (e.g. a conv5 body). ``MODEL.LEGACY_PLUS_ONE`` selects Detectron's anchors,
+        ``RPN.ROUND_ANCHORS`` False detectron2's."""
         legacy = bool(cfg.MODEL.LEGACY_PLUS_ONE)
+        rounded = bool(cfg.RPN.ROUND_ANCHORS)
+        if legacy and not rounded:
+            raise ValueError("RPN.ROUND_ANCHORS = False (detectron2's unrounded anchors) cannot be combined with "
+                             "MODEL.LEGACY_PLUS_ONE = True (Detectron's anchors, rounded their own way): set "
+                             "RPN.ROUND_ANCHORS True for Detectron weights")
         if cfg.FPN.FPN_ON:
             if not cfg.FPN.MULTILEVEL_RPN:
                 raise ValueError("FPN.MULTILEVEL_RPN = False (a single-level RPN on an FPN body) is not supported")
@@ -141,13 +173,13 @@ class AnchorGenerator(nn.Module):
                     raise ValueError("FPN.RPN_ANCHOR_STRIDES_FROM_SIZE = True is torchvision's rule; it cannot be "
                                      "combined with MODEL.LEGACY_PLUS_ONE = True (Detectron anchors)")
                 strides = None
-            return cls(sizes, ratios, strides, legacy)
+            return cls(sizes, ratios, strides, legacy, rounded)
         stride = int(cfg.RPN.STRIDE)
         if spatial_scales is not None:
             if len(spatial_scales) != 1:
                 raise ValueError(f"a single-level RPN needs one spatial scale, got {list(spatial_scales)}")
             stride = int(round(1.0 / float(spatial_scales[0])))
-        return cls([tuple(cfg.RPN.SIZES)], [tuple(cfg.RPN.ASPECT_RATIOS)], [stride], legacy)
+        return cls([tuple(cfg.RPN.SIZES)], [tuple(cfg.RPN.ASPECT_RATIOS)], [stride], legacy, rounded)
 
     def num_anchors_per_location(self) -> List[int]:
         """Cell anchors (A) per level."""
@@ -209,4 +241,4 @@ class AnchorGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"sizes={self.sizes}, aspect_ratios={self.aspect_ratios}, strides={self.strides}, "
-                f"legacy_plus_one={self.legacy_plus_one}")
+                f"legacy_plus_one={self.legacy_plus_one}, rounded={self.rounded}")

@@ -49,7 +49,8 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
                        image_sizes: Union[Sequence[Tuple[int, int]], Tensor], pre_nms_top_n: int,
                        post_nms_top_n: int,
                        nms_thresh: float, min_size: float, box_coder: BoxCoder, score_thresh: float = 0.0,
-                       scores_are_probs: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
+                       scores_are_probs: bool = False, min_size_strict: bool = False, nms_on_logits: bool = False,
+                       return_logits: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
     """Proposals of every image of a batch.
 
     Args:
@@ -64,10 +65,14 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         min_size: boxes with width or height below this (input pixels) are dropped (torchvision uses 1e-3).
         box_coder: decodes the deltas (RPN weights ``(1, 1, 1, 1)``).
         score_thresh: proposals with probability below this are dropped.
+        min_size_strict: keep sides ``> min_size`` (detectron2, drops empty boxes at 0) instead of ``>=``.
+        nms_on_logits: NMS ranks by the logits (detectron2) instead of the probabilities (torchvision), which tie
+            at 1.0 in float32 for logits above ~17; not with ``scores_are_probs``.
+        return_logits: return the kept logits instead of probabilities (not with ``scores_are_probs``).
 
     Returns:
         ``boxes``: per image ``(P, 4)`` xyxy, float32 (or the deltas' wider dtype); ``scores``: per image ``(P,)``
-        objectness probabilities, decreasing. Nothing is differentiable: proposals are constants for the
+        objectness probabilities (logits with ``return_logits``), decreasing. Nothing is differentiable: proposals are constants for the
         second stage, as in torchvision.
     """
     if int(pre_nms_top_n) <= 0 or int(post_nms_top_n) < 0:
@@ -75,6 +80,9 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
                          f"{post_nms_top_n}")
     if not min_size >= 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
+    if scores_are_probs and (nms_on_logits or return_logits):
+        raise ValueError("nms_on_logits / return_logits need logits, but scores_are_probs=True says the objectness "
+                         "inputs are probabilities")
     if isinstance(objectness, Tensor):
         objectness = [objectness]
     if isinstance(deltas, Tensor):
@@ -105,6 +113,8 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         top_levels.append(torch.full_like(idx[0], level))
     scores = torch.cat(top_scores, 1).float()
     probs = scores if scores_are_probs else torch.sigmoid(scores)
+    ranks = scores if nms_on_logits else probs
+    outs = scores if return_logits else probs
     box_deltas = torch.cat(top_deltas, 1)
     levels = torch.cat(top_levels)
     # Decoding only the selected anchors: the same elementwise arithmetic torchvision applies to all of them.
@@ -114,17 +124,17 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
     legacy = bool(getattr(box_coder, "legacy_plus_one", False))
     out_boxes, out_scores = [], []
     for i in range(num_images):
-        boxes, s = decoded[i], probs[i]
+        boxes, s, r, o = decoded[i], probs[i], ranks[i], outs[i]
         boxes = clip_boxes_to_size(boxes, image_sizes[i], legacy)
-        keep = remove_small_boxes(boxes, min_size, legacy_plus_one=legacy)
+        keep = remove_small_boxes(boxes, min_size, legacy_plus_one=legacy, strict=min_size_strict)
         # `>=` as torchvision: a threshold of 0 keeps every finite score but drops NaNs.
         keep = keep[s[keep] >= score_thresh]
-        boxes, s, lv = boxes[keep], s[keep], levels[keep]
+        boxes, r, o, lv = boxes[keep], r[keep], o[keep], levels[keep]
         # Detectron's NMS counts inclusive pixels: moving the far corners out by one gives exactly its IoU.
         nms_boxes = boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0]) if legacy else boxes
-        keep = _batched_nms(nms_boxes, s, lv, float(nms_thresh))[: int(post_nms_top_n)]
+        keep = _batched_nms(nms_boxes, r, lv, float(nms_thresh))[: int(post_nms_top_n)]
         out_boxes.append(boxes[keep])
-        out_scores.append(s[keep])
+        out_scores.append(o[keep])
     return out_boxes, out_scores
 
 
@@ -204,6 +214,8 @@ class GenerateProposals(nn.Module):
             the pair used follows ``self.training``.
         size_divisibility: padding multiple of the network input, used to recover the padded batch size when the
             anchor strides are inferred from it.
+        min_size_strict: keep proposal sides ``> min_size`` instead of ``>=`` (see :func:`generate_proposals`).
+            NMS ranks the given probabilities (this entry point has no logits).
 
     ``forward(cls_prob, bbox_pred, im_info)``: ``cls_prob`` ``(N, A, H, W)`` sigmoid probabilities (or a list per
     level), ``bbox_pred`` ``(N, 4A, H, W)`` (or a list), ``im_info`` ``(N, 3)`` rows ``[height, width, scale]`` of
@@ -212,8 +224,9 @@ class GenerateProposals(nn.Module):
     """
 
     def __init__(self, anchor_generator: nn.Module, box_coder: BoxCoder, pre_nms_top_n, post_nms_top_n,
-                 nms_thresh=0.7, min_size=0.0, size_divisibility: int = 32):
+                 nms_thresh=0.7, min_size=0.0, size_divisibility: int = 32, min_size_strict: bool = False):
         super().__init__()
+        self.min_size_strict = bool(min_size_strict)
         self.anchor_generator = anchor_generator
         self.box_coder = box_coder
         self.pre_nms_top_n = _per_mode(pre_nms_top_n, "pre_nms_top_n")
@@ -240,7 +253,8 @@ class GenerateProposals(nn.Module):
         anchors = self.anchor_generator(probs, batch_shape)
         boxes, scores = generate_proposals(probs, deltas, anchors, sizes, self.setting("pre_nms_top_n"),
                                            self.setting("post_nms_top_n"), self.setting("nms_thresh"),
-                                           self.setting("min_size"), self.box_coder, scores_are_probs=True)
+                                           self.setting("min_size"), self.box_coder, scores_are_probs=True,
+                                           min_size_strict=self.min_size_strict)
         batch_idx = torch.cat([torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device)
                                for i, b in enumerate(boxes)])
         return torch.cat([batch_idx, torch.cat(boxes)], 1), torch.cat(scores)

@@ -37,6 +37,8 @@ class RPN(nn.Module):
             :mod:`maskrcnn.modeling.rpn.loss`).
         size_divisibility: padding multiple of the input batch (to recover its size when ``batch_shape`` is not
             given and the anchor strides are inferred from it).
+        min_size_strict: keep proposals with sides ``> min_size`` (detectron2) instead of ``>=`` (torchvision).
+        nms_on_logits: NMS ranks proposals by objectness logits (detectron2) instead of probabilities.
 
     ``forward(features, image_sizes, targets=None, batch_shape=None)`` returns ``(proposals, losses)``: per image
     ``(P, 4)`` detached xyxy proposals, best first, and in training ``{"loss_rpn_cls", "loss_rpn_bbox"}`` (empty
@@ -48,8 +50,11 @@ class RPN(nn.Module):
                  sampler: BalancedPositiveNegativeSampler, pre_nms_top_n, post_nms_top_n, nms_thresh=0.7,
                  min_size=0.0, straddle_thresh: float = -1, crowd_thresh: float = 0.7, score_thresh: float = 0.0,
                  smooth_l1_beta: float = 1.0 / 9, size_divisibility: int = 32,
-                 loss_normalization: str = "torchvision"):
+                 loss_normalization: str = "torchvision", min_size_strict: bool = False,
+                 nms_on_logits: bool = False):
         super().__init__()
+        self.min_size_strict = bool(min_size_strict)
+        self.nms_on_logits = bool(nms_on_logits)
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = box_coder
@@ -65,13 +70,14 @@ class RPN(nn.Module):
         self.loss_normalization = loss_normalization
         # Holds the train/test settings; it is also Detectron.pytorch's entry point for probabilities.
         self.RPN_GenerateProposals = GenerateProposals(anchor_generator, box_coder, pre_nms_top_n, post_nms_top_n,
-                                                       nms_thresh, min_size, size_divisibility)
+                                                       nms_thresh, min_size, size_divisibility, min_size_strict)
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Optional[Sequence[float]] = None) -> "RPN":
         """Anchors from ``RPN.*`` / ``FPN.*`` (see :meth:`AnchorGenerator.from_cfg`), head width ``RPN.HEAD_DIM``,
         matching and sampling from ``TRAIN.RPN_*``, proposal settings from ``TRAIN.RPN_*`` / ``TEST.RPN_*``,
-        ``MODEL.LEGACY_PLUS_ONE`` for the box convention, ``RPN.LOSS_NORMALIZATION`` for the loss divisors."""
+        ``MODEL.LEGACY_PLUS_ONE`` for the box convention, ``RPN.LOSS_NORMALIZATION`` for the loss divisors,
+        ``RPN.{MIN_SIZE_STRICT, NMS_ON_LOGITS}`` for the proposal filter and ranking, ``SIZE_DIVISIBILITY``."""
         anchors = AnchorGenerator.from_cfg(cfg, spatial_scales)
         num = anchors.num_anchors_per_location()
         if len(set(num)) != 1:
@@ -88,7 +94,8 @@ class RPN(nn.Module):
             nms_thresh={"training": float(cfg.TRAIN.RPN_NMS_THRESH), "testing": float(cfg.TEST.RPN_NMS_THRESH)},
             min_size={"training": float(cfg.TRAIN.RPN_MIN_SIZE), "testing": float(cfg.TEST.RPN_MIN_SIZE)},
             straddle_thresh=cfg.TRAIN.RPN_STRADDLE_THRESH, crowd_thresh=cfg.TRAIN.CROWD_FILTER_THRESH,
-            loss_normalization=cfg.RPN.LOSS_NORMALIZATION,
+            loss_normalization=cfg.RPN.LOSS_NORMALIZATION, size_divisibility=int(cfg.SIZE_DIVISIBILITY),
+            min_size_strict=bool(cfg.RPN.MIN_SIZE_STRICT), nms_on_logits=bool(cfg.RPN.NMS_ON_LOGITS),
         )
 
     # Detectron.pytorch names for the head's layers, so that `model.RPN.RPN_conv(x)` works as there. The
@@ -134,7 +141,8 @@ class RPN(nn.Module):
         gp = self.RPN_GenerateProposals
         proposals, _ = generate_proposals(objectness, deltas, anchors, image_sizes, gp.setting("pre_nms_top_n"),
                                           gp.setting("post_nms_top_n"), gp.setting("nms_thresh"),
-                                          gp.setting("min_size"), self.box_coder, self.score_thresh)
+                                          gp.setting("min_size"), self.box_coder, self.score_thresh,
+                                          min_size_strict=self.min_size_strict, nms_on_logits=self.nms_on_logits)
         losses: Dict[str, Tensor] = {}
         if self.training:
             if targets is None:

@@ -95,8 +95,10 @@ def _to_canonical(obj: Any, fmt: str, cfg) -> Tuple[Dict[str, Tensor], List[str]
     raise WeightsConversionError(f"fmt={fmt!r} is not a supported weight format; use one of {FORMATS}")
 
 
-#: Channel order each format's first convolution expects.
-_PIXEL_ORDER = {"detectron": "BGR", "detectron.pytorch": "BGR", "torchvision": "RGB", "detectron2": "BGR"}
+#: Channel order each format's first convolution expects; None: the file does not say (detectron2 trains with its
+#: INPUT.FORMAT, BGR for the MSRA-initialised zoo models, RGB for torchvision-initialised ones, and stores no trace
+#: of it), so conv1 is never flipped automatically and the config's PIXEL_ORDER must state it.
+_PIXEL_ORDER = {"detectron": "BGR", "detectron.pytorch": "BGR", "torchvision": "RGB", "detectron2": None}
 
 
 def convert_to_ours(obj: Any, fmt: Optional[str] = None, cfg=None, *, model=None,
@@ -112,7 +114,8 @@ def convert_to_ours(obj: Any, fmt: Optional[str] = None, cfg=None, *, model=None
         model: the target model (or its ``state_dict()``); settles what the config cannot (BatchNorm counters,
             the C4 mask head's res5 copy, class-agnostic layers).
         flip_input_channels: reverse conv1's input channels (BGR <-> RGB); None flips exactly when ``cfg`` is given
-            and its ``PIXEL_ORDER`` differs from the format's.
+            and its ``PIXEL_ORDER`` differs from the format's. detectron2 files do not record their channel order:
+            None never flips them (a note says that ``PIXEL_ORDER`` must be the order the model was trained with).
         path: the file's path, for messages.
     Returns:
         ``(state_dict, notes)``: float32 CPU tensors under our names, and human-readable notes (what was dropped or
@@ -136,12 +139,18 @@ def convert_to_ours(obj: Any, fmt: Optional[str] = None, cfg=None, *, model=None
     if not canonical:
         raise WeightsConversionError(f"the {fmt} file {path or ''} holds no weights")
     flip = flip_input_channels
+    order = _PIXEL_ORDER[fmt]
     if flip is None:
-        flip = cfg is not None and str(cfg.PIXEL_ORDER).upper() != _PIXEL_ORDER[fmt]
+        flip = cfg is not None and order is not None and str(cfg.PIXEL_ORDER).upper() != order
     if flip:
         flip_conv1_channels(canonical)
-        notes.append(f"conv1 input channels flipped ({_PIXEL_ORDER[fmt]} -> "
-                     f"{'RGB' if _PIXEL_ORDER[fmt] == 'BGR' else 'BGR'}).")
+        notes.append("conv1 input channels flipped (" + (f"{order} -> {'RGB' if order == 'BGR' else 'BGR'}"
+                                                          if order else "as asked") + ").")
+    elif order is None:
+        have = f" = {cfg.PIXEL_ORDER}" if cfg is not None else ""
+        notes.append(f"{fmt} files do not record the channel order their conv1 expects (detectron2's INPUT.FORMAT: "
+                     "BGR for its MSRA-initialised zoo models, RGB for torchvision-initialised ones); conv1 is used "
+                     f"as is, so PIXEL_ORDER{have} must be the order the model was trained with.")
     has_heads = any(k.startswith(("rpn.", "box.", "mask.")) for k in canonical)
     if not has_heads:
         notes.append(f"{fmt}: backbone weights only (ImageNet initialisation); the FPN, RPN and RoI heads keep "

@@ -21,12 +21,19 @@ FORMAT_CFG_HINTS: Dict[str, Dict[str, Any]] = {
     "torchvision": {"PIXEL_ORDER": "RGB", "PIXEL_SCALE": 1.0, "PIXEL_MEANS": [0.485, 0.456, 0.406],
                     "PIXEL_STDS": [0.229, 0.224, 0.225], "MODEL.LEGACY_PLUS_ONE": False,
                     "RESNETS.STRIDE_1X1": False, "FAST_RCNN.ROI_XFORM_ALIGNED": False},
+    # The pixel statistics of detectron2's MSRA-initialised zoo models (BGR); its files do not record them.
     "detectron2": {"PIXEL_ORDER": "BGR", "PIXEL_SCALE": 255.0, "PIXEL_MEANS": [103.53, 116.28, 123.675],
                    "PIXEL_STDS": [1.0, 1.0, 1.0], "MODEL.LEGACY_PLUS_ONE": False, "RESNETS.STRIDE_1X1": True,
                    "FAST_RCNN.ROI_XFORM_ALIGNED": True, "FAST_RCNN.ROI_XFORM_SAMPLING_RATIO": 0,
-                   "MRCNN.ROI_XFORM_SAMPLING_RATIO": 0},
+                   "MRCNN.ROI_XFORM_SAMPLING_RATIO": 0, "RESIZE_METHOD": "detectron2", "RPN.ROUND_ANCHORS": False,
+                   "RPN.MIN_SIZE_STRICT": True, "RPN.NMS_ON_LOGITS": True, "TEST.MASK_PASTE_METHOD": "detectron2",
+                   "TEST.DETECTOR_POSTPROCESS": "detectron2"},
 }
 
+
+#: Hints a format's files do not record, so a config that differs from them is not flagged: detectron2 models are
+#: trained with BGR (MSRA-initialised zoo models) or RGB (torchvision-initialised) input, and the file does not say.
+_UNRECORDED = {"detectron2": ("PIXEL_ORDER", "PIXEL_SCALE", "PIXEL_MEANS", "PIXEL_STDS")}
 
 _DEPTH_BY_BLOCKS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 
@@ -111,6 +118,8 @@ def cfg_hint_notes(fmt: str, cfg=None, flipped: bool = False, info: Optional[Map
     if cfg is not None:
         bad = []
         for key, value in hints.items():
+            if key in _UNRECORDED.get(fmt, ()):
+                continue
             try:
                 have = _cfg_get(cfg, key)
             except AttributeError:

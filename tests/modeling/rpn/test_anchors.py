@@ -7,7 +7,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAncho
 from torchvision.models.detection.image_list import ImageList as TVImageList
 
 from maskrcnn.config import assert_and_infer_cfg, get_cfg
-from maskrcnn.modeling.rpn.anchors import AnchorGenerator, detectron_cell_anchors, torchvision_cell_anchors
+from maskrcnn.modeling.rpn.anchors import (AnchorGenerator, detectron2_cell_anchors, detectron_cell_anchors,
+                                          torchvision_cell_anchors)
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5
@@ -170,3 +171,61 @@ def test_bad_arguments():
         AnchorGenerator([(32,)], [(1.0,)])([torch.zeros(1, 1, 4, 4)])
     with pytest.raises(ValueError, match="2 feature levels"):
         AnchorGenerator([(32,)], [(1.0,)], strides=[4])([torch.zeros(1, 1, 4, 4)] * 2)
+
+
+def _detectron2_reference(stride, sizes, ratios, grid):
+    """detectron2's DefaultAnchorGenerator (generate_cell_anchors, _create_grid_offsets with OFFSET 0, grid_anchors)
+    written out: cell anchors size-major in Python floats, then float32; float32 shifts ``arange(0, W * stride,
+    stride)``; anchors location-major."""
+    cell = []
+    for size in sizes:
+        for r in ratios:
+            w = math.sqrt(size ** 2.0 / r)
+            h = r * w
+            cell.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    cell = torch.tensor(cell)
+    sx = torch.arange(0.0, grid[1] * stride, step=stride, dtype=torch.float32)
+    sy = torch.arange(0.0, grid[0] * stride, step=stride, dtype=torch.float32)
+    yy, xx = torch.meshgrid(sy, sx, indexing="ij")
+    shifts = torch.stack((xx.reshape(-1), yy.reshape(-1), xx.reshape(-1), yy.reshape(-1)), dim=1)
+    return (shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4), cell
+
+
+def test_detectron2_cell_anchors_hand_computed():
+    # size 32, ratio 0.5: w = sqrt(1024 / 0.5) = 45.2548, h = 22.6274: not rounded (torchvision: 46 x 22).
+    a = detectron2_cell_anchors((32,), (0.5, 1.0, 2.0))
+    assert a.dtype == torch.float32
+    half = 16 * math.sqrt(2)
+    torch.testing.assert_close(a, torch.tensor([[-half, -half / 2, half, half / 2], [-16.0, -16, 16, 16],
+                                                [-half / 2, -half, half / 2, half]]), rtol=0, atol=1e-6)
+    assert not torch.equal(a, torchvision_cell_anchors((32,), (0.5, 1.0, 2.0)))
+
+
+@pytest.mark.parametrize("stride, sizes, grid", [(4, (32,), (5, 7)), (64, (512,), (2, 3)),
+                                                 (16, (32, 64, 128, 256, 512), (3, 4))])
+def test_unrounded_anchors_equal_detectron2(stride, sizes, grid):
+    ratios = (0.5, 1.0, 2.0)
+    gen = AnchorGenerator([sizes], [ratios], strides=[stride], rounded=False)
+    got = gen([torch.zeros(1, 2, *grid)])[0]
+    ref, ref_cell = _detectron2_reference(stride, sizes, ratios, grid)
+    # Ours are ratio-major within a location, detectron2's size-major (the same when there is one size per level,
+    # as in FPN; a detectron2 C4 RPN's channels are reordered by the converter).
+    a, s = len(ratios), len(sizes)
+    order = torch.tensor([si * a + ri for ri in range(a) for si in range(s)])
+    assert torch.equal(gen.cell_anchors[0], ref_cell[order])  # bit for bit
+    assert torch.equal(got, ref.view(-1, a * s, 4)[:, order].reshape(-1, 4))
+
+
+def test_round_anchors_from_cfg():
+    cfg = _fpn_cfg("RPN.ROUND_ANCHORS", "False")
+    gen = AnchorGenerator.from_cfg(cfg)
+    assert not gen.rounded and gen.cell_anchors[0][0, 0].item() == pytest.approx(-16 * math.sqrt(2))
+    assert AnchorGenerator.from_cfg(_fpn_cfg()).cell_anchors[0][0].tolist() == [-23, -11, 23, 11]  # default: rounded
+    cfg = get_cfg()
+    cfg.merge_from_list(["RPN.ROUND_ANCHORS", "False"])
+    assert_and_infer_cfg(cfg, make_immutable=False)
+    assert not AnchorGenerator.from_cfg(cfg).rounded  # single-level (C4) too
+    with pytest.raises(ValueError, match="ROUND_ANCHORS"):
+        _fpn_cfg("RPN.ROUND_ANCHORS", "False", "MODEL.LEGACY_PLUS_ONE", "True")
+    with pytest.raises(ValueError, match="rounded=False"):
+        AnchorGenerator([(32,)], [(1.0,)], strides=[4], legacy_plus_one=True, rounded=False)

@@ -170,3 +170,46 @@ def test_padded_batch_shape_and_mode_dicts():
     assert padded_batch_shape([(64, 96)], 1) == (64, 96)
     with pytest.raises(ValueError, match="testing"):
         GenerateProposals(None, BoxCoder(), dict(training=1), 1)
+
+
+def _two_levels(logits, anchors):
+    """One anchor per level (A = 1 on a 1x1 grid), zero deltas: the proposals are the clipped anchors."""
+    objectness = [torch.tensor([v]).view(1, 1, 1, 1) for v in logits]
+    deltas = [torch.zeros(1, 4, 1, 1) for _ in logits]
+    return objectness, deltas, [torch.tensor([a]) for a in anchors]
+
+
+def test_nms_on_logits_ranks_what_probabilities_tie():
+    # sigmoid(18) and sigmoid(25) are both 1.0 in float32: ranked by probability the two tie and the first level's
+    # box comes first; detectron2 ranks by logit, so the second level's box (logit 25) is the best proposal.
+    assert torch.sigmoid(torch.tensor(18.0)) == torch.sigmoid(torch.tensor(25.0)) == 1.0
+    objectness, deltas, anchors = _two_levels([18.0, 25.0], [[0.0, 0, 10, 10], [20.0, 20, 40, 40]])
+    args = (objectness, deltas, anchors, [(50, 50)], 10, 1, 0.7, 0.0, BoxCoder())
+    boxes, scores = generate_proposals(*args, nms_on_logits=True)
+    assert boxes[0].tolist() == [[20.0, 20, 40, 40]] and scores[0].tolist() == [1.0]
+    boxes, logits = generate_proposals(*args, nms_on_logits=True, return_logits=True)
+    assert boxes[0].tolist() == [[20.0, 20, 40, 40]] and logits[0].tolist() == [25.0]
+    boxes, _ = generate_proposals(*args)
+    assert boxes[0].tolist() == [[0.0, 0, 10, 10]]  # torchvision's rule: the tie goes to the first
+    # Below saturation both rules agree; logits are returned in the same order as the probabilities.
+    objectness, deltas, anchors = _two_levels([1.0, 3.0], [[0.0, 0, 10, 10], [20.0, 20, 40, 40]])
+    b1, p = generate_proposals(objectness, deltas, anchors, [(50, 50)], 10, 2, 0.7, 0.0, BoxCoder())
+    b2, lg = generate_proposals(objectness, deltas, anchors, [(50, 50)], 10, 2, 0.7, 0.0, BoxCoder(),
+                                nms_on_logits=True, return_logits=True)
+    assert torch.equal(b1[0], b2[0]) and lg[0].tolist() == [3.0, 1.0]
+    torch.testing.assert_close(p[0], torch.sigmoid(lg[0]))
+    with pytest.raises(ValueError, match="scores_are_probs"):
+        generate_proposals(objectness, deltas, anchors, [(50, 50)], 10, 2, 0.7, 0.0, BoxCoder(),
+                           scores_are_probs=True, nms_on_logits=True)
+
+
+def test_min_size_strict_drops_empty_proposals():
+    # The second anchor lies right of the 50-pixel-wide image: clipped, it is the empty box [50, 0, 50, 10].
+    objectness, deltas, anchors = _two_levels([2.0, 1.0], [[0.0, 0, 10, 10], [60.0, 0, 70, 10]])
+    args = (objectness, deltas, anchors, [(50, 50)], 10, 10, 0.7, 0.0, BoxCoder())
+    boxes, _ = generate_proposals(*args)  # torchvision: width >= 0 is kept
+    assert boxes[0].tolist() == [[0.0, 0, 10, 10], [50.0, 0, 50, 10]]
+    boxes, _ = generate_proposals(*args, min_size_strict=True)  # detectron2: Boxes.nonempty(threshold=0)
+    assert boxes[0].tolist() == [[0.0, 0, 10, 10]]
+    module = GenerateProposals(None, BoxCoder(), 10, 10, 0.7, 0.0, min_size_strict=True)
+    assert module.min_size_strict

@@ -180,3 +180,14 @@ def test_from_cfg_fpn_legacy_and_head_dim():
     props, losses = rpn(feats, [(60, 64)], [{"boxes": torch.tensor([[4.0, 4, 40, 30]])}])
     assert (props[0][:, 2] <= 63).all() and (props[0][:, 3] <= 59).all()  # legacy clip to the last pixel
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_from_cfg_detectron2_proposal_rules():
+    cfg = get_cfg()
+    assert_and_infer_cfg(cfg, make_immutable=False)
+    rpn = RPN.from_cfg(cfg, 8)
+    assert not rpn.min_size_strict and not rpn.nms_on_logits and not rpn.RPN_GenerateProposals.min_size_strict
+    cfg.merge_from_list(["RPN.MIN_SIZE_STRICT", "True", "RPN.NMS_ON_LOGITS", "True", "SIZE_DIVISIBILITY", "0"])
+    rpn = RPN.from_cfg(cfg, 8)
+    assert rpn.min_size_strict and rpn.nms_on_logits and rpn.RPN_GenerateProposals.min_size_strict
+    assert rpn.size_divisibility == 0
