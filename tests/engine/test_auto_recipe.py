@@ -1,13 +1,16 @@
 """--auto's choices: budget parsing, explicit keys (file with _BASE_, --set, flags), the input scale and anchors
 following the data, an explicit key always winning, and the schedule for a budget."""
+import time
+
 import numpy as np
 import pytest
 
 from maskrcnn.cli.auto import load_auto_cfg
 from maskrcnn.config import ConfigError
 from maskrcnn.data.stats import DatasetStats
-from maskrcnn.engine.auto_recipe import (apply_choices, choose_recipe, explicit_keys, network_boxes, parse_budget,
-                                         schedule_for)
+from maskrcnn.engine import auto_recipe
+from maskrcnn.engine.auto_recipe import (apply_choices, choose_recipe, explicit_keys, fit_schedule_to_budget,
+                                         network_boxes, parse_budget, schedule_for)
 
 
 def _stats(side, box_sizes, aspect=1.0, per_image=3, classes=3):
@@ -102,3 +105,32 @@ def test_test_datasets_and_schedule():
     assert schedule_for(1000) == {"SOLVER.MAX_ITER": 1000, "SOLVER.STEPS": [0, 800, 930],
                                   "SOLVER.WARM_UP_ITERS": 100, "TRAIN.SNAPSHOT_ITERS": 500}
     assert schedule_for(70)["SOLVER.WARM_UP_ITERS"] == 10
+
+
+def test_budget_divides_the_time_left_by_the_median_step(monkeypatch):
+    cfg = load_auto_cfg(None)
+    cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
+    calls = []
+
+    def fake_steps(cfg_, dataset, device, n):
+        calls.append(n)
+        return [0.6, 0.4, 0.5][:n]
+
+    monkeypatch.setattr(auto_recipe, "time_training_steps", fake_steps)
+    lines = []
+    fit_schedule_to_budget(cfg, None, "cpu", set(), time.time() - 10.0, lines.append)
+    assert calls == [3]
+    # about 50 s left (60 s budget, 10 s spent), 0.5 s per step, 3% kept for logging and checkpoints
+    assert cfg.SOLVER.MAX_ITER in (96, 97)
+    assert cfg.SOLVER.STEPS == schedule_for(cfg.SOLVER.MAX_ITER)["SOLVER.STEPS"]
+    assert lines[0].startswith(f"auto: SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER}  (3 timed steps: median 0.500 "
+                               f"s/iteration (spread 0.40-0.60)")
+    # already over budget: the floor of 20 iterations
+    fit_schedule_to_budget(cfg, None, "cpu", set(), time.time() - 120.0, None)
+    assert cfg.SOLVER.MAX_ITER == 20
+    # an explicit SOLVER.MAX_ITER or a zero budget: nothing timed, nothing changed
+    cfg.SOLVER.MAX_ITER = 7
+    assert fit_schedule_to_budget(cfg, None, "cpu", {"SOLVER.MAX_ITER"}, time.time(), None) == []
+    cfg.AUTO.BUDGET_MINUTES = 0.0
+    assert fit_schedule_to_budget(cfg, None, "cpu", set(), time.time(), None) == []
+    assert cfg.SOLVER.MAX_ITER == 7 and calls == [3, 3]
