@@ -9,10 +9,11 @@ import torch
 import yaml
 
 from maskrcnn.cli import test_net, train_net
-from maskrcnn.config import get_cfg
+from maskrcnn.config import assert_and_infer_cfg, get_cfg
 from maskrcnn.data.datasets.synthetic_family import SyntheticFamilyDataset
 from maskrcnn.data.export_coco import export_coco
 from maskrcnn.engine.auto_recipe import time_training_steps
+from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def test_auto_config_round_trip_through_test_net(tiny_coco, tmp_path, capsys):
     assert yaml.safe_load(ckpt["cfg"]) == saved  # the weights and the saved config describe the same model
     cfg = get_cfg()
     cfg.merge_from_file(str(out / "config.yaml"))  # every key loads back
+    assert_and_infer_cfg(cfg, source=str(out / "config.yaml"))
+    Generalized_RCNN(cfg).load_state_dict(ckpt["model"], strict=True)  # the config builds exactly these weights' model
     rc = test_net.main(["--cfg", str(out / "config.yaml"), "--load_ckpt", str(out / "model_final.pth"),
                         "--dataset", tiny_coco["val"], "--output_dir", str(tmp_path / "eval")])
     assert rc == 0
