@@ -18,9 +18,11 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 from ..config import ConfigError, assert_and_infer_cfg
 from ..utils import distributed as dist_utils
+from .auto import add_auto_arguments, auto_requested, configure_auto, fit_budget, load_auto_cfg
 from .common import (add_cfg_argument, apply_loader_and_device_args, build_checked_dataset, config_error_exit,
                      load_cfg_file)
 
@@ -30,7 +32,8 @@ __all__ = ["main", "parse_args", "setup_cfg", "train", "evaluate", "load_imagene
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a Mask R-CNN.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    add_cfg_argument(p)
+    add_cfg_argument(p, required=False, help="config file or packaged name (required unless --auto)")
+    add_auto_arguments(p)
     p.add_argument("--dataset", default=None,
                    help="training dataset(s): catalog name or spec (coco:ANN:IMGDIR, pennfudan:ROOT[:split], "
                         "synthetic:train), several joined with commas; default TRAIN.DATASETS")
@@ -61,7 +64,12 @@ def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
     """The run's config: file, overrides, batch-size rescaling, validation (raises ConfigError)."""
     from ..engine.solver import scale_schedule
 
-    cfg = load_cfg_file(args.cfg)
+    if auto_requested(args):
+        cfg = load_auto_cfg(args.cfg)
+    elif not args.cfg:
+        raise ConfigError("--cfg is required (a config file or packaged name), unless --auto chooses the recipe")
+    else:
+        cfg = load_cfg_file(args.cfg)
     config_batch = int(cfg.NUM_GPUS) * int(cfg.TRAIN.IMS_PER_BATCH)
     if args.set_cfgs:
         cfg.merge_from_list(args.set_cfgs)
@@ -84,6 +92,9 @@ def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
     if not cfg.TRAIN.DATASETS:
         raise ConfigError(f"{args.cfg}: no training dataset: set TRAIN.DATASETS or pass --dataset")
     total = world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
+    if auto_requested(args) or cfg.AUTO.ENABLED:
+        configure_auto(cfg, args, log=log)  # the learning rate it chooses is for the batch it runs
+        total = config_batch = world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
     # Kept on args so that train() repeats the rule in the run's log.
     args.lr_scaling = scale_schedule(cfg, total, config_batch, log=log)
     if args.lr is not None:
@@ -270,6 +281,7 @@ def load_imagenet_backbone(model, cfg, logger) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.started = time.time()  # --auto's time budget counts from here
     try:
         cfg = setup_cfg(args, dist_utils.env_world_size(), log=lambda m: print(m, flush=True))
     except ConfigError as e:
@@ -291,6 +303,8 @@ def main(argv=None) -> int:
         logger = setup_logger("maskrcnn", cfg.OUTPUT_DIR, rank=ctx.rank)
         logger.info("command line: %s", " ".join(sys.argv))
         logger.info("environment:\n%s", collect_env_info())
+        if cfg.AUTO.ENABLED:
+            fit_budget(cfg, args, ctx, logger)  # times a few steps: SOLVER.MAX_ITER for AUTO.BUDGET_MINUTES
         if ctx.is_main:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
             with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w", encoding="utf-8") as f:

@@ -267,6 +267,21 @@ _key("DATA_LOADER.MAX_IMAGE_SIDE", 4096, "COCO-format images whose longer side e
      "occupies memory at full size; test results are mapped back to the size the json records. 0 turns it off.")
 _key("DATA_LOADER.SKIP_UNREADABLE", False, "Skip images that cannot be read instead of failing before training starts.")
 
+_section("AUTO", "Recipe chosen from the training set's statistics (train_net --auto); an explicit key always wins.")
+_key("AUTO.ENABLED", False, "Before training, read the training set's statistics and choose input scale, anchors, "
+     "sampling sizes, batch and schedule (maskrcnn/engine/auto_recipe.py); set by train_net --auto.")
+_key("AUTO.BUDGET_MINUTES", 10.0, "Training time the automatic schedule fills: SOLVER.MAX_ITER from a few timed "
+     "steps (train_net --budget); 0 keeps SOLVER.MAX_ITER.")
+_key("AUTO.STATS_MAX_IMAGES", 200, "Training images read for the statistics (evenly spaced; 0 reads all).")
+_key("AUTO.MIN_OBJECT_SIZE", 16, "Input pixels (sqrt of box area) the 10th-percentile object should reach after "
+     "the resize the automatic input scale chooses.")
+_key("AUTO.MIN_INPUT_SIZE", 128, "Smallest shorter-side input size the automatic scale chooses (unless the images "
+     "are smaller than half of it).")
+_key("AUTO.MAX_INPUT_SIZE", 512, "Largest shorter-side input size the automatic scale chooses.")
+_key("AUTO.MAX_UPSCALE", 2.0, "Largest factor the automatic input scale enlarges the median image by.")
+_key("AUTO.ANCHOR_IOU", 0.5, "IoU a ground-truth box's best anchor must reach to count as recalled in the anchor fit.")
+_key("AUTO.TIMING_ITERS", 5, "Training steps timed (after 2 untimed ones) to size SOLVER.MAX_ITER to the budget.")
+
 #: Body names accepted by MODEL.CONV_BODY (prefix optional).
 CONV_BODIES = tuple(
     [f"ResNet.ResNet{d}_conv{c}_body" for d in (18, 34, 50, 101, 152) for c in (4, 5)]

@@ -5,6 +5,8 @@ Datasets themselves are in :mod:`maskrcnn.data.datasets`.
 from .build import DatasetItemError, WorkerDiedError, build_test_loader, build_train_loader
 from .catalog import ConcatDataset, DatasetCatalog, DatasetSpecError, build_dataset
 from .collate import collate_fn
+from .export_coco import export_coco
+from .stats import DatasetStats, compute_dataset_stats
 from .samplers import GroupedBatchSampler, InferenceSampler, InfiniteSampler, TrainingBatchSampler
 from .transforms import Compose, RandomHorizontalFlip, ResizeShortestEdge, read_image_rgb
 from .validate import UnreadableImagesError, ValidationReport, check_and_filter, validate_dataset
@@ -18,6 +20,9 @@ __all__ = [
     "build_train_loader",
     "build_test_loader",
     "collate_fn",
+    "export_coco",
+    "DatasetStats",
+    "compute_dataset_stats",
     "DatasetItemError",
     "WorkerDiedError",
     # samplers

@@ -6,6 +6,9 @@ A spec is one of
 * ``pennfudan:ROOT[:train|test|all]`` — the Penn-Fudan layout (split defaults to ``train`` when training,
   ``test`` otherwise);
 * ``synthetic:train|val`` (or ``synthetic``: train when training, val otherwise) — the built-in shapes set;
+* ``synthetic:VARIANT[:train|val]`` — a variant of the synthetic family
+  (:mod:`maskrcnn.data.datasets.synthetic_family`: ``basic``, ``tiny``, ``large``, ``thin``, ``crowd``, ``ten``,
+  ``mixed``, ``wide``); also registered as catalog names ``synthetic_VARIANT_train`` / ``synthetic_VARIANT_val``;
 * a catalog name: the built-in COCO splits (``coco_2017_train``, ``coco_2017_val``, ``coco_2014_train``,
   ``coco_2014_val``, ``coco_2014_minival``, ``coco_2014_valminusminival``) found under ``DATA_DIR`` as
   ``DATA_DIR/coco/annotations/instances_<split>.json`` and ``DATA_DIR/coco/<image folder>``, or a registered name;
@@ -38,6 +41,8 @@ from ..config import ConfigError
 from .datasets.coco import COCODataset
 from .datasets.pennfudan import PennFudanDataset
 from .datasets.synthetic import SyntheticShapesDataset
+from .datasets.synthetic_family import VARIANTS as SYNTHETIC_VARIANTS
+from .datasets.synthetic_family import SyntheticFamilyDataset
 
 __all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "check_num_classes", "COCO_SPLITS"]
 
@@ -149,7 +154,8 @@ class DatasetCatalog:
             return COCODataset(ann, images, remove_images_without_annotations=remove_images_without_annotations,
                                max_image_side=max_image_side)
         raise DatasetSpecError(f"unknown dataset {name!r}; catalog names: {cls.list()}; or a spec "
-                               f"coco:ANN_JSON[:IMAGE_DIR], pennfudan:ROOT[:train|test|all], synthetic:train|val")
+                               f"coco:ANN_JSON[:IMAGE_DIR], pennfudan:ROOT[:train|test|all], synthetic:train|val, "
+                               f"synthetic:VARIANT[:train|val]")
 
 
 def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool,
@@ -174,9 +180,14 @@ def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool,
         split = fields[2] if len(fields) == 3 else ("train" if is_train else "test")
         return PennFudanDataset(fields[1], split=split)
     if kind == "synthetic":
-        if len(fields) != 2 or fields[1] not in ("train", "val"):
-            raise DatasetSpecError(f"dataset spec {spec!r}: expected synthetic:train or synthetic:val")
-        return SyntheticShapesDataset(fields[1])
+        if len(fields) == 2 and fields[1] in ("train", "val"):
+            return SyntheticShapesDataset(fields[1])
+        if fields[1] in SYNTHETIC_VARIANTS and (len(fields) == 2 or (len(fields) == 3 and fields[2] in ("train",
+                                                                                                         "val"))):
+            split = fields[2] if len(fields) == 3 else ("train" if is_train else "val")
+            return SyntheticFamilyDataset(fields[1], split)
+        raise DatasetSpecError(f"dataset spec {spec!r}: expected synthetic:train or synthetic:val, or "
+                               f"synthetic:VARIANT[:train|val] with VARIANT one of {list(SYNTHETIC_VARIANTS)}")
     raise DatasetSpecError(f"dataset spec {spec!r}: unknown kind {kind!r}; expected one of {list(_SPEC_KINDS)} "
                            f"or a catalog name")
 
@@ -221,6 +232,16 @@ def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", i
         return ConcatDataset(datasets)
     except ValueError as e:
         raise DatasetSpecError(f"dataset spec {full!r}: {e}") from e
+
+
+def _register_synthetic_variants() -> None:
+    for variant in SYNTHETIC_VARIANTS:
+        for split in ("train", "val"):
+            DatasetCatalog.register(f"synthetic_{variant}_{split}",
+                                    lambda v=variant, s=split: SyntheticFamilyDataset(v, s))
+
+
+_register_synthetic_variants()
 
 
 def check_num_classes(cfg, dataset) -> None:

@@ -1,0 +1,123 @@
+"""``train_net --auto [--budget 10min]``: the command-line side of :mod:`maskrcnn.engine.auto_recipe`.
+
+* :func:`add_auto_arguments` adds ``--auto`` and ``--budget``;
+* :func:`load_auto_cfg` is the config ``--auto`` starts from: the packaged ``scratch/auto_cpu`` recipe, with the
+  ``--cfg`` file (optional) merged over it;
+* :func:`configure_auto` reads the training set's statistics and applies the data-dependent choices (before
+  validation); keys of the ``--cfg`` file, of ``--set`` and of ``--bs``/``--lr``/``--budget``/``--test_dataset``
+  are explicit and win;
+* :func:`fit_budget` (once the device is known) times a few steps and sizes the schedule to the budget.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any, Callable, List
+
+from ..config import CfgNode, ConfigError, get_cfg, resolve_config_path
+
+__all__ = ["add_auto_arguments", "auto_requested", "load_auto_cfg", "configure_auto", "fit_budget"]
+
+
+def add_auto_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--auto", action="store_true",
+                        help="choose input scale, anchors, sampling sizes, batch and schedule from the training set's "
+                             "statistics (AUTO.*; explicit keys win; --cfg optional)")
+    parser.add_argument("--budget", default=None,
+                        help="with --auto: training time to fill, e.g. 10min, 600s, 1.5h (AUTO.BUDGET_MINUTES)")
+
+
+def auto_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "auto", False))
+
+
+def load_auto_cfg(cfg_file) -> CfgNode:
+    """Defaults, then the ``--auto`` base recipe, then ``cfg_file`` when given."""
+    from ..engine.auto_recipe import AUTO_BASE_CONFIG
+
+    cfg = get_cfg()
+    cfg.merge_from_file(resolve_config_path(AUTO_BASE_CONFIG))
+    if cfg_file:
+        cfg.merge_from_file(resolve_config_path(cfg_file))
+    return cfg
+
+
+def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], Any] = print) -> List[str]:
+    """Apply the data-dependent choices to the unfrozen ``cfg``; returns the printed lines (also kept on
+    ``args.auto_lines``, with the explicit keys on ``args.auto_explicit``)."""
+    from ..data.catalog import build_dataset
+    from ..data.stats import compute_dataset_stats
+    from ..engine.auto_recipe import apply_choices, choose_recipe, explicit_keys, parse_budget
+
+    flags = {"TRAIN.DATASETS"}
+    if args.bs is not None:
+        flags.add("TRAIN.IMS_PER_BATCH")
+    if args.lr is not None:
+        flags.add("SOLVER.BASE_LR")
+    if args.test_dataset:
+        flags.add("TEST.DATASETS")
+    if args.budget is not None:
+        cfg.AUTO.BUDGET_MINUTES = parse_budget(args.budget)
+        flags.add("AUTO.BUDGET_MINUTES")
+    cfg.AUTO.ENABLED = True
+    explicit = explicit_keys(args.cfg, args.set_cfgs, flags)
+    lines: List[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    if not cfg.TRAIN.DATASETS:
+        raise ConfigError("--auto: no training dataset: pass --dataset (or set TRAIN.DATASETS)")
+    start = time.time()
+    dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
+                            filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT),
+                            max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
+    stats = compute_dataset_stats(dataset, int(cfg.AUTO.STATS_MAX_IMAGES) or None)
+    say(f"auto: training set {dataset!r}, statistics in {time.time() - start:.1f} s:")
+    for line in stats.describe():
+        say(f"auto:   {line}")
+    apply_choices(cfg, choose_recipe(cfg, stats, list(cfg.TRAIN.DATASETS), explicit), explicit, say)
+    args.auto_lines, args.auto_explicit = lines, explicit
+    return lines
+
+
+def fit_budget(cfg: CfgNode, args: argparse.Namespace, ctx, logger) -> None:
+    """Size the schedule to ``AUTO.BUDGET_MINUTES`` (see :func:`maskrcnn.engine.auto_recipe.fit_schedule_to_budget`)
+    and write every ``--auto`` line to ``OUTPUT_DIR/auto.txt``. ``cfg`` may be frozen; it is frozen again."""
+    from ..utils import distributed as dist_utils
+    from ..data.catalog import build_dataset
+    from ..engine.auto_recipe import fit_schedule_to_budget
+
+    lines = list(getattr(args, "auto_lines", []))
+
+    def say(line: str) -> None:
+        lines.append(line)
+        logger.info(line)
+
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    saved = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if getattr(args, "resume", False) and os.path.isfile(saved):
+        # A resumed run keeps the schedule its first start measured (a new timing would move the lr steps).
+        from ..config import load_yaml_with_base
+        first = load_yaml_with_base(saved)
+        for section, key in (("SOLVER", "MAX_ITER"), ("SOLVER", "STEPS"), ("SOLVER", "WARM_UP_ITERS"),
+                             ("TRAIN", "SNAPSHOT_ITERS")):
+            if f"{section}.{key}" not in getattr(args, "auto_explicit", set()):
+                cfg[section][key] = first[section][key]
+        say(f"auto: --resume: the schedule of {saved} is kept (SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER})")
+        if frozen:
+            cfg.freeze()
+        return
+    dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
+                            filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT), max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
+    fit_schedule_to_budget(cfg, dataset, ctx.device, getattr(args, "auto_explicit", set()),
+                           getattr(args, "started", time.time()), say, dist_utils.broadcast_object)
+    if frozen:
+        cfg.freeze()
+    if ctx.is_main:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "auto.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")

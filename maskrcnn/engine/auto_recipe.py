@@ -1,0 +1,320 @@
+"""``train_net --auto``: choose the recipe from the training set's statistics, as a careful user would.
+
+Before the first iteration, :func:`choose_recipe` reads :class:`~maskrcnn.data.stats.DatasetStats` and proposes a
+value and a reason for each data-dependent key:
+
+* ``MODEL.NUM_CLASSES``: the dataset's classes plus the background;
+* input scale (``TRAIN.SCALES``, ``TRAIN.MAX_SIZE``, ``TEST.SCALE``, ``TEST.MAX_SIZE``): the smallest shorter side
+  at which the 10th-percentile object reaches ``AUTO.MIN_OBJECT_SIZE`` pixels, within ``AUTO.MIN_INPUT_SIZE``,
+  ``AUTO.MAX_INPUT_SIZE`` and ``AUTO.MAX_UPSCALE`` (the step's cost grows with the pixels, so no larger);
+* anchors (``FPN.RPN_ANCHOR_START_SIZE``, ``FPN.RPN_ASPECT_RATIOS``): fitted to the boxes as the network sees them
+  (:func:`maskrcnn.modeling.rpn.anchor_fit.fit_fpn_anchors`), the recall of the config's anchors and of the fitted
+  ones printed;
+* RPN and RoI sampling (``TRAIN.RPN_BATCH_SIZE_PER_IM``, ``TRAIN.BATCH_SIZE_PER_IM``, proposal counts,
+  ``TEST.DETECTIONS_PER_IM``): from the objects per image;
+* batch and learning rate (``TRAIN.IMS_PER_BATCH``, ``SOLVER.BASE_LR``): from the input size;
+* ``TEST.DATASETS``: the validation split of a synthetic, Penn-Fudan or ``*_train`` catalog training set.
+
+:func:`apply_choices` writes them into the config except where a key is *explicit* (set by the ``--cfg`` file or
+``--set``, or a command-line flag such as ``--bs``/``--lr``): an explicit key always wins, and the log says what
+was kept. Then, once the device is known, :func:`fit_schedule_to_budget` times a few real training steps of the chosen
+model and sizes ``SOLVER.MAX_ITER`` (with its steps, warm-up and snapshots) to ``AUTO.BUDGET_MINUTES``.
+
+Every choice is printed as ``auto: KEY = VALUE  (reason)`` and ends up in ``OUTPUT_DIR/config.yaml``, so
+``test_net --cfg OUTPUT_DIR/config.yaml`` evaluates the same model.
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
+
+import numpy as np
+
+from ..config import ConfigError, load_yaml_with_base, resolve_config_path
+from ..config.names import parse_conv_body_name
+from ..data.stats import DatasetStats
+from ..modeling.rpn.anchor_fit import anchor_quality, fit_fpn_anchors
+
+__all__ = ["AutoChoice", "AUTO_BASE_CONFIG", "explicit_keys", "parse_budget", "choose_recipe", "apply_choices",
+           "fit_schedule_to_budget", "schedule_for", "network_boxes"]
+
+#: Packaged config ``--auto`` starts from (under a given ``--cfg``).
+AUTO_BASE_CONFIG = "scratch/auto_cpu"
+
+
+@dataclass
+class AutoChoice:
+    """One key ``--auto`` chose: ``value`` and why; ``kept`` is the explicit value used instead, if any."""
+
+    key: str
+    value: Any
+    reason: str
+    explicit: bool = False
+    kept: Any = None
+
+    def line(self) -> str:
+        if self.explicit:
+            return f"auto: {self.key} = {self.kept!r} kept (explicit); auto would choose {self.value!r}: {self.reason}"
+        return f"auto: {self.key} = {self.value!r}  ({self.reason})"
+
+
+# --- explicit keys ---------------------------------------------------------------------------------------------------
+def _flatten(d: Any, prefix: str = "") -> Set[str]:
+    out: Set[str] = set()
+    for k, v in d.items():
+        if k == "_BASE_":
+            continue
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten(v, key + ".")
+        else:
+            out.add(key)
+    return out
+
+
+def explicit_keys(cfg_file: Optional[str], opts: Sequence[Any] = (), extra: Iterable[str] = ()) -> Set[str]:
+    """Dotted keys the user set: those of ``cfg_file`` (with its ``_BASE_`` files), the keys of ``opts`` (the
+    ``--set KEY VALUE ...`` list) and ``extra`` (keys that command-line flags set)."""
+    keys: Set[str] = set(extra)
+    if cfg_file:
+        keys |= _flatten(load_yaml_with_base(resolve_config_path(cfg_file)))
+    keys |= {str(opts[i]) for i in range(0, len(opts) - 1, 2)}
+    return keys
+
+
+def parse_budget(text: str) -> float:
+    """Minutes of a budget such as ``10min``, ``90s``, ``1.5h``, ``10m`` or ``10`` (minutes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(h|hours?|m|min|mins|minutes?|s|sec|secs|seconds?)?\s*",
+                     str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--budget {text!r}: expected a duration such as 10min, 600s, 1.5h or a number of minutes")
+    value, unit = float(m.group(1)), (m.group(2) or "min").lower()
+    return value * 60.0 if unit.startswith("h") else value / 60.0 if unit.startswith("s") else value
+
+
+# --- choices ---------------------------------------------------------------------------------------------------------
+def _round_to(x: float, step: int) -> int:
+    return int(max(step, step * round(float(x) / step)))
+
+
+def _pow2_at_least(x: float) -> int:
+    return int(2 ** math.ceil(math.log2(max(float(x), 1.0))))
+
+
+def _scale_factors(stats: DatasetStats, min_size: int, max_size: int) -> np.ndarray:
+    """``(I,)`` resize factor of each image read (the model's shorter-side rule)."""
+    short, long_ = stats.image_hw.min(1), stats.image_hw.max(1)
+    return np.minimum(min_size / short, max_size / long_)
+
+
+def network_boxes(stats: DatasetStats, min_size: int, max_size: int):
+    """``(boxes (N, 4), padded image sizes (N, 2))`` in network-input pixels at the given resize."""
+    f = _scale_factors(stats, min_size, max_size)
+    boxes = stats.boxes * f[stats.box_image][:, None]
+    hw = np.ceil(stats.image_hw * f[:, None] / 32.0) * 32.0
+    return boxes, hw[stats.box_image]
+
+
+def _input_size(cfg, stats: DatasetStats):
+    a = cfg.AUTO
+    short = stats.image_hw.min(1)
+    med_short = float(np.median(short))
+    p10 = float(np.percentile(stats.relative_box_sizes(), 10))
+    need = float(a.MIN_OBJECT_SIZE) / max(p10, 1e-6)
+    hi = min(float(a.MAX_INPUT_SIZE), med_short * float(a.MAX_UPSCALE))
+    lo = min(float(a.MIN_INPUT_SIZE), hi)
+    size = _round_to(min(max(need, lo), hi), 16)
+    aspect = float(np.percentile(stats.image_hw.max(1) / short, 95))
+    max_size = max(size, _round_to(size * aspect, 16))
+    if need > hi:
+        why = (f"10% of objects are under {p10 * med_short:.0f} px in images of median shorter side {med_short:.0f}: "
+               f"{need:.0f} px would bring them to AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE}, capped by "
+               f"AUTO.MAX_INPUT_SIZE={a.MAX_INPUT_SIZE} / AUTO.MAX_UPSCALE={a.MAX_UPSCALE}")
+    elif need < lo:
+        why = (f"objects are large (10% under {p10:.2f} of the shorter side): even {need:.0f} px keeps them >= "
+               f"{a.MIN_OBJECT_SIZE} px; AUTO.MIN_INPUT_SIZE={a.MIN_INPUT_SIZE} sets the floor (fewer pixels, faster "
+               f"steps)")
+    else:
+        why = (f"the smallest shorter side at which the 10th-percentile object ({p10:.3f} of the shorter side) "
+               f"reaches AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE} px")
+    return size, max_size, f"{why}; longer side up to {aspect:.2f}x (95th percentile image aspect)", med_short
+
+
+def _test_datasets(specs: Sequence[str]) -> Optional[List[str]]:
+    out = []
+    for spec in specs:
+        fields = spec.split(":")
+        if fields[0] == "synthetic" and fields[-1] == "train":
+            out.append(":".join(fields[:-1] + ["val"]))
+        elif fields[0] == "pennfudan" and len(fields) == 3 and fields[2] == "train":
+            out.append(":".join(fields[:2] + ["test"]))
+        elif len(fields) == 1 and spec.endswith("_train"):
+            out.append(spec[: -len("_train")] + "_val")
+        else:
+            return None
+    return out
+
+
+def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), explicit: Set[str] = frozenset()
+                  ) -> List[AutoChoice]:
+    """The data-dependent choices for ``cfg`` (not applied; see :func:`apply_choices`). ``explicit`` keys are
+    read from ``cfg`` where other choices depend on them (the learning rate on the batch)."""
+    out: List[AutoChoice] = []
+    add = lambda key, value, reason: out.append(AutoChoice(key, value, reason))  # noqa: E731
+    k = stats.num_classes
+    add("MODEL.NUM_CLASSES", k + 1, f"{k} classes in the training set, plus the background")
+
+    size, max_size, why, med_short = _input_size(cfg, stats)
+    add("TRAIN.SCALES", [size], why)
+    add("TRAIN.MAX_SIZE", max_size, "as TRAIN.SCALES")
+    add("TEST.SCALE", size, "the training scale")
+    add("TEST.MAX_SIZE", max_size, "the training scale")
+
+    boxes, hw = network_boxes(stats, size, max_size)
+    iou = float(cfg.AUTO.ANCHOR_IOU)
+    if cfg.FPN.FPN_ON or parse_conv_body_name(cfg.MODEL.CONV_BODY).kind == "fpn":  # FPN_ON is inferred later
+        lo, hi = int(cfg.FPN.RPN_MIN_LEVEL), int(cfg.FPN.RPN_MAX_LEVEL)
+        before = anchor_quality(boxes, hw, cfg.FPN.RPN_ANCHOR_START_SIZE, cfg.FPN.RPN_ASPECT_RATIOS, iou, lo, hi)
+        fit = fit_fpn_anchors(boxes, hw, iou, lo, hi)
+        where = (f"anchor fit over {fit.tried} sets on {len(boxes)} boxes at the chosen scale: {fit.quality} "
+                 f"vs {before} for the config's start size {cfg.FPN.RPN_ANCHOR_START_SIZE}, ratios "
+                 f"{list(cfg.FPN.RPN_ASPECT_RATIOS)}")
+        add("FPN.RPN_ANCHOR_START_SIZE", fit.start_size, where)
+        add("FPN.RPN_ASPECT_RATIOS", list(fit.ratios), "same anchor fit (h/w)")
+
+    per_image = stats.objects_per_image
+    p90 = float(np.percentile(per_image, 90))
+    most = int(per_image.max())
+    obj = f"objects per image: p90 {p90:.0f}, max {most}"
+    add("TRAIN.RPN_BATCH_SIZE_PER_IM", int(np.clip(_pow2_at_least(32 * p90), 128, 256)),
+        f"{obj}; about 32 sampled anchors per object keeps positives near half the sample")
+    add("TRAIN.BATCH_SIZE_PER_IM", int(np.clip(_pow2_at_least(16 * p90), 64, 512)),
+        f"{obj}; with TRAIN.FG_FRACTION {cfg.TRAIN.FG_FRACTION} that is about 4 foreground RoIs per object")
+    post = int(np.clip(_round_to(50 * most, 50), 200, 1000))
+    add("TRAIN.RPN_POST_NMS_TOP_N", post, f"{obj}; 50 proposals per object (fewer RoIs: a cheaper step)")
+    add("TRAIN.RPN_PRE_NMS_TOP_N", 3 * post, "3x the proposals kept after NMS, per level")
+    tpost = int(np.clip(_round_to(25 * most, 50), 100, 1000))
+    add("TEST.RPN_POST_NMS_TOP_N", tpost, f"{obj}; 25 proposals per object")
+    add("TEST.RPN_PRE_NMS_TOP_N", 3 * tpost, "3x the test proposals kept after NMS, per level")
+    add("TEST.DETECTIONS_PER_IM", int(np.clip(5 * most, 50, 100)), f"{obj}; 5 per object, 50..100")
+
+    pixels = size * min(max_size, size * float(np.median(stats.image_hw.max(1) / stats.image_hw.min(1))))
+    batch = 4 if pixels <= 256 * 256 else 2
+    add("TRAIN.IMS_PER_BATCH", batch, f"input about {pixels ** 0.5:.0f}^2 px: "
+        f"{'4 images keep a step under a second on 2 cores' if batch == 4 else '2 images per step at this size'}")
+    if "TRAIN.IMS_PER_BATCH" in explicit:
+        batch = int(cfg.TRAIN.IMS_PER_BATCH)
+    add("SOLVER.BASE_LR", 0.005 * batch, f"0.005 per image of the batch ({batch} per process), from scratch with BN, "
+        f"warm-up and SOLVER.CLIP_GRAD_NORM")
+    tests = _test_datasets(list(train_specs))
+    if tests and not list(cfg.TEST.DATASETS):
+        add("TEST.DATASETS", tests, "the validation split of the training set")
+    return out
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+def _set(cfg, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for p in parts[:-1]:
+        node = node[p]
+    old = node[parts[-1]]
+    node[parts[-1]] = type(old)(value) if isinstance(old, (int, float)) and not isinstance(old, bool) else value
+
+
+def apply_choices(cfg, choices: Sequence[AutoChoice], explicit: Set[str],
+                  log: Optional[Callable[[str], Any]] = print) -> List[AutoChoice]:
+    """Write the choices whose key is not in ``explicit`` into the (unfrozen) ``cfg``; log one line per choice."""
+    for c in choices:
+        if c.key in explicit:
+            c.explicit, c.kept = True, _get(cfg, c.key)
+        else:
+            _set(cfg, c.key, c.value)
+        if log is not None:
+            log(c.line())
+    return list(choices)
+
+
+# --- schedule for a time budget -------------------------------------------------------------------------------------
+def schedule_for(max_iter: int) -> dict:
+    """Steps at 80% and 93% of the run, warm-up over its first 1/7 (at most 100 iterations)."""
+    max_iter = int(max_iter)
+    return {"SOLVER.MAX_ITER": max_iter,
+            "SOLVER.STEPS": [0, max(1, round(0.8 * max_iter)), max(2, round(0.93 * max_iter))],
+            "SOLVER.WARM_UP_ITERS": max(1, min(100, max_iter // 7)),
+            "TRAIN.SNAPSHOT_ITERS": max(1, max_iter // 2)}
+
+
+def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2) -> List[float]:
+    """Seconds of each of ``n_timed`` real training steps (data loading included) of a throw-away model built
+    from ``cfg``, after ``n_warm`` untimed ones."""
+    import torch
+
+    from ..data.build import build_train_loader
+    from ..modeling.generalized_rcnn import Generalized_RCNN
+    from .solver import build_lr_scheduler, build_optimizer_from_cfg
+    from .speed import prepare_for_training
+    from .trainer import Trainer
+
+    model = Generalized_RCNN(cfg).to(device)
+    prepare_for_training(model, cfg)
+    optimizer = build_optimizer_from_cfg(model, cfg)
+    loader = build_train_loader(dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=cfg.DATA_LOADER.NUM_THREADS,
+                                aspect_grouping=cfg.TRAIN.ASPECT_GROUPING, seed=cfg.RNG_SEED + 1,
+                                flip=cfg.TRAIN.USE_FLIPPED, validate=False)
+    trainer = Trainer(model, optimizer, build_lr_scheduler(optimizer, cfg), loader, max_iter=n_warm + n_timed,
+                      amp=cfg.TRAIN.AMP, device=device, clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM, skip_nonfinite=True,
+                      max_consecutive_skips=n_warm + n_timed + 1)
+    model.train()
+    times = []
+    try:
+        for i in range(n_warm + n_timed):
+            trainer.iter = i
+            trainer.run_step()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            if i >= n_warm:
+                times.append(trainer.step_time)
+    finally:
+        loader.close()
+    return times
+
+
+def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: float,
+                           log: Optional[Callable[[str], Any]] = print,
+                           broadcast: Optional[Callable[[Any], Any]] = None) -> List[AutoChoice]:
+    """Size ``SOLVER.MAX_ITER`` (and its steps, warm-up, snapshots) so training ends ``AUTO.BUDGET_MINUTES`` after
+    ``started`` (a ``time.time()``): time ``AUTO.TIMING_ITERS`` steps, divide the time left. ``cfg`` must be
+    unfrozen; nothing changes when the budget is 0 or ``SOLVER.MAX_ITER`` is explicit. ``broadcast`` shares rank
+    0's measurement with every process."""
+    budget_s = float(cfg.AUTO.BUDGET_MINUTES) * 60.0
+    if budget_s <= 0:
+        return []
+    if "SOLVER.MAX_ITER" in explicit:
+        if log is not None:
+            log(f"auto: SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER} kept (explicit); the {budget_s / 60:.1f} min budget "
+                f"is not applied")
+        return []
+    times = time_training_steps(cfg, dataset, device, max(int(cfg.AUTO.TIMING_ITERS), 1))
+    per_iter = statistics.median(times)
+    if broadcast is not None:
+        per_iter = broadcast(per_iter)
+    left = budget_s - (time.time() - started)
+    # 3% for logging and the checkpoints; the first iterations of a run are a little slower.
+    max_iter = max(20, int(0.97 * left / per_iter))
+    spread = f"{min(times):.2f}-{max(times):.2f}"
+    reason = (f"{len(times)} timed steps: median {per_iter:.3f} s/iteration (spread {spread}); {left:.0f} s left "
+              f"of the {budget_s / 60:.1f} min budget (AUTO.BUDGET_MINUTES)")
+    choices = [AutoChoice(k, v, reason if k == "SOLVER.MAX_ITER" else f"from SOLVER.MAX_ITER {max_iter}")
+               for k, v in schedule_for(max_iter).items()]
+    return apply_choices(cfg, choices, explicit, log)

@@ -1,0 +1,82 @@
+"""train_net --auto end to end on a tiny COCO-format set (exported from the synthetic family): no --cfg needed, the
+choices and the explicit keys land in OUTPUT_DIR/config.yaml, and test_net --cfg OUTPUT_DIR/config.yaml
+--load_ckpt OUTPUT_DIR/model_final.pth evaluates that very model; the steps --budget times are real ones and an
+explicit SOLVER.MAX_ITER wins over the budget (the budget arithmetic: tests/engine/test_auto_recipe.py)."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from maskrcnn.cli import test_net, train_net
+from maskrcnn.config import assert_and_infer_cfg, get_cfg
+from maskrcnn.data.datasets.synthetic_family import SyntheticFamilyDataset
+from maskrcnn.data.export_coco import export_coco
+from maskrcnn.engine.auto_recipe import time_training_steps
+from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_coco")
+    specs = {}
+    for split, n in (("train", 8), ("val", 4)):
+        path = export_coco(SyntheticFamilyDataset("basic", split, num_images=n), str(root / split))
+        specs[split] = f"coco:{path}:{root / split / 'images'}"
+    return specs
+
+
+SMALL = ["AUTO.MIN_INPUT_SIZE", "64", "AUTO.MAX_INPUT_SIZE", "64", "AUTO.STATS_MAX_IMAGES", "0"]
+
+
+def test_auto_config_round_trip_through_test_net(tiny_coco, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = train_net.main(["--auto", "--dataset", tiny_coco["train"], "--output_dir", str(out), "--set",
+                         "SOLVER.MAX_ITER", "3", "FPN.RPN_ANCHOR_START_SIZE", "24", *SMALL])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "auto: TRAIN.SCALES = [64]" in printed and "recall@0.5" in printed
+    assert "auto: FPN.RPN_ANCHOR_START_SIZE = 24 kept (explicit)" in printed
+    assert "auto: SOLVER.MAX_ITER = 3 kept (explicit)" in (out / "auto.txt").read_text()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["TRAIN"]["SCALES"] == [64] and saved["TEST"]["SCALE"] == 64
+    assert saved["MODEL"]["NUM_CLASSES"] == 4 and saved["FPN"]["RPN_ANCHOR_START_SIZE"] == 24
+    assert saved["MODEL"]["CONV_BODY"] == "FPN.fpn_ResNet18_conv5_body" and saved["AUTO"]["ENABLED"] is True
+    assert saved["SOLVER"]["MAX_ITER"] == 3
+    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert yaml.safe_load(ckpt["cfg"]) == saved  # the weights and the saved config describe the same model
+    cfg = get_cfg()
+    cfg.merge_from_file(str(out / "config.yaml"))  # every key loads back
+    assert_and_infer_cfg(cfg, source=str(out / "config.yaml"))
+    Generalized_RCNN(cfg).load_state_dict(ckpt["model"], strict=True)  # the config builds exactly these weights' model
+    rc = test_net.main(["--cfg", str(out / "config.yaml"), "--load_ckpt", str(out / "model_final.pth"),
+                        "--dataset", tiny_coco["val"], "--output_dir", str(tmp_path / "eval")])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics) >= {"bbox", "segm"}
+
+
+def test_cfg_is_required_without_auto(capsys, tmp_path):
+    assert train_net.main(["--dataset", "synthetic:basic:train", "--output_dir", str(tmp_path)]) == 2
+    assert "--cfg is required" in capsys.readouterr().err
+
+
+def test_timed_steps_are_real_training_steps(tmp_path):
+    """The step timing --budget divides the time left by: real steps of the chosen model on the training set."""
+    args = train_net.parse_args(["--auto", "--dataset", "synthetic:basic:train", "--output_dir", str(tmp_path),
+                                 "--set", "AUTO.MIN_INPUT_SIZE", "64", "AUTO.MAX_INPUT_SIZE", "64",
+                                 "AUTO.STATS_MAX_IMAGES", "8", "TRAIN.IMS_PER_BATCH", "2"])
+    cfg = train_net.setup_cfg(args, 1, log=lambda m: None)
+    times = time_training_steps(cfg, SyntheticFamilyDataset("basic", "train", num_images=4), "cpu", 2, n_warm=1)
+    assert len(times) == 2 and all(0 < t < 60 for t in times)
+
+
+def test_budget_not_applied_over_an_explicit_max_iter(tiny_coco, tmp_path):
+    out = tmp_path / "budget"
+    rc = train_net.main(["--auto", "--budget", "90s", "--dataset", tiny_coco["train"], "--output_dir", str(out),
+                         "--set", "SOLVER.MAX_ITER", "2", *SMALL])
+    assert rc == 0
+    lines = (out / "auto.txt").read_text()
+    assert "auto: SOLVER.MAX_ITER = 2 kept (explicit); the 1.5 min budget is not applied" in lines
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["SOLVER"]["MAX_ITER"] == 2 and saved["AUTO"]["BUDGET_MINUTES"] == pytest.approx(1.5)

@@ -1,0 +1,136 @@
+"""--auto's choices: budget parsing, explicit keys (file with _BASE_, --set, flags), the input scale and anchors
+following the data, an explicit key always winning, and the schedule for a budget."""
+import time
+
+import numpy as np
+import pytest
+
+from maskrcnn.cli.auto import load_auto_cfg
+from maskrcnn.config import ConfigError
+from maskrcnn.data.stats import DatasetStats
+from maskrcnn.engine import auto_recipe
+from maskrcnn.engine.auto_recipe import (apply_choices, choose_recipe, explicit_keys, fit_schedule_to_budget,
+                                         network_boxes, parse_budget, schedule_for)
+
+
+def _stats(side, box_sizes, aspect=1.0, per_image=3, classes=3):
+    """Square ``side`` px images with ``per_image`` boxes of the given sqrt-areas and h/w ``aspect``."""
+    rng = np.random.default_rng(0)
+    sizes = np.asarray(box_sizes, dtype=np.float64)
+    w, h = sizes / np.sqrt(aspect), sizes * np.sqrt(aspect)
+    x = rng.uniform(0, 1, len(sizes)) * (side - w)
+    y = rng.uniform(0, 1, len(sizes)) * (side - h)
+    n_img = int(np.ceil(len(sizes) / per_image))
+    return DatasetStats(num_images=n_img, image_hw=np.full((n_img, 2), float(side)),
+                        boxes=np.stack([x, y, x + w, y + h], 1), box_image=np.arange(len(sizes)) // per_image,
+                        objects_per_image=np.bincount(np.arange(len(sizes)) // per_image, minlength=n_img),
+                        class_counts=np.ones(classes, np.int64), crowd_regions=0,
+                        classes=["__background__"] + [f"c{k}" for k in range(classes)])
+
+
+def _choices(cfg, stats, **kw):
+    return {c.key: c for c in choose_recipe(cfg, stats, **kw)}
+
+
+def test_parse_budget():
+    assert parse_budget("10min") == 10.0 and parse_budget("90s") == 1.5 and parse_budget("1.5h") == 90.0
+    assert parse_budget("7") == 7.0 and parse_budget("2 minutes") == 2.0
+    with pytest.raises(ConfigError, match="--budget 'soon'"):
+        parse_budget("soon")
+
+
+def test_explicit_keys_from_file_with_base_set_and_flags(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("TRAIN:\n  SCALES: [200]\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_BASE_: base.yaml\nFPN:\n  RPN_ANCHOR_START_SIZE: 8\n")
+    keys = explicit_keys(str(child), ["SOLVER.BASE_LR", "0.1", "TEST.SCALE", "300"], {"TRAIN.IMS_PER_BATCH"})
+    assert keys == {"TRAIN.SCALES", "FPN.RPN_ANCHOR_START_SIZE", "SOLVER.BASE_LR", "TEST.SCALE",
+                    "TRAIN.IMS_PER_BATCH"}
+    assert explicit_keys(None, []) == set()
+
+
+def test_scale_and_anchors_follow_object_sizes():
+    cfg = load_auto_cfg(None)
+    small = _choices(cfg, _stats(200, np.linspace(5, 12, 60)))
+    large = _choices(cfg, _stats(400, np.linspace(150, 350, 60)))
+    # tiny objects: enlarge (up to AUTO.MAX_UPSCALE x the median image); large ones: shrink to AUTO.MIN_INPUT_SIZE
+    assert small["TRAIN.SCALES"].value == [400] and small["TEST.SCALE"].value == 400
+    assert large["TRAIN.SCALES"].value == [128] and large["TRAIN.MAX_SIZE"].value == 128
+    assert small["FPN.RPN_ANCHOR_START_SIZE"].value < large["FPN.RPN_ANCHOR_START_SIZE"].value
+    assert "recall@0.5" in small["FPN.RPN_ANCHOR_START_SIZE"].reason
+    assert small["MODEL.NUM_CLASSES"].value == 4
+    tall = _choices(cfg, _stats(200, np.linspace(30, 60, 60), aspect=3.0))
+    assert max(tall["FPN.RPN_ASPECT_RATIOS"].value) >= 2.5
+
+
+def test_sampling_sizes_follow_objects_per_image():
+    cfg = load_auto_cfg(None)
+    few = _choices(cfg, _stats(200, np.full(40, 30.0), per_image=2))
+    many = _choices(cfg, _stats(200, np.full(400, 30.0), per_image=20))
+    assert few["TRAIN.BATCH_SIZE_PER_IM"].value == 64 and many["TRAIN.BATCH_SIZE_PER_IM"].value == 512
+    assert few["TRAIN.RPN_POST_NMS_TOP_N"].value < many["TRAIN.RPN_POST_NMS_TOP_N"].value
+    assert few["TEST.DETECTIONS_PER_IM"].value == 50 and many["TEST.DETECTIONS_PER_IM"].value == 100
+
+
+def test_network_boxes_scale_with_the_chosen_size():
+    s = _stats(200, [20.0, 40.0])
+    boxes, hw = network_boxes(s, 400, 400)
+    np.testing.assert_allclose(boxes, s.boxes * 2)
+    assert hw.tolist() == [[416.0, 416.0]] * 2  # padded to /32
+
+
+def test_explicit_key_wins_and_is_reported():
+    cfg = load_auto_cfg(None)
+    cfg.TRAIN.SCALES = [96]
+    cfg.TRAIN.IMS_PER_BATCH = 8
+    explicit = {"TRAIN.SCALES", "TRAIN.IMS_PER_BATCH"}
+    lines = []
+    applied = apply_choices(cfg, choose_recipe(cfg, _stats(200, np.linspace(5, 12, 60)), explicit=explicit),
+                            explicit, lines.append)
+    assert cfg.TRAIN.SCALES == [96] and cfg.TRAIN.IMS_PER_BATCH == 8
+    assert cfg.TEST.SCALE == 400  # not explicit: chosen
+    assert cfg.SOLVER.BASE_LR == pytest.approx(0.04)  # the lr follows the explicit batch
+    kept = [c for c in applied if c.explicit]
+    assert {c.key for c in kept} == explicit
+    assert any(line.startswith("auto: TRAIN.SCALES = [96] kept (explicit); auto would choose [400]") for line in lines)
+    assert any(line.startswith("auto: TEST.SCALE = 400  (") for line in lines)
+
+
+def test_test_datasets_and_schedule():
+    cfg = load_auto_cfg(None)
+    c = _choices(cfg, _stats(200, np.full(10, 30.0)), train_specs=["synthetic:tiny:train"])
+    assert c["TEST.DATASETS"].value == ["synthetic:tiny:val"]
+    assert "TEST.DATASETS" not in _choices(cfg, _stats(200, np.full(10, 30.0)), train_specs=["coco:a.json:imgs"])
+    assert schedule_for(1000) == {"SOLVER.MAX_ITER": 1000, "SOLVER.STEPS": [0, 800, 930],
+                                  "SOLVER.WARM_UP_ITERS": 100, "TRAIN.SNAPSHOT_ITERS": 500}
+    assert schedule_for(70)["SOLVER.WARM_UP_ITERS"] == 10
+
+
+def test_budget_divides_the_time_left_by_the_median_step(monkeypatch):
+    cfg = load_auto_cfg(None)
+    cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
+    calls = []
+
+    def fake_steps(cfg_, dataset, device, n):
+        calls.append(n)
+        return [0.6, 0.4, 0.5][:n]
+
+    monkeypatch.setattr(auto_recipe, "time_training_steps", fake_steps)
+    lines = []
+    fit_schedule_to_budget(cfg, None, "cpu", set(), time.time() - 10.0, lines.append)
+    assert calls == [3]
+    # about 50 s left (60 s budget, 10 s spent), 0.5 s per step, 3% kept for logging and checkpoints
+    assert cfg.SOLVER.MAX_ITER in (96, 97)
+    assert cfg.SOLVER.STEPS == schedule_for(cfg.SOLVER.MAX_ITER)["SOLVER.STEPS"]
+    assert lines[0].startswith(f"auto: SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER}  (3 timed steps: median 0.500 "
+                               f"s/iteration (spread 0.40-0.60)")
+    # already over budget: the floor of 20 iterations
+    fit_schedule_to_budget(cfg, None, "cpu", set(), time.time() - 120.0, None)
+    assert cfg.SOLVER.MAX_ITER == 20
+    # an explicit SOLVER.MAX_ITER or a zero budget: nothing timed, nothing changed
+    cfg.SOLVER.MAX_ITER = 7
+    assert fit_schedule_to_budget(cfg, None, "cpu", {"SOLVER.MAX_ITER"}, time.time(), None) == []
+    cfg.AUTO.BUDGET_MINUTES = 0.0
+    assert fit_schedule_to_budget(cfg, None, "cpu", set(), time.time(), None) == []
+    assert cfg.SOLVER.MAX_ITER == 7 and calls == [3, 3]
