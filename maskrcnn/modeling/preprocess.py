@@ -8,8 +8,8 @@ Images enter the model as a list of ``(3, H, W)`` float RGB tensors in ``[0, 1]`
    ``recompute_scale_factor=True``, the same arithmetic as torchvision's ``GeneralizedRCNNTransform``);
 3. zero-padded at the bottom/right to a common size that is a multiple of ``size_divisibility``.
 
-Training targets are scaled along (boxes by the per-axis size ratio, masks by nearest resizing). ``postprocess``
-maps detections back: boxes to input-image pixels, masks pasted into the input image.
+Training targets are scaled along (boxes and keypoints by the per-axis size ratio, masks by nearest resizing).
+``postprocess`` maps detections back: boxes and keypoints to input-image pixels, masks pasted into the input image.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..ops.masks import paste_masks_in_image
 
-__all__ = ["ImageList", "Preprocessor", "resize_boxes"]
+__all__ = ["ImageList", "Preprocessor", "resize_boxes", "resize_keypoints"]
 
 
 @dataclass
@@ -58,6 +58,19 @@ def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence
         original_size[1], dtype=torch.float32, device=boxes.device)
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+def resize_keypoints(keypoints: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
+    """Scale ``(N, K, 3)`` keypoints ``x, y, v`` (``v`` kept) from ``original_size`` (h, w) to ``new_size``
+    (torchvision's ``resize_keypoints``)."""
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        original_size[0], dtype=torch.float32, device=keypoints.device)
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        original_size[1], dtype=torch.float32, device=keypoints.device)
+    out = keypoints.clone()
+    out[..., 0] *= ratio_w
+    out[..., 1] *= ratio_h
+    return out
 
 
 class Preprocessor(nn.Module):
@@ -159,6 +172,8 @@ class Preprocessor(nn.Module):
             new_hw = tuple(image.shape[-2:])
             if "boxes" in target and new_hw != (h, w):
                 target["boxes"] = resize_boxes(target["boxes"], (h, w), new_hw)
+            if "keypoints" in target and new_hw != (h, w):
+                target["keypoints"] = resize_keypoints(target["keypoints"], (h, w), new_hw)
             if "masks" in target and new_hw != (h, w) and target["masks"].numel() > 0:
                 m = target["masks"]
                 target["masks"] = F.interpolate(m[:, None].float(), size=new_hw)[:, 0].to(m.dtype)
@@ -206,11 +221,14 @@ class Preprocessor(nn.Module):
 
     def postprocess(self, results: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]],
                     original_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """Boxes from resized-image to original-image pixels; ``masks`` (N,1,M,M) pasted to (N,1,H,W)."""
+        """Boxes and ``keypoints`` from resized-image to original-image pixels; ``masks`` (N,1,M,M) pasted to
+        (N,1,H,W)."""
         out = []
         for res, im_s, o_im_s in zip(results, image_sizes, original_sizes):
             res = dict(res)
             res["boxes"] = resize_boxes(res["boxes"], im_s, o_im_s)
+            if "keypoints" in res:
+                res["keypoints"] = resize_keypoints(res["keypoints"], im_s, o_im_s)
             if "masks" in res:
                 res["masks"] = paste_masks_in_image(res["masks"], res["boxes"], tuple(o_im_s),
                                                     padding=self.mask_paste_padding)
