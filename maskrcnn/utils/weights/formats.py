@@ -142,7 +142,7 @@ def convert_to_ours(obj: Any, fmt: Optional[str] = None, cfg=None, *, model=None
         flip_conv1_channels(canonical)
         notes.append(f"conv1 input channels flipped ({_PIXEL_ORDER[fmt]} -> "
                      f"{'RGB' if _PIXEL_ORDER[fmt] == 'BGR' else 'BGR'}).")
-    has_heads = any(k.startswith(("rpn.", "box.", "mask.")) for k in canonical)
+    has_heads = any(k.startswith(("rpn.", "box.", "mask.", "kps.")) for k in canonical)
     if not has_heads:
         notes.append(f"{fmt}: backbone weights only (ImageNet initialisation); the FPN, RPN and RoI heads keep "
                      "their initialisation.")
