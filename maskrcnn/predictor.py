@@ -327,6 +327,8 @@ class Predictor:
             * ``masks`` ``(N, 1, H, W)`` float32 mask probabilities in ``[0, 1]`` (not thresholded, as torchvision
               returns them; ``> cfg.MRCNN.THRESH_BINARIZE`` (0.5) gives the binary masks), only with
               ``MODEL.MASK_ON``;
+            * ``keypoints`` ``(N, K, 3)`` float32 ``x, y, 1`` in the input image's pixels and ``keypoints_scores``
+              ``(N, K)`` (heatmap logits), only with ``MODEL.KEYPOINTS_ON``;
             * ``class_names`` ``list[str]`` of length ``N``: the name of each detection's label.
         """
         _check_format(format)
@@ -347,6 +349,9 @@ class Predictor:
                                "scores": out["scores"].float().cpu()}
         if "masks" in out:
             res["masks"] = out["masks"].float().cpu()
+        for key in ("keypoints", "keypoints_scores"):
+            if key in out:
+                res[key] = out[key].float().cpu()
         res["class_names"] = [self.class_names[int(k)] for k in res["labels"].tolist()]
         return res
 

@@ -69,10 +69,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _draw_all(args: argparse.Namespace, images: List[str]) -> int:
     import cv2
+    import torch
 
     from .. import Predictor
     from ..data.transforms import read_image_rgb
-    from ..utils.vis import draw_instances
+    from ..utils.vis import draw_instances, draw_keypoints
 
     predictor = Predictor(args.cfg, args.load_ckpt, overrides=args.set, device="cpu" if args.no_cuda else None)
     mask_thresh = float(predictor.cfg.MRCNN.THRESH_BINARIZE)
@@ -83,6 +84,10 @@ def _draw_all(args: argparse.Namespace, images: List[str]) -> int:
             masks = list((det["masks"][:, 0] > mask_thresh).numpy()) if "masks" in det else None
             drawn = draw_instances(rgb, det["boxes"].numpy(), det["scores"].numpy(), det["labels"].numpy(), masks,
                                    class_names=predictor.class_names, thresh=args.thresh, box_alpha=0.8)
+            if "keypoints" in det and "keypoints_scores" in det:
+                # x, y and the heatmap logit (Detectron's kp_thresh 2 applies to it) of the drawn detections.
+                kps = torch.cat([det["keypoints"][..., :2], det["keypoints_scores"][..., None]], -1)
+                drawn = draw_keypoints(drawn, kps[det["scores"] >= args.thresh].numpy())
             out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
             if not cv2.imwrite(out, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
                 raise OSError(f"could not write {out}")

@@ -72,7 +72,7 @@ _key("MODEL.BBOX_REG_WEIGHTS", [10.0, 10.0, 5.0, 5.0], "Weights (wx, wy, ww, wh)
 _key("MODEL.FASTER_RCNN", True, "End-to-end Faster/Mask R-CNN on RPN proposals; must stay True (False, Fast "
      "R-CNN on precomputed proposals, is not supported and is rejected).")
 _key("MODEL.MASK_ON", True, "Add the mask branch.")
-_key("MODEL.KEYPOINTS_ON", False, "Keypoint branch; not supported, must stay False.")
+_key("MODEL.KEYPOINTS_ON", False, "Add the keypoint branch (Keypoint R-CNN; KRCNN.* keys).")
 _key("MODEL.RPN_ONLY", False, "Stop after the RPN (proposals are the output).")
 _key("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", False, "Initialise the backbone from RESNETS.IMAGENET_PRETRAINED_WEIGHTS.")
 _key("MODEL.LEGACY_PLUS_ONE", False,
@@ -160,6 +160,25 @@ _key("MRCNN.CLS_SPECIFIC_MASK", True, "One mask per class instead of one class-a
 _key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
 _key("MRCNN.THRESH_BINARIZE", 0.5, "Threshold turning mask probabilities into binary masks for results.")
 _key("MRCNN.CONV_INIT", "GaussianFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
+
+_section("KRCNN", "Keypoint head (Keypoint R-CNN), Detectron's KRCNN keys.")
+_key("KRCNN.ROI_KEYPOINTS_HEAD", "keypoint_rcnn_heads.roi_pose_head_v1convX",
+     "Keypoint head: 'keypoint_rcnn_heads.roi_pose_head_v1convX' (NUM_STACKED_CONVS 3x3 convs, Detectron / torchvision).")
+_key("KRCNN.NUM_KEYPOINTS", 17, "Keypoints per instance (COCO person: 17).")
+_key("KRCNN.HEATMAP_SIZE", 56, "Side of the predicted heatmaps (2 * UP_SCALE * ROI_XFORM_RESOLUTION).")
+_key("KRCNN.UP_SCALE", 2, "Bilinear upsampling factor after the stride-2 deconvolution of the keypoint outputs.")
+_key("KRCNN.DECONV_KERNEL", 4, "Kernel of the stride-2 deconvolution kps_score_lowres (padding kernel / 2 - 1).")
+_key("KRCNN.CONV_HEAD_DIM", 512, "Channels of the keypoint head convolutions.")
+_key("KRCNN.CONV_HEAD_KERNEL", 3, "Kernel of the keypoint head convolutions.")
+_key("KRCNN.NUM_STACKED_CONVS", 8, "Number of convolutions of roi_pose_head_v1convX.")
+_key("KRCNN.CONV_INIT", "MSRAFill", "Initialisation of keypoint convolutions: 'MSRAFill' or 'GaussianFill'.")
+_key("KRCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform for the keypoint head.")
+_key("KRCNN.ROI_XFORM_RESOLUTION", 14, "Output size of the RoI transform for the keypoint head.")
+_key("KRCNN.ROI_XFORM_SAMPLING_RATIO", 2, "RoIAlign samples per bin side for the keypoint head; <= 0 is adaptive.")
+_key("KRCNN.LOSS_WEIGHT", 1.0, "Weight of the keypoint loss.")
+_key("KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS", True, "Average the keypoint cross-entropy over the visible keypoints "
+     "of the batch (torchvision); False divides the sum by IMS_PER_BATCH * BATCH_SIZE_PER_IM * FG_FRACTION * "
+     "NUM_KEYPOINTS (Detectron's fixed normaliser).")
 
 _section("TRAIN", "Training.")
 _key("TRAIN.DATASETS", [], "Training datasets: catalog names or specs (coco:ANN:IMGDIR, pennfudan:ROOT[:split], synthetic:split).")
@@ -309,8 +328,6 @@ DETECTRON_COMPAT_KEYS: Dict[str, str] = {
     "MODEL.TYPE": "'generalized_rcnn' is the only model",
     # False is Fast R-CNN on precomputed proposals (Detectron's PROPOSAL_FILES), which is not implemented.
     "MODEL.FASTER_RCNN": "only end-to-end Faster/Mask R-CNN (True) is supported",
-    # Detectron files set it to False; the keypoint branch is not implemented.
-    "MODEL.KEYPOINTS_ON": "the keypoint branch is not implemented",
     # Detectron infers RPN_ON from FASTER_RCNN / RPN_ONLY; False only makes sense with precomputed proposals.
     "RPN.RPN_ON": "every model has an RPN (True); precomputed proposals are not supported",
     # Detectron also had 'softmax' (two logits per anchor); the RPN head here has one sigmoid logit per anchor.

@@ -40,7 +40,11 @@ _CHECKS = {
     "MODEL.CONV_BODY": (_conv_body_ok, _one_of(_defaults.CONV_BODIES)[1] + " or a name in CONV_BODY_REGISTRY"),
     "MODEL.NUM_CLASSES": (lambda v: v >= 2, ">= 2 (background plus at least one class)"),
     "MODEL.TYPE": _one_of(["generalized_rcnn"]),
-    "MODEL.KEYPOINTS_ON": (lambda v: v is False, "False (keypoints are not supported)"),
+    "KRCNN.ROI_KEYPOINTS_HEAD": _one_of(["keypoint_rcnn_heads.roi_pose_head_v1convX", "roi_pose_head_v1convX"]),
+    "KRCNN.NUM_KEYPOINTS": _POS,
+    "KRCNN.UP_SCALE": _POS,
+    "KRCNN.NUM_STACKED_CONVS": _NONNEG,
+    "KRCNN.CONV_HEAD_DIM": _POS,
     "MODEL.FASTER_RCNN": (lambda v: v is True, "True (Fast R-CNN on precomputed proposals is not supported; every "
                           "model runs its own RPN)"),
     "RPN.RPN_ON": (lambda v: v is True, "True (precomputed proposals are not supported; every model runs its own RPN)"),
@@ -209,5 +213,9 @@ def _relations(cfg: _CN, source: str) -> None:
     if cfg.MODEL.LEGACY_PLUS_ONE and not cfg.RPN.ROUND_ANCHORS:
         fail("RPN.ROUND_ANCHORS = False (detectron2's unrounded anchors) cannot be combined with "
              "MODEL.LEGACY_PLUS_ONE = True (Detectron's anchors, rounded their own way); set RPN.ROUND_ANCHORS True")
+    k = cfg.KRCNN
+    if cfg.MODEL.KEYPOINTS_ON and cfg.KRCNN.HEATMAP_SIZE != 2 * k.UP_SCALE * k.ROI_XFORM_RESOLUTION:
+        fail(f"KRCNN.HEATMAP_SIZE = {cfg.KRCNN.HEATMAP_SIZE} must be 2 * KRCNN.UP_SCALE * KRCNN.ROI_XFORM_RESOLUTION = "
+             f"{2 * k.UP_SCALE * k.ROI_XFORM_RESOLUTION} (a stride-2 deconvolution, then the upsampling)")
     if len(cfg.PIXEL_MEANS) != len(cfg.PIXEL_STDS):
         fail("PIXEL_MEANS and PIXEL_STDS must have the same length")

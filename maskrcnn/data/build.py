@@ -259,7 +259,8 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
     group_ids = aspect_ratio_group_ids(dataset) if aspect_grouping else None
     batch_sampler = TrainingBatchSampler(len(dataset), int(ims_per_batch), group_ids=group_ids, seed=seed, rank=rank,
                                          world_size=world_size, start_iter=start_iter)
-    steps = ([RandomHorizontalFlip(0.5)] if flip else []) + ([transforms] if transforms is not None else [])
+    # A keypoint dataset says which keypoints swap under the flip (COCODataset.keypoint_flip_indices).
+    steps = ([RandomHorizontalFlip(0.5, getattr(dataset, "keypoint_flip_indices", None))] if flip else []) + ([transforms] if transforms is not None else [])
     wrapped = LoaderDataset(dataset, Compose(steps) if steps else None)
     if int(num_workers) > 0:
         wrapped.track_workers(int(num_workers))

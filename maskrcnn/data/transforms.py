@@ -31,6 +31,7 @@ __all__ = [
     "RandomHorizontalFlip",
     "ResizeShortestEdge",
     "hflip",
+    "keypoint_flip_indices",
     "check_image_bytes",
     "image_file_size",
     "read_image_rgb",
@@ -163,11 +164,31 @@ def _check_image(image: Tensor, who: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # deterministic building blocks
-def hflip(image: Tensor, target: Target = None) -> Tuple[Tensor, Target]:
+def keypoint_flip_indices(names: Sequence[str]) -> Tensor:
+    """``(K,)`` int64: for each keypoint, the index of its mirror image under a horizontal flip, found by the
+    ``left_`` / ``right_`` prefixes of COCO's keypoint names (``left_eye`` <-> ``right_eye``; others map to
+    themselves)."""
+    names = [str(n) for n in names]
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, n in enumerate(names):
+        for a, b in (("left_", "right_"), ("right_", "left_"), ("left", "right"), ("right", "left")):
+            if n.startswith(a) and b + n[len(a):] in index:
+                out.append(index[b + n[len(a):]])
+                break
+        else:
+            out.append(i)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def hflip(image: Tensor, target: Target = None, keypoint_flip: Optional[Tensor] = None) -> Tuple[Tensor, Target]:
     """Mirror an image and its target left-right.
 
     Boxes map as ``x1' = W - x2``, ``x2' = W - x1`` (continuous convention: the mirror of pixel column ``c`` is
     ``W - 1 - c``, so a box covering columns ``a..b`` covers ``W-1-b..W-1-a``, i.e. ``[W - (b+1), W - a)``).
+    ``keypoints (N, K, 3)`` map as ``x' = W - x`` (torchvision's reference transform) and swap left and right
+    with ``keypoint_flip`` (``(K,)`` indices, :func:`keypoint_flip_indices`; required when the target has
+    keypoints: a mirrored left eye is a right eye).
     """
     _check_image(image, "hflip")
     width = image.shape[-1]
@@ -183,6 +204,18 @@ def hflip(image: Tensor, target: Target = None) -> Tuple[Tensor, Target]:
         target["boxes"] = flipped
     if "masks" in target:
         target["masks"] = target["masks"].flip(-1)
+    if "keypoints" in target:
+        kps = target["keypoints"]
+        if keypoint_flip is None:
+            raise ValueError("hflip: the target has keypoints but no keypoint_flip indices were given; pass the "
+                             "dataset's keypoint_flip_indices (RandomHorizontalFlip(p, keypoint_flip=...)) so that "
+                             "left and right keypoints swap")
+        if keypoint_flip.shape != (kps.shape[1],):
+            raise ValueError(f"hflip: keypoint_flip must be ({kps.shape[1]},) for (N, {kps.shape[1]}, 3) keypoints, "
+                             f"got {tuple(keypoint_flip.shape)}")
+        kps = kps[:, keypoint_flip].clone()
+        kps[..., 0] = width - kps[..., 0]
+        target["keypoints"] = kps
     return image, target
 
 
@@ -198,6 +231,11 @@ def _resize(image: Tensor, target: Target, scale: float) -> Tuple[Tensor, Target
     if "boxes" in target:
         ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=target["boxes"].dtype)
         target["boxes"] = target["boxes"] * ratio
+    if "keypoints" in target:
+        kps = target["keypoints"].clone()
+        kps[..., 0] *= nw / w
+        kps[..., 1] *= nh / h
+        target["keypoints"] = kps
     if "masks" in target:
         masks = target["masks"]
         if masks.shape[0] == 0:
@@ -233,19 +271,21 @@ class Compose:
 
 
 class RandomHorizontalFlip:
-    """Flip image, boxes and masks together with probability ``p`` (see :func:`hflip`)."""
+    """Flip image, boxes, masks and keypoints together with probability ``p`` (see :func:`hflip`;
+    ``keypoint_flip``: the left/right swap of the keypoints, needed for targets with keypoints)."""
 
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float = 0.5, keypoint_flip: Optional[Tensor] = None):
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p!r}")
         self.p = float(p)
+        self.keypoint_flip = keypoint_flip
 
     def __call__(self, image: Tensor, target: Target = None,
                  generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Target]:
         # Always draw, even for p in {0, 1}, so that the random stream does not depend on p.
         u = float(torch.rand((), generator=generator))
         if u < self.p:
-            return hflip(image, target)
+            return hflip(image, target, self.keypoint_flip)
         return image, target
 
     def __repr__(self) -> str:

@@ -120,6 +120,10 @@ class ExportableMaskRCNN(nn.Module):
         self.rpn_score_thresh = float(rpn.score_thresh)
 
         heads = model.roi_heads
+        if getattr(heads, "keypoints_on", False):
+            # The exported graph has no keypoint branch yet: refuse rather than silently drop the keypoints.
+            raise ValueError("export does not support Keypoint R-CNN (MODEL.KEYPOINTS_ON True) yet: the keypoint "
+                             "branch is not in the exported graph; export a model with MODEL.KEYPOINTS_ON False")
         self.Box_Head = heads.Box_Head
         self.Box_Outs = heads.Box_Outs
         self.mask_on = bool(heads.mask_on)

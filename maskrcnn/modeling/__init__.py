@@ -7,6 +7,8 @@ from .build import build_model
 from .generalized_rcnn import Generalized_RCNN
 from .preprocess import ImageList, Preprocessor
 from .roi_heads import (
+    KeypointRCNNConvHead,
+    KeypointRCNNOutputs,
     FastRCNNOutputs,
     MaskRCNNFCNHead,
     MaskRCNNHeadV0Up,
@@ -48,4 +50,7 @@ __all__ = [
     "MaskRCNNHeadV0Up",
     "MaskRCNNHeadV0UpShare",
     "MaskRCNNOutputs",
+    # Keypoint_Head / Keypoint_Outs
+    "KeypointRCNNConvHead",
+    "KeypointRCNNOutputs",
 ]

@@ -2,10 +2,12 @@
 
 Eval: ``model(images)`` with ``images`` a list of ``(3, H, W)`` float RGB tensors in ``[0, 1]`` returns, per image,
 ``{"boxes": (N, 4) x1y1x2y2 input pixels, "labels": (N,) int64 in 1..K, "scores": (N,), "masks": (N, 1, H, W)
-float probabilities}``.
+float probabilities}``, plus with ``MODEL.KEYPOINTS_ON`` ``"keypoints": (N, K, 3)`` (x, y, 1 in input pixels) and
+``"keypoints_scores": (N, K)``.
 
 Train: ``model(images, targets)`` with targets ``{"boxes": (G, 4), "labels": (G,) int64, "masks": (G, H, W) uint8,
-optional "iscrowd": (G,)}`` returns ``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"}``.
+optional "iscrowd": (G,)}`` (and ``"keypoints": (G, K, 3)`` x, y, visibility with ``MODEL.KEYPOINTS_ON``) returns
+``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"[, "loss_keypoint"]}``.
 Crowd instances (``iscrowd == 1``) are never trained as objects: anchors and RoIs covering them are ignored.
 
 Three ways to build one:
@@ -39,7 +41,7 @@ from .rpn.rpn import RPN
 __all__ = ["Generalized_RCNN", "infer_spatial_scales"]
 
 #: Detectron names of the heads that live in ``model.roi_heads`` and are reachable from the model.
-ROI_HEAD_PARTS = ("Box_Head", "Box_Outs", "Mask_Head", "Mask_Outs")
+ROI_HEAD_PARTS = ("Box_Head", "Box_Outs", "Mask_Head", "Mask_Outs", "Keypoint_Head", "Keypoint_Outs")
 
 
 def _as_list(blob_conv: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
@@ -97,24 +99,27 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
         preprocess, conv_body, rpn, roi_heads: parts used instead of the ones the config would build. A custom
             backbone is any module with ``out_channels``; it may declare ``spatial_scales``, finest first, or they
             are measured once.
-        box_head, box_outs, mask_head, mask_outs: heads for the :class:`ROIHeads` built from the config (not
+        box_head, box_outs, mask_head, mask_outs, keypoint_head, keypoint_outs: heads for the :class:`ROIHeads` built from the config (not
             together with ``roi_heads``).
         rpn_only: no RoI heads, the proposals are the detections (default ``MODEL.RPN_ONLY``).
 
     Attributes: ``preprocess``, ``Conv_Body``, ``RPN``, ``roi_heads`` (None when RPN-only), ``spatial_scales``,
-    ``cfg``; properties ``Box_Head``, ``Box_Outs``, ``Mask_Head``, ``Mask_Outs`` (``roi_heads``' heads).
+    ``cfg``; properties ``Box_Head``, ``Box_Outs``, ``Mask_Head``, ``Mask_Outs``, ``Keypoint_Head``,
+    ``Keypoint_Outs`` (``roi_heads``' heads).
     """
 
     def __init__(self, cfg=None, *, preprocess: Optional[Preprocessor] = None, conv_body: Optional[nn.Module] = None,
                  rpn: Optional[nn.Module] = None, roi_heads: Optional[ROIHeads] = None,
                  box_head: Optional[nn.Module] = None, box_outs: Optional[nn.Module] = None,
                  mask_head: Optional[nn.Module] = None, mask_outs: Optional[nn.Module] = None,
+                 keypoint_head: Optional[nn.Module] = None, keypoint_outs: Optional[nn.Module] = None,
                  rpn_only: Optional[bool] = None):
         super().__init__()
         cfg = _validated(cfg)
         self.cfg = cfg
         rpn_only = bool(cfg.MODEL.RPN_ONLY) if rpn_only is None else bool(rpn_only)
-        head_parts = {"box_head": box_head, "box_outs": box_outs, "mask_head": mask_head, "mask_outs": mask_outs}
+        head_parts = {"box_head": box_head, "box_outs": box_outs, "mask_head": mask_head, "mask_outs": mask_outs,
+                      "keypoint_head": keypoint_head, "keypoint_outs": keypoint_outs}
         given = sorted(k for k, v in head_parts.items() if v is not None)
         if given and (roi_heads is not None or rpn_only):
             raise ValueError(f"{', '.join(given)} given with " + ("roi_heads: pass the heads inside ROIHeads "
@@ -165,6 +170,8 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
     Box_Outs = _roi_head_part("Box_Outs")
     Mask_Head = _roi_head_part("Mask_Head")
     Mask_Outs = _roi_head_part("Mask_Outs")
+    Keypoint_Head = _roi_head_part("Keypoint_Head")
+    Keypoint_Outs = _roi_head_part("Keypoint_Outs")
 
     def __setattr__(self, name: str, value) -> None:
         # nn.Module.__setattr__ registers modules without consulting properties: route the heads to roi_heads.
@@ -178,6 +185,10 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
         return self.roi_heads is not None and self.roi_heads.mask_on
 
     @property
+    def keypoints_on(self) -> bool:
+        return self.roi_heads is not None and self.roi_heads.keypoints_on
+
+    @property
     def rpn_only(self) -> bool:
         return self.roi_heads is None
 
@@ -186,7 +197,7 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
         if self.training and targets is None:
             raise ValueError("in training mode the model needs targets (list of dicts with boxes, labels, masks)")
         if self.training:
-            _check_targets(targets, self.mask_on)
+            _check_targets(targets, self.mask_on, self.keypoints_on)
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         image_list, targets = self.preprocess(images, targets)
         # Evaluation ignores targets, as Detectron does.
@@ -212,9 +223,9 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
         return proposals, dict(losses)
 
 
-def _check_targets(targets: List[Dict[str, Tensor]], mask_on: bool) -> None:
+def _check_targets(targets: List[Dict[str, Tensor]], mask_on: bool, keypoints_on: bool = False) -> None:
     for i, t in enumerate(targets):
-        for key in ("boxes", "labels") + (("masks",) if mask_on else ()):
+        for key in ("boxes", "labels") + (("masks",) if mask_on else ()) + (("keypoints",) if keypoints_on else ()):
             if key not in t:
                 raise ValueError(f"target {i} has no {key!r} (keys: {sorted(t)})")
         boxes = t["boxes"]
@@ -238,7 +249,8 @@ def _split_crowd(targets: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
         else:
             keep = is_crowd.to(t["boxes"].device) == 0
         split = {"boxes": t["boxes"][keep], "labels": t["labels"][keep], "crowd_boxes": t["boxes"][~keep]}
-        if "masks" in t:
-            split["masks"] = t["masks"][keep]
+        for key in ("masks", "keypoints"):
+            if key in t:
+                split[key] = t[key][keep]
         out.append(split)
     return out

@@ -16,9 +16,9 @@ Two resize methods (``RESIZE_METHOD``):
   ``int(side * scale + 0.5)`` (its ``get_output_shape``), PIL's antialiased bilinear resize of the image rounded to
   8 bits (:func:`~maskrcnn.ops.pil_resize.pil_bilinear_resize`, bit-exact), then normalised.
 
-Training targets are scaled along (boxes by the per-axis size ratio, masks by nearest resizing). ``postprocess``
-maps detections back: boxes to input-image pixels (``TEST.DETECTOR_POSTPROCESS``), masks pasted into the input
-image (``TEST.MASK_PASTE_METHOD``).
+Training targets are scaled along (boxes and keypoints by the per-axis size ratio, masks by nearest resizing).
+``postprocess`` maps detections back: boxes and keypoints to input-image pixels (``TEST.DETECTOR_POSTPROCESS``),
+masks pasted into the input image (``TEST.MASK_PASTE_METHOD``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ..ops.grid_paste import paste_masks_grid_sample
 from ..ops.masks import paste_masks_in_image
 from ..ops.pil_resize import pil_bilinear_resize
 
-__all__ = ["ImageList", "Preprocessor", "resize_boxes", "RESIZE_METHODS", "MASK_PASTE_METHODS",
+__all__ = ["ImageList", "Preprocessor", "resize_boxes", "resize_keypoints", "RESIZE_METHODS", "MASK_PASTE_METHODS",
            "DETECTOR_POSTPROCESS_METHODS"]
 
 RESIZE_METHODS = ("torchvision", "detectron2")
@@ -74,6 +74,19 @@ def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence
         original_size[1], dtype=torch.float32, device=boxes.device)
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+def resize_keypoints(keypoints: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
+    """Scale ``(N, K, 3)`` keypoints ``x, y, v`` (``v`` kept) from ``original_size`` (h, w) to ``new_size``
+    (torchvision's ``resize_keypoints``)."""
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        original_size[0], dtype=torch.float32, device=keypoints.device)
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        original_size[1], dtype=torch.float32, device=keypoints.device)
+    out = keypoints.clone()
+    out[..., 0] *= ratio_w
+    out[..., 1] *= ratio_h
+    return out
 
 
 class Preprocessor(nn.Module):
@@ -218,6 +231,8 @@ class Preprocessor(nn.Module):
             new_hw = tuple(image.shape[-2:])
             if "boxes" in target and new_hw != (h, w):
                 target["boxes"] = resize_boxes(target["boxes"], (h, w), new_hw)
+            if "keypoints" in target and new_hw != (h, w):
+                target["keypoints"] = resize_keypoints(target["keypoints"], (h, w), new_hw)
             if "masks" in target and new_hw != (h, w) and target["masks"].numel() > 0:
                 m = target["masks"]
                 target["masks"] = F.interpolate(m[:, None].float(), size=new_hw)[:, 0].to(m.dtype)
@@ -274,7 +289,8 @@ class Preprocessor(nn.Module):
 
     def postprocess(self, results: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]],
                     original_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """Boxes from resized-image to original-image pixels; ``masks`` (N,1,M,M) pasted to (N,1,H,W)."""
+        """Boxes and ``keypoints`` from resized-image to original-image pixels; ``masks`` (N,1,M,M) pasted to
+        (N,1,H,W)."""
         out = []
         for res, im_s, o_im_s in zip(results, image_sizes, original_sizes):
             res = dict(res)
@@ -282,6 +298,8 @@ class Preprocessor(nn.Module):
                 res = _detectron2_postprocess(res, im_s, o_im_s)
             else:
                 res["boxes"] = resize_boxes(res["boxes"], im_s, o_im_s)
+            if "keypoints" in res:
+                res["keypoints"] = resize_keypoints(res["keypoints"], im_s, o_im_s)
             if "masks" in res:
                 if self.mask_paste_method == "detectron2":
                     res["masks"] = paste_masks_grid_sample(res["masks"], res["boxes"], tuple(o_im_s))

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["COCO_CLASSES", "get_coco_dataset", "colormap", "convert_from_cls_format", "draw_instances",
+__all__ = ["COCO_CLASSES", "COCO_PERSON_SKELETON", "draw_keypoints", "get_coco_dataset", "colormap",
+           "convert_from_cls_format", "draw_instances",
            "vis_one_image"]
 
 COCO_CLASSES = [
@@ -44,16 +45,56 @@ def colormap(n: int = 80, seed: int = 7) -> np.ndarray:
 
 
 def convert_from_cls_format(cls_boxes, cls_segms=None, cls_keyps=None):
-    """Detectron's per-class lists → ``(boxes (N, 5), segms list or None, keyps None, classes list)``."""
+    """Detectron's per-class lists → ``(boxes (N, 5), segms list or None, keyps list of (4, K) or None, classes
+    list)``."""
     box_list = [b for b in cls_boxes if len(b) > 0]
     boxes = np.concatenate(box_list) if box_list else np.zeros((0, 5), np.float32)
     segms = None
     if cls_segms is not None:
         segms = [s for slist in cls_segms for s in slist]
+    keyps = None
+    if cls_keyps is not None:
+        keyps = [k for klist in cls_keyps for k in klist]
     classes = []
     for j in range(len(cls_boxes)):
         classes += [j] * len(cls_boxes[j])
-    return boxes, segms, None, classes
+    return boxes, segms, keyps, classes
+
+
+#: COCO person skeleton (Detectron's ``kp_connections``), 0-based indices in COCO's 17-keypoint order.
+COCO_PERSON_SKELETON = ((1, 2), (1, 0), (2, 0), (2, 4), (1, 3), (6, 8), (8, 10), (5, 7), (7, 9), (12, 14), (14, 16),
+                        (11, 13), (13, 15), (6, 5), (12, 11))
+
+
+def draw_keypoints(image: np.ndarray, keypoints: np.ndarray, kp_thresh: float = 2.0,
+                   skeleton: Optional[Sequence[Tuple[int, int]]] = None) -> np.ndarray:
+    """Draw keypoints and their skeleton on an RGB ``uint8`` ``(H, W, 3)`` copy of ``image``.
+
+    Args:
+        keypoints: ``(N, K, 3)`` ``x, y, score`` (the model's ``keypoints`` with ``keypoints_scores`` as the third
+            column, Detectron's logit); points with score below ``kp_thresh`` (and their lines) are not drawn.
+        skeleton: index pairs to join; None uses :data:`COCO_PERSON_SKELETON` when ``K == 17``.
+    """
+    out = np.ascontiguousarray(image.copy())
+    kps = np.asarray(keypoints, dtype=np.float32).reshape(-1, *np.asarray(keypoints).shape[-2:]) \
+        if np.asarray(keypoints).size else np.zeros((0, 0, 3), np.float32)
+    if kps.ndim != 3 or kps.shape[-1] != 3:
+        raise ValueError(f"draw_keypoints: keypoints must be (N, K, 3) x, y, score, got {np.asarray(keypoints).shape}")
+    k = kps.shape[1]
+    if skeleton is None:
+        skeleton = COCO_PERSON_SKELETON if k == 17 else ()
+    colors = colormap(max(len(skeleton), 1) + k)
+    for inst in kps:
+        ok = inst[:, 2] >= kp_thresh
+        for c, (a, b) in enumerate(skeleton):
+            if a < k and b < k and ok[a] and ok[b]:
+                cv2.line(out, (int(inst[a, 0]), int(inst[a, 1])), (int(inst[b, 0]), int(inst[b, 1])),
+                         tuple(int(v) for v in colors[c]), 2, cv2.LINE_AA)
+        for j in range(k):
+            if ok[j]:
+                cv2.circle(out, (int(inst[j, 0]), int(inst[j, 1])), 3,
+                           tuple(int(v) for v in colors[len(skeleton) + j]), -1, cv2.LINE_AA)
+    return out
 
 
 def _class_name(dataset, label: int) -> str:
@@ -121,7 +162,9 @@ def vis_one_image(im: np.ndarray, im_name: str, output_dir: str, boxes, segms=No
         im: RGB ``uint8`` ``(H, W, 3)`` (Detectron callers pass ``im[:, :, ::-1]``).
         boxes: ``cls_boxes`` (per-class list of ``(n, 5)``) or an ``(N, 5)`` array ``[x1, y1, x2, y2, score]``.
         segms: ``cls_segms`` (per-class lists of RLE) matching ``boxes``, or None.
-        keypoints: not supported; must be None.
+        keypoints: ``cls_keypoints`` (per-class lists of Detectron's ``(4, K)`` arrays ``x, y, logit, prob``) or an
+            ``(N, K, 3)`` array ``x, y, score`` matching ``boxes``; drawn with the COCO skeleton (17 keypoints) where
+            the score reaches ``kp_thresh`` (Detectron's rule), for boxes above ``thresh``.
         dataset: object with ``classes`` (label → name), e.g. :func:`get_coco_dataset`.
         ext: ``png`` or ``jpg`` (raster formats; ``pdf`` needs matplotlib, which is not a dependency).
 
@@ -129,17 +172,26 @@ def vis_one_image(im: np.ndarray, im_name: str, output_dir: str, boxes, segms=No
     """
     if ext.lower() not in ("png", "jpg", "jpeg"):
         raise ValueError(f"vis_one_image: ext={ext!r} is not supported; use 'png' or 'jpg'")
-    if keypoints is not None and any(k is not None and len(k) for k in keypoints):
-        raise ValueError("vis_one_image: keypoints are not supported by this package")
+    kps = None
     if isinstance(boxes, list):
-        boxes, segms, _, classes = convert_from_cls_format(boxes, segms, None)
+        boxes, segms, cls_kps, classes = convert_from_cls_format(boxes, segms, keypoints)
+        if cls_kps:
+            kps = np.stack([np.asarray(k, np.float32)[:3].T for k in cls_kps])  # (4, K) -> (K, 3): x, y, logit
     else:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 5)
         classes = [1] * len(boxes)
+        # Detectron's empty per-class lists ([None, [], ...]) mean no keypoints.
+        if keypoints is not None and not (isinstance(keypoints, list) and all(k is None or not len(k)
+                                                                              for k in keypoints)):
+            kps = np.asarray(keypoints, dtype=np.float32)
+    if kps is not None and kps.shape[0] != boxes.shape[0]:
+        raise ValueError(f"vis_one_image: {kps.shape[0]} keypoint sets for {boxes.shape[0]} boxes")
     if (boxes.shape[0] == 0 or boxes[:, 4].max() < thresh) and not out_when_no_box:
         return None
     drawn = draw_instances(im, boxes[:, :4], boxes[:, 4], classes, segms, class_names=dataset, thresh=thresh,
                            box_alpha=max(box_alpha, 0.3), show_class=show_class)
+    if kps is not None:
+        drawn = draw_keypoints(drawn, kps[boxes[:, 4] >= thresh], kp_thresh)
     os.makedirs(output_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(im_name))[0]
     path = os.path.join(output_dir, f"{stem}.{ext}")

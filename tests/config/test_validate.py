@@ -37,7 +37,7 @@ def test_defaults_and_an_fpn_config_pass_and_are_not_changed():
 @pytest.mark.parametrize("key,value,allowed", [
     ("MODEL.CONV_BODY", "ResNet.ResNet51_conv4_body", "or a name in CONV_BODY_REGISTRY"),
     ("MODEL.NUM_CLASSES", 1, ">= 2 (background plus at least one class)"),
-    ("MODEL.KEYPOINTS_ON", True, "False (keypoints are not supported)"),
+    ("KRCNN.NUM_KEYPOINTS", 0, "> 0"),
     ("MODEL.FASTER_RCNN", False, "True (Fast R-CNN on precomputed proposals is not supported"),
     ("RPN.RPN_ON", False, "True (precomputed proposals are not supported"),
     ("RPN.LOSS_NORMALIZATION", "caffe2", "one of 'detectron', 'torchvision'"),

@@ -169,6 +169,28 @@ def test_vis_one_image_rejects_what_it_cannot_draw(tmp_path):
     boxes = np.array([[0, 0, 10, 10, 0.95]], np.float32)
     with pytest.raises(ValueError, match="ext='pdf' is not supported; use 'png' or 'jpg'"):
         vis_one_image(im, "a", str(tmp_path), boxes, ext="pdf")
-    with pytest.raises(ValueError, match="keypoints are not supported"):
-        vis_one_image(im, "a", str(tmp_path), boxes, keypoints=[np.zeros((4, 17))])
+    with pytest.raises(ValueError, match="1 keypoint sets for 2 boxes|2 keypoint sets for 1 boxes"):
+        vis_one_image(im, "a", str(tmp_path), boxes, keypoints=np.zeros((2, 17, 3)))
     assert vis_one_image(im, "a", str(tmp_path), boxes, keypoints=[None, []]) is not None  # Detectron's empty lists
+
+
+def test_vis_one_image_draws_keypoints_and_skeleton(tmp_path):
+    from maskrcnn.utils.vis import COCO_PERSON_SKELETON, draw_keypoints
+    im = np.zeros((H, W, 3), np.uint8)
+    kps = np.zeros((1, 17, 3), np.float32)
+    kps[0, :, 0] = np.linspace(5, W - 5, 17)
+    kps[0, :, 1] = H // 2
+    kps[0, :, 2] = 5.0
+    kps[0, 16, 2] = 0.0  # below kp_thresh: not drawn
+    drawn = draw_keypoints(im, kps, kp_thresh=2.0)
+    assert drawn[H // 2, int(kps[0, 0, 0])].any()  # a drawn point
+    assert not drawn[H // 2, int(kps[0, 16, 0]) + 2].any()  # the invisible one (and no line to it: 14-16 not ok)
+    assert (13, 15) in COCO_PERSON_SKELETON
+    boxes = np.array([[0, 0, W - 1, H - 1, 0.95]], np.float32)
+    path = vis_one_image(im, "kp", str(tmp_path), boxes, keypoints=kps, thresh=0.9)
+    assert cv2.imread(path)[H // 2, int(kps[0, 0, 0])].any()
+    # Detectron's cls_keypoints: per class a list of (4, K) arrays x, y, logit, prob
+    cls_kps = [[], [np.concatenate([kps[0].T, np.ones((1, 17), np.float32)])]]
+    path = vis_one_image(im, "kp2", str(tmp_path), [np.zeros((0, 5), np.float32), boxes], keypoints=cls_kps,
+                         thresh=0.9)
+    assert cv2.imread(path)[H // 2, int(kps[0, 0, 0])].any()

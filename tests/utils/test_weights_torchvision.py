@@ -176,3 +176,34 @@ def test_maskrcnn_resnet50_fpn_round_trip_through_the_tool(tmp_path, tv_model):
             got_logits, got_deltas = model.RPN.head(got)
             for a, b in zip(list(got_logits) + list(got_deltas), list(ref_logits) + list(ref_deltas)):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_keypointrcnn_keys_round_trip():
+    """keypointrcnn_resnet50_fpn's keypoint head (Sequential conv/ReLU: convs at even indices) and predictor map to
+    Keypoint_Head.conv_fcn{1..8} / Keypoint_Outs.kps_score_lowres, and back to the same names and tensors."""
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+    from maskrcnn.utils.weights.ours import ours_to_canonical
+
+    torch.manual_seed(0)
+    tv = torchvision.models.detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    sd = {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}
+    canonical, _ = torchvision_to_canonical(sd)
+    assert torch.equal(canonical["kps.conv_fcn1.weight"], sd["roi_heads.keypoint_head.0.weight"])
+    assert torch.equal(canonical["kps.conv_fcn8.bias"], sd["roi_heads.keypoint_head.14.bias"])
+    assert torch.equal(canonical["kps.score_lowres.weight"], sd["roi_heads.keypoint_predictor.kps_score_lowres.weight"])
+    back = canonical_to_torchvision(canonical)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "torchvision", "keypoint_rcnn_R_50_FPN.yaml"))
+    model = Generalized_RCNN(cfg)
+    ours, notes = convert_to_ours(sd, fmt="torchvision", cfg=cfg, model=model)
+    assert not any("WARNING" in n for n in notes), notes
+    assert "17 keypoints" in " ".join(notes)
+    model.load_state_dict(ours, strict=True)
+    assert torch.equal(model.Keypoint_Head.conv_fcn3.weight, sd["roi_heads.keypoint_head.4.weight"])
+    assert set(ours_to_canonical(model.state_dict())) == set(canonical)
+    # A Mask R-CNN config is told that the file holds a keypoint head it does not use.
+    mask_cfg = get_cfg()
+    mask_cfg.merge_from_file(TV_CFG)
+    _, mask_notes = convert_to_ours(sd, fmt="torchvision", cfg=mask_cfg)
+    assert any("MODEL.KEYPOINTS_ON True" in n for n in mask_notes), mask_notes

@@ -37,7 +37,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..transforms import read_image_rgb, to_float_tensor
+from ..transforms import keypoint_flip_indices, read_image_rgb, to_float_tensor
 from ..validate import DataProblem, summarize_problems
 from .coco_index import PackedAnnotationIndex, PackedIndexBuilder
 
@@ -289,6 +289,7 @@ class COCODataset(Dataset):
             "segmentation": segm,
             "area": float(area) if area is not None else None,
             "iscrowd": int(ann.get("iscrowd", 0)),
+            "keypoints": ann.get("keypoints"),
         }
 
     @staticmethod
@@ -366,7 +367,8 @@ class COCODataset(Dataset):
             masks = torch.zeros((0, out_h, out_w), dtype=torch.uint8)
             areas = []
         scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
-        return {
+        out = self._keypoints(records, sx, sy)
+        return {**out, 
             "boxes": torch.tensor([r["box"] for r in records], dtype=torch.float32).reshape(n, 4) * scale,
             "labels": torch.tensor([r["label"] for r in records], dtype=torch.int64),
             "masks": masks.to(torch.uint8),
@@ -374,6 +376,37 @@ class COCODataset(Dataset):
             "area": torch.tensor(areas, dtype=torch.float32),
             "iscrowd": torch.tensor([r["iscrowd"] for r in records], dtype=torch.int64),
         }
+
+    @property
+    def num_keypoints(self) -> int:
+        """Keypoints per instance declared by the json's categories (``categories[i]["keypoints"]`` names; the
+        largest list), 0 for a dataset without keypoints."""
+        return max((len(c.get("keypoints") or []) for c in self.coco.cats.values()), default=0)
+
+    @property
+    def keypoint_flip_indices(self) -> Optional[Tensor]:
+        """``(K,)`` mirror index of each keypoint under a horizontal flip, from the category's keypoint names
+        (``left_*`` <-> ``right_*``); None without keypoints."""
+        cats = [c for c in self.coco.cats.values() if len(c.get("keypoints") or []) == self.num_keypoints]
+        return keypoint_flip_indices(cats[0]["keypoints"]) if cats and self.num_keypoints else None
+
+    def _keypoints(self, records, sx: float, sy: float) -> Dict[str, Tensor]:
+        """``{"keypoints": (N, K, 3) float32 x, y, visibility}`` (COCO's ``[x1, y1, v1, ...]``, scaled to the
+        output size; instances without keypoints get zeros, i.e. invisible), or ``{}`` for a dataset without."""
+        k = self.num_keypoints
+        if k == 0:
+            return {}
+        kps = torch.zeros((len(records), k, 3), dtype=torch.float32)
+        for i, r in enumerate(records):
+            values = r.get("keypoints")
+            if values:
+                if len(values) != 3 * k:
+                    raise ValueError(f"COCODataset {self.ann_file}: annotation {r.get('id')} has {len(values)} "
+                                     f"keypoint values, expected 3 * {k} (x, y, visibility per keypoint)")
+                kps[i] = torch.tensor(values, dtype=torch.float32).reshape(k, 3)
+        kps[..., 0] *= sx
+        kps[..., 1] *= sy
+        return {"keypoints": kps}
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
         path = self.image_path(index)

@@ -1,9 +1,10 @@
 """``ROIHeads``: everything that happens per RoI, between the RPN's proposals and the final detections.
 
-It owns the Detectron heads (``Box_Head``, ``Box_Outs``, and optionally ``Mask_Head``, ``Mask_Outs``), the Fast R-CNN
+It owns the Detectron heads (``Box_Head``, ``Box_Outs``, optionally ``Mask_Head``, ``Mask_Outs`` and
+``Keypoint_Head``, ``Keypoint_Outs``), the Fast R-CNN
 box coder, the training-time RoI matcher and sampler, the losses, the box post-processing and the C4 res5 sharing
 (the ``v0upshare`` mask head consumes the box head's res5 map instead of pooling its own). Further heads (cascade
-stages, a keypoint branch) belong here as well, next to the mask branch.
+stages) belong here as well, next to the mask and keypoint branches.
 
 Contract (torchvision / detectron2 style)::
 
@@ -13,10 +14,13 @@ Contract (torchvision / detectron2 style)::
 - ``proposals``: per image ``(P_i, 4)`` float boxes ``x1, y1, x2, y2`` in network-input pixels.
 - ``image_sizes``: per image ``(height, width)`` of the resized image before padding (boxes are clipped to it).
 - ``targets`` (training): per image ``{"boxes": (G, 4) float, "labels": (G,) int64 in 1..K, "masks": (G, H, W)
-  uint8 in network-input pixels (with a mask head), optional "crowd_boxes": (C, 4)}`` (crowd regions, ignored).
-- training: ``results == []`` and ``losses == {"loss_cls", "loss_bbox"[, "loss_mask"]}`` (0-d tensors).
+  uint8 in network-input pixels (with a mask head), "keypoints": (G, K, 3) float x, y, visibility (with a keypoint
+  head), optional "crowd_boxes": (C, 4)}`` (crowd regions, ignored).
+- training: ``results == []`` and ``losses == {"loss_cls", "loss_bbox"[, "loss_mask"][, "loss_keypoint"]}``.
 - inference: ``losses == {}`` and ``results`` per image ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64,
-  ["masks": (D, 1, M, M) float probabilities, not pasted]}``, boxes in network-input pixels, by decreasing score.
+  ["masks": (D, 1, M, M) float probabilities, not pasted], ["keypoints": (D, K, 3) float x, y, 1,
+  "keypoints_scores": (D, K) float heatmap logits]}``, boxes and keypoints in network-input pixels, by decreasing
+  score.
 
 The pieces are public so that the Detectron API (``maskrcnn/core/test.py``) runs the same code:
 :meth:`ROIHeads.predict_boxes` (class probabilities and per-class boxes of given RoIs),
@@ -36,6 +40,8 @@ from ...ops.sampler import BalancedPositiveNegativeSampler
 from .box_head import BlobConv, build_box_head
 from .box_outputs import FastRCNNOutputs, fast_rcnn_losses
 from .inference import class_probs_and_boxes, select_detections
+from .keypoint_head import build_keypoint_head
+from .keypoint_outputs import KeypointRCNNOutputs, heatmaps_to_keypoints, keypoint_rcnn_loss
 from .mask_head import build_mask_head
 from .mask_outputs import MaskRCNNOutputs, mask_probs_for_labels, mask_rcnn_loss
 from .sampling import SampledRoIs, sample_rois
@@ -70,6 +76,10 @@ class ROIHeads(nn.Module):
             ``shares_box_head_res5 = True`` takes the box head's res5 map instead of ``(features, rois)``.
         mask_resolution: side ``M`` of the mask targets (``MRCNN.RESOLUTION``; the mask logits' side).
         mask_loss_weight: factor on the mask loss (``MRCNN.WEIGHT_LOSS_MASK``).
+        keypoint_head, keypoint_outs: the keypoint branch (``Keypoint_Head``, ``Keypoint_Outs``), both or neither.
+        keypoint_loss_weight: factor on the keypoint loss (``KRCNN.LOSS_WEIGHT``).
+        keypoint_loss_normalizer: None averages the keypoint loss over the visible keypoints
+            (``KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS``); a number is Detectron's fixed divisor of its sum.
     """
 
     def __init__(self, box_head: nn.Module, box_outs: nn.Module, *, box_coder: Optional[BoxCoder] = None,
@@ -78,13 +88,19 @@ class ROIHeads(nn.Module):
                  crowd_thresh: float = 0.7, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 100, min_box_size: float = 0.0, bbox_reg: bool = True,
                  box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None,
-                 mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0):
+                 mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0,
+                 keypoint_head: Optional[nn.Module] = None, keypoint_outs: Optional[nn.Module] = None,
+                 keypoint_loss_weight: float = 1.0, keypoint_loss_normalizer: Optional[float] = None):
         super().__init__()
         if not isinstance(box_head, nn.Module) or not isinstance(box_outs, nn.Module):
             raise TypeError(f"box_head and box_outs must be nn.Modules, got {type(box_head).__name__} and "
                             f"{type(box_outs).__name__}")
         if (mask_head is None) != (mask_outs is None):
             raise ValueError("mask_head and mask_outs go together: pass both (Mask R-CNN) or neither (Faster R-CNN)")
+        if (keypoint_head is None) != (keypoint_outs is None):
+            raise ValueError("keypoint_head and keypoint_outs go together: pass both (Keypoint R-CNN) or neither")
+        if keypoint_loss_normalizer is not None and not float(keypoint_loss_normalizer) > 0:
+            raise ValueError(f"keypoint_loss_normalizer must be > 0 or None, got {keypoint_loss_normalizer}")
         if int(detections_per_img) < 1:
             raise ValueError(f"detections_per_img must be >= 1, got {detections_per_img}")
         if int(mask_resolution) < 1:
@@ -94,6 +110,8 @@ class ROIHeads(nn.Module):
         self.register_module("Box_Outs", box_outs)
         self.register_module("Mask_Head", mask_head)
         self.register_module("Mask_Outs", mask_outs)
+        self.register_module("Keypoint_Head", keypoint_head)
+        self.register_module("Keypoint_Outs", keypoint_outs)
         self.box_coder = box_coder if box_coder is not None else BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.proposal_matcher = proposal_matcher if proposal_matcher is not None else Matcher(0.5, 0.5)
         self.fg_bg_sampler = fg_bg_sampler if fg_bg_sampler is not None else BalancedPositiveNegativeSampler(512, 0.25)
@@ -109,17 +127,21 @@ class ROIHeads(nn.Module):
         self.box_smooth_l1_beta = float(box_smooth_l1_beta)
         self.mask_resolution = int(mask_resolution)
         self.mask_loss_weight = float(mask_loss_weight)
+        self.keypoint_loss_weight = float(keypoint_loss_weight)
+        self.keypoint_loss_normalizer = None if keypoint_loss_normalizer is None else float(keypoint_loss_normalizer)
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], *, box_head: Optional[nn.Module] = None,
                  box_outs: Optional[nn.Module] = None, mask_head: Optional[nn.Module] = None,
-                 mask_outs: Optional[nn.Module] = None) -> "ROIHeads":
+                 mask_outs: Optional[nn.Module] = None, keypoint_head: Optional[nn.Module] = None,
+                 keypoint_outs: Optional[nn.Module] = None) -> "ROIHeads":
         """Build the heads named by the config (``FAST_RCNN.ROI_BOX_HEAD``, ``MRCNN.ROI_MASK_HEAD`` when
         ``MODEL.MASK_ON``) on a body with ``in_channels`` and ``spatial_scales`` (finest first); any given head is
         used instead. Other keys: ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI,
         BG_THRESH_LO, BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS,
         DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
-        WEIGHT_LOSS_MASK}``."""
+        WEIGHT_LOSS_MASK}``; with ``MODEL.KEYPOINTS_ON`` ``KRCNN.ROI_KEYPOINTS_HEAD`` and ``KRCNN.{LOSS_WEIGHT,
+        NORMALIZE_BY_VISIBLE_KEYPOINTS, NUM_KEYPOINTS}``, ``TRAIN.IMS_PER_BATCH`` (Detectron's normaliser)."""
         mask_on = bool(cfg.MODEL.MASK_ON)
         if not mask_on and (mask_head is not None or mask_outs is not None):
             raise ValueError("mask_head / mask_outs were given but MODEL.MASK_ON is False; set MODEL.MASK_ON True "
@@ -135,7 +157,20 @@ class ROIHeads(nn.Module):
                 mask_head = build_mask_head(cfg, in_channels, spatial_scales, box_head=box_head)
             if mask_outs is None:
                 mask_outs = MaskRCNNOutputs.from_cfg(cfg, mask_head.out_channels)
-        t, s = cfg.TRAIN, cfg.TEST
+        kps_on = bool(cfg.MODEL.KEYPOINTS_ON)
+        if not kps_on and (keypoint_head is not None or keypoint_outs is not None):
+            raise ValueError("keypoint_head / keypoint_outs were given but MODEL.KEYPOINTS_ON is False; set it True "
+                             "to build a Keypoint R-CNN")
+        t, s, k = cfg.TRAIN, cfg.TEST, cfg.KRCNN
+        kps_normalizer = None
+        if kps_on:
+            if keypoint_head is None:
+                keypoint_head = build_keypoint_head(cfg, in_channels, spatial_scales)
+            if keypoint_outs is None:
+                keypoint_outs = KeypointRCNNOutputs.from_cfg(cfg, keypoint_head.out_channels)
+            if not k.NORMALIZE_BY_VISIBLE_KEYPOINTS:
+                # Detectron: the expected number of keypoints of a full minibatch, whatever this one holds.
+                kps_normalizer = t.IMS_PER_BATCH * t.BATCH_SIZE_PER_IM * t.FG_FRACTION * k.NUM_KEYPOINTS
         return cls(
             box_head, box_outs,
             box_coder=BoxCoder(tuple(cfg.MODEL.BBOX_REG_WEIGHTS), legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE),
@@ -145,6 +180,8 @@ class ROIHeads(nn.Module):
             nms_thresh=s.NMS, detections_per_img=s.DETECTIONS_PER_IM, min_box_size=s.MIN_BOX_SIZE,
             bbox_reg=s.BBOX_REG, box_smooth_l1_beta=cfg.FAST_RCNN.SMOOTH_L1_BETA, mask_head=mask_head,
             mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION, mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
+            keypoint_head=keypoint_head, keypoint_outs=keypoint_outs, keypoint_loss_weight=k.LOSS_WEIGHT,
+            keypoint_loss_normalizer=kps_normalizer,
         )
 
     # --- structure ------------------------------------------------------------------------------------------------
@@ -152,6 +189,11 @@ class ROIHeads(nn.Module):
     def mask_on(self) -> bool:
         """Whether there is a mask branch."""
         return self.Mask_Head is not None
+
+    @property
+    def keypoints_on(self) -> bool:
+        """Whether there is a keypoint branch."""
+        return self.Keypoint_Head is not None
 
     @property
     def shares_res5(self) -> bool:
@@ -188,8 +230,9 @@ class ROIHeads(nn.Module):
                 optional "crowd_boxes": (C, 4)}`` in network-input pixels.
 
         Returns:
-            training: ``([], {"loss_cls", "loss_bbox"[, "loss_mask"]})``; inference: ``(results, {})`` with per image
-            ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64 in 1..K[, "masks": (D, 1, M, M)]}``.
+            training: ``([], {"loss_cls", "loss_bbox"[, "loss_mask"][, "loss_keypoint"]})``; inference:
+            ``(results, {})`` with per image ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64 in 1..K[,
+            "masks": (D, 1, M, M)][, "keypoints": (D, K, 3), "keypoints_scores": (D, K)]}``.
         """
         if isinstance(proposals, Tensor):
             raise TypeError("proposals must be a list of (P_i, 4) tensors, one per image")
@@ -207,7 +250,8 @@ class ROIHeads(nn.Module):
         """The sampled RoIs of every image (ground truth appended, matched, balanced; see ``sampling.py``)."""
         if len(targets) != len(proposals):
             raise ValueError(f"got {len(targets)} targets for {len(proposals)} images")
-        needed = ("boxes", "labels") + (("masks",) if self.mask_on else ())
+        needed = ("boxes", "labels") + (("masks",) if self.mask_on else ()) + (
+            ("keypoints",) if self.keypoints_on else ())
         for i, t in enumerate(targets):
             for key in needed:
                 if key not in t:
@@ -227,7 +271,26 @@ class ROIHeads(nn.Module):
         losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
         if self.mask_on:
             losses["loss_mask"] = self.mask_loss(features, sampled, [t["masks"] for t in targets], res5_map)
+        if self.keypoints_on:
+            losses["loss_keypoint"] = self.keypoint_loss(features, sampled, [t["keypoints"] for t in targets])
         return losses
+
+    def keypoint_loss(self, features: BlobConv, sampled: SampledRoIs, gt_keypoints: List[Tensor]) -> Tensor:
+        """Weighted keypoint loss on the foreground RoIs of ``sampled`` (as torchvision: every positive RoI; its
+        invisible or outside keypoints do not count).
+
+        Args:
+            gt_keypoints: per image ``(G_i, K, 3)`` float ``x, y, visibility`` of the ground truth
+                ``sampled.matched_idxs`` index, network-input pixels.
+        """
+        fg_rois, fg_kps = [], []
+        for rois, labels, matched, kps in zip(sampled.rois, sampled.labels, sampled.matched_idxs, gt_keypoints):
+            fg = torch.nonzero(labels > 0).squeeze(1)
+            fg_rois.append(rois[fg])
+            fg_kps.append(kps.to(rois.device, torch.float32)[matched[fg]])
+        logits = self.Keypoint_Outs(self.Keypoint_Head(features, fg_rois))
+        loss = keypoint_rcnn_loss(logits, torch.cat(fg_rois), torch.cat(fg_kps), self.keypoint_loss_normalizer)
+        return loss * self.keypoint_loss_weight
 
     def mask_loss(self, features: BlobConv, sampled: SampledRoIs, gt_masks: List[Tensor],
                   res5_map: Optional[Tensor] = None) -> Tensor:
@@ -299,6 +362,19 @@ class ROIHeads(nn.Module):
             probs = mask_probs_for_labels(logits, torch.cat(labels))
         return list(probs.split([int(b.shape[0]) for b in boxes]))
 
+    def keypoints(self, features: BlobConv, boxes: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """Keypoints of ``boxes`` (per image ``(N_i, 4)`` network-input pixels).
+
+        Returns:
+            per image ``(N_i, K, 3)`` float ``(x, y, 1)`` in the same pixels and ``(N_i, K)`` scores (heatmap logits).
+        """
+        if not self.keypoints_on:
+            raise RuntimeError("this ROIHeads has no keypoint branch (MODEL.KEYPOINTS_ON is False)")
+        logits = self.Keypoint_Outs(self.Keypoint_Head(features, boxes))
+        kps, scores = heatmaps_to_keypoints(logits, torch.cat(boxes))
+        sizes = [int(b.shape[0]) for b in boxes]
+        return list(kps.split(sizes)), list(scores.split(sizes))
+
     def _detect(self, features: BlobConv, proposals: List[Tensor], image_sizes: Sequence[Tuple[int, int]]
                 ) -> Detections:
         probs, class_boxes = self.predict_boxes(features, proposals, image_sizes)
@@ -307,4 +383,7 @@ class ROIHeads(nn.Module):
         if self.mask_on:
             for r, m in zip(results, self.mask_probs(features, boxes, labels)):
                 r["masks"] = m
+        if self.keypoints_on:
+            for r, kp, ks in zip(results, *self.keypoints(features, boxes)):
+                r["keypoints"], r["keypoints_scores"] = kp, ks
         return results

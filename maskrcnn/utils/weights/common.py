@@ -16,6 +16,7 @@ Canonical keys (``s`` = stage 2..5, ``b`` = block index, ``L`` = pyramid level 2
     rpn.conv.*  rpn.cls_logits.*  rpn.bbox_pred.*                     (anchors in Detectron's ratio-major order)
     box.fc6.*  box.fc7.*  box.cls_score.*  box.bbox_pred.*            (class 0 = background; 4 deltas per class)
     mask.fcn{i}.*  mask.conv5_mask.*  mask.logits.*                   (channel 0 = background)
+    kps.conv_fcn{i}.*  kps.score_lowres.*                             (keypoint head convs, heatmap deconv)
 
 Stage 5 is always ``res5`` whether it belongs to the body (FPN, conv5 bodies) or to the C4 box head, as in Detectron;
 the placement decides. A norm entry with four tensors is a batch norm ``y = (x - mean) / sqrt(var + 1e-5) * w + b``

@@ -151,7 +151,7 @@ def convert_to_ours(obj: Any, fmt: Optional[str] = None, cfg=None, *, model=None
         notes.append(f"{fmt} files do not record the channel order their conv1 expects (detectron2's INPUT.FORMAT: "
                      "BGR for its MSRA-initialised zoo models, RGB for torchvision-initialised ones); conv1 is used "
                      f"as is, so PIXEL_ORDER{have} must be the order the model was trained with.")
-    has_heads = any(k.startswith(("rpn.", "box.", "mask.")) for k in canonical)
+    has_heads = any(k.startswith(("rpn.", "box.", "mask.", "kps.")) for k in canonical)
     if not has_heads:
         notes.append(f"{fmt}: backbone weights only (ImageNet initialisation); the FPN, RPN and RoI heads keep "
                      "their initialisation.")

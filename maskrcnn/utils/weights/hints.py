@@ -63,6 +63,8 @@ def describe_canonical(canonical: Mapping[str, Tensor]) -> Dict[str, Any]:
     if cls is not None:
         info["num_classes"] = int(cls.shape[0])
     info["mask"] = "mask.logits.weight" in canonical
+    kps = canonical.get("kps.score_lowres.weight")
+    info["keypoints"] = int(kps.shape[1]) if kps is not None else None  # ConvTranspose2d: (in, out, k, k)
     return info
 
 
@@ -110,7 +112,8 @@ def cfg_hint_notes(fmt: str, cfg=None, flipped: bool = False, info: Optional[Map
         arch.append("FPN" if info.get("fpn") else ("C4" if heads else "backbone only"))
         if info.get("num_classes") is not None:
             arch.append(f"{info['num_classes']} classes incl. background"
-                        + (", masks" if info.get("mask") else ", no masks"))
+                        + (", masks" if info.get("mask") else ", no masks")
+                        + (f", {info['keypoints']} keypoints" if info.get("keypoints") else ""))
         if arch:
             notes.append(f"{fmt} weights: " + ", ".join(arch) + ".")
     want = ", ".join(f"{k} {v}" for k, v in hints.items())
@@ -133,5 +136,9 @@ def cfg_hint_notes(fmt: str, cfg=None, flipped: bool = False, info: Optional[Map
             notes.append(f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but the weights have "
                          f"{info['num_classes']} classes: loading keeps all but the class-specific layers "
                          "(fine-tuning).")
+        if info is not None and info.get("keypoints") and (not cfg.MODEL.KEYPOINTS_ON or
+                                                           int(cfg.KRCNN.NUM_KEYPOINTS) != info["keypoints"]):
+            notes.append(f"WARNING: the weights have a keypoint head with {info['keypoints']} keypoints: set "
+                         f"MODEL.KEYPOINTS_ON True and KRCNN.NUM_KEYPOINTS {info['keypoints']} to use it.")
     return notes
 

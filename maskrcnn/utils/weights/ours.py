@@ -36,15 +36,17 @@ OUR_NAMES: Dict[str, str] = {
     "box.conv{i}.norm": "Box_Head.head_conv{i}_gn",
     "mask.conv5_mask": "Mask_Head.conv5_mask",
     "mask.logits": "Mask_Outs.mask_fcn_logits",
+    "kps.conv_fcn{i}": "Keypoint_Head.conv_fcn{i}",
+    "kps.score_lowres": "Keypoint_Outs.kps_score_lowres",
 }
 
 _STAGE_RE = re.compile(r"^(res[2-5]|mask_res5)\.(\d+)\.(.+)$")
 _FPN_RE = re.compile(r"^fpn\.(lateral|output)([2-6])\.(norm\.)?(weight|bias)$")
 _HEAD_RE = re.compile(r"^(rpn\.conv|rpn\.cls_logits|rpn\.bbox_pred|box\.fc6|box\.fc7|box\.cls_score|box\.bbox_pred|"
-                      r"mask\.conv5_mask|mask\.logits)\.(weight|bias)$")
+                      r"mask\.conv5_mask|mask\.logits|kps\.score_lowres)\.(weight|bias)$")
 # Numbered head convs, each with an optional GroupNorm (``.norm``): mask.fcn{i} (v1up4convs[_gn]), box.conv{i}
-# (roi_Xconv1fc[_gn]_head).
-_NUMBERED_RE = re.compile(r"^(mask\.fcn|box\.conv)(\d+)(\.norm)?\.(weight|bias)$")
+# (roi_Xconv1fc[_gn]_head), kps.conv_fcn{i} (roi_pose_head_v1convX, no norm).
+_NUMBERED_RE = re.compile(r"^(mask\.fcn|box\.conv|kps\.conv_fcn)(\d+)(\.norm)?\.(weight|bias)$")
 
 
 def layout_from_cfg(cfg) -> Optional[str]:
@@ -201,7 +203,7 @@ def ours_to_canonical(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     body = OUR_NAMES["fpn_body"] if fpn else OUR_NAMES["body"]
     heads = {}
     for canon, ours in OUR_NAMES.items():
-        if canon.startswith(("rpn.", "box.", "mask.")) and "{i}" not in canon:
+        if canon.startswith(("rpn.", "box.", "mask.", "kps.")) and "{i}" not in canon:
             heads[ours] = canon
     own_mask_res5 = False
     box_res5 = {k[len(OUR_NAMES["box_res5"]):]: v for k, v in state_dict.items() if k.startswith(OUR_NAMES["box_res5"])}
@@ -213,7 +215,7 @@ def ours_to_canonical(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     lat = re.compile("^" + re.escape(OUR_NAMES["fpn_lateral"]).replace(r"\{i\}", r"(\d+)") + r"\.(?:(\d)\.)?(\w+)$")
     outp = re.compile("^" + re.escape(OUR_NAMES["fpn_output"]).replace(r"\{i\}", r"(\d+)") + r"\.(?:(\d)\.)?(\w+)$")
     numbered = [(canon, re.compile("^" + re.escape(OUR_NAMES[canon]).replace(r"\{i\}", r"(\d+)") + r"\.(\w+)$"))
-                for canon in ("mask.fcn{i}", "mask.fcn{i}.norm", "box.conv{i}", "box.conv{i}.norm")]
+                for canon in ("mask.fcn{i}", "mask.fcn{i}.norm", "box.conv{i}", "box.conv{i}.norm", "kps.conv_fcn{i}")]
     out: Dict[str, Tensor] = OrderedDict()
     for key, t in state_dict.items():
         if key.endswith("num_batches_tracked"):

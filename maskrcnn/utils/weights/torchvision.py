@@ -1,4 +1,5 @@
-"""torchvision weights: ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` (v1) detection state dicts and the
+"""torchvision weights: ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` / ``keypointrcnn_resnet50_fpn`` (v1)
+detection state dicts and the
 ImageNet ``resnet*`` / ``resnext*`` / ``wide_resnet*`` classification state dicts (backbone initialisation).
 
 Names (``torchvision/models/detection/{mask_rcnn,faster_rcnn,rpn}.py``, ``ops/feature_pyramid_network.py``,
@@ -10,6 +11,8 @@ Names (``torchvision/models/detection/{mask_rcnn,faster_rcnn,rpn}.py``, ``ops/fe
     rpn.head.conv.0.0.*  rpn.head.cls_logits.*  rpn.head.bbox_pred.*
     roi_heads.box_head.fc6.*  fc7.*   roi_heads.box_predictor.cls_score.*  bbox_pred.*      (class 0 = background)
     roi_heads.mask_head.{0..3}.0.*    roi_heads.mask_predictor.conv5_mask.*  mask_fcn_logits.*
+    roi_heads.keypoint_head.{0,2,..,14}.*  (conv i+1 at index 2i: Sequential of conv, ReLU)
+    roi_heads.keypoint_predictor.kps_score_lowres.*
 
 Files saved before torchvision 0.13 use ``inner_blocks.{i}.*``, ``rpn.head.conv.*`` and ``mask_head.mask_fcn{k}.*``
 (torchvision upgrades them in ``_load_from_state_dict``); both spellings are read. Norm layers are FrozenBN (four
@@ -36,6 +39,7 @@ _HEADS = {  # torchvision module -> canonical layer, for the layers both name al
     "roi_heads.box_predictor.cls_score": "box.cls_score", "roi_heads.box_predictor.bbox_pred": "box.bbox_pred",
     "roi_heads.mask_predictor.conv5_mask": "mask.conv5_mask",
     "roi_heads.mask_predictor.mask_fcn_logits": "mask.logits",
+    "roi_heads.keypoint_predictor.kps_score_lowres": "kps.score_lowres",
 }
 _HEAD_PATTERN = r"(?P<layer>" + "|".join(k.replace(".", r"\.") for k in _HEADS) + r")\." + PARAM
 
@@ -55,8 +59,9 @@ TO_CANONICAL = RuleTable("this torchvision file", "maskrcnn's model", [
     Rule(r"rpn\.head\.conv(?:\.0\.0)?\." + PARAM, "rpn.conv.{p}"),
     Rule(r"roi_heads\.mask_head\.(?P<i>\d+)\.0\." + PARAM, "mask.fcn{i}.{p}", {"i": plus(1)}),
     Rule(r"roi_heads\.mask_head\.mask_fcn(?P<i>\d+)\." + PARAM, "mask.fcn{i}.{p}"),
+    Rule(r"roi_heads\.keypoint_head\.(?P<i>\d+)\." + PARAM, "kps.conv_fcn{i}.{p}", {"i": lambda v: str(int(v) // 2 + 1)}),
     Rule(_HEAD_PATTERN, "{layer}.{p}", {"layer": _HEADS}),
-], hint="Only the v1 maskrcnn/fasterrcnn_resnet50_fpn models and ImageNet ResNet/ResNeXt classifiers are supported "
+], hint="Only the v1 maskrcnn/fasterrcnn/keypointrcnn_resnet50_fpn models and ImageNet ResNet/ResNeXt classifiers are supported "
         "(not the *_v2 models, whose heads differ).")
 
 #: Canonical name -> current torchvision name; context ``body`` is ``backbone.body.`` or "" (ImageNet files).
@@ -67,6 +72,7 @@ FROM_CANONICAL = RuleTable("the canonical weights", "torchvision's names", [
     Rule(r"fpn\.output(?P<i>[2-5])\." + PARAM, "backbone.fpn.layer_blocks.{i}.0.{p}", {"i": plus(-2)}),
     Rule(r"rpn\.conv\." + PARAM, "rpn.head.conv.0.0.{p}"),
     Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "roi_heads.mask_head.{i}.0.{p}", {"i": plus(-1)}),
+    Rule(r"kps\.conv_fcn(?P<i>\d+)\." + PARAM, "roi_heads.keypoint_head.{i}.{p}", {"i": lambda v: str(2 * (int(v) - 1))}),
     Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": inverse(_HEADS)}),
 ])
 
