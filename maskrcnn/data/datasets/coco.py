@@ -96,6 +96,10 @@ class COCODataset(Dataset):
         self.category_id_to_contiguous: Dict[int, int] = {c["id"]: i + 1 for i, c in enumerate(cats)}
         self.contiguous_to_category_id: Dict[int, int] = {v: k for k, v in self.category_id_to_contiguous.items()}
         self.classes: List[str] = ["__background__"] + [str(c["name"]) for c in cats]
+        # Kept from the json (not the lazily built pycocotools index, which stays unbuilt for training): the keypoint
+        # names of the category declaring the most keypoints.
+        self._keypoint_names: List[str] = list(max((c.get("keypoints") or [] for c in all_cats.values()), key=len,
+                                                   default=[]))
 
         #: Problems found while parsing (instances dropped or clipped); see :mod:`maskrcnn.data.validate`.
         self.annotation_problems: List[DataProblem] = []
@@ -381,14 +385,13 @@ class COCODataset(Dataset):
     def num_keypoints(self) -> int:
         """Keypoints per instance declared by the json's categories (``categories[i]["keypoints"]`` names; the
         largest list), 0 for a dataset without keypoints."""
-        return max((len(c.get("keypoints") or []) for c in self.coco.cats.values()), default=0)
+        return len(self._keypoint_names)
 
     @property
     def keypoint_flip_indices(self) -> Optional[Tensor]:
         """``(K,)`` mirror index of each keypoint under a horizontal flip, from the category's keypoint names
         (``left_*`` <-> ``right_*``); None without keypoints."""
-        cats = [c for c in self.coco.cats.values() if len(c.get("keypoints") or []) == self.num_keypoints]
-        return keypoint_flip_indices(cats[0]["keypoints"]) if cats and self.num_keypoints else None
+        return keypoint_flip_indices(self._keypoint_names) if self._keypoint_names else None
 
     def _keypoints(self, records, sx: float, sy: float) -> Dict[str, Tensor]:
         """``{"keypoints": (N, K, 3) float32 x, y, visibility}`` (COCO's ``[x1, y1, v1, ...]``, scaled to the

@@ -19,11 +19,13 @@ Layout (``A`` kept annotations, image-major: the annotations of image ``i`` are 
   value of the json is exactly ``k / 100`` (COCO's two decimals: ``int / 100.0`` gives back the very float64 the
   json parser made), float64 otherwise, so decoded polygons equal the json's numbers bit for bit;
 * RLEs: compressed ``counts`` strings as utf-8 bytes cut at ``rle_str_start``, uncompressed ``counts`` lists as
-  int64 cut at ``rle_counts_start``.
+  int64 cut at ``rle_counts_start``;
+* keypoints: ``kp_ref`` per annotation (-1: none), a row of the ``kp_values`` float64 table cut at ``kp_start``
+  (the json's ``[x1, y1, v1, ...]``).
 
 :meth:`PackedAnnotationIndex.records` rebuilds the records of one image exactly as
 :class:`~maskrcnn.data.datasets.coco.COCODataset` parses them (``id``, ``label``, ``box``, ``segmentation``,
-``area``, ``iscrowd``).
+``area``, ``iscrowd``, ``keypoints``).
 """
 from __future__ import annotations
 
@@ -77,6 +79,10 @@ class PackedIndexBuilder:
         self._rle_str: List[bytes] = []
         self._rle_counts = array("q")
         self._rle_counts_len: List[int] = []
+        # keypoints ([x1, y1, v1, ...] as in the json; -1 reference: the annotation has none)
+        self._kp_ref = array("q")
+        self._kp_len: List[int] = []
+        self._kp_values = array("d")
 
     def add_image(self, image_id: int, height: int, width: int, file_name: str) -> None:
         if image_id in self._image_pos:
@@ -97,6 +103,13 @@ class PackedIndexBuilder:
         self._areas.append(area if area is not None else 0.0)
         self._iscrowd.append(record["iscrowd"])
         self._flags.append((HAS_ID if ann_id is not None else 0) | (HAS_AREA if area is not None else 0))
+        kps = record.get("keypoints")
+        if kps is None:
+            self._kp_ref.append(-1)
+        else:
+            self._kp_ref.append(len(self._kp_len))
+            self._kp_len.append(len(kps))
+            self._kp_values.extend(kps)
         segm = record["segmentation"]
         if isinstance(segm, list):
             self._seg_kind.append(POLYGONS)
@@ -151,7 +164,10 @@ class PackedIndexBuilder:
             rle_str=np.frombuffer(b"".join(self._rle_str), dtype=np.uint8).copy(),
             rle_str_start=_cut([len(s) for s in self._rle_str]),
             rle_counts=np.frombuffer(self._rle_counts, np.int64).copy() if len(self._rle_counts) else
-            np.zeros(0, np.int64), rle_counts_start=_cut(self._rle_counts_len))
+            np.zeros(0, np.int64), rle_counts_start=_cut(self._rle_counts_len),
+            kp_ref=take(self._kp_ref, np.int64), kp_start=_cut(self._kp_len),
+            kp_values=np.frombuffer(self._kp_values, np.float64).copy() if len(self._kp_values) else
+            np.zeros(0, np.float64))
 
 
 class PackedAnnotationIndex:
@@ -163,7 +179,7 @@ class PackedAnnotationIndex:
 
     def __init__(self, *, image_ids, heights, widths, names, name_start, ann_start, ann_ids, labels, boxes, areas,
                  iscrowd, flags, seg_kind, seg_ref, coords, poly_start, poly_of_ann, rle_str, rle_str_start,
-                 rle_counts, rle_counts_start):
+                 rle_counts, rle_counts_start, kp_ref, kp_start, kp_values):
         self.image_ids, self.heights, self.widths = image_ids, heights, widths
         self._names, self._name_start, self.ann_start = names, name_start, ann_start
         self.ann_ids, self.labels, self.boxes, self.areas = ann_ids, labels, boxes, areas
@@ -171,6 +187,7 @@ class PackedAnnotationIndex:
         self.coords, self.poly_start, self.poly_of_ann = coords, poly_start, poly_of_ann
         self.rle_str, self.rle_str_start = rle_str, rle_str_start
         self.rle_counts, self.rle_counts_start = rle_counts, rle_counts_start
+        self.kp_ref, self.kp_start, self.kp_values = kp_ref, kp_start, kp_values
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -218,9 +235,15 @@ class PackedAnnotationIndex:
         counts = self.rle_counts[self.rle_counts_start[ref]:self.rle_counts_start[ref + 1]].tolist()
         return {"size": [height, width], "counts": counts}
 
+    def _keypoints(self, row: int) -> Optional[List[float]]:
+        ref = int(self.kp_ref[row])
+        if ref < 0:
+            return None
+        return self.kp_values[self.kp_start[ref]:self.kp_start[ref + 1]].tolist()
+
     def records(self, pos: int) -> List[Dict[str, Any]]:
         """The records of the image at row ``pos``: ``[{"id", "label", "box", "segmentation", "area",
-        "iscrowd"}]`` with Python values (``box`` a tuple of 4 floats x1y1x2y2, ``area``/``id`` None when the json
+        "iscrowd", "keypoints"}]`` with Python values (``box`` a tuple of 4 floats x1y1x2y2, ``area``/``id`` None when the json
         had none)."""
         height, width = int(self.heights[pos]), int(self.widths[pos])
         out = []
@@ -233,5 +256,6 @@ class PackedAnnotationIndex:
                 "segmentation": self._segmentation(row, height, width),
                 "area": float(self.areas[row]) if flags & HAS_AREA else None,
                 "iscrowd": int(self.iscrowd[row]),
+                "keypoints": self._keypoints(row),
             })
         return out
