@@ -120,7 +120,8 @@ class LostRankWatchdog:
         self._store.add(self._key("beat"), 1)
         self._thread = threading.Thread(target=self._run, name="maskrcnn-heartbeat", daemon=True)
         self._thread.start()
-        logger.info("heartbeat every %.1f s; a rank silent for %.0f s is reported lost (TRAIN.LOST_RANK_TIMEOUT)",
+        logger.info("rank %d of %d (host %s, pid %d): heartbeat every %.1f s; a rank silent for %.0f s is reported "
+                    "lost (TRAIN.LOST_RANK_TIMEOUT)", self.rank, self.world_size, socket.gethostname(), os.getpid(),
                     self.interval_s, self.timeout_s)
         return self
 
@@ -216,5 +217,6 @@ class LostRankWatchdog:
             lost_ranks = lost
         else:
             lost_ranks = []
-        raise LostRankError(f"lost a process: {self.verdict}; rank {self.rank} stops (its collective failed with: "
-                            f"{first_line})", lost_ranks) from error
+        message = f"lost a process: {self.verdict}; rank {self.rank} stops (its collective failed with: {first_line})"
+        logger.error("%s", message)  # in this rank's log file too, not only on the console
+        raise LostRankError(message, lost_ranks) from error
