@@ -129,7 +129,17 @@ def save_checkpoint(path: str, payload: Mapping[str, Any]) -> None:
 
     def write(f) -> None:
         writers.append(HashingWriter(f))
-        torch.save(dict(payload), writers[-1])
+        try:
+            torch.save(dict(payload), writers[-1])
+        except RuntimeError as e:
+            # A write that fails inside torch.save's zip writer (ENOSPC, EFBIG under `ulimit -f`) is then masked by
+            # the writer's own "unexpected pos" RuntimeError on closing: report the OSError that caused it.
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
     atomic_write(path, write, what="checkpoint")
     # The old checksum goes at once: should the new one fail to be written, the file loads unverified instead of
