@@ -88,6 +88,7 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_resume_is_bitwise(tmp_path, fu
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming from {ckpt} at iteration {done}" in r.stdout + r.stderr
     _assert_same_weights(_weights(full_run / "model_final.pth"), _weights(out / "model_final.pth"))
+    print("\n" + "\n".join(line for line in text.splitlines() if "preempted by" in line or "received SIGTERM" in line))
 
 
 @pytest.mark.slow
@@ -109,6 +110,7 @@ def test_corrupt_newest_checkpoint_resume_falls_back_to_the_previous_one(tmp_pat
                      rf"{re.escape(str(newest))}.sha256 recorded [0-9a-f]{{16}}\.\.\. when it was written", text), text
     assert f"resuming from {out / 'model_0000004.pth'} at iteration 4" in text
     _assert_same_weights(_weights(full_run / "model_final.pth"), _weights(newest))
+    print("\n" + "\n".join(line for line in text.splitlines() if "cannot resume from" in line))
 
 
 @pytest.mark.slow
@@ -136,6 +138,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_names_the_path
     assert kept["iteration"] == 8 and final.stat().st_size == size
     from maskrcnn.utils.checkpoint_integrity import verify_checksum
     assert verify_checksum(str(final)) is True  # the old checksum still matches the old file
+    print("\n" + err.strip())
 
 
 def _free_port():
@@ -175,4 +178,5 @@ def test_rank_killed_with_sigkill_makes_the_other_rank_exit_naming_it(tmp_path):
                      rf"of memory or its node failed; see that rank's log and the scheduler's; rank 0 stops \(its "
                      rf"collective failed with: ", log0), log0[-3000:]
     assert re.search(rf"error: lost a process: rank 1 \(host [^,]+, pid {victim}\)", "".join(outputs))
+    print("\n" + "\n".join(line for line in "".join(outputs).splitlines() if "lost a process" in line))
     print(f"two nodes stopped {elapsed:.1f} s after rank 1 was killed")
