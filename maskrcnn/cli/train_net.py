@@ -10,13 +10,16 @@ optimizer step (processes x TRAIN.IMS_PER_BATCH x --iter_size) differs from the 
 SOLVER.SCALE_WITH_BATCH); ``--lr`` then sets BASE_LR explicitly. ``--resume`` continues from the newest checkpoint
 in the output folder (or from ``--load_ckpt``) exactly where it stopped.
 
-Exit status: 0 done, 1 training error (message printed), 2 bad config, dataset or command line.
+Exit status: 0 done, 1 training error (message printed; also a lost process of a multi-process run), 2 bad
+config, dataset or command line, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (continue with --resume;
+docs/reliability.md).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import signal
 import sys
 import time
 
@@ -111,7 +114,9 @@ def train(cfg, args, ctx, logger) -> int:
     from ..engine.evaluation_hook import check_best_metric
     from ..engine.hooks import LogHook, PeriodicCheckpointer
     from ..engine.launch import create_ddp_model
+    from ..engine.lost_rank import LostRankWatchdog
     from ..engine.monitoring import build_training_monitors
+    from ..engine.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler, PreemptionHook
     from ..engine.solver import build_lr_scheduler, build_optimizer_from_cfg, describe_solver
     from ..engine.speed import prepare_for_training
     from ..engine.trainer import NonFiniteLossError, Trainer, make_grad_scaler
@@ -156,7 +161,9 @@ def train(cfg, args, ctx, logger) -> int:
         if path is None:
             logger.warning("--resume: no checkpoint in %s; starting from iteration 0", output_dir)
         else:
-            ckpt = checkpointer.resume(path)
+            # Without --load_ckpt, resume() picks the newest checkpoint that passes its checksum and loads, and
+            # falls back to older ones (saying so) when the newest is corrupt.
+            ckpt = checkpointer.resume(args.load_ckpt)
             start_iter = int(ckpt["iteration"])
     # Without --resume, or with --resume on a fresh output folder (a job script that always passes it): the
     # starting weights a first run would load.
@@ -196,6 +203,8 @@ def train(cfg, args, ctx, logger) -> int:
             checkpointer.save("model_final", iteration=start_iter, cfg_yaml=cfg_yaml, **extra)
         final = os.path.join(output_dir, "model_final.pth")
     else:
+        # Before the loader forks its workers: they inherit the handler and outlive the scheduler's signal.
+        preemption = PreemptionHandler().install()
         ddp_model = create_ddp_model(model, ctx)
         loader = build_train_loader(
             dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=cfg.DATA_LOADER.NUM_THREADS,
@@ -213,18 +222,28 @@ def train(cfg, args, ctx, logger) -> int:
                           hooks=[LogHook(cfg.TRAIN.LOG_PERIOD, logger, metrics_writer=mon.metrics),
                                  # before evaluation and saving: both see the EMA weights of this iteration
                                  EMAHook(ema) if ema is not None else None,
-                                 mon.eval_hook, saver, mon.progress])
+                                 mon.eval_hook, saver, mon.progress,
+                                 PreemptionHook(preemption, checkpointer, cfg_yaml, extra=extra)])
         if ckpt is not None:
             # Last: everything above may draw random numbers (model init, DDP); the resumed stream starts here.
             Checkpointer.restore_rng(ckpt, ctx.rank, ctx.world_size)
         logger.info("training iterations %d..%d", start_iter, cfg.SOLVER.MAX_ITER - 1)
+        watchdog = LostRankWatchdog.from_cfg(cfg, ctx.rank, ctx.world_size).start()
         try:
             trainer.train()
         except NonFiniteLossError as e:
             last = checkpointer.find_last()
             logger.error("%s\nLast good checkpoint: %s", e, last or "none written yet")
             return 1
+        except Preempted as e:
+            logger.warning("%s; exit status %d", e, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
+        except (RuntimeError, OSError) as e:
+            watchdog.raise_if_lost(e)  # a failed collective: name the process that is gone, if one is
+            raise
         finally:
+            watchdog.stop()
+            preemption.uninstall()
             loader.close()
         if trainer.skipped_steps:
             logger.warning("%d iteration(s) were skipped for non-finite losses", trainer.skipped_steps)
@@ -292,12 +311,16 @@ def main(argv=None) -> int:
     from ..data.catalog import DatasetSpecError
     from ..engine.hooks import TensorboardUnavailable
     from ..engine.launch import run_then_shutdown, setup_distributed
+    from ..engine.lost_rank import LostRankError
     from ..ops._backend import set_backend
     from ..utils.checkpoint import CheckpointError
     from ..utils.env import collect_env_info
     from ..utils.logger import setup_logger
 
     ctx = setup_distributed(cfg.MODEL.DEVICE, no_cuda=args.no_cuda)
+    # A file-size limit (ulimit -f) then makes a too-large write fail with EFBIG, reported like a full disk, instead
+    # of killing the process with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def body() -> int:
         logger = setup_logger("maskrcnn", cfg.OUTPUT_DIR, rank=ctx.rank)
@@ -315,4 +338,4 @@ def main(argv=None) -> int:
 
     return run_then_shutdown(body, usage_errors=(ConfigError, DatasetSpecError),
                              run_errors=(CheckpointError, TensorboardUnavailable, DatasetItemError,
-                                         UnreadableImagesError, WorkerDiedError))
+                                         UnreadableImagesError, WorkerDiedError, LostRankError))

@@ -213,6 +213,8 @@ _key("TRAIN.FUSE_FROZEN_BN", True, "Run each convolution and its frozen BatchNor
 _key("TRAIN.CHANNELS_LAST", True, "Train with convolutions in channels-last memory format (the layout oneDNN "
      "convolves in; same results up to float rounding).")
 _key("TRAIN.LOG_PERIOD", 20, "Log a line every this many iterations.")
+_key("TRAIN.LOST_RANK_TIMEOUT", 60.0, "Multi-process runs: a process whose heartbeat stops this many seconds is "
+     "reported lost and every other one stops with an error naming it (maskrcnn.engine.lost_rank); 0 disables.")
 
 _section("TEST", "Inference.")
 _key("TEST.DATASETS", [], "Evaluation datasets, as TRAIN.DATASETS.")

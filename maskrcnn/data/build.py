@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -268,11 +269,22 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
         wrapped, batch_sampler=batch_sampler, num_workers=int(num_workers), collate_fn=collate_fn,
         # No worker_init_fn touching OpenCV: cv2.setNumThreads in a forked worker can deadlock on the thread pool
         # state inherited from the parent, while plain cv2 calls there are safe.
-        pin_memory=pin_memory,
+        pin_memory=pin_memory, worker_init_fn=_worker_outlives_stop_signals,
         # The loader's base seed comes from this generator, not from the global RNG (which it would advance).
         generator=torch.Generator().manual_seed(int(seed)),
     )
     return LoaderIterator(iter(loader), wrapped)
+
+
+def _worker_outlives_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """Training loader workers ignore SIGTERM and SIGUSR1.
+
+    Why: a scheduler signals every process of the job, and torch's worker handler dies on a SIGTERM that does not
+    come from its parent; the main process turns these signals into a checkpoint at the next iteration
+    (:mod:`maskrcnn.engine.preemption`) and needs its workers until then. They still exit with their parent.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def build_test_loader(dataset: Dataset, num_workers: int = 0, rank: int = 0, world_size: int = 1,

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..utils import distributed as dist_utils
 from ..utils.env import resolve_device
+from .preemption import EXIT_PREEMPTED
 
 __all__ = ["DistContext", "setup_distributed", "create_ddp_model", "shutdown", "run_then_shutdown"]
 
@@ -87,7 +88,7 @@ def run_then_shutdown(body: Callable[[], int], usage_errors: Tuple[Type[BaseExce
 
     ``usage_errors`` (bad config, dataset spec) exit with 2 and ``run_errors`` (unreadable checkpoint or data) with 1,
     each printed as one ``error: ...`` line without a traceback; anything else propagates. Processes meet at a
-    barrier before leaving only when ``body`` returned 0 (see :func:`shutdown`).
+    barrier before leaving only when ``body`` returned 0 or 75 (preempted; see :func:`shutdown`).
     """
     clean_exit = False
     try:
@@ -99,7 +100,8 @@ def run_then_shutdown(body: Callable[[], int], usage_errors: Tuple[Type[BaseExce
         except run_errors as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        clean_exit = rc == 0
+        # A preempted run (exit 75) stopped on every rank together after its checkpoint: leave together too.
+        clean_exit = rc in (0, EXIT_PREEMPTED)
         return rc
     finally:
         shutdown(wait_for_peers=clean_exit)

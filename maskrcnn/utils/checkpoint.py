@@ -11,7 +11,9 @@ Only ``"model"`` is required by :func:`load_ckpt` (a bare state dict is accepted
 Writes are atomic: the payload goes to a temporary file in the destination folder, is flushed and fsynced, then
 renamed over the destination, and the folder is fsynced. A crash or a kill at any moment leaves either the old or
 the new file, never a truncated one; a write error (a full disk) removes the temporary file and says that the
-previous checkpoint is intact.
+previous checkpoint is intact. The SHA-256 of each checkpoint is stored next to it (``<file>.sha256``) and verified
+before it is loaded (:mod:`maskrcnn.utils.checkpoint_integrity`), so a file damaged later is refused by name and
+``--resume`` falls back to the one before.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .checkpoint_integrity import ChecksumMismatch, HashingWriter, checksum_line, checksum_path, verify_checksum
 from .distributed import all_gather
 from .env import get_rng_state, set_rng_state
 from .weights.formats import WeightsConversionError, convert_to_ours, detect_format
@@ -122,7 +125,31 @@ def save_checkpoint(path: str, payload: Mapping[str, Any]) -> None:
     """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write`)."""
     if not isinstance(payload, Mapping):
         raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
-    atomic_write(path, lambda f: torch.save(dict(payload), f), what="checkpoint")
+    writers: List[HashingWriter] = []
+
+    def write(f) -> None:
+        writers.append(HashingWriter(f))
+        try:
+            torch.save(dict(payload), writers[-1])
+        except RuntimeError as e:
+            # A write that fails inside torch.save's zip writer (ENOSPC, EFBIG under `ulimit -f`) is then masked by
+            # the writer's own "unexpected pos" RuntimeError on closing: report the OSError that caused it.
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+    atomic_write(path, write, what="checkpoint")
+    # The old checksum goes at once: should the new one fail to be written, the file loads unverified instead of
+    # failing a checksum that belongs to the file it replaced.
+    try:
+        os.unlink(checksum_path(path))
+    except OSError:
+        pass
+    atomic_write(checksum_path(path), lambda f: f.write(checksum_line(writers[-1].hexdigest(), path)),
+                 what="checkpoint checksum")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,6 +164,10 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or never written")
+    try:
+        verify_checksum(path)
+    except ChecksumMismatch as e:
+        raise CheckpointError(str(e)) from e
     is_zip = zipfile.is_zipfile(path)  # every torch.save since PyTorch 1.6 writes a zip archive
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -329,7 +360,15 @@ class Checkpointer:
         if not self.save_to_disk:
             return None
         path = os.path.join(self.output_dir, name if name.endswith(".pth") else f"{name}.pth")
-        save_checkpoint(path, self.payload(iteration, cfg_yaml, rng_all, **extra))
+        try:
+            save_checkpoint(path, self.payload(iteration, cfg_yaml, rng_all, **extra))
+        except CheckpointError as e:
+            newest = self.find_last()
+            kept = (f"the newest complete checkpoint, {newest}, is intact and --resume continues from it"
+                    if newest else "no earlier checkpoint exists")
+            raise CheckpointError(f"{e}. {kept}. Fix: free space on the disk holding {self.output_dir} (or raise "
+                                  f"the file-size limit, `ulimit -f`), or point --output_dir elsewhere, then rerun "
+                                  f"with --resume") from e
         atomic_write(os.path.join(self.output_dir, LAST_CHECKPOINT_FILE),
                      lambda f: f.write(os.path.basename(path).encode("utf-8")), what="last_checkpoint file")
         logger.info("saved checkpoint %s (iteration %d)", path, iteration)

@@ -54,7 +54,7 @@ def test_save_load_round_trip_is_weights_only_loadable(tmp_path):
     loaded = load_checkpoint(str(path))
     for k, v in model.state_dict().items():
         assert torch.equal(loaded["model"][k], v)
-    assert _files(tmp_path) == ["ck.pth"]
+    assert _files(tmp_path) == ["ck.pth", "ck.pth.sha256"]
 
 
 def _half_writing_save(exc):
@@ -85,7 +85,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, exc):
         msg = str(info.value)
         assert path in msg and "No space left on device" in msg and "previous checkpoint" in msg and "intact" in msg
     monkeypatch.undo()
-    assert _files(tmp_path) == ["model_final.pth"]  # no temporary file left behind
+    assert _files(tmp_path) == ["model_final.pth", "model_final.pth.sha256"]  # no temporary file left behind
     again = load_checkpoint(path)
     assert again["iteration"] == 1 and torch.equal(again["model"]["w"], torch.arange(4.0))
 
