@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops.box_coder import BoxCoder
+from ...ops.box_voting import BoxVoting
 from ...ops.masks import project_masks_on_boxes
 from ...ops.matcher import Matcher
 from ...ops.sampler import BalancedPositiveNegativeSampler
@@ -70,6 +71,7 @@ class ROIHeads(nn.Module):
             ``shares_box_head_res5 = True`` takes the box head's res5 map instead of ``(features, rois)``.
         mask_resolution: side ``M`` of the mask targets (``MRCNN.RESOLUTION``; the mask logits' side).
         mask_loss_weight: factor on the mask loss (``MRCNN.WEIGHT_LOSS_MASK``).
+        box_voting: refine the detections by box voting (``TEST.BBOX_VOTE``); None: no voting.
     """
 
     def __init__(self, box_head: nn.Module, box_outs: nn.Module, *, box_coder: Optional[BoxCoder] = None,
@@ -78,7 +80,8 @@ class ROIHeads(nn.Module):
                  crowd_thresh: float = 0.7, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 100, min_box_size: float = 0.0, bbox_reg: bool = True,
                  box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None,
-                 mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0):
+                 mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0,
+                 box_voting: Optional[BoxVoting] = None):
         super().__init__()
         if not isinstance(box_head, nn.Module) or not isinstance(box_outs, nn.Module):
             raise TypeError(f"box_head and box_outs must be nn.Modules, got {type(box_head).__name__} and "
@@ -109,6 +112,9 @@ class ROIHeads(nn.Module):
         self.box_smooth_l1_beta = float(box_smooth_l1_beta)
         self.mask_resolution = int(mask_resolution)
         self.mask_loss_weight = float(mask_loss_weight)
+        if box_voting is not None and not isinstance(box_voting, BoxVoting):
+            raise TypeError(f"box_voting must be a maskrcnn.ops.BoxVoting or None, got {type(box_voting).__name__}")
+        self.box_voting = box_voting
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], *, box_head: Optional[nn.Module] = None,
@@ -118,8 +124,8 @@ class ROIHeads(nn.Module):
         ``MODEL.MASK_ON``) on a body with ``in_channels`` and ``spatial_scales`` (finest first); any given head is
         used instead. Other keys: ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI,
         BG_THRESH_LO, BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS,
-        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
-        WEIGHT_LOSS_MASK}``."""
+        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``TEST.BBOX_VOTE.*``, ``FAST_RCNN.SMOOTH_L1_BETA``,
+        ``MRCNN.{RESOLUTION, WEIGHT_LOSS_MASK}``."""
         mask_on = bool(cfg.MODEL.MASK_ON)
         if not mask_on and (mask_head is not None or mask_outs is not None):
             raise ValueError("mask_head / mask_outs were given but MODEL.MASK_ON is False; set MODEL.MASK_ON True "
@@ -136,6 +142,9 @@ class ROIHeads(nn.Module):
             if mask_outs is None:
                 mask_outs = MaskRCNNOutputs.from_cfg(cfg, mask_head.out_channels)
         t, s = cfg.TRAIN, cfg.TEST
+        vote = s.BBOX_VOTE
+        box_voting = BoxVoting(vote.VOTE_TH, vote.SCORING_METHOD, vote.SCORING_METHOD_BETA,
+                               legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE) if vote.ENABLED else None
         return cls(
             box_head, box_outs,
             box_coder=BoxCoder(tuple(cfg.MODEL.BBOX_REG_WEIGHTS), legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE),
@@ -145,6 +154,7 @@ class ROIHeads(nn.Module):
             nms_thresh=s.NMS, detections_per_img=s.DETECTIONS_PER_IM, min_box_size=s.MIN_BOX_SIZE,
             bbox_reg=s.BBOX_REG, box_smooth_l1_beta=cfg.FAST_RCNN.SMOOTH_L1_BETA, mask_head=mask_head,
             mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION, mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
+            box_voting=box_voting,
         )
 
     # --- structure ------------------------------------------------------------------------------------------------
@@ -268,7 +278,8 @@ class ROIHeads(nn.Module):
 
     def postprocess_detections(self, probs: List[Tensor], boxes: List[Tensor]
                                ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        """Per image: score threshold, minimum size, per-class NMS, limit (see ``inference.select_detections``).
+        """Per image: score threshold, minimum size, per-class NMS, box voting when set, limit (see
+        ``inference.select_detections``).
 
         Returns:
             ``(boxes, scores, labels)`` lists of ``(D_i, 4)``, ``(D_i,)``, ``(D_i,)`` int64 in 1..K.
@@ -278,7 +289,7 @@ class ROIHeads(nn.Module):
         for p, b in zip(probs, boxes):
             for acc, t in zip(out, select_detections(p, b, self.score_thresh, self.nms_thresh,
                                                      self.detections_per_img, min_size=self.min_box_size,
-                                                     legacy_plus_one=legacy)):
+                                                     legacy_plus_one=legacy, box_voting=self.box_voting)):
                 acc.append(t)
         return out
 
