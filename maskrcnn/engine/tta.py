@@ -117,6 +117,8 @@ class TestTimeAugmentation(nn.Module):
             ``TEST.AMP`` runs its own forward (the fp32 islands are the model's hooks).
     """
 
+    __test__ = False  # not a pytest test class despite its name
+
     def __init__(self, model: nn.Module, bbox_augmentations: Sequence[Augmentation] = (),
                  mask_augmentations: Sequence[Augmentation] = (), *, score_heur: str = "UNION",
                  coord_heur: str = "UNION", mask_heur: str = "SOFT_AVG",
@@ -143,6 +145,7 @@ class TestTimeAugmentation(nn.Module):
         self.mask_augmentations = list(mask_augmentations)
         self.score_heur, self.coord_heur, self.mask_heur = score_heur, coord_heur, mask_heur
         self.amp = amp
+        self.training = model.training  # the wrapped model's mode (train()/eval() set both from now on)
 
     @classmethod
     def from_cfg(cls, model: nn.Module, cfg=None, *, amp: Optional[str] = None) -> "TestTimeAugmentation":
