@@ -24,7 +24,7 @@ Mapping between frames is exact for a flip at the same scale (``x -> W - x``, De
 image, so both span it). Flipped masks are flipped back along their ``M`` columns.
 
 A keypoint branch (``TEST.KPS_AUG``) plugs in as the mask branch does: its augmentations from
-:func:`augmentations_from_cfg` on ``cfg.TEST.KPS_AUG``, a per-run head call through :meth:`_per_box_outputs`
+:func:`detectron_augmentations` with ``cfg.TEST.KPS_AUG``'s keys, a per-run head call through :meth:`_per_box_outputs`
 (heatmaps, flipped back with left/right keypoints swapped) and a merge heuristic in ``tta_merge``.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ..ops.boxes import flip_boxes
 from .amp import AMP_DTYPES
 from .tta_merge import BOX_HEURISTICS, MASK_HEURISTICS, merge_box_predictions, merge_mask_probs
 
-__all__ = ["Augmentation", "ReferenceRun", "TestTimeAugmentation", "augmentations_from_cfg",
+__all__ = ["Augmentation", "ReferenceRun", "TestTimeAugmentation", "detectron_augmentations",
            "with_test_time_augmentation"]
 
 
@@ -71,21 +71,23 @@ class Augmentation:
         return image.flip(-1) if self.hflip else image
 
 
-def augmentations_from_cfg(section, scale: int, max_size: int) -> List[Augmentation]:
-    """The extra runs a Detectron augmentation section asks for (``TEST.BBOX_AUG``, ``TEST.MASK_AUG``, and
-    ``TEST.KPS_AUG`` alike), in Detectron's order, without the plain run: ``H_FLIP``; each of ``SCALES`` at
-    ``MAX_SIZE`` (and flipped with ``SCALE_H_FLIP``); each of ``ASPECT_RATIOS`` at ``scale`` / ``max_size`` (the
-    plain run's, and flipped with ``ASPECT_RATIO_H_FLIP``). Empty when the section is not ``ENABLED``."""
-    if not section.ENABLED:
-        return []
-    out = [Augmentation(scale, max_size, hflip=True)] if section.H_FLIP else []
-    for s in section.SCALES:
-        out.append(Augmentation(int(s), int(section.MAX_SIZE)))
-        if section.SCALE_H_FLIP:
-            out.append(Augmentation(int(s), int(section.MAX_SIZE), hflip=True))
-    for ar in section.ASPECT_RATIOS:
+def detectron_augmentations(scale: int, max_size: int, *, h_flip: bool = False, scales: Sequence[int] = (),
+                             scales_max_size: int = 4000, scale_h_flip: bool = False,
+                             aspect_ratios: Sequence[float] = (), aspect_ratio_h_flip: bool = False
+                             ) -> List[Augmentation]:
+    """The extra runs one of Detectron's augmentation sections asks for (``TEST.BBOX_AUG``, ``TEST.MASK_AUG``, and
+    ``TEST.KPS_AUG`` alike: ``H_FLIP``, ``SCALES``, ``MAX_SIZE``, ``SCALE_H_FLIP``, ``ASPECT_RATIOS``,
+    ``ASPECT_RATIO_H_FLIP``), in Detectron's order, without the plain run at ``scale`` / ``max_size``: the flip;
+    each of ``scales`` at ``scales_max_size`` (then flipped with ``scale_h_flip``); each of ``aspect_ratios`` at
+    ``scale`` / ``max_size`` (then flipped with ``aspect_ratio_h_flip``)."""
+    out = [Augmentation(scale, max_size, hflip=True)] if h_flip else []
+    for s in scales:
+        out.append(Augmentation(int(s), int(scales_max_size)))
+        if scale_h_flip:
+            out.append(Augmentation(int(s), int(scales_max_size), hflip=True))
+    for ar in aspect_ratios:
         out.append(Augmentation(scale, max_size, aspect_ratio=float(ar)))
-        if section.ASPECT_RATIO_H_FLIP:
+        if aspect_ratio_h_flip:
             out.append(Augmentation(scale, max_size, hflip=True, aspect_ratio=float(ar)))
     return out
 
@@ -107,7 +109,7 @@ class TestTimeAugmentation(nn.Module):
 
     Args:
         model: a :class:`~maskrcnn.modeling.generalized_rcnn.Generalized_RCNN` with RoI heads (eval mode).
-        bbox_augmentations: extra runs of the box stage (:func:`augmentations_from_cfg` of ``TEST.BBOX_AUG``).
+        bbox_augmentations: extra runs of the box stage (:func:`detectron_augmentations` of ``TEST.BBOX_AUG``).
         mask_augmentations: extra runs of the mask stage (of ``TEST.MASK_AUG``).
         score_heur, coord_heur: ``TEST.BBOX_AUG.SCORE_HEUR`` / ``COORD_HEUR`` (``UNION``, ``AVG``, ``ID``).
         mask_heur: ``TEST.MASK_AUG.HEUR`` (``SOFT_AVG``, ``SOFT_MAX``, ``LOGIT_AVG``).
@@ -155,8 +157,15 @@ class TestTimeAugmentation(nn.Module):
         cfg = cfg if cfg is not None else model.cfg
         scale, max_size = int(cfg.TEST.SCALE), int(cfg.TEST.MAX_SIZE)
         box, mask = cfg.TEST.BBOX_AUG, cfg.TEST.MASK_AUG
-        return cls(model, augmentations_from_cfg(box, scale, max_size),
-                   augmentations_from_cfg(mask, scale, max_size),
+        box_augs = detectron_augmentations(
+            scale, max_size, h_flip=box.H_FLIP, scales=box.SCALES, scales_max_size=box.MAX_SIZE,
+            scale_h_flip=box.SCALE_H_FLIP, aspect_ratios=box.ASPECT_RATIOS,
+            aspect_ratio_h_flip=box.ASPECT_RATIO_H_FLIP) if box.ENABLED else []
+        mask_augs = detectron_augmentations(
+            scale, max_size, h_flip=mask.H_FLIP, scales=mask.SCALES, scales_max_size=mask.MAX_SIZE,
+            scale_h_flip=mask.SCALE_H_FLIP, aspect_ratios=mask.ASPECT_RATIOS,
+            aspect_ratio_h_flip=mask.ASPECT_RATIO_H_FLIP) if mask.ENABLED else []
+        return cls(model, box_augs, mask_augs,
                    score_heur=box.SCORE_HEUR if box.ENABLED else "UNION",
                    coord_heur=box.COORD_HEUR if box.ENABLED else "UNION", mask_heur=mask.HEUR,
                    reference=(scale, max_size), amp=str(cfg.TEST.AMP) if amp is None else amp)

@@ -15,7 +15,7 @@ from maskrcnn.core.test import im_detect_all
 from maskrcnn.data.datasets.synthetic import SyntheticShapesDataset
 from maskrcnn.engine.inference import evaluate_on_dataset
 from maskrcnn.engine.speed import prepare_for_inference
-from maskrcnn.engine.tta import Augmentation, TestTimeAugmentation, augmentations_from_cfg, with_test_time_augmentation
+from maskrcnn.engine.tta import Augmentation, TestTimeAugmentation, with_test_time_augmentation
 from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
 from maskrcnn.ops.boxes import flip_boxes
 
@@ -57,15 +57,17 @@ def assert_equal_detections(got, want):
 
 
 # --- settings ---------------------------------------------------------------------------------------------------------
-def test_augmentations_from_cfg_follow_detectron_order():
-    cfg = make_cfg(EVERYTHING)
-    got = augmentations_from_cfg(cfg.TEST.BBOX_AUG, 64, 64)
-    assert got == [Augmentation(64, 64, hflip=True), Augmentation(48, 4000), Augmentation(48, 4000, hflip=True),
+def test_augmentations_from_cfg_follow_detectron_order(model):
+    tta = TestTimeAugmentation.from_cfg(model, make_cfg(EVERYTHING))
+    assert tta.reference == Augmentation(64, 64)
+    assert tta.bbox_augmentations == [Augmentation(64, 64, hflip=True), Augmentation(48, 4000), Augmentation(48, 4000, hflip=True),
                    Augmentation(96, 4000), Augmentation(96, 4000, hflip=True), Augmentation(64, 64, aspect_ratio=0.75),
                    Augmentation(64, 64, hflip=True, aspect_ratio=0.75)]
-    assert augmentations_from_cfg(cfg.TEST.MASK_AUG, 64, 64) == [Augmentation(64, 64, hflip=True),
-                                                                  Augmentation(96, 4000)]
-    assert augmentations_from_cfg(make_cfg().TEST.BBOX_AUG, 64, 64) == []  # not ENABLED
+    assert tta.mask_augmentations == [Augmentation(64, 64, hflip=True), Augmentation(96, 4000)]
+    # Not ENABLED: no extra run, whatever the other keys say.
+    off = make_cfg(EVERYTHING, ["TEST.BBOX_AUG.ENABLED", False, "TEST.MASK_AUG.ENABLED", False])
+    tta = TestTimeAugmentation.from_cfg(model, off)
+    assert tta.bbox_augmentations == [] and tta.mask_augmentations == []
 
 
 def test_without_augmentation_the_model_itself_is_used(model):
