@@ -34,6 +34,12 @@ def _conv_body_ok(value: Any) -> bool:
 _POS = (lambda v: v > 0, "> 0")
 _NONNEG = (lambda v: v >= 0, ">= 0")
 _UNIT = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_SIZES = (lambda v: all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v),
+          "a list of positive integer sizes (may be empty)")
+_RATIOS = (lambda v: all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in v),
+           "a list of positive width factors (may be empty)")
+_NOT_IMPLEMENTED_SIZE_DEP = (lambda v: v is False, "False (Detectron does not implement size-dependent test-time "
+                             "scaling for boxes and masks either; it asserts the key off)")
 
 # key -> (predicate, description of what is allowed)
 _CHECKS = {
@@ -124,6 +130,20 @@ _CHECKS = {
     "TEST.EVAL_PERIOD": _NONNEG,
     "TEST.MASK_PASTE_METHOD": _one_of(["torchvision", "detectron2"]),
     "TEST.DETECTOR_POSTPROCESS": _one_of(["torchvision", "detectron2"]),
+    "TEST.BBOX_AUG.SCORE_HEUR": _one_of(["ID", "AVG", "UNION"]),
+    "TEST.BBOX_AUG.COORD_HEUR": _one_of(["ID", "AVG", "UNION"]),
+    "TEST.BBOX_AUG.SCALES": _SIZES,
+    "TEST.BBOX_AUG.MAX_SIZE": _POS,
+    "TEST.BBOX_AUG.ASPECT_RATIOS": _RATIOS,
+    "TEST.BBOX_AUG.SCALE_SIZE_DEP": _NOT_IMPLEMENTED_SIZE_DEP,
+    "TEST.MASK_AUG.HEUR": _one_of(["SOFT_AVG", "SOFT_MAX", "LOGIT_AVG"]),
+    "TEST.MASK_AUG.SCALES": _SIZES,
+    "TEST.MASK_AUG.MAX_SIZE": _POS,
+    "TEST.MASK_AUG.ASPECT_RATIOS": _RATIOS,
+    "TEST.MASK_AUG.SCALE_SIZE_DEP": _NOT_IMPLEMENTED_SIZE_DEP,
+    "TEST.BBOX_VOTE.VOTE_TH": _UNIT,
+    "TEST.BBOX_VOTE.SCORING_METHOD": _one_of(["ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "QUASI_SUM"]),
+    "TEST.BBOX_VOTE.SCORING_METHOD_BETA": _POS,
     "SOLVER.BASE_LR": _POS,
     "SOLVER.LR_POLICY": _one_of(["steps_with_decay", "cosine_decay", "constant"]),
     "SOLVER.OPTIMIZER": _one_of(["SGD", "AdamW"]),
@@ -217,5 +237,22 @@ def _relations(cfg: _CN, source: str) -> None:
     if cfg.MODEL.KEYPOINTS_ON and cfg.KRCNN.HEATMAP_SIZE != 2 * k.UP_SCALE * k.ROI_XFORM_RESOLUTION:
         fail(f"KRCNN.HEATMAP_SIZE = {cfg.KRCNN.HEATMAP_SIZE} must be 2 * KRCNN.UP_SCALE * KRCNN.ROI_XFORM_RESOLUTION = "
              f"{2 * k.UP_SCALE * k.ROI_XFORM_RESOLUTION} (a stride-2 deconvolution, then the upsampling)")
+    _test_time_augmentation(cfg, fail)
     if len(cfg.PIXEL_MEANS) != len(cfg.PIXEL_STDS):
         fail("PIXEL_MEANS and PIXEL_STDS must have the same length")
+
+
+def _test_time_augmentation(cfg: _CN, fail: Callable[[str], None]) -> None:
+    """Detectron's asserts of ``im_detect_bbox_aug`` (UNION scores iff UNION boxes), and what needs which head.
+
+    The third Detectron assert (UNION when the RPN computes the proposals) depends on the call, not on the config:
+    ``maskrcnn/engine/tta.py`` checks it where the proposals are known."""
+    box, mask = cfg.TEST.BBOX_AUG, cfg.TEST.MASK_AUG
+    if box.ENABLED and (box.SCORE_HEUR == "UNION") != (box.COORD_HEUR == "UNION"):
+        fail(f"TEST.BBOX_AUG.SCORE_HEUR = {box.SCORE_HEUR!r} and TEST.BBOX_AUG.COORD_HEUR = {box.COORD_HEUR!r}: "
+             f"the union of the augmentations' RoIs merges scores and boxes together; set both to 'UNION' or "
+             f"neither (Detectron's rule)")
+    if box.ENABLED and cfg.MODEL.RPN_ONLY:
+        fail("TEST.BBOX_AUG.ENABLED needs the box head; MODEL.RPN_ONLY models have none")
+    if mask.ENABLED and not cfg.MODEL.MASK_ON:
+        fail("TEST.MASK_AUG.ENABLED needs the mask head: set MODEL.MASK_ON True or TEST.MASK_AUG.ENABLED False")

@@ -342,15 +342,19 @@ def evaluate_on_dataset(model: nn.Module, dataset: Dataset, cfg, device: Any = "
     ``metrics.json`` in ``output_dir`` — what ``tools/test_net.py`` does for one dataset. The metrics are
     :func:`~maskrcnn.evaluation.coco.evaluate_coco`'s ``detailed`` ones: APs, ARs and per-category APs.
 
-    Settings come from ``cfg``: ``TEST.IMS_PER_BATCH``, ``MRCNN.THRESH_BINARIZE``. The model runs as it is: the
+    Settings come from ``cfg``: ``TEST.IMS_PER_BATCH``, ``MRCNN.THRESH_BINARIZE``, and the test-time augmentation
+    ``TEST.BBOX_AUG`` / ``TEST.MASK_AUG`` (:func:`maskrcnn.engine.tta.with_test_time_augmentation`, which checks
+    them before any image is run). The model runs as it is otherwise: the
     ``TEST`` speed features, mixed precision (``TEST.AMP``) included, are applied beforehand by
     :func:`maskrcnn.engine.speed.prepare_for_inference` (``tools/test_net.py`` does). Returns the metrics on rank 0
     and None on the other ranks.
     """
     from ..evaluation.coco import class_names, coco_gt_from_dataset, evaluate_coco, write_metrics
+    from .tta import with_test_time_augmentation
 
     log = log if log is not None else logger.info
-    records = inference_on_dataset(model, dataset, device=device, num_workers=num_workers,
+    detector = with_test_time_augmentation(model, cfg)  # the model itself without TEST.BBOX_AUG / MASK_AUG
+    records = inference_on_dataset(detector, dataset, device=device, num_workers=num_workers,
                                    ims_per_batch=int(cfg.TEST.IMS_PER_BATCH),
                                    mask_threshold=float(cfg.MRCNN.THRESH_BINARIZE), output_dir=output_dir,
                                    resume=resume, fingerprint=fingerprint, on_image=on_image, log=log)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops.box_coder import BoxCoder
+from ...ops.box_voting import BoxVoting
 from ...ops.masks import project_masks_on_boxes
 from ...ops.matcher import Matcher
 from ...ops.sampler import BalancedPositiveNegativeSampler
@@ -80,6 +81,7 @@ class ROIHeads(nn.Module):
         keypoint_loss_weight: factor on the keypoint loss (``KRCNN.LOSS_WEIGHT``).
         keypoint_loss_normalizer: None averages the keypoint loss over the visible keypoints
             (``KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS``); a number is Detectron's fixed divisor of its sum.
+        box_voting: refine the detections by box voting (``TEST.BBOX_VOTE``); None: no voting.
     """
 
     def __init__(self, box_head: nn.Module, box_outs: nn.Module, *, box_coder: Optional[BoxCoder] = None,
@@ -90,7 +92,8 @@ class ROIHeads(nn.Module):
                  box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None,
                  mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0,
                  keypoint_head: Optional[nn.Module] = None, keypoint_outs: Optional[nn.Module] = None,
-                 keypoint_loss_weight: float = 1.0, keypoint_loss_normalizer: Optional[float] = None):
+                 keypoint_loss_weight: float = 1.0, keypoint_loss_normalizer: Optional[float] = None,
+                 box_voting: Optional[BoxVoting] = None):
         super().__init__()
         if not isinstance(box_head, nn.Module) or not isinstance(box_outs, nn.Module):
             raise TypeError(f"box_head and box_outs must be nn.Modules, got {type(box_head).__name__} and "
@@ -129,6 +132,9 @@ class ROIHeads(nn.Module):
         self.mask_loss_weight = float(mask_loss_weight)
         self.keypoint_loss_weight = float(keypoint_loss_weight)
         self.keypoint_loss_normalizer = None if keypoint_loss_normalizer is None else float(keypoint_loss_normalizer)
+        if box_voting is not None and not isinstance(box_voting, BoxVoting):
+            raise TypeError(f"box_voting must be a maskrcnn.ops.BoxVoting or None, got {type(box_voting).__name__}")
+        self.box_voting = box_voting
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], *, box_head: Optional[nn.Module] = None,
@@ -139,7 +145,7 @@ class ROIHeads(nn.Module):
         ``MODEL.MASK_ON``) on a body with ``in_channels`` and ``spatial_scales`` (finest first); any given head is
         used instead. Other keys: ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI,
         BG_THRESH_LO, BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS,
-        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
+        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``TEST.BBOX_VOTE.*``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
         WEIGHT_LOSS_MASK}``; with ``MODEL.KEYPOINTS_ON`` ``KRCNN.ROI_KEYPOINTS_HEAD`` and ``KRCNN.{LOSS_WEIGHT,
         NORMALIZE_BY_VISIBLE_KEYPOINTS, NUM_KEYPOINTS}``, ``TRAIN.IMS_PER_BATCH`` (Detectron's normaliser)."""
         mask_on = bool(cfg.MODEL.MASK_ON)
@@ -171,6 +177,9 @@ class ROIHeads(nn.Module):
             if not k.NORMALIZE_BY_VISIBLE_KEYPOINTS:
                 # Detectron: the expected number of keypoints of a full minibatch, whatever this one holds.
                 kps_normalizer = t.IMS_PER_BATCH * t.BATCH_SIZE_PER_IM * t.FG_FRACTION * k.NUM_KEYPOINTS
+        vote = s.BBOX_VOTE
+        box_voting = BoxVoting(vote.VOTE_TH, vote.SCORING_METHOD, vote.SCORING_METHOD_BETA,
+                               legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE) if vote.ENABLED else None
         return cls(
             box_head, box_outs,
             box_coder=BoxCoder(tuple(cfg.MODEL.BBOX_REG_WEIGHTS), legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE),
@@ -182,6 +191,7 @@ class ROIHeads(nn.Module):
             mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION, mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
             keypoint_head=keypoint_head, keypoint_outs=keypoint_outs, keypoint_loss_weight=k.LOSS_WEIGHT,
             keypoint_loss_normalizer=kps_normalizer,
+            box_voting=box_voting,
         )
 
     # --- structure ------------------------------------------------------------------------------------------------
@@ -331,7 +341,8 @@ class ROIHeads(nn.Module):
 
     def postprocess_detections(self, probs: List[Tensor], boxes: List[Tensor]
                                ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        """Per image: score threshold, minimum size, per-class NMS, limit (see ``inference.select_detections``).
+        """Per image: score threshold, minimum size, per-class NMS, box voting when set, limit (see
+        ``inference.select_detections``).
 
         Returns:
             ``(boxes, scores, labels)`` lists of ``(D_i, 4)``, ``(D_i,)``, ``(D_i,)`` int64 in 1..K.
@@ -341,7 +352,7 @@ class ROIHeads(nn.Module):
         for p, b in zip(probs, boxes):
             for acc, t in zip(out, select_detections(p, b, self.score_thresh, self.nms_thresh,
                                                      self.detections_per_img, min_size=self.min_box_size,
-                                                     legacy_plus_one=legacy)):
+                                                     legacy_plus_one=legacy, box_voting=self.box_voting)):
                 acc.append(t)
         return out
 
