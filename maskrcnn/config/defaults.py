@@ -181,6 +181,11 @@ _key("KRCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform for the keypoi
 _key("KRCNN.ROI_XFORM_RESOLUTION", 14, "Output size of the RoI transform for the keypoint head.")
 _key("KRCNN.ROI_XFORM_SAMPLING_RATIO", 2, "RoIAlign samples per bin side for the keypoint head; <= 0 is adaptive.")
 _key("KRCNN.LOSS_WEIGHT", 1.0, "Weight of the keypoint loss.")
+_key("KRCNN.KEYPOINT_NAMES", ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+                              "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
+                              "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"],
+     "Names of the NUM_KEYPOINTS keypoints, in the heatmaps' order (default: COCO person, Detectron's "
+     "get_keypoints()); 'left_X' / 'right_X' pairs are swapped when TEST.KPS_AUG flips the image.")
 _key("KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS", True, "Average the keypoint cross-entropy over the visible keypoints "
      "of the batch (torchvision); False divides the sum by IMS_PER_BATCH * BATCH_SIZE_PER_IM * FG_FRACTION * "
      "NUM_KEYPOINTS (Detectron's fixed normaliser).")
@@ -293,6 +298,21 @@ _key("TEST.MASK_AUG.SCALE_SIZE_DEP", False, "Detectron's size-dependent scaling;
 _key("TEST.MASK_AUG.AREA_TH", 32400, "Area threshold of SCALE_SIZE_DEP (unused: SCALE_SIZE_DEP is always False).")
 _key("TEST.MASK_AUG.ASPECT_RATIOS", [], "Width factors to also predict the masks at (as TEST.BBOX_AUG.ASPECT_RATIOS).")
 _key("TEST.MASK_AUG.ASPECT_RATIO_H_FLIP", False, "Also predict on the flipped image at each of ASPECT_RATIOS.")
+
+_section("TEST.KPS_AUG", "Test-time augmentation of the keypoint stage (Detectron's): the heatmaps of the final "
+         "detections are predicted on each augmentation (the boxes mapped into it; flipped heatmaps flipped back with "
+         "left/right keypoints swapped by KRCNN.KEYPOINT_NAMES) and merged per heatmap cell before the arg-max. "
+         "Detectron's size-dependent combination (SCALE_SIZE_DEP) is not offered.")
+_key("TEST.KPS_AUG.ENABLED", False, "Predict the keypoint heatmaps on the augmentations below as well as on the image "
+     "at TEST.SCALE.")
+_key("TEST.KPS_AUG.HEUR", "HM_AVG", "How the heatmap logits are merged: 'HM_AVG' (mean) or 'HM_MAX' (maximum).")
+_key("TEST.KPS_AUG.H_FLIP", False, "Also predict the keypoints on the flipped image at TEST.SCALE.")
+_key("TEST.KPS_AUG.SCALES", [], "Extra shorter-side sizes to predict the keypoints at.")
+_key("TEST.KPS_AUG.MAX_SIZE", 4000, "Longest side of the runs at SCALES.")
+_key("TEST.KPS_AUG.SCALE_H_FLIP", False, "Also predict on the flipped image at each of SCALES.")
+_key("TEST.KPS_AUG.ASPECT_RATIOS", [], "Width factors to also predict the keypoints at (as "
+     "TEST.BBOX_AUG.ASPECT_RATIOS).")
+_key("TEST.KPS_AUG.ASPECT_RATIO_H_FLIP", False, "Also predict on the flipped image at each of ASPECT_RATIOS.")
 
 _section("TEST.BBOX_VOTE", "Box voting (Detectron's, https://arxiv.org/abs/1505.01749): each detection that "
          "survives NMS becomes the score-weighted mean of the same-class candidates overlapping it; with or without "

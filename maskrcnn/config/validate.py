@@ -141,6 +141,10 @@ _CHECKS = {
     "TEST.MASK_AUG.MAX_SIZE": _POS,
     "TEST.MASK_AUG.ASPECT_RATIOS": _RATIOS,
     "TEST.MASK_AUG.SCALE_SIZE_DEP": _NOT_IMPLEMENTED_SIZE_DEP,
+    "TEST.KPS_AUG.HEUR": _one_of(["HM_AVG", "HM_MAX"]),
+    "TEST.KPS_AUG.SCALES": _SIZES,
+    "TEST.KPS_AUG.MAX_SIZE": _POS,
+    "TEST.KPS_AUG.ASPECT_RATIOS": _RATIOS,
     "TEST.BBOX_VOTE.VOTE_TH": _UNIT,
     "TEST.BBOX_VOTE.SCORING_METHOD": _one_of(["ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "QUASI_SUM"]),
     "TEST.BBOX_VOTE.SCORING_METHOD_BETA": _POS,
@@ -256,3 +260,12 @@ def _test_time_augmentation(cfg: _CN, fail: Callable[[str], None]) -> None:
         fail("TEST.BBOX_AUG.ENABLED needs the box head; MODEL.RPN_ONLY models have none")
     if mask.ENABLED and not cfg.MODEL.MASK_ON:
         fail("TEST.MASK_AUG.ENABLED needs the mask head: set MODEL.MASK_ON True or TEST.MASK_AUG.ENABLED False")
+    kps = cfg.TEST.KPS_AUG
+    if kps.ENABLED and not cfg.MODEL.KEYPOINTS_ON:
+        fail("TEST.KPS_AUG.ENABLED needs the keypoint head: set MODEL.KEYPOINTS_ON True or TEST.KPS_AUG.ENABLED False")
+    flips = kps.H_FLIP or (kps.SCALE_H_FLIP and kps.SCALES) or (kps.ASPECT_RATIO_H_FLIP and kps.ASPECT_RATIOS)
+    names = list(cfg.KRCNN.KEYPOINT_NAMES)
+    if kps.ENABLED and flips and len(names) != cfg.KRCNN.NUM_KEYPOINTS:
+        fail(f"TEST.KPS_AUG flips the image, which swaps left and right keypoints by their names, but "
+             f"KRCNN.KEYPOINT_NAMES has {len(names)} names for KRCNN.NUM_KEYPOINTS = {cfg.KRCNN.NUM_KEYPOINTS}; "
+             f"set KRCNN.KEYPOINT_NAMES to your dataset's keypoint names (its COCO json's categories[].keypoints)")

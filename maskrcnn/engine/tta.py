@@ -23,9 +23,11 @@ Mapping between frames is exact for a flip at the same scale (``x -> W - x``, De
 ``MODEL.LEGACY_PLUS_ONE``) and a per-axis ratio of the two network-input sizes otherwise (the sizes of the same
 image, so both span it). Flipped masks are flipped back along their ``M`` columns.
 
-A keypoint branch (``TEST.KPS_AUG``) plugs in as the mask branch does: its augmentations from
-:func:`detectron_augmentations` with ``cfg.TEST.KPS_AUG``'s keys, a per-run head call through :meth:`_per_box_outputs`
-(heatmaps, flipped back with left/right keypoints swapped) and a merge heuristic in ``tta_merge``.
+The keypoint branch (``TEST.KPS_AUG``, Detectron's ``im_detect_keypoints_aug``) works as the mask branch: the
+heatmap logits of the final boxes on the plain run (first) and on each augmentation, flipped heatmaps mirrored back
+with left and right keypoints swapped (``keypoint_flip``, from ``KRCNN.KEYPOINT_NAMES``), merged per cell
+(``HM_AVG`` / ``HM_MAX``), then placed by the model's own arg-max (``heatmaps_to_keypoints``) on the reference
+boxes. A keypoint model run with only box or mask augmentation gets its keypoints from the plain run.
 """
 from __future__ import annotations
 
@@ -39,10 +41,13 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..modeling.preprocess import ImageList, resize_boxes
+from ..modeling.roi_heads.keypoint_outputs import heatmaps_to_keypoints
 from ..ops import _backend
+from ..data.transforms import keypoint_flip_indices
 from ..ops.boxes import flip_boxes
 from .amp import AMP_DTYPES
-from .tta_merge import BOX_HEURISTICS, MASK_HEURISTICS, merge_box_predictions, merge_mask_probs
+from .tta_merge import (BOX_HEURISTICS, KPS_HEURISTICS, MASK_HEURISTICS, merge_box_predictions,
+                        merge_keypoint_heatmaps, merge_mask_probs)
 
 __all__ = ["Augmentation", "ReferenceRun", "TestTimeAugmentation", "detectron_augmentations",
            "with_test_time_augmentation"]
@@ -113,6 +118,11 @@ class TestTimeAugmentation(nn.Module):
         mask_augmentations: extra runs of the mask stage (of ``TEST.MASK_AUG``).
         score_heur, coord_heur: ``TEST.BBOX_AUG.SCORE_HEUR`` / ``COORD_HEUR`` (``UNION``, ``AVG``, ``ID``).
         mask_heur: ``TEST.MASK_AUG.HEUR`` (``SOFT_AVG``, ``SOFT_MAX``, ``LOGIT_AVG``).
+        keypoint_augmentations: extra runs of the keypoint stage (of ``TEST.KPS_AUG``).
+        kps_heur: ``TEST.KPS_AUG.HEUR`` (``HM_AVG``, ``HM_MAX``).
+        keypoint_flip: ``(K,)`` int64, the index of each keypoint's mirror image
+            (:func:`~maskrcnn.data.transforms.keypoint_flip_indices` of ``KRCNN.KEYPOINT_NAMES``); needed when a
+            keypoint augmentation flips.
         reference: ``(scale, max_size)`` of the plain run; default the model's test size (``TEST.SCALE``,
             ``TEST.MAX_SIZE``).
         amp: ``''``, ``'bf16'`` or ``'fp16'``: :meth:`forward` runs under that autocast, as a model prepared with
@@ -124,7 +134,9 @@ class TestTimeAugmentation(nn.Module):
     def __init__(self, model: nn.Module, bbox_augmentations: Sequence[Augmentation] = (),
                  mask_augmentations: Sequence[Augmentation] = (), *, score_heur: str = "UNION",
                  coord_heur: str = "UNION", mask_heur: str = "SOFT_AVG",
-                 reference: Optional[Tuple[int, int]] = None, amp: str = ""):
+                 reference: Optional[Tuple[int, int]] = None, amp: str = "",
+                 keypoint_augmentations: Sequence[Augmentation] = (), kps_heur: str = "HM_AVG",
+                 keypoint_flip: Optional[Tensor] = None):
         super().__init__()
         if getattr(model, "roi_heads", None) is None:
             raise ValueError("test-time augmentation needs a model with RoI heads (not MODEL.RPN_ONLY)")
@@ -137,6 +149,18 @@ class TestTimeAugmentation(nn.Module):
             raise ValueError(f"mask_heur must be one of {MASK_HEURISTICS}, got {mask_heur!r}")
         if mask_augmentations and not model.mask_on:
             raise ValueError("mask augmentations given for a model without a mask head (MODEL.MASK_ON False)")
+        keypoints_on = bool(getattr(model.roi_heads, "keypoints_on", False))
+        if keypoint_augmentations and not keypoints_on:
+            raise ValueError("keypoint augmentations given for a model without a keypoint head "
+                             "(MODEL.KEYPOINTS_ON False)")
+        if kps_heur not in KPS_HEURISTICS:
+            raise ValueError(f"kps_heur must be one of {KPS_HEURISTICS}, got {kps_heur!r}")
+        if any(a.hflip for a in keypoint_augmentations):
+            num_kps = int(model.roi_heads.Keypoint_Outs.num_keypoints)
+            if keypoint_flip is None or tuple(keypoint_flip.shape) != (num_kps,):
+                got = None if keypoint_flip is None else tuple(keypoint_flip.shape)
+                raise ValueError(f"a flipped keypoint augmentation needs keypoint_flip, the ({num_kps},) indices of "
+                                 f"each keypoint's mirror (KRCNN.KEYPOINT_NAMES), got {got}")
         if amp and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be '' or one of {sorted(AMP_DTYPES)}, got {amp!r}")
         self.model = model
@@ -146,14 +170,17 @@ class TestTimeAugmentation(nn.Module):
         self.bbox_augmentations = list(bbox_augmentations)
         self.mask_augmentations = list(mask_augmentations)
         self.score_heur, self.coord_heur, self.mask_heur = score_heur, coord_heur, mask_heur
+        self.keypoint_augmentations = list(keypoint_augmentations)
+        self.kps_heur = kps_heur
+        self.keypoint_flip = None if keypoint_flip is None else torch.as_tensor(keypoint_flip, dtype=torch.int64)
         self.amp = amp
         self.training = model.training  # the wrapped model's mode (train()/eval() set both from now on)
 
     @classmethod
     def from_cfg(cls, model: nn.Module, cfg=None, *, amp: Optional[str] = None) -> "TestTimeAugmentation":
         """Settings from ``cfg`` (default ``model.cfg``): ``TEST.{SCALE, MAX_SIZE, AMP}``, ``TEST.BBOX_AUG.*``,
-        ``TEST.MASK_AUG.*``; ``amp`` overrides ``TEST.AMP`` (the Detectron API passes ``''``: its caller owns
-        the autocast region, as for the plain path)."""
+        ``TEST.MASK_AUG.*``, ``TEST.KPS_AUG.*`` (with ``KRCNN.KEYPOINT_NAMES``); ``amp`` overrides ``TEST.AMP``
+        (the Detectron API passes ``''``: its caller owns the autocast region, as for the plain path)."""
         cfg = cfg if cfg is not None else model.cfg
         scale, max_size = int(cfg.TEST.SCALE), int(cfg.TEST.MAX_SIZE)
         box, mask = cfg.TEST.BBOX_AUG, cfg.TEST.MASK_AUG
@@ -165,10 +192,24 @@ class TestTimeAugmentation(nn.Module):
             scale, max_size, h_flip=mask.H_FLIP, scales=mask.SCALES, scales_max_size=mask.MAX_SIZE,
             scale_h_flip=mask.SCALE_H_FLIP, aspect_ratios=mask.ASPECT_RATIOS,
             aspect_ratio_h_flip=mask.ASPECT_RATIO_H_FLIP) if mask.ENABLED else []
+        kps = cfg.TEST.KPS_AUG
+        kps_augs = detectron_augmentations(
+            scale, max_size, h_flip=kps.H_FLIP, scales=kps.SCALES, scales_max_size=kps.MAX_SIZE,
+            scale_h_flip=kps.SCALE_H_FLIP, aspect_ratios=kps.ASPECT_RATIOS,
+            aspect_ratio_h_flip=kps.ASPECT_RATIO_H_FLIP) if kps.ENABLED else []
+        flip = None
+        if any(a.hflip for a in kps_augs):
+            names = list(cfg.KRCNN.KEYPOINT_NAMES)
+            if len(names) != int(cfg.KRCNN.NUM_KEYPOINTS):
+                raise ConfigError(f"TEST.KPS_AUG flips the image but KRCNN.KEYPOINT_NAMES has {len(names)} names for "
+                                  f"KRCNN.NUM_KEYPOINTS = {cfg.KRCNN.NUM_KEYPOINTS}; set KRCNN.KEYPOINT_NAMES to the "
+                                  f"dataset's keypoint names")
+            flip = keypoint_flip_indices(names)
         return cls(model, box_augs, mask_augs,
                    score_heur=box.SCORE_HEUR if box.ENABLED else "UNION",
                    coord_heur=box.COORD_HEUR if box.ENABLED else "UNION", mask_heur=mask.HEUR,
-                   reference=(scale, max_size), amp=str(cfg.TEST.AMP) if amp is None else amp)
+                   reference=(scale, max_size), amp=str(cfg.TEST.AMP) if amp is None else amp,
+                   keypoint_augmentations=kps_augs, kps_heur=kps.HEUR, keypoint_flip=flip)
 
     def check_proposals(self, given: bool) -> None:
         """Detectron's rule: with RPN proposals (``given=False``) the runs' RoIs differ, so only ``UNION`` can merge
@@ -294,6 +335,40 @@ class TestTimeAugmentation(nn.Module):
             return [o[0] for o in outputs]
         return [merge_mask_probs(o, self.mask_heur) for o in outputs]
 
+    def detect_keypoints(self, images: Sequence[Tensor], reference: ReferenceRun, boxes: Sequence[Tensor]
+                         ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Detectron's ``im_detect_keypoints_aug`` for a batch: heatmap logits of the reference-frame ``boxes``
+        (per image ``(N_i, 4)``) on the plain run and every keypoint augmentation, merged with
+        ``TEST.KPS_AUG.HEUR``, then placed on ``boxes``.
+
+        Returns:
+            per image ``(N_i, K, 3)`` float ``(x, y, 1)`` in reference-frame pixels and ``(N_i, K)`` scores (the
+            merged heatmap logits at the chosen cells), as ``roi_heads.keypoints``.
+        """
+        roi_heads = self.model.roi_heads
+
+        def head(features, rois: List[Tensor]) -> List[Tensor]:
+            logits = roi_heads.Keypoint_Outs(roi_heads.Keypoint_Head(features, rois))
+            return list(logits.float().split([int(r.shape[0]) for r in rois]))
+
+        def unflip(maps: Tensor) -> Tensor:
+            # Mirror the cells back, then take each keypoint's map from its mirror image's channel.
+            return maps.flip(-1)[:, self.keypoint_flip.to(maps.device)]
+
+        outputs = self._per_box_outputs(images, reference, boxes, self.keypoint_augmentations, head, unflip)
+        keypoints, scores = [], []
+        for maps, b in zip(outputs, boxes):
+            merged = merge_keypoint_heatmaps(maps, self.kps_heur) if len(maps) > 1 else maps[0]
+            if b.shape[0] == 0:
+                k = merged.shape[1]
+                keypoints.append(torch.zeros((0, k, 3), device=b.device))
+                scores.append(torch.zeros((0, k), device=b.device))
+                continue
+            kp, sc = heatmaps_to_keypoints(merged, b)
+            keypoints.append(kp)
+            scores.append(sc)
+        return keypoints, scores
+
     # --- the model's eval contract -------------------------------------------------------------------------------
     def _regions(self):
         stack = contextlib.ExitStack()
@@ -321,14 +396,18 @@ class TestTimeAugmentation(nn.Module):
             if self.model.mask_on:
                 for r, m in zip(results, self.detect_masks(images, ref, det_boxes, det_labels)):
                     r["masks"] = m
+            if getattr(self.model.roi_heads, "keypoints_on", False):
+                for r, kp, ks in zip(results, *self.detect_keypoints(images, ref, det_boxes)):
+                    r["keypoints"], r["keypoints_scores"] = kp, ks
             return self.model.preprocess.postprocess(results, ref.image_list.image_sizes, ref.original_sizes)
 
 
 def with_test_time_augmentation(model: nn.Module, cfg=None) -> nn.Module:
     """``model`` itself when ``cfg`` (default ``model.cfg``) enables neither ``TEST.BBOX_AUG`` nor
-    ``TEST.MASK_AUG``, else a :class:`TestTimeAugmentation` of it (checked now: RPN proposals need ``UNION``)."""
+    ``TEST.MASK_AUG`` nor ``TEST.KPS_AUG``, else a :class:`TestTimeAugmentation` of it (checked now: RPN
+    proposals need ``UNION``)."""
     cfg = cfg if cfg is not None else model.cfg
-    if not (cfg.TEST.BBOX_AUG.ENABLED or cfg.TEST.MASK_AUG.ENABLED):
+    if not (cfg.TEST.BBOX_AUG.ENABLED or cfg.TEST.MASK_AUG.ENABLED or cfg.TEST.KPS_AUG.ENABLED):
         return model
     tta = TestTimeAugmentation.from_cfg(model, cfg)
     tta.check_proposals(given=False)

@@ -11,7 +11,8 @@ outputs, in the same box order, so merging is arithmetic on stacked tensors:
   (mean), ``SOFT_MAX`` (maximum) or ``LOGIT_AVG`` (sigmoid of the mean logit, Detectron's ``logit`` with its
   ``1e-20`` floor).
 
-A keypoint branch (``TEST.KPS_AUG``) adds its heatmap heuristics (``HM_AVG`` / ``HM_MAX``) here.
+- keypoints (:func:`merge_keypoint_heatmaps`, ``TEST.KPS_AUG.HEUR``): per cell of the ``K`` heatmaps (logits),
+  ``HM_AVG`` (mean) or ``HM_MAX`` (maximum), before the arg-max that places each keypoint.
 """
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["BOX_HEURISTICS", "MASK_HEURISTICS", "merge_box_predictions", "merge_mask_probs", "mask_logit"]
+__all__ = ["BOX_HEURISTICS", "KPS_HEURISTICS", "MASK_HEURISTICS", "merge_box_predictions", "merge_keypoint_heatmaps",
+           "merge_mask_probs", "mask_logit"]
 
 #: ``TEST.BBOX_AUG.SCORE_HEUR`` / ``COORD_HEUR`` values.
 BOX_HEURISTICS = ("ID", "AVG", "UNION")
 #: ``TEST.MASK_AUG.HEUR`` values.
 MASK_HEURISTICS = ("SOFT_AVG", "SOFT_MAX", "LOGIT_AVG")
+#: ``TEST.KPS_AUG.HEUR`` values.
+KPS_HEURISTICS = ("HM_AVG", "HM_MAX")
 
 
 def _merge(values: Sequence[Tensor], heur: str, identity_index: int, what: str, key: str) -> Tensor:
@@ -86,3 +90,16 @@ def merge_mask_probs(masks: Sequence[Tensor], heur: str = "SOFT_AVG") -> Tensor:
     if heur == "SOFT_MAX":
         return stacked.amax(0)
     return torch.sigmoid(mask_logit(stacked).mean(0))
+
+
+def merge_keypoint_heatmaps(heatmaps: Sequence[Tensor], heur: str = "HM_AVG") -> Tensor:
+    """Merge per-augmentation keypoint heatmap logits ``(N, K, H, H)`` (same boxes and keypoint order) into one."""
+    if heur not in KPS_HEURISTICS:
+        raise ValueError(f"TEST.KPS_AUG.HEUR = {heur!r} is not known; use one of {KPS_HEURISTICS}")
+    if not heatmaps:
+        raise ValueError("no heatmaps to merge")
+    shapes = {tuple(h.shape) for h in heatmaps}
+    if len(shapes) != 1:
+        raise ValueError(f"heatmaps of every augmentation must have the same shape, got {sorted(shapes)}")
+    stacked = torch.stack(list(heatmaps))
+    return stacked.mean(0) if heur == "HM_AVG" else stacked.amax(0)
