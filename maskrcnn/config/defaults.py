@@ -78,6 +78,8 @@ _key("MODEL.FASTER_RCNN", True, "End-to-end Faster/Mask R-CNN on RPN proposals; 
      "R-CNN on precomputed proposals, is not supported and is rejected).")
 _key("MODEL.MASK_ON", True, "Add the mask branch.")
 _key("MODEL.KEYPOINTS_ON", False, "Add the keypoint branch (Keypoint R-CNN; KRCNN.* keys).")
+_key("MODEL.CASCADE_ON", False, "Cascade R-CNN box stages (CASCADE_RCNN.* keys; detectron2's CascadeROIHeads): needs "
+     "an FPN box head and MODEL.CLS_AGNOSTIC_BBOX_REG True.")
 _key("MODEL.RPN_ONLY", False, "Stop after the RPN (proposals are the output).")
 _key("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", False, "Initialise the backbone from RESNETS.IMAGENET_PRETRAINED_WEIGHTS.")
 _key("MODEL.LEGACY_PLUS_ONE", False,
@@ -165,6 +167,16 @@ _key("MRCNN.CLS_SPECIFIC_MASK", True, "One mask per class instead of one class-a
 _key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
 _key("MRCNN.THRESH_BINARIZE", 0.5, "Threshold turning mask probabilities into binary masks for results.")
 _key("MRCNN.CONV_INIT", "GaussianFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
+
+_section("CASCADE_RCNN", "Cascade R-CNN stages (with MODEL.CASCADE_ON; detectron2's MODEL.ROI_BOX_CASCADE_HEAD): each "
+         "stage has its own box head and outputs and refines the previous stage's boxes (maskrcnn/modeling/roi_heads/"
+         "cascade.py).")
+_key("CASCADE_RCNN.IOUS", [0.5, 0.6, 0.7], "Foreground IoU threshold of each stage; the first must equal "
+     "TRAIN.FG_THRESH (stage 0 samples the RPN's proposals as the plain heads do).")
+_key("CASCADE_RCNN.BBOX_REG_WEIGHTS", [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]],
+     "Box-coder weights (wx, wy, ww, wh) of each stage (replace MODEL.BBOX_REG_WEIGHTS).")
+_key("CASCADE_RCNN.STAGE_WEIGHTS", [1.0, 1.0, 1.0], "Factor on each stage's classification and box losses "
+     "(detectron2: all 1; mmdetection: 1, 0.5, 0.25).")
 
 _section("KRCNN", "Keypoint head (Keypoint R-CNN), Detectron's KRCNN keys.")
 _key("KRCNN.ROI_KEYPOINTS_HEAD", "keypoint_rcnn_heads.roi_pose_head_v1convX",

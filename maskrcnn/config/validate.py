@@ -242,6 +242,8 @@ def _relations(cfg: _CN, source: str) -> None:
         fail(f"KRCNN.HEATMAP_SIZE = {cfg.KRCNN.HEATMAP_SIZE} must be 2 * KRCNN.UP_SCALE * KRCNN.ROI_XFORM_RESOLUTION = "
              f"{2 * k.UP_SCALE * k.ROI_XFORM_RESOLUTION} (a stride-2 deconvolution, then the upsampling)")
     _test_time_augmentation(cfg, fail)
+    if cfg.MODEL.CASCADE_ON:
+        _cascade(cfg, fail)
     if len(cfg.PIXEL_MEANS) != len(cfg.PIXEL_STDS):
         fail("PIXEL_MEANS and PIXEL_STDS must have the same length")
 
@@ -269,3 +271,28 @@ def _test_time_augmentation(cfg: _CN, fail: Callable[[str], None]) -> None:
         fail(f"TEST.KPS_AUG flips the image, which swaps left and right keypoints by their names, but "
              f"KRCNN.KEYPOINT_NAMES has {len(names)} names for KRCNN.NUM_KEYPOINTS = {cfg.KRCNN.NUM_KEYPOINTS}; "
              f"set KRCNN.KEYPOINT_NAMES to your dataset's keypoint names (its COCO json's categories[].keypoints)")
+
+
+def _cascade(cfg: _CN, fail: Callable[[str], None]) -> None:
+    """What detectron2's CascadeROIHeads asserts, with the keys that fix it."""
+    c = cfg.CASCADE_RCNN
+    n = len(c.IOUS)
+    if n < 1 or len(c.BBOX_REG_WEIGHTS) != n or len(c.STAGE_WEIGHTS) != n:
+        fail(f"CASCADE_RCNN.IOUS ({n}), BBOX_REG_WEIGHTS ({len(c.BBOX_REG_WEIGHTS)}) and STAGE_WEIGHTS "
+             f"({len(c.STAGE_WEIGHTS)}) need one entry per stage (at least one)")
+    if not all(0.0 < float(v) < 1.0 for v in c.IOUS):
+        fail(f"CASCADE_RCNN.IOUS = {list(c.IOUS)} must lie in (0, 1)")
+    if not all(len(w) == 4 and all(float(x) > 0 for x in w) for w in c.BBOX_REG_WEIGHTS):
+        fail(f"CASCADE_RCNN.BBOX_REG_WEIGHTS = {list(c.BBOX_REG_WEIGHTS)}: each stage needs 4 positive weights")
+    if not all(float(w) >= 0 for w in c.STAGE_WEIGHTS):
+        fail(f"CASCADE_RCNN.STAGE_WEIGHTS = {list(c.STAGE_WEIGHTS)} must be >= 0")
+    if abs(float(c.IOUS[0]) - float(cfg.TRAIN.FG_THRESH)) > 1e-9:
+        fail(f"CASCADE_RCNN.IOUS[0] = {c.IOUS[0]} must equal TRAIN.FG_THRESH = {cfg.TRAIN.FG_THRESH} (stage 0 "
+             f"samples the RPN's proposals with the plain heads' matcher)")
+    if not cfg.MODEL.CLS_AGNOSTIC_BBOX_REG:
+        fail("MODEL.CASCADE_ON needs MODEL.CLS_AGNOSTIC_BBOX_REG True: each stage's one box is the next stage's RoI")
+    if _strip_prefix(cfg.FAST_RCNN.ROI_BOX_HEAD) == "ResNet_roi_conv5_head":
+        fail("MODEL.CASCADE_ON runs FPN box heads (fast_rcnn_heads.roi_2mlp_head, roi_Xconv1fc_head...), not "
+             "FAST_RCNN.ROI_BOX_HEAD = ResNet.ResNet_roi_conv5_head")
+    if cfg.MODEL.RPN_ONLY:
+        fail("MODEL.CASCADE_ON needs RoI heads; MODEL.RPN_ONLY models have none")

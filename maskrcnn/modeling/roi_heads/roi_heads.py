@@ -141,11 +141,23 @@ class ROIHeads(nn.Module):
                  box_outs: Optional[nn.Module] = None, mask_head: Optional[nn.Module] = None,
                  mask_outs: Optional[nn.Module] = None, keypoint_head: Optional[nn.Module] = None,
                  keypoint_outs: Optional[nn.Module] = None) -> "ROIHeads":
-        """Build the heads named by the config (``FAST_RCNN.ROI_BOX_HEAD``, ``MRCNN.ROI_MASK_HEAD`` when
-        ``MODEL.MASK_ON``) on a body with ``in_channels`` and ``spatial_scales`` (finest first); any given head is
-        used instead. Other keys: ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI,
-        BG_THRESH_LO, BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS,
-        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``TEST.BBOX_VOTE.*``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
+        """Build the heads named by the config (see :meth:`cfg_kwargs`)."""
+        kwargs = cls.cfg_kwargs(cfg, in_channels, spatial_scales, box_head=box_head, box_outs=box_outs,
+                                mask_head=mask_head, mask_outs=mask_outs, keypoint_head=keypoint_head,
+                                keypoint_outs=keypoint_outs)
+        return cls(kwargs.pop("box_head"), kwargs.pop("box_outs"), **kwargs)
+
+    @staticmethod
+    def cfg_kwargs(cfg, in_channels: int, spatial_scales: Sequence[float], *, box_head: Optional[nn.Module] = None,
+                   box_outs: Optional[nn.Module] = None, mask_head: Optional[nn.Module] = None,
+                   mask_outs: Optional[nn.Module] = None, keypoint_head: Optional[nn.Module] = None,
+                   keypoint_outs: Optional[nn.Module] = None) -> Dict[str, object]:
+        """The constructor's arguments (``box_head`` and ``box_outs`` included) from the config: the heads it
+        names (``FAST_RCNN.ROI_BOX_HEAD``, ``MRCNN.ROI_MASK_HEAD`` when ``MODEL.MASK_ON``) on a body with
+        ``in_channels`` and ``spatial_scales`` (finest first); any given head is used instead. Other keys:
+        ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI, BG_THRESH_LO,
+        BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS, DETECTIONS_PER_IM,
+        MIN_BOX_SIZE, BBOX_REG}``, ``TEST.BBOX_VOTE.*``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
         WEIGHT_LOSS_MASK}``; with ``MODEL.KEYPOINTS_ON`` ``KRCNN.ROI_KEYPOINTS_HEAD`` and ``KRCNN.{LOSS_WEIGHT,
         NORMALIZE_BY_VISIBLE_KEYPOINTS, NUM_KEYPOINTS}``, ``TRAIN.IMS_PER_BATCH`` (Detectron's normaliser)."""
         mask_on = bool(cfg.MODEL.MASK_ON)
@@ -180,8 +192,8 @@ class ROIHeads(nn.Module):
         vote = s.BBOX_VOTE
         box_voting = BoxVoting(vote.VOTE_TH, vote.SCORING_METHOD, vote.SCORING_METHOD_BETA,
                                legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE) if vote.ENABLED else None
-        return cls(
-            box_head, box_outs,
+        return dict(
+            box_head=box_head, box_outs=box_outs,
             box_coder=BoxCoder(tuple(cfg.MODEL.BBOX_REG_WEIGHTS), legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE),
             proposal_matcher=Matcher(t.FG_THRESH, t.BG_THRESH_HI, allow_low_quality_matches=False),
             fg_bg_sampler=BalancedPositiveNegativeSampler(t.BATCH_SIZE_PER_IM, t.FG_FRACTION),
@@ -244,16 +256,21 @@ class ROIHeads(nn.Module):
             ``(results, {})`` with per image ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64 in 1..K[,
             "masks": (D, 1, M, M)][, "keypoints": (D, K, 3), "keypoints_scores": (D, K)]}``.
         """
+        self.check_inputs(proposals, image_sizes, targets)
+        if self.training:
+            return [], self._losses(features, proposals, targets)
+        return self._detect(features, proposals, image_sizes), {}
+
+    def check_inputs(self, proposals: List[Tensor], image_sizes: Sequence[Tuple[int, int]],
+                     targets: Optional[List[Dict[str, Tensor]]]) -> None:
+        """Raise a clear error for inputs that break the :meth:`forward` contract."""
         if isinstance(proposals, Tensor):
             raise TypeError("proposals must be a list of (P_i, 4) tensors, one per image")
         if len(proposals) != len(image_sizes):
             raise ValueError(f"got {len(proposals)} proposal sets for {len(image_sizes)} image sizes")
-        if self.training:
-            if targets is None:
-                raise ValueError("ROIHeads in training mode needs targets: one dict with 'boxes' and 'labels' "
-                                 "(and 'masks' with a mask head) per image")
-            return [], self._losses(features, proposals, targets)
-        return self._detect(features, proposals, image_sizes), {}
+        if self.training and targets is None:
+            raise ValueError("ROIHeads in training mode needs targets: one dict with 'boxes' and 'labels' "
+                             "(and 'masks' with a mask head) per image")
 
     # --- training -------------------------------------------------------------------------------------------------
     def select_training_samples(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]) -> SampledRoIs:
