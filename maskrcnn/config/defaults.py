@@ -272,6 +272,9 @@ _key("TEST.DETECTOR_POSTPROCESS", "torchvision", "How detections are mapped to t
      "(boxes scaled by the size ratio) or 'detectron2' (detector_postprocess: scaled by float64 factors, clipped "
      "to the original image, boxes with a side <= 0 dropped).")
 
+_key("TEST.KEYPOINT_OKS_SIGMAS", [], "OKS sigmas of the keypoints for keypoint AP (pycocotools' scale, e.g. 0.026 "
+     "for COCO's nose); empty: COCO's 17 person sigmas, which only fit 17 keypoints (detectron2's key).")
+
 _section("TEST.BBOX_AUG", "Test-time augmentation of the box stage (Detectron's; maskrcnn/engine/tta.py). The image "
          "is also run flipped, at other scales and at other aspect ratios, and the per-RoI predictions of every run, "
          "mapped back to the image, are merged before NMS. Used by test_net, Predictor and core.test.im_detect_all.")

@@ -141,6 +141,7 @@ _CHECKS = {
     "TEST.MASK_AUG.MAX_SIZE": _POS,
     "TEST.MASK_AUG.ASPECT_RATIOS": _RATIOS,
     "TEST.MASK_AUG.SCALE_SIZE_DEP": _NOT_IMPLEMENTED_SIZE_DEP,
+    "TEST.KEYPOINT_OKS_SIGMAS": (lambda v: all(float(x) > 0 for x in v), "positive numbers, one per keypoint, or []"),
     "TEST.KPS_AUG.HEUR": _one_of(["HM_AVG", "HM_MAX"]),
     "TEST.KPS_AUG.SCALES": _SIZES,
     "TEST.KPS_AUG.MAX_SIZE": _POS,
