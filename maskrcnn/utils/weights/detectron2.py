@@ -15,6 +15,7 @@ Names (``detectron2/modeling/backbone/{resnet,fpn}.py``, ``proposal_generator/rp
     roi_heads.box_predictor.bbox_pred.*   4K rows, foreground classes only (no background deltas)
     roi_heads.mask_head.mask_fcn{1..4}.*  .deconv.*  .predictor.*     predictor: K channels, no background
     roi_heads.mask_head.mask_fcn{i}.norm.{weight,bias}                GN mask head
+    roi_heads.keypoint_head.conv_fcn{1..8}.*  .score_lowres.*       keypoint head (KRCNNConvDeconvUpsampleHead)
     roi_heads.box_head.{k}.fc{1,2}.*  roi_heads.box_predictor.{k}.*   Cascade R-CNN stage k (class-agnostic bbox_pred:
                                                                         4 rows) -> canonical box.stage{k}.*
 
@@ -48,6 +49,7 @@ _HEADS = {
     "roi_heads.box_head.fc1": "box.fc6", "roi_heads.box_head.fc2": "box.fc7",
     "roi_heads.box_predictor.cls_score": "box.cls_score", "roi_heads.box_predictor.bbox_pred": "box.bbox_pred",
     "roi_heads.mask_head.deconv": "mask.conv5_mask", "roi_heads.mask_head.predictor": "mask.logits",
+    "roi_heads.keypoint_head.score_lowres": "kps.score_lowres",
 }
 _HEAD_PATTERN = r"(?P<layer>" + "|".join(k.replace(".", r"\.") for k in _HEADS) + r")\." + PARAM
 _BODY = r"backbone\.(?:bottom_up\.)?"  # FPN models wrap the ResNet in bottom_up
@@ -83,6 +85,7 @@ TO_CANONICAL = RuleTable("this detectron2 file", "maskrcnn's model", [
     Rule(r"backbone\.fpn_(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "fpn.{kind}{L}{norm}.{p}"),
     Rule(r"roi_heads\.mask_head\.mask_fcn(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "mask.fcn{i}{norm}.{p}"),
     Rule(r"roi_heads\.box_head\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "box.conv{i}{norm}.{p}"),
+    Rule(r"roi_heads\.keypoint_head\.conv_fcn(?P<i>\d+)\." + PARAM, "kps.conv_fcn{i}.{p}"),
     Rule(_HEAD_PATTERN, "{layer}.{p}", {"layer": _HEADS}),
     # Cascade R-CNN: one box head and predictor per stage.
     Rule(r"roi_heads\.box_head\.(?P<k>\d+)\.(?P<layer>fc1|fc2)\." + PARAM, "box.stage{k}.{layer}.{p}",
@@ -91,7 +94,7 @@ TO_CANONICAL = RuleTable("this detectron2 file", "maskrcnn's model", [
          "box.stage{k}.conv{i}{norm}.{p}"),
     Rule(r"roi_heads\.box_predictor\.(?P<k>\d+)\.(?P<layer>cls_score|bbox_pred)\." + PARAM,
          "box.stage{k}.{layer}.{p}"),
-], hint="Keypoint, RetinaNet and other non-standard detectron2 models are not supported.")
+], hint="RetinaNet and other non-standard detectron2 models are not supported.")
 
 #: Canonical name -> detectron2 name. Context: ``body`` (``backbone.bottom_up.`` under FPN, else ``backbone.``) and
 #: ``res5`` (``roi_heads.`` when res5 is the C4 box head, else ``body``).
@@ -103,6 +106,7 @@ FROM_CANONICAL = RuleTable("the canonical weights", "detectron2's names", [
     Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "backbone.fpn_{kind}{L}{norm}.{p}"),
     Rule(r"mask\.fcn(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "roi_heads.mask_head.mask_fcn{i}{norm}.{p}"),
     Rule(r"box\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "roi_heads.box_head.conv{i}{norm}.{p}"),
+    Rule(r"kps\.conv_fcn(?P<i>\d+)\." + PARAM, "roi_heads.keypoint_head.conv_fcn{i}.{p}"),
     Rule(r"box\.stage(?P<k>\d+)\.(?P<layer>fc6|fc7)\." + PARAM, "roi_heads.box_head.{k}.{layer}.{p}",
          {"layer": inverse(_CASCADE_FC)}),
     Rule(r"box\.stage(?P<k>\d+)\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM,
