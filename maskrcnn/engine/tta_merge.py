@@ -75,16 +75,21 @@ def mask_logit(probs: Tensor) -> Tensor:
     return -torch.log((1.0 - probs) / probs.clamp(min=1e-20))
 
 
+def _stack_runs(outputs: Sequence[Tensor], what: str) -> Tensor:
+    """``(T, ...)``: the per-box outputs of the ``T`` runs (same boxes, same order), which must share a shape."""
+    if not outputs:
+        raise ValueError(f"no {what} to merge")
+    shapes = {tuple(o.shape) for o in outputs}
+    if len(shapes) != 1:
+        raise ValueError(f"{what} of every augmentation must have the same shape, got {sorted(shapes)}")
+    return torch.stack(list(outputs))
+
+
 def merge_mask_probs(masks: Sequence[Tensor], heur: str = "SOFT_AVG") -> Tensor:
     """Merge per-augmentation mask probabilities ``(N, C, M, M)`` (same boxes, same order) into one such tensor."""
     if heur not in MASK_HEURISTICS:
         raise ValueError(f"TEST.MASK_AUG.HEUR = {heur!r} is not known; use one of {MASK_HEURISTICS}")
-    if not masks:
-        raise ValueError("no masks to merge")
-    shapes = {tuple(m.shape) for m in masks}
-    if len(shapes) != 1:
-        raise ValueError(f"masks of every augmentation must have the same shape, got {sorted(shapes)}")
-    stacked = torch.stack(list(masks))
+    stacked = _stack_runs(masks, "masks")
     if heur == "SOFT_AVG":
         return stacked.mean(0)
     if heur == "SOFT_MAX":
@@ -96,10 +101,5 @@ def merge_keypoint_heatmaps(heatmaps: Sequence[Tensor], heur: str = "HM_AVG") ->
     """Merge per-augmentation keypoint heatmap logits ``(N, K, H, H)`` (same boxes and keypoint order) into one."""
     if heur not in KPS_HEURISTICS:
         raise ValueError(f"TEST.KPS_AUG.HEUR = {heur!r} is not known; use one of {KPS_HEURISTICS}")
-    if not heatmaps:
-        raise ValueError("no heatmaps to merge")
-    shapes = {tuple(h.shape) for h in heatmaps}
-    if len(shapes) != 1:
-        raise ValueError(f"heatmaps of every augmentation must have the same shape, got {sorted(shapes)}")
-    stacked = torch.stack(list(heatmaps))
+    stacked = _stack_runs(heatmaps, "heatmaps")
     return stacked.mean(0) if heur == "HM_AVG" else stacked.amax(0)
