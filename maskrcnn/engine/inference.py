@@ -124,7 +124,7 @@ def prediction_record(index: int, image_id: int, output: Dict[str, Tensor], mask
         if rescale:
             kps[..., 0] *= out_w / w
             kps[..., 1] *= out_h / h
-        rec["keypoints"] = [[round(v, 2) for v in k] for k in kps.reshape(kps.shape[0], -1).tolist()]
+        rec["keypoints"] = [[round(v, 2) for v in k] for k in kps.flatten(1).tolist()]
     return rec
 
 

@@ -97,3 +97,10 @@ def test_keypoints_are_scaled_back_to_the_recorded_image_size():
            "labels": torch.tensor([1]), "keypoints": torch.tensor([[[12.0, 14.0, 1.0], [18.0, 16.0, 1.0]]])}
     rec = prediction_record(0, 0, out, image_size=(50, 100), original_size=(100, 200))
     assert rec["keypoints"] == [[24.0, 28.0, 1.0, 36.0, 32.0, 1.0]]
+
+
+def test_an_image_without_detections_gives_an_empty_keypoint_record():
+    out = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+           "keypoints": torch.zeros(0, 4, 3)}
+    assert prediction_record(0, 0, out)["keypoints"] == []
+    assert prediction_record(0, 0, out, image_size=(50, 100), original_size=(100, 200))["keypoints"] == []
