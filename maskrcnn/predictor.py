@@ -206,6 +206,9 @@ def image_to_rgb_tensor(image: Any, format: str = "BGR", who: str = "image") -> 
 class Predictor:
     """Inference front door: call it on images, get torchvision-style detections with class names.
 
+    Test-time augmentation (``TEST.BBOX_AUG`` / ``TEST.MASK_AUG`` in the config or ``overrides``) applies to every
+    call (:mod:`maskrcnn.engine.tta`).
+
     Args:
         cfg: a YAML config path, a ``CfgNode`` (copied) or None to use the config saved in the ``weights``
             checkpoint (``train_net`` saves it as ``"cfg"``).
@@ -301,6 +304,10 @@ class Predictor:
         num_classes = int(getattr(getattr(model, "Box_Outs", None), "num_classes", cfg.MODEL.NUM_CLASSES))
         self.class_names: List[str] = (_check_class_names(names, num_classes, source) if names is not None
                                        else default_class_names(num_classes))
+        from .engine.tta import with_test_time_augmentation
+
+        # TEST.BBOX_AUG / TEST.MASK_AUG: the same detections contract, from several runs per image.
+        self._detector = with_test_time_augmentation(self.model, cfg)
         batch_size = int(cfg.TEST.IMS_PER_BATCH) if batch_size is None else batch_size
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"Predictor: batch_size must be a positive integer, got {batch_size!r}")
@@ -341,7 +348,7 @@ class Predictor:
                 batch = [image_to_rgb_tensor(im, format, who="image" if single else f"images[{start + i}]")
                          .to(self.device, non_blocking=True)
                          for i, im in enumerate(items[start:start + self.batch_size])]
-                outputs.extend(self._to_user(out) for out in self.model(batch))
+                outputs.extend(self._to_user(out) for out in self._detector(batch))
         return outputs[0] if single else outputs
 
     def _to_user(self, out: Dict[str, Tensor]) -> Dict[str, Any]:

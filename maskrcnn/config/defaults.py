@@ -25,7 +25,12 @@ SECTION_DOCS: Dict[str, str] = {}
 
 
 def _section(name: str, doc: str) -> None:
-    setattr(_C, name, CN())
+    """Declare a section; a dotted name (``TEST.BBOX_AUG``) is a sub-section of an existing one."""
+    node = _C
+    parts = name.split(".")
+    for p in parts[:-1]:
+        node = getattr(node, p)
+    setattr(node, parts[-1], CN())
     SECTION_DOCS[name] = doc
 
 
@@ -73,6 +78,8 @@ _key("MODEL.FASTER_RCNN", True, "End-to-end Faster/Mask R-CNN on RPN proposals; 
      "R-CNN on precomputed proposals, is not supported and is rejected).")
 _key("MODEL.MASK_ON", True, "Add the mask branch.")
 _key("MODEL.KEYPOINTS_ON", False, "Add the keypoint branch (Keypoint R-CNN; KRCNN.* keys).")
+_key("MODEL.CASCADE_ON", False, "Cascade R-CNN box stages (CASCADE_RCNN.* keys; detectron2's CascadeROIHeads): needs "
+     "an FPN box head and MODEL.CLS_AGNOSTIC_BBOX_REG True.")
 _key("MODEL.RPN_ONLY", False, "Stop after the RPN (proposals are the output).")
 _key("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", False, "Initialise the backbone from RESNETS.IMAGENET_PRETRAINED_WEIGHTS.")
 _key("MODEL.LEGACY_PLUS_ONE", False,
@@ -161,6 +168,16 @@ _key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
 _key("MRCNN.THRESH_BINARIZE", 0.5, "Threshold turning mask probabilities into binary masks for results.")
 _key("MRCNN.CONV_INIT", "GaussianFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
 
+_section("CASCADE_RCNN", "Cascade R-CNN stages (with MODEL.CASCADE_ON; detectron2's MODEL.ROI_BOX_CASCADE_HEAD): each "
+         "stage has its own box head and outputs and refines the previous stage's boxes (maskrcnn/modeling/roi_heads/"
+         "cascade.py).")
+_key("CASCADE_RCNN.IOUS", [0.5, 0.6, 0.7], "Foreground IoU threshold of each stage; the first must equal "
+     "TRAIN.FG_THRESH (stage 0 samples the RPN's proposals as the plain heads do).")
+_key("CASCADE_RCNN.BBOX_REG_WEIGHTS", [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]],
+     "Box-coder weights (wx, wy, ww, wh) of each stage (replace MODEL.BBOX_REG_WEIGHTS).")
+_key("CASCADE_RCNN.STAGE_WEIGHTS", [1.0, 1.0, 1.0], "Factor on each stage's classification and box losses "
+     "(detectron2: all 1; mmdetection: 1, 0.5, 0.25).")
+
 _section("KRCNN", "Keypoint head (Keypoint R-CNN), Detectron's KRCNN keys.")
 _key("KRCNN.ROI_KEYPOINTS_HEAD", "keypoint_rcnn_heads.roi_pose_head_v1convX",
      "Keypoint head: 'keypoint_rcnn_heads.roi_pose_head_v1convX' (NUM_STACKED_CONVS 3x3 convs, Detectron / torchvision).")
@@ -176,6 +193,11 @@ _key("KRCNN.ROI_XFORM_METHOD", "RoIAlign", "RoI feature transform for the keypoi
 _key("KRCNN.ROI_XFORM_RESOLUTION", 14, "Output size of the RoI transform for the keypoint head.")
 _key("KRCNN.ROI_XFORM_SAMPLING_RATIO", 2, "RoIAlign samples per bin side for the keypoint head; <= 0 is adaptive.")
 _key("KRCNN.LOSS_WEIGHT", 1.0, "Weight of the keypoint loss.")
+_key("KRCNN.KEYPOINT_NAMES", ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+                              "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
+                              "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"],
+     "Names of the NUM_KEYPOINTS keypoints, in the heatmaps' order (default: COCO person, Detectron's "
+     "get_keypoints()); 'left_X' / 'right_X' pairs are swapped when TEST.KPS_AUG flips the image.")
 _key("KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS", True, "Average the keypoint cross-entropy over the visible keypoints "
      "of the batch (torchvision); False divides the sum by IMS_PER_BATCH * BATCH_SIZE_PER_IM * FG_FRACTION * "
      "NUM_KEYPOINTS (Detectron's fixed normaliser).")
@@ -249,6 +271,73 @@ _key("TEST.MASK_PASTE_METHOD", "torchvision", "How M x M mask probabilities are 
 _key("TEST.DETECTOR_POSTPROCESS", "torchvision", "How detections are mapped to the original image: 'torchvision' "
      "(boxes scaled by the size ratio) or 'detectron2' (detector_postprocess: scaled by float64 factors, clipped "
      "to the original image, boxes with a side <= 0 dropped).")
+
+_key("TEST.KEYPOINT_OKS_SIGMAS", [], "OKS sigmas of the keypoints for keypoint AP (pycocotools' scale, e.g. 0.026 "
+     "for COCO's nose); empty: COCO's 17 person sigmas, which only fit 17 keypoints (detectron2's key).")
+
+_section("TEST.BBOX_AUG", "Test-time augmentation of the box stage (Detectron's; maskrcnn/engine/tta.py). The image "
+         "is also run flipped, at other scales and at other aspect ratios, and the per-RoI predictions of every run, "
+         "mapped back to the image, are merged before NMS. Used by test_net, Predictor and core.test.im_detect_all.")
+_key("TEST.BBOX_AUG.ENABLED", False, "Run the box stage on the augmentations below as well as on the image at "
+     "TEST.SCALE (with none of them set: the plain result, bit for bit).")
+_key("TEST.BBOX_AUG.SCORE_HEUR", "UNION", "How the runs' class scores are merged: 'UNION' (every run's RoIs are "
+     "candidates), 'AVG' (mean per RoI) or 'ID' (the plain run's). 'AVG'/'ID' need the same RoIs in every run: only "
+     "with proposals given to core.test.im_detect_all(box_proposals=); with RPN proposals use 'UNION' (Detectron's "
+     "rule). UNION here iff in COORD_HEUR.")
+_key("TEST.BBOX_AUG.COORD_HEUR", "UNION", "How the runs' boxes are merged: 'UNION', 'AVG' or 'ID' (as SCORE_HEUR).")
+_key("TEST.BBOX_AUG.H_FLIP", False, "Also run the horizontally flipped image at TEST.SCALE.")
+_key("TEST.BBOX_AUG.SCALES", [], "Extra shorter-side sizes to run the image at (e.g. [400, 500, 700]).")
+_key("TEST.BBOX_AUG.MAX_SIZE", 4000, "Longest side of the runs at SCALES.")
+_key("TEST.BBOX_AUG.SCALE_H_FLIP", False, "Also run the flipped image at each of SCALES.")
+_key("TEST.BBOX_AUG.SCALE_SIZE_DEP", False, "Detectron's size-dependent scaling; Detectron asserts it off for boxes "
+     "(not implemented there), so only False is accepted.")
+_key("TEST.BBOX_AUG.AREA_TH_LO", 2500, "Area threshold of SCALE_SIZE_DEP (unused: SCALE_SIZE_DEP is always False).")
+_key("TEST.BBOX_AUG.AREA_TH_HI", 32400, "Area threshold of SCALE_SIZE_DEP (unused: SCALE_SIZE_DEP is always False).")
+_key("TEST.BBOX_AUG.ASPECT_RATIOS", [], "Width factors: the image is also run with its width times each (then "
+     "resized to TEST.SCALE / TEST.MAX_SIZE), e.g. [0.8, 1.25].")
+_key("TEST.BBOX_AUG.ASPECT_RATIO_H_FLIP", False, "Also run the flipped image at each of ASPECT_RATIOS.")
+
+_section("TEST.MASK_AUG", "Test-time augmentation of the mask stage (Detectron's): the masks of the final "
+         "detections are predicted on each augmentation (the boxes mapped into it, flipped masks flipped back) and "
+         "merged per mask pixel.")
+_key("TEST.MASK_AUG.ENABLED", False, "Predict the masks on the augmentations below as well as on the image at "
+     "TEST.SCALE.")
+_key("TEST.MASK_AUG.HEUR", "SOFT_AVG", "How the M x M mask probabilities are merged: 'SOFT_AVG' (mean), 'SOFT_MAX' "
+     "(maximum) or 'LOGIT_AVG' (sigmoid of the mean logit).")
+_key("TEST.MASK_AUG.H_FLIP", False, "Also predict the masks on the flipped image at TEST.SCALE.")
+_key("TEST.MASK_AUG.SCALES", [], "Extra shorter-side sizes to predict the masks at.")
+_key("TEST.MASK_AUG.MAX_SIZE", 4000, "Longest side of the runs at SCALES.")
+_key("TEST.MASK_AUG.SCALE_H_FLIP", False, "Also predict on the flipped image at each of SCALES.")
+_key("TEST.MASK_AUG.SCALE_SIZE_DEP", False, "Detectron's size-dependent scaling; Detectron asserts it off for masks "
+     "(not implemented there), so only False is accepted.")
+_key("TEST.MASK_AUG.AREA_TH", 32400, "Area threshold of SCALE_SIZE_DEP (unused: SCALE_SIZE_DEP is always False).")
+_key("TEST.MASK_AUG.ASPECT_RATIOS", [], "Width factors to also predict the masks at (as TEST.BBOX_AUG.ASPECT_RATIOS).")
+_key("TEST.MASK_AUG.ASPECT_RATIO_H_FLIP", False, "Also predict on the flipped image at each of ASPECT_RATIOS.")
+
+_section("TEST.KPS_AUG", "Test-time augmentation of the keypoint stage (Detectron's): the heatmaps of the final "
+         "detections are predicted on each augmentation (the boxes mapped into it; flipped heatmaps flipped back with "
+         "left/right keypoints swapped by KRCNN.KEYPOINT_NAMES) and merged per heatmap cell before the arg-max. "
+         "Detectron's size-dependent combination (SCALE_SIZE_DEP) is not offered.")
+_key("TEST.KPS_AUG.ENABLED", False, "Predict the keypoint heatmaps on the augmentations below as well as on the image "
+     "at TEST.SCALE.")
+_key("TEST.KPS_AUG.HEUR", "HM_AVG", "How the heatmap logits are merged: 'HM_AVG' (mean) or 'HM_MAX' (maximum).")
+_key("TEST.KPS_AUG.H_FLIP", False, "Also predict the keypoints on the flipped image at TEST.SCALE.")
+_key("TEST.KPS_AUG.SCALES", [], "Extra shorter-side sizes to predict the keypoints at.")
+_key("TEST.KPS_AUG.MAX_SIZE", 4000, "Longest side of the runs at SCALES.")
+_key("TEST.KPS_AUG.SCALE_H_FLIP", False, "Also predict on the flipped image at each of SCALES.")
+_key("TEST.KPS_AUG.ASPECT_RATIOS", [], "Width factors to also predict the keypoints at (as "
+     "TEST.BBOX_AUG.ASPECT_RATIOS).")
+_key("TEST.KPS_AUG.ASPECT_RATIO_H_FLIP", False, "Also predict on the flipped image at each of ASPECT_RATIOS.")
+
+_section("TEST.BBOX_VOTE", "Box voting (Detectron's, https://arxiv.org/abs/1505.01749): each detection that "
+         "survives NMS becomes the score-weighted mean of the same-class candidates overlapping it; with or without "
+         "TEST.BBOX_AUG (maskrcnn/ops/box_voting.py).")
+_key("TEST.BBOX_VOTE.ENABLED", False, "Refine the detections by box voting (after NMS, before the per-image limit).")
+_key("TEST.BBOX_VOTE.VOTE_TH", 0.8, "Candidates overlapping a detection with IoU >= this vote for its box.")
+_key("TEST.BBOX_VOTE.SCORING_METHOD", "ID", "The voted detection's score: 'ID' (unchanged), 'TEMP_AVG', 'AVG', "
+     "'IOU_AVG', 'GENERALIZED_AVG' or 'QUASI_SUM' (maskrcnn/ops/box_voting.py gives the formulas).")
+_key("TEST.BBOX_VOTE.SCORING_METHOD_BETA", 1.0, "The parameter of TEMP_AVG (temperature), GENERALIZED_AVG (power) "
+     "and QUASI_SUM (count exponent).")
 
 _section("SOLVER", "Optimisation.")
 _key("SOLVER.OPTIMIZER", "SGD", "'SGD' (with MOMENTUM) or 'AdamW' (with ADAM_BETAS, decoupled weight decay).")
@@ -334,4 +423,11 @@ DETECTRON_COMPAT_KEYS: Dict[str, str] = {
     "RPN.RPN_ON": "every model has an RPN (True); precomputed proposals are not supported",
     # Detectron also had 'softmax' (two logits per anchor); the RPN head here has one sigmoid logit per anchor.
     "RPN.CLS_ACTIVATION": "only 'sigmoid' is supported",
+    # Detectron declares size-dependent test-time scaling for boxes and masks but asserts it off (only its keypoint
+    # augmentation implements it); validation accepts False only, and the area thresholds then mean nothing.
+    "TEST.BBOX_AUG.SCALE_SIZE_DEP": "Detectron does not implement it for boxes; only False is accepted",
+    "TEST.BBOX_AUG.AREA_TH_LO": "only used by TEST.BBOX_AUG.SCALE_SIZE_DEP, which is always False",
+    "TEST.BBOX_AUG.AREA_TH_HI": "only used by TEST.BBOX_AUG.SCALE_SIZE_DEP, which is always False",
+    "TEST.MASK_AUG.SCALE_SIZE_DEP": "Detectron does not implement it for masks; only False is accepted",
+    "TEST.MASK_AUG.AREA_TH": "only used by TEST.MASK_AUG.SCALE_SIZE_DEP, which is always False",
 }

@@ -30,7 +30,8 @@ def render() -> str:
     top = []
     for key, doc in defaults.KEY_DOCS.items():
         if "." in key:
-            sections.setdefault(key.split(".")[0], []).append((key, doc))
+            # Sub-sections (TEST.BBOX_AUG) get their own table after their parent's.
+            sections.setdefault(key.rsplit(".", 1)[0], []).append((key, doc))
         else:
             top.append((key, doc))
     lines += ["## Top level", "", "| key | default | meaning |", "|---|---|---|"]

@@ -34,6 +34,12 @@ def _conv_body_ok(value: Any) -> bool:
 _POS = (lambda v: v > 0, "> 0")
 _NONNEG = (lambda v: v >= 0, ">= 0")
 _UNIT = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_SIZES = (lambda v: all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v),
+          "a list of positive integer sizes (may be empty)")
+_RATIOS = (lambda v: all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in v),
+           "a list of positive width factors (may be empty)")
+_NOT_IMPLEMENTED_SIZE_DEP = (lambda v: v is False, "False (Detectron does not implement size-dependent test-time "
+                             "scaling for boxes and masks either; it asserts the key off)")
 
 # key -> (predicate, description of what is allowed)
 _CHECKS = {
@@ -124,6 +130,25 @@ _CHECKS = {
     "TEST.EVAL_PERIOD": _NONNEG,
     "TEST.MASK_PASTE_METHOD": _one_of(["torchvision", "detectron2"]),
     "TEST.DETECTOR_POSTPROCESS": _one_of(["torchvision", "detectron2"]),
+    "TEST.BBOX_AUG.SCORE_HEUR": _one_of(["ID", "AVG", "UNION"]),
+    "TEST.BBOX_AUG.COORD_HEUR": _one_of(["ID", "AVG", "UNION"]),
+    "TEST.BBOX_AUG.SCALES": _SIZES,
+    "TEST.BBOX_AUG.MAX_SIZE": _POS,
+    "TEST.BBOX_AUG.ASPECT_RATIOS": _RATIOS,
+    "TEST.BBOX_AUG.SCALE_SIZE_DEP": _NOT_IMPLEMENTED_SIZE_DEP,
+    "TEST.MASK_AUG.HEUR": _one_of(["SOFT_AVG", "SOFT_MAX", "LOGIT_AVG"]),
+    "TEST.MASK_AUG.SCALES": _SIZES,
+    "TEST.MASK_AUG.MAX_SIZE": _POS,
+    "TEST.MASK_AUG.ASPECT_RATIOS": _RATIOS,
+    "TEST.MASK_AUG.SCALE_SIZE_DEP": _NOT_IMPLEMENTED_SIZE_DEP,
+    "TEST.KEYPOINT_OKS_SIGMAS": (lambda v: all(float(x) > 0 for x in v), "positive numbers, one per keypoint, or []"),
+    "TEST.KPS_AUG.HEUR": _one_of(["HM_AVG", "HM_MAX"]),
+    "TEST.KPS_AUG.SCALES": _SIZES,
+    "TEST.KPS_AUG.MAX_SIZE": _POS,
+    "TEST.KPS_AUG.ASPECT_RATIOS": _RATIOS,
+    "TEST.BBOX_VOTE.VOTE_TH": _UNIT,
+    "TEST.BBOX_VOTE.SCORING_METHOD": _one_of(["ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "QUASI_SUM"]),
+    "TEST.BBOX_VOTE.SCORING_METHOD_BETA": _POS,
     "SOLVER.BASE_LR": _POS,
     "SOLVER.LR_POLICY": _one_of(["steps_with_decay", "cosine_decay", "constant"]),
     "SOLVER.OPTIMIZER": _one_of(["SGD", "AdamW"]),
@@ -217,5 +242,58 @@ def _relations(cfg: _CN, source: str) -> None:
     if cfg.MODEL.KEYPOINTS_ON and cfg.KRCNN.HEATMAP_SIZE != 2 * k.UP_SCALE * k.ROI_XFORM_RESOLUTION:
         fail(f"KRCNN.HEATMAP_SIZE = {cfg.KRCNN.HEATMAP_SIZE} must be 2 * KRCNN.UP_SCALE * KRCNN.ROI_XFORM_RESOLUTION = "
              f"{2 * k.UP_SCALE * k.ROI_XFORM_RESOLUTION} (a stride-2 deconvolution, then the upsampling)")
+    _test_time_augmentation(cfg, fail)
+    if cfg.MODEL.CASCADE_ON:
+        _cascade(cfg, fail)
     if len(cfg.PIXEL_MEANS) != len(cfg.PIXEL_STDS):
         fail("PIXEL_MEANS and PIXEL_STDS must have the same length")
+
+
+def _test_time_augmentation(cfg: _CN, fail: Callable[[str], None]) -> None:
+    """Detectron's asserts of ``im_detect_bbox_aug`` (UNION scores iff UNION boxes), and what needs which head.
+
+    The third Detectron assert (UNION when the RPN computes the proposals) depends on the call, not on the config:
+    ``maskrcnn/engine/tta.py`` checks it where the proposals are known."""
+    box, mask = cfg.TEST.BBOX_AUG, cfg.TEST.MASK_AUG
+    if box.ENABLED and (box.SCORE_HEUR == "UNION") != (box.COORD_HEUR == "UNION"):
+        fail(f"TEST.BBOX_AUG.SCORE_HEUR = {box.SCORE_HEUR!r} and TEST.BBOX_AUG.COORD_HEUR = {box.COORD_HEUR!r}: "
+             f"the union of the augmentations' RoIs merges scores and boxes together; set both to 'UNION' or "
+             f"neither (Detectron's rule)")
+    if box.ENABLED and cfg.MODEL.RPN_ONLY:
+        fail("TEST.BBOX_AUG.ENABLED needs the box head; MODEL.RPN_ONLY models have none")
+    if mask.ENABLED and not cfg.MODEL.MASK_ON:
+        fail("TEST.MASK_AUG.ENABLED needs the mask head: set MODEL.MASK_ON True or TEST.MASK_AUG.ENABLED False")
+    kps = cfg.TEST.KPS_AUG
+    if kps.ENABLED and not cfg.MODEL.KEYPOINTS_ON:
+        fail("TEST.KPS_AUG.ENABLED needs the keypoint head: set MODEL.KEYPOINTS_ON True or TEST.KPS_AUG.ENABLED False")
+    flips = kps.H_FLIP or (kps.SCALE_H_FLIP and kps.SCALES) or (kps.ASPECT_RATIO_H_FLIP and kps.ASPECT_RATIOS)
+    names = list(cfg.KRCNN.KEYPOINT_NAMES)
+    if kps.ENABLED and flips and len(names) != cfg.KRCNN.NUM_KEYPOINTS:
+        fail(f"TEST.KPS_AUG flips the image, which swaps left and right keypoints by their names, but "
+             f"KRCNN.KEYPOINT_NAMES has {len(names)} names for KRCNN.NUM_KEYPOINTS = {cfg.KRCNN.NUM_KEYPOINTS}; "
+             f"set KRCNN.KEYPOINT_NAMES to your dataset's keypoint names (its COCO json's categories[].keypoints)")
+
+
+def _cascade(cfg: _CN, fail: Callable[[str], None]) -> None:
+    """What detectron2's CascadeROIHeads asserts, with the keys that fix it."""
+    c = cfg.CASCADE_RCNN
+    n = len(c.IOUS)
+    if n < 1 or len(c.BBOX_REG_WEIGHTS) != n or len(c.STAGE_WEIGHTS) != n:
+        fail(f"CASCADE_RCNN.IOUS ({n}), BBOX_REG_WEIGHTS ({len(c.BBOX_REG_WEIGHTS)}) and STAGE_WEIGHTS "
+             f"({len(c.STAGE_WEIGHTS)}) need one entry per stage (at least one)")
+    if not all(0.0 < float(v) < 1.0 for v in c.IOUS):
+        fail(f"CASCADE_RCNN.IOUS = {list(c.IOUS)} must lie in (0, 1)")
+    if not all(len(w) == 4 and all(float(x) > 0 for x in w) for w in c.BBOX_REG_WEIGHTS):
+        fail(f"CASCADE_RCNN.BBOX_REG_WEIGHTS = {list(c.BBOX_REG_WEIGHTS)}: each stage needs 4 positive weights")
+    if not all(float(w) >= 0 for w in c.STAGE_WEIGHTS):
+        fail(f"CASCADE_RCNN.STAGE_WEIGHTS = {list(c.STAGE_WEIGHTS)} must be >= 0")
+    if abs(float(c.IOUS[0]) - float(cfg.TRAIN.FG_THRESH)) > 1e-9:
+        fail(f"CASCADE_RCNN.IOUS[0] = {c.IOUS[0]} must equal TRAIN.FG_THRESH = {cfg.TRAIN.FG_THRESH} (stage 0 "
+             f"samples the RPN's proposals with the plain heads' matcher)")
+    if not cfg.MODEL.CLS_AGNOSTIC_BBOX_REG:
+        fail("MODEL.CASCADE_ON needs MODEL.CLS_AGNOSTIC_BBOX_REG True: each stage's one box is the next stage's RoI")
+    if _strip_prefix(cfg.FAST_RCNN.ROI_BOX_HEAD) == "ResNet_roi_conv5_head":
+        fail("MODEL.CASCADE_ON runs FPN box heads (fast_rcnn_heads.roi_2mlp_head, roi_Xconv1fc_head...), not "
+             "FAST_RCNN.ROI_BOX_HEAD = ResNet.ResNet_roi_conv5_head")
+    if cfg.MODEL.RPN_ONLY:
+        fail("MODEL.CASCADE_ON needs RoI heads; MODEL.RPN_ONLY models have none")

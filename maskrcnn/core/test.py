@@ -13,7 +13,10 @@ Typical use, as in Detectron.pytorch's ``infer_simple.py``::
     cls_boxes, cls_segms, cls_keyps = im_detect_all(model, cv2.imread("img.jpg"))
 
 Settings (``TEST.SCALE``, ``TEST.NMS``, ...) are read from ``model.cfg``, which the model copied from the config it
-was built with.
+was built with. Test-time augmentation (``TEST.BBOX_AUG``, ``TEST.MASK_AUG``: :func:`im_detect_bbox_aug`,
+:func:`im_detect_mask_aug`) and box voting (``TEST.BBOX_VOTE``, in :func:`box_results_with_nms_and_limit`) follow
+Detectron's ``im_detect_all``; the augmentation itself is :mod:`maskrcnn.engine.tta`, shared with ``test_net`` and
+``Predictor``.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ import torch
 
 from ..modeling.preprocess import ImageList, resize_boxes
 from ..modeling.roi_heads.inference import select_detections
+from ..ops.box_voting import BoxVoting
 from ..ops.masks import paste_masks_in_image
 from ..utils.model import model_device
 
-__all__ = ["im_detect_all", "im_detect_bbox", "box_results_with_nms_and_limit", "im_detect_mask", "segm_results",
-           "image_to_tensor", "ImageFeatures"]
+__all__ = ["im_detect_all", "im_detect_bbox", "im_detect_bbox_aug", "box_results_with_nms_and_limit",
+           "im_detect_mask", "im_detect_mask_aug", "segm_results", "image_to_tensor", "ImageFeatures"]
 
 
 def image_to_tensor(im: np.ndarray, device=None) -> torch.Tensor:
@@ -86,6 +90,36 @@ def im_detect_bbox(model, im: np.ndarray, target_scale: int, target_max_size: in
     return probs[0].cpu().numpy(), pred.cpu().numpy(), image_list.scales[0], ImageFeatures(features, image_list, orig)
 
 
+def _tta(model):
+    from ..engine.tta import TestTimeAugmentation
+
+    # amp='': as for the plain path, the caller owns the autocast region (infer_simple: handle.autocast()).
+    return TestTimeAugmentation.from_cfg(model, model.cfg, amp="")
+
+
+def _proposals_list(boxes: Optional[np.ndarray], device) -> Optional[List[torch.Tensor]]:
+    if boxes is None:
+        return None
+    return [torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), device=device)]
+
+
+@torch.no_grad()
+def im_detect_bbox_aug(model, im: np.ndarray, box_proposals: Optional[np.ndarray] = None):
+    """``im_detect_bbox`` with ``TEST.BBOX_AUG``'s augmentations (Detectron's ``im_detect_bbox_aug``): the
+    per-RoI predictions of every run in original pixels, merged with ``SCORE_HEUR`` / ``COORD_HEUR``.
+
+    Returns ``(scores (R, K+1), pred_boxes (R, 4(K+1)), im_scale, blob_conv)`` as :func:`im_detect_bbox`, ``R``
+    the merged RoIs; ``im_scale`` and ``blob_conv`` are the plain run's (``TEST.SCALE``).
+    """
+    x = image_to_tensor(im, model_device(model))
+    probs, boxes, ref = _tta(model).detect_boxes([x], _proposals_list(box_proposals, x.device))
+    orig, net_size = ref.original_sizes[0], ref.image_list.image_sizes[0]
+    num_classes = probs[0].shape[1]
+    pred = resize_boxes(boxes[0].reshape(-1, 4), net_size, orig).reshape(-1, 4 * num_classes)
+    return (probs[0].cpu().numpy(), pred.cpu().numpy(), ref.image_list.scales[0],
+            ImageFeatures(ref.features, ref.image_list, orig))
+
+
 def box_results_with_nms_and_limit(scores: np.ndarray, boxes: np.ndarray, cfg=None):
     """Per-class score threshold and NMS, then keep the ``TEST.DETECTIONS_PER_IM`` best over all classes: the
     model's own selection (:func:`~maskrcnn.modeling.roi_heads.inference.select_detections`) in original-image
@@ -93,7 +127,8 @@ def box_results_with_nms_and_limit(scores: np.ndarray, boxes: np.ndarray, cfg=No
 
     Args:
         scores: ``(R, K+1)``; boxes: ``(R, 4(K+1))`` (or ``(R, 4)`` shared by all classes).
-        cfg: settings (``TEST.SCORE_THRESH``, ``TEST.NMS``, ``TEST.DETECTIONS_PER_IM``); the global cfg if None.
+        cfg: settings (``TEST.SCORE_THRESH``, ``TEST.NMS``, ``TEST.DETECTIONS_PER_IM``, ``TEST.BBOX_VOTE``); the
+            global cfg if None.
 
     Returns:
         ``(scores (D,), boxes (D, 4), cls_boxes)`` with ``cls_boxes[j]`` ``(n_j, 5)`` float32 by decreasing score;
@@ -108,9 +143,12 @@ def box_results_with_nms_and_limit(scores: np.ndarray, boxes: np.ndarray, cfg=No
         boxes = np.tile(boxes, (1, num_classes))
     probs = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
     limit = int(cfg.TEST.DETECTIONS_PER_IM)
+    vote = cfg.TEST.BBOX_VOTE
+    voting = BoxVoting(vote.VOTE_TH, vote.SCORING_METHOD, vote.SCORING_METHOD_BETA,
+                       legacy_plus_one=bool(cfg.MODEL.LEGACY_PLUS_ONE)) if vote.ENABLED else None
     det_boxes, det_scores, det_labels = select_detections(
         probs, torch.from_numpy(np.ascontiguousarray(boxes)), float(cfg.TEST.SCORE_THRESH), float(cfg.TEST.NMS),
-        limit if limit > 0 else probs.numel(), min_size=None, class_major=True)
+        limit if limit > 0 else probs.numel(), min_size=None, class_major=True, box_voting=voting)
     rows = torch.cat([det_boxes, det_scores[:, None]], dim=1).numpy()
     labels = det_labels.numpy()
     cls_boxes: List[np.ndarray] = [np.zeros((0, 5), dtype=np.float32)]
@@ -129,6 +167,29 @@ def im_detect_mask(model, im_scale: float, boxes: np.ndarray, blob_conv: ImageFe
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)[:, :4], device=blob_conv.image_list.tensors.device)
     rois = [resize_boxes(b, blob_conv.original_size, net_size)]
     return model.roi_heads.mask_probs(blob_conv.features, rois)[0].cpu().numpy()
+
+
+@torch.no_grad()
+def im_detect_mask_aug(model, im: np.ndarray, boxes: np.ndarray, blob_conv: Optional[ImageFeatures] = None
+                       ) -> np.ndarray:
+    """``im_detect_mask`` with ``TEST.MASK_AUG``'s augmentations (Detectron's ``im_detect_mask_aug``): mask
+    probabilities ``(R, C, M, M)`` of ``boxes`` (original pixels) merged over the runs with ``TEST.MASK_AUG.HEUR``.
+    ``blob_conv`` (from :func:`im_detect_bbox` / :func:`im_detect_bbox_aug`) saves the plain run's backbone."""
+    if boxes.shape[0] == 0:
+        m = model.cfg.MRCNN.RESOLUTION
+        return np.zeros((0, model.cfg.MODEL.NUM_CLASSES, m, m), np.float32)
+    from ..engine.tta import ReferenceRun
+
+    tta = _tta(model)
+    x = image_to_tensor(im, model_device(model))
+    orig = (int(im.shape[0]), int(im.shape[1]))
+    if blob_conv is None:
+        image_list, features = tta.run_backbone([x], tta.reference)
+        blob_conv = ImageFeatures(features, image_list, orig)
+    ref = ReferenceRun(blob_conv.image_list, blob_conv.features, [orig])
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)[:, :4], device=x.device)
+    rois = [resize_boxes(b, orig, ref.image_list.image_sizes[0])]
+    return tta.detect_masks([x], ref, rois)[0].cpu().numpy()
 
 
 def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int, im_w: int, cfg=None,
@@ -160,14 +221,24 @@ def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int,
 
 
 def im_detect_all(model, im: np.ndarray, box_proposals: Optional[np.ndarray] = None, timers=None):
-    """Boxes and masks for one BGR image: ``(cls_boxes, cls_segms, cls_keyps)`` (keypoints: always None)."""
+    """Boxes and masks for one BGR image: ``(cls_boxes, cls_segms, cls_keyps)`` (keypoints: always None).
+
+    ``box_proposals``: ``(P, 4)`` RoIs in original pixels instead of the RPN's. With ``TEST.BBOX_AUG.ENABLED`` /
+    ``TEST.MASK_AUG.ENABLED`` the boxes / masks come from :func:`im_detect_bbox_aug` / :func:`im_detect_mask_aug`.
+    """
     cfg = model.cfg
-    scores, boxes, im_scale, blob_conv = im_detect_bbox(model, im, cfg.TEST.SCALE, cfg.TEST.MAX_SIZE,
-                                                        boxes=box_proposals)
+    if cfg.TEST.BBOX_AUG.ENABLED:
+        scores, boxes, im_scale, blob_conv = im_detect_bbox_aug(model, im, box_proposals)
+    else:
+        scores, boxes, im_scale, blob_conv = im_detect_bbox(model, im, cfg.TEST.SCALE, cfg.TEST.MAX_SIZE,
+                                                            boxes=box_proposals)
     scores, boxes, cls_boxes = box_results_with_nms_and_limit(scores, boxes, cfg)
     cls_segms = None
     if model.mask_on:
-        masks = im_detect_mask(model, im_scale, boxes, blob_conv)
+        if cfg.TEST.MASK_AUG.ENABLED:
+            masks = im_detect_mask_aug(model, im, boxes, blob_conv)
+        else:
+            masks = im_detect_mask(model, im_scale, boxes, blob_conv)
         cls_segms = segm_results(cls_boxes, masks, boxes, im.shape[0], im.shape[1], cfg,
                                  padding=cfg.TEST.MASK_PASTE_PADDING)
     return cls_boxes, cls_segms, None

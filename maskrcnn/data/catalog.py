@@ -6,6 +6,8 @@ A spec is one of
 * ``pennfudan:ROOT[:train|test|all]`` — the Penn-Fudan layout (split defaults to ``train`` when training,
   ``test`` otherwise);
 * ``synthetic:train|val`` (or ``synthetic``: train when training, val otherwise) — the built-in shapes set;
+* ``synthetic:keypoints[:train|val]`` — the built-in set with the extreme points of each shape as keypoints
+  (registered as ``synthetic_keypoints_train`` / ``synthetic_keypoints_val``);
 * ``synthetic:VARIANT[:train|val]`` — a variant of the synthetic family
   (:mod:`maskrcnn.data.datasets.synthetic_family`: ``basic``, ``tiny``, ``large``, ``thin``, ``crowd``, ``ten``,
   ``mixed``, ``wide``); also registered as catalog names ``synthetic_VARIANT_train`` / ``synthetic_VARIANT_val``;
@@ -182,12 +184,16 @@ def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool,
     if kind == "synthetic":
         if len(fields) == 2 and fields[1] in ("train", "val"):
             return SyntheticShapesDataset(fields[1])
+        if fields[1] == "keypoints" and (len(fields) == 2 or (len(fields) == 3 and fields[2] in ("train", "val"))):
+            return SyntheticShapesDataset(fields[2] if len(fields) == 3 else ("train" if is_train else "val"),
+                                          keypoints=True)
         if fields[1] in SYNTHETIC_VARIANTS and (len(fields) == 2 or (len(fields) == 3 and fields[2] in ("train",
                                                                                                          "val"))):
             split = fields[2] if len(fields) == 3 else ("train" if is_train else "val")
             return SyntheticFamilyDataset(fields[1], split)
-        raise DatasetSpecError(f"dataset spec {spec!r}: expected synthetic:train or synthetic:val, or "
-                               f"synthetic:VARIANT[:train|val] with VARIANT one of {list(SYNTHETIC_VARIANTS)}")
+        raise DatasetSpecError(f"dataset spec {spec!r}: expected synthetic:train or synthetic:val, "
+                               f"synthetic:keypoints[:train|val], or synthetic:VARIANT[:train|val] with VARIANT one "
+                               f"of {list(SYNTHETIC_VARIANTS)}")
     raise DatasetSpecError(f"dataset spec {spec!r}: unknown kind {kind!r}; expected one of {list(_SPEC_KINDS)} "
                            f"or a catalog name")
 
@@ -242,6 +248,9 @@ def _register_synthetic_variants() -> None:
 
 
 _register_synthetic_variants()
+for _split in ("train", "val"):
+    DatasetCatalog.register(f"synthetic_keypoints_{_split}",
+                            lambda s=_split: SyntheticShapesDataset(s, keypoints=True))
 
 
 def check_num_classes(cfg, dataset) -> None:

@@ -1,4 +1,5 @@
-"""Training and inference loops: trainer, hooks, solver, dataset inference/evaluation, launch, speed transforms."""
+"""Training and inference loops: trainer, hooks, solver, dataset inference/evaluation, launch, speed transforms,
+test-time augmentation."""
 from .ema import EMAHook, ModelEMA
 from .hooks import HookBase, LogHook, PeriodicCheckpointer
 from .inference import evaluate_on_dataset, inference_on_dataset
@@ -6,6 +7,7 @@ from .launch import create_ddp_model, setup_distributed
 from .solver import WarmupMultiStepLR, build_lr_scheduler, build_optimizer
 from .speed import prepare_for_inference, prepare_for_training
 from .trainer import NonFiniteLossError, Trainer
+from .tta import TestTimeAugmentation, with_test_time_augmentation
 
 __all__ = [
     "Trainer",
@@ -24,4 +26,6 @@ __all__ = [
     "create_ddp_model",
     "prepare_for_inference",
     "prepare_for_training",
+    "TestTimeAugmentation",
+    "with_test_time_augmentation",
 ]

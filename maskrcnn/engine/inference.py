@@ -8,7 +8,8 @@ images already done (a line cut by the interruption is dropped) and runs the res
 match is reported and the images are run again.
 
 Records (one per image): ``{"index": dataset index, "image_id", "boxes": [[x1, y1, x2, y2], ...] (input pixels),
-"scores": [...], "labels": [1..K, ...], "segms": [RLE with str counts, ...]}`` (``segms`` only with masks).
+"scores": [...], "labels": [1..K, ...], "segms": [RLE with str counts, ...], "keypoints": [[x1, y1, v1, ...], ...]}``
+(``segms`` only with masks, ``keypoints`` only with a keypoint head).
 """
 from __future__ import annotations
 
@@ -118,6 +119,12 @@ def prediction_record(index: int, image_id: int, output: Dict[str, Tensor], mask
             rec["segms"] = [mask_to_rle(cv2.resize(m, size, interpolation=cv2.INTER_NEAREST)[None])[0] for m in binary]
         else:
             rec["segms"] = mask_to_rle(binary) if binary.shape[0] else []
+    if "keypoints" in output:
+        kps = output["keypoints"].detach().float().cpu().clone()
+        if rescale:
+            kps[..., 0] *= out_w / w
+            kps[..., 1] *= out_h / h
+        rec["keypoints"] = [[round(v, 2) for v in k] for k in kps.flatten(1).tolist()]
     return rec
 
 
@@ -300,14 +307,17 @@ def inference_on_dataset(model: nn.Module, dataset: Dataset, device: Any = "cpu"
 
 
 def records_to_coco_results(records: Iterable[Dict[str, Any]], dataset) -> Dict[str, List[Dict[str, Any]]]:
-    """COCO results from records: ``{"bbox": [{image_id, category_id, bbox [x, y, w, h], score}], "segm": [...]}``
-    (``segm`` only when the records have masks); labels are mapped back to the dataset's category ids."""
+    """COCO results from records: ``{"bbox": [{image_id, category_id, bbox [x, y, w, h], score}], "segm": [...],
+    "keypoints": [...]}`` (``segm`` only when the records have masks, ``keypoints`` (``[x1, y1, v1, ...]`` with the
+    box's score) only when they have keypoints); labels are mapped back to the dataset's category ids."""
     cat_of = contiguous_to_category_id(dataset)
-    bbox, segm = [], []
-    has_masks = False
+    bbox, segm, keypoints = [], [], []
+    has_masks = has_keypoints = False
     for r in records:
         segms = r.get("segms")
+        kps = r.get("keypoints")
         has_masks = has_masks or segms is not None
+        has_keypoints = has_keypoints or kps is not None
         for k, (box, score, label) in enumerate(zip(r["boxes"], r["scores"], r["labels"])):
             if int(label) not in cat_of:
                 raise ValueError(f"image {r['image_id']}: predicted label {label} has no category id; the model's "
@@ -317,9 +327,13 @@ def records_to_coco_results(records: Iterable[Dict[str, Any]], dataset) -> Dict[
             bbox.append(dict(common, bbox=[x1, y1, x2 - x1, y2 - y1]))
             if segms is not None:
                 segm.append(dict(common, segmentation=segms[k]))
+            if kps is not None:
+                keypoints.append(dict(common, keypoints=kps[k]))
     out = {"bbox": bbox}
     if has_masks:
         out["segm"] = segm
+    if has_keypoints:
+        out["keypoints"] = keypoints
     return out
 
 
@@ -342,15 +356,20 @@ def evaluate_on_dataset(model: nn.Module, dataset: Dataset, cfg, device: Any = "
     ``metrics.json`` in ``output_dir`` — what ``tools/test_net.py`` does for one dataset. The metrics are
     :func:`~maskrcnn.evaluation.coco.evaluate_coco`'s ``detailed`` ones: APs, ARs and per-category APs.
 
-    Settings come from ``cfg``: ``TEST.IMS_PER_BATCH``, ``MRCNN.THRESH_BINARIZE``. The model runs as it is: the
+    Settings come from ``cfg``: ``TEST.IMS_PER_BATCH``, ``MRCNN.THRESH_BINARIZE``, ``TEST.KEYPOINT_OKS_SIGMAS``
+    (keypoint models), and the test-time augmentation
+    ``TEST.BBOX_AUG`` / ``TEST.MASK_AUG`` (:func:`maskrcnn.engine.tta.with_test_time_augmentation`, which checks
+    them before any image is run). The model runs as it is otherwise: the
     ``TEST`` speed features, mixed precision (``TEST.AMP``) included, are applied beforehand by
     :func:`maskrcnn.engine.speed.prepare_for_inference` (``tools/test_net.py`` does). Returns the metrics on rank 0
     and None on the other ranks.
     """
     from ..evaluation.coco import class_names, coco_gt_from_dataset, evaluate_coco, write_metrics
+    from .tta import with_test_time_augmentation
 
     log = log if log is not None else logger.info
-    records = inference_on_dataset(model, dataset, device=device, num_workers=num_workers,
+    detector = with_test_time_augmentation(model, cfg)  # the model itself without TEST.BBOX_AUG / MASK_AUG
+    records = inference_on_dataset(detector, dataset, device=device, num_workers=num_workers,
                                    ims_per_batch=int(cfg.TEST.IMS_PER_BATCH),
                                    mask_threshold=float(cfg.MRCNN.THRESH_BINARIZE), output_dir=output_dir,
                                    resume=resume, fingerprint=fingerprint, on_image=on_image, log=log)
@@ -362,7 +381,8 @@ def evaluate_on_dataset(model: nn.Module, dataset: Dataset, cfg, device: Any = "
             log(f"wrote {len(results[iou_type])} {iou_type} results to {path}")
     coco_gt = coco_gt_from_dataset(dataset)
     img_ids = [int(r["image_id"]) for r in records]
-    metrics = evaluate_coco(coco_gt, results, img_ids=img_ids, names=class_names(dataset), log=log, detailed=True)
+    metrics = evaluate_coco(coco_gt, results, img_ids=img_ids, names=class_names(dataset), log=log, detailed=True,
+                            kpt_oks_sigmas=list(cfg.TEST.KEYPOINT_OKS_SIGMAS))
     if output_dir is not None:
         path = os.path.join(output_dir, "metrics.json")
         write_metrics(path, metrics)

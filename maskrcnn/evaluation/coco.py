@@ -14,6 +14,12 @@ compute (e.g. ``APl`` with no large objects) is NaN in Python and ``null`` in ``
 ``detailed=True`` (what ``maskrcnn-test``'s ``metrics.json`` and the evaluations during training hold) each type
 also has the six recalls ``AR1, AR10, AR100, ARs, ARm, ARl`` and one ``AP-<class name>`` per category
 (detectron2's names).
+
+Keypoints (iou type ``"keypoints"``, pycocotools' OKS): results carry ``keypoints`` ``[x1, y1, v1, ...]`` and the
+box score; the ground truth's ``keypoints`` / ``num_keypoints`` come from the dataset (instances without visible
+keypoints are ignored by COCOeval). The OKS sigmas are COCO's 17 person sigmas unless given (``kpt_oks_sigmas``,
+``TEST.KEYPOINT_OKS_SIGMAS``), which any other keypoint set must do. Its metrics are
+``AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl`` (:data:`KEYPOINT_METRIC_NAMES`).
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["METRIC_NAMES", "RECALL_NAMES", "EVALUATORS", "resolve_evaluator", "dataset_image_id",
+__all__ = ["METRIC_NAMES", "RECALL_NAMES", "KEYPOINT_METRIC_NAMES", "COCO_PERSON_OKS_SIGMAS", "IOU_TYPES",
+           "EVALUATORS", "resolve_evaluator", "oks_sigmas", "dataset_image_id",
            "contiguous_to_category_id", "class_names", "coco_gt_from_dataset", "evaluate_coco", "write_metrics",
            "mask_to_rle"]
 
@@ -41,6 +48,13 @@ logger = logging.getLogger("maskrcnn.evaluation")
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: Names of the last six COCOeval statistics (average recall at 1, 10, 100 detections; by area at 100), in order.
 RECALL_NAMES = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+#: COCOeval's ten keypoint statistics, in order (no small-object entries: COCO has no small people with keypoints).
+KEYPOINT_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+#: pycocotools' OKS sigmas of COCO's 17 person keypoints (its default).
+COCO_PERSON_OKS_SIGMAS = (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89)
+#: Result types :func:`evaluate_coco` knows.
+IOU_TYPES = ("bbox", "segm", "keypoints")
 
 #: Values of ``evaluate_coco(evaluator=...)``.
 EVALUATORS = ("auto", "pycocotools", "faster_coco_eval")
@@ -65,15 +79,33 @@ def resolve_evaluator(evaluator: str = "auto") -> str:
     return "faster_coco_eval"
 
 
+def oks_sigmas(num_keypoints: int, sigmas: Optional[Sequence[float]] = None) -> np.ndarray:
+    """The OKS sigmas for ``num_keypoints`` keypoints: ``sigmas`` when given (one per keypoint), else COCO's person
+    sigmas for 17; raises ValueError naming ``TEST.KEYPOINT_OKS_SIGMAS`` otherwise."""
+    if sigmas:
+        if len(sigmas) != num_keypoints or not all(float(v) > 0 for v in sigmas):
+            raise ValueError(f"TEST.KEYPOINT_OKS_SIGMAS has {len(sigmas)} values {list(sigmas)} for {num_keypoints} "
+                             f"keypoints: give one positive sigma per keypoint")
+        return np.asarray(sigmas, dtype=np.float64)
+    if num_keypoints != len(COCO_PERSON_OKS_SIGMAS):
+        raise ValueError(f"keypoint evaluation of {num_keypoints} keypoints needs their OKS sigmas (COCO's are for "
+                         f"its 17 person keypoints): set TEST.KEYPOINT_OKS_SIGMAS to {num_keypoints} values "
+                         f"(e.g. [{', '.join(['0.05'] * num_keypoints)}])")
+    return np.asarray(COCO_PERSON_OKS_SIGMAS, dtype=np.float64) / 10.0
+
+
 def _run_cocoeval(evaluator: str, coco_gt: COCO, dets: List[Dict[str, Any]], iou_type: str, img_ids: List[int],
-                  gt_cache: Dict[str, Any]):
+                  gt_cache: Dict[str, Any], kpt_sigmas: Optional[np.ndarray] = None):
     """Evaluate + accumulate with ``evaluator``; returns ``(evaluated COCOeval, the 12-line table)``."""
     # loadRes adds keys (area, id, bbox, iscrowd) to each result: give it copies, the caller's lists stay intact.
     dets = [dict(d) for d in dets]
     table: List[str] = []
-    if evaluator == "pycocotools":
+    if evaluator == "pycocotools" or iou_type == "keypoints":
+        # Keypoints always with pycocotools: its OKS is the reference (sigmas set per dataset below).
         with contextlib.redirect_stdout(io.StringIO()):
             ev = COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
+            if kpt_sigmas is not None:
+                ev.params.kpt_oks_sigmas = kpt_sigmas
             ev.params.imgIds = img_ids
             ev.evaluate()
             ev.accumulate()
@@ -207,14 +239,20 @@ def coco_gt_from_dataset(dataset, indices: Optional[Sequence[int]] = None) -> CO
             areas = np.array([float(mask_util.area(r)) for r in rles])
         else:
             areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        kps = _as_numpy(target["keypoints"]).reshape(n, -1, 3).astype(np.float64) if "keypoints" in target else None
         for k in range(n):
             x1, y1, x2, y2 = boxes[k].tolist()
             ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_of[int(labels[k])],
                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(areas[k]), "iscrowd": int(crowd[k])}
             if rles[k] is not None:
                 ann["segmentation"] = rles[k]
+            if kps is not None:
+                ann["keypoints"] = [round(float(v), 3) for v in kps[k].reshape(-1)]
+                ann["num_keypoints"] = int((kps[k][:, 2] > 0).sum())
             annotations.append(ann)
-    categories = [{"id": cat, "name": names[cat]} for cat in sorted(names)]
+    kp_names = list(getattr(dataset, "keypoint_names", []) or [])
+    categories = [dict({"id": cat, "name": names[cat]}, **({"keypoints": kp_names} if kp_names else {}))
+                  for cat in sorted(names)]
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -242,8 +280,9 @@ def _format_per_category(ap: Mapping[int, float], names: Mapping[int, str], colu
 def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], img_ids: Optional[Sequence[int]] = None,
                   names: Optional[Mapping[int, str]] = None, log: Optional[Callable[[str], Any]] = None,
                   per_category: Optional[Dict[str, Dict[str, float]]] = None,
-                  evaluator: str = "auto", detailed: bool = False) -> Dict[str, Dict[str, float]]:
-    """Run COCOeval for each iou type in ``results`` (``"bbox"``, ``"segm"``) and report.
+                  evaluator: str = "auto", detailed: bool = False,
+                  kpt_oks_sigmas: Optional[Sequence[float]] = None) -> Dict[str, Dict[str, float]]:
+    """Run COCOeval for each iou type in ``results`` (``"bbox"``, ``"segm"``, ``"keypoints"``) and report.
 
     Args:
         coco_gt: ground truth (:func:`coco_gt_from_dataset`).
@@ -257,6 +296,7 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         per_category: when given, filled with ``{iou_type: {category name: AP}}``.
         evaluator: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"`` (:func:`resolve_evaluator`).
         detailed: also return the recalls (:data:`RECALL_NAMES`) and ``"AP-<category name>"`` for each category.
+        kpt_oks_sigmas: OKS sigmas of the keypoints (:func:`oks_sigmas`; default COCO's for 17 keypoints).
 
     Returns:
         ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` in percent (NaN where undefined), plus with
@@ -272,22 +312,27 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
     metrics: Dict[str, Dict[str, float]] = {}
     gt_cache: Dict[str, Any] = {}
     for iou_type, dets in results.items():
-        if iou_type not in ("bbox", "segm"):
-            raise ValueError(f"evaluate_coco: unknown iou type {iou_type!r}; expected 'bbox' or 'segm'")
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"evaluate_coco: unknown iou type {iou_type!r}; expected one of {IOU_TYPES}")
+        stat_names = KEYPOINT_METRIC_NAMES if iou_type == "keypoints" else METRIC_NAMES + RECALL_NAMES
+        main_names = stat_names[:5] if iou_type == "keypoints" else METRIC_NAMES
         dets = [d for d in dets if int(d["image_id"]) in wanted] if dets else []
+        kpt_sigmas = None
+        if iou_type == "keypoints" and dets:
+            kpt_sigmas = oks_sigmas(len(dets[0]["keypoints"]) // 3, kpt_oks_sigmas)
         if not dets:
             log(f"{iou_type}: no detections on the {len(img_ids)} evaluated images: every AP is 0")
-            metrics[iou_type] = {k: 0.0 for k in METRIC_NAMES}
+            metrics[iou_type] = {k: 0.0 for k in main_names}
             if detailed:
-                metrics[iou_type].update({k: 0.0 for k in RECALL_NAMES})
+                metrics[iou_type].update({k: 0.0 for k in stat_names if k not in main_names})
                 metrics[iou_type].update({f"AP-{names.get(c, str(c))}": 0.0 for c in sorted(coco_gt.getCatIds())
                                           if not named_only or c in names})
             continue
-        ev, table = _run_cocoeval(evaluator, coco_gt, dets, iou_type, img_ids, gt_cache)
+        ev, table = _run_cocoeval(evaluator, coco_gt, dets, iou_type, img_ids, gt_cache, kpt_sigmas)
         log(f"Evaluate annotation type *{iou_type}* on {len(img_ids)} images ({evaluator})\n{table}")
         per_cat = {c: v for c, v in _per_category_ap(ev).items() if not named_only or c in names}
         log(f"per-category {iou_type} AP:\n{_format_per_category(per_cat, names)}")
-        names_and_stats = METRIC_NAMES + (RECALL_NAMES if detailed else ())
+        names_and_stats = stat_names if detailed else main_names
         metrics[iou_type] = {k: (float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan"))
                              for i, k in enumerate(names_and_stats)}
         if detailed:

@@ -124,6 +124,9 @@ class ExportableMaskRCNN(nn.Module):
             # The exported graph has no keypoint branch yet: refuse rather than silently drop the keypoints.
             raise ValueError("export does not support Keypoint R-CNN (MODEL.KEYPOINTS_ON True) yet: the keypoint "
                              "branch is not in the exported graph; export a model with MODEL.KEYPOINTS_ON False")
+        if hasattr(heads, "num_stages"):
+            raise ValueError("export does not support Cascade R-CNN (MODEL.CASCADE_ON True) yet: the exported graph "
+                             "has one box stage; run the model in PyTorch (Predictor, test_net) instead")
         self.Box_Head = heads.Box_Head
         self.Box_Outs = heads.Box_Outs
         self.mask_on = bool(heads.mask_on)

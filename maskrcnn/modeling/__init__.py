@@ -15,6 +15,7 @@ from .roi_heads import (
     MaskRCNNHeadV0UpShare,
     MaskRCNNOutputs,
     ResNetRoIConv5Head,
+    CascadeROIHeads,
     ROIHeads,
     Roi2MLPHead,
     build_box_head,
@@ -40,6 +41,7 @@ __all__ = [
     "AnchorGenerator",
     # RoI heads: Box_Head / Box_Outs
     "ROIHeads",
+    "CascadeROIHeads",
     "build_box_head",
     "Roi2MLPHead",
     "ResNetRoIConv5Head",

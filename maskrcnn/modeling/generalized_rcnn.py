@@ -35,6 +35,7 @@ from .backbone.conv_body import build_conv_body
 from .flat_state_dict import flatten_child_state_dict
 from .ops_backend import apply_ops_backend
 from .preprocess import ImageList, Preprocessor
+from .roi_heads.cascade import CascadeROIHeads
 from .roi_heads.roi_heads import ROIHeads
 from .rpn.rpn import RPN
 
@@ -138,7 +139,8 @@ class Generalized_RCNN(nn.Module):  # noqa: N801 (Detectron's name)
         self.spatial_scales = list(scales)
         self.RPN = rpn if rpn is not None else RPN.from_cfg(cfg, in_channels, spatial_scales=self.spatial_scales)
         if roi_heads is None and not rpn_only:
-            roi_heads = ROIHeads.from_cfg(cfg, in_channels, self.spatial_scales, **head_parts)
+            heads_cls = CascadeROIHeads if cfg.MODEL.CASCADE_ON else ROIHeads
+            roi_heads = heads_cls.from_cfg(cfg, in_channels, self.spatial_scales, **head_parts)
         self.register_module("roi_heads", roi_heads)
         flatten_child_state_dict(self, "roi_heads")
         # Last, so that every module built above runs the config's kernels (a per-model choice, not global state).

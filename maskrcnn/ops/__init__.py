@@ -8,6 +8,7 @@ Every op traces with ``torch.jit.trace`` into a graph valid for other input size
 
 from maskrcnn.ops._backend import get_backend, set_backend, use_backend
 from maskrcnn.ops.box_coder import BoxCoder
+from maskrcnn.ops.box_voting import BOX_VOTING_METHODS, BoxVoting, box_voting
 from maskrcnn.ops.boxes import (
     box_area,
     box_iou,
@@ -15,6 +16,7 @@ from maskrcnn.ops.boxes import (
     box_xyxy_to_xywh,
     boxes_to_rois,
     clip_boxes_to_image,
+    flip_boxes,
     remove_small_boxes,
 )
 from maskrcnn.ops.grid_paste import paste_masks_grid_sample
@@ -41,8 +43,12 @@ __all__ = [
     "box_xyxy_to_xywh",
     "boxes_to_rois",
     "clip_boxes_to_image",
+    "flip_boxes",
     "remove_small_boxes",
     "BoxCoder",
+    "box_voting",
+    "BoxVoting",
+    "BOX_VOTING_METHODS",
     # non-maximum suppression
     "nms",
     "batched_nms",

@@ -88,6 +88,21 @@ def clip_boxes_to_image(
     return torch.minimum(boxes.clamp(min=0), limits)
 
 
+def flip_boxes(boxes: Tensor, width: Union[int, float], legacy_plus_one: bool = False) -> Tensor:
+    """Mirror ``boxes`` ``(..., 4K)`` (``K`` boxes per row) horizontally in an image ``width`` pixels wide.
+
+    Pixel column ``i`` becomes ``width - 1 - i``, so ``x -> width - x`` in the continuous convention and
+    ``x -> width - 1 - x`` with ``legacy_plus_one`` (Detectron's ``flip_boxes``); x1 and x2 swap roles so that
+    ``x1 <= x2`` still holds. The flip is its own inverse (exactly for integer-valued coordinates).
+    """
+    _check_boxes(boxes, "boxes", multiple_of_four=True)
+    right = float(width) - (1.0 if legacy_plus_one else 0.0)
+    out = boxes.clone()
+    out[..., 0::4] = right - boxes[..., 2::4]
+    out[..., 2::4] = right - boxes[..., 0::4]
+    return out
+
+
 def remove_small_boxes(boxes: Tensor, min_size: float, legacy_plus_one: bool = False, strict: bool = False) -> Tensor:
     """Indices (int64, increasing) of the ``boxes`` ``(N, 4)`` whose width and height are both >= ``min_size``
     (torchvision's ``remove_small_boxes``), or with ``strict`` both > ``min_size`` (detectron2's

@@ -77,7 +77,9 @@ def _reads(key: str, code: str, strings: List[str], aliases: Dict[str, Set[str]]
     if len(parts) == 1:
         # Top-level keys have distinctive upper-case names: any attribute access (cfg.OUTPUT_DIR, c.PIXEL_MEANS).
         return re.search(r"\.\s*%s\b" % leaf, code) is not None
-    section = re.escape(parts[0])
+    # The key's own section: MODEL for MODEL.MASK_ON, BBOX_AUG for TEST.BBOX_AUG.H_FLIP (cfg.TEST.BBOX_AUG.H_FLIP,
+    # `aug = cfg.TEST.BBOX_AUG` ... `aug.H_FLIP`).
+    section = re.escape(parts[-2])
     patterns = [
         r"\b%s\s*\.\s*%s\b" % (section, leaf),                                 # cfg.SECTION.KEY
         r"\b%s\s*\.\s*get\s*\(\s*\"\"" % section,                              # cfg.SECTION.get("KEY", ...)
@@ -88,7 +90,7 @@ def _reads(key: str, code: str, strings: List[str], aliases: Dict[str, Set[str]]
     if (re.search(patterns[1], code) or re.search(patterns[2], code)) and parts[-1] in strings:
         return True
     # A local alias of the section: `f = cfg.FPN` or `t, s = cfg.TRAIN, cfg.TEST` ... `f.USE_GN`.
-    for alias in aliases.get(parts[0], ()):
+    for alias in aliases.get(parts[-2], ()):
         if re.search(r"\b%s\s*\.\s*%s\b" % (re.escape(alias), leaf), code):
             return True
     return False
@@ -130,14 +132,17 @@ def test_checker_finds_a_dead_key_and_each_way_of_reading():
                 "w = getattr(cfg.TRAIN, 'GETATTR')\n"
                 "v = _cfg_value(cfg, 'SOLVER.DOTTED')\n"
                 "u = cfg.TOP_LEVEL\n"
+                "aug = cfg.TEST.BBOX_AUG\n"
+                "n = aug.NESTED_ALIASED + cfg.TEST.MASK_AUG.NESTED\n"
                 "msg = f'{x} MODEL.DEAD_IN_MESSAGE'\n",
     }
     keys = ["MODEL.ATTR", "FPN.ALIASED", "TRAIN.TUPLE_ALIASED", "SOLVER.SELF_TUPLE_ALIASED", "TEST.GOT",
-            "TRAIN.GETATTR", "SOLVER.DOTTED", "TOP_LEVEL",
+            "TRAIN.GETATTR", "SOLVER.DOTTED", "TOP_LEVEL", "TEST.BBOX_AUG.NESTED_ALIASED", "TEST.MASK_AUG.NESTED",
             "MODEL.DEAD_IN_DOCSTRING", "MODEL.DEAD_IN_COMMENT", "MODEL.DEAD_IN_MESSAGE", "MODEL.NEVER", "NEVER_TOP",
-            "FPN.NOT_ALIASED"]
+            "FPN.NOT_ALIASED", "TEST.BBOX_AUG.NESTED"]
     assert unread_keys(keys, sources) == ["MODEL.DEAD_IN_DOCSTRING", "MODEL.DEAD_IN_COMMENT",
-                                          "MODEL.DEAD_IN_MESSAGE", "MODEL.NEVER", "NEVER_TOP", "FPN.NOT_ALIASED"]
+                                          "MODEL.DEAD_IN_MESSAGE", "MODEL.NEVER", "NEVER_TOP", "FPN.NOT_ALIASED",
+                                          "TEST.BBOX_AUG.NESTED"]
 
 
 def test_checker_catches_a_new_dead_key_in_the_real_sources():

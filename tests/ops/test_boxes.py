@@ -201,3 +201,18 @@ def test_bad_shapes_raise_clear_errors():
         boxes_to_rois([torch.zeros(2, 4), torch.zeros(2, 5)])
     with pytest.raises(TypeError, match="list of"):
         boxes_to_rois(torch.zeros(2, 4))
+
+
+def test_flip_boxes_continuous_and_legacy_and_involution():
+    from maskrcnn.ops.boxes import flip_boxes
+
+    b = torch.tensor([[1.0, 2.0, 4.0, 6.0], [0.0, 0.0, 10.0, 5.0]])
+    torch.testing.assert_close(flip_boxes(b, 10), torch.tensor([[6.0, 2.0, 9.0, 6.0], [0.0, 0.0, 10.0, 5.0]]))
+    # Detectron: x -> W - 1 - x (pixel-inclusive coordinates).
+    torch.testing.assert_close(flip_boxes(b, 10, legacy_plus_one=True),
+                               torch.tensor([[5.0, 2.0, 8.0, 6.0], [-1.0, 0.0, 9.0, 5.0]]))
+    per_class = torch.cat([b, b + 1], 1)  # (N, 8): every block flipped
+    torch.testing.assert_close(flip_boxes(per_class, 10)[:, 4:], flip_boxes(b + 1, 10))
+    assert torch.equal(flip_boxes(flip_boxes(b, 37), 37), b)  # integer coordinates: exact
+    with pytest.raises(ValueError, match="multiple of 4"):
+        flip_boxes(torch.zeros(2, 3), 10)

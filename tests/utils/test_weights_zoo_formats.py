@@ -300,8 +300,9 @@ def test_detectron_groupnorm_fpn_blobs_fill_a_groupnorm_fpn(fpn_setup):
 
 def test_unknown_and_incomplete_detectron_blobs_are_errors(fpn_setup):
     cfg, blobs, _ = fpn_setup
-    with pytest.raises(WeightsConversionError, match=r"kps_score_lowres_w"):
-        convert_to_ours({"blobs": dict(blobs, kps_score_lowres_w=np.zeros(3, np.float32))}, "detectron", cfg)
+    # Detectron's KRCNN.USE_DECONV head (kps_deconv) is not supported: named in the error.
+    with pytest.raises(WeightsConversionError, match=r"kps_deconv_w"):
+        convert_to_ours({"blobs": dict(blobs, kps_deconv_w=np.zeros(3, np.float32))}, "detectron", cfg)
     partial = {k: v for k, v in blobs.items() if k != "res3_1_branch2b_bn_b"}
     with pytest.raises(WeightsConversionError, match=r"res3\.1\.bn2"):
         convert_to_ours({"blobs": partial}, "detectron", cfg)

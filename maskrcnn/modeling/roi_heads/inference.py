@@ -8,7 +8,8 @@ pixels, the model in network-input pixels):
 2. :func:`select_detections`: drop the background column and flatten, so that every (RoI, class) pair is a
    candidate with its own box; keep candidates scoring ``> score_thresh``; drop boxes with a side ``< min_size``;
    NMS per class (``nms_thresh``) and keep the ``detections_per_img`` highest-scoring survivors
-   (:func:`~maskrcnn.ops.nms.batched_nms_limited`: the same survivors, found among the top candidates only).
+   (:func:`~maskrcnn.ops.nms.batched_nms_limited`: the same survivors, found among the top candidates only);
+   with box voting (``TEST.BBOX_VOTE``) each survivor is refined by its class's candidates before the limit.
 
 :func:`postprocess_detections` chains them and follows torchvision's ``RoIHeads.postprocess_detections`` step for
 step.
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...ops.box_coder import BoxCoder
+from ...ops.box_voting import BoxVoting
 from ...ops.boxes import clip_boxes_to_image, remove_small_boxes
-from ...ops.nms import batched_nms_limited
+from ...ops.nms import batched_nms, batched_nms_limited
 
 __all__ = ["class_probs_and_boxes", "select_detections", "postprocess_detections"]
 
@@ -102,6 +104,7 @@ def select_detections(
     min_size: Optional[float] = 1e-2,
     legacy_plus_one: bool = False,
     class_major: bool = False,
+    box_voting: Optional[BoxVoting] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Detections of one image from its RoIs' class probabilities and per-class boxes.
 
@@ -117,6 +120,8 @@ def select_detections(
         class_major: order of equal-scoring candidates, which decides who makes the limit: by RoI, then class
             (False, torchvision's ``postprocess_detections``) or by class, then RoI (True, Detectron's
             ``box_results_with_nms_and_limit``). Saturated scores of an untrained model tie a lot.
+        box_voting: refine every NMS survivor with the candidates of its class (Detectron's ``TEST.BBOX_VOTE``,
+            applied after NMS and before the limit, which then ranks the voted scores); None: no voting.
 
     Returns:
         ``(boxes (N, 4), scores (N,), labels (N,) int64 in 1..K)`` sorted by decreasing score, ties in the
@@ -141,9 +146,18 @@ def select_detections(
         keep = remove_small_boxes(boxes, min_size, legacy_plus_one=legacy_plus_one)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
 
-    # Only the best detections_per_img survivors are kept, so NMS runs on the top-scoring candidates only.
-    keep = batched_nms_limited(boxes, scores, labels, nms_thresh, detections_per_img)
-    return boxes[keep], scores[keep], labels[keep]
+    if box_voting is None or box_voting.keeps_scores:
+        # Only the best detections_per_img survivors are kept, so NMS runs on the top-scoring candidates only
+        # (voting that keeps the scores cannot change which survivors make the limit).
+        keep = batched_nms_limited(boxes, scores, labels, nms_thresh, detections_per_img)
+        if box_voting is None:
+            return boxes[keep], scores[keep], labels[keep]
+        voted_boxes, voted_scores = box_voting(boxes[keep], scores[keep], labels[keep], boxes, scores, labels)
+        return voted_boxes, voted_scores, labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)
+    voted_boxes, voted_scores = box_voting(boxes[keep], scores[keep], labels[keep], boxes, scores, labels)
+    order = torch.sort(voted_scores, descending=True, stable=True).indices[:detections_per_img]
+    return voted_boxes[order], voted_scores[order], labels[keep][order]
 
 
 def postprocess_detections(

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops.box_coder import BoxCoder
+from ...ops.box_voting import BoxVoting
 from ...ops.masks import project_masks_on_boxes
 from ...ops.matcher import Matcher
 from ...ops.sampler import BalancedPositiveNegativeSampler
@@ -80,6 +81,7 @@ class ROIHeads(nn.Module):
         keypoint_loss_weight: factor on the keypoint loss (``KRCNN.LOSS_WEIGHT``).
         keypoint_loss_normalizer: None averages the keypoint loss over the visible keypoints
             (``KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS``); a number is Detectron's fixed divisor of its sum.
+        box_voting: refine the detections by box voting (``TEST.BBOX_VOTE``); None: no voting.
     """
 
     def __init__(self, box_head: nn.Module, box_outs: nn.Module, *, box_coder: Optional[BoxCoder] = None,
@@ -90,7 +92,8 @@ class ROIHeads(nn.Module):
                  box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None,
                  mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0,
                  keypoint_head: Optional[nn.Module] = None, keypoint_outs: Optional[nn.Module] = None,
-                 keypoint_loss_weight: float = 1.0, keypoint_loss_normalizer: Optional[float] = None):
+                 keypoint_loss_weight: float = 1.0, keypoint_loss_normalizer: Optional[float] = None,
+                 box_voting: Optional[BoxVoting] = None):
         super().__init__()
         if not isinstance(box_head, nn.Module) or not isinstance(box_outs, nn.Module):
             raise TypeError(f"box_head and box_outs must be nn.Modules, got {type(box_head).__name__} and "
@@ -129,17 +132,32 @@ class ROIHeads(nn.Module):
         self.mask_loss_weight = float(mask_loss_weight)
         self.keypoint_loss_weight = float(keypoint_loss_weight)
         self.keypoint_loss_normalizer = None if keypoint_loss_normalizer is None else float(keypoint_loss_normalizer)
+        if box_voting is not None and not isinstance(box_voting, BoxVoting):
+            raise TypeError(f"box_voting must be a maskrcnn.ops.BoxVoting or None, got {type(box_voting).__name__}")
+        self.box_voting = box_voting
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], *, box_head: Optional[nn.Module] = None,
                  box_outs: Optional[nn.Module] = None, mask_head: Optional[nn.Module] = None,
                  mask_outs: Optional[nn.Module] = None, keypoint_head: Optional[nn.Module] = None,
                  keypoint_outs: Optional[nn.Module] = None) -> "ROIHeads":
-        """Build the heads named by the config (``FAST_RCNN.ROI_BOX_HEAD``, ``MRCNN.ROI_MASK_HEAD`` when
-        ``MODEL.MASK_ON``) on a body with ``in_channels`` and ``spatial_scales`` (finest first); any given head is
-        used instead. Other keys: ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI,
-        BG_THRESH_LO, BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS,
-        DETECTIONS_PER_IM, MIN_BOX_SIZE, BBOX_REG}``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
+        """Build the heads named by the config (see :meth:`cfg_kwargs`)."""
+        kwargs = cls.cfg_kwargs(cfg, in_channels, spatial_scales, box_head=box_head, box_outs=box_outs,
+                                mask_head=mask_head, mask_outs=mask_outs, keypoint_head=keypoint_head,
+                                keypoint_outs=keypoint_outs)
+        return cls(kwargs.pop("box_head"), kwargs.pop("box_outs"), **kwargs)
+
+    @staticmethod
+    def cfg_kwargs(cfg, in_channels: int, spatial_scales: Sequence[float], *, box_head: Optional[nn.Module] = None,
+                   box_outs: Optional[nn.Module] = None, mask_head: Optional[nn.Module] = None,
+                   mask_outs: Optional[nn.Module] = None, keypoint_head: Optional[nn.Module] = None,
+                   keypoint_outs: Optional[nn.Module] = None) -> Dict[str, object]:
+        """The constructor's arguments (``box_head`` and ``box_outs`` included) from the config: the heads it
+        names (``FAST_RCNN.ROI_BOX_HEAD``, ``MRCNN.ROI_MASK_HEAD`` when ``MODEL.MASK_ON``) on a body with
+        ``in_channels`` and ``spatial_scales`` (finest first); any given head is used instead. Other keys:
+        ``MODEL.{BBOX_REG_WEIGHTS, LEGACY_PLUS_ONE}``, ``TRAIN.{FG_THRESH, BG_THRESH_HI, BG_THRESH_LO,
+        BATCH_SIZE_PER_IM, FG_FRACTION, CROWD_FILTER_THRESH}``, ``TEST.{SCORE_THRESH, NMS, DETECTIONS_PER_IM,
+        MIN_BOX_SIZE, BBOX_REG}``, ``TEST.BBOX_VOTE.*``, ``FAST_RCNN.SMOOTH_L1_BETA``, ``MRCNN.{RESOLUTION,
         WEIGHT_LOSS_MASK}``; with ``MODEL.KEYPOINTS_ON`` ``KRCNN.ROI_KEYPOINTS_HEAD`` and ``KRCNN.{LOSS_WEIGHT,
         NORMALIZE_BY_VISIBLE_KEYPOINTS, NUM_KEYPOINTS}``, ``TRAIN.IMS_PER_BATCH`` (Detectron's normaliser)."""
         mask_on = bool(cfg.MODEL.MASK_ON)
@@ -171,8 +189,11 @@ class ROIHeads(nn.Module):
             if not k.NORMALIZE_BY_VISIBLE_KEYPOINTS:
                 # Detectron: the expected number of keypoints of a full minibatch, whatever this one holds.
                 kps_normalizer = t.IMS_PER_BATCH * t.BATCH_SIZE_PER_IM * t.FG_FRACTION * k.NUM_KEYPOINTS
-        return cls(
-            box_head, box_outs,
+        vote = s.BBOX_VOTE
+        box_voting = BoxVoting(vote.VOTE_TH, vote.SCORING_METHOD, vote.SCORING_METHOD_BETA,
+                               legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE) if vote.ENABLED else None
+        return dict(
+            box_head=box_head, box_outs=box_outs,
             box_coder=BoxCoder(tuple(cfg.MODEL.BBOX_REG_WEIGHTS), legacy_plus_one=cfg.MODEL.LEGACY_PLUS_ONE),
             proposal_matcher=Matcher(t.FG_THRESH, t.BG_THRESH_HI, allow_low_quality_matches=False),
             fg_bg_sampler=BalancedPositiveNegativeSampler(t.BATCH_SIZE_PER_IM, t.FG_FRACTION),
@@ -182,6 +203,7 @@ class ROIHeads(nn.Module):
             mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION, mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
             keypoint_head=keypoint_head, keypoint_outs=keypoint_outs, keypoint_loss_weight=k.LOSS_WEIGHT,
             keypoint_loss_normalizer=kps_normalizer,
+            box_voting=box_voting,
         )
 
     # --- structure ------------------------------------------------------------------------------------------------
@@ -234,16 +256,21 @@ class ROIHeads(nn.Module):
             ``(results, {})`` with per image ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64 in 1..K[,
             "masks": (D, 1, M, M)][, "keypoints": (D, K, 3), "keypoints_scores": (D, K)]}``.
         """
+        self.check_inputs(proposals, image_sizes, targets)
+        if self.training:
+            return [], self._losses(features, proposals, targets)
+        return self._detect(features, proposals, image_sizes), {}
+
+    def check_inputs(self, proposals: List[Tensor], image_sizes: Sequence[Tuple[int, int]],
+                     targets: Optional[List[Dict[str, Tensor]]]) -> None:
+        """Raise a clear error for inputs that break the :meth:`forward` contract."""
         if isinstance(proposals, Tensor):
             raise TypeError("proposals must be a list of (P_i, 4) tensors, one per image")
         if len(proposals) != len(image_sizes):
             raise ValueError(f"got {len(proposals)} proposal sets for {len(image_sizes)} image sizes")
-        if self.training:
-            if targets is None:
-                raise ValueError("ROIHeads in training mode needs targets: one dict with 'boxes' and 'labels' "
-                                 "(and 'masks' with a mask head) per image")
-            return [], self._losses(features, proposals, targets)
-        return self._detect(features, proposals, image_sizes), {}
+        if self.training and targets is None:
+            raise ValueError("ROIHeads in training mode needs targets: one dict with 'boxes' and 'labels' "
+                             "(and 'masks' with a mask head) per image")
 
     # --- training -------------------------------------------------------------------------------------------------
     def select_training_samples(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]) -> SampledRoIs:
@@ -331,7 +358,8 @@ class ROIHeads(nn.Module):
 
     def postprocess_detections(self, probs: List[Tensor], boxes: List[Tensor]
                                ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        """Per image: score threshold, minimum size, per-class NMS, limit (see ``inference.select_detections``).
+        """Per image: score threshold, minimum size, per-class NMS, box voting when set, limit (see
+        ``inference.select_detections``).
 
         Returns:
             ``(boxes, scores, labels)`` lists of ``(D_i, 4)``, ``(D_i,)``, ``(D_i,)`` int64 in 1..K.
@@ -341,7 +369,7 @@ class ROIHeads(nn.Module):
         for p, b in zip(probs, boxes):
             for acc, t in zip(out, select_detections(p, b, self.score_thresh, self.nms_thresh,
                                                      self.detections_per_img, min_size=self.min_box_size,
-                                                     legacy_plus_one=legacy)):
+                                                     legacy_plus_one=legacy, box_voting=self.box_voting)):
                 acc.append(t)
         return out
 

@@ -21,6 +21,8 @@ and the ImageNet models hold the blob dict at the top level); ``*_momentum`` blo
     ..._gn_{s,b}                                             GroupNorm scale/shift of a ConvGN blob (GN bodies and
                                                               FPN too: res2_0_branch2a_gn_s, fpn_inner_res5_2_sum_gn_s)
     _[mask]_res5_*                                    v0up mask head's own res5 (v0upshare shares res5_*)
+    conv_fcn{1..8}_{w,b}  kps_score_lowres_{w,b}      keypoint head (roi_pose_head_v1convX) and its deconv output;
+    kps_score_{w,b}                                   the fixed bilinear upsampling (not learnt; ours computes it)
 
 Caffe2 tensors have PyTorch's layouts (conv ``(out, in, kh, kw)``, FC ``(out, in)``, transposed conv
 ``(in, out, kh, kw)``), so blobs map one to one. Detectron models take BGR 0..255 images minus
@@ -78,8 +80,11 @@ TO_CANONICAL = RuleTable("this Detectron file", "maskrcnn's model", [
     Rule(r"_(?:\[mask\]|mask)_fcn(?P<i>\d+)_(?P<p>[wb])", "mask.fcn{i}.{p}", {"p": _WB}),
     Rule(r"head_conv(?P<i>\d+)_gn_(?P<p>[sb])", "box.conv{i}.norm.{p}", {"p": _GN}),
     Rule(r"head_conv(?P<i>\d+)_(?P<p>[wb])", "box.conv{i}.{p}", {"p": _WB}),
+    Rule(r"conv_fcn(?P<i>\d+)_(?P<p>[wb])", "kps.conv_fcn{i}.{p}", {"p": _WB}),
+    Rule(r"kps_score_lowres_(?P<p>[wb])", "kps.score_lowres.{p}", {"p": _WB}),
+    Rule(r"kps_score_[wb]", None),  # BilinearInterpolation's fixed kernel: our Keypoint_Outs upsamples itself
     Rule(r"(?P<layer>\w+)_(?P<p>[wb])", "{layer}.{p}", {"layer": _HEADS, "p": _WB}),
-], hint="Keypoint, RetinaNet and other non-Mask R-CNN models are not supported.")
+], hint="RetinaNet, keypoint heads with KRCNN.USE_DECONV (kps_deconv) and other models are not supported.")
 
 
 def _fpn_blob(f: Dict[str, Any]) -> str:
@@ -123,6 +128,8 @@ FROM_CANONICAL = RuleTable("the canonical weights", "Detectron's names", [
     Rule(r"mask\.fcn(?P<i>\d+)\.(?P<p>weight|bias)", _mask_fcn_blob, {"p": inverse(_WB)}),
     Rule(r"box\.conv(?P<i>\d+)\.norm\.(?P<p>weight|bias)", "head_conv{i}_gn_{p}", {"p": inverse(_GN)}),
     Rule(r"box\.conv(?P<i>\d+)\.(?P<p>weight|bias)", "head_conv{i}_{p}", {"p": inverse(_WB)}),
+    Rule(r"kps\.conv_fcn(?P<i>\d+)\.(?P<p>weight|bias)", "conv_fcn{i}_{p}", {"p": inverse(_WB)}),
+    Rule(r"kps\.score_lowres\.(?P<p>weight|bias)", "kps_score_lowres_{p}", {"p": inverse(_WB)}),
     Rule(r"(?P<layer>box\.\w+|mask\.\w+)\.(?P<p>weight|bias)", "{layer}_{p}",
          {"layer": inverse(_HEADS), "p": inverse(_WB)}),
 ])

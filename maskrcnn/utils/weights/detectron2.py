@@ -15,6 +15,9 @@ Names (``detectron2/modeling/backbone/{resnet,fpn}.py``, ``proposal_generator/rp
     roi_heads.box_predictor.bbox_pred.*   4K rows, foreground classes only (no background deltas)
     roi_heads.mask_head.mask_fcn{1..4}.*  .deconv.*  .predictor.*     predictor: K channels, no background
     roi_heads.mask_head.mask_fcn{i}.norm.{weight,bias}                GN mask head
+    roi_heads.keypoint_head.conv_fcn{1..8}.*  .score_lowres.*       keypoint head (KRCNNConvDeconvUpsampleHead)
+    roi_heads.box_head.{k}.fc{1,2}.*  roi_heads.box_predictor.{k}.*   Cascade R-CNN stage k (class-agnostic bbox_pred:
+                                                                        4 rows) -> canonical box.stage{k}.*
 
 Conversion to the canonical (Detectron) layout: the background row of ``cls_score`` moves from last to first; the
 background's 4 ``bbox_pred`` rows and 1 mask channel are added as zeros (inference never reads them, and a
@@ -46,9 +49,11 @@ _HEADS = {
     "roi_heads.box_head.fc1": "box.fc6", "roi_heads.box_head.fc2": "box.fc7",
     "roi_heads.box_predictor.cls_score": "box.cls_score", "roi_heads.box_predictor.bbox_pred": "box.bbox_pred",
     "roi_heads.mask_head.deconv": "mask.conv5_mask", "roi_heads.mask_head.predictor": "mask.logits",
+    "roi_heads.keypoint_head.score_lowres": "kps.score_lowres",
 }
 _HEAD_PATTERN = r"(?P<layer>" + "|".join(k.replace(".", r"\.") for k in _HEADS) + r")\." + PARAM
 _BODY = r"backbone\.(?:bottom_up\.)?"  # FPN models wrap the ResNet in bottom_up
+_CASCADE_FC = {"fc1": "fc6", "fc2": "fc7"}
 
 
 def _resnet_rules(source: str, stage: str) -> Iterator[Rule]:
@@ -80,8 +85,16 @@ TO_CANONICAL = RuleTable("this detectron2 file", "maskrcnn's model", [
     Rule(r"backbone\.fpn_(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "fpn.{kind}{L}{norm}.{p}"),
     Rule(r"roi_heads\.mask_head\.mask_fcn(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "mask.fcn{i}{norm}.{p}"),
     Rule(r"roi_heads\.box_head\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "box.conv{i}{norm}.{p}"),
+    Rule(r"roi_heads\.keypoint_head\.conv_fcn(?P<i>\d+)\." + PARAM, "kps.conv_fcn{i}.{p}"),
     Rule(_HEAD_PATTERN, "{layer}.{p}", {"layer": _HEADS}),
-], hint="Cascade, keypoint, RetinaNet and other non-standard detectron2 models are not supported.")
+    # Cascade R-CNN: one box head and predictor per stage.
+    Rule(r"roi_heads\.box_head\.(?P<k>\d+)\.(?P<layer>fc1|fc2)\." + PARAM, "box.stage{k}.{layer}.{p}",
+         {"layer": _CASCADE_FC}),
+    Rule(r"roi_heads\.box_head\.(?P<k>\d+)\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM,
+         "box.stage{k}.conv{i}{norm}.{p}"),
+    Rule(r"roi_heads\.box_predictor\.(?P<k>\d+)\.(?P<layer>cls_score|bbox_pred)\." + PARAM,
+         "box.stage{k}.{layer}.{p}"),
+], hint="RetinaNet and other non-standard detectron2 models are not supported.")
 
 #: Canonical name -> detectron2 name. Context: ``body`` (``backbone.bottom_up.`` under FPN, else ``backbone.``) and
 #: ``res5`` (``roi_heads.`` when res5 is the C4 box head, else ``body``).
@@ -93,6 +106,12 @@ FROM_CANONICAL = RuleTable("the canonical weights", "detectron2's names", [
     Rule(r"fpn\.(?P<kind>lateral|output)(?P<L>[2-6])(?P<norm>\.norm)?\." + PARAM, "backbone.fpn_{kind}{L}{norm}.{p}"),
     Rule(r"mask\.fcn(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "roi_heads.mask_head.mask_fcn{i}{norm}.{p}"),
     Rule(r"box\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM, "roi_heads.box_head.conv{i}{norm}.{p}"),
+    Rule(r"kps\.conv_fcn(?P<i>\d+)\." + PARAM, "roi_heads.keypoint_head.conv_fcn{i}.{p}"),
+    Rule(r"box\.stage(?P<k>\d+)\.(?P<layer>fc6|fc7)\." + PARAM, "roi_heads.box_head.{k}.{layer}.{p}",
+         {"layer": inverse(_CASCADE_FC)}),
+    Rule(r"box\.stage(?P<k>\d+)\.conv(?P<i>\d+)(?P<norm>\.norm)?\." + PARAM,
+         "roi_heads.box_head.{k}.conv{i}{norm}.{p}"),
+    Rule(r"box\.stage(?P<k>\d+)\.(?P<layer>cls_score|bbox_pred)\." + PARAM, "roi_heads.box_predictor.{k}.{layer}.{p}"),
     Rule(r"(?P<layer>\w+\.\w+)\." + PARAM, "{layer}.{p}", {"layer": inverse(_HEADS)}),
 ])
 
@@ -162,25 +181,33 @@ def _fix_norms(canonical: Dict[str, Tensor]) -> None:
             canonical.setdefault(f"{head}.running_var", torch.ones_like(w))
 
 
+def _box_predictors(canonical: Mapping[str, Tensor]) -> List[str]:
+    """``box`` and the cascade stages ``box.stage{k}`` that have a ``cls_score``."""
+    return sorted({k[: -len(".cls_score.weight")] for k in canonical
+                   if re.fullmatch(r"box(\.stage\d+)?\.cls_score\.weight", k)})
+
+
 def _to_detectron_classes(canonical: Dict[str, Tensor], notes: List[str]) -> None:
+    num_fg = None
+    for pred in _box_predictors(canonical):
+        for what in ("weight", "bias"):
+            key = f"{pred}.cls_score.{what}"
+            if key in canonical:
+                t = canonical[key]
+                canonical[key] = torch.cat([t[-1:], t[:-1]]).contiguous()
+        num_fg = canonical[f"{pred}.cls_score.weight"].shape[0] - 1
+        for what in ("weight", "bias"):
+            key = f"{pred}.bbox_pred.{what}"
+            # Class-specific (4K rows) or class-agnostic (4 rows) deltas: Detectron's layouts have 4(K+1) and 8.
+            if key in canonical and canonical[key].shape[0] in (4 * num_fg, 4):
+                t = canonical[key]
+                canonical[key] = torch.cat([torch.zeros_like(t[:4]), t]).contiguous()
     for what in ("weight", "bias"):
-        key = f"box.cls_score.{what}"
-        if key in canonical:
-            t = canonical[key]
-            canonical[key] = torch.cat([t[-1:], t[:-1]]).contiguous()
-    cls = canonical.get("box.cls_score.weight")
-    num_fg = cls.shape[0] - 1 if cls is not None else None
-    for what in ("weight", "bias"):
-        key = f"box.bbox_pred.{what}"
-        # Class-specific (4K rows) or class-agnostic (4 rows) deltas: Detectron's layouts have 4(K+1) and 8.
-        if key in canonical and num_fg is not None and canonical[key].shape[0] in (4 * num_fg, 4):
-            t = canonical[key]
-            canonical[key] = torch.cat([torch.zeros_like(t[:4]), t]).contiguous()
         key = f"mask.logits.{what}"
         if key in canonical and num_fg is not None and canonical[key].shape[0] == num_fg:
             t = canonical[key]
             canonical[key] = torch.cat([torch.zeros_like(t[:1]), t]).contiguous()
-    if cls is not None:
+    if num_fg is not None:
         notes.append(f"detectron2: {num_fg} classes; cls_score's background row moved from last to first, zero "
                      "background rows added to bbox_pred and the mask predictor (class-specific layers).")
 
@@ -218,13 +245,13 @@ def canonical_to_detectron2(canonical: Mapping[str, Tensor], anchor_grid: Option
     """Inverse of :func:`detectron2_to_canonical` (drops the background rows the forward direction adds)."""
     fpn = any(k.startswith("fpn.") for k in canonical)
     body = "backbone.bottom_up." if fpn else "backbone."
-    c4_res5 = not fpn and "box.fc6.weight" not in canonical
+    c4_res5 = not fpn and "box.fc6.weight" not in canonical and "box.stage0.fc6.weight" not in canonical
     layouts: Dict[str, Tensor] = OrderedDict()
     for key, t in canonical.items():
         head = key.rpartition(".")[0]
-        if head == "box.cls_score":
+        if re.fullmatch(r"box(\.stage\d+)?\.cls_score", head):
             t = torch.cat([t[1:], t[:1]])
-        elif head == "box.bbox_pred":
+        elif re.fullmatch(r"box(\.stage\d+)?\.bbox_pred", head):
             t = t[4:]
         elif head == "mask.logits" and t.shape[0] > 1:
             t = t[1:]

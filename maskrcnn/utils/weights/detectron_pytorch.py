@@ -38,10 +38,12 @@ __all__ = ["is_detectron_pytorch", "detectron_pytorch_to_canonical", "canonical_
 # Names only Detectron.pytorch uses (its ResNet body, Conv_Body.conv_body.*, has our names).
 _MARKERS = re.compile(r"^(Conv_Body\.conv_top|Conv_Body\.topdown_lateral_modules|Conv_Body\.posthoc_modules|"
                       r"RPN\.FPN_RPN_|RPN\.RPN_(conv|cls_score|bbox_pred)\.|Box_Head\.fc[12]?\.|Box_Head\.convs\.|"
-                      r"Mask_Head\.conv_fcn\.|Mask_Head\.upconv|Mask_Outs\.classify\.)")
+                      r"Mask_Head\.conv_fcn\.|Mask_Head\.upconv|Mask_Outs\.classify\.|Keypoint_Head\.conv_fcn\.|"
+                      r"Keypoint_Outs\.classify\.)")
 # Names only maskrcnn uses (a GroupNorm body of ours also has norms without running statistics).
 _OUR_MARKERS = re.compile(r"^(RPN\.head\.RPN_|Conv_Body\.fpn\.|Box_Head\.fc[67]\.|Box_Head\.head_conv|Mask_Head\.mask_fcn|"
-                          r"Mask_Head\.conv5_mask\.|Mask_Outs\.mask_fcn_logits\.)")
+                          r"Mask_Head\.conv5_mask\.|Mask_Outs\.mask_fcn_logits\.|Keypoint_Head\.conv_fcn\d|"
+                          r"Keypoint_Outs\.kps_score_lowres\.)")
 
 _AFFINE = {"weight": "scale", "bias": "shift"}  # AffineChannel2d parameters
 _RPN = {"conv": "conv", "cls_score": "cls_logits", "bbox_pred": "bbox_pred"}
@@ -110,7 +112,13 @@ TO_CANONICAL = RuleTable("this Detectron.pytorch file", "maskrcnn's model", [
          {"i": lambda i: int(i) // 2 + 1 if int(i) % 2 == 0 else None}),
     Rule(r"Mask_Head\.upconv5?\." + PARAM, "mask.conv5_mask.{p}"),
     Rule(r"Mask_Outs\.classify\." + PARAM, "mask.logits.{p}"),
-], hint="Keypoint heads and roi_Xconv1fc heads without GroupNorm are not supported.")
+    # Keypoint_Head.conv_fcn is Sequential(conv, ReLU, ...) as the mask head's; Keypoint_Outs.classify is the deconv
+    # kps_score_lowres, and its upsample.upconv the fixed bilinear kernel (ours upsamples itself).
+    Rule(r"Keypoint_Head\.conv_fcn\.(?P<i>\d+)\." + PARAM, "kps.conv_fcn{i}.{p}",
+         {"i": lambda i: int(i) // 2 + 1 if int(i) % 2 == 0 else None}),
+    Rule(r"Keypoint_Outs\.classify\." + PARAM, "kps.score_lowres.{p}"),
+    Rule(r"Keypoint_Outs\.upsample\.upconv\." + PARAM, None),
+], hint="Keypoint heads with KRCNN.USE_DECONV and roi_Xconv1fc heads without GroupNorm are not supported.")
 
 #: Canonical name -> Detectron.pytorch name (norms already folded to AffineChannel weight/bias). Context: ``body``
 #: (``Conv_Body.conv_body.`` under FPN), ``res5`` (where res5 lives: the body or ``Box_Head.``), ``rpn``
@@ -132,6 +140,8 @@ FROM_CANONICAL = RuleTable("the canonical weights", "Detectron.pytorch's names",
     Rule(r"mask\.fcn(?P<i>\d+)\." + PARAM, "Mask_Head.conv_fcn.{i}.{p}", {"i": lambda i: 2 * (int(i) - 1)}),
     Rule(r"mask\.conv5_mask\." + PARAM, "Mask_Head.{upconv}.{p}"),
     Rule(r"mask\.logits\." + PARAM, "Mask_Outs.classify.{p}"),
+    Rule(r"kps\.conv_fcn(?P<i>\d+)\." + PARAM, "Keypoint_Head.conv_fcn.{i}.{p}", {"i": lambda i: 2 * (int(i) - 1)}),
+    Rule(r"kps\.score_lowres\." + PARAM, "Keypoint_Outs.classify.{p}"),
 ])
 
 

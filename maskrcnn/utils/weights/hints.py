@@ -64,7 +64,8 @@ def describe_canonical(canonical: Mapping[str, Tensor]) -> Dict[str, Any]:
         info["num_classes"] = int(cls.shape[0])
     info["mask"] = "mask.logits.weight" in canonical
     kps = canonical.get("kps.score_lowres.weight")
-    info["keypoints"] = int(kps.shape[1]) if kps is not None else None  # ConvTranspose2d: (in, out, k, k)
+    # ConvTranspose2d weight: (in, out, k, k); anything else says nothing about the keypoint count.
+    info["keypoints"] = int(kps.shape[1]) if kps is not None and kps.dim() == 4 else None
     return info
 
 

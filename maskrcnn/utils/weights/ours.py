@@ -38,6 +38,13 @@ OUR_NAMES: Dict[str, str] = {
     "mask.logits": "Mask_Outs.mask_fcn_logits",
     "kps.conv_fcn{i}": "Keypoint_Head.conv_fcn{i}",
     "kps.score_lowres": "Keypoint_Outs.kps_score_lowres",
+    # Cascade R-CNN stage k (CascadeROIHeads' ModuleLists).
+    "box.stage{k}.fc6": "Box_Head.{k}.fc6",
+    "box.stage{k}.fc7": "Box_Head.{k}.fc7",
+    "box.stage{k}.cls_score": "Box_Outs.{k}.cls_score",
+    "box.stage{k}.bbox_pred": "Box_Outs.{k}.bbox_pred",
+    "box.stage{k}.conv{i}": "Box_Head.{k}.head_conv{i}",
+    "box.stage{k}.conv{i}.norm": "Box_Head.{k}.head_conv{i}_gn",
 }
 
 _STAGE_RE = re.compile(r"^(res[2-5]|mask_res5)\.(\d+)\.(.+)$")
@@ -47,6 +54,9 @@ _HEAD_RE = re.compile(r"^(rpn\.conv|rpn\.cls_logits|rpn\.bbox_pred|box\.fc6|box\
 # Numbered head convs, each with an optional GroupNorm (``.norm``): mask.fcn{i} (v1up4convs[_gn]), box.conv{i}
 # (roi_Xconv1fc[_gn]_head), kps.conv_fcn{i} (roi_pose_head_v1convX, no norm).
 _NUMBERED_RE = re.compile(r"^(mask\.fcn|box\.conv|kps\.conv_fcn)(\d+)(\.norm)?\.(weight|bias)$")
+_CASCADE_RE = re.compile(r"^box\.stage(\d+)\.(fc6|fc7|cls_score|bbox_pred|conv(\d+)(\.norm)?)\.(weight|bias)$")
+_OURS_CASCADE_RE = re.compile(r"^(Box_Head|Box_Outs)\.(\d+)\.(fc6|fc7|cls_score|bbox_pred|head_conv(\d+)(_gn)?)\."
+                              r"(weight|bias)$")
 
 
 def layout_from_cfg(cfg) -> Optional[str]:
@@ -168,6 +178,12 @@ def canonical_to_ours(canonical: Mapping[str, Tensor], *, cfg=None, target: Opti
             head, i, norm, what = m.groups()
             out[f"{OUR_NAMES[head + '{i}' + (norm or '')].format(i=i)}.{what}"] = t
             continue
+        m = _CASCADE_RE.match(key)
+        if m:
+            k, layer, i, norm, what = m.groups()
+            canon = f"box.stage{{k}}.conv{{i}}{norm or ''}" if i is not None else f"box.stage{{k}}.{layer}"
+            out[f"{OUR_NAMES[canon].format(k=k, i=i)}.{what}"] = t
+            continue
         raise WeightsConversionError(f"canonical tensor {key!r} has no place in maskrcnn's model")
     if target is not None:
         _match_target(out, target, notes)
@@ -203,7 +219,7 @@ def ours_to_canonical(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     body = OUR_NAMES["fpn_body"] if fpn else OUR_NAMES["body"]
     heads = {}
     for canon, ours in OUR_NAMES.items():
-        if canon.startswith(("rpn.", "box.", "mask.", "kps.")) and "{i}" not in canon:
+        if canon.startswith(("rpn.", "box.", "mask.", "kps.")) and "{i}" not in canon and "{k}" not in canon:
             heads[ours] = canon
     own_mask_res5 = False
     box_res5 = {k[len(OUR_NAMES["box_res5"]):]: v for k, v in state_dict.items() if k.startswith(OUR_NAMES["box_res5"])}
@@ -235,6 +251,10 @@ def ours_to_canonical(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
             i, sub, what = m.groups()
             norm = "norm." if sub == "1" else ""
             out[f"fpn.{kind}{int(i) + 2}.{norm}{what}"] = t
+        elif _OURS_CASCADE_RE.match(key):
+            part, k, layer, i, gn, what = _OURS_CASCADE_RE.match(key).groups()
+            name = f"conv{i}{'.norm' if gn else ''}" if i is not None else layer
+            out[f"box.stage{k}.{name}.{what}"] = t
         elif any(r.match(key) for _, r in numbered):
             canon, m = next((c, r.match(key)) for c, r in numbered if r.match(key))
             out[f"{canon.format(i=m.group(1))}.{m.group(2)}"] = t

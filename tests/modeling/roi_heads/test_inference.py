@@ -129,3 +129,59 @@ def test_select_detections_min_size_none_keeps_empty_boxes():
     boxes = torch.tensor([[0.0, 0, 0, 0, 5, 5, 5, 9]])  # zero width
     assert select_detections(probs, boxes, 0.05, 0.5, 10)[0].shape[0] == 0
     assert select_detections(probs, boxes, 0.05, 0.5, 10, min_size=None)[0].shape[0] == 1
+
+
+def _voting_inputs():
+    # Three RoIs, one foreground class: RoIs 0 and 1 overlap (IoU 0.818, suppressed by NMS 0.5), RoI 2 stands apart.
+    probs = torch.tensor([[0.1, 0.9], [0.4, 0.6], [0.3, 0.7]])
+    boxes = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 11.0, 10.0],
+                          [0.0, 0.0, 0.0, 0.0, 50.0, 50.0, 60.0, 60.0]])
+    return probs, boxes
+
+
+def test_select_detections_with_box_voting_id_keeps_scores_and_refines_boxes():
+    from maskrcnn.ops.box_voting import BoxVoting
+
+    probs, boxes = _voting_inputs()
+    b, s, lab = select_detections(probs, boxes, 0.05, 0.5, 10, box_voting=BoxVoting(0.8, "ID"))
+    torch.testing.assert_close(b, torch.tensor([[0.4, 0.0, 10.4, 10.0], [50.0, 50.0, 60.0, 60.0]]))
+    torch.testing.assert_close(s, torch.tensor([0.9, 0.7]))
+    assert lab.tolist() == [1, 1]
+    plain = select_detections(probs, boxes, 0.05, 0.5, 10)
+    torch.testing.assert_close(plain[1], s)  # the same survivors, in the same order
+
+
+def test_select_detections_with_voted_scores_reranks_before_the_limit():
+    from maskrcnn.ops.box_voting import BoxVoting
+
+    probs, boxes = _voting_inputs()
+    # AVG: the first detection's score becomes (0.9 + 0.6) / 2 = 0.75 > 0.7; QUASI_SUM with beta 1 as well. With
+    # beta 2 it becomes 1.5 / 4 = 0.375 and falls behind RoI 2: with a limit of 1 only RoI 2 is kept.
+    b, s, _ = select_detections(probs, boxes, 0.05, 0.5, 1, box_voting=BoxVoting(0.8, "QUASI_SUM", 2.0))
+    torch.testing.assert_close(s, torch.tensor([0.7]))
+    torch.testing.assert_close(b, torch.tensor([[50.0, 50.0, 60.0, 60.0]]))
+    b, s, _ = select_detections(probs, boxes, 0.05, 0.5, 10, box_voting=BoxVoting(0.8, "AVG"))
+    torch.testing.assert_close(s, torch.tensor([0.75, 0.7]))
+
+
+def test_roi_heads_and_detectron_api_read_bbox_vote():
+    import numpy as np
+
+    from maskrcnn.config import assert_and_infer_cfg, get_cfg
+    from maskrcnn.core.test import box_results_with_nms_and_limit
+    from maskrcnn.modeling.roi_heads.roi_heads import ROIHeads
+    from maskrcnn.ops.box_voting import BoxVoting
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.CONV_BODY", "FPN.fpn_ResNet18_conv5_body", "MODEL.MASK_ON", False,
+                         "FAST_RCNN.ROI_BOX_HEAD", "fast_rcnn_heads.roi_2mlp_head", "TEST.BBOX_VOTE.ENABLED", True,
+                         "TEST.BBOX_VOTE.VOTE_TH", 0.7, "TEST.BBOX_VOTE.SCORING_METHOD", "AVG", "TEST.NMS", 0.5])
+    assert_and_infer_cfg(cfg)
+    heads = ROIHeads.from_cfg(cfg, 64, [0.25, 0.125, 0.0625, 0.03125])
+    assert heads.box_voting == BoxVoting(0.7, "AVG", 1.0, legacy_plus_one=False)
+    probs, boxes = _voting_inputs()
+    pad = torch.zeros(3, 4 * (cfg.MODEL.NUM_CLASSES - 2))  # the default config has 81 classes
+    probs81 = torch.cat([probs, torch.zeros(3, cfg.MODEL.NUM_CLASSES - 2)], 1)
+    scores, det_boxes, _ = box_results_with_nms_and_limit(probs81.numpy(), torch.cat([boxes, pad], 1).numpy(), cfg)
+    np.testing.assert_allclose(scores, [0.75, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(det_boxes[0], [0.4, 0.0, 10.4, 10.0], rtol=1e-6)
