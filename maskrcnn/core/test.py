@@ -4,7 +4,8 @@ selection of ``roi_heads/inference.py``), so that it computes what ``Generalized
 
 Images are BGR ``uint8`` arrays of shape ``(H, W, 3)`` as ``cv2.imread`` returns them. Box arrays are numpy
 ``float32`` in original-image pixels (x1, y1, x2, y2); ``cls_boxes[j]`` is ``(n_j, 5)`` ``[x1, y1, x2, y2, score]``
-for class ``j`` (index 0, the background, stays empty), and ``cls_segms[j]`` the matching COCO RLEs.
+for class ``j`` (index 0, the background, stays empty), ``cls_segms[j]`` the matching COCO RLEs and, for a
+keypoint model, ``cls_keyps[j]`` the matching ``(4, K)`` arrays (rows x, y, heatmap logit, probability).
 
 Typical use, as in Detectron.pytorch's ``infer_simple.py``::
 
@@ -13,8 +14,8 @@ Typical use, as in Detectron.pytorch's ``infer_simple.py``::
     cls_boxes, cls_segms, cls_keyps = im_detect_all(model, cv2.imread("img.jpg"))
 
 Settings (``TEST.SCALE``, ``TEST.NMS``, ...) are read from ``model.cfg``, which the model copied from the config it
-was built with. Test-time augmentation (``TEST.BBOX_AUG``, ``TEST.MASK_AUG``: :func:`im_detect_bbox_aug`,
-:func:`im_detect_mask_aug`) and box voting (``TEST.BBOX_VOTE``, in :func:`box_results_with_nms_and_limit`) follow
+was built with. Test-time augmentation (``TEST.BBOX_AUG``, ``TEST.MASK_AUG``, ``TEST.KPS_AUG``:
+:func:`im_detect_bbox_aug`, :func:`im_detect_mask_aug`, :func:`im_detect_keypoints_aug`) and box voting (``TEST.BBOX_VOTE``, in :func:`box_results_with_nms_and_limit`) follow
 Detectron's ``im_detect_all``; the augmentation itself is :mod:`maskrcnn.engine.tta`, shared with ``test_net`` and
 ``Predictor``.
 """
@@ -26,14 +27,16 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
-from ..modeling.preprocess import ImageList, resize_boxes
+from ..modeling.preprocess import ImageList, resize_boxes, resize_keypoints
+from ..modeling.roi_heads.keypoint_outputs import heatmaps_to_keypoints
 from ..modeling.roi_heads.inference import select_detections
 from ..ops.box_voting import BoxVoting
 from ..ops.masks import paste_masks_in_image
 from ..utils.model import model_device
 
 __all__ = ["im_detect_all", "im_detect_bbox", "im_detect_bbox_aug", "box_results_with_nms_and_limit",
-           "im_detect_mask", "im_detect_mask_aug", "segm_results", "image_to_tensor", "ImageFeatures"]
+           "im_detect_mask", "im_detect_mask_aug", "segm_results", "im_detect_keypoints", "im_detect_keypoints_aug",
+           "keypoint_results", "image_to_tensor", "ImageFeatures"]
 
 
 def image_to_tensor(im: np.ndarray, device=None) -> torch.Tensor:
@@ -192,6 +195,75 @@ def im_detect_mask_aug(model, im: np.ndarray, boxes: np.ndarray, blob_conv: Opti
     return tta.detect_masks([x], ref, rois)[0].cpu().numpy()
 
 
+def _empty_heatmaps(model) -> np.ndarray:
+    k = model.cfg.KRCNN
+    return np.zeros((0, int(k.NUM_KEYPOINTS), int(k.HEATMAP_SIZE), int(k.HEATMAP_SIZE)), np.float32)
+
+
+@torch.no_grad()
+def im_detect_keypoints(model, im_scale: float, boxes: np.ndarray, blob_conv: ImageFeatures) -> np.ndarray:
+    """Heatmap logits ``(R, K, H, H)`` float32 for ``boxes`` (original pixels), Detectron's ``im_detect_keypoints``."""
+    if boxes.shape[0] == 0:
+        return _empty_heatmaps(model)
+    net_size = blob_conv.image_list.image_sizes[0]
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)[:, :4], device=blob_conv.image_list.tensors.device)
+    rois = [resize_boxes(b, blob_conv.original_size, net_size)]
+    heads = model.roi_heads
+    return heads.Keypoint_Outs(heads.Keypoint_Head(blob_conv.features, rois)).float().cpu().numpy()
+
+
+@torch.no_grad()
+def im_detect_keypoints_aug(model, im: np.ndarray, boxes: np.ndarray, blob_conv: Optional[ImageFeatures] = None
+                            ) -> np.ndarray:
+    """``im_detect_keypoints`` with ``TEST.KPS_AUG``'s augmentations (Detectron's ``im_detect_keypoints_aug``):
+    heatmap logits ``(R, K, H, H)`` of ``boxes`` (original pixels) merged over the runs with ``TEST.KPS_AUG.HEUR``."""
+    if boxes.shape[0] == 0:
+        return _empty_heatmaps(model)
+    from ..engine.tta import ReferenceRun
+
+    tta = _tta(model)
+    x = image_to_tensor(im, model_device(model))
+    orig = (int(im.shape[0]), int(im.shape[1]))
+    if blob_conv is None:
+        image_list, features = tta.run_backbone([x], tta.reference)
+        blob_conv = ImageFeatures(features, image_list, orig)
+    ref = ReferenceRun(blob_conv.image_list, blob_conv.features, [orig])
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)[:, :4], device=x.device)
+    rois = [resize_boxes(b, orig, ref.image_list.image_sizes[0])]
+    return tta.keypoint_heatmaps([x], ref, rois)[0].cpu().numpy()
+
+
+def keypoint_results(cls_boxes, pred_heatmaps: np.ndarray, ref_boxes: np.ndarray,
+                     image_size: Optional[Tuple[int, int]] = None, network_size: Optional[Tuple[int, int]] = None):
+    """Detectron's ``keypoint_results``: ``cls_keyps[j]``, one ``(4, K)`` float32 array per box of class ``j``
+    (rows ``x, y`` in original pixels, the heatmap logit there, and its probability), in ``cls_boxes`` order.
+
+    ``pred_heatmaps`` rows follow ``ref_boxes`` (the concatenation of ``cls_boxes[1:]``, original pixels). With
+    ``image_size`` and ``network_size`` (``(h, w)`` of the image and of the network input) the keypoints are placed
+    on the boxes in network-input pixels and scaled back, as the model's own forward does (so both give the same
+    keypoints); without them, on the original-pixel boxes as Detectron does. The probability is the spatial
+    softmax of the ``H x H`` heatmap at its largest cell (Detectron takes it on the map resized to the box).
+    """
+    num_classes = len(cls_boxes)
+    cls_keyps = [[] for _ in range(num_classes)]
+    if ref_boxes.shape[0] == 0:
+        return cls_keyps
+    maps = torch.from_numpy(np.ascontiguousarray(pred_heatmaps, dtype=np.float32))
+    boxes = torch.from_numpy(np.ascontiguousarray(ref_boxes[:, :4], dtype=np.float32))
+    if image_size is not None and network_size is not None:
+        xy, logits = heatmaps_to_keypoints(maps, resize_boxes(boxes, image_size, network_size))
+        xy = resize_keypoints(xy, network_size, image_size)
+    else:
+        xy, logits = heatmaps_to_keypoints(maps, boxes)
+    flat = maps.flatten(2)
+    probs = torch.exp(flat.amax(dim=2) - torch.logsumexp(flat, dim=2))
+    rows = torch.stack([xy[..., 0], xy[..., 1], logits, probs], dim=1).numpy()  # (R, 4, K)
+    labels = np.concatenate([np.full(len(cls_boxes[j]), j, dtype=np.int64) for j in range(1, num_classes)])
+    for r, j in zip(rows, labels):
+        cls_keyps[int(j)].append(np.ascontiguousarray(r, dtype=np.float32))
+    return cls_keyps
+
+
 def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int, im_w: int, cfg=None,
                  padding: int = 1):
     """Paste each mask into the image, binarise at ``MRCNN.THRESH_BINARIZE`` and encode as COCO RLE.
@@ -221,10 +293,12 @@ def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int,
 
 
 def im_detect_all(model, im: np.ndarray, box_proposals: Optional[np.ndarray] = None, timers=None):
-    """Boxes and masks for one BGR image: ``(cls_boxes, cls_segms, cls_keyps)`` (keypoints: always None).
+    """Boxes, masks and keypoints for one BGR image: ``(cls_boxes, cls_segms, cls_keyps)`` (None for a missing
+    head).
 
     ``box_proposals``: ``(P, 4)`` RoIs in original pixels instead of the RPN's. With ``TEST.BBOX_AUG.ENABLED`` /
-    ``TEST.MASK_AUG.ENABLED`` the boxes / masks come from :func:`im_detect_bbox_aug` / :func:`im_detect_mask_aug`.
+    ``TEST.MASK_AUG.ENABLED`` / ``TEST.KPS_AUG.ENABLED`` the boxes / masks / keypoints come from
+    :func:`im_detect_bbox_aug` / :func:`im_detect_mask_aug` / :func:`im_detect_keypoints_aug`.
     """
     cfg = model.cfg
     if cfg.TEST.BBOX_AUG.ENABLED:
@@ -241,4 +315,12 @@ def im_detect_all(model, im: np.ndarray, box_proposals: Optional[np.ndarray] = N
             masks = im_detect_mask(model, im_scale, boxes, blob_conv)
         cls_segms = segm_results(cls_boxes, masks, boxes, im.shape[0], im.shape[1], cfg,
                                  padding=cfg.TEST.MASK_PASTE_PADDING)
-    return cls_boxes, cls_segms, None
+    cls_keyps = None
+    if getattr(model.roi_heads, "keypoints_on", False):
+        if cfg.TEST.KPS_AUG.ENABLED:
+            heatmaps = im_detect_keypoints_aug(model, im, boxes, blob_conv)
+        else:
+            heatmaps = im_detect_keypoints(model, im_scale, boxes, blob_conv)
+        cls_keyps = keypoint_results(cls_boxes, heatmaps, boxes, image_size=(int(im.shape[0]), int(im.shape[1])),
+                                     network_size=tuple(blob_conv.image_list.image_sizes[0]))
+    return cls_boxes, cls_segms, cls_keyps

@@ -335,16 +335,11 @@ class TestTimeAugmentation(nn.Module):
             return [o[0] for o in outputs]
         return [merge_mask_probs(o, self.mask_heur) for o in outputs]
 
-    def detect_keypoints(self, images: Sequence[Tensor], reference: ReferenceRun, boxes: Sequence[Tensor]
-                         ) -> Tuple[List[Tensor], List[Tensor]]:
-        """Detectron's ``im_detect_keypoints_aug`` for a batch: heatmap logits of the reference-frame ``boxes``
-        (per image ``(N_i, 4)``) on the plain run and every keypoint augmentation, merged with
-        ``TEST.KPS_AUG.HEUR``, then placed on ``boxes``.
-
-        Returns:
-            per image ``(N_i, K, 3)`` float ``(x, y, 1)`` in reference-frame pixels and ``(N_i, K)`` scores (the
-            merged heatmap logits at the chosen cells), as ``roi_heads.keypoints``.
-        """
+    def keypoint_heatmaps(self, images: Sequence[Tensor], reference: ReferenceRun, boxes: Sequence[Tensor]
+                          ) -> List[Tensor]:
+        """Detectron's ``im_detect_keypoints_aug`` for a batch: float32 heatmap logits ``(N_i, K, H, H)`` of the
+        reference-frame ``boxes`` (per image ``(N_i, 4)``) on the plain run and every keypoint augmentation
+        (flipped maps mirrored back, left and right swapped), merged with ``TEST.KPS_AUG.HEUR``."""
         roi_heads = self.model.roi_heads
 
         def head(features, rois: List[Tensor]) -> List[Tensor]:
@@ -356,9 +351,18 @@ class TestTimeAugmentation(nn.Module):
             return maps.flip(-1)[:, self.keypoint_flip.to(maps.device)]
 
         outputs = self._per_box_outputs(images, reference, boxes, self.keypoint_augmentations, head, unflip)
+        return [merge_keypoint_heatmaps(maps, self.kps_heur) if len(maps) > 1 else maps[0] for maps in outputs]
+
+    def detect_keypoints(self, images: Sequence[Tensor], reference: ReferenceRun, boxes: Sequence[Tensor]
+                         ) -> Tuple[List[Tensor], List[Tensor]]:
+        """:meth:`keypoint_heatmaps` placed on ``boxes`` by the model's arg-max (``heatmaps_to_keypoints``).
+
+        Returns:
+            per image ``(N_i, K, 3)`` float ``(x, y, 1)`` in reference-frame pixels and ``(N_i, K)`` scores (the
+            merged heatmap logits at the chosen cells), as ``roi_heads.keypoints``.
+        """
         keypoints, scores = [], []
-        for maps, b in zip(outputs, boxes):
-            merged = merge_keypoint_heatmaps(maps, self.kps_heur) if len(maps) > 1 else maps[0]
+        for merged, b in zip(self.keypoint_heatmaps(images, reference, boxes), boxes):
             if b.shape[0] == 0:
                 k = merged.shape[1]
                 keypoints.append(torch.zeros((0, k, 3), device=b.device))
