@@ -40,7 +40,8 @@ def synthetic_images(split: str, indices, size: Tuple[int, int] = (128, 128)):
     out = []
     for i in indices:
         image, t = ds[i]
-        out.append((image.float() / 255.0, {"boxes": t["boxes"].float(), "labels": t["labels"].long(),
+        # The dataset returns float32 RGB in [0, 1] already.
+        out.append((image.float(), {"boxes": t["boxes"].float(), "labels": t["labels"].long(),
                                             "masks": t["masks"].to(torch.uint8)}))
     return out
 
