@@ -202,6 +202,8 @@ def alternate(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
             t = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t)
+            # Printed as it goes: a run stopped part-way (a timeout on a loaded machine) still leaves its figures.
+            print(f"round {r + 1}/{repeats}: {n} {times[n][-1]:.3f} s", flush=True)
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
             break
     return times
