@@ -202,6 +202,8 @@ def alternate(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
             t = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t)
+            # Printed as it goes: a run stopped part-way (a timeout on a loaded machine) still leaves its figures.
+            print(f"round {r + 1}/{repeats}: {n} {times[n][-1]:.3f} s", flush=True)
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
             break
     return times
@@ -438,12 +440,15 @@ def fair_ratios(medians: Dict[str, float], ours_fp32: Optional[str], ours_bf16: 
     against torchvision's best fp32 setting (plain or channels-last), ours bf16 against torchvision bf16 +
     channels-last."""
     out: Dict[str, float] = {}
-    tv_fp32 = min((medians[k], k) for k in (TV_PLAIN, TV_CL) if k in medians)
+    tv_fp32 = min(((medians[k], k) for k in (TV_PLAIN, TV_CL) if k in medians), default=None)
     if ours_fp32 in medians:
-        out[f"{ours_fp32} / {TV_PLAIN}"] = medians[ours_fp32] / medians[TV_PLAIN]
-        out[f"{ours_fp32} / best fp32 ({tv_fp32[1]})"] = medians[ours_fp32] / tv_fp32[0]
+        if TV_PLAIN in medians:
+            out[f"{ours_fp32} / {TV_PLAIN}"] = medians[ours_fp32] / medians[TV_PLAIN]
+        if tv_fp32 is not None:
+            out[f"{ours_fp32} / best fp32 ({tv_fp32[1]})"] = medians[ours_fp32] / tv_fp32[0]
     if ours_bf16 in medians:
-        out[f"{ours_bf16} / {TV_PLAIN}"] = medians[ours_bf16] / medians[TV_PLAIN]
+        if TV_PLAIN in medians:
+            out[f"{ours_bf16} / {TV_PLAIN}"] = medians[ours_bf16] / medians[TV_PLAIN]
         if TV_BF16 in medians:
             out[f"{ours_bf16} / {TV_BF16}"] = medians[ours_bf16] / medians[TV_BF16]
     return out

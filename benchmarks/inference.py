@@ -55,9 +55,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-threshes", default="0,0.05",
                    help="comma-separated score thresholds, one set of rows each (0: 100 detections everywhere; "
                         "0.05: the configs' default TEST.SCORE_THRESH)")
+    p.add_argument("--trained", nargs="?", const="train", default=None, metavar="PATH",
+                   help="add rows with trained weights (well-separated detections) at score threshold 0.05 on "
+                        "synthetic:val images: R-50-FPN fine-tuned here on synthetic:train (benchmarks/trained.py), "
+                        "or the torchvision state dict at PATH that --save-trained wrote")
+    p.add_argument("--trained-iters", type=int, default=60, help="fine-tuning steps when --trained trains")
+    p.add_argument("--trained-images", type=int, default=2, help="synthetic:val images per trained-row call")
+    p.add_argument("--save-trained", default=None, help="save the fine-tuned torchvision state dict here")
+    p.add_argument("--only-trained", action="store_true", help="time only the trained rows")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--budget", type=float, default=None, help="stop timing rounds (at least 2) after this many seconds (default: never)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--no-peak", action="store_true", help="skip the 4096^3 matmul peak probes (minutes on a "
+                   "loaded machine; the 'of peak' columns then show -)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--ablation", action="store_true",
                    help="time ours with the speed features switched on one after the other instead")
@@ -79,11 +89,37 @@ def build_models(size, modes, score_thresh: float = 0.0) -> Dict[str, Any]:
     for mode in modes:
         model = common.prepared(copy.deepcopy(ours), mode)
         fns[f"ours-{mode}"] = lambda m=model: m([image])
-    return {"image": image, "fns": fns, "tv": tv, "plain": ours}
+    return {"images": [image], "fns": fns, "tv": tv, "plain": ours}
 
 
-def row_name(name: str, score_thresh: float) -> str:
-    return f"{name} @score>={score_thresh:g}"
+def build_trained(args, modes, score_thresh: float) -> Dict[str, Any]:
+    """As :func:`build_models` with trained weights (``trained.py``) on ``--trained-images`` synthetic:val
+    images; torchvision holds the weights after the torchvision -> ours -> torchvision round trip."""
+    import trained
+
+    if args.trained == "train":
+        tv = trained.train_torchvision(iters=args.trained_iters)
+        if args.save_trained:
+            trained.save(tv, args.save_trained)
+    else:
+        tv = trained.load_torchvision(args.trained)
+    tv, ours = trained.round_trip(tv, score_thresh)
+    images = trained.val_images(args.trained_images)
+    fns = common.torchvision_settings(tv, lambda m: m(images))
+    if "bf16" not in modes:
+        del fns[common.TV_BF16]
+    for mode in modes:
+        model = common.prepared(copy.deepcopy(ours), mode)
+        fns[f"ours-{mode}"] = lambda m=model: m(images)
+    return {"images": images, "fns": fns, "tv": tv, "plain": ours}
+
+
+def row_name(name: str, key: str) -> str:
+    return f"{name} @{key}"
+
+
+def set_key(score_thresh: float, is_trained: bool = False) -> str:
+    return ("trained," if is_trained else "") + f"score>={score_thresh:g}"
 
 
 def child_memory(args) -> None:
@@ -117,68 +153,83 @@ def run(args) -> Dict[str, Any]:
     print(f"# inference benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads, "
           f"load {info['load_avg_1min']}), torch {info['torch']}, capability {info['capability']}, image "
           f"{size[0]}x{size[1]} ({common.image_source()}), score thresholds {threshes}, commit {common.git_commit()}")
-    peak_fp32 = common.matmul_peak(torch.float32)
-    peak_bf16 = common.matmul_peak(torch.bfloat16) if "bf16" in modes else None
-    print(f"matmul peak: fp32 {peak_fp32:.0f} GFLOP/s" + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
+    peak_fp32 = None if args.no_peak else common.matmul_peak(torch.float32)
+    peak_bf16 = common.matmul_peak(torch.bfloat16) if "bf16" in modes and not args.no_peak else None
+    if peak_fp32:
+        print(f"matmul peak: fp32 {peak_fp32:.0f} GFLOP/s" + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
 
     fns: Dict[str, Any] = {}
     checks: Dict[str, Dict[str, Any]] = {}
     flops: Dict[str, int] = {}
     detections: Dict[str, Dict[str, Any]] = {}
+    if args.only_trained and not args.trained:
+        args.trained = "train"
+    sets = [] if args.only_trained else [(thr, False) for thr in threshes]
+    if args.trained:
+        sets.append((0.05, True))
     with torch.no_grad():
-        for thr in threshes:
-            built = build_models(size, modes, thr)
-            image = built["image"]
-            outputs = {name: fn()[0] for name, fn in built["fns"].items()}
-            ref = outputs[common.TV_PLAIN]
-            scores = ref["scores"]
-            gaps = scores[:-1] - scores[1:]
-            detections[f"{thr:g}"] = {"count": int(scores.numel()),
-                                      "min_score_gap": float(gaps.min()) if gaps.numel() else None,
-                                      "score_range": [float(scores.min()), float(scores.max())]
-                                      if scores.numel() else None}
-            print(f"score >= {thr:g}: torchvision returns {scores.numel()} detections, scores "
-                  f"{detections[f'{thr:g}']['score_range']}, smallest gap between consecutive scores "
-                  f"{detections[f'{thr:g}']['min_score_gap']}")
-            for name, out in outputs.items():
-                if name == common.TV_PLAIN:
-                    continue
-                c = common.compare_detections(ref, out)
-                checks[row_name(name, thr)] = c
-                print(f"detections {row_name(name, thr)} vs torchvision plain: {c['count_b']} vs {c['count_a']}, "
-                      f"identical={c['identical']} (same order {c['in_same_order']}, max |d box| "
-                      f"{c['max_box_diff']}, max |d score| {c['max_score_diff']}, max |d mask prob| "
-                      f"{c['max_mask_diff']}, same label & IoU>=0.9: {100 * c['matched_iou90']:.0f}%)")
-            flops[f"{thr:g}"] = {"torchvision": common.count_flops(lambda: built["tv"]([image])),
-                                 "ours": common.count_flops(lambda: built["plain"]([image]))}
-            fns.update({row_name(n, thr): f for n, f in built["fns"].items()})
+        for thr, is_trained in sets:
+            key = set_key(thr, is_trained)
+            built = build_trained(args, modes, thr) if is_trained else build_models(size, modes, thr)
+            images = built["images"]
+            outputs = {name: fn() for name, fn in built["fns"].items()}
+            for i in range(len(images)):
+                ref = outputs[common.TV_PLAIN][i]
+                scores = ref["scores"]
+                gaps = scores[:-1] - scores[1:]
+                dkey = key + (f",image{i}" if len(images) > 1 else "")
+                detections[dkey] = {"count": int(scores.numel()),
+                                    "min_score_gap": float(gaps.min()) if gaps.numel() else None,
+                                    "score_range": [float(scores.min()), float(scores.max())]
+                                    if scores.numel() else None}
+                print(f"{dkey}: torchvision returns {scores.numel()} detections, scores "
+                      f"{detections[dkey]['score_range']}, smallest gap between consecutive scores "
+                      f"{detections[dkey]['min_score_gap']}")
+                for name, out in outputs.items():
+                    if name == common.TV_PLAIN:
+                        continue
+                    c = common.compare_detections(ref, out[i])
+                    checks[row_name(name, dkey)] = c
+                    print(f"detections {row_name(name, dkey)} vs torchvision plain: {c['count_b']} vs "
+                          f"{c['count_a']}, identical={c['identical']} (same order {c['in_same_order']}, max |d box| "
+                          f"{c['max_box_diff']}, max |d score| {c['max_score_diff']}, max |d mask prob| "
+                          f"{c['max_mask_diff']}, same label & IoU>=0.9: {100 * c['matched_iou90']:.0f}%)")
+            flops[key] = {"torchvision": common.count_flops(lambda: built["tv"](images)),
+                          "ours": common.count_flops(lambda: built["plain"](images))}
+            fns.update({row_name(n, key): f for n, f in built["fns"].items()})
         # The matmul probes run in every round too: the peak is their best time under the models' conditions.
-        fns["matmul-fp32"] = common.matmul_runner(torch.float32)
+        if peak_fp32 is not None:
+            fns["matmul-fp32"] = common.matmul_runner(torch.float32)
         if peak_bf16 is not None:
             fns["matmul-bf16"] = common.matmul_runner(torch.bfloat16)
         times = common.alternate(fns, repeats=repeats, warmup=0, budget_s=args.budget)
         matmul_flops = 2.0 * 4096 ** 3
-        peak_fp32 = max(peak_fp32, matmul_flops / min(times.pop("matmul-fp32")) / 1e9)
+        if peak_fp32 is not None:
+            peak_fp32 = max(peak_fp32, matmul_flops / min(times.pop("matmul-fp32")) / 1e9)
         if peak_bf16 is not None:
             peak_bf16 = max(peak_bf16, matmul_flops / min(times.pop("matmul-bf16")) / 1e9)
-        print(f"matmul peak (best of all rounds): fp32 {peak_fp32:.0f} GFLOP/s"
-              + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
-    del built, fns
+        if peak_fp32 is not None:
+            print(f"matmul peak (best of all rounds): fp32 {peak_fp32:.0f} GFLOP/s"
+                  + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
+    del fns
     gc.collect()
 
     medians = {n: common.median(t) for n, t in times.items()}
     rows: List[Dict[str, Any]] = []
     ratios: Dict[str, Dict[str, float]] = {}
-    for thr in threshes:
-        med = {n: medians[row_name(n, thr)] for n in common.TV_SETTINGS + tuple(f"ours-{m}" for m in modes)
-               if row_name(n, thr) in medians}
-        ratios[f"{thr:g}"] = common.fair_ratios(med, "ours-fp32", "ours-bf16")
+    for thr, is_trained in sets:
+        key = set_key(thr, is_trained)
+        med = {n: medians[row_name(n, key)] for n in common.TV_SETTINGS + tuple(f"ours-{m}" for m in modes)
+               if row_name(n, key) in medians}
+        ratios[key] = common.fair_ratios(med, "ours-fp32", "ours-bf16")
+        tv_fp32 = [n for n in (common.TV_PLAIN, common.TV_CL) if n in med]
+        print(f"{key}: torchvision's fastest fp32 setting here: {min(tv_fp32, key=med.get)}")
         for name, m in med.items():
-            fl = flops[f"{thr:g}"]["ours" if name.startswith("ours") else "torchvision"]
+            fl = flops[key]["ours" if name.startswith("ours") else "torchvision"]
             gflops = fl / m / 1e9
-            row = {"model": row_name(name, thr), "score_thresh": thr, "median_s": m,
-                   "times_s": times[row_name(name, thr)], "ratio": m / med[common.TV_PLAIN], "gflop": fl / 1e9,
-                   "gflop_per_s": gflops, "fraction_of_fp32_peak": gflops / peak_fp32}
+            row = {"model": row_name(name, key), "score_thresh": thr, "trained": is_trained, "median_s": m,
+                   "times_s": times[row_name(name, key)], "ratio": m / med[common.TV_PLAIN], "gflop": fl / 1e9,
+                   "gflop_per_s": gflops, "fraction_of_fp32_peak": gflops / peak_fp32 if peak_fp32 else None}
             if "bf16" in name and peak_bf16:
                 row["fraction_of_bf16_peak"] = gflops / peak_bf16
             rows.append(row)
@@ -201,10 +252,11 @@ def run(args) -> Dict[str, Any]:
     for r in rows:
         mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
         bf = f"{100 * r['fraction_of_bf16_peak']:.0f}%" if "fraction_of_bf16_peak" in r else "-"
+        fp = f"{100 * r['fraction_of_fp32_peak']:.0f}%" if r["fraction_of_fp32_peak"] is not None else "-"
         print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {r['ratio']:.3f} | "
-              f"{r['gflop']:.0f} | {r['gflop_per_s']:.0f} | {100 * r['fraction_of_fp32_peak']:.0f}% | {bf} | "
+              f"{r['gflop']:.0f} | {r['gflop_per_s']:.0f} | {fp} | {bf} | "
               f"{mem} |")
-    print("\n| score threshold | ratio | value |\n|---|---|---|")
+    print("\n| rows | ratio | value |\n|---|---|---|")
     for thr, rs in ratios.items():
         for k, v in rs.items():
             print(f"| {thr} | {k} | {v:.3f} |")
@@ -212,6 +264,7 @@ def run(args) -> Dict[str, Any]:
     failed = common.require_identical({k: v for k, v in checks.items() if "ours-fp32" in k})
     return {"benchmark": "inference", "commit": common.git_commit(), "machine": info, "image_size": list(size),
             "image": common.image_source(), "repeats": repeats, "score_thresholds": threshes,
+            "sets": [set_key(t, tr) for t, tr in sets],
             "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16}, "rows": rows, "ratios": ratios,
             "detections": checks, "torchvision_detections": detections, "identical_check_failed": failed}
 

@@ -114,7 +114,7 @@ def markdown(results: Dict[str, Any]) -> str:
         fair = (results.get(key) or {}).get("ratios") or {}
         for thr, rs in (fair.items() if key == "inference" else [("-", fair)]):
             for name, v in rs.items():
-                lines.append(f"| {key} ratio {name}" + (f" (score >= {thr})" if key == "inference" else "")
+                lines.append(f"| {key} ratio {name}" + (f" ({thr})" if key == "inference" else "")
                              + f" | - | - | {v:.3f} | - | - |")
     ap = results.get("bf16_ap")
     if ap:

@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-speed", action="store_true", help="ours without prepare_for_training (for comparison)")
     p.add_argument("--fold-bn", type=int, choices=(0, 1), default=None, help="override TRAIN.FUSE_FROZEN_BN")
     p.add_argument("--channels-last", type=int, choices=(0, 1), default=None, help="override TRAIN.CHANNELS_LAST")
+    p.add_argument("--runs", default=",".join(MODELS),
+                   help="comma-separated subset of the runs to time (default: all); e.g. the bf16 runs apart with "
+                        "fewer --repeats on a CPU without native bf16, where they are emulated and slow")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child-memory", default=None, choices=MODELS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -119,14 +122,20 @@ def run(args) -> Dict[str, Any]:
     print(f"# training-step benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} "
           f"threads, load {info['load_avg_1min']}), torch {info['torch']}, batch 2 x {size[0]}x{size[1]}, ours with "
           f"{features(args)}")
+    runs = [n for n in args.runs.split(",") if n]
+    bad = [n for n in runs if n not in MODELS]
+    if bad or not runs:
+        raise SystemExit(f"--runs: unknown or no run(s) {bad}; choose from {MODELS}")
     steps, losses = {}, {}
-    for name in MODELS:
+    for name in runs:
         _, steps[name], losses[name] = build(name, size, features(args))
     times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
     medians = {n: common.median(t) for n, t in times.items()}
-    tv = medians[common.TV_PLAIN]
+    tv = medians.get(common.TV_PLAIN)
     rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],
-                                   "ratio": medians[n] / tv, "last_losses": losses[n]} for n in MODELS]
+                                   "ratio": medians[n] / tv if tv else None, "last_losses": losses[n]} for n in runs]
+    tv_runs = [n for n in runs if n.startswith("torchvision")]
+    fastest_tv = min(tv_runs, key=lambda n: medians[n]) if tv_runs else None
     ratios = common.fair_ratios(medians, "ours-fp32", "ours-bf16")
     del steps
     gc.collect()
@@ -142,17 +151,20 @@ def run(args) -> Dict[str, Any]:
     print("|---|---|---|---|---|")
     for r in rows:
         mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
-        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {r['ratio']:.3f} | "
-              f"{mem} |")
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {ratio} | {mem} |")
     print("\n| ratio | value |\n|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.3f} |")
-    print(f"steps per model: {len(times[common.TV_PLAIN])} (alternated); times: "
+    if fastest_tv:
+        print(f"torchvision's fastest setting here: {fastest_tv} ({common.fmt_s(medians[fastest_tv])})")
+    print(f"steps per model: {len(times[runs[0]])} (alternated); times: "
           + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
-    for n in MODELS:
+    for n in runs:
         print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
     return {"benchmark": "train_step", "commit": common.git_commit(), "machine": info, "image_size": list(size),
-            "batch": 2, "repeats": args.repeats, "speed_features": features(args), "rows": rows, "ratios": ratios}
+            "batch": 2, "repeats": args.repeats, "speed_features": features(args), "runs": runs, "fastest_torchvision": fastest_tv,
+            "rows": rows, "ratios": ratios}
 
 
 def main(argv=None) -> int:

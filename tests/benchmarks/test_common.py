@@ -75,6 +75,9 @@ def test_fair_ratios():
     assert common.fair_ratios(med, "ours-fp32", None) == {
         f"ours-fp32 / {common.TV_PLAIN}": pytest.approx(0.6),
         f"ours-fp32 / best fp32 ({common.TV_PLAIN})": pytest.approx(0.6)}
+    # A bf16-only run (train_step.py --runs, the emulated bf16 timed apart): only the bf16 ratio exists.
+    assert common.fair_ratios({common.TV_BF16: 8.0, "ours-bf16": 2.0}, "ours-fp32", "ours-bf16") == {
+        f"ours-bf16 / {common.TV_BF16}": pytest.approx(0.25)}
 
 
 def test_torchvision_settings_run_channels_last_and_bf16():
