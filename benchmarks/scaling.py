@@ -294,13 +294,13 @@ def main(argv=None) -> int:
     runners = {"size": lambda: run_size(sizes, rounds), "dets": lambda: run_dets(sizes[0], rounds),
                "batch": lambda: run_batch(sizes[0], rounds), "threads": lambda: run_threads(sizes[0], rounds),
                "train": lambda: run_train(sizes[0], rounds)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     for s in sections:
         out[s] = runners[s]()
         gc.collect()
-    out["wall_s"] = time.perf_counter() - start
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
+        out["wall_s"] = time.perf_counter() - start
+        with open(args.json, "w") as f:  # after every section, so that a stopped run keeps what it measured
+            json.dump(out, f, indent=1)
     print(f"wrote {args.json} ({out['wall_s']:.0f} s)")
     if args.png_dir:
         for p in plots(out, args.png_dir):
