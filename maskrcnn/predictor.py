@@ -223,6 +223,8 @@ class Predictor:
             ``"classes"`` entry, else :func:`default_class_names` (COCO for 81 or 91 classes, else ``"class k"``).
         random_weights: allow ``weights=None`` (an untrained model: tests, benchmarks). Without it a missing
             ``weights`` is an error, so a forgotten argument never yields a silently random detector.
+        calib_images: with ``TEST.QUANTIZE 'int8'`` (CPU), a few ``(3, H, W)`` float images of your data in [0, 1]
+            RGB as the model takes them, run once to calibrate the int8 ranges; required then (``ConfigError``).
 
     Raises:
         ValueError: no weights (and not ``random_weights``), a bad ``device`` or ``batch_size``.
@@ -234,7 +236,7 @@ class Predictor:
     def __init__(self, cfg: Any = None, weights: Any = None, *, device: Union[str, torch.device, None] = None,
                  overrides: Sequence[Any] = (), score_thresh: Optional[float] = None,
                  batch_size: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
-                 random_weights: bool = False):
+                 random_weights: bool = False, calib_images: Optional[Sequence[Any]] = None):
         from .config import ConfigError
         from .engine.speed import prepare_for_inference
         from .modeling.generalized_rcnn import Generalized_RCNN
@@ -256,7 +258,8 @@ class Predictor:
         if weights is not None:
             load_ckpt(model, weights)
         device = _resolve_device(device, cfg)
-        prepare_for_inference(model.to(device), cfg)
+        # calib_images: (3, H, W) float tensors (as predict() takes them after to_tensor) for TEST.QUANTIZE int8.
+        prepare_for_inference(model.to(device), cfg, calib_images=calib_images)
         names = class_names if class_names is not None else meta.get("classes")
         source = "class_names" if class_names is not None else f"the 'classes' of {_describe(weights)}"
         self._setup(model, cfg, device, names, source, batch_size)
@@ -264,7 +267,7 @@ class Predictor:
     @classmethod
     def from_model(cls, model: nn.Module, cfg: Any = None, *, class_names: Optional[Sequence[str]] = None,
                    device: Union[str, torch.device, None] = None, prepare: bool = True,
-                   batch_size: Optional[int] = None) -> "Predictor":
+                   batch_size: Optional[int] = None, calib_images: Optional[Sequence[Any]] = None) -> "Predictor":
         """A Predictor around an already-built model (e.g. one just trained in the same process).
 
         Args:
@@ -277,6 +280,8 @@ class Predictor:
                 changes ``model`` in place and for inference only (folded BN does not train): pass a
                 ``copy.deepcopy(model)`` to keep training the original. ``False`` for a model already prepared.
             batch_size: as for the constructor.
+            calib_images: with ``TEST.QUANTIZE 'int8'``, a few ``(3, H, W)`` float images of your data to calibrate
+                the int8 ranges (required then; see :mod:`maskrcnn.engine.quantize`).
         """
         from .engine.speed import prepare_for_inference
         from .utils.model import model_device
@@ -289,7 +294,7 @@ class Predictor:
             model.to(torch.device(device))
         device = model_device(model)
         if prepare:
-            prepare_for_inference(model, cfg)
+            prepare_for_inference(model, cfg, calib_images=calib_images)
         model.eval()
         self = cls.__new__(cls)
         self._setup(model, cfg, device, class_names, "class_names", batch_size)

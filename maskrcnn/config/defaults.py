@@ -261,6 +261,10 @@ _key("TEST.FUSE_CONV_ACTIVATIONS", True, "On the CPU, run the folded ResNet and 
      "conv+ReLU and conv+add+ReLU primitives (needs TEST.FUSE_FROZEN_BN).")
 _key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory format at inference.")
 _key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles for tens of seconds per input size).")
+_key("TEST.QUANTIZE", "", "'' (fp32) or 'int8': post-training static int8 quantization of the ResNet stages and FPN "
+     "convolutions on the CPU (maskrcnn.engine.quantize; x86 FX flow), calibrated on TEST.QUANTIZE_CALIB_IMAGES images.")
+_key("TEST.QUANTIZE_CALIB_IMAGES", 8, "With TEST.QUANTIZE 'int8': how many images of the evaluated dataset "
+     "tools/test_net.py runs through the model to calibrate the int8 ranges (Predictor takes calib_images=).")
 _key("TEST.EVAL_PERIOD", 0, "During training, run the COCO evaluation on TEST.DATASETS every this many iterations and "
      "after the last one (logged, and written to OUTPUT_DIR/metrics.jsonl); 0 disables.")
 _key("TEST.MASK_PASTE_PADDING", 1, "Pixels of padding around each mask before pasting (torchvision and Detectron "

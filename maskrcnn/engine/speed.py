@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import contextlib
-from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -282,6 +282,7 @@ def _has_folded_bn(model: nn.Module) -> bool:
 def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool] = None,
                           fuse_activations: Optional[bool] = None, channels_last: Optional[bool] = None,
                           amp: Optional[str] = None, compile_body: Optional[bool] = None,
+                          quantize: Optional[str] = None, calib_images: Optional[Sequence[Any]] = None,
                           return_handle: bool = False) -> Union[nn.Module, Tuple[nn.Module, SpeedHandle]]:
     """Apply the inference speed features to ``model`` in place and put it in eval mode.
 
@@ -292,6 +293,11 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     a ``ConfigError`` naming the key (e.g. ``TEST.FUSE_FROZEN_BN`` on a GroupNorm body). The model is for inference
     only afterwards (folded parameters train wrongly).
 
+    ``quantize`` / ``TEST.QUANTIZE`` 'int8' quantizes the ResNet stages and FPN convolutions
+    (:func:`maskrcnn.engine.quantize.quantize_int8`, CPU only, with folded BN and without the oneDNN fused blocks,
+    which it replaces), calibrated by running the model on ``calib_images`` (``(3, H, W)`` float tensors, a few
+    images of the user's data; required then, else a ``ConfigError``).
+
     Returns ``model``, or ``(model, handle)`` with ``return_handle=True``: the :class:`SpeedHandle` of the AMP
     hooks (``handle.remove()`` undoes them, ``handle.autocast()`` runs the model's parts in the same precision).
     """
@@ -301,9 +307,22 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     cl, cl_key = _setting(cfg, channels_last, "TEST.CHANNELS_LAST", "channels_last")
     amp_value, _ = _setting(cfg, amp, "TEST.AMP", "amp")
     comp, _ = _setting(cfg, compile_body, "TEST.COMPILE", "compile_body")
+    quant, _ = _setting(cfg, quantize, "TEST.QUANTIZE", "quantize")
     fold, fuse, cl, amp_value, comp = bool(fold), bool(fuse), bool(cl), str(amp_value), bool(comp)
+    quant = str(quant or "")
     amp_name = "TEST.AMP" if amp is None else "amp"
     check_amp(amp_value, model_device(model), amp_name)
+    if quant:
+        from .quantize import check_quantize
+
+        check_quantize(quant, model_device(model), amp_value, comp, "TEST.QUANTIZE" if quantize is None else "quantize")
+        if not fold:
+            raise ConfigError(f"TEST.QUANTIZE = {quant!r} needs folded BN: set TEST.FUSE_FROZEN_BN True")
+        if not calib_images:
+            raise ConfigError(f"TEST.QUANTIZE = {quant!r} needs calibration images: pass calib_images= (a few "
+                              "(3, H, W) images of your data) to prepare_for_inference or Predictor; "
+                              "tools/test_net.py takes the first TEST.QUANTIZE_CALIB_IMAGES images of the dataset")
+        fuse = False  # FX fuses conv+ReLU inside the quantized modules itself
     model.eval()
     if fold and fold_frozen_bn(model) == 0 and not _has_folded_bn(model):
         raise _nothing_to_do(fold_key, f"{type(model).__name__} has no convolution followed by a frozen or "
@@ -313,6 +332,10 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     if fuse and fuse_conv_activations(model) == 0 and not any(isinstance(m, FusedConv2d) for m in model.modules()):
         raise _nothing_to_do(fuse_key, f"{type(model).__name__} has no folded ResNet block, ResNet stem or plain FPN",
                              "Set TEST.FUSE_CONV_ACTIVATIONS False for such a model.")
+    if quant:
+        from .quantize import quantize_int8
+
+        quantize_int8(model, calib_images)
     if cl and to_channels_last(model) == 0:
         raise _nothing_to_do(cl_key, f"{type(model).__name__} has no 4-D parameter or buffer",
                              "Set TEST.CHANNELS_LAST False for such a model.")
@@ -322,7 +345,7 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     if comp:
         compile_conv_body(model)
     logger.info("inference speed features: folded BN %s, fused conv+activation %s, channels-last %s, amp %s, "
-                "compile %s", fold, fuse, cl, amp_value or "off", comp)
+                "compile %s, quantize %s", fold, fuse, cl, amp_value or "off", comp, quant or "off")
     return (model, handle) if return_handle else model
 
 

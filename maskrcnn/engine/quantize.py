@@ -1,0 +1,118 @@
+"""int8 post-training static quantization of the ResNet body and the FPN (``TEST.QUANTIZE 'int8'``).
+
+Flow: PyTorch's FX graph-mode quantization with the ``x86`` backend (``torch.ao.quantization.quantize_fx``,
+``get_default_qconfig_mapping('x86')``: per-channel symmetric int8 weights, per-tensor affine uint8 activations
+with histogram observers; fbgemm/oneDNN int8 kernels, AVX2 or better). Each ResNet stage (``res1``..``res5``) and
+each FPN lateral/output convolution is traced on its own and becomes a ``GraphModule`` that takes and returns
+float tensors (quantize at its input, dequantize at its output), so the body's own ``forward`` (input checks, the
+top-down sum and upsampling, P6) runs unchanged in fp32; the RPN and the RoI heads stay fp32.
+
+Why not PT2E (``torch.export`` + ``prepare_pt2e`` + ``X86InductorQuantizer`` + ``torch.compile``): with torch 2.14
+``torch.ao.quantization.quantize_pt2e`` and ``torch.ao.quantization.quantizer`` are gone (moved to the separate
+``torchao`` package), and the body's ``forward`` has data-dependent checks that FX cannot trace as a whole; the
+per-stage FX flow needs nothing beyond torch.
+
+The model must have its FrozenBN folded first (``fold_frozen_bn``) and must not hold oneDNN fused blocks
+(``TEST.FUSE_CONV_ACTIVATIONS``): FX fuses conv+ReLU itself. Calibration runs the whole model on the given
+images (``(3, H, W)`` float tensors as the model takes them), so the observers see the real pre-processing.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config.errors import ConfigError
+
+__all__ = ["QUANTIZE_MODES", "check_quantize", "quantize_int8"]
+
+#: The values ``TEST.QUANTIZE`` accepts.
+QUANTIZE_MODES = ("", "int8")
+_STAGES = ("res1", "res2", "res3", "res4", "res5")
+
+
+def check_quantize(mode: str, device: torch.device, amp: str, compile_body: bool, key: str = "TEST.QUANTIZE") -> None:
+    """Raise a ``ConfigError`` naming ``key`` when ``mode`` cannot run here."""
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"{key} = {mode!r}: choose one of {QUANTIZE_MODES} ('' = fp32)")
+    if not mode:
+        return
+    if device.type != "cpu":
+        raise ConfigError(f"{key} = {mode!r} runs on the CPU only (int8 x86 kernels); the model is on {device}. "
+                          "Use MODEL.DEVICE cpu, or TEST.AMP for reduced precision on the GPU.")
+    if "x86" not in torch.backends.quantized.supported_engines:
+        raise ConfigError(f"{key} = {mode!r}: this torch build has no x86 quantized engine "
+                          f"(supported: {torch.backends.quantized.supported_engines}); set {key} ''.")
+    if amp:
+        raise ConfigError(f"{key} = {mode!r} and TEST.AMP = {amp!r} exclude each other: set TEST.AMP ''.")
+    if compile_body:
+        raise ConfigError(f"{key} = {mode!r} and TEST.COMPILE True exclude each other: set TEST.COMPILE False.")
+
+
+def _targets(model: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """``(parent, child name)`` of every module to quantize: the ResNet stages and the FPN convolutions."""
+    body = getattr(model, "Conv_Body", None)
+    if not isinstance(body, nn.Module):
+        raise ConfigError("TEST.QUANTIZE 'int8' needs a model with a Conv_Body (the built-in ResNet/FPN bodies)")
+    bottom = getattr(body, "conv_body", body)
+    out = [(bottom, n) for n in _STAGES if isinstance(getattr(bottom, n, None), nn.Module)]
+    fpn = getattr(body, "fpn", None)
+    if fpn is not None:
+        for lst in ("lateral_convs", "output_convs"):
+            convs = getattr(fpn, lst, None)
+            if isinstance(convs, nn.ModuleList):
+                out += [(convs, str(i)) for i, c in enumerate(convs) if type(c) is nn.Conv2d]
+    if not out:
+        raise ConfigError(f"TEST.QUANTIZE 'int8': {type(body).__name__} has no ResNet stage (res1..res5) or FPN "
+                          "convolution to quantize; set TEST.QUANTIZE ''.")
+    return out
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module, calib_images: Sequence[Tensor], batch_size: int = 1) -> nn.Module:
+    """Quantize ``model``'s ResNet stages and FPN convolutions to int8 in place (module docstring), calibrated by
+    running ``model`` (eval mode, FrozenBN folded, no fused oneDNN blocks) on ``calib_images`` (a non-empty
+    sequence of ``(3, H, W)`` float tensors in the model's input format), ``batch_size`` images per call.
+    Returns ``model``."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from .onednn_fusion import FusedConv2d
+
+    images = list(calib_images)
+    if not images:
+        raise ConfigError("TEST.QUANTIZE 'int8' needs calibration images: pass calib_images (a few images of your "
+                          "data) or set TEST.QUANTIZE_CALIB_IMAGES > 0")
+    for i, im in enumerate(images):
+        if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != 3 or not im.is_floating_point():
+            raise ValueError(f"quantize_int8: calibration image {i} must be a (3, H, W) float tensor, got "
+                             f"{type(im).__name__} {tuple(getattr(im, 'shape', ()))}")
+    if any(isinstance(m, FusedConv2d) for m in model.modules()):
+        raise ConfigError("TEST.QUANTIZE 'int8' quantizes plain convolutions: prepare the model with "
+                          "TEST.FUSE_CONV_ACTIVATIONS False (prepare_for_inference does this itself)")
+    torch.backends.quantized.engine = "x86"
+    qconfig = get_default_qconfig_mapping("x86")
+    model.eval()
+    targets = _targets(model)
+    # Example inputs for tracing: shapes do not matter to the FX graph of these modules, only the channel count.
+    prepared = []
+    for parent, name in targets:
+        child = getattr(parent, name)
+        example = torch.zeros(1, _in_channels(child), 32, 32)
+        p = prepare_fx(copy.deepcopy(child), qconfig, example_inputs=(example,))
+        setattr(parent, name, p)
+        prepared.append((parent, name, p))
+    for start in range(0, len(images), batch_size):
+        model(images[start:start + batch_size])
+    for parent, name, p in prepared:
+        setattr(parent, name, convert_fx(p))
+    return model
+
+
+def _in_channels(module: nn.Module) -> int:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    raise ConfigError(f"TEST.QUANTIZE 'int8': {type(module).__name__} has no convolution")
