@@ -181,6 +181,13 @@ def im_detect_mask_aug(model, im: np.ndarray, boxes: np.ndarray, blob_conv: Opti
     if boxes.shape[0] == 0:
         m = model.cfg.MRCNN.RESOLUTION
         return np.zeros((0, model.cfg.MODEL.NUM_CLASSES, m, m), np.float32)
+    tta, x, ref, rois = _per_box_augmentation_inputs(model, im, boxes, blob_conv)
+    return tta.detect_masks([x], ref, rois)[0].cpu().numpy()
+
+
+def _per_box_augmentation_inputs(model, im: np.ndarray, boxes: np.ndarray, blob_conv: Optional[ImageFeatures]):
+    """What the per-box augmentations (masks, keypoints) of one image need: the TTA module, the image tensor, the
+    plain run (``blob_conv``'s, or computed now) and ``boxes`` in its network-input pixels."""
     from ..engine.tta import ReferenceRun
 
     tta = _tta(model)
@@ -192,7 +199,7 @@ def im_detect_mask_aug(model, im: np.ndarray, boxes: np.ndarray, blob_conv: Opti
     ref = ReferenceRun(blob_conv.image_list, blob_conv.features, [orig])
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)[:, :4], device=x.device)
     rois = [resize_boxes(b, orig, ref.image_list.image_sizes[0])]
-    return tta.detect_masks([x], ref, rois)[0].cpu().numpy()
+    return tta, x, ref, rois
 
 
 def _empty_heatmaps(model) -> np.ndarray:
@@ -219,17 +226,7 @@ def im_detect_keypoints_aug(model, im: np.ndarray, boxes: np.ndarray, blob_conv:
     heatmap logits ``(R, K, H, H)`` of ``boxes`` (original pixels) merged over the runs with ``TEST.KPS_AUG.HEUR``."""
     if boxes.shape[0] == 0:
         return _empty_heatmaps(model)
-    from ..engine.tta import ReferenceRun
-
-    tta = _tta(model)
-    x = image_to_tensor(im, model_device(model))
-    orig = (int(im.shape[0]), int(im.shape[1]))
-    if blob_conv is None:
-        image_list, features = tta.run_backbone([x], tta.reference)
-        blob_conv = ImageFeatures(features, image_list, orig)
-    ref = ReferenceRun(blob_conv.image_list, blob_conv.features, [orig])
-    b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)[:, :4], device=x.device)
-    rois = [resize_boxes(b, orig, ref.image_list.image_sizes[0])]
+    tta, x, ref, rois = _per_box_augmentation_inputs(model, im, boxes, blob_conv)
     return tta.keypoint_heatmaps([x], ref, rois)[0].cpu().numpy()
 
 
