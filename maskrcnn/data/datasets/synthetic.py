@@ -93,6 +93,25 @@ def extreme_points(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def item_to_tensors(index: int, image_np: np.ndarray, t: Dict[str, np.ndarray]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """A generated item (``(H, W, 3)`` float32 RGB and numpy target fields) as the dataset contract's ``(3, H, W)``
+    image and tensor target: ``boxes``, ``labels``, ``masks``, ``image_id``, ``area``, ``iscrowd`` (zeros when the
+    generator has none) and ``keypoints`` when generated."""
+    n = len(t["labels"])
+    image = torch.from_numpy(np.ascontiguousarray(image_np.transpose(2, 0, 1)))
+    target = {
+        "boxes": torch.from_numpy(t["boxes"]).reshape(n, 4),
+        "labels": torch.from_numpy(t["labels"]),
+        "masks": torch.from_numpy(t["masks"]),
+        "image_id": torch.tensor(int(index), dtype=torch.int64),
+        "area": torch.from_numpy(t["area"]),
+        "iscrowd": torch.from_numpy(t["iscrowd"]) if "iscrowd" in t else torch.zeros((n,), dtype=torch.int64),
+    }
+    if "keypoints" in t:
+        target["keypoints"] = torch.from_numpy(t["keypoints"])  # (n, K, 3) as generated
+    return image, target
+
+
 class SyntheticShapesDataset(Dataset):
     """Coloured shapes on textured backgrounds (see the module docstring).
 
@@ -250,19 +269,7 @@ class SyntheticShapesDataset(Dataset):
         return image, target
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
-        image_np, t = self.generate(index)
-        n = len(t["labels"])
-        image = torch.from_numpy(np.ascontiguousarray(image_np.transpose(2, 0, 1)))
-        target = {
-            "boxes": torch.from_numpy(t["boxes"]).reshape(n, 4),
-            "labels": torch.from_numpy(t["labels"]),
-            "masks": torch.from_numpy(t["masks"]),
-            "image_id": torch.tensor(int(index), dtype=torch.int64),
-            "area": torch.from_numpy(t["area"]),
-            "iscrowd": torch.zeros((n,), dtype=torch.int64),
-        }
-        if self.keypoints:
-            target["keypoints"] = torch.from_numpy(t["keypoints"]).reshape(n, len(KEYPOINT_NAMES), 3)
+        image, target = item_to_tensors(index, *self.generate(index))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

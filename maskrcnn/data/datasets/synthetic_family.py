@@ -28,11 +28,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .synthetic import _shape_mask
+from .synthetic import _shape_mask, item_to_tensors
 
 __all__ = ["VariantSpec", "VARIANTS", "FAMILY_SHAPES", "SyntheticFamilyDataset", "variant_names", "shape_mask"]
 
@@ -416,17 +415,7 @@ class SyntheticFamilyDataset(Dataset):
         return image, target
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
-        image_np, t = self.generate(index)
-        n = len(t["labels"])
-        image = torch.from_numpy(np.ascontiguousarray(image_np.transpose(2, 0, 1)))
-        target = {
-            "boxes": torch.from_numpy(t["boxes"]).reshape(n, 4),
-            "labels": torch.from_numpy(t["labels"]),
-            "masks": torch.from_numpy(t["masks"]),
-            "image_id": torch.tensor(int(index), dtype=torch.int64),
-            "area": torch.from_numpy(t["area"]),
-            "iscrowd": torch.from_numpy(t["iscrowd"]),
-        }
+        image, target = item_to_tensors(index, *self.generate(index))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
