@@ -89,6 +89,9 @@ _key("MODEL.DEVICE", "auto", "'auto' (CUDA when available), 'cpu' or 'cuda'.")
 _section("RESNETS", "ResNet / ResNeXt bodies.")
 _key("RESNETS.NUM_GROUPS", 1, "Groups of the 3x3 convolutions (ResNeXt cardinality; 1 for ResNet).")
 _key("RESNETS.WIDTH_PER_GROUP", 64, "Channels per group in the first stage's 3x3 convolution.")
+_key("RESNETS.STEM_OUT_CHANNELS", 64, "Channels of the stem (res1); 64 in every standard ResNet (pretrained weights need it).")
+_key("RESNETS.RES2_OUT_CHANNELS", 0, "Output channels of res2, doubled at each later stage; 0 for the depth's standard 256 "
+     "(bottleneck) or 64 (basic blocks: there it is the width, e.g. 32 for a half-width ResNet-18 trained from scratch).")
 _key("RESNETS.STRIDE_1X1", True, "Put the stride in the first 1x1 conv (Caffe2/Detectron) instead of the 3x3 (torchvision).")
 _key("RESNETS.TRANS_FUNC", "bottleneck_transformation",
      "Residual block: 'bottleneck_transformation' or 'basic_transformation' (ResNet-18/34, set by the body name).")
@@ -379,6 +382,9 @@ _key("DATA_LOADER.NUM_THREADS", 2, "Worker processes per training process (0 loa
 _key("DATA_LOADER.MAX_IMAGE_SIDE", 4096, "COCO-format images whose longer side exceeds this many pixels are decoded "
      "at reduced resolution and resized to it (boxes and masks scaled with them), so a 12000x9000 photo never "
      "occupies memory at full size; test results are mapped back to the size the json records. 0 turns it off.")
+_key("DATA_LOADER.CACHE_RAM_MB", 0, "Keep the training set's decoded items in memory (before augmentation) up to this many "
+     "MiB per loading process, so that each image is decoded once (small sets on a CPU; 0 off). Best with NUM_THREADS 0: "
+     "each worker keeps its own copy.")
 _key("DATA_LOADER.SKIP_UNREADABLE", False, "Skip images that cannot be read instead of failing before training starts.")
 
 _section("AUTO", "Recipe chosen from the training set's statistics (train_net --auto); an explicit key always wins.")

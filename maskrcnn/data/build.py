@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, get_worker_info
 
+from .cache import CachedDataset
 from .catalog import ConcatDataset
 from .collate import collate_fn
 from .samplers import InferenceSampler, TrainingBatchSampler, aspect_ratio_group_ids
@@ -220,7 +221,7 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
                        aspect_grouping: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                        start_iter: int = 0, flip: bool = True, transforms: Optional[Callable] = None,
                        pin_memory: bool = False, validate: bool = True,
-                       skip_unreadable: bool = False) -> "LoaderIterator":
+                       skip_unreadable: bool = False, cache_mb: float = 0) -> "LoaderIterator":
     """Endless iterator of training batches ``(images, targets)`` for this rank.
 
     Args:
@@ -239,6 +240,8 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
             header, truncation, recorded size; no decoding) so that unreadable images fail before training starts.
         skip_unreadable: instead of failing, leave unreadable images out (with one warning listing them); cfg
             ``DATA_LOADER.SKIP_UNREADABLE``.
+        cache_mb: keep decoded items in memory up to this many MiB per loading process
+            (:class:`~maskrcnn.data.cache.CachedDataset`; 0 off); cfg ``DATA_LOADER.CACHE_RAM_MB``.
 
     Raises:
         maskrcnn.data.validate.UnreadableImagesError: ``validate`` found unusable images and ``skip_unreadable``
@@ -253,6 +256,8 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
         dataset = check_and_filter(dataset, skip_unreadable=skip_unreadable)
     if len(dataset) == 0:
         raise ValueError(f"build_train_loader: dataset {dataset!r} is empty")
+    if float(cache_mb) > 0:
+        dataset = CachedDataset(dataset, cache_mb)
     if int(ims_per_batch) < 1:
         raise ValueError(f"build_train_loader: ims_per_batch must be >= 1, got {ims_per_batch!r}")
     if int(num_workers) < 0:

@@ -26,6 +26,7 @@ Every choice is printed as ``auto: KEY = VALUE  (reason)`` and ends up in ``OUTP
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 import time
@@ -144,6 +145,31 @@ def _input_size(cfg, stats: DatasetStats):
     return size, max_size, f"{why}; longer side up to {aspect:.2f}x (95th percentile image aspect)", med_short
 
 
+def _available_ram_mb() -> float:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume a small machine
+        return 4096.0
+
+
+def _cache_choice(cfg, stats: DatasetStats):
+    """``(CACHE_RAM_MB, reason)``: keep the decoded set in memory when it is small. Sized for float pixels (12
+    bytes; images that are exactly k/255 take 3) and uint8 masks."""
+    pixels = float(np.mean(stats.image_hw[:, 0] * stats.image_hw[:, 1]))
+    per_image = pixels * (12 + float(np.mean(stats.objects_per_image)) + 1)  # image, masks, crowd/slack
+    need = per_image * stats.num_images / 2 ** 20
+    room = min(4096.0, 0.25 * _available_ram_mb())
+    if int(cfg.DATA_LOADER.NUM_THREADS) != 0:
+        return 0, (f"DATA_LOADER.NUM_THREADS = {cfg.DATA_LOADER.NUM_THREADS}: each worker would keep its own copy "
+                   f"of the {need:.0f} MiB set")
+    if need > room:
+        return 0, (f"the decoded set (about {need:.0f} MiB) is larger than {room:.0f} MiB (a quarter of free memory, "
+                   f"at most 4 GiB)")
+    mb = int(math.ceil(1.25 * need / 16.0) * 16)
+    return mb, (f"{stats.num_images} images of about {pixels ** 0.5:.0f}^2 px: about {need:.0f} MiB decoded, so each "
+                f"image is decoded once instead of every epoch")
+
+
 def _test_datasets(specs: Sequence[str]) -> Optional[List[str]]:
     out = []
     for spec in specs:
@@ -210,6 +236,7 @@ def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), exp
         batch = int(cfg.TRAIN.IMS_PER_BATCH)
     add("SOLVER.BASE_LR", 0.005 * batch, f"0.005 per image of the batch ({batch} per process), from scratch with BN, "
         f"warm-up and SOLVER.CLIP_GRAD_NORM")
+    add("DATA_LOADER.CACHE_RAM_MB", *_cache_choice(cfg, stats))
     tests = _test_datasets(list(train_specs))
     if tests and not list(cfg.TEST.DATASETS):
         add("TEST.DATASETS", tests, "the validation split of the training set")
@@ -255,9 +282,10 @@ def schedule_for(max_iter: int) -> dict:
             "TRAIN.SNAPSHOT_ITERS": max(1, max_iter // 2)}
 
 
-def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2) -> List[float]:
+def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2,
+                        data_times: Optional[List[float]] = None) -> List[float]:
     """Seconds of each of ``n_timed`` real training steps (data loading included) of a throw-away model built
-    from ``cfg``, after ``n_warm`` untimed ones."""
+    from ``cfg``, after ``n_warm`` untimed ones; the loading part of each is appended to ``data_times``."""
     import torch
 
     from ..data.build import build_train_loader
@@ -285,6 +313,8 @@ def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2) -> 
                 torch.cuda.synchronize()
             if i >= n_warm:
                 times.append(trainer.step_time)
+                if data_times is not None:
+                    data_times.append(trainer.data_time)
     finally:
         loader.close()
     return times
@@ -305,16 +335,27 @@ def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: fl
             log(f"auto: SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER} kept (explicit); the {budget_s / 60:.1f} min budget "
                 f"is not applied")
         return []
-    times = time_training_steps(cfg, dataset, device, max(int(cfg.AUTO.TIMING_ITERS), 1))
-    per_iter = statistics.median(times)
+    data: List[float] = []
+    times = time_training_steps(cfg, dataset, device, max(int(cfg.AUTO.TIMING_ITERS), 1), data_times=data)
+    per_iter, per_load = statistics.median(times), statistics.median(data)
     if broadcast is not None:
-        per_iter = broadcast(per_iter)
+        per_iter, per_load = broadcast((per_iter, per_load))
     left = budget_s - (time.time() - started)
     # 3% for logging and the checkpoints; the first iterations of a run are a little slower.
-    max_iter = max(20, int(0.97 * left / per_iter))
+    usable = 0.97 * left
     spread = f"{min(times):.2f}-{max(times):.2f}"
     reason = (f"{len(times)} timed steps: median {per_iter:.3f} s/iteration (spread {spread}); {left:.0f} s left "
               f"of the {budget_s / 60:.1f} min budget (AUTO.BUDGET_MINUTES)")
+    epoch = math.ceil(len(dataset) / max(int(cfg.TRAIN.IMS_PER_BATCH) * max(int(cfg.NUM_GPUS), 1), 1))
+    if float(cfg.DATA_LOADER.CACHE_RAM_MB) > 0 and int(cfg.DATA_LOADER.NUM_THREADS) == 0 and \
+            usable > epoch * per_iter and per_load < per_iter:
+        # Items are decoded once (DATA_LOADER.CACHE_RAM_MB): only the first epoch's steps pay the loading.
+        max_iter = epoch + int((usable - epoch * per_iter) / (per_iter - per_load))
+        reason += (f"; loading ({per_load:.3f} s of it) is paid only in the first epoch ({epoch} iterations): the "
+                   f"items stay in memory (DATA_LOADER.CACHE_RAM_MB)")
+    else:
+        max_iter = int(usable / per_iter)
+    max_iter = max(20, max_iter)
     choices = [AutoChoice(k, v, reason if k == "SOLVER.MAX_ITER" else f"from SOLVER.MAX_ITER {max_iter}")
                for k, v in schedule_for(max_iter).items()]
     return apply_choices(cfg, choices, explicit, log)

@@ -59,7 +59,9 @@ def _resnet_kwargs(cfg, depth: int) -> dict:
                           f"{cfg.MODEL.CONV_BODY!r}: depth {depth} uses bottleneck blocks")
     return dict(block="basic" if basic else "bottleneck", num_groups=int(r.NUM_GROUPS),
                 width_per_group=int(r.WIDTH_PER_GROUP), stride_in_1x1=bool(r.STRIDE_1X1), norm=str(r.NORM),
-                freeze_at=int(r.FREEZE_AT), res5_dilation=int(r.RES5_DILATION))
+                freeze_at=int(r.FREEZE_AT), res5_dilation=int(r.RES5_DILATION),
+                stem_out_channels=int(r.STEM_OUT_CHANNELS),
+                res2_out_channels=int(r.RES2_OUT_CHANNELS) if int(r.RES2_OUT_CHANNELS) > 0 else None)
 
 
 class ResNetConvBody(ResNet):
@@ -72,13 +74,14 @@ class ResNetConvBody(ResNet):
 
     def __init__(self, depth: int, *, conv_stage: int = 4, block: Optional[str] = None, num_groups: int = 1,
                  width_per_group: int = 64, stride_in_1x1: bool = True, norm: str = "FrozenBN", freeze_at: int = 2,
-                 res5_dilation: int = 1):
+                 res5_dilation: int = 1, stem_out_channels: int = 64, res2_out_channels: Optional[int] = None):
         if conv_stage not in (4, 5):
             raise ValueError(f"conv_stage={conv_stage!r} must be 4 or 5")
         last = f"res{conv_stage}"
         super().__init__(depth, block=block, num_groups=num_groups, width_per_group=width_per_group,
                          stride_in_1x1=stride_in_1x1, norm=norm, freeze_at=freeze_at, res5_dilation=res5_dilation,
-                         return_stages=(last,))
+                         return_stages=(last,), stem_out_channels=stem_out_channels,
+                         res2_out_channels=res2_out_channels)
         self._last = last
         self.out_channels: int = self.stage_channels[self._last]
         self.spatial_scales: List[float] = [1.0 / self.stage_strides[self._last]]
@@ -98,8 +101,8 @@ class FPNConvBody(nn.Module):
     """ResNet res2..res5 + :class:`FPN`; ``forward(x: (N, 3, H, W)) -> [P2, ..., P_max]`` finest first.
 
     Args:
-        depth, block, num_groups, width_per_group, stride_in_1x1, norm, freeze_at, res5_dilation: the
-            :class:`ResNet` (``conv_body``) arguments.
+        depth, block, num_groups, width_per_group, stride_in_1x1, norm, freeze_at, res5_dilation,
+            stem_out_channels, res2_out_channels: the :class:`ResNet` (``conv_body``) arguments.
         fpn_dim, use_gn, zero_init_lateral: the :class:`FPN` (``fpn``) arguments.
         max_level: 5 (P2..P5) or 6 (P2..P6, P6 a stride-2 subsampling of P5).
 
@@ -108,13 +111,15 @@ class FPNConvBody(nn.Module):
 
     def __init__(self, depth: int, *, block: Optional[str] = None, num_groups: int = 1, width_per_group: int = 64,
                  stride_in_1x1: bool = True, norm: str = "FrozenBN", freeze_at: int = 2, res5_dilation: int = 1,
-                 fpn_dim: int = 256, use_gn: bool = False, zero_init_lateral: bool = False, max_level: int = 6):
+                 fpn_dim: int = 256, use_gn: bool = False, zero_init_lateral: bool = False, max_level: int = 6,
+                 stem_out_channels: int = 64, res2_out_channels: Optional[int] = None):
         super().__init__()
         if max_level not in (5, 6):
             raise ValueError(f"max_level={max_level!r} must be 5 (P2..P5) or 6 (P2..P6)")
         self.conv_body = ResNet(depth, block=block, num_groups=num_groups, width_per_group=width_per_group,
                                 stride_in_1x1=stride_in_1x1, norm=norm, freeze_at=freeze_at,
-                                res5_dilation=res5_dilation, return_stages=("res2", "res3", "res4", "res5"))
+                                res5_dilation=res5_dilation, return_stages=("res2", "res3", "res4", "res5"),
+                                stem_out_channels=stem_out_channels, res2_out_channels=res2_out_channels)
         names = self.conv_body.return_stages
         self.fpn = FPN([self.conv_body.stage_channels[n] for n in names], out_channels=fpn_dim, use_gn=use_gn,
                        zero_init_lateral=zero_init_lateral, top_block="maxpool" if max_level == 6 else None)

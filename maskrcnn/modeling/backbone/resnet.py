@@ -23,7 +23,7 @@ The blocks and the stem (:class:`ResNetStem`) declare which norm follows which c
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple, Type, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -119,14 +119,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNetStem(nn.Sequential):
-    """``res1``: ``conv1`` 7x7 stride 2 (3 -> 64 channels), ``bn1``, ``relu``, ``maxpool`` 3x3 stride 2 pad 1;
-    ``(N, 3, H, W) -> (N, 64, ceil(H/4), ceil(W/4))``. An ``nn.Sequential`` (checkpoint keys ``res1.conv1.weight``,
-    ``res1.bn1.*``) whose class tells the speed transforms what it is."""
+    """``res1``: ``conv1`` 7x7 stride 2 (3 -> ``out_channels`` channels, 64 in every ResNet), ``bn1``, ``relu``,
+    ``maxpool`` 3x3 stride 2 pad 1; ``(N, 3, H, W) -> (N, out_channels, ceil(H/4), ceil(W/4))``. An
+    ``nn.Sequential`` (checkpoint keys ``res1.conv1.weight``, ``res1.bn1.*``) whose class tells the speed transforms
+    what it is."""
 
-    def __init__(self, norm: str = "FrozenBN"):
+    def __init__(self, norm: str = "FrozenBN", out_channels: int = 64):
         super().__init__(OrderedDict([
-            ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)),
-            ("bn1", get_norm(norm, 64)),
+            ("conv1", nn.Conv2d(3, out_channels, 7, stride=2, padding=3, bias=False)),
+            ("bn1", get_norm(norm, out_channels)),
             ("relu", nn.ReLU(inplace=True)),
             ("maxpool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
         ]))
@@ -207,6 +208,11 @@ class ResNet(nn.Module):
         freeze_at: 0 freezes nothing, 1 the stem ``res1``, k >= 2 ``res1``..``resk`` (Detectron). Frozen BN layers
             become :class:`FrozenBatchNorm2d`.
         res5_dilation: 1, or 2 to keep res5 at stride 16 (dilated 3x3 convs, no stride).
+        stem_out_channels: channels of the stem ``res1`` (64 in every standard ResNet).
+        res2_out_channels: output channels of ``res2``, doubled at each later stage; ``None`` for the depth's
+            standard 256 (bottleneck) or 64 (basic). With basic blocks this is the network's width (32 gives a
+            half-width ResNet-18 with about a quarter of the multiplications; only for training from scratch, as
+            no pretrained weights have that shape).
         return_stages: names among ``res2``..``res5``; only the stages up to the last one are built (a C4 body has
             no res5).
 
@@ -217,7 +223,8 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int, *, block: Union[str, None] = None, num_groups: int = 1, width_per_group: int = 64,
                  stride_in_1x1: bool = True, norm: str = "FrozenBN", freeze_at: int = 2, res5_dilation: int = 1,
-                 return_stages: Sequence[str] = ("res4",)):
+                 return_stages: Sequence[str] = ("res4",), stem_out_channels: int = 64,
+                 res2_out_channels: Optional[int] = None):
         super().__init__()
         if depth not in RESNET_BLOCKS_PER_STAGE:
             raise ValueError(f"depth={depth!r} is not supported; use one of {sorted(RESNET_BLOCKS_PER_STAGE)}")
@@ -235,6 +242,9 @@ class ResNet(nn.Module):
         if block_cls is BasicBlock and (num_groups != 1 or width_per_group != 64):
             raise ValueError(f"basic blocks (depth {depth}) need num_groups=1 and width_per_group=64, got "
                              f"num_groups={num_groups}, width_per_group={width_per_group}")
+        if int(stem_out_channels) < 1 or (res2_out_channels is not None and int(res2_out_channels) < 1):
+            raise ValueError(f"stem_out_channels={stem_out_channels} and res2_out_channels={res2_out_channels} must "
+                             f"be >= 1")
         return_stages = tuple(return_stages)
         bad = [s for s in return_stages if s not in _STAGE_NAMES]
         if not return_stages or bad:
@@ -244,12 +254,14 @@ class ResNet(nn.Module):
         self.return_stages = tuple(s for s in _STAGE_NAMES if s in return_stages)
         last = max(_STAGE_NAMES.index(s) for s in return_stages)
 
-        self.res1 = ResNetStem(norm)
+        self.res1 = ResNetStem(norm, int(stem_out_channels))
         self.stage_channels: Dict[str, int] = {}
         self.stage_strides: Dict[str, int] = {}
-        in_ch, stride = 64, 4
+        in_ch, stride = int(stem_out_channels), 4
         bottleneck = num_groups * width_per_group
-        out_ch = 256 if block_cls is BottleneckBlock else 64
+        if res2_out_channels is None:
+            res2_out_channels = 256 if block_cls is BottleneckBlock else 64
+        out_ch = int(res2_out_channels)
         for i, name in enumerate(_STAGE_NAMES[: last + 1]):
             dilation = res5_dilation if name == "res5" else 1
             first_stride = 1 if i == 0 or dilation > 1 else 2

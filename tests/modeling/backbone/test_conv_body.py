@@ -158,6 +158,13 @@ def test_cfg_keys_reach_the_modules():
     assert r.res3[0].conv1.stride == (1, 1) and r.res3[0].conv2.stride == (2, 2)
     assert isinstance(r.res1.bn1, nn.GroupNorm) and r.res1.conv1.weight.requires_grad
     assert body.out_channels == 128 and isinstance(body.fpn.lateral_convs[0][1], nn.GroupNorm)
+    narrow = build_meta(make_cfg("FPN.fpn_ResNet18_conv5_body", "RESNETS.STEM_OUT_CHANNELS", 16,
+                                 "RESNETS.RES2_OUT_CHANNELS", 32, "RESNETS.FREEZE_AT", 0, "RESNETS.NORM", "BN"))
+    assert narrow.conv_body.res1.conv1.out_channels == 16
+    assert [c[0].in_channels if isinstance(c, nn.Sequential) else c.in_channels for c in narrow.fpn.lateral_convs] \
+        == [32, 64, 128, 256]
+    c4 = build_meta(make_cfg("ResNet.ResNet50_conv4_body", "RESNETS.RES2_OUT_CHANNELS", 128))
+    assert c4.out_channels == 512 and c4.res4[-1].conv3.out_channels == 512
     zero = build_conv_body(make_cfg("fpn_ResNet18_conv5_body", "FPN.ZERO_INIT_LATERAL", True))
     assert all(torch.count_nonzero(c.weight) == 0 for c in zero.fpn.lateral_convs)
 

@@ -122,6 +122,26 @@ def test_shapes_strides_channels(depth, channels):
     assert names["res1.conv1"].kernel_size == (7, 7) and names["res1.conv1"].bias is None
 
 
+@pytest.mark.parametrize("depth,stem,res2,channels", [(18, 32, 32, (32, 64, 128, 256)), (18, 16, 24, (24, 48, 96, 192)),
+                                                      (50, 32, 128, (128, 256, 512, 1024))])
+def test_stem_and_res2_widths(depth, stem, res2, channels):
+    model = ResNet(depth, return_stages=STAGES, stem_out_channels=stem, res2_out_channels=res2, norm="BN",
+                   freeze_at=0).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 96))
+    assert [t.shape[1] for t in out.values()] == list(channels)
+    assert [model.stage_channels[n] for n in STAGES] == list(channels)
+    assert model.res1.conv1.out_channels == stem and model.res1.bn1.num_features == stem
+    # res2's first block projects the stem's channels when they differ from res2's (a basic block otherwise adds
+    # the identity).
+    assert (model.res2[0].downsample is not None) == (stem != res2)
+    # Half width: about a quarter of the parameters of the standard network.
+    if depth == 18 and stem == 32:
+        full = sum(p.numel() for p in ResNet(18, return_stages=STAGES).parameters())
+        half = sum(p.numel() for p in model.parameters())
+        assert 0.2 < half / full < 0.3
+
+
 def test_odd_input_size_rounds_up():
     model = ResNet(18, return_stages=STAGES).eval()
     with torch.no_grad():
@@ -206,6 +226,8 @@ def test_bad_arguments():
         ResNet(18, freeze_at=6)
     with pytest.raises(ValueError, match="num_groups=32"):
         ResNet(18, num_groups=32, width_per_group=4)
+    with pytest.raises(ValueError, match="res2_out_channels=0"):
+        ResNet(18, res2_out_channels=0)
     with pytest.raises(ValueError, match="shape"):
         ResNet(18)(torch.rand(1, 1, 32, 32))
 
