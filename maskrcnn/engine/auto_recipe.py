@@ -346,9 +346,9 @@ def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: fl
     spread = f"{min(times):.2f}-{max(times):.2f}"
     reason = (f"{len(times)} timed steps: median {per_iter:.3f} s/iteration (spread {spread}); {left:.0f} s left "
               f"of the {budget_s / 60:.1f} min budget (AUTO.BUDGET_MINUTES)")
-    epoch = math.ceil(len(dataset) / max(int(cfg.TRAIN.IMS_PER_BATCH) * max(int(cfg.NUM_GPUS), 1), 1))
-    if float(cfg.DATA_LOADER.CACHE_RAM_MB) > 0 and int(cfg.DATA_LOADER.NUM_THREADS) == 0 and \
-            usable > epoch * per_iter and per_load < per_iter:
+    cached = float(cfg.DATA_LOADER.CACHE_RAM_MB) > 0 and int(cfg.DATA_LOADER.NUM_THREADS) == 0
+    epoch = math.ceil(len(dataset) / max(int(cfg.TRAIN.IMS_PER_BATCH) * max(int(cfg.NUM_GPUS), 1), 1)) if cached else 0
+    if cached and usable > epoch * per_iter and per_load < per_iter:
         # Items are decoded once (DATA_LOADER.CACHE_RAM_MB): only the first epoch's steps pay the loading.
         max_iter = epoch + int((usable - epoch * per_iter) / (per_iter - per_load))
         reason += (f"; loading ({per_load:.3f} s of it) is paid only in the first epoch ({epoch} iterations): the "

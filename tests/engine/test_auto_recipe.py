@@ -73,6 +73,20 @@ def test_sampling_sizes_follow_objects_per_image():
     assert few["TEST.DETECTIONS_PER_IM"].value == 50 and many["TEST.DETECTIONS_PER_IM"].value == 100
 
 
+def test_cache_holds_small_sets_only(monkeypatch):
+    cfg = load_auto_cfg(None)
+    monkeypatch.setattr(auto_recipe, "_available_ram_mb", lambda: 16000.0)
+    # 20 images of 200x200 with 2 objects: 200*200*(12 + 2 + 1) bytes each = 11.4 MiB, 1.25x rounded up to 16 MiB
+    small = _choices(cfg, _stats(200, np.full(40, 30.0), per_image=2))["DATA_LOADER.CACHE_RAM_MB"]
+    assert small.value == 16 and "decoded once" in small.reason
+    # 4000 images of 1000x1000 would need about 57 GiB: no cache (the limit is 4 GiB or a quarter of free memory)
+    big = _choices(cfg, _stats(1000, np.full(8000, 30.0), per_image=2))["DATA_LOADER.CACHE_RAM_MB"]
+    assert big.value == 0 and "4000 MiB" in big.reason
+    cfg.DATA_LOADER.NUM_THREADS = 2
+    workers = _choices(cfg, _stats(200, np.full(40, 30.0), per_image=2))["DATA_LOADER.CACHE_RAM_MB"]
+    assert workers.value == 0 and "NUM_THREADS = 2" in workers.reason
+
+
 def test_network_boxes_scale_with_the_chosen_size():
     s = _stats(200, [20.0, 40.0])
     boxes, hw = network_boxes(s, 400, 400)
@@ -112,8 +126,9 @@ def test_budget_divides_the_time_left_by_the_median_step(monkeypatch):
     cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
     calls = []
 
-    def fake_steps(cfg_, dataset, device, n):
+    def fake_steps(cfg_, dataset, device, n, data_times=None):
         calls.append(n)
+        data_times.extend([0.1, 0.2, 0.1][:n])
         return [0.6, 0.4, 0.5][:n]
 
     monkeypatch.setattr(auto_recipe, "time_training_steps", fake_steps)
@@ -125,6 +140,14 @@ def test_budget_divides_the_time_left_by_the_median_step(monkeypatch):
     assert cfg.SOLVER.STEPS == schedule_for(cfg.SOLVER.MAX_ITER)["SOLVER.STEPS"]
     assert lines[0].startswith(f"auto: SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER}  (3 timed steps: median 0.500 "
                                f"s/iteration (spread 0.40-0.60)")
+    # items kept in memory (DATA_LOADER.CACHE_RAM_MB): loading (median 0.1 s) is paid in the first epoch only,
+    # 40 images / 4 per batch = 10 iterations: 10 + (48.5 - 10 * 0.5) / 0.4 = 118
+    cfg.DATA_LOADER.CACHE_RAM_MB, cfg.DATA_LOADER.NUM_THREADS, cfg.TRAIN.IMS_PER_BATCH = 64, 0, 4
+    lines = []
+    fit_schedule_to_budget(cfg, list(range(40)), "cpu", set(), time.time() - 10.0, lines.append)
+    assert cfg.SOLVER.MAX_ITER in (117, 118, 119)
+    assert "paid only in the first epoch (10 iterations)" in lines[0]
+    cfg.DATA_LOADER.CACHE_RAM_MB = 0
     # already over budget: the floor of 20 iterations
     fit_schedule_to_budget(cfg, None, "cpu", set(), time.time() - 120.0, None)
     assert cfg.SOLVER.MAX_ITER == 20
@@ -133,4 +156,4 @@ def test_budget_divides_the_time_left_by_the_median_step(monkeypatch):
     assert fit_schedule_to_budget(cfg, None, "cpu", {"SOLVER.MAX_ITER"}, time.time(), None) == []
     cfg.AUTO.BUDGET_MINUTES = 0.0
     assert fit_schedule_to_budget(cfg, None, "cpu", set(), time.time(), None) == []
-    assert cfg.SOLVER.MAX_ITER == 7 and calls == [3, 3]
+    assert cfg.SOLVER.MAX_ITER == 7 and calls == [3, 3, 3]
