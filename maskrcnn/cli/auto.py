@@ -6,7 +6,8 @@
 * :func:`configure_auto` reads the training set's statistics and applies the data-dependent choices (before
   validation); keys of the ``--cfg`` file, of ``--set`` and of ``--bs``/``--lr``/``--budget``/``--test_dataset``
   are explicit and win;
-* :func:`fit_budget` (once the device is known) times a few steps and sizes the schedule to the budget.
+* :func:`fit_budget` (once the device is known) times a few steps and sizes the schedule to the budget;
+* :func:`budget_hook` keeps the run at its deadline while it trains (:mod:`maskrcnn.engine.budget`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Callable, List
 
 from ..config import CfgNode, ConfigError, get_cfg, resolve_config_path
 
-__all__ = ["add_auto_arguments", "auto_requested", "load_auto_cfg", "configure_auto", "fit_budget"]
+__all__ = ["add_auto_arguments", "auto_requested", "load_auto_cfg", "configure_auto", "fit_budget", "budget_hook"]
 
 
 def add_auto_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,3 +122,37 @@ def fit_budget(cfg: CfgNode, args: argparse.Namespace, ctx, logger) -> None:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         with open(os.path.join(cfg.OUTPUT_DIR, "auto.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def budget_hook(cfg: CfgNode, args: argparse.Namespace, ctx, logger):
+    """The :class:`~maskrcnn.engine.budget.BudgetHook` of an ``--auto`` run with a budget, or None (no budget, an
+    explicit ``SOLVER.MAX_ITER``, or ``--resume``: a resumed run keeps the schedule it had)."""
+    from ..utils import distributed as dist_utils
+    from ..engine.budget import BudgetHook
+
+    budget_s = float(cfg.AUTO.BUDGET_MINUTES) * 60.0
+    if not cfg.AUTO.ENABLED or budget_s <= 0 or getattr(args, "resume", False) or \
+            "SOLVER.MAX_ITER" in getattr(args, "auto_explicit", set()):
+        return None
+    auto_txt = os.path.join(cfg.OUTPUT_DIR, "auto.txt")
+
+    def log(line: str) -> None:
+        logger.info(line)
+        if ctx.is_main:
+            with open(auto_txt, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def on_change(max_iter: int, steps) -> str:
+        frozen = cfg.is_frozen()
+        cfg.defrost()
+        cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = int(max_iter), [int(s) for s in steps]
+        if frozen:
+            cfg.freeze()
+        text = cfg.dump()
+        if ctx.is_main:
+            with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
+    return BudgetHook(getattr(args, "started", time.time()) + budget_s, on_change=on_change, log=log,
+                      broadcast=dist_utils.broadcast_object if ctx.world_size > 1 else None)

@@ -25,7 +25,7 @@ import time
 
 from ..config import ConfigError, assert_and_infer_cfg
 from ..utils import distributed as dist_utils
-from .auto import add_auto_arguments, auto_requested, configure_auto, fit_budget, load_auto_cfg
+from .auto import add_auto_arguments, auto_requested, budget_hook, configure_auto, fit_budget, load_auto_cfg
 from .common import (add_cfg_argument, apply_loader_and_device_args, build_checked_dataset, config_error_exit,
                      load_cfg_file)
 
@@ -223,7 +223,8 @@ def train(cfg, args, ctx, logger) -> int:
                                  # before evaluation and saving: both see the EMA weights of this iteration
                                  EMAHook(ema) if ema is not None else None,
                                  mon.eval_hook, saver, mon.progress,
-                                 PreemptionHook(preemption, checkpointer, cfg_yaml, extra=extra)])
+                                 PreemptionHook(preemption, checkpointer, cfg_yaml, extra=extra),
+                                 budget_hook(cfg, args, ctx, logger)])
         if ckpt is not None:
             # Last: everything above may draw random numbers (model init, DDP); the resumed stream starts here.
             Checkpointer.restore_rng(ckpt, ctx.rank, ctx.world_size)

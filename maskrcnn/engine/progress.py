@@ -69,6 +69,7 @@ class TrainingProgress(HookBase):
 
     def after_step(self) -> None:
         if self.bar is not None:
+            self.bar.total = self.trainer.max_iter  # an --auto budget may move the end (engine/budget.py)
             self.bar.advance(1)
 
     def after_train(self) -> None:

@@ -152,10 +152,13 @@ class Trainer:
         self.model.train()
         try:
             self._call("before_train")
-            for self.iter in range(self.start_iter, self.max_iter):
+            # max_iter is read at every iteration: a hook may move the end of the run (engine/budget.py).
+            self.iter = self.start_iter
+            while self.iter < self.max_iter:
                 self._call("before_step")
                 self.run_step()
                 self._call("after_step")
+                self.iter += 1
             self.iter = self.max_iter
             self.completed = True
             self._call("after_train")
