@@ -29,11 +29,15 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
 
 
+#: OMP_NUM_THREADS / MKL_NUM_THREADS of every command (--threads): two scripts on 1 thread each can share 2 cores.
+_THREADS: Dict[str, str] = {}
+
+
 def _run(cmd: List[str], log_path: str) -> float:
     start = time.time()
     with open(log_path, "w", encoding="utf-8") as log:
         rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             env=dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY="PASSIVE"))
+                             env=dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY="PASSIVE", **_THREADS))
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit status {rc}; see {log_path}")
     return time.time() - start
@@ -102,7 +106,8 @@ def run_dataset(name: str, train_spec: str, val_spec: str, out: str, args) -> Di
         auto_lines = f.read().splitlines()
     result = {"dataset": name, "train": train_spec, "val": val_spec, "minutes": seconds / 60.0, "iterations": max_iter,
               "box_ap": curve[-1]["box_ap"], "mask_ap": curve[-1]["mask_ap"], "curve": curve,
-              "load_before": load_before, "load_after": os.getloadavg(), "auto": auto_lines}
+              "load_before": load_before, "load_after": os.getloadavg(), "auto": auto_lines,
+              "threads": int(_THREADS.get("OMP_NUM_THREADS", 0)) or None}
     plot_curve(result, os.path.join(d, "curve.png"))
     return result
 
@@ -140,12 +145,13 @@ def plot_curve(result: Dict, path: str) -> None:
 def write_table(results: List[Dict], path: str) -> str:
     from maskrcnn.data.datasets.synthetic_family import VARIANTS
 
-    rows = ["| dataset | held out | box AP | mask AP | minutes | iterations | load avg (1 min) |", "|---|---|---|---|---|---|---|"]
+    rows = ["| dataset | held out | box AP | mask AP | minutes | iterations | threads | load avg (1 min) |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
         v = VARIANTS.get(r["dataset"])
         held = "yes" if (v is None or v.held_out) else "no"
         rows.append(f"| {r['dataset']} | {held} | {r['box_ap']:.1f} | {r['mask_ap']:.1f} | {r['minutes']:.1f} | "
-                    f"{r['iterations']} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} |")
+                    f"{r['iterations']} | {r.get('threads') or 'all'} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} |")
     text = "\n".join(rows) + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -163,7 +169,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=0, help="explicit SOLVER.MAX_ITER instead of a time budget")
     p.add_argument("--eval_every", type=int, default=0, help="snapshot (and evaluate) every N iterations")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY VALUE", help="extra config overrides")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of each command (OMP_NUM_THREADS; 0: torch's default, every core)")
     args = p.parse_args(argv)
+    if args.threads:
+        _THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     results = []

@@ -222,10 +222,11 @@ def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), exp
         f"{obj}; with TRAIN.FG_FRACTION {cfg.TRAIN.FG_FRACTION} that is about 4 foreground RoIs per object")
     post = int(np.clip(_round_to(50 * most, 50), 200, 1000))
     add("TRAIN.RPN_POST_NMS_TOP_N", post, f"{obj}; 50 proposals per object (fewer RoIs: a cheaper step)")
-    add("TRAIN.RPN_PRE_NMS_TOP_N", 3 * post, "3x the proposals kept after NMS, per level")
+    add("TRAIN.RPN_PRE_NMS_TOP_N", post, "as many per level as are kept after NMS (Detectron's and torchvision's "
+        "FPN rule; the NMS over more boxes costs a sixth of a late training step for crowded images)")
     tpost = int(np.clip(_round_to(25 * most, 50), 100, 1000))
     add("TEST.RPN_POST_NMS_TOP_N", tpost, f"{obj}; 25 proposals per object")
-    add("TEST.RPN_PRE_NMS_TOP_N", 3 * tpost, "3x the test proposals kept after NMS, per level")
+    add("TEST.RPN_PRE_NMS_TOP_N", tpost, "as many per level as test proposals are kept after NMS")
     add("TEST.DETECTIONS_PER_IM", int(np.clip(5 * most, 50, 100)), f"{obj}; 5 per object, 50..100")
 
     pixels = size * min(max_size, size * float(np.median(stats.image_hw.max(1) / stats.image_hw.min(1))))
