@@ -3,6 +3,7 @@
 Datasets themselves are in :mod:`maskrcnn.data.datasets`.
 """
 from .build import DatasetItemError, WorkerDiedError, build_test_loader, build_train_loader
+from .cache import CachedDataset
 from .catalog import ConcatDataset, DatasetCatalog, DatasetSpecError, build_dataset
 from .collate import collate_fn
 from .export_coco import export_coco
@@ -19,6 +20,7 @@ __all__ = [
     "build_dataset",
     "build_train_loader",
     "build_test_loader",
+    "CachedDataset",
     "collate_fn",
     "export_coco",
     "DatasetStats",

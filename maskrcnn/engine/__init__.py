@@ -1,5 +1,6 @@
 """Training and inference loops: trainer, hooks, solver, dataset inference/evaluation, launch, speed transforms,
 test-time augmentation."""
+from .budget import BudgetHook
 from .ema import EMAHook, ModelEMA
 from .hooks import HookBase, LogHook, PeriodicCheckpointer
 from .inference import evaluate_on_dataset, inference_on_dataset
@@ -17,6 +18,7 @@ __all__ = [
     "PeriodicCheckpointer",
     "ModelEMA",
     "EMAHook",
+    "BudgetHook",
     "build_optimizer",
     "build_lr_scheduler",
     "WarmupMultiStepLR",
