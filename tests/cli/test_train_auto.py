@@ -80,3 +80,28 @@ def test_budget_not_applied_over_an_explicit_max_iter(tiny_coco, tmp_path):
     assert "auto: SOLVER.MAX_ITER = 2 kept (explicit); the 1.5 min budget is not applied" in lines
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["SOLVER"]["MAX_ITER"] == 2 and saved["AUTO"]["BUDGET_MINUTES"] == pytest.approx(1.5)
+
+
+def test_resume_takes_the_schedule_of_the_saved_config(tiny_coco, tmp_path):
+    """A checkpoint written before the budget hook moved the schedule holds the older lr steps; --auto --resume
+    continues with the saved config.yaml's (the last one the hook wrote): the checkpointer's reconciliation (the
+    config's schedule wins) with fit_budget keeping the saved schedule."""
+    out = tmp_path / "resume"
+    rc = train_net.main(["--auto", "--dataset", tiny_coco["train"], "--output_dir", str(out), "--set",
+                         "SOLVER.MAX_ITER", "4", "TRAIN.SNAPSHOT_ITERS", "2", *SMALL])
+    assert rc == 0
+    first = torch.load(out / "model_0000002.pth", map_location="cpu", weights_only=True)
+    assert first["scheduler"]["max_iter"] == 4
+    # as the hook leaves it after moving the end of the run to 6 iterations, past the snapshot at 2
+    (out / "model_final.pth").unlink()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["SOLVER"]["MAX_ITER"], saved["SOLVER"]["STEPS"] = 6, [0, 5, 6]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    rc = train_net.main(["--auto", "--resume", "--dataset", tiny_coco["train"], "--output_dir", str(out),
+                         "--set", *SMALL])
+    assert rc == 0
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 6
+    assert final["scheduler"]["max_iter"] == 6 and final["scheduler"]["steps"] == [0, 5, 6]
+    log = (out / "log.txt").read_text()
+    assert "auto: --resume: the schedule of" in log and "max_iter 4 -> 6" in log
