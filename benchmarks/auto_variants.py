@@ -150,8 +150,9 @@ def write_table(results: List[Dict], path: str) -> str:
     for r in results:
         v = VARIANTS.get(r["dataset"])
         held = "yes" if (v is None or v.held_out) else "no"
+        load = f"{r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}"
         rows.append(f"| {r['dataset']} | {held} | {r['box_ap']:.1f} | {r['mask_ap']:.1f} | {r['minutes']:.1f} | "
-                    f"{r['iterations']} | {r.get('threads') or 'all'} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} |")
+                    f"{r['iterations']} | {r.get('threads') or 'all'} | {load} |")
     text = "\n".join(rows) + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
