@@ -115,7 +115,8 @@ def fit_budget(cfg: CfgNode, args: argparse.Namespace, ctx, logger) -> None:
     dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
                             filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT), max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
     fit_schedule_to_budget(cfg, dataset, ctx.device, getattr(args, "auto_explicit", set()),
-                           getattr(args, "started", time.time()), say, dist_utils.broadcast_object)
+                           getattr(args, "started", time.time()), say, dist_utils.broadcast_object,
+                           world_size=ctx.world_size)
     if frozen:
         cfg.freeze()
     if ctx.is_main:
@@ -155,4 +156,4 @@ def budget_hook(cfg: CfgNode, args: argparse.Namespace, ctx, logger):
         return text
 
     return BudgetHook(getattr(args, "started", time.time()) + budget_s, on_change=on_change, log=log,
-                      broadcast=dist_utils.broadcast_object if ctx.world_size > 1 else None)
+                      broadcast=dist_utils.broadcast_object)

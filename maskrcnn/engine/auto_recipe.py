@@ -323,11 +323,12 @@ def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2,
 
 def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: float,
                            log: Optional[Callable[[str], Any]] = print,
-                           broadcast: Optional[Callable[[Any], Any]] = None) -> List[AutoChoice]:
+                           broadcast: Optional[Callable[[Any], Any]] = None,
+                           world_size: int = 1) -> List[AutoChoice]:
     """Size ``SOLVER.MAX_ITER`` (and its steps, warm-up, snapshots) so training ends ``AUTO.BUDGET_MINUTES`` after
     ``started`` (a ``time.time()``): time ``AUTO.TIMING_ITERS`` steps, divide the time left. ``cfg`` must be
     unfrozen; nothing changes when the budget is 0 or ``SOLVER.MAX_ITER`` is explicit. ``broadcast`` shares rank
-    0's measurement with every process."""
+    0's measurement with every process; ``world_size`` processes share an epoch (the cache's first-epoch cost)."""
     budget_s = float(cfg.AUTO.BUDGET_MINUTES) * 60.0
     if budget_s <= 0:
         return []
@@ -348,7 +349,7 @@ def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: fl
     reason = (f"{len(times)} timed steps: median {per_iter:.3f} s/iteration (spread {spread}); {left:.0f} s left "
               f"of the {budget_s / 60:.1f} min budget (AUTO.BUDGET_MINUTES)")
     cached = float(cfg.DATA_LOADER.CACHE_RAM_MB) > 0 and int(cfg.DATA_LOADER.NUM_THREADS) == 0
-    epoch = math.ceil(len(dataset) / max(int(cfg.TRAIN.IMS_PER_BATCH) * max(int(cfg.NUM_GPUS), 1), 1)) if cached else 0
+    epoch = math.ceil(len(dataset) / max(int(cfg.TRAIN.IMS_PER_BATCH) * max(int(world_size), 1), 1)) if cached else 0
     if cached and usable > epoch * per_iter and per_load < per_iter:
         # Items are decoded once (DATA_LOADER.CACHE_RAM_MB): only the first epoch's steps pay the loading.
         max_iter = epoch + int((usable - epoch * per_iter) / (per_iter - per_load))
