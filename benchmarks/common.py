@@ -169,9 +169,10 @@ def build_ours(tv_model: nn.Module, score_thresh: float = 0.0, size: Tuple[int, 
     return model.eval()
 
 
-def prepared(model: nn.Module, mode: str) -> nn.Module:
+def prepared(model: nn.Module, mode: str, calib_images: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:
     """``model`` with the inference speed features of ``mode``: 'plain' (none), 'fp32' (config defaults, fp32),
-    'bf16' (config defaults + TEST.AMP bf16)."""
+    'bf16' (config defaults + TEST.AMP bf16), 'int8' (config defaults + TEST.QUANTIZE int8, calibrated on
+    ``calib_images``: ``(3, H, W)`` float images other than the timed ones)."""
     from maskrcnn.engine.speed import prepare_for_inference
 
     if mode == "plain":
@@ -181,7 +182,10 @@ def prepared(model: nn.Module, mode: str) -> nn.Module:
         return prepare_for_inference(model, fold_bn=True, fuse_activations=True, channels_last=True, amp="")
     if mode == "bf16":
         return prepare_for_inference(model, fold_bn=True, fuse_activations=True, channels_last=True, amp="bf16")
-    raise ValueError(f"mode must be 'plain', 'fp32' or 'bf16', got {mode!r}")
+    if mode == "int8":
+        return prepare_for_inference(model, fold_bn=True, channels_last=True, amp="", quantize="int8",
+                                     calib_images=calib_images)
+    raise ValueError(f"mode must be 'plain', 'fp32', 'bf16' or 'int8', got {mode!r}")
 
 
 # --- timing ---------------------------------------------------------------------------------------------------------
@@ -435,10 +439,11 @@ def torchvision_settings(tv: nn.Module, call: Callable[[nn.Module], Any]) -> Dic
     return {TV_PLAIN: lambda: call(tv), TV_CL: lambda: call(tv_cl), TV_BF16: bf16}
 
 
-def fair_ratios(medians: Dict[str, float], ours_fp32: Optional[str], ours_bf16: Optional[str]) -> Dict[str, float]:
+def fair_ratios(medians: Dict[str, float], ours_fp32: Optional[str], ours_bf16: Optional[str],
+                ours_int8: Optional[str] = None) -> Dict[str, float]:
     """Median-time ratios (below 1: ours faster). Today's: ours against torchvision plain. Fair: ours fp32
-    against torchvision's best fp32 setting (plain or channels-last), ours bf16 against torchvision bf16 +
-    channels-last."""
+    against torchvision's best fp32 setting (plain or channels-last), ours bf16 and ours int8 against torchvision
+    bf16 + channels-last (torchvision's fastest setting; it has no int8 path)."""
     out: Dict[str, float] = {}
     tv_fp32 = min(((medians[k], k) for k in (TV_PLAIN, TV_CL) if k in medians), default=None)
     if ours_fp32 in medians:
@@ -451,6 +456,13 @@ def fair_ratios(medians: Dict[str, float], ours_fp32: Optional[str], ours_bf16: 
             out[f"{ours_bf16} / {TV_PLAIN}"] = medians[ours_bf16] / medians[TV_PLAIN]
         if TV_BF16 in medians:
             out[f"{ours_bf16} / {TV_BF16}"] = medians[ours_bf16] / medians[TV_BF16]
+    if ours_int8 in medians:
+        if tv_fp32 is not None:
+            out[f"{ours_int8} / best fp32 ({tv_fp32[1]})"] = medians[ours_int8] / tv_fp32[0]
+        if TV_BF16 in medians:
+            out[f"{ours_int8} / {TV_BF16}"] = medians[ours_int8] / medians[TV_BF16]
+        if ours_fp32 in medians:
+            out[f"{ours_int8} / {ours_fp32}"] = medians[ours_int8] / medians[ours_fp32]
     return out
 
 

@@ -4,12 +4,13 @@
                                  [--png docs/benchmarks_ratios.png] [--skip inference|train_step ...]
                                  [--ap-ckpt CKPT [--ap-cfg CFG]]
 
-Each benchmark runs in its own process (``inference.py``: fp32 and bf16 inference; ``train_step.py``: one SGD
-step on a batch of 2), one after the other, so that neither sees the other's memory. ``--quick`` uses 480x640
+Each benchmark runs in its own process (``inference.py``: fp32, bf16 and int8 inference; ``train_step.py``: one
+SGD step on a batch of 2, fp32 and bf16), one after the other, so that neither sees the other's memory. ``--quick`` uses 480x640
 images and fewer repeats (a smoke run, about 5 minutes on two cores; the full run about 10). The JSON holds every
 benchmark's full output under its name; ``plot.py`` turns it into ``docs/benchmarks_ratios.png`` and prints the
-markdown table of ``docs/benchmarks.md``. With ``--ap-ckpt`` (a model trained with ``tools/train_net.py`` on the
-synthetic set) the bf16 AP-neutrality check (``inference.py ap``) runs too. The ops micro-benchmarks
+markdown table of ``docs/benchmarks.md`` (every goal ratio of issue #14 with its spread over the rounds). With
+``--ap-ckpt`` (a model trained with ``tools/train_net.py`` on the synthetic set) the bf16 and int8 AP checks
+against fp32 (``inference.py ap --modes bf16,int8``) run too. The ops micro-benchmarks
 (``benchmarks/ops.py``) are separate.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "output", "benchmarks", "results.json"))
     p.add_argument("--png", default=os.path.join(ROOT, "docs", "benchmarks_ratios.png"))
     p.add_argument("--skip", nargs="*", default=[], choices=BENCHMARKS)
-    p.add_argument("--ap-ckpt", default=None, help="trained checkpoint: also run the bf16 AP-neutrality check")
+    p.add_argument("--ap-ckpt", default=None, help="trained checkpoint: also run the bf16/int8 AP checks")
     p.add_argument("--ap-cfg", default=os.path.join(ROOT, "configs", "quick_schedules",
                                                     "e2e_mask_rcnn_R-18-FPN_synthetic_cpu.yaml"),
                    help="config of --ap-ckpt (default: the synthetic quick schedule)")
@@ -59,15 +60,16 @@ def main(argv=None) -> int:
             with open(out) as f:
                 results[name] = json.load(f)
         if args.ap_ckpt:
-            out = os.path.join(tmp, "bf16_ap.json")
+            out = os.path.join(tmp, "reduced_precision_ap.json")
             cmd = [sys.executable, os.path.join(HERE, "inference.py"), "ap", "--cfg", args.ap_cfg, "--ckpt",
-                   args.ap_ckpt, "--json", out] + (["--threads", str(args.threads)] if args.threads else [])
+                   args.ap_ckpt, "--modes", "bf16,int8", "--json", out] + (
+                       ["--threads", str(args.threads)] if args.threads else [])
             print(f"$ {' '.join(cmd)}", flush=True)
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-                print("bf16 AP check failed", file=sys.stderr)
+                print("bf16/int8 AP check failed", file=sys.stderr)
                 return 1
             with open(out) as f:
-                results["bf16_ap"] = json.load(f)
+                results["reduced_precision_ap"] = json.load(f)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

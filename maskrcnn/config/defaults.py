@@ -266,6 +266,9 @@ _key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory forma
 _key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles for tens of seconds per input size).")
 _key("TEST.QUANTIZE", "", "'' (fp32) or 'int8': post-training static int8 quantization of the ResNet stages and FPN "
      "convolutions on the CPU (maskrcnn.engine.quantize; x86 FX flow), calibrated on TEST.QUANTIZE_CALIB_IMAGES images.")
+_key("TEST.QUANTIZE_HEADS", True, "With TEST.QUANTIZE 'int8': also quantize the RPN's 3x3 convolution and the "
+     "box/mask/keypoint heads' feature layers (convolutions, deconvolution, fc6/fc7); their predictors stay fp32. "
+     "False: body and FPN only.")
 _key("TEST.QUANTIZE_CALIB_IMAGES", 8, "With TEST.QUANTIZE 'int8': how many images of the evaluated dataset "
      "tools/test_net.py runs through the model to calibrate the int8 ranges (Predictor takes calib_images=).")
 _key("TEST.EVAL_PERIOD", 0, "During training, run the COCO evaluation on TEST.DATASETS every this many iterations and "

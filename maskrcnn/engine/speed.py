@@ -283,7 +283,8 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
                           fuse_activations: Optional[bool] = None, channels_last: Optional[bool] = None,
                           amp: Optional[str] = None, compile_body: Optional[bool] = None,
                           quantize: Optional[str] = None, calib_images: Optional[Sequence[Any]] = None,
-                          return_handle: bool = False) -> Union[nn.Module, Tuple[nn.Module, SpeedHandle]]:
+                          quantize_heads: Optional[bool] = None, return_handle: bool = False
+                          ) -> Union[nn.Module, Tuple[nn.Module, SpeedHandle]]:
     """Apply the inference speed features to ``model`` in place and put it in eval mode.
 
     Each feature is taken from the explicit argument when given, else from ``cfg`` (``TEST.FUSE_FROZEN_BN``,
@@ -293,7 +294,8 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     a ``ConfigError`` naming the key (e.g. ``TEST.FUSE_FROZEN_BN`` on a GroupNorm body). The model is for inference
     only afterwards (folded parameters train wrongly).
 
-    ``quantize`` / ``TEST.QUANTIZE`` 'int8' quantizes the ResNet stages and FPN convolutions
+    ``quantize`` / ``TEST.QUANTIZE`` 'int8' quantizes the ResNet stages and FPN convolutions, and with
+    ``quantize_heads`` / ``TEST.QUANTIZE_HEADS`` (default on) the RPN's and the RoI heads' feature layers
     (:func:`maskrcnn.engine.quantize.quantize_int8`, CPU only, with folded BN and without the oneDNN fused blocks,
     which it replaces), calibrated by running the model on ``calib_images`` (``(3, H, W)`` float tensors, a few
     images of the user's data; required then, else a ``ConfigError``).
@@ -308,6 +310,7 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     amp_value, _ = _setting(cfg, amp, "TEST.AMP", "amp")
     comp, _ = _setting(cfg, compile_body, "TEST.COMPILE", "compile_body")
     quant, _ = _setting(cfg, quantize, "TEST.QUANTIZE", "quantize")
+    quant_heads, _ = _setting(cfg, quantize_heads, "TEST.QUANTIZE_HEADS", "quantize_heads")
     fold, fuse, cl, amp_value, comp = bool(fold), bool(fuse), bool(cl), str(amp_value), bool(comp)
     quant = str(quant or "")
     amp_name = "TEST.AMP" if amp is None else "amp"
@@ -335,7 +338,7 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     if quant:
         from .quantize import quantize_int8
 
-        quantize_int8(model, calib_images)
+        quantize_int8(model, calib_images, heads=bool(quant_heads))
     if cl and to_channels_last(model) == 0:
         raise _nothing_to_do(cl_key, f"{type(model).__name__} has no 4-D parameter or buffer",
                              "Set TEST.CHANNELS_LAST False for such a model.")

@@ -80,6 +80,44 @@ def test_fair_ratios():
         f"ours-bf16 / {common.TV_BF16}": pytest.approx(0.25)}
 
 
+def test_fair_ratios_int8():
+    med = {common.TV_PLAIN: 4.0, common.TV_CL: 3.2, common.TV_BF16: 2.0, "ours-fp32": 2.4, "ours-int8": 0.8}
+    r = common.fair_ratios(med, "ours-fp32", None, "ours-int8")
+    assert r[f"ours-int8 / {common.TV_BF16}"] == pytest.approx(0.4)
+    assert r[f"ours-int8 / best fp32 ({common.TV_CL})"] == pytest.approx(0.25)
+    assert r["ours-int8 / ours-fp32"] == pytest.approx(1 / 3)
+    assert "ours-int8 / ours-fp32" not in common.fair_ratios({common.TV_BF16: 2.0, "ours-int8": 1.0}, "ours-fp32",
+                                                             None, "ours-int8")
+
+
+def test_plot_measures_goal_ratios_with_per_round_spread():
+    import plot
+
+    def row(name, times, key="score>=0"):
+        return {"model": f"{name} @{key}", "median_s": common.median(times), "times_s": times}
+
+    inference = {"benchmark": "inference", "sets": ["score>=0"], "rows": [
+        row(common.TV_PLAIN, [4.0, 4.0, 4.0]), row(common.TV_CL, [2.0, 4.0, 3.0]), row(common.TV_BF16, [2.0, 2.0, 2.0]),
+        row("ours-fp32", [1.0, 2.0, 1.5]), row("ours-int8", [0.4, 0.6, 0.5]),
+        row("ours-fp32", [9.0, 9.0, 9.0], key="trained,score>=0.05")]}
+    train = {"benchmark": "train_step", "rows": [
+        {"model": common.TV_PLAIN, "median_s": 3.0, "times_s": [3.0, 3.0]},
+        {"model": common.TV_CL, "median_s": 4.0, "times_s": [4.0, 4.0]},
+        {"model": "ours-fp32", "median_s": 1.5, "times_s": [1.2, 1.8]}]}
+    got = {m["label"]: m for m in plot.measured({"inference": inference, "train_step": train})}
+    assert set(got) == {"inference fp32", "inference int8", "training fp32"}
+    fp32 = got["inference fp32"]
+    assert fp32["competitor"] == common.TV_CL  # torchvision's faster fp32 setting (median 3.0 < 4.0)
+    assert fp32["ratio"] == pytest.approx(0.5) and fp32["spread"] == pytest.approx((0.5, 0.5))
+    assert got["inference int8"]["competitor"] == common.TV_BF16
+    assert got["inference int8"]["ratio"] == pytest.approx(0.25)
+    assert got["inference int8"]["spread"] == pytest.approx((0.2, 0.3))
+    assert got["training fp32"]["competitor"] == common.TV_PLAIN
+    assert got["training fp32"]["spread"] == pytest.approx((0.4, 0.6))
+    table = plot.markdown({"inference": inference, "train_step": train})
+    assert "| inference int8 (score>=0) |" in table and "<= 0.25" in table
+
+
 def test_torchvision_settings_run_channels_last_and_bf16():
     conv = nn.Conv2d(3, 4, 3).eval()
     x = torch.rand(1, 3, 8, 8)

@@ -1,5 +1,6 @@
-"""TEST.QUANTIZE int8 (maskrcnn.engine.quantize): the tiny model runs quantized, its features stay close to fp32,
-it returns full detections, and impossible settings raise ConfigError naming the key."""
+"""TEST.QUANTIZE int8 (maskrcnn.engine.quantize): the tiny model runs quantized (body, FPN and, with
+TEST.QUANTIZE_HEADS, the heads' feature layers), its features stay close to fp32, it returns full detections, and
+impossible settings raise ConfigError naming the key."""
 import copy
 import os
 import sys
@@ -11,6 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_speed import images, tiny_model  # noqa: E402
 
 from maskrcnn.config import ConfigError  # noqa: E402
+from maskrcnn.engine import quantize  # noqa: E402
+from maskrcnn.engine.quantize import QuantizedLayer  # noqa: E402
 from maskrcnn.engine.speed import prepare_for_inference  # noqa: E402
 
 
@@ -27,13 +30,54 @@ def models():
     return fp32, int8
 
 
+def _is_int8(module):
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+
+
 def test_int8_replaces_stages_and_fpn_convs(models):
     _, int8 = models
     body = int8.Conv_Body
     assert all(type(getattr(body.conv_body, n)).__name__ == "GraphModule" for n in ("res1", "res2", "res5"))
-    assert all(type(c).__name__ == "GraphModule" for c in body.fpn.output_convs)
-    assert any("Quantized" in type(m).__name__ or type(m).__module__.startswith("torch.ao.nn.quantized")
-               for m in body.modules())
+    assert all(isinstance(c, QuantizedLayer) and _is_int8(c) for c in body.fpn.output_convs)
+    assert all(isinstance(c, QuantizedLayer) and _is_int8(c) for c in body.fpn.lateral_convs)
+    assert _is_int8(body.conv_body.res3)
+
+
+def test_int8_heads_feature_layers_and_not_predictors(models):
+    fp32, int8 = models
+    heads = int8.roi_heads
+    rpn = int8.RPN.head
+    assert isinstance(rpn.RPN_conv, QuantizedLayer) and _is_int8(rpn.RPN_conv)
+    assert type(rpn.RPN_cls_score) is torch.nn.Conv2d and type(rpn.RPN_bbox_pred) is torch.nn.Conv2d
+    layers = [m for m in heads.Box_Head.modules() if isinstance(m, QuantizedLayer)]
+    assert len(layers) == 2 and all(_is_int8(m) for m in layers)  # fc6, fc7
+    assert heads.Box_Head.fc6.in_features == fp32.roi_heads.Box_Head.fc6.in_features  # shape attributes kept
+    mask_layers = [n for n, m in heads.Mask_Head.named_children() if isinstance(m, QuantizedLayer)]
+    assert set(mask_layers) >= {"mask_fcn1", "conv5_mask"}
+    assert heads.Mask_Head.conv5_mask.in_channels == fp32.roi_heads.Mask_Head.conv5_mask.in_channels
+    for outs in (heads.Box_Outs, heads.Mask_Outs):  # the predictors stay fp32
+        assert not any(isinstance(m, QuantizedLayer) or _is_int8(m) for m in outs.modules())
+    # TEST.QUANTIZE_HEADS False: body and FPN only.
+    body_only = prepare_for_inference(tiny_model(), quantize="int8", quantize_heads=False, calib_images=calib())
+    assert _is_int8(body_only.Conv_Body)
+    assert not any(isinstance(m, QuantizedLayer) for m in body_only.roi_heads.modules())
+    assert type(body_only.RPN.head.RPN_conv) is torch.nn.Conv2d
+    cfg = tiny_model().cfg.clone()
+    cfg.merge_from_list(["TEST.QUANTIZE", "int8", "TEST.QUANTIZE_HEADS", False])
+    from_cfg = prepare_for_inference(tiny_model(), cfg, calib_images=calib())
+    assert type(from_cfg.RPN.head.RPN_conv) is torch.nn.Conv2d
+
+
+def test_activation_range_follows_vnni(monkeypatch):
+    # Without VNNI the x86 kernels sum pairs in saturating 16 bits: PyTorch's 7-bit activations. With it, 8 bits.
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    assert quantize._qconfig_mapping().global_qconfig.activation.p.keywords["reduce_range"] is True
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: True)
+    mapping = quantize._qconfig_mapping()
+    assert mapping.global_qconfig.activation.p.keywords["reduce_range"] is False
+    deconv = mapping.object_type_qconfigs[torch.nn.ConvTranspose2d]
+    assert deconv.activation.p.keywords["reduce_range"] is False
+    assert deconv.weight.p.keywords["qscheme"] == torch.per_tensor_symmetric  # its own weight scheme is kept
 
 
 def test_int8_features_close_to_fp32(models):
@@ -59,6 +103,14 @@ def test_int8_model_returns_full_detections(models):
         assert b["boxes"].shape[0] == a["boxes"].shape[0] > 0
         assert b["masks"].shape[0] == b["boxes"].shape[0] and b["masks"].shape[-2:] == im.shape[-2:]
         assert torch.isfinite(b["boxes"]).all() and bool(((b["scores"] >= 0) & (b["scores"] <= 1)).all())
+    # No detection left (every score below the threshold): the int8 mask head runs on an empty batch.
+    int8.roi_heads.score_thresh, saved = 1.01, int8.roi_heads.score_thresh
+    try:
+        with torch.no_grad():
+            empty = int8(images()[:1])[0]
+    finally:
+        int8.roi_heads.score_thresh = saved
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape[0] == 0
 
 
 def test_int8_errors():
