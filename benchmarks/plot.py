@@ -130,8 +130,8 @@ def markdown(results: Dict[str, Any]) -> str:
             lines.append(f"| {m['label']}{where} | {m['ours']} {m['ours_s']:.3f} s | {m['competitor']} "
                          f"{m['competitor_s']:.3f} s | {m['ratio']:.3f} | {m['spread'][0]:.3f}-{m['spread'][1]:.3f} "
                          f"({m['rounds']} rounds) | <= {m['target']:.2f} | {mem} |")
-    ap = results.get("reduced_precision_ap") or results.get("bf16_ap")
-    if ap:
+    aps = results.get("reduced_precision_ap") or results.get("bf16_ap") or []
+    for ap in aps if isinstance(aps, list) else [aps]:
         diffs = ap["ap_difference"]
         if "bf16" in ap["results"] and not isinstance(next(iter(diffs.values())), dict):
             diffs = {"bf16": diffs}  # the older one-mode layout

@@ -114,8 +114,11 @@ def test_plot_measures_goal_ratios_with_per_round_spread():
     assert got["inference int8"]["spread"] == pytest.approx((0.2, 0.3))
     assert got["training fp32"]["competitor"] == common.TV_PLAIN
     assert got["training fp32"]["spread"] == pytest.approx((0.4, 0.6))
-    table = plot.markdown({"inference": inference, "train_step": train})
+    ap = {"dataset": "synthetic:val", "ap_difference": {"int8": {"bbox": -0.5}},
+          "results": {"fp32": {"metrics": {"bbox": {"AP": 60.0}}}, "int8": {"metrics": {"bbox": {"AP": 59.5}}}}}
+    table = plot.markdown({"inference": inference, "train_step": train, "reduced_precision_ap": [ap]})
     assert "| inference int8 (score>=0) |" in table and "<= 0.25" in table
+    assert "| int8 bbox AP (synthetic:val) | 59.50 | fp32 60.00 | -0.50 points | - | within 1.0 | - |" in table
 
 
 def test_torchvision_settings_run_channels_last_and_bf16():
