@@ -95,7 +95,7 @@ def test_int8_features_close_to_fp32(models):
 def test_int8_model_returns_full_detections(models):
     # Only the structure is checked here: the random tiny model's detection ranking is decided by near-ties
     # (measured: its top fp32 boxes are not among the int8 ones), so closeness is asserted on the features above
-    # and, for detections, by the AP of a trained model (docs/benchmarks.md: int8 within 0.5 AP of fp32).
+    # and, for detections, by the AP of a trained model (docs/benchmarks.md, "int8: body, FPN and heads").
     fp32, int8 = models
     with torch.no_grad():
         ra, rb = fp32(images()), int8(images())

@@ -1,0 +1,104 @@
+"""Matmul peaks of this CPU at the matrix sizes R-50-FPN's convolutions really use: fp32, bf16 and int8.
+
+    python benchmarks/peak.py [--threads N] [--repeats 5] [--json OUT]
+
+A convolution with ``C_in`` inputs, ``C_out`` outputs, a ``k x k`` kernel and an ``H x W`` output is, as oneDNN
+computes it, a product of an ``(H*W, C_in*k*k)`` matrix by a ``(C_in*k*k, C_out)`` one. For the layers that hold
+most of the model's FLOPs at 800x1066 (each ResNet stage's 3x3 and 1x1 convolutions, an FPN output convolution,
+the RPN convolution on P2, the mask head's 3x3 convolution over 100 RoIs of 14x14, fc6 over 1000 RoIs) this
+script times ``torch.mm`` of those shapes in fp32 and bf16 and ``torch._int_mm`` (int8 x int8 -> int32) where
+torch has it on the CPU, best of ``--repeats`` after a warm-up, next to the square 4096^3 product that
+``inference.py`` uses as its peak. GFLOP/s (GOP/s for int8) per shape; the inference benchmark's "of peak"
+columns are measured against the 4096^3 figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+#: (name, M, K, N) of the matrix products: M = output pixels (or RoIs), K = C_in * k * k, N = C_out.
+SHAPES: Tuple[Tuple[str, int, int, int], ...] = (
+    ("square 4096^3", 4096, 4096, 4096),
+    ("res2 3x3 (200x267, 64->64)", 200 * 267, 64 * 9, 64),
+    ("res3 3x3 (100x134, 128->128)", 100 * 134, 128 * 9, 128),
+    ("res4 3x3 (50x67, 256->256)", 50 * 67, 256 * 9, 256),
+    ("res5 3x3 (25x34, 512->512)", 25 * 34, 512 * 9, 512),
+    ("res4 1x1 expand (50x67, 256->1024)", 50 * 67, 256, 1024),
+    ("FPN/RPN 3x3 on P2 (200x267, 256->256)", 200 * 267, 256 * 9, 256),
+    ("mask head 3x3 (100 RoIs x 14x14, 256->256)", 100 * 196, 256 * 9, 256),
+    ("box head fc6 (1000 RoIs, 12544->1024)", 1000, 12544, 1024),
+)
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(m: int, k: int, n: int, dtype: str, repeats: int) -> float:
+    """GFLOP/s (2*m*k*n per product) of one ``(m, k) @ (k, n)`` product in ``dtype``."""
+    g = torch.Generator().manual_seed(0)
+    if dtype == "int8":
+        a = torch.randint(-128, 127, (m, k), generator=g, dtype=torch.int8)
+        b = torch.randint(-128, 127, (k, n), generator=g, dtype=torch.int8)
+        t = best_time(lambda: torch._int_mm(a, b), repeats)
+    else:
+        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+        a, b = torch.randn(m, k, generator=g).to(dt), torch.randn(k, n, generator=g).to(dt)
+        t = best_time(lambda: torch.mm(a, b), repeats)
+    return 2.0 * m * k * n / t / 1e9
+
+
+def int8_available() -> bool:
+    try:
+        torch._int_mm(torch.ones(32, 32, dtype=torch.int8), torch.ones(32, 32, dtype=torch.int8))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = ["fp32", "bf16"] + (["int8"] if int8_available() else [])
+    info = common.machine_info()
+    print(f"# matmul peaks {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads, load "
+          f"{info['load_avg_1min']}, capability {info['capability']}), torch {info['torch']}, best of "
+          f"{args.repeats}" + ("" if "int8" in dtypes else "; torch._int_mm unavailable here: no int8 column"))
+    rows: List[Dict] = []
+    print("\n| product (M x K x N) | " + " | ".join(f"{d} GFLOP/s" for d in dtypes) + " |")
+    print("|---|" + "---|" * len(dtypes))
+    for name, m, k, n in SHAPES:
+        row = {"name": name, "m": m, "k": k, "n": n}
+        row.update({d: measure(m, k, n, d, args.repeats) for d in dtypes})
+        rows.append(row)
+        print(f"| {name} ({m} x {k} x {n}) | " + " | ".join(f"{row[d]:.0f}" for d in dtypes) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "peak", "machine": info, "commit": common.git_commit(), "rows": rows}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
