@@ -2,12 +2,16 @@
 
     maskrcnn-export --cfg CFG --load_ckpt WEIGHTS --format {torchscript,onnx,export} --output PATH \\
         [--input_dtype {uint8,float32}] [--paste_masks] [--example IMAGE] [--check IMAGE ...] [--set KEY VALUE ...]
+        [--calib IMAGE ...]
 
 The exported model takes one ``(3, H, W)`` RGB image of any size and returns ``boxes (N, 4)``, ``labels (N,)``,
 ``scores (N,)`` and ``masks`` (``(N, 1, M, M)`` probabilities, or ``(N, 1, H, W)`` with ``--paste_masks``).
 ``--check`` runs the exported file (ONNX: in ONNX Runtime) on the given photos, compares it with the eager model
 and prints the largest box and score differences and the smallest mask IoU; the exit status is 1 when they
 exceed the tolerances (0.5 px, 1e-3, IoU 0.98). Exit status 2: bad arguments, config or files.
+
+int8: ``--set TEST.QUANTIZE int8 --calib IMAGE ...`` quantizes the model, calibrated on those photos of your data,
+and exports it to TorchScript (``--format torchscript`` only); ``--check`` then compares with the eager int8 model.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--check", nargs="+", default=[], metavar="IMAGE",
                    help="compare the exported model with the eager one on these images")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; >= 16)")
+    p.add_argument("--calib", nargs="+", default=[], metavar="IMAGE",
+                   help="with --set TEST.QUANTIZE int8: photos of your data to calibrate the int8 ranges")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY VALUE", help="config overrides")
     return p.parse_args(argv)
 
@@ -74,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..utils.checkpoint import CheckpointError
 
     for flag, path in [("--cfg", args.cfg), ("--load_ckpt", args.load_ckpt), ("--example", args.example)] + [
-            ("--check", c) for c in args.check]:
+            ("--check", c) for c in args.check] + [("--calib", c) for c in args.calib]:
         if path is not None and not os.path.isfile(path):
             print(f"{flag} {path}: file not found", file=sys.stderr)
             return 2
@@ -82,8 +88,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model = build_model_for_export(args.cfg, args.load_ckpt, args.set)
         example = _read_rgb(args.example, dtype) if args.example else None
+        if args.calib and not model.cfg.TEST.QUANTIZE:
+            raise ValueError("--calib calibrates int8: it needs --set TEST.QUANTIZE int8")
+        calib = [_read_rgb(c, INPUT_DTYPES["uint8"]) for c in args.calib]
         out = export_model(model, None, args.format, args.output, example=example, input_dtype=dtype,
-                           paste_masks=args.paste_masks, opset_version=args.opset)
+                           paste_masks=args.paste_masks, opset_version=args.opset, calib_images=calib)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"maskrcnn-export: {e}", file=sys.stderr)
         return 2

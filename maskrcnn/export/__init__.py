@@ -10,6 +10,10 @@ Every format wraps the model in :class:`ExportableMaskRCNN`: one ``(3, H, W)`` R
 Formats: ``"torchscript"`` (traced; load with ``torch.jit.load`` after ``import torchvision``), ``"onnx"`` (run
 it with :class:`OnnxRuntimeModel` or :class:`OpenVINOModel`, or any ONNX runtime with ``RoiAlign`` and
 ``NonMaxSuppression``), ``"export"`` (``torch.export``, see :mod:`maskrcnn.export.torch_export`).
+
+int8: with ``TEST.QUANTIZE int8`` in the model's config, :func:`export_model` quantizes the model
+(:mod:`maskrcnn.engine.quantize`, calibrated on ``calib_images``) before tracing; TorchScript only (the traced
+graph keeps PyTorch's quantized x86 operators; ONNX and ``torch.export`` are refused with a ``ValueError``).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from .torchscript import load_torchscript, trace_torchscript
 from .wrapper import INPUT_DTYPES, ExportableMaskRCNN
 
 __all__ = [
-    "FORMATS", "ExportableMaskRCNN", "export_model", "build_model_for_export", "example_image",
+    "FORMATS", "ExportableMaskRCNN", "export_model", "build_model_for_export", "example_image", "quantize_for_export",
     "trace_torchscript", "load_torchscript", "export_onnx", "OnnxRuntimeModel", "OpenVINOModel",
     "export_program", "load_program", "paste_masks", "paste_masks_dense", "compare_detections",
     "eager_detections", "DetectionDiff", "INPUT_DTYPES",
@@ -71,6 +75,29 @@ def build_model_for_export(model_or_cfg, weights: Union[str, os.PathLike, None] 
     return model.eval()
 
 
+def quantize_for_export(model: nn.Module, format: str, calib_images: Optional[Sequence[Tensor]]) -> nn.Module:
+    """Apply ``TEST.QUANTIZE`` of ``model.cfg`` (nothing when it is ``''`` or already applied): the BN fold and
+    int8 quantization of :func:`maskrcnn.engine.speed.prepare_for_inference`, without the oneDNN fused blocks or
+    channels-last (a traced graph keeps neither), calibrated on ``calib_images``."""
+    from ..config import ConfigError
+    from ..engine.quantize import QuantizedLayer
+
+    mode = str(getattr(getattr(getattr(model, "cfg", None), "TEST", None), "QUANTIZE", "") or "")
+    if not mode or any(isinstance(m, QuantizedLayer) or type(m).__name__ == "GraphModule" for m in model.modules()):
+        return model
+    if format != "torchscript":
+        raise ValueError(f"TEST.QUANTIZE = {mode!r} exports with format 'torchscript' only (got {format!r}): "
+                         "ONNX and torch.export have no counterpart for PyTorch's quantized x86 operators")
+    if not calib_images:
+        raise ConfigError(f"TEST.QUANTIZE = {mode!r} needs calibration images to export: pass calib_images= "
+                          "(maskrcnn-export --calib IMAGE ...), a few images of your data")
+    from ..engine.speed import prepare_for_inference
+
+    images = [im.float() / 255.0 if im.dtype == torch.uint8 else im.float() for im in calib_images]
+    return prepare_for_inference(model, fuse_activations=False, channels_last=False, amp="", compile_body=False,
+                                 calib_images=images)
+
+
 def example_image(model: nn.Module, dtype: torch.dtype = torch.uint8, seed: int = 0) -> Tensor:
     """A ``(3, H, W)`` noise image at the model's test size (4:3), to trace with when no photo is given."""
     pre = model.preprocess
@@ -84,7 +111,8 @@ def example_image(model: nn.Module, dtype: torch.dtype = torch.uint8, seed: int 
 def export_model(model_or_cfg, weights: Union[str, os.PathLike, None], format: str,
                  output: Union[str, os.PathLike], example: Optional[Tensor] = None,
                  input_dtype: Union[str, torch.dtype] = "uint8", paste_masks: bool = False,
-                 overrides: Sequence[str] = (), opset_version: Optional[int] = None) -> str:
+                 overrides: Sequence[str] = (), opset_version: Optional[int] = None,
+                 calib_images: Optional[Sequence[Tensor]] = None) -> str:
     """Export a trained Mask R-CNN to ``output``; returns the written path.
 
     Args:
@@ -95,6 +123,8 @@ def export_model(model_or_cfg, weights: Union[str, os.PathLike, None], format: s
         input_dtype: ``"uint8"`` (RGB 0..255) or ``"float32"`` (RGB 0..1), the exported model's input.
         paste_masks: output pasted ``(N, 1, H, W)`` masks instead of ``(N, 1, M, M)`` probabilities.
         opset_version: ONNX opset (default :data:`maskrcnn.export.onnx.DEFAULT_OPSET`).
+        calib_images: with ``TEST.QUANTIZE int8``: a few ``(3, H, W)`` images of your data (uint8 RGB, or float RGB
+            in [0, 1]) to calibrate the int8 ranges; the model (when one is passed) is quantized in place.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -103,6 +133,7 @@ def export_model(model_or_cfg, weights: Union[str, os.PathLike, None], format: s
             raise ValueError(f"input_dtype must be one of {sorted(INPUT_DTYPES)}, got {input_dtype!r}")
         input_dtype = INPUT_DTYPES[input_dtype]
     model = build_model_for_export(model_or_cfg, weights, overrides)
+    quantize_for_export(model, format, calib_images)
     wrapper = ExportableMaskRCNN(model, input_dtype=input_dtype, paste_masks=paste_masks)
     if example is None:
         example = example_image(model, input_dtype)
