@@ -1,6 +1,7 @@
 """Inference speed: our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same weights, same image.
 
-    python benchmarks/inference.py [--quick] [--modes fp32,bf16,int8] [--score-threshes 0,0.05] [--repeats 5] [--json OUT]
+    python benchmarks/inference.py [--quick] [--modes fp32,bf16,int8] [--score-threshes 0,0.05] [--repeats 5]
+                                   [--json OUT]
     python benchmarks/inference.py --ablation [--quick] [--threads N]    # the speed features one at a time
     python benchmarks/inference.py ap --cfg CFG --ckpt CKPT [--dataset synthetic:val] [--modes bf16,int8]
                                                                           # bf16 / int8 AP against fp32

@@ -16,9 +16,21 @@ shapes gives few detections with well-separated scores, which is the regime the 
 
 ``--trained PATH`` in ``inference.py`` loads a torchvision-layout state dict saved by :func:`save` instead of
 training (e.g. to re-run the timing on the same weights).
+
+As a script, it writes the fine-tuned weights as one of our checkpoints, for the AP checks of reduced precision
+on torchvision-converted weights (``inference.py ap``)::
+
+    python benchmarks/trained.py --iters 300 --out DIR     # DIR/config.yaml, DIR/model_final.pth, DIR/torchvision.pth
+    python benchmarks/inference.py ap --cfg DIR/config.yaml --ckpt DIR/model_final.pth --modes bf16,int8
+
+The checkpoint keeps the background and the three synthetic classes of the 91-class predictors (the fine-tune
+only uses labels 1..3), as torchvision's fine-tuning tutorial gives a model a new class count.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -115,3 +127,52 @@ def round_trip(tv: nn.Module, score_thresh: float, size: Tuple[int, int] = TRAIN
 
 def val_images(n: int = 2) -> List[torch.Tensor]:
     return [im for im, _ in synthetic_images("val", range(n))]
+
+
+#: Classes kept by :func:`ours_checkpoint`: the background and the synthetic set's three shapes (labels 1..3).
+SYNTHETIC_CLASSES = 4
+
+
+def ours_checkpoint(tv: nn.Module, out_dir: str, size: Tuple[int, int] = TRAINED_SIZE) -> Tuple[str, str]:
+    """Write ``tv``'s weights (converted to ours, predictors cut to :data:`SYNTHETIC_CLASSES`) as
+    ``out_dir/model_final.pth`` with its ``out_dir/config.yaml``; returns ``(config path, checkpoint path)``."""
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+
+    ours = common.build_ours(tv, size=size)
+    k = SYNTHETIC_CLASSES
+    cut = {"Box_Outs.cls_score": k, "Box_Outs.bbox_pred": 4 * k, "Mask_Outs.mask_fcn_logits": k}
+    sd = {}
+    for name, value in ours.state_dict().items():
+        prefix = name.rsplit(".", 1)[0]
+        sd[name] = value[:cut[prefix]].clone() if prefix in cut else value
+    cfg = common.ours_cfg(size=size, opts=["MODEL.NUM_CLASSES", k, "TEST.SCORE_THRESH", 0.05,
+                                           "TEST.DATASETS", ["synthetic:val"]])
+    model = Generalized_RCNN(cfg)
+    model.load_state_dict(sd, strict=True)  # the cut predictors fit the 4-class model exactly
+    os.makedirs(out_dir, exist_ok=True)
+    cfg_path, ckpt_path = os.path.join(out_dir, "config.yaml"), os.path.join(out_dir, "model_final.pth")
+    with open(cfg_path, "w") as f:
+        f.write(cfg.dump())
+    torch.save({"model": model.state_dict(), "iteration": 0}, ckpt_path)
+    return cfg_path, ckpt_path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="fine-tune torchvision's R-50-FPN on synthetic:train and write it as "
+                                "one of our checkpoints (see the module docstring)")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tv = train_torchvision(iters=args.iters)
+    os.makedirs(args.out, exist_ok=True)
+    save(tv, os.path.join(args.out, "torchvision.pth"))
+    cfg_path, ckpt_path = ours_checkpoint(tv, args.out)
+    print(f"wrote {ckpt_path} and {cfg_path} (torchvision weights: {os.path.join(args.out, 'torchvision.pth')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

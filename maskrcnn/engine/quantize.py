@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..config.errors import ConfigError
 
-__all__ = ["QUANTIZE_MODES", "check_quantize", "quantize_int8"]
+__all__ = ["QUANTIZE_MODES", "QuantizedLayer", "check_quantize", "cpu_has_vnni", "quantize_int8"]
 
 _LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 #: RPN head children that are predictors (kept fp32); its other convolutions are features.
@@ -192,8 +192,7 @@ def _qconfig_mapping():
 
     The x86 default observes activations with ``reduce_range=True`` (7 bits) because without VNNI the int8 kernels
     multiply-add pairs into saturating 16-bit sums (``vpmaddubsw``); VNNI accumulates in 32 bits, so the eighth
-    bit is safe there. Measured on the synthetic quick-schedule model with the heads quantized: 7-bit activations
-    lost 1.3 box AP, 8-bit 0.8 (docs/benchmarks.md)."""
+    bit is safe there and halves the activations' rounding step."""
     from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.observer import HistogramObserver
 

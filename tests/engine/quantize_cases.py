@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_speed import images, tiny_cfg, tiny_model  # noqa: E402
+from test_speed import images, randomize_frozen_bn, tiny_cfg, tiny_model  # noqa: E402
 
 from maskrcnn.config import ConfigError  # noqa: E402
 from maskrcnn.engine import quantize  # noqa: E402
@@ -66,6 +66,34 @@ def test_int8_heads_feature_layers_and_not_predictors(models):
     cfg.merge_from_list(["TEST.QUANTIZE", "int8", "TEST.QUANTIZE_HEADS", False])
     from_cfg = prepare_for_inference(tiny_model(), cfg, calib_images=calib())
     assert type(from_cfg.RPN.head.RPN_conv) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("extra", [
+    {"MODEL.CASCADE_ON": True, "MODEL.CLS_AGNOSTIC_BBOX_REG": True},
+    {"MODEL.MASK_ON": False, "MODEL.KEYPOINTS_ON": True, "KRCNN.NUM_STACKED_CONVS": 2, "KRCNN.CONV_HEAD_DIM": 16,
+     "KRCNN.NUM_KEYPOINTS": 4, "KRCNN.ROI_XFORM_RESOLUTION": 7, "KRCNN.HEATMAP_SIZE": 28},
+], ids=["cascade", "keypoints"])
+def test_int8_cascade_and_keypoint_heads(extra):
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+
+    torch.manual_seed(0)
+    model = randomize_frozen_bn(Generalized_RCNN(tiny_cfg(**extra)), 0).eval()
+    with torch.no_grad():
+        ref = model(images())
+    int8 = prepare_for_inference(model, quantize="int8", calib_images=calib())
+    heads = int8.roi_heads
+    quantized = [n for n, m in heads.named_modules() if isinstance(m, QuantizedLayer)]
+    if "MODEL.CASCADE_ON" in extra:  # every stage's fc6/fc7
+        assert len([n for n in quantized if n.startswith("Box_Head.")]) == 2 * len(heads.Box_Head)
+    else:
+        assert any(n.startswith("Keypoint_Head.") for n in quantized)
+        assert not any(isinstance(m, QuantizedLayer) for m in heads.Keypoint_Outs.modules())
+    with torch.no_grad():
+        out = int8(images())
+    for a, b in zip(ref, out):
+        assert set(b) == set(a) and b["boxes"].shape[0] == a["boxes"].shape[0]
+        if "keypoints" in a:
+            assert b["keypoints"].shape == a["keypoints"].shape and torch.isfinite(b["keypoints"]).all()
 
 
 def test_activation_range_follows_vnni(monkeypatch):
