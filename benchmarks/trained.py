@@ -29,6 +29,7 @@ only uses labels 1..3), as torchvision's fine-tuning tutorial gives a model a ne
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -80,7 +81,7 @@ def train_torchvision(iters: int = 60, batch: int = 2, lr: float = 0.01, seed: i
 
 def _step(model, opt, params, it, iters, batch, lr, warm):
     """One SGD step on the images ``it * batch ...``; returns the total and the separate losses."""
-    data = synthetic_images("train", range(it * batch, (it + 1) * batch))
+    data = synthetic_images("train", [i % _train_size() for i in range(it * batch, (it + 1) * batch)])
     for g in opt.param_groups:  # linear warm-up: from the random heads' large initial losses
         g["lr"] = lr * min(1.0, (it + 1) / warm)
     losses = model([d[0] for d in data], [d[1] for d in data])
@@ -90,6 +91,14 @@ def _step(model, opt, params, it, iters, batch, lr, warm):
     torch.nn.utils.clip_grad_norm_(params, 10.0)
     opt.step()
     return total.detach(), {k: v.detach() for k, v in losses.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _train_size() -> int:
+    """Images in ``synthetic:train``: longer runs cycle through them (epochs)."""
+    from maskrcnn.data.datasets.synthetic import SyntheticShapesDataset
+
+    return len(SyntheticShapesDataset(split="train"))
 
 
 def save(model: nn.Module, path: str) -> None:
