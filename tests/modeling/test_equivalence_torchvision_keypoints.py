@@ -97,15 +97,27 @@ def test_final_keypoints_equal(models, images):
     tv, ours = models
     out = ours(images)
     ref = tv(images)
+    compared = 0
     for a, b in zip(out, ref):
         assert a["boxes"].shape[0] == b["boxes"].shape[0] > 0
         assert torch.equal(a["labels"], b["labels"])
         # Person-minus-background logits reach ~100 here: fp32 rounding of the features (~1e-6 relative) moves a
         # mid-range score by up to ~1e-4 (measured 8.8e-5).
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=2e-4)
-        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=2e-3)
+        # The same rounding moves the box coordinates by ~1e-5 of the image size: up to 2e-3 px measured on an AVX2
+        # CPU, 8.2e-3 px on an AVX-512 one (whose kernels sum in another order); 1/100 px bounds both.
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-2)
         assert a["keypoints"].shape == b["keypoints"].shape == (b["boxes"].shape[0], 17, 3)
+        # Keypoints are read from the 56x56 heatmap resized to ceil(w) x ceil(h) of the box. For a box only a few
+        # pixels wide, w is the difference of two coordinates ~100x larger, so their rounding is ~1e-3 of w (the
+        # noise image has a 2.6 x 207 px one: its keypoint scores differed by 1.5e-4 of the scale and one arg-max
+        # moved along the 207 px side on an AVX-512 CPU). Compare the keypoints of boxes of at least 8 px a side.
+        wh = b["boxes"][:, 2:] - b["boxes"][:, :2]
+        sized = (wh >= 8).all(1)
+        compared += int(sized.sum())
         # Same arg-max cells (a different one moves a keypoint by >= 1 px): the coordinates differ as the boxes do.
-        torch.testing.assert_close(a["keypoints"], b["keypoints"], rtol=1e-4, atol=2e-3)
+        torch.testing.assert_close(a["keypoints"][sized], b["keypoints"][sized], rtol=1e-4, atol=1e-2)
         scale = b["keypoints_scores"].abs().max()
-        torch.testing.assert_close(a["keypoints_scores"] / scale, b["keypoints_scores"] / scale, rtol=0, atol=1e-4)
+        torch.testing.assert_close(a["keypoints_scores"][sized] / scale, b["keypoints_scores"][sized] / scale, rtol=0,
+                                   atol=1e-4)
+    assert compared >= 20, compared  # most of the noise image's random boxes are thinner than 8 px: the photo's count
