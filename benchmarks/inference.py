@@ -18,7 +18,7 @@ Models (see ``common.py``): torchvision's layout with seeded random, BN-calibrat
   ``MASK_TOL`` = 1e-3), at every score threshold; otherwise the run exits with status 1 (after writing the JSON).
 * ``ours-bf16``: the same plus bf16 autocast with fp32 box maths. Not checked one to one (bf16 re-ranks near-tied
   random-weight scores); accuracy is judged by AP instead (``ap`` sub-command, on a trained model).
-* ``ours-int8``: ``TEST.QUANTIZE int8`` (ResNet stages and FPN convolutions in int8, ``maskrcnn.engine.quantize``),
+* ``ours-int8``: ``TEST.QUANTIZE int8`` (body, FPN and the heads' feature layers in int8, ``maskrcnn.engine.quantize``),
   calibrated on ``--calib`` other images of the same source and size (``common.load_image`` indices 1..; for the
   trained rows the next synthetic:val images), channels-last. Not checked one to one either; its AP against fp32
   is the ``ap --modes int8`` sub-command.
@@ -323,7 +323,7 @@ def run_ablation(args) -> Dict[str, Any]:
                      for n, m in medians.items()]}
 
 
-# --- bf16 / int8 AP against fp32 ---------------------------------------------------------------------------------------------
+# --- bf16 / int8 AP against fp32 --------------------------------------------------------------------------------------
 #: The AP difference to fp32 (points) each reduced precision is allowed (the issues' goals).
 AP_TOLERANCE = {"bf16": 0.5, "int8": 1.0}
 

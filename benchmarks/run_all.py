@@ -2,18 +2,18 @@
 
     python benchmarks/run_all.py [--quick] [--threads N] [--out output/benchmarks/results.json]
                                  [--png docs/benchmarks_ratios.png] [--skip inference|train_step ...]
-                                 [--ap-ckpt CKPT [--ap-cfg CFG]]
+                                 [--ap-ckpt CKPT [--ap-cfg CFG] [--ap-datasets synthetic:val,synthetic:train]]
 
 Each benchmark runs in its own process (``inference.py``: fp32, bf16 and int8 inference; ``train_step.py``: one
 SGD step on a batch of 2, fp32 and bf16), one after the other, so that neither sees the other's memory.
 ``--quick`` uses 480x640 images and fewer repeats (a smoke run, a few minutes on two cores; the full run took 16
-minutes on a 2-core AVX512-BF16 machine). The JSON holds every benchmark's full output under its name; ``plot.py`` turns it into ``docs/benchmarks_ratios.png`` and prints the
-markdown table of ``docs/benchmarks.md`` (every goal ratio of issue #14 with its spread over the rounds). With
-``--ap-ckpt`` (a model trained with ``tools/train_net.py`` on the synthetic set) the bf16 and int8 AP checks
-against fp32 (``inference.py ap --modes bf16,int8``) run too, on each of ``--ap-datasets``: synthetic:val (64
-images: one detection more or less moves AP by about half a point) and, as a larger fidelity check of the same
-model, its 512 training images. The ops micro-benchmarks
-(``benchmarks/ops.py``) are separate.
+minutes on a 2-core AVX512-BF16 machine). The JSON holds every benchmark's full output under its name;
+``plot.py`` turns it into ``docs/benchmarks_ratios.png`` and prints the markdown table of ``docs/benchmarks.md``
+(every goal ratio of issue #14 with its spread over the rounds). With ``--ap-ckpt`` (a model trained with
+``tools/train_net.py`` on the synthetic set) the bf16 and int8 AP checks against fp32 (``inference.py ap --modes
+bf16,int8``) run too, on each of ``--ap-datasets``: synthetic:val (64 images: one detection more or less moves AP
+by about half a point) and, as a larger fidelity check of the same model, its 512 training images. The ops
+micro-benchmarks (``benchmarks/ops.py``) are separate.
 """
 from __future__ import annotations
 
