@@ -218,25 +218,34 @@ def median(xs: Sequence[float]) -> float:
 
 
 # --- machine --------------------------------------------------------------------------------------------------------
-def matmul_runner(dtype: torch.dtype = torch.float32, n: int = 4096) -> Callable[[], Any]:
-    """A callable running one ``n x n`` by ``n x n`` matmul in ``dtype`` (``2 n^3`` FLOPs), to time alongside
-    the models so that the peak is measured under the same conditions as they are."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    return lambda: torch.mm(a, b)
+def matmul_runner(dtype: torch.dtype = torch.float32, n: int = 4096, m: Optional[int] = None,
+                  k: Optional[int] = None) -> Callable[[], Any]:
+    """A callable running one ``(m, k)`` by ``(k, n)`` matmul in ``dtype`` (``2 m k n`` FLOPs; ``m`` and ``k``
+    default to ``n``; ``torch.int8``: ``torch._int_mm``, int32 sums), run once here, to time alongside the models so
+    that the peak is measured under the same conditions as they are."""
+    m, k = m or n, k or n
+    if dtype == torch.int8:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-128, 127, (m, k), generator=g, dtype=torch.int8)
+        b = torch.randint(-128, 127, (k, n), generator=g, dtype=torch.int8)
+        mm = torch._int_mm
+    else:
+        a, b, mm = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype), torch.mm
+    mm(a, b)
+    return lambda: mm(a, b)
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on this machine's threads: the best of ``repeats``
-    (a peak; slower repeats were disturbed by other processes)."""
-    run = matmul_runner(dtype, n)
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5, m: Optional[int] = None,
+                k: Optional[int] = None) -> float:
+    """GFLOP/s (GOP/s for int8) of an ``(m, k)`` by ``(k, n)`` matmul in ``dtype`` (square ``n`` by default) on
+    this machine's threads: the best of ``repeats`` (a peak; slower repeats were disturbed by other processes)."""
+    run = matmul_runner(dtype, n, m, k)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         run()
         ts.append(time.perf_counter() - t)
-    return 2.0 * n ** 3 / min(ts) / 1e9
+    return 2.0 * (m or n) * (k or n) * n / min(ts) / 1e9
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

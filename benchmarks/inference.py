@@ -348,6 +348,7 @@ def run_ap(args) -> Dict[str, Any]:
     from maskrcnn.config import get_cfg
     from maskrcnn.data.catalog import build_dataset
     from maskrcnn.engine.inference import evaluate_on_dataset
+    from maskrcnn.engine.quantize import calibration_images
     from maskrcnn.engine.speed import prepare_for_inference
     from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
     from maskrcnn.utils.checkpoint import load_ckpt
@@ -366,9 +367,7 @@ def run_ap(args) -> Dict[str, Any]:
     for mode in ["fp32"] + modes:
         model = Generalized_RCNN(cfg)
         load_ckpt(model, args.ckpt, allow_class_mismatch=False)
-        calib = None
-        if mode == "int8":
-            calib = [dataset[i][0] for i in range(min(int(cfg.TEST.QUANTIZE_CALIB_IMAGES), len(dataset)))]
+        calib = calibration_images(dataset, cfg.TEST.QUANTIZE_CALIB_IMAGES) if mode == "int8" else None
         # autocast with the fp32 islands / the int8 body, as TEST.AMP / TEST.QUANTIZE would
         prepare_for_inference(model, cfg, amp="bf16" if mode == "bf16" else "",
                               quantize="int8" if mode == "int8" else "", calib_images=calib)

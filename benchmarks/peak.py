@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,28 +38,13 @@ SHAPES: Tuple[Tuple[str, int, int, int], ...] = (
 )
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+#: The dtypes measured, by name.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def measure(m: int, k: int, n: int, dtype: str, repeats: int) -> float:
-    """GFLOP/s (2*m*k*n per product) of one ``(m, k) @ (k, n)`` product in ``dtype``."""
-    g = torch.Generator().manual_seed(0)
-    if dtype == "int8":
-        a = torch.randint(-128, 127, (m, k), generator=g, dtype=torch.int8)
-        b = torch.randint(-128, 127, (k, n), generator=g, dtype=torch.int8)
-        t = best_time(lambda: torch._int_mm(a, b), repeats)
-    else:
-        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-        a, b = torch.randn(m, k, generator=g).to(dt), torch.randn(k, n, generator=g).to(dt)
-        t = best_time(lambda: torch.mm(a, b), repeats)
-    return 2.0 * m * k * n / t / 1e9
+    """GFLOP/s (2*m*k*n per product) of one ``(m, k) @ (k, n)`` product in ``dtype`` (a name of :data:`DTYPES`)."""
+    return common.matmul_peak(DTYPES[dtype], n=n, m=m, k=k, repeats=repeats)
 
 
 def int8_available() -> bool:

@@ -112,13 +112,11 @@ def run(cfg, args, ctx, logger) -> int:
     calib = None
     if cfg.TEST.QUANTIZE:
         # int8 ranges from the user's own images: the first TEST.QUANTIZE_CALIB_IMAGES of the first dataset.
-        first = datasets[0][1]
-        n = min(int(cfg.TEST.QUANTIZE_CALIB_IMAGES), len(first))
-        if n <= 0:
-            raise ConfigError(f"TEST.QUANTIZE = {cfg.TEST.QUANTIZE!r} needs TEST.QUANTIZE_CALIB_IMAGES > 0, got "
-                              f"{cfg.TEST.QUANTIZE_CALIB_IMAGES}")
-        calib = [first[i][0].to(ctx.device) for i in range(n)]
-        logger.info("TEST.QUANTIZE %s: calibrating on the first %d images of %s", cfg.TEST.QUANTIZE, n, datasets[0][0])
+        from ..engine.quantize import calibration_images
+
+        calib = [im.to(ctx.device) for im in calibration_images(datasets[0][1], cfg.TEST.QUANTIZE_CALIB_IMAGES)]
+        logger.info("TEST.QUANTIZE %s: calibrating on the first %d images of %s", cfg.TEST.QUANTIZE, len(calib),
+                    datasets[0][0])
     # TEST.FUSE_FROZEN_BN, FUSE_CONV_ACTIVATIONS, CHANNELS_LAST, AMP, COMPILE, QUANTIZE
     prepare_for_inference(model, cfg, calib_images=calib)
     base_out = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.load_ckpt)), "test")

@@ -6,9 +6,9 @@ the 2-core machine for 128-384 px images. :class:`CachedDataset` keeps each item
 any augmentation (the loader flips afterwards), up to a memory limit; later reads return a copy.
 
 Images whose pixels are exactly ``k / 255`` (every image decoded from an 8-bit file) are stored as uint8 and
-turned back into the identical float tensor; others (the synthetic sets' noisy pixels) are stored as given. The cache lives in the process
-that reads the items: with ``DATA_LOADER.NUM_THREADS`` workers, each worker fills its own copy (memory times the
-workers), so it is meant for ``NUM_THREADS 0``.
+turned back into the identical float tensor; others (the synthetic sets' noisy pixels) are stored as given. The
+cache lives in the process that reads the items: with ``DATA_LOADER.NUM_THREADS`` workers, each worker fills its
+own copy (memory times the workers), so it is meant for ``NUM_THREADS 0``.
 """
 from __future__ import annotations
 

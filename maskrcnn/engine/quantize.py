@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..config.errors import ConfigError
 
-__all__ = ["QUANTIZE_MODES", "QuantizedLayer", "check_quantize", "cpu_has_vnni", "quantize_int8"]
+__all__ = ["QUANTIZE_MODES", "QuantizedLayer", "calibration_images", "check_quantize", "cpu_has_vnni", "is_quantized",
+           "quantize_int8"]
 
 _LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 #: RPN head children that are predictors (kept fp32); its other convolutions are features.
@@ -60,6 +61,20 @@ def check_quantize(mode: str, device: torch.device, amp: str, compile_body: bool
         raise ConfigError(f"{key} = {mode!r} and TEST.AMP = {amp!r} exclude each other: set TEST.AMP ''.")
     if compile_body:
         raise ConfigError(f"{key} = {mode!r} and TEST.COMPILE True exclude each other: set TEST.COMPILE False.")
+
+
+def calibration_images(dataset: Sequence, count: int, key: str = "TEST.QUANTIZE_CALIB_IMAGES") -> List[Tensor]:
+    """The first ``count`` images of ``dataset`` (items ``(image (3, H, W) float, target)``), to calibrate on: the
+    user's own data, as the model sees it. A ``ConfigError`` naming ``key`` when ``count`` is not positive."""
+    if int(count) <= 0:
+        raise ConfigError(f"TEST.QUANTIZE needs {key} > 0 (images to calibrate the int8 ranges on), got {count}")
+    return [dataset[i][0] for i in range(min(int(count), len(dataset)))]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether :func:`quantize_int8` has already run on ``model``."""
+    return any(isinstance(m, QuantizedLayer) or type(m).__module__.startswith("torch.ao.nn.quantized")
+               for m in model.modules())
 
 
 def _targets(model: nn.Module) -> List[Tuple[nn.Module, str]]:

@@ -80,10 +80,10 @@ def quantize_for_export(model: nn.Module, format: str, calib_images: Optional[Se
     int8 quantization of :func:`maskrcnn.engine.speed.prepare_for_inference`, without the oneDNN fused blocks or
     channels-last (a traced graph keeps neither), calibrated on ``calib_images``."""
     from ..config import ConfigError
-    from ..engine.quantize import QuantizedLayer
+    from ..engine.quantize import is_quantized
 
     mode = str(getattr(getattr(getattr(model, "cfg", None), "TEST", None), "QUANTIZE", "") or "")
-    if not mode or any(isinstance(m, QuantizedLayer) or type(m).__name__ == "GraphModule" for m in model.modules()):
+    if not mode or is_quantized(model):
         return model
     if format != "torchscript":
         raise ValueError(f"TEST.QUANTIZE = {mode!r} exports with format 'torchscript' only (got {format!r}): "

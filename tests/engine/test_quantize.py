@@ -19,3 +19,20 @@ def test_quantize_cases_in_their_own_process():
     print(proc.stdout[-2000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\b9 passed\b", proc.stdout), proc.stdout[-2000:]
+
+
+def test_calibration_images_are_the_first_of_the_dataset():
+    # Runs here: it needs no FX quantization (the cases above run in their own process).
+    import pytest
+    import torch
+
+    from maskrcnn.config import ConfigError
+    from maskrcnn.engine.quantize import calibration_images, is_quantized
+
+    data = [(torch.full((3, 4, 5), float(i)), {}) for i in range(5)]
+    got = calibration_images(data, 3)
+    assert [int(im[0, 0, 0]) for im in got] == [0, 1, 2]
+    assert len(calibration_images(data, 8)) == 5  # at most the dataset
+    with pytest.raises(ConfigError, match="TEST.QUANTIZE_CALIB_IMAGES > 0"):
+        calibration_images(data, 0)
+    assert not is_quantized(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)))
