@@ -57,20 +57,24 @@ class FusedConv2d(nn.Module):
         conv: a ``Conv2d`` with ``padding_mode='zeros'``; its weight and bias are copied into buffers (``weight``,
             ``bias``) under the same names.
         activation: ``"relu"`` or ``"none"``.
+        stride: overrides ``conv.stride``: a ResNet block's 1x1 convs have stride 1 and the block subsamples their
+            input (:func:`~maskrcnn.modeling.backbone.resnet.subsample`, a workaround for a oneDNN backward bug);
+            inference has no backward, so the fused block gives the stride back to the convolution.
 
     ``forward(x: (N, C_in, H, W), other: optional (N, C_out, H', W') residual) -> (N, C_out, H', W')``. Under CPU
     autocast the convolution runs in the autocast dtype (weights cast once and cached per dtype); the output is in
     the dtype the convolution ran in.
     """
 
-    def __init__(self, conv: nn.Conv2d, activation: str = "none"):
+    def __init__(self, conv: nn.Conv2d, activation: str = "none", stride: Optional[int] = None):
         super().__init__()
         if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"FusedConv2d needs an nn.Conv2d with numeric zero padding, got {conv!r}")
         if activation not in ("relu", "none"):
             raise ValueError(f"activation must be 'relu' or 'none', got {activation!r}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride) if stride is None else (int(stride), int(stride))
         self.padding, self.dilation, self.groups = tuple(conv.padding), tuple(conv.dilation), conv.groups
         self.activation = activation
         self.register_buffer("weight", conv.weight.detach().clone())
@@ -154,10 +158,11 @@ class FusedBottleneck(nn.Module):
 
     def __init__(self, block: BottleneckBlock, reuse_input: bool = False):
         super().__init__()
-        self.conv1 = FusedConv2d(block.conv1, "relu")
+        self.conv1 = FusedConv2d(block.conv1, "relu", stride=block.input_stride)
         self.conv2 = FusedConv2d(block.conv2, "relu")
         self.conv3 = FusedConv2d(block.conv3, "relu")
-        self.downsample = FusedConv2d(block.downsample[0]) if block.downsample is not None else None
+        self.downsample = (FusedConv2d(block.downsample[0], stride=block.shortcut_stride)
+                           if block.downsample is not None else None)
         self.reuse_input = bool(reuse_input)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,7 +179,8 @@ class FusedBasicBlock(nn.Module):
         super().__init__()
         self.conv1 = FusedConv2d(block.conv1, "relu")
         self.conv2 = FusedConv2d(block.conv2, "relu")
-        self.downsample = FusedConv2d(block.downsample[0]) if block.downsample is not None else None
+        self.downsample = (FusedConv2d(block.downsample[0], stride=block.shortcut_stride)
+                           if block.downsample is not None else None)
         self.reuse_input = bool(reuse_input)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -9,8 +9,15 @@ Layout (``depth`` 18/34 use basic blocks, 50/101/152 bottleneck blocks)::
     res5                                                                     stride 32  (2048 | 512); 16 if dilated
 
 A bottleneck block has ``conv1`` (1x1), ``bn1``, ``conv2`` (3x3, grouped for ResNeXt), ``bn2``, ``conv3`` (1x1),
-``bn3`` and, in the first block of a stage, ``downsample = Sequential(conv 1x1 stride s, norm)``. A basic block has
-``conv1``/``bn1``/``conv2``/``bn2`` (both 3x3). The norm layers are called ``bn*`` whatever their kind, so that
+``bn3`` and, in the first block of a stage, ``downsample = Sequential(conv 1x1, norm)``. A basic block has
+``conv1``/``bn1``/``conv2``/``bn2`` (both 3x3).
+
+A block's stride ``s`` on a 1x1 convolution (``downsample``, and ``conv1`` with ``stride_in_1x1``) is applied by
+subsampling the input (``x[:, :, ::s, ::s]``) before a stride-1 convolution: the same function (a 1x1 kernel with
+no padding reads only every ``s``-th pixel), so checkpoints are unchanged, but it avoids oneDNN's strided 1x1
+backward kernel, which for channels-last inputs with fewer input channels than its channel block (16 with AVX-512,
+8 with AVX2) writes past its workspace: a crash, or wrong weight gradients (oneDNN issue 6035; hit by the
+eighth-width ResNet-18 of ``configs/scratch/auto_cpu.yaml``, whose ``res3`` shortcut has 8 input channels). The norm layers are called ``bn*`` whatever their kind, so that
 checkpoints map one-to-one between the FrozenBN, BN and GN variants.
 
 The blocks and the stem (:class:`ResNetStem`) declare which norm follows which convolution with a
@@ -34,7 +41,7 @@ from .norms import NORMS, get_norm
 
 __all__ = [
     "FrozenBatchNorm2d", "get_norm", "BottleneckBlock", "BasicBlock", "ResNetStem", "make_stage", "ResNet",
-    "freeze_module", "fuse_frozen_bn", "RESNET_BLOCKS_PER_STAGE",
+    "freeze_module", "fuse_frozen_bn", "RESNET_BLOCKS_PER_STAGE", "subsample",
 ]
 
 #: Blocks in res2..res5 for each supported depth.
@@ -56,8 +63,15 @@ def _conv(in_ch: int, out_ch: int, k: int, stride: int = 1, dilation: int = 1, g
                      bias=False)
 
 
-def _downsample(in_ch: int, out_ch: int, stride: int, norm: str) -> nn.Module:
-    return nn.Sequential(_conv(in_ch, out_ch, 1, stride=stride), get_norm(norm, out_ch))
+def _downsample(in_ch: int, out_ch: int, norm: str) -> nn.Module:
+    # Stride 1: the block subsamples the input first (see the module docstring).
+    return nn.Sequential(_conv(in_ch, out_ch, 1), get_norm(norm, out_ch))
+
+
+def subsample(x: Tensor, stride: int) -> Tensor:
+    """``x[:, :, ::stride, ::stride]``: ``(N, C, H, W) -> (N, C, ceil(H/stride), ceil(W/stride))``, the pixels a
+    1x1 convolution of that stride reads."""
+    return x if stride == 1 else x[:, :, ::stride, ::stride]
 
 
 class BottleneckBlock(nn.Module):
@@ -69,15 +83,18 @@ class BottleneckBlock(nn.Module):
         super().__init__()
         if bottleneck_channels % num_groups != 0:
             raise ValueError(f"bottleneck_channels={bottleneck_channels} is not divisible by num_groups={num_groups}")
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = _conv(in_channels, bottleneck_channels, 1, stride=s1)
+        #: subsampling applied to the input of ``conv1`` (with ``stride_in_1x1``) and ``downsample`` (1x1 convs).
+        self.input_stride = stride if stride_in_1x1 else 1
+        self.shortcut_stride = stride
+        s3 = 1 if stride_in_1x1 else stride
+        self.conv1 = _conv(in_channels, bottleneck_channels, 1)
         self.bn1 = get_norm(norm, bottleneck_channels)
         self.conv2 = _conv(bottleneck_channels, bottleneck_channels, 3, stride=s3, dilation=dilation,
                            groups=num_groups)
         self.bn2 = get_norm(norm, bottleneck_channels)
         self.conv3 = _conv(bottleneck_channels, out_channels, 1)
         self.bn3 = get_norm(norm, out_channels)
-        self.downsample = (_downsample(in_channels, out_channels, stride, norm)
+        self.downsample = (_downsample(in_channels, out_channels, norm)
                            if stride != 1 or in_channels != out_channels else None)
         self.relu = nn.ReLU(inplace=True)
 
@@ -86,10 +103,10 @@ class BottleneckBlock(nn.Module):
         return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(subsample(x, self.input_stride))))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else self.downsample(subsample(x, self.shortcut_stride))
         return self.relu(out + identity)
 
 
@@ -103,7 +120,8 @@ class BasicBlock(nn.Module):
         self.bn1 = get_norm(norm, out_channels)
         self.conv2 = _conv(out_channels, out_channels, 3, dilation=dilation)
         self.bn2 = get_norm(norm, out_channels)
-        self.downsample = (_downsample(in_channels, out_channels, stride, norm)
+        self.shortcut_stride = stride
+        self.downsample = (_downsample(in_channels, out_channels, norm)
                            if stride != 1 or in_channels != out_channels else None)
         self.relu = nn.ReLU(inplace=True)
 
@@ -114,7 +132,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else self.downsample(subsample(x, self.shortcut_stride))
         return self.relu(out + identity)
 
 

@@ -119,7 +119,7 @@ def test_from_cfg_names(name, cls, channels, scales, block):
     assert hasattr(resnet, "res5") == (cls is FPNConvBody or "conv5" in name)
     # Detectron defaults: stride in the 1x1 conv, FrozenBN, stem and res2 frozen
     if block is BottleneckBlock:
-        assert resnet.res3[0].conv1.stride == (2, 2)
+        assert resnet.res3[0].input_stride == 2 and resnet.res3[0].conv2.stride == (1, 1)
     assert isinstance(resnet.res3[0].bn1, FrozenBatchNorm2d)
     assert not resnet.res2[0].conv1.weight.requires_grad and resnet.res3[0].conv1.weight.requires_grad
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBatchNorm2d
@@ -185,10 +186,65 @@ def test_c4_body_builds_no_res5():
 
 @pytest.mark.parametrize("stride_in_1x1", [True, False])
 def test_stride_placement(stride_in_1x1):
-    block = ResNet(50, stride_in_1x1=stride_in_1x1).res3[0]
-    assert block.conv1.stride == ((2, 2) if stride_in_1x1 else (1, 1))
+    block = randomize(ResNet(50, stride_in_1x1=stride_in_1x1, norm="BN").res3[0]).eval()
+    # The 1x1 convs run at stride 1 on a subsampled input (oneDNN workaround, see resnet.py's docstring).
+    assert block.conv1.stride == (1, 1) and block.input_stride == (2 if stride_in_1x1 else 1)
     assert block.conv2.stride == ((1, 1) if stride_in_1x1 else (2, 2))
-    assert block.downsample[0].stride == (2, 2)
+    assert block.downsample[0].stride == (1, 1) and block.shortcut_stride == 2
+    # ... and compute exactly what the strided convolutions compute: Detectron's / torchvision's block.
+    x = torch.randn(2, 256, 15, 14)
+    s1 = 2 if stride_in_1x1 else 1
+    ref = block.relu(block.bn1(F.conv2d(x, block.conv1.weight, stride=s1)))
+    ref = block.relu(block.bn2(block.conv2(ref)))
+    ref = block.bn3(block.conv3(ref))
+    ref = block.relu(ref + block.downsample[1](F.conv2d(x, block.downsample[0].weight, stride=2)))
+    with torch.no_grad():
+        out = block(x)
+    assert out.shape == (2, 512, 8, 7)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_basic_block_shortcut_is_strided_conv():
+    block = randomize(BasicBlock(8, 16, stride=2, norm="BN")).eval()
+    x = torch.randn(1, 8, 9, 10)
+    ref = block.relu(block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+                     + block.downsample[1](F.conv2d(x, block.downsample[0].weight, stride=2)))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+_CHANNELS_LAST_GRADS = """
+import torch
+from maskrcnn.modeling.backbone.resnet import BasicBlock, BottleneckBlock
+torch.manual_seed(0)
+for block in (BasicBlock(8, 16, stride=2, norm="BN"), BottleneckBlock(4, 8, 16, stride=2, norm="BN")):
+    x = torch.randn(4, block.conv1.in_channels, 72, 72)
+    grads = []
+    for fmt, dtype in ((torch.channels_last, torch.float32), (torch.contiguous_format, torch.float64)):
+        b = block.to(dtype=dtype, memory_format=fmt).train()
+        b.zero_grad()
+        xi = x.to(dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+        out = b(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads.append([xi.grad.float().clone()] + [p.grad.float().clone() for p in b.parameters()])
+    for a, r in zip(*grads):  # float32 vs float64 sums of up to 20736 terms: relative to the largest gradient
+        assert (a - r).abs().max() <= 1e-4 * r.abs().max(), (a - r).abs().max() / r.abs().max()
+print("ok")
+"""
+
+
+def test_channels_last_training_with_few_channels():
+    """oneDNN's strided 1x1 backward writes past its workspace for channels-last inputs with fewer than 16 (AVX-512)
+    / 8 (AVX2) input channels (oneDNN issue 6035: a segfault, a hang or wrong weight gradients). The blocks must not
+    reach that kernel: a channels-last training step of narrow blocks gives the float64 NCHW gradients. In a child
+    process, because the failure is a crash."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CHANNELS_LAST_GRADS], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
 
 
 def test_res5_dilation():
@@ -204,7 +260,7 @@ def test_res5_dilation():
 def test_make_stage():
     stage = make_stage("bottleneck", 1024, 512, 2048, 3, first_stride=2, stride_in_1x1=True)
     assert len(stage) == 3 and stage[0].downsample is not None and stage[1].downsample is None
-    assert stage[0].conv1.stride == (2, 2)
+    assert stage[0].input_stride == 2 and stage[0].conv1.stride == (1, 1)
     with torch.no_grad():
         assert stage(torch.rand(2, 1024, 14, 14)).shape == (2, 2048, 7, 7)
     basic = make_stage("basic_transformation", 64, 0, 128, 2, first_stride=2, norm="BN")

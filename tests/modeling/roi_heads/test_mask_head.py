@@ -131,7 +131,7 @@ def _small_v0up(**kw):
 
 def test_v0up_own_res5():
     head = _small_v0up()
-    assert not head.shares_box_head_res5 and len(head.res5) == 3 and head.res5[0].conv1.stride == (2, 2)
+    assert not head.shares_box_head_res5 and len(head.res5) == 3 and head.res5[0].input_stride == 2
     feat = torch.randn(2, 16, 10, 10, requires_grad=True)
     boxes = [_boxes(4, hi=150.0, size=160.0), _boxes(3, hi=150.0, size=160.0)]
     out = head(feat, boxes)
