@@ -94,6 +94,63 @@ def test_network_boxes_scale_with_the_chosen_size():
     assert hw.tolist() == [[416.0, 416.0]] * 2  # padded to /32
 
 
+def test_wide_size_spread_halves_the_small_object_target():
+    """Objects from a few pixels to most of the image (sizes spread >= 8x from p10 to p90): the 10th-percentile object
+    is brought to 8 px instead of 16, so the input stays small; a narrow spread with the same p10 keeps 16 px."""
+    cfg = load_auto_cfg(None)
+    wide_sizes = np.geomspace(12, 280, 60)  # on 300 px images: p10 about 16 px, p90 about 210 px
+    wide = _choices(cfg, _stats(300, wide_sizes))
+    narrow = _choices(cfg, _stats(300, np.linspace(15, 30, 60)))
+    p10 = np.percentile(wide_sizes, 10) / 300
+    assert wide["TRAIN.SCALES"].value == [int(round(8 / p10 / 16) * 16)]
+    assert "half of AUTO.MIN_OBJECT_SIZE=16" in wide["TRAIN.SCALES"].reason
+    assert narrow["TRAIN.SCALES"].value[0] > wide["TRAIN.SCALES"].value[0]
+    assert "half" not in narrow["TRAIN.SCALES"].reason
+
+
+def test_norm_follows_the_batch():
+    """1-2 images per step: GroupNorm in the body and FPN (and nothing to fold at test); 4: BatchNorm. An explicit
+    RESNETS.NORM is kept and the FPN follows it."""
+    cfg = load_auto_cfg(None)
+    small = _choices(cfg, _stats(200, np.linspace(5, 12, 60)))  # upscaled to 400 px: 2 images per step
+    large = _choices(cfg, _stats(400, np.linspace(150, 350, 60)))  # 128 px: 4 images per step
+    assert small["TRAIN.IMS_PER_BATCH"].value == 2 and small["RESNETS.NORM"].value == "GN"
+    assert small["FPN.USE_GN"].value is True and small["TEST.FUSE_FROZEN_BN"].value is False
+    assert large["TRAIN.IMS_PER_BATCH"].value == 4 and large["RESNETS.NORM"].value == "BN"
+    assert large["FPN.USE_GN"].value is False and "TEST.FUSE_FROZEN_BN" not in large
+    cfg.RESNETS.NORM = "BN"
+    kept = _choices(cfg, _stats(200, np.linspace(5, 12, 60)), explicit={"RESNETS.NORM"})
+    assert "RESNETS.NORM" not in kept and kept["FPN.USE_GN"].value is False
+
+
+def test_gn_choice_builds_trains_and_tests():
+    """The GroupNorm recipe --auto chooses builds the eighth-width body (8-64 channels), takes a training step and
+    runs at test time with the choices applied."""
+    import torch
+
+    from maskrcnn.engine.speed import prepare_for_inference
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+
+    cfg = load_auto_cfg(None)
+    apply_choices(cfg, choose_recipe(cfg, _stats(200, np.linspace(5, 12, 60))), set(), lambda line: None)
+    assert cfg.RESNETS.NORM == "GN" and cfg.FPN.USE_GN
+    torch.manual_seed(0)
+    model = Generalized_RCNN(cfg)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.Conv_Body.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    image = torch.rand(3, 96, 96)
+    target = {"boxes": torch.tensor([[10.0, 12.0, 40.0, 50.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 96, 96, dtype=torch.uint8)}
+    target["masks"][0, 12:50, 10:40] = 1
+    losses = model([image], [target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    prepare_for_inference(model, cfg)
+    with torch.no_grad():
+        out = model([image])
+    assert set(out[0]) >= {"boxes", "scores", "labels", "masks"}
+
+
 def test_explicit_key_wins_and_is_reported():
     cfg = load_auto_cfg(None)
     cfg.TRAIN.SCALES = [96]

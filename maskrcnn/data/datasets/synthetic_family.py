@@ -103,7 +103,9 @@ def _v(**kw) -> VariantSpec:
     return spec
 
 
-#: The named variants. The first five were used while choosing the ``--auto`` rules; the ``held_out`` ones never were.
+#: The named variants. The first six were used while choosing the ``--auto`` rules; the ``held_out`` ones never were.
+#: ``span`` (added after the others) has objects from a few pixels to most of the image, so that RoIs come from
+#: every FPN level, as in ``mixed``, where the first recipe failed.
 VARIANTS: Dict[str, VariantSpec] = {v.name: v for v in (
     _v(name="basic", description="128x128, 3 classes, 10-60 px objects, plain/noisy backgrounds",
        classes=("rectangle", "ellipse", "triangle"), height=(128, 128), width=(128, 128), square=True,
@@ -121,6 +123,9 @@ VARIANTS: Dict[str, VariantSpec] = {v.name: v for v in (
        classes=("rectangle", "ellipse", "triangle", "star", "ring", "lshape"), height=(224, 288), width=(224, 288),
        square=False, object_size=(0.06, 0.3), objects=(2, 10), backgrounds=("noisy", "textured"),
        empty_fraction=0.1, crowd_fraction=0.5),
+    _v(name="span", description="192-448 px, 6 classes, objects 3-85% of the image: every FPN level in one set",
+       classes=("rectangle", "triangle", "diamond", "cross", "ring", "star"), height=(192, 448), width=(192, 448),
+       square=False, object_size=(0.03, 0.85), objects=(1, 6), backgrounds=BACKGROUNDS, empty_fraction=0.1),
     _v(name="ten", description="192-256 px, 10 classes, all backgrounds, 10% empty images",
        classes=("rectangle", "ellipse", "triangle", "cross", "diamond", "hexagon", "bar", "ring", "star", "crescent"),
        height=(192, 256), width=(192, 256), square=False, object_size=(0.1, 0.4), objects=(1, 6),

@@ -21,18 +21,21 @@ from typing import List, Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norms import group_norm
+
 __all__ = ["FPN"]
 
-_GN_GROUPS = 32
 
 
 def _conv_block(in_ch: int, out_ch: int, k: int, use_gn: bool) -> nn.Module:
     if not use_gn:
         return nn.Conv2d(in_ch, out_ch, k, padding=k // 2)
-    if out_ch % _GN_GROUPS != 0:
-        raise ValueError(f"use_gn=True needs out_channels divisible by {_GN_GROUPS}, got {out_ch}")
+    try:
+        norm = group_norm(out_ch)
+    except ValueError as e:
+        raise ValueError(f"FPN use_gn=True with out_channels={out_ch}: {e}") from None
     # GroupNorm supplies the shift, so the conv has no bias (Detectron's ConvGN).
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, k, padding=k // 2, bias=False), nn.GroupNorm(_GN_GROUPS, out_ch))
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, k, padding=k // 2, bias=False), norm)
 
 
 def _first_conv(block: nn.Module) -> nn.Conv2d:

@@ -31,9 +31,13 @@ GN_GROUPS = 32
 
 
 def group_norm(channels: int, groups: int = GN_GROUPS) -> nn.GroupNorm:
-    """``nn.GroupNorm(groups, channels)``; an error naming both when ``channels`` is not divisible."""
+    """``nn.GroupNorm(groups, channels)``; a layer narrower than ``groups`` channels (the narrow bodies trained
+    from scratch, ``RESNETS.STEM_OUT_CHANNELS`` 8) gets one group per channel. An error naming both when a wider
+    ``channels`` is not divisible by ``groups``."""
+    if channels < groups:
+        return nn.GroupNorm(channels, channels)
     if channels % groups != 0:
-        raise ValueError(f"GN needs channels divisible by {groups}, got channels={channels}")
+        raise ValueError(f"GN needs channels divisible by {groups} (or fewer than {groups}), got channels={channels}")
     return nn.GroupNorm(groups, channels)
 
 

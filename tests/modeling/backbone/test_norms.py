@@ -23,6 +23,23 @@ def test_norm_kinds():
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == GN_GROUPS and gn.eps == 1e-5
     with pytest.raises(ValueError, match="divisible by 32"):
         get_norm("GN", 48)
+    narrow = get_norm("GN", 8)  # narrower than 32 channels: one group per channel
+    assert narrow.num_groups == 8 and narrow.num_channels == 8
+
+
+def test_narrow_gn_body_and_fpn():
+    """The eighth-width from-scratch body (8-64 channels) and a 16-channel FPN build with GN and run."""
+    from maskrcnn.modeling.backbone.fpn import FPN
+
+    body = ResNet(18, norm="GN", freeze_at=0, stem_out_channels=8, res2_out_channels=8,
+                  return_stages=("res2", "res3", "res4", "res5"))
+    assert {m.num_groups for m in body.modules() if isinstance(m, nn.GroupNorm)} == {8, 16, 32}
+    fpn = FPN([8, 16, 32, 64], 16, use_gn=True)
+    feats = body(torch.rand(2, 3, 64, 64))
+    outs = fpn([feats[k] for k in ("res2", "res3", "res4", "res5")])
+    assert [o.shape[1] for o in outs] == [16] * len(outs)
+    with pytest.raises(ValueError, match="FPN use_gn=True with out_channels=48: GN needs channels divisible by 32"):
+        FPN([8, 16], 48, use_gn=True)
     with pytest.raises(ValueError, match="SyncBN"):
         get_norm("LayerNorm", 64)
 
