@@ -44,7 +44,8 @@ from ..data.stats import DatasetStats
 from ..modeling.rpn.anchor_fit import anchor_quality, fit_fpn_anchors
 
 __all__ = ["AutoChoice", "AUTO_BASE_CONFIG", "explicit_keys", "parse_budget", "choose_recipe", "apply_choices",
-           "fit_schedule_to_budget", "schedule_for", "network_boxes", "add_norm_choices", "GN_MAX_BATCH", "WIDE_SIZE_SPREAD"]
+           "fit_schedule_to_budget", "schedule_for", "network_boxes", "add_norm_choices", "GN_MAX_BATCH",
+           "WIDE_SIZE_SPREAD"]
 
 #: Packaged config ``--auto`` starts from (under a given ``--cfg``).
 AUTO_BASE_CONFIG = "scratch/auto_cpu"
@@ -271,8 +272,8 @@ def add_norm_choices(cfg, batch: int, explicit: Set[str], add: Callable[[str, An
 
     BatchNorm trains on the statistics of the step's batch and tests on their running average. With 1-2 images of
     varied content per step (large inputs: the batch rule above) the two differ widely: on ``synthetic:span``
-    (5-minute runs, docs/auto.md) the box classifier of a BN model gave the right class 0.40 of the probability on
-    training boxes with batch statistics but 0.20 with the running ones, and GroupNorm (the same in training and
+    (5-minute runs, docs/auto.md) the box classifier of a BN model gave the right class about 0.4 of the probability on
+    training boxes with batch statistics but about 0.2 with the running ones, and GroupNorm (the same in training and
     test, the norm of "Rethinking ImageNet Pre-training" for training from scratch) doubled box AP. With 4 images
     the batch statistics are steadier and BN's steps cheaper (GN costs about 15% of a step here).
     """

@@ -26,7 +26,6 @@ from .norms import group_norm
 __all__ = ["FPN"]
 
 
-
 def _conv_block(in_ch: int, out_ch: int, k: int, use_gn: bool) -> nn.Module:
     if not use_gn:
         return nn.Conv2d(in_ch, out_ch, k, padding=k // 2)

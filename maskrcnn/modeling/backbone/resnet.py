@@ -10,15 +10,15 @@ Layout (``depth`` 18/34 use basic blocks, 50/101/152 bottleneck blocks)::
 
 A bottleneck block has ``conv1`` (1x1), ``bn1``, ``conv2`` (3x3, grouped for ResNeXt), ``bn2``, ``conv3`` (1x1),
 ``bn3`` and, in the first block of a stage, ``downsample = Sequential(conv 1x1, norm)``. A basic block has
-``conv1``/``bn1``/``conv2``/``bn2`` (both 3x3).
+``conv1``/``bn1``/``conv2``/``bn2`` (both 3x3). The norm layers are called ``bn*`` whatever their kind, so that
+checkpoints map one-to-one between the FrozenBN, BN and GN variants.
 
 A block's stride ``s`` on a 1x1 convolution (``downsample``, and ``conv1`` with ``stride_in_1x1``) is applied by
 subsampling the input (``x[:, :, ::s, ::s]``) before a stride-1 convolution: the same function (a 1x1 kernel with
 no padding reads only every ``s``-th pixel), so checkpoints are unchanged, but it avoids oneDNN's strided 1x1
 backward kernel, which for channels-last inputs with fewer input channels than its channel block (16 with AVX-512,
 8 with AVX2) writes past its workspace: a crash, or wrong weight gradients (oneDNN issue 6035; hit by the
-eighth-width ResNet-18 of ``configs/scratch/auto_cpu.yaml``, whose ``res3`` shortcut has 8 input channels). The norm layers are called ``bn*`` whatever their kind, so that
-checkpoints map one-to-one between the FrozenBN, BN and GN variants.
+eighth-width ResNet-18 of ``configs/scratch/auto_cpu.yaml``, whose ``res3`` shortcut has 8 input channels).
 
 The blocks and the stem (:class:`ResNetStem`) declare which norm follows which convolution with a
 ``conv_bn_pairs()`` method (``downsample``, an ``nn.Sequential``, by its order); the folds of

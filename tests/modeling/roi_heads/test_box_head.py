@@ -148,7 +148,8 @@ def test_c4_head_shapes_structure_and_computation():
     boxes = _c4_rois()
     stage = head.res5
     assert len(stage) == 3 and all(isinstance(b, BottleneckBlock) for b in stage)
-    assert stage[0].input_stride == 2 and stage[0].conv1.stride == (1, 1) and stage[0].conv2.stride == (1, 1)  # stride_in_1x1
+    # stride_in_1x1: conv1's input is subsampled (resnet.py's docstring)
+    assert stage[0].input_stride == 2 and stage[0].conv1.stride == (1, 1) and stage[0].conv2.stride == (1, 1)
     assert stage[0].conv1.out_channels == 16 and stage[0].downsample is not None
     assert isinstance(stage[0].bn1, FrozenBatchNorm2d)
     feat_out, res5 = head(feat, boxes, return_res5=True)
