@@ -140,7 +140,7 @@ def _input_size(cfg, stats: DatasetStats):
     # steps (on synthetic:span, 352 px input and 2 images per step: 5.5 box AP in 5 minutes; 176 px and 4 images:
     # 27.4); the target for them is halved.
     min_object = float(a.MIN_OBJECT_SIZE) / (2.0 if spread >= WIDE_SIZE_SPREAD else 1.0)
-    target = (f"AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE}" if spread < WIDE_SIZE_SPREAD else
+    target = (f"AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE} px" if spread < WIDE_SIZE_SPREAD else
               f"{min_object:.0f} px (half of AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE}: object sizes spread "
               f"{spread:.0f}x from the 10th to the 90th percentile, >= {WIDE_SIZE_SPREAD:.0f}x)")
     need = min_object / max(p10, 1e-6)
@@ -159,7 +159,7 @@ def _input_size(cfg, stats: DatasetStats):
                f"steps)")
     else:
         why = (f"the smallest shorter side at which the 10th-percentile object ({p10:.3f} of the shorter side) "
-               f"reaches {target} px")
+               f"reaches {target}")
     return size, max_size, f"{why}; longer side up to {aspect:.2f}x (95th percentile image aspect)", med_short
 
 
