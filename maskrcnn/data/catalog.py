@@ -9,8 +9,8 @@ A spec is one of
 * ``synthetic:keypoints[:train|val]`` — the built-in set with the extreme points of each shape as keypoints
   (registered as ``synthetic_keypoints_train`` / ``synthetic_keypoints_val``);
 * ``synthetic:VARIANT[:train|val]`` — a variant of the synthetic family
-  (:mod:`maskrcnn.data.datasets.synthetic_family`: ``basic``, ``tiny``, ``large``, ``thin``, ``crowd``, ``ten``,
-  ``mixed``, ``wide``); also registered as catalog names ``synthetic_VARIANT_train`` / ``synthetic_VARIANT_val``;
+  (:mod:`maskrcnn.data.datasets.synthetic_family`: ``basic``, ``tiny``, ``large``, ``thin``, ``crowd``, ``span``,
+  ``ten``, ``mixed``, ``wide``); also registered as catalog names ``synthetic_VARIANT_train`` / ``synthetic_VARIANT_val``;
 * a catalog name: the built-in COCO splits (``coco_2017_train``, ``coco_2017_val``, ``coco_2014_train``,
   ``coco_2014_val``, ``coco_2014_minival``, ``coco_2014_valminusminival``) found under ``DATA_DIR`` as
   ``DATA_DIR/coco/annotations/instances_<split>.json`` and ``DATA_DIR/coco/<image folder>``, or a registered name;
