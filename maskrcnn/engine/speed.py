@@ -319,6 +319,11 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
         from .quantize import check_quantize
 
         check_quantize(quant, model_device(model), amp_value, comp, "TEST.QUANTIZE" if quantize is None else "quantize")
+        if any(isinstance(m, nn.GroupNorm) for m in getattr(model, "Conv_Body", model).modules()):
+            raise ConfigError(f"TEST.QUANTIZE = {quant!r} needs a body and FPN whose norms fold into their "
+                              "convolutions (FrozenBN or BN); this model uses GroupNorm (RESNETS.NORM 'GN' or "
+                              "FPN.USE_GN, which train_net --auto chooses for 1-2 images per step). Run it in fp32 "
+                              "or bf16 (TEST.AMP), or train with --set RESNETS.NORM BN FPN.USE_GN False")
         if not fold:
             raise ConfigError(f"TEST.QUANTIZE = {quant!r} needs folded BN: set TEST.FUSE_FROZEN_BN True")
         if not calib_images:

@@ -145,6 +145,8 @@ def test_gn_choice_builds_trains_and_tests():
     losses = model([image], [target])
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ConfigError, match="uses GroupNorm"):  # int8 folds norms into convs: not for GN
+        prepare_for_inference(model, cfg, quantize="int8", calib_images=[image])
     prepare_for_inference(model, cfg)
     with torch.no_grad():
         out = model([image])
