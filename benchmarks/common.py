@@ -239,13 +239,14 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int 
                 k: Optional[int] = None) -> float:
     """GFLOP/s (GOP/s for int8) of an ``(m, k)`` by ``(k, n)`` matmul in ``dtype`` (square ``n`` by default) on
     this machine's threads: the best of ``repeats`` (a peak; slower repeats were disturbed by other processes)."""
+    m, k = m or n, k or n
     run = matmul_runner(dtype, n, m, k)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         run()
         ts.append(time.perf_counter() - t)
-    return 2.0 * (m or n) * (k or n) * n / min(ts) / 1e9
+    return 2.0 * m * k * n / min(ts) / 1e9
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -34,9 +34,9 @@ def register(base: str, new: str, changes: Dict[str, object]):
 
 
 def main(argv: List[str]) -> int:
-    if "--" not in argv or len(argv) < argv.index("--") + 2 or argv.index("--") < 2:
+    cut = argv.index("--") if "--" in argv else -1
+    if cut < 2 or cut + 1 >= len(argv):  # BASE NEW [KEY=VALUE ...] -- MODE [ARGS ...]
         raise SystemExit(__doc__)
-    cut = argv.index("--")
     changes = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in argv[2:cut])}
     print("probe variant:", register(argv[0], argv[1], changes), flush=True)
     mode, rest = argv[cut + 1], argv[cut + 2:]

@@ -139,8 +139,9 @@ def _input_size(cfg, stats: DatasetStats):
     # Objects from a few pixels to most of the image: enlarging every image for the smallest tenth costs all the
     # steps (on synthetic:span, 352 px input and 2 images per step: 5.5 box AP in 5 minutes; 176 px and 4 images:
     # 27.4); the target for them is halved.
-    min_object = float(a.MIN_OBJECT_SIZE) / (2.0 if spread >= WIDE_SIZE_SPREAD else 1.0)
-    target = (f"AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE} px" if spread < WIDE_SIZE_SPREAD else
+    wide = spread >= WIDE_SIZE_SPREAD
+    min_object = float(a.MIN_OBJECT_SIZE) / (2.0 if wide else 1.0)
+    target = (f"AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE} px" if not wide else
               f"{min_object:.0f} px (half of AUTO.MIN_OBJECT_SIZE={a.MIN_OBJECT_SIZE}: object sizes spread "
               f"{spread:.0f}x from the 10th to the 90th percentile, >= {WIDE_SIZE_SPREAD:.0f}x)")
     need = min_object / max(p10, 1e-6)
