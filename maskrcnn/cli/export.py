@@ -97,13 +97,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"maskrcnn-export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format}, input {args.input_dtype} (3, H, W) RGB)")
+    if getattr(model, "mask_on", False) and not args.paste_masks:
+        pre = model.preprocess
+        how = (f"method={pre.mask_paste_method!r}" if pre.mask_paste_method == "detectron2"
+               else f"method='torchvision', padding={pre.mask_paste_padding}")
+        print(f"masks: (N, 1, M, M) probabilities; paste them with maskrcnn.export.paste_masks(masks, boxes, "
+              f"(H, W), {how}) (the model's TEST.MASK_PASTE_METHOD)")
     ok = True
     if args.check:
         run = _runner(args.format, out)
         for path in args.check:
             image = _read_rgb(path, dtype)
             diff = compare_detections(eager_detections(model, image), run(image), image_size=image.shape[-2:],
-                                      mask_padding=model.preprocess.mask_paste_padding)
+                                      mask_padding=model.preprocess.mask_paste_padding,
+                                      mask_paste_method=model.preprocess.mask_paste_method)
             ok &= diff.within()
             print(f"check {os.path.basename(path)}: {diff}{'' if diff.within() else '  <-- outside tolerance'}")
     return 0 if ok else 1

@@ -31,6 +31,7 @@ from ..modeling.preprocess import ImageList, resize_boxes, resize_keypoints
 from ..modeling.roi_heads.keypoint_outputs import heatmaps_to_keypoints
 from ..modeling.roi_heads.inference import select_detections
 from ..ops.box_voting import BoxVoting
+from ..ops.grid_paste import paste_masks_grid_sample
 from ..ops.masks import paste_masks_in_image
 from ..utils.model import model_device
 
@@ -265,8 +266,10 @@ def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int,
                  padding: int = 1):
     """Paste each mask into the image, binarise at ``MRCNN.THRESH_BINARIZE`` and encode as COCO RLE.
 
-    ``masks`` rows follow ``ref_boxes`` (the concatenation of ``cls_boxes[1:]``). Returns ``cls_segms[j]``: a
-    list of RLE dicts (``counts`` as str) for the boxes of class ``j``.
+    ``masks`` rows follow ``ref_boxes`` (the concatenation of ``cls_boxes[1:]``). Pasted as
+    ``cfg.TEST.MASK_PASTE_METHOD`` says (``padding`` is read by ``"torchvision"`` only), as the model's own
+    ``forward`` pastes. Returns ``cls_segms[j]``: a list of RLE dicts (``counts`` as str) for the boxes of class
+    ``j``.
     """
     if cfg is None:
         from ..config import cfg as global_cfg
@@ -278,9 +281,11 @@ def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int,
     labels = np.concatenate([np.full(len(cls_boxes[j]), j, dtype=np.int64) for j in range(1, num_classes)])
     idx = labels if masks.shape[1] > 1 else np.zeros_like(labels)
     per_box = torch.from_numpy(np.ascontiguousarray(masks[np.arange(len(labels)), idx]))[:, None]
-    pasted = paste_masks_in_image(per_box, torch.from_numpy(np.ascontiguousarray(ref_boxes[:, :4],
-                                                                                 dtype=np.float32)),
-                                  (int(im_h), int(im_w)), padding=padding)
+    boxes = torch.from_numpy(np.ascontiguousarray(ref_boxes[:, :4], dtype=np.float32))
+    if cfg.TEST.MASK_PASTE_METHOD == "detectron2":
+        pasted = paste_masks_grid_sample(per_box, boxes, (int(im_h), int(im_w)))
+    else:
+        pasted = paste_masks_in_image(per_box, boxes, (int(im_h), int(im_w)), padding=padding)
     binary = (pasted[:, 0] > cfg.MRCNN.THRESH_BINARIZE).numpy().astype(np.uint8)
     rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     for rle, j in zip(rles, labels):

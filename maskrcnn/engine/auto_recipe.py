@@ -247,6 +247,7 @@ def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), exp
     add("TEST.RPN_POST_NMS_TOP_N", tpost, f"{obj}; 25 proposals per object")
     add("TEST.RPN_PRE_NMS_TOP_N", tpost, "as many per level as test proposals are kept after NMS")
     add("TEST.DETECTIONS_PER_IM", int(np.clip(5 * most, 50, 100)), f"{obj}; 5 per object, 50..100")
+    add("TEST.MASK_PASTE_METHOD", "detectron2", _paste_reason(stats))
 
     pixels = size * min(max_size, size * float(np.median(stats.image_hw.max(1) / stats.image_hw.min(1))))
     batch = 4 if pixels <= 256 * 256 else 2
@@ -262,6 +263,15 @@ def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), exp
     if tests and not list(cfg.TEST.DATASETS):
         add("TEST.DATASETS", tests, "the validation split of the training set")
     return out
+
+
+def _paste_reason(stats: DatasetStats) -> str:
+    """Why ``--auto`` pastes masks the detectron2 way (evidence: docs/auto.md, the same models tested both ways)."""
+    sizes = stats.box_sizes
+    small = f"the 10th-percentile object is {np.percentile(sizes, 10):.0f} px" if len(sizes) else "no objects read"
+    return (f"{small} in its image, where masks are pasted: the float box samples the mask at each pixel's centre, "
+            f"where torchvision's paste rounds a padded box to whole pixels (up to a pixel off on each edge, much of "
+            f"a small object's mask); both export")
 
 
 #: Largest batch per process at which ``--auto`` trains with GroupNorm instead of BatchNorm.

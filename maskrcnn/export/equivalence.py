@@ -64,11 +64,12 @@ def _match(ref_boxes: Tensor, out_boxes: Tensor) -> Tensor:
 
 
 def compare_detections(ref: Dict[str, object], out: Dict[str, object], image_size=None,
-                       mask_padding: int = 1) -> DetectionDiff:
+                       mask_padding: int = 1, mask_paste_method: str = "torchvision") -> DetectionDiff:
     """Compare ``ref`` (eager: ``boxes, labels, scores, masks``) with ``out`` (exported); tensors or arrays.
 
     Masks may be pasted ``(N, 1, H, W)`` or ``(N, 1, M, M)`` probabilities; ``M x M`` ones are pasted into
-    ``image_size`` = ``(H, W)`` with :func:`maskrcnn.export.paste.paste_masks` first.
+    ``image_size`` = ``(H, W)`` with :func:`maskrcnn.export.paste.paste_masks` first (``mask_paste_method``,
+    ``mask_padding``: the model's ``TEST.MASK_PASTE_METHOD`` and ``TEST.MASK_PASTE_PADDING``).
     """
     from .paste import paste_masks
 
@@ -86,7 +87,7 @@ def compare_detections(ref: Dict[str, object], out: Dict[str, object], image_siz
         for m, b in ((ref["masks"], rb), (out["masks"], ob)):
             m = _t(m).float()
             if image_size is not None and tuple(m.shape[-2:]) != tuple(image_size):
-                m = paste_masks(m, b, image_size, padding=mask_padding)
+                m = paste_masks(m, b, image_size, padding=mask_padding, method=mask_paste_method)
             masks.append(m.reshape(m.shape[0], -1) > 0.5)
         a, b = masks[0][:n], masks[1][idx]
         inter = (a & b).sum(1).float()

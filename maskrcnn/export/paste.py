@@ -1,15 +1,23 @@
 """Pasting an exported model's ``M x M`` mask probabilities into the image.
 
-Two forms of the same operation (torchvision's ``paste_masks_in_image``: the mask is zero-padded by ``padding``
-pixels, its box expanded by ``(M + 2p) / M`` about the centre and truncated to ints, the padded mask bilinearly
-resized, ``align_corners=False``, to the integer box and written into a zero image):
+Two methods, as ``TEST.MASK_PASTE_METHOD`` names them:
+
+* ``"torchvision"`` (torchvision's and Detectron's ``paste_masks_in_image``): the mask is zero-padded by
+  ``padding`` pixels, its box expanded by ``(M + 2p) / M`` about the centre and truncated to ints, the padded mask
+  bilinearly resized, ``align_corners=False``, to the integer box and written into a zero image.
+* ``"detectron2"`` (detectron2's ``paste_masks_in_image``, :func:`~maskrcnn.ops.grid_paste.paste_masks_grid_sample`):
+  image pixel ``(x, y)`` samples the mask bilinearly at its centre's place in the float box (zeros outside the
+  mask), within the window ``floor(x0) - 1 .. ceil(x1) + 1``. No integer rounding of the box: on objects of a few
+  pixels its masks are much closer to the truth.
+
+Each in two forms:
 
 * :func:`paste_masks`: on the user side, for the ``(N, 1, M, M)`` output of an exported model (NumPy arrays from
-  ONNX Runtime / OpenVINO, or tensors); it is the package's own :func:`~maskrcnn.ops.masks.paste_masks_in_image`.
+  ONNX Runtime / OpenVINO, or tensors); it is the package's own eager paste of that method.
 * :func:`paste_masks_dense`: inside an exported graph (``paste_masks=True``). Loops and data-dependent slices do
-  not export, so each mask is resized by two dense interpolation matrices, ``Wy (H, M+2p) @ mask @ Wx^T``, whose
-  rows hold the two bilinear taps of each image row/column inside the box and zeros elsewhere. Same taps and
-  weights as the interpolation kernel; only the float rounding of the blend may differ.
+  not export, so each mask is resized by two dense interpolation matrices, ``Wy (H, M') @ mask @ Wx^T``, whose
+  rows hold the two bilinear taps of each image row/column inside the box (or window) and zeros elsewhere. Same
+  taps and weights as the eager paste; only the float rounding of the blend may differ.
 """
 from __future__ import annotations
 
@@ -20,27 +28,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.grid_paste import paste_masks_grid_sample
 from ..ops.masks import expanded_int_boxes, paste_masks_in_image
 
-__all__ = ["paste_masks", "paste_masks_dense"]
+__all__ = ["PASTE_METHODS", "paste_masks", "paste_masks_dense"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
+#: ``TEST.MASK_PASTE_METHOD`` values.
+PASTE_METHODS = ("torchvision", "detectron2")
+
+
+def _check_method(method: str) -> None:
+    if method not in PASTE_METHODS:
+        raise ValueError(f"method must be one of {PASTE_METHODS} (the model's TEST.MASK_PASTE_METHOD), "
+                         f"got {method!r}")
+
 
 def paste_masks(masks: ArrayLike, boxes: ArrayLike, image_size: Sequence[int], padding: int = 1,
-                threshold: float = None) -> ArrayLike:
+                threshold: float = None, method: str = "torchvision") -> ArrayLike:
     """Paste ``(N, 1, M, M)`` (or ``(N, M, M)``) probabilities of ``boxes`` ``(N, 4)`` (x1y1x2y2, image pixels)
     into an image of ``image_size`` = ``(H, W)``.
 
     Returns ``(N, 1, H, W)`` float probabilities, or bool masks ``> threshold`` when ``threshold`` is given, of
-    the same kind as ``masks`` (NumPy array or tensor). ``padding`` is ``TEST.MASK_PASTE_PADDING`` (1).
+    the same kind as ``masks`` (NumPy array or tensor). ``method`` is the model's ``TEST.MASK_PASTE_METHOD``
+    (``maskrcnn-export`` prints it); ``padding`` is ``TEST.MASK_PASTE_PADDING`` (1), read by ``"torchvision"``
+    only.
     """
+    _check_method(method)
     as_numpy = isinstance(masks, np.ndarray)
     m = torch.as_tensor(np.asarray(masks) if as_numpy else masks).float()
     b = torch.as_tensor(np.asarray(boxes) if isinstance(boxes, np.ndarray) else boxes).float()
     if len(image_size) != 2:
         raise ValueError(f"image_size must be (H, W), got {image_size!r}")
-    out = paste_masks_in_image(m, b, (int(image_size[0]), int(image_size[1])), padding=int(padding))
+    hw = (int(image_size[0]), int(image_size[1]))
+    if method == "detectron2":
+        out = paste_masks_grid_sample(m, b, hw)
+    else:
+        out = paste_masks_in_image(m, b, hw, padding=int(padding))
     if threshold is not None:
         out = out > float(threshold)
     return out.numpy() if as_numpy else out
@@ -64,20 +89,45 @@ def _interpolation_matrix(lo: Tensor, hi: Tensor, size: Tensor, padded: int, dty
     return weights * inside[..., None]
 
 
-def paste_masks_dense(masks: Tensor, boxes: Tensor, image_hw: Union[Tensor, Tuple[int, int]], padding: int = 1
-                      ) -> Tensor:
+def _grid_sample_matrix(lo: Tensor, hi: Tensor, size: Tensor, m: int) -> Tensor:
+    """``(N, size, m)`` weights of ``F.grid_sample(align_corners=False)`` (bilinear, zeros outside) along an axis:
+    pixel ``p`` samples the mask at ``(p + 0.5 - lo) / (hi - lo) * m - 0.5``; pixels outside the window
+    ``[floor(lo) - 1, ceil(hi) + 1)`` are zero, as in :func:`~maskrcnn.ops.grid_paste.paste_masks_grid_sample`."""
+    pos = torch.arange(size, device=lo.device)[None, :]  # (1, S)
+    extent = (hi - lo)[:, None]
+    src = (pos.to(torch.float32) + 0.5 - lo[:, None]) / extent * float(m) - 0.5
+    # A box of zero extent (or a NaN coordinate) samples nothing, rather than poisoning the matmul with NaN.
+    src = torch.where(torch.isfinite(src), src, torch.full_like(src, -2.0))
+    i0 = torch.floor(src)
+    l1 = src - i0
+    i0 = i0.to(torch.int64)
+    window = (pos >= torch.floor(lo)[:, None] - 1) & (pos < torch.ceil(hi)[:, None] + 1)
+    taps = torch.arange(m, device=lo.device)[None, None, :]
+    weights = ((1.0 - l1)[..., None] * (taps == i0[..., None]).to(torch.float32)
+               + l1[..., None] * (taps == (i0 + 1)[..., None]).to(torch.float32))
+    return weights * window.to(torch.float32)[..., None]
+
+
+def paste_masks_dense(masks: Tensor, boxes: Tensor, image_hw: Union[Tensor, Tuple[int, int]], padding: int = 1,
+                      method: str = "torchvision") -> Tensor:
     """Traceable paste: ``(N, 1, M, M)`` probabilities and ``(N, 4)`` boxes -> ``(N, 1, H, W)``.
 
-    ``image_hw`` is ``(H, W)`` ints or a ``(2,)`` int64 tensor (dynamic in a traced graph).
+    ``image_hw`` is ``(H, W)`` ints or a ``(2,)`` int64 tensor (dynamic in a traced graph). ``method`` as in
+    :func:`paste_masks` (``padding`` is read by ``"torchvision"`` only).
     """
+    _check_method(method)
     if masks.dim() == 4:
         masks = masks[:, 0]
-    m = masks.shape[-1]
-    padded_size = m + 2 * int(padding)
-    padded = F.pad(masks.float(), [int(padding)] * 4)
     if not isinstance(image_hw, Tensor):
         image_hw = torch.tensor([int(image_hw[0]), int(image_hw[1])], dtype=torch.int64)
     boxes = boxes.float()
+    m = masks.shape[-1]
+    if method == "detectron2":
+        wy = _grid_sample_matrix(boxes[:, 1], boxes[:, 3], image_hw[0], m)  # (N, H, M)
+        wx = _grid_sample_matrix(boxes[:, 0], boxes[:, 2], image_hw[1], m)  # (N, W, M)
+        return torch.matmul(torch.matmul(wy, masks.float()), wx.transpose(1, 2))[:, None]
+    padded_size = m + 2 * int(padding)
+    padded = F.pad(masks.float(), [int(padding)] * 4)
     x1, y1, x2, y2 = expanded_int_boxes(boxes, float(padded_size) / m)
     wy = _interpolation_matrix(y1, y2, image_hw[0], padded_size, torch.float32)  # (N, H, P)
     wx = _interpolation_matrix(x1, x2, image_hw[1], padded_size, torch.float32)  # (N, W, P)

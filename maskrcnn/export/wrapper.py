@@ -15,7 +15,9 @@ The wrapper is built from a trained :class:`~maskrcnn.modeling.generalized_rcnn.
 Output, for one ``(3, H, W)`` RGB image: ``boxes (N, 4)`` float32 x1y1x2y2 in input-image pixels (torchvision's
 continuous convention), ``labels (N,)`` int64 in 1..K, ``scores (N,)`` float32 (decreasing), and ``masks``: either
 ``(N, 1, M, M)`` float32 probabilities of each box's class (``M = MRCNN.RESOLUTION``; paste them with
-:func:`maskrcnn.export.paste.paste_masks`) or, with ``paste_masks=True``, ``(N, 1, H, W)`` pasted probabilities.
+:func:`maskrcnn.export.paste.paste_masks`, ``method=`` the model's ``TEST.MASK_PASTE_METHOD``, which
+``ExportableMaskRCNN.mask_paste_method`` holds) or, with ``paste_masks=True``, ``(N, 1, H, W)`` probabilities pasted
+by that method inside the graph.
 """
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ def _check_exportable_rules(model: nn.Module) -> None:
     """The graph reproduces torchvision's pre/post-processing and proposal rules only: refuse a model configured
     for detectron2's (it would export a graph that computes differently from the model)."""
     pre, rpn = model.preprocess, model.RPN
+    # TEST.MASK_PASTE_METHOD is not among them: both methods export (paste.paste_masks_dense).
     chosen = {"RESIZE_METHOD": getattr(pre, "resize_method", "torchvision"),
-              "TEST.MASK_PASTE_METHOD": getattr(pre, "mask_paste_method", "torchvision"),
               "TEST.DETECTOR_POSTPROCESS": getattr(pre, "detector_postprocess", "torchvision")}
     bad = [f"{k} = {v!r}" for k, v in chosen.items() if v != "torchvision"]
     bad += [f"RPN.{k.upper()} = True" for k in ("min_size_strict", "nms_on_logits") if getattr(rpn, k, False)]
@@ -99,6 +101,7 @@ class ExportableMaskRCNN(nn.Module):
         self.bgr = pre.pixel_order == "BGR"
         self.pixel_scale = float(pre.pixel_scale)
         self.mask_paste_padding = int(pre.mask_paste_padding)
+        self.mask_paste_method = str(getattr(pre, "mask_paste_method", "torchvision"))
         self.register_buffer("pixel_mean", pre.pixel_mean.detach().clone().float().view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", pre.pixel_std.detach().clone().float().view(3, 1, 1), persistent=False)
 
@@ -293,7 +296,8 @@ class ExportableMaskRCNN(nn.Module):
             return out_boxes, labels, scores
         masks = self.mask_probs(feats, boxes, labels).float()
         if self.paste_masks:
-            masks = paste_masks_dense(masks, out_boxes, _shape_hw(image), self.mask_paste_padding)
+            masks = paste_masks_dense(masks, out_boxes, _shape_hw(image), self.mask_paste_padding,
+                                      method=self.mask_paste_method)
         return out_boxes, labels, scores, masks
 
 

@@ -31,7 +31,7 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, image_shape: Tuple[int
 
     Returns:
         ``(N, 1, h, w)`` probabilities in ``masks``' dtype (detectron2's binary mask is ``>= 0.5`` of it), zero
-        outside each box's sampled window.
+        outside each box's sampled window, and all zero for a box of zero width or height.
     """
     fn = "paste_masks_grid_sample"
     if not isinstance(masks, Tensor) or masks.dim() not in (3, 4) or (masks.dim() == 4 and masks.shape[1] != 1):
@@ -59,8 +59,8 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, image_shape: Tuple[int
         x0_int, y0_int = (int(v) for v in torch.clamp(box.min(dim=0).values.floor()[:2] - 1, min=0))
         x1_int = int(torch.clamp(box[:, 2].max().ceil() + 1, max=img_w))
         y1_int = int(torch.clamp(box[:, 3].max().ceil() + 1, max=img_h))
-        if x1_int <= x0_int or y1_int <= y0_int:
-            continue
+        if x1_int <= x0_int or y1_int <= y0_int or bool((box[0, 2] == box[0, 0]) | (box[0, 3] == box[0, 1])):
+            continue  # outside the image, or of zero extent (which would sample at NaN: nothing to paste)
         x0, y0, x1, y1 = torch.split(box, 1, dim=1)
         img_y = torch.arange(y0_int, y1_int, device=masks.device, dtype=torch.float32) + 0.5
         img_x = torch.arange(x0_int, x1_int, device=masks.device, dtype=torch.float32) + 0.5

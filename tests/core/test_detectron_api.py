@@ -111,8 +111,8 @@ def test_walkthrough_forward_by_hand(c4_model, shared_data):
 
 
 def test_segm_results_rle_matches_binarised_paste():
-    cfg_local = type("C", (), {})()
-    cfg_local.MRCNN = type("M", (), {"THRESH_BINARIZE": 0.5})()
+    from maskrcnn.config import get_cfg
+    cfg_local = get_cfg()
     cls_boxes = [np.zeros((0, 5), np.float32), np.array([[2, 3, 12, 14, 0.9]], np.float32),
                  np.array([[5, 5, 20, 18, 0.8]], np.float32)]
     masks = np.zeros((2, 3, 14, 14), np.float32)
@@ -124,3 +124,25 @@ def test_segm_results_rle_matches_binarised_paste():
     assert m1.shape == (24, 30) and m1[5:12, 4:10].all() and m1[:, 20:].sum() == 0
     m2 = mask_util.decode(segms[2][0])
     assert 0 < m2.sum() < 15 * 13
+
+
+def test_segm_results_follows_the_paste_method():
+    """With TEST.MASK_PASTE_METHOD detectron2 the Detectron walk pastes as the model's forward does (float box,
+    grid_sample), not with the integer box of torchvision's paste."""
+    from maskrcnn.config import get_cfg
+    from maskrcnn.ops.grid_paste import paste_masks_grid_sample
+    from maskrcnn.ops.masks import paste_masks_in_image
+
+    cls_boxes = [np.zeros((0, 5), np.float32), np.array([[2.4, 3.6, 7.7, 9.2, 0.9], [11.5, 4.2, 14.1, 7.9, 0.7]],
+                                                        np.float32)]
+    masks = np.random.default_rng(0).uniform(0, 1, (2, 2, 14, 14)).astype(np.float32)
+    boxes = cls_boxes[1][:, :4]
+    per_box = torch.from_numpy(masks[:, 1:2].copy())
+    for method, paste in (("detectron2", lambda: paste_masks_grid_sample(per_box, torch.from_numpy(boxes), (16, 20))),
+                          ("torchvision", lambda: paste_masks_in_image(per_box, torch.from_numpy(boxes), (16, 20)))):
+        cfg_local = get_cfg()
+        cfg_local.TEST.MASK_PASTE_METHOD = method
+        segms = segm_results(cls_boxes, masks, boxes, 16, 20, cfg_local)
+        expected = (paste()[:, 0] > 0.5).numpy().astype(np.uint8)
+        for k in range(2):
+            np.testing.assert_array_equal(mask_util.decode(segms[1][k]), expected[k])

@@ -77,3 +77,10 @@ def test_empty_and_bad_inputs():
         paste_masks_grid_sample(torch.zeros(2, 1, 4, 4), torch.zeros(1, 4), (5, 5))
     with pytest.raises(TypeError, match="floating"):
         paste_masks_grid_sample(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, 4), (5, 5))
+
+
+def test_box_of_zero_extent_pastes_nothing():
+    # detectron2 would sample at NaN (0 / 0) inside the window; the binary mask is empty either way.
+    out = paste_masks_grid_sample(torch.ones(2, 1, 4, 4), torch.tensor([[3.0, 2.0, 3.0, 8.0], [1.0, 5.0, 6.0, 5.0]]),
+                                  (10, 10))
+    assert not torch.isnan(out).any() and float(out.abs().sum()) == 0.0
