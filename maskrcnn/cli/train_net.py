@@ -208,7 +208,8 @@ def train(cfg, args, ctx, logger) -> int:
         ddp_model = create_ddp_model(model, ctx)
         loader = build_train_loader(
             dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=cfg.DATA_LOADER.NUM_THREADS,
-            aspect_grouping=cfg.TRAIN.ASPECT_GROUPING, seed=cfg.RNG_SEED, rank=ctx.rank, world_size=ctx.world_size,
+            aspect_grouping=cfg.TRAIN.ASPECT_GROUPING, aspect_group_factor=cfg.TRAIN.ASPECT_RATIO_GROUP_FACTOR,
+            seed=cfg.RNG_SEED, rank=ctx.rank, world_size=ctx.world_size,
             start_iter=start_iter * args.iter_size, flip=cfg.TRAIN.USE_FLIPPED, pin_memory=ctx.device.type == "cuda",
             skip_unreadable=cfg.DATA_LOADER.SKIP_UNREADABLE, cache_mb=cfg.DATA_LOADER.CACHE_RAM_MB)
         saver = PeriodicCheckpointer(checkpointer, cfg.TRAIN.SNAPSHOT_ITERS, cfg_yaml, extra=extra)

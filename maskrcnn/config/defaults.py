@@ -217,6 +217,9 @@ _key("TRAIN.BG_THRESH_HI", 0.5, "Upper IoU bound (exclusive) of background RoIs.
 _key("TRAIN.BG_THRESH_LO", 0.0, "Lower IoU bound (inclusive) of background RoIs.")
 _key("TRAIN.USE_FLIPPED", True, "Horizontal flip augmentation (probability 0.5).")
 _key("TRAIN.ASPECT_GROUPING", True, "Batch images of the same aspect-ratio group (landscape/portrait) together.")
+_key("TRAIN.ASPECT_RATIO_GROUP_FACTOR", 0, "With TRAIN.ASPECT_GROUPING: 0 groups landscape and portrait images "
+     "(Detectron); k >= 1 groups by width/height into torchvision's 2k + 2 bins (edges 2 ** linspace(-1, 1, 2k + 1), "
+     "its references' --aspect-ratio-group-factor, 3 there): less padding in a batch when aspect ratios vary.")
 _key("TRAIN.FILTER_EMPTY_GT", False, "Drop images with no (non-crowd) objects instead of training on them as negatives.")
 _key("TRAIN.CROWD_FILTER_THRESH", 0.7, "Anchors/RoIs overlapping a crowd region more than this are ignored.")
 _key("TRAIN.SNAPSHOT_ITERS", 20000, "Write a checkpoint every this many iterations.")

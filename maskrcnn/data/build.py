@@ -219,6 +219,7 @@ def _as_dataset(datasets: Union[Dataset, Sequence[Dataset]]) -> Dataset:
 
 def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batch: int, num_workers: int = 0,
                        aspect_grouping: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                       aspect_group_factor: int = 0,
                        start_iter: int = 0, flip: bool = True, transforms: Optional[Callable] = None,
                        pin_memory: bool = False, validate: bool = True,
                        skip_unreadable: bool = False, cache_mb: float = 0) -> "LoaderIterator":
@@ -229,6 +230,9 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
         ims_per_batch: images per batch on this rank.
         num_workers: loader worker processes (0: load in this process).
         aspect_grouping: batch landscape and portrait images separately (from ``get_image_info``, no pixels read).
+        aspect_group_factor: with ``aspect_grouping``, 0 for landscape/portrait groups, ``k >= 1`` for
+            torchvision's ``2k + 2`` aspect-ratio bins (less padding when aspects vary); cfg
+            ``TRAIN.ASPECT_RATIO_GROUP_FACTOR``.
         seed: seed of the index order and of the per-sample augmentation.
         rank, world_size: this process's shard (see :mod:`maskrcnn.data.samplers` for the interleaving).
         start_iter: first iteration (resume); the stream continues exactly where iteration ``start_iter - 1`` ended.
@@ -262,7 +266,7 @@ def build_train_loader(datasets: Union[Dataset, Sequence[Dataset]], ims_per_batc
         raise ValueError(f"build_train_loader: ims_per_batch must be >= 1, got {ims_per_batch!r}")
     if int(num_workers) < 0:
         raise ValueError(f"build_train_loader: num_workers must be >= 0, got {num_workers!r}")
-    group_ids = aspect_ratio_group_ids(dataset) if aspect_grouping else None
+    group_ids = aspect_ratio_group_ids(dataset, int(aspect_group_factor)) if aspect_grouping else None
     batch_sampler = TrainingBatchSampler(len(dataset), int(ims_per_batch), group_ids=group_ids, seed=seed, rank=rank,
                                          world_size=world_size, start_iter=start_iter)
     # A keypoint dataset says which keypoints swap under the flip (COCODataset.keypoint_flip_indices).

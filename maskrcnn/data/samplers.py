@@ -14,8 +14,9 @@ same images at every iteration (``{2k, 2k+1}``); in general ``W`` ranks with bat
 the ``W B`` consecutive positions ``W B k .. W B (k+1) - 1``. Resuming from iteration ``k`` is starting the sampler at
 per-rank offset ``k B`` (``start``), which yields exactly what the uninterrupted run would have yielded.
 
-:class:`GroupedBatchSampler` batches only images of the same aspect group (landscape/square vs portrait), in the
-order the images arrive from its sampler; each rank groups its own shard. :class:`TrainingBatchSampler` combines the
+:class:`GroupedBatchSampler` batches only images of the same aspect group (landscape/square vs portrait, or
+torchvision's finer aspect bins with ``TRAIN.ASPECT_RATIO_GROUP_FACTOR``), in the order the images arrive from its
+sampler; each rank groups its own shard. :class:`TrainingBatchSampler` combines the
 two and tags every item with a per-sample seed for the random transforms; it resumes a grouped stream by replaying
 the (pixel-free, cheap) index stream up to the start iteration.
 """
@@ -32,6 +33,8 @@ __all__ = [
     "InferenceSampler",
     "GroupedBatchSampler",
     "TrainingBatchSampler",
+    "aspect_bins",
+    "aspect_group_of",
     "aspect_ratio_group_ids",
     "sample_seed",
 ]
@@ -111,15 +114,35 @@ class InferenceSampler(Sampler[int]):
         return self.end - self.begin
 
 
-def aspect_ratio_group_ids(dataset) -> List[int]:
-    """Group id per item from ``dataset.get_image_info`` (no pixels read): 0 if width >= height, else 1."""
+def aspect_bins(factor: int) -> np.ndarray:
+    """Edges of torchvision's aspect-ratio (width / height) groups for ``--aspect-ratio-group-factor`` ``factor``
+    (``2 ** linspace(-1, 1, 2 * factor + 1)``: ``2 * factor + 2`` groups, the outer two open-ended)."""
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"aspect bins need a factor >= 1, got {factor!r}")
+    return 2.0 ** np.linspace(-1.0, 1.0, 2 * int(factor) + 1)
+
+
+def aspect_group_of(width: np.ndarray, height: np.ndarray, factor: int = 0) -> np.ndarray:
+    """Group ids of images of ``width`` x ``height``: with ``factor`` 0, 0 if width >= height else 1 (Detectron);
+    with ``factor >= 1``, the index of ``width / height`` among :func:`aspect_bins` (torchvision's
+    ``create_aspect_ratio_groups``: ``bisect_right`` of the edges)."""
+    width, height = np.asarray(width, dtype=np.float64), np.asarray(height, dtype=np.float64)
+    if int(factor) == 0:
+        return np.where(width >= height, 0, 1).astype(np.int64)
+    return np.searchsorted(aspect_bins(factor), width / np.maximum(height, 1e-9), side="right").astype(np.int64)
+
+
+def aspect_ratio_group_ids(dataset, factor: int = 0) -> List[int]:
+    """Group id per item from ``dataset.get_image_info`` (no pixels read), as :func:`aspect_group_of` says:
+    landscape/portrait for ``factor`` 0 (``TRAIN.ASPECT_RATIO_GROUP_FACTOR``), finer aspect bins above."""
     if not hasattr(dataset, "get_image_info"):
         raise TypeError(f"aspect grouping needs dataset.get_image_info(i); {type(dataset).__name__} has none")
-    groups = []
-    for i in range(len(dataset)):
-        info = dataset.get_image_info(i)
-        groups.append(0 if int(info["width"]) >= int(info["height"]) else 1)
-    return groups
+    if int(factor) != factor or factor < 0:
+        raise ValueError(f"aspect_ratio_group_ids: factor must be an integer >= 0, got {factor!r}")
+    sizes = [dataset.get_image_info(i) for i in range(len(dataset))]
+    width = np.array([int(info["width"]) for info in sizes], dtype=np.float64)
+    height = np.array([int(info["height"]) for info in sizes], dtype=np.float64)
+    return aspect_group_of(width, height, factor).tolist() if sizes else []
 
 
 class GroupedBatchSampler(Sampler[List[int]]):

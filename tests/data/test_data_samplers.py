@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from maskrcnn.data.samplers import (GroupedBatchSampler, InferenceSampler, InfiniteSampler, TrainingBatchSampler,
-                                    aspect_ratio_group_ids, sample_seed)
+                                    aspect_group_of, aspect_ratio_group_ids, sample_seed)
 
 
 def take(iterable, n):
@@ -99,6 +99,22 @@ def test_aspect_groups_from_image_info():
     assert aspect_ratio_group_ids(_InfoOnly()) == [0, 1, 0, 1]
     with pytest.raises(TypeError, match="get_image_info"):
         aspect_ratio_group_ids([1, 2])
+
+
+def test_fine_aspect_groups_are_torchvisions():
+    """TRAIN.ASPECT_RATIO_GROUP_FACTOR k: torchvision's references' create_aspect_ratio_groups(k), written out here:
+    bins = 2 ** linspace(-1, 1, 2k + 1), group = bisect_right(bins, width / height)."""
+    import bisect
+    assert aspect_ratio_group_ids(_InfoOnly(), 3) == [7, 0, 4, 3]  # w/h 2.0 (on the last edge), 1/3, 1.0, 5/6
+    rng = np.random.default_rng(0)
+    w, h = rng.integers(50, 600, 500), rng.integers(50, 600, 500)
+    for k in (1, 2, 3, 5):
+        bins = sorted((2 ** np.linspace(-1, 1, 2 * k + 1)).tolist())
+        expected = [bisect.bisect_right(bins, float(a) / float(b)) for a, b in zip(w, h)]
+        assert aspect_group_of(w, h, k).tolist() == expected
+        assert set(expected) <= set(range(2 * k + 2))
+    with pytest.raises(ValueError, match="factor must be an integer >= 0"):
+        aspect_ratio_group_ids(_InfoOnly(), -1)
 
 
 def test_inference_sampler_contiguous_shards():

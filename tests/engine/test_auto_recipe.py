@@ -68,7 +68,7 @@ def test_sampling_sizes_follow_objects_per_image():
     cfg = load_auto_cfg(None)
     few = _choices(cfg, _stats(200, np.full(40, 30.0), per_image=2))
     many = _choices(cfg, _stats(200, np.full(400, 30.0), per_image=20))
-    assert few["TRAIN.BATCH_SIZE_PER_IM"].value == 64 and many["TRAIN.BATCH_SIZE_PER_IM"].value == 512
+    assert few["TRAIN.BATCH_SIZE_PER_IM"].value == 64 and many["TRAIN.BATCH_SIZE_PER_IM"].value == 256
     assert few["TRAIN.RPN_POST_NMS_TOP_N"].value < many["TRAIN.RPN_POST_NMS_TOP_N"].value
     assert few["TEST.DETECTIONS_PER_IM"].value == 50 and many["TEST.DETECTIONS_PER_IM"].value == 100
 
@@ -84,6 +84,20 @@ def test_masks_pasted_at_float_boxes():
     choice = _choices(cfg, _stats(200, np.linspace(5, 12, 60)))["TEST.MASK_PASTE_METHOD"]
     auto_recipe.apply_choices(applied, [choice], explicit=set(), log=None)
     assert applied.TEST.MASK_PASTE_METHOD == "detectron2"
+
+
+def test_fine_aspect_groups_when_they_save_padding():
+    cfg = load_auto_cfg(None)
+    square = _choices(cfg, _stats(192, np.full(60, 40.0)))["TRAIN.ASPECT_RATIO_GROUP_FACTOR"]
+    assert square.value == 0 and "alike" in square.reason
+    # Landscape images of widths 1x to 3x their height: landscape/portrait groups pad a batch to its widest image.
+    stats = _stats(192, np.full(120, 40.0))
+    stats.image_hw = np.stack([np.full(len(stats.image_hw), 192.0), np.linspace(192, 576, len(stats.image_hw))], 1)
+    coarse = auto_recipe.batch_padding(stats, 192, 576, 4, 0)
+    fine = auto_recipe.batch_padding(stats, 192, 576, 4, 3)
+    assert coarse > 0.2 and fine < coarse / 2
+    varied = _choices(cfg, stats)["TRAIN.ASPECT_RATIO_GROUP_FACTOR"]
+    assert varied.value == 3 and "fewer pixels per step" in varied.reason
 
 
 def test_cache_holds_small_sets_only(monkeypatch):
