@@ -28,20 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modeling.preprocess import MASK_PASTE_METHODS
 from ..ops.grid_paste import paste_masks_grid_sample
 from ..ops.masks import expanded_int_boxes, paste_masks_in_image
 
-__all__ = ["PASTE_METHODS", "paste_masks", "paste_masks_dense"]
+__all__ = ["paste_masks", "paste_masks_dense"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
-#: ``TEST.MASK_PASTE_METHOD`` values.
-PASTE_METHODS = ("torchvision", "detectron2")
-
 
 def _check_method(method: str) -> None:
-    if method not in PASTE_METHODS:
-        raise ValueError(f"method must be one of {PASTE_METHODS} (the model's TEST.MASK_PASTE_METHOD), "
+    if method not in MASK_PASTE_METHODS:
+        raise ValueError(f"method must be one of {MASK_PASTE_METHODS} (the model's TEST.MASK_PASTE_METHOD), "
                          f"got {method!r}")
 
 
