@@ -31,8 +31,7 @@ from ..modeling.preprocess import ImageList, resize_boxes, resize_keypoints
 from ..modeling.roi_heads.keypoint_outputs import heatmaps_to_keypoints
 from ..modeling.roi_heads.inference import select_detections
 from ..ops.box_voting import BoxVoting
-from ..ops.grid_paste import paste_masks_grid_sample
-from ..ops.masks import paste_masks_in_image
+from ..ops.masks import paste_masks_by_method
 from ..utils.model import model_device
 
 __all__ = ["im_detect_all", "im_detect_bbox", "im_detect_bbox_aug", "box_results_with_nms_and_limit",
@@ -282,10 +281,7 @@ def segm_results(cls_boxes, masks: np.ndarray, ref_boxes: np.ndarray, im_h: int,
     idx = labels if masks.shape[1] > 1 else np.zeros_like(labels)
     per_box = torch.from_numpy(np.ascontiguousarray(masks[np.arange(len(labels)), idx]))[:, None]
     boxes = torch.from_numpy(np.ascontiguousarray(ref_boxes[:, :4], dtype=np.float32))
-    if cfg.TEST.MASK_PASTE_METHOD == "detectron2":
-        pasted = paste_masks_grid_sample(per_box, boxes, (int(im_h), int(im_w)))
-    else:
-        pasted = paste_masks_in_image(per_box, boxes, (int(im_h), int(im_w)), padding=padding)
+    pasted = paste_masks_by_method(per_box, boxes, (int(im_h), int(im_w)), cfg.TEST.MASK_PASTE_METHOD, padding)
     binary = (pasted[:, 0] > cfg.MRCNN.THRESH_BINARIZE).numpy().astype(np.uint8)
     rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     for rle, j in zip(rles, labels):

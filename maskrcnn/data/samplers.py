@@ -142,7 +142,7 @@ def aspect_ratio_group_ids(dataset, factor: int = 0) -> List[int]:
     sizes = [dataset.get_image_info(i) for i in range(len(dataset))]
     width = np.array([int(info["width"]) for info in sizes], dtype=np.float64)
     height = np.array([int(info["height"]) for info in sizes], dtype=np.float64)
-    return aspect_group_of(width, height, factor).tolist() if sizes else []
+    return aspect_group_of(width, height, factor).tolist()
 
 
 class GroupedBatchSampler(Sampler[List[int]]):

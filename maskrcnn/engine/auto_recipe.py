@@ -13,7 +13,10 @@ value and a reason for each data-dependent key:
   ones printed;
 * RPN and RoI sampling (``TRAIN.RPN_BATCH_SIZE_PER_IM``, ``TRAIN.BATCH_SIZE_PER_IM``, proposal counts,
   ``TEST.DETECTIONS_PER_IM``): from the objects per image;
+* ``TEST.MASK_PASTE_METHOD``: detectron2's float-box paste;
 * batch and learning rate (``TRAIN.IMS_PER_BATCH``, ``SOLVER.BASE_LR``): from the input size;
+* ``TRAIN.ASPECT_RATIO_GROUP_FACTOR``: torchvision's finer aspect groups when the batches, simulated on the
+  statistics (:func:`batch_padding`), would hold 5% fewer pixels;
 * norms (``RESNETS.NORM``, ``FPN.USE_GN``, ``TEST.FUSE_FROZEN_BN``): GroupNorm for batches of 1-2 images, else
   BatchNorm (:func:`add_norm_choices`);
 * ``TEST.DATASETS``: the validation split of a synthetic, Penn-Fudan or ``*_train`` catalog training set.
@@ -46,7 +49,7 @@ from ..modeling.rpn.anchor_fit import anchor_quality, fit_fpn_anchors
 
 __all__ = ["AutoChoice", "AUTO_BASE_CONFIG", "explicit_keys", "parse_budget", "choose_recipe", "apply_choices",
            "fit_schedule_to_budget", "schedule_for", "network_boxes", "add_norm_choices", "GN_MAX_BATCH",
-           "WIDE_SIZE_SPREAD"]
+           "WIDE_SIZE_SPREAD", "batch_padding", "FINE_ASPECT_FACTOR"]
 
 #: Packaged config ``--auto`` starts from (under a given ``--cfg``).
 AUTO_BASE_CONFIG = "scratch/auto_cpu"

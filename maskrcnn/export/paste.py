@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..modeling.preprocess import MASK_PASTE_METHODS
-from ..ops.grid_paste import paste_masks_grid_sample
-from ..ops.masks import expanded_int_boxes, paste_masks_in_image
+from ..ops.masks import MASK_PASTE_METHODS, expanded_int_boxes, paste_masks_by_method
 
 __all__ = ["paste_masks", "paste_masks_dense"]
 
@@ -53,20 +51,24 @@ def paste_masks(masks: ArrayLike, boxes: ArrayLike, image_size: Sequence[int], p
     (``maskrcnn-export`` prints it); ``padding`` is ``TEST.MASK_PASTE_PADDING`` (1), read by ``"torchvision"``
     only.
     """
-    _check_method(method)
     as_numpy = isinstance(masks, np.ndarray)
     m = torch.as_tensor(np.asarray(masks) if as_numpy else masks).float()
     b = torch.as_tensor(np.asarray(boxes) if isinstance(boxes, np.ndarray) else boxes).float()
     if len(image_size) != 2:
         raise ValueError(f"image_size must be (H, W), got {image_size!r}")
-    hw = (int(image_size[0]), int(image_size[1]))
-    if method == "detectron2":
-        out = paste_masks_grid_sample(m, b, hw)
-    else:
-        out = paste_masks_in_image(m, b, hw, padding=int(padding))
+    out = paste_masks_by_method(m, b, (int(image_size[0]), int(image_size[1])), method, int(padding))
     if threshold is not None:
         out = out > float(threshold)
     return out.numpy() if as_numpy else out
+
+
+def _two_tap_matrix(i0: Tensor, i1: Tensor, w0: Tensor, w1: Tensor, inside: Tensor, n: int) -> Tensor:
+    """``(N, S, n)`` rows holding weight ``w0`` at source index ``i0`` and ``w1`` at ``i1`` (indices outside
+    ``[0, n)`` match no column, which is zero padding), zeroed where ``inside`` (``(N, S)`` bool) is False."""
+    taps = torch.arange(n, device=i0.device)[None, None, :]
+    weights = (w0[..., None] * (taps == i0[..., None]).to(w0.dtype)
+               + w1[..., None] * (taps == i1[..., None]).to(w1.dtype))
+    return weights * inside.to(w0.dtype)[..., None]
 
 
 def _interpolation_matrix(lo: Tensor, hi: Tensor, size: Tensor, padded: int, dtype: torch.dtype) -> Tensor:
@@ -80,11 +82,8 @@ def _interpolation_matrix(lo: Tensor, hi: Tensor, size: Tensor, padded: int, dty
     i0 = src.to(torch.int64)
     i1 = torch.clamp(i0 + 1, max=padded - 1)
     l1 = src - i0.to(dtype)
-    l0 = 1.0 - l1
-    inside = ((pos >= lo[:, None]) & (pos <= hi[:, None])).to(dtype)
-    taps = torch.arange(padded, device=lo.device)[None, None, :]
-    weights = l0[..., None] * (taps == i0[..., None]).to(dtype) + l1[..., None] * (taps == i1[..., None]).to(dtype)
-    return weights * inside[..., None]
+    inside = (pos >= lo[:, None]) & (pos <= hi[:, None])
+    return _two_tap_matrix(i0, i1, 1.0 - l1, l1, inside, padded)
 
 
 def _grid_sample_matrix(lo: Tensor, hi: Tensor, size: Tensor, m: int) -> Tensor:
@@ -100,10 +99,7 @@ def _grid_sample_matrix(lo: Tensor, hi: Tensor, size: Tensor, m: int) -> Tensor:
     l1 = src - i0
     i0 = i0.to(torch.int64)
     window = (pos >= torch.floor(lo)[:, None] - 1) & (pos < torch.ceil(hi)[:, None] + 1)
-    taps = torch.arange(m, device=lo.device)[None, None, :]
-    weights = ((1.0 - l1)[..., None] * (taps == i0[..., None]).to(torch.float32)
-               + l1[..., None] * (taps == (i0 + 1)[..., None]).to(torch.float32))
-    return weights * window.to(torch.float32)[..., None]
+    return _two_tap_matrix(i0, i0 + 1, 1.0 - l1, l1, window, m)
 
 
 def paste_masks_dense(masks: Tensor, boxes: Tensor, image_hw: Union[Tensor, Tuple[int, int]], padding: int = 1,
@@ -121,12 +117,13 @@ def paste_masks_dense(masks: Tensor, boxes: Tensor, image_hw: Union[Tensor, Tupl
     boxes = boxes.float()
     m = masks.shape[-1]
     if method == "detectron2":
+        source = masks.float()
         wy = _grid_sample_matrix(boxes[:, 1], boxes[:, 3], image_hw[0], m)  # (N, H, M)
         wx = _grid_sample_matrix(boxes[:, 0], boxes[:, 2], image_hw[1], m)  # (N, W, M)
-        return torch.matmul(torch.matmul(wy, masks.float()), wx.transpose(1, 2))[:, None]
-    padded_size = m + 2 * int(padding)
-    padded = F.pad(masks.float(), [int(padding)] * 4)
-    x1, y1, x2, y2 = expanded_int_boxes(boxes, float(padded_size) / m)
-    wy = _interpolation_matrix(y1, y2, image_hw[0], padded_size, torch.float32)  # (N, H, P)
-    wx = _interpolation_matrix(x1, x2, image_hw[1], padded_size, torch.float32)  # (N, W, P)
-    return torch.matmul(torch.matmul(wy, padded), wx.transpose(1, 2))[:, None]
+    else:
+        padded_size = m + 2 * int(padding)
+        source = F.pad(masks.float(), [int(padding)] * 4)
+        x1, y1, x2, y2 = expanded_int_boxes(boxes, float(padded_size) / m)
+        wy = _interpolation_matrix(y1, y2, image_hw[0], padded_size, torch.float32)  # (N, H, P)
+        wx = _interpolation_matrix(x1, x2, image_hw[1], padded_size, torch.float32)  # (N, W, P)
+    return torch.matmul(torch.matmul(wy, source), wx.transpose(1, 2))[:, None]

@@ -30,15 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.grid_paste import paste_masks_grid_sample
-from ..ops.masks import paste_masks_in_image
+from ..ops.masks import MASK_PASTE_METHODS, paste_masks_by_method
 from ..ops.pil_resize import pil_bilinear_resize
 
 __all__ = ["ImageList", "Preprocessor", "resize_boxes", "resize_keypoints", "RESIZE_METHODS", "MASK_PASTE_METHODS",
            "DETECTOR_POSTPROCESS_METHODS"]
 
 RESIZE_METHODS = ("torchvision", "detectron2")
-MASK_PASTE_METHODS = ("torchvision", "detectron2")
 DETECTOR_POSTPROCESS_METHODS = ("torchvision", "detectron2")
 
 
@@ -301,11 +299,8 @@ class Preprocessor(nn.Module):
             if "keypoints" in res:
                 res["keypoints"] = resize_keypoints(res["keypoints"], im_s, o_im_s)
             if "masks" in res:
-                if self.mask_paste_method == "detectron2":
-                    res["masks"] = paste_masks_grid_sample(res["masks"], res["boxes"], tuple(o_im_s))
-                else:
-                    res["masks"] = paste_masks_in_image(res["masks"], res["boxes"], tuple(o_im_s),
-                                                        padding=self.mask_paste_padding)
+                res["masks"] = paste_masks_by_method(res["masks"], res["boxes"], tuple(o_im_s),
+                                                     self.mask_paste_method, self.mask_paste_padding)
             out.append(res)
         return out
 

@@ -22,6 +22,8 @@ from maskrcnn.ops.boxes import (
 from maskrcnn.ops.grid_paste import paste_masks_grid_sample
 from maskrcnn.ops.losses import smooth_l1_loss
 from maskrcnn.ops.masks import (
+    MASK_PASTE_METHODS,
+    paste_masks_by_method,
     paste_masks_in_image,
     polygons_to_mask,
     project_masks_on_boxes,
@@ -65,6 +67,8 @@ __all__ = [
     "BalancedPositiveNegativeSampler",
     "smooth_l1_loss",
     # masks
+    "MASK_PASTE_METHODS",
+    "paste_masks_by_method",
     "paste_masks_in_image",
     "paste_masks_grid_sample",
     "polygons_to_mask",

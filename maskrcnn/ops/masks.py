@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maskrcnn.ops.grid_paste import paste_masks_grid_sample
 from maskrcnn.ops.roi_align import roi_align
 
 PolygonLike = Union[Sequence[float], np.ndarray, Tensor]
@@ -323,6 +324,23 @@ def paste_masks_in_image(
             values += rows.index_select(0, k * padded_size + yi1[s + k, r]) * yw1[s + k, r, None]
             out_rows.index_copy_(0, (s + k) * im_h + r, values.to(out.dtype))
     return out
+
+
+#: ``TEST.MASK_PASTE_METHOD`` values: torchvision's integer-box resize (:func:`paste_masks_in_image`) and detectron2's
+#: float-box ``grid_sample`` (:func:`~maskrcnn.ops.grid_paste.paste_masks_grid_sample`).
+MASK_PASTE_METHODS = ("torchvision", "detectron2")
+
+
+def paste_masks_by_method(masks: Tensor, boxes: Tensor, image_shape: Tuple[int, int], method: str = "torchvision",
+                          padding: int = 1) -> Tensor:
+    """``(N, 1, M, M)`` probabilities pasted into ``(N, 1, h, w)`` images the way ``method``
+    (``TEST.MASK_PASTE_METHOD``) names; ``padding`` (``TEST.MASK_PASTE_PADDING``) is read by ``"torchvision"`` only."""
+    if method == "detectron2":
+        return paste_masks_grid_sample(masks, boxes, image_shape)
+    if method != "torchvision":
+        raise ValueError(f"method must be one of {MASK_PASTE_METHODS} (the model's TEST.MASK_PASTE_METHOD), "
+                         f"got {method!r}")
+    return paste_masks_in_image(masks, boxes, image_shape, padding=padding)
 
 
 # Opaque form for torch.jit.trace; ``image_size`` is an int64 (2,) tensor (h, w) so that sizes read
