@@ -27,6 +27,7 @@ from maskrcnn.ops.masks import (
     paste_masks_in_image,
     polygons_to_mask,
     project_masks_on_boxes,
+    project_masks_on_boxes_batch,
     project_polygons_on_boxes,
 )
 from maskrcnn.ops.matcher import Matcher
@@ -73,6 +74,7 @@ __all__ = [
     "paste_masks_grid_sample",
     "polygons_to_mask",
     "project_masks_on_boxes",
+    "project_masks_on_boxes_batch",
     "project_polygons_on_boxes",
     # images
     "pil_bilinear_resize",

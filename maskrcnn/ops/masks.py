@@ -30,6 +30,8 @@ PolygonLike = Union[Sequence[float], np.ndarray, Tensor]
 
 # Upper bound on the number of floats held by one chunk's temporaries in paste_masks_in_image.
 _PASTE_CHUNK_ELEMENTS = 1 << 24
+# Largest stacked mask map (floats) project_masks_on_boxes_batch builds; beyond it images go one by one.
+_BATCH_TARGET_ELEMENTS = 1 << 25
 
 
 def _check_box_batch(boxes: Tensor, matched_idxs: Tensor, fn: str) -> None:
@@ -84,6 +86,66 @@ def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor
     return roi_align(gt_masks[:, None].to(rois), rois, (M, M), spatial_scale=1.0, sampling_ratio=-1, aligned=False)[
         :, 0
     ]
+
+
+def project_masks_on_boxes_batch(gt_masks: Sequence[Tensor], boxes: Sequence[Tensor],
+                                 matched_idxs: Sequence[Tensor], M: int) -> List[Tensor]:
+    """:func:`project_masks_on_boxes` of every image of a batch, in one RoIAlign call when that is exact.
+
+    Args:
+        gt_masks, boxes, matched_idxs: per image, as :func:`project_masks_on_boxes` takes them (the masks of
+            different images may differ in size).
+
+    Returns:
+        per image ``(R_i, M, M)`` targets, equal to the per-image calls (up to float rounding).
+
+    The masks are stacked into one ``(sum G_i, 1, H_max, W_max)`` map, each padded at the bottom and right by
+    repeating its last row and column: RoIAlign (``aligned=False``) clamps samples in ``(H - 1, H]`` to the last
+    row, and the repeated row gives the same value there. That holds for samples at most ``H`` (``W``): every box
+    with ``max(y2, y1 + 1) <= H`` and ``max(x2, x1 + 1) <= W`` in its own image (proposals clipped to the image, and
+    ground-truth boxes, are); otherwise, or when the stacked map would exceed ``_BATCH_TARGET_ELEMENTS`` floats, the
+    images are done one by one. One call instead of one per image saves the per-call planning of RoIAlign, most of
+    the cost at the sizes of a training step.
+    """
+    fn = "project_masks_on_boxes_batch"
+    if not (len(gt_masks) == len(boxes) == len(matched_idxs)):
+        raise ValueError(f"{fn}: gt_masks, boxes and matched_idxs must have one entry per image, got "
+                         f"{len(gt_masks)}, {len(boxes)}, {len(matched_idxs)}")
+    one_by_one = [project_masks_on_boxes(g, b, m, M) for g, b, m in zip(gt_masks, boxes, matched_idxs)] \
+        if len(gt_masks) <= 1 else None
+    if one_by_one is not None:
+        return one_by_one
+    floats = [b if b.is_floating_point() else b.float() for b in boxes]
+    for g, b, m in zip(gt_masks, floats, matched_idxs):
+        _check_box_batch(b, m, fn)
+        if not isinstance(g, Tensor) or g.dim() != 3:
+            shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(f"{fn}: gt_masks must be (G, H, W) tensors, got {shape}")
+    used = [i for i, b in enumerate(floats) if b.shape[0] > 0]
+    dtype = floats[used[0]].dtype if used else torch.float32
+    h_max = max(int(gt_masks[i].shape[-2]) for i in used) if used else 0
+    w_max = max(int(gt_masks[i].shape[-1]) for i in used) if used else 0
+    stacked_size = sum(int(gt_masks[i].shape[0]) for i in used) * h_max * w_max
+    inside = all(
+        floats[i].dtype == dtype
+        and bool((torch.maximum(floats[i][:, 3], floats[i][:, 1] + 1) <= gt_masks[i].shape[-2]).all())
+        and bool((torch.maximum(floats[i][:, 2], floats[i][:, 0] + 1) <= gt_masks[i].shape[-1]).all())
+        for i in used)
+    if len(used) <= 1 or not inside or stacked_size > _BATCH_TARGET_ELEMENTS:
+        return [project_masks_on_boxes(g, b, m, M) for g, b, m in zip(gt_masks, floats, matched_idxs)]
+    maps, rois, first = [], [], 0
+    for i in used:
+        g = gt_masks[i]
+        _check_matched_range(matched_idxs[i], g.shape[0], fn)
+        h, w = g.shape[-2:]
+        m = g[:, None].to(dtype)
+        maps.append(F.pad(m, (0, w_max - w, 0, h_max - h), mode="replicate") if (h, w) != (h_max, w_max) else m)
+        rois.append(torch.cat([(matched_idxs[i] + first).to(dtype)[:, None], floats[i]], dim=1))
+        first += g.shape[0]
+    out = roi_align(torch.cat(maps), torch.cat(rois), (M, M), spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=False)[:, 0]
+    parts = iter(torch.split(out, [floats[i].shape[0] for i in used]))
+    return [next(parts) if b.shape[0] > 0 else b.new_zeros((0, M, M)) for b in floats]
 
 
 def _as_flat_polygon(poly: PolygonLike, where: str) -> List[float]:

@@ -9,6 +9,7 @@ from maskrcnn.ops.masks import (
     paste_masks_in_image,
     polygons_to_mask,
     project_masks_on_boxes,
+    project_masks_on_boxes_batch,
     project_polygons_on_boxes,
 )
 
@@ -57,6 +58,57 @@ def test_project_masks_empty_and_errors():
         project_masks_on_boxes(gt[0], torch.tensor([[0.0, 0, 5, 5]]), torch.tensor([0]), 7)
     with pytest.raises(ValueError, match="boxes"):
         project_masks_on_boxes(gt, torch.zeros(1, 5), torch.tensor([0]), 7)
+
+
+def _inside_boxes(n, h, w):
+    """Boxes inside an ``h x w`` image (as clipped proposals are), some under a pixel wide and some touching the
+    bottom or right edge."""
+    x = torch.sort(torch.rand(n, 2) * w, dim=1).values
+    y = torch.sort(torch.rand(n, 2) * h, dim=1).values
+    boxes = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+    boxes[: n // 4, 2] = w  # touching the right edge
+    boxes[n // 4 : n // 2, 3] = h  # and the bottom one
+    if n >= 3:
+        boxes[-3:] = torch.tensor([[w - 1.0, h - 1.0, w - 0.2, h - 0.4], [0.0, 0.0, 0.3, 0.2], [w - 1.0, 0, w, h]])
+    return boxes
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
+def test_project_masks_batch_equals_per_image(dtype, monkeypatch):
+    import maskrcnn.ops.masks as masks_module
+
+    calls = []
+    real_roi_align = masks_module.roi_align
+    monkeypatch.setattr(masks_module, "roi_align", lambda *a, **k: calls.append(1) or real_roi_align(*a, **k))
+    torch.manual_seed(0)
+    sizes = [(60, 80), (37, 91), (64, 64), (20, 30)]
+    gts = [(torch.rand(g, h, w) > 0.5).to(dtype) for g, (h, w) in zip((3, 1, 0, 5), sizes)]
+    boxes = [_inside_boxes(n, h, w) for n, (h, w) in zip((30, 12, 0, 9), sizes)]
+    matched = [torch.randint(0, max(g.shape[0], 1), (b.shape[0],)) for g, b in zip(gts, boxes)]
+    for M in (28, 7):
+        calls.clear()
+        ours = project_masks_on_boxes_batch(gts, boxes, matched, M)
+        assert len(ours) == 4 and len(calls) == 1  # one RoIAlign for the batch
+        for o, g, b, m in zip(ours, gts, boxes, matched):
+            expected = tv_project_masks_on_boxes(g, b, m, M) if b.shape[0] else torch.zeros(0, M, M)
+            assert o.shape == (b.shape[0], M, M)
+            torch.testing.assert_close(o, expected, rtol=0, atol=1e-5)
+
+
+def test_project_masks_batch_boxes_outside_and_errors():
+    torch.manual_seed(1)
+    gts = [torch.rand(2, 30, 40) > 0.5, torch.rand(3, 50, 20) > 0.5]
+    boxes = [_boxes_around(20, 30, 40), _boxes_around(20, 50, 20)]  # crossing the borders: done image by image
+    boxes = [torch.cat([torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])], 1) for b in boxes]
+    matched = [torch.randint(0, 2, (20,)), torch.randint(0, 3, (20,))]
+    for o, g, b, m in zip(project_masks_on_boxes_batch(gts, boxes, matched, 14), gts, boxes, matched):
+        torch.testing.assert_close(o, tv_project_masks_on_boxes(g, b, m, 14), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one entry per image"):
+        project_masks_on_boxes_batch(gts, boxes[:1], matched, 14)
+    with pytest.raises(ValueError, match=r"matched_idxs must lie in \[0, 2\)"):
+        project_masks_on_boxes_batch(gts, [torch.tensor([[0.0, 0, 5, 5]])] * 2, [torch.tensor([2]), torch.tensor([0])], 7)
+    with pytest.raises(ValueError, match="gt_masks must be"):
+        project_masks_on_boxes_batch([gts[0][0], gts[1]], boxes, matched, 7)
 
 
 # ----------------------------------------------------------------------------- polygons_to_mask

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ...ops.box_coder import BoxCoder
 from ...ops.box_voting import BoxVoting
-from ...ops.masks import project_masks_on_boxes
+from ...ops.masks import project_masks_on_boxes_batch
 from ...ops.matcher import Matcher
 from ...ops.sampler import BalancedPositiveNegativeSampler
 from .box_head import BlobConv, build_box_head
@@ -328,15 +328,16 @@ class ROIHeads(nn.Module):
             res5_map: the box head's ``(S, C5, h, w)`` map of all sampled RoIs, for a sharing mask head (computed
                 on the foreground RoIs when None).
         """
-        fg_rois, fg_labels, fg_targets, keep = [], [], [], []
+        fg_rois, fg_labels, fg_matched, keep = [], [], [], []
         offset = 0
-        for rois, labels, matched, masks in zip(sampled.rois, sampled.labels, sampled.matched_idxs, gt_masks):
+        for rois, labels, matched in zip(sampled.rois, sampled.labels, sampled.matched_idxs):
             fg = torch.nonzero(labels > 0).squeeze(1)
             fg_rois.append(rois[fg])
             fg_labels.append(labels[fg])
-            fg_targets.append(project_masks_on_boxes(masks, rois[fg], matched[fg], self.mask_resolution))
+            fg_matched.append(matched[fg])
             keep.append(fg + offset)
             offset += rois.shape[0]
+        fg_targets = project_masks_on_boxes_batch(gt_masks, fg_rois, fg_matched, self.mask_resolution)
         fg_res5 = res5_map[torch.cat(keep)] if res5_map is not None else None
         mask_logits = self.Mask_Outs(self._mask_features(features, fg_rois, fg_res5))
         return mask_rcnn_loss(mask_logits, torch.cat(fg_labels), torch.cat(fg_targets)) * self.mask_loss_weight
