@@ -215,7 +215,7 @@ def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), exp
     out: List[AutoChoice] = []
     add = lambda key, value, reason: out.append(AutoChoice(key, value, reason))  # noqa: E731
     k = stats.num_classes
-    add("MODEL.NUM_CLASSES", k + 1, f"{k} classes in the training set, plus the background")
+    add("MODEL.NUM_CLASSES", k + 1, f"{k} class{'' if k == 1 else 'es'} in the training set, plus the background")
 
     size, max_size, why, med_short = _input_size(cfg, stats)
     add("TRAIN.SCALES", [size], why)
