@@ -111,10 +111,8 @@ def project_masks_on_boxes_batch(gt_masks: Sequence[Tensor], boxes: Sequence[Ten
     if not (len(gt_masks) == len(boxes) == len(matched_idxs)):
         raise ValueError(f"{fn}: gt_masks, boxes and matched_idxs must have one entry per image, got "
                          f"{len(gt_masks)}, {len(boxes)}, {len(matched_idxs)}")
-    one_by_one = [project_masks_on_boxes(g, b, m, M) for g, b, m in zip(gt_masks, boxes, matched_idxs)] \
-        if len(gt_masks) <= 1 else None
-    if one_by_one is not None:
-        return one_by_one
+    if len(gt_masks) <= 1:
+        return [project_masks_on_boxes(g, b, m, M) for g, b, m in zip(gt_masks, boxes, matched_idxs)]
     floats = [b if b.is_floating_point() else b.float() for b in boxes]
     for g, b, m in zip(gt_masks, floats, matched_idxs):
         _check_box_batch(b, m, fn)
@@ -138,7 +136,7 @@ def project_masks_on_boxes_batch(gt_masks: Sequence[Tensor], boxes: Sequence[Ten
         g = gt_masks[i]
         _check_matched_range(matched_idxs[i], g.shape[0], fn)
         h, w = g.shape[-2:]
-        m = g[:, None].to(dtype)
+        m = g[:, None].to(device=floats[i].device, dtype=dtype)
         maps.append(F.pad(m, (0, w_max - w, 0, h_max - h), mode="replicate") if (h, w) != (h_max, w_max) else m)
         rois.append(torch.cat([(matched_idxs[i] + first).to(dtype)[:, None], floats[i]], dim=1))
         first += g.shape[0]
