@@ -28,17 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.masks import MASK_PASTE_METHODS, expanded_int_boxes, paste_masks_by_method
+from ..ops.masks import check_paste_method, expanded_int_boxes, paste_masks_by_method
 
 __all__ = ["paste_masks", "paste_masks_dense"]
 
 ArrayLike = Union[Tensor, np.ndarray]
-
-
-def _check_method(method: str) -> None:
-    if method not in MASK_PASTE_METHODS:
-        raise ValueError(f"method must be one of {MASK_PASTE_METHODS} (the model's TEST.MASK_PASTE_METHOD), "
-                         f"got {method!r}")
 
 
 def paste_masks(masks: ArrayLike, boxes: ArrayLike, image_size: Sequence[int], padding: int = 1,
@@ -109,7 +103,7 @@ def paste_masks_dense(masks: Tensor, boxes: Tensor, image_hw: Union[Tensor, Tupl
     ``image_hw`` is ``(H, W)`` ints or a ``(2,)`` int64 tensor (dynamic in a traced graph). ``method`` as in
     :func:`paste_masks` (``padding`` is read by ``"torchvision"`` only).
     """
-    _check_method(method)
+    check_paste_method(method)
     if masks.dim() == 4:
         masks = masks[:, 0]
     if not isinstance(image_hw, Tensor):

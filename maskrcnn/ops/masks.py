@@ -111,8 +111,6 @@ def project_masks_on_boxes_batch(gt_masks: Sequence[Tensor], boxes: Sequence[Ten
     if not (len(gt_masks) == len(boxes) == len(matched_idxs)):
         raise ValueError(f"{fn}: gt_masks, boxes and matched_idxs must have one entry per image, got "
                          f"{len(gt_masks)}, {len(boxes)}, {len(matched_idxs)}")
-    if len(gt_masks) <= 1:
-        return [project_masks_on_boxes(g, b, m, M) for g, b, m in zip(gt_masks, boxes, matched_idxs)]
     floats = [b if b.is_floating_point() else b.float() for b in boxes]
     for g, b, m in zip(gt_masks, floats, matched_idxs):
         _check_box_batch(b, m, fn)
@@ -120,28 +118,31 @@ def project_masks_on_boxes_batch(gt_masks: Sequence[Tensor], boxes: Sequence[Ten
             shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
             raise ValueError(f"{fn}: gt_masks must be (G, H, W) tensors, got {shape}")
     used = [i for i, b in enumerate(floats) if b.shape[0] > 0]
-    dtype = floats[used[0]].dtype if used else torch.float32
-    h_max = max(int(gt_masks[i].shape[-2]) for i in used) if used else 0
-    w_max = max(int(gt_masks[i].shape[-1]) for i in used) if used else 0
-    stacked_size = sum(int(gt_masks[i].shape[0]) for i in used) * h_max * w_max
-    inside = all(
-        floats[i].dtype == dtype
-        and bool((torch.maximum(floats[i][:, 3], floats[i][:, 1] + 1) <= gt_masks[i].shape[-2]).all())
-        and bool((torch.maximum(floats[i][:, 2], floats[i][:, 0] + 1) <= gt_masks[i].shape[-1]).all())
-        for i in used)
-    if len(used) <= 1 or not inside or stacked_size > _BATCH_TARGET_ELEMENTS:
+    batched = len(used) > 1 and len({floats[i].dtype for i in used}) == 1
+    if batched:
+        h_max = max(int(gt_masks[i].shape[-2]) for i in used)
+        w_max = max(int(gt_masks[i].shape[-1]) for i in used)
+        batched = sum(int(gt_masks[i].shape[0]) for i in used) * h_max * w_max <= _BATCH_TARGET_ELEMENTS
+    if batched:
+        # One check (one device sync) for all boxes: the far edge of every sample within its own image.
+        all_boxes = torch.cat([floats[i] for i in used])
+        limits = torch.cat([all_boxes.new_tensor([[gt_masks[i].shape[-1], gt_masks[i].shape[-2]]])
+                            .expand(floats[i].shape[0], 2) for i in used])
+        batched = bool((torch.maximum(all_boxes[:, 2:], all_boxes[:, :2] + 1) <= limits).all())
+    if not batched:
         return [project_masks_on_boxes(g, b, m, M) for g, b, m in zip(gt_masks, floats, matched_idxs)]
-    maps, rois, first = [], [], 0
+    dtype = all_boxes.dtype
+    maps, stacked_idxs, first = [], [], 0
     for i in used:
         g = gt_masks[i]
         _check_matched_range(matched_idxs[i], g.shape[0], fn)
         h, w = g.shape[-2:]
-        m = g[:, None].to(device=floats[i].device, dtype=dtype)
+        m = g[:, None].to(device=all_boxes.device, dtype=dtype)
         maps.append(F.pad(m, (0, w_max - w, 0, h_max - h), mode="replicate") if (h, w) != (h_max, w_max) else m)
-        rois.append(torch.cat([(matched_idxs[i] + first).to(dtype)[:, None], floats[i]], dim=1))
+        stacked_idxs.append(matched_idxs[i] + first)
         first += g.shape[0]
-    out = roi_align(torch.cat(maps), torch.cat(rois), (M, M), spatial_scale=1.0, sampling_ratio=-1,
-                    aligned=False)[:, 0]
+    rois = torch.cat([torch.cat(stacked_idxs).to(all_boxes)[:, None], all_boxes], dim=1)
+    out = roi_align(torch.cat(maps), rois, (M, M), spatial_scale=1.0, sampling_ratio=-1, aligned=False)[:, 0]
     parts = iter(torch.split(out, [floats[i].shape[0] for i in used]))
     return [next(parts) if b.shape[0] > 0 else b.new_zeros((0, M, M)) for b in floats]
 
@@ -395,12 +396,17 @@ def paste_masks_by_method(masks: Tensor, boxes: Tensor, image_shape: Tuple[int, 
                           padding: int = 1) -> Tensor:
     """``(N, 1, M, M)`` probabilities pasted into ``(N, 1, h, w)`` images the way ``method``
     (``TEST.MASK_PASTE_METHOD``) names; ``padding`` (``TEST.MASK_PASTE_PADDING``) is read by ``"torchvision"`` only."""
+    check_paste_method(method)
     if method == "detectron2":
         return paste_masks_grid_sample(masks, boxes, image_shape)
-    if method != "torchvision":
+    return paste_masks_in_image(masks, boxes, image_shape, padding=padding)
+
+
+def check_paste_method(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is one of :data:`MASK_PASTE_METHODS`."""
+    if method not in MASK_PASTE_METHODS:
         raise ValueError(f"method must be one of {MASK_PASTE_METHODS} (the model's TEST.MASK_PASTE_METHOD), "
                          f"got {method!r}")
-    return paste_masks_in_image(masks, boxes, image_shape, padding=padding)
 
 
 # Opaque form for torch.jit.trace; ``image_size`` is an int64 (2,) tensor (h, w) so that sizes read
