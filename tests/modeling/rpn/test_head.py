@@ -24,15 +24,20 @@ def test_equals_torchvision_on_every_level():
     ours = RPNHead(8, 3)
     _copy_from_torchvision(tv, ours)
     feats = [torch.randn(2, 8, 12, 16), torch.randn(2, 8, 6, 8), torch.randn(2, 8, 1, 1)]
-    logits, deltas = ours(feats)
     tv_logits, tv_deltas = tv(feats)
-    assert len(logits) == len(deltas) == 3
-    for a, b, f in zip(logits, tv_logits, feats):
-        assert a.shape == (2, 3) + f.shape[-2:]
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b, f in zip(deltas, tv_deltas, feats):
-        assert a.shape == (2, 12) + f.shape[-2:]
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Inference runs the two predictors as torchvision does: bit-equal. Training with gradients runs them as one
+    # convolution of the concatenated weights, whose oneDNN kernel may sum in another order (it does at one
+    # thread): equal to float rounding.
+    for training, tol in ((False, 0.0), (True, 1e-5)):
+        ours.train(training)
+        logits, deltas = ours(feats)
+        assert len(logits) == len(deltas) == 3
+        for a, b, f in zip(logits, tv_logits, feats):
+            assert a.shape == (2, 3) + f.shape[-2:]
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        for a, b, f in zip(deltas, tv_deltas, feats):
+            assert a.shape == (2, 12) + f.shape[-2:]
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_single_tensor_is_one_level():
