@@ -21,6 +21,7 @@ import os
 import sys
 
 from ..config import ConfigError, assert_and_infer_cfg
+from ..utils.malloc import tune_malloc
 from .common import (add_cfg_argument, apply_loader_and_device_args, build_checked_dataset, config_error_exit,
                      load_cfg_file)
 
@@ -142,6 +143,8 @@ def main(argv=None) -> int:
         cfg = setup_cfg(args)
     except ConfigError as e:
         return config_error_exit(e)
+    if cfg.TUNE_MALLOC:
+        tune_malloc()
 
     from ..data.build import DatasetItemError
     from ..data.catalog import DatasetSpecError

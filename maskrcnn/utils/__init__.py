@@ -14,6 +14,7 @@ from .checkpoint import (
 )
 from .env import collect_env_info, resolve_device, seed_all
 from .logger import SmoothedValue, setup_logger
+from .malloc import tune_malloc
 from .model import model_device
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "collect_env_info",
     "setup_logger",
     "SmoothedValue",
+    "tune_malloc",
     "model_device",
 ]

@@ -125,6 +125,25 @@ def test_train_and_test_stop_on_a_class_count_mismatch_before_any_model_work(tmp
     assert rc == 2 and "MODEL.NUM_CLASSES = 5 but the dataset" in err and "truncated" not in err
 
 
+@pytest.mark.parametrize("tune", [True, False])
+def test_train_and_test_tune_malloc_as_the_config_says(tmp_path, monkeypatch, capsys, tune):
+    from maskrcnn.cli import test_net, train_net
+
+    calls = []
+    monkeypatch.setattr(train_net, "tune_malloc", lambda: calls.append("train"))
+    monkeypatch.setattr(test_net, "tune_malloc", lambda: calls.append("test"))
+    # A class-count mismatch stops both right after the config is read (see the test above): enough to see the call.
+    rc = train_net.main(["--cfg", SMOKE_NAME, "--dataset", "synthetic:train", "--nw", "0", "--output_dir",
+                         str(tmp_path / "train"), "--set", "MODEL.NUM_CLASSES", "3", "TUNE_MALLOC", str(tune)])
+    ckpt = tmp_path / "unused.pth"
+    ckpt.write_bytes(b"\0" * 10)
+    rc2 = test_net.main(["--cfg", SMOKE_NAME, "--load_ckpt", str(ckpt), "--dataset", "synthetic:val", "--output_dir",
+                         str(tmp_path / "test"), "--set", "MODEL.NUM_CLASSES", "5", "TUNE_MALLOC", str(tune)])
+    capsys.readouterr()
+    assert rc == rc2 == 2
+    assert calls == (["train", "test"] if tune else [])
+
+
 def test_convert_weights_reports_a_bad_cfg_as_a_config_error(tmp_path, capsys):
     from maskrcnn.cli import convert_weights
 

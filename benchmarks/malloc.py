@@ -1,0 +1,109 @@
+"""Training-step time and page faults with glibc's default malloc settings against ``tune_malloc`` (``TUNE_MALLOC``).
+
+    python tools/train_net.py --auto --dataset synthetic:thin:train --budget 10min --output_dir OUT
+    python benchmarks/malloc.py --cfg OUT/config.yaml --load_ckpt OUT/model_final.pth \\
+        --dataset synthetic:thin:train --threads 1 --rounds 3
+
+Each round runs two child processes one after the other, alternating which goes first: the same model (the
+trained weights, so that the RoI heads see as many foreground RoIs as late in training), the same data and
+``--steps`` training steps after ``--warm`` untimed ones, with the learning rate at 1e-6 so the weights barely
+move; one child calls :func:`maskrcnn.utils.tune_malloc` first. Each prints its median step time (data loading
+excluded) and its minor page faults per step; the table gives both and the ratio tuned / default per round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+
+def child(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    from maskrcnn.utils import tune_malloc
+
+    applied = tune_malloc() if args.child == "tuned" else False
+    torch.set_num_threads(args.threads)
+    from maskrcnn.data.build import build_train_loader
+    from maskrcnn.data.catalog import build_dataset
+    from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer_from_cfg
+    from maskrcnn.engine.speed import prepare_for_training
+    from maskrcnn.engine.trainer import Trainer
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+    from maskrcnn.predictor import load_config
+    from maskrcnn.utils.checkpoint import load_ckpt
+
+    cfg = load_config(args.cfg)
+    dataset = build_dataset(args.dataset, is_train=True)
+    model = Generalized_RCNN(cfg)
+    if args.load_ckpt:
+        load_ckpt(model, args.load_ckpt)
+    prepare_for_training(model, cfg)
+    optimizer = build_optimizer_from_cfg(model, cfg)
+    loader = build_train_loader(dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=0,
+                                aspect_grouping=cfg.TRAIN.ASPECT_GROUPING,
+                                aspect_group_factor=cfg.TRAIN.ASPECT_RATIO_GROUP_FACTOR, seed=cfg.RNG_SEED + 1,
+                                flip=cfg.TRAIN.USE_FLIPPED, validate=False)
+    total = args.warm + args.steps
+    trainer = Trainer(model, optimizer, build_lr_scheduler(optimizer, cfg), loader, max_iter=total,
+                      amp=cfg.TRAIN.AMP, device="cpu", clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM,
+                      skip_nonfinite=True, max_consecutive_skips=total + 1)
+    model.train()
+    times, faults = [], 0
+    try:
+        for i in range(total):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-6
+            trainer.iter = i
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            trainer.run_step()
+            if i >= args.warm:
+                faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+                times.append(trainer.step_time - trainer.data_time)
+    finally:
+        loader.close()
+    print(json.dumps({"applied": applied, "ms": statistics.median(times) * 1e3, "faults": faults / args.steps}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="a saved config (OUTPUT_DIR/config.yaml of a train_net run)")
+    p.add_argument("--load_ckpt", default="", help="its weights (default: a fresh model, whose early steps are "
+                   "cheaper than late ones)")
+    p.add_argument("--dataset", required=True, help="training dataset spec, e.g. synthetic:thin:train")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warm", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--child", choices=("default", "tuned"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    rows = []
+    for r in range(args.rounds):
+        result = {}
+        for mode in (("default", "tuned") if r % 2 == 0 else ("tuned", "default")):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + sys.argv[1:]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            result[mode] = json.loads(out.strip().splitlines()[-1])
+        rows.append(result)
+        d, t = result["default"], result["tuned"]
+        print(f"round {r + 1}: default {d['ms']:.1f} ms/step, {d['faults']:.0f} faults/step | tuned "
+              f"{t['ms']:.1f} ms/step, {t['faults']:.0f} faults/step (applied: {t['applied']}) | ratio "
+              f"{t['ms'] / d['ms']:.3f}", flush=True)
+    ratios = [row["tuned"]["ms"] / row["default"]["ms"] for row in rows]
+    print(f"tuned / default step time: median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f} - "
+          f"{max(ratios):.3f}), {args.threads} thread(s), {args.steps} steps per process")
+
+
+if __name__ == "__main__":
+    main()
