@@ -32,8 +32,10 @@ entries are sorted by feature row (a stable radix sort), a second weighted ``emb
 every feature row the chunk touches, the gradients of the bins that read it, and ``index_add_`` adds
 those per-row sums into a separate gradient tensor per input map. No atomics, so it is deterministic.
 (``index_add_`` of the raw per-entry products measured ~6x slower on CPU; pre-summed rows are few.)
-The sampling plan is rebuilt in backward rather than kept from forward, and no temporary larger than
-a chunk exists: this is what keeps a training step's peak memory under torchvision's.
+The sampling plan built in forward is kept for backward (when the features need a gradient): ~8 bytes per
+(bin, sample) entry, a few MB for a training step's RoIs, against a rebuild that was about a fifth of the op's
+time at 32 channels. Otherwise no temporary larger than a chunk exists, which keeps a training step's peak memory
+under torchvision's.
 
 Dtypes: float32 and float64 are computed in their own dtype; float16 and bfloat16 are computed in
 float32 (coordinates, weights and accumulation) and the result is rounded to the input dtype.
@@ -520,8 +522,8 @@ def apply_roi_align_plan(
 ) -> Tensor:
     """(R, C, oh, ow) RoIAlign output of ``plan`` over the packed ``features``, differentiable in them.
 
-    ``plan``: the plan, or a function without arguments that builds it (called again in backward instead of
-    keeping the plan alive between forward and backward)."""
+    ``plan``: the plan, or a function without arguments that builds it (called once, in forward; the plan is kept
+    for backward while a feature needs a gradient)."""
     return _RoIAlignFunction.apply(plan, num_rois, output_size, dtype, *features)
 
 
