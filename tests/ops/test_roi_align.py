@@ -108,6 +108,43 @@ def test_float32_fpn_like_sizes(device, sampling_ratio):
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampling_ratio, max_side, merged", [(2, None, True), (2, 40, False), (0, 40, False)])
+def test_plan_blocks_merge_when_padding_is_small_and_backward_reuses_the_plan(monkeypatch, sampling_ratio, max_side,
+                                                                               merged):
+    # Boxes of 6-12 map pixels at a fixed 2x2 sampling touch 2-3 rows and columns per bin: one block of the
+    # largest slot counts (the padding adds under a quarter of the entries). Sizes from 0 to 40 px need from 1 to 4
+    # slots per side at 2x2 and up to ~20 with adaptive sampling: exact blocks. All match torchvision forward and
+    # backward, and the plan is built once per forward + backward.
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 50, 68)
+    if max_side is None:
+        xy = torch.rand(200, 2) * torch.tensor([56.0, 38.0])
+        rois = torch.cat([torch.randint(0, 2, (200, 1)).float(), xy, xy + 6 + 6 * torch.rand(200, 2)], 1) / 0.125
+        rois[:, 0] *= 0.125
+    else:
+        rois = _random_rois(200, 2, 50, 68, 0.125, max_side, dtype=torch.float32)
+    built = []
+    original = roi_align_module.roi_align_plan
+
+    def counting(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        built.append(len(plan))
+        return plan
+
+    monkeypatch.setattr(roi_align_module, "roi_align_plan", counting)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with use_backend("native"):
+        ours = roi_align(xa, rois, (7, 7), 0.125, sampling_ratio)
+    ref = _oracle(xb, rois, (7, 7), 0.125, sampling_ratio, False)
+    grad = torch.randn_like(ref)
+    ours.backward(grad)
+    ref.backward(grad)
+    assert len(built) == 1
+    assert (built[0] == 1) == merged, built
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_huge_adaptive_rois_cost_at_most_the_map():
     # ceil(1000 / 2) = 500 samples per bin side: 250k samples per bin for torchvision; the native
     # slots are capped by the 12 x 10 map, so this stays instant and still matches.
