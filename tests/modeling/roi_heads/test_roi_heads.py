@@ -204,3 +204,44 @@ def test_contract_errors_are_explained():
     cfg.merge_from_list(["MODEL.MASK_ON", False])
     with pytest.raises(ValueError, match="MASK_ON"):
         ROIHeads.from_cfg(cfg, C, [1 / 16], mask_outs=MaskRCNNOutputs(8, K1))
+
+
+def test_mask_targets_from_original_masks_are_cut_at_the_scaled_rois():
+    # Image 0's masks at twice the network-input resolution, image 1's at 1.5x in x only: with mask_box_scale the
+    # loss equals the one computed from masks at input resolution whose targets are the same crops, i.e. the
+    # projection of the original masks onto the RoIs scaled by (sx, sy).
+    from maskrcnn.ops.masks import project_masks_on_boxes
+
+    torch.manual_seed(0)
+    heads = fpn_heads().train()
+    feats, props = _fpn_features(), _proposals()
+    targets = _targets()
+    scales = [torch.tensor([2.0, 2.0]), torch.tensor([1.5, 1.0])]
+    originals = []
+    for t, sc in zip(targets, scales):
+        m = t["masks"]
+        big = torch.nn.functional.interpolate(m[:, None].float(), scale_factor=(float(sc[1]), float(sc[0])))[:, 0]
+        originals.append(big.to(torch.uint8))
+    torch.manual_seed(1)
+    sampled = heads.select_training_samples(props, targets)
+    loss = heads.mask_loss(feats, sampled, originals, mask_box_scales=scales)
+    # The same loss from explicitly projected targets (the mask loss on the same fg RoIs, same head).
+    captured = {}
+    import maskrcnn.modeling.roi_heads.roi_heads as rh
+
+    def fake_projection(gt_masks, boxes, matched, m):
+        expected = [project_masks_on_boxes(g, b * sc.repeat(2), i, m) for g, b, i, sc in
+                    zip(originals, boxes, matched, scales)]
+        captured["expected"] = expected
+        return expected
+
+    original_fn = rh.project_masks_on_boxes_batch
+    try:
+        rh.project_masks_on_boxes_batch = fake_projection
+        loss_ref = heads.mask_loss(feats, sampled, [t["masks"] for t in targets])
+    finally:
+        rh.project_masks_on_boxes_batch = original_fn
+    torch.testing.assert_close(loss, loss_ref)
+    assert sum(e.shape[0] for e in captured["expected"]) > 0
+    # Without scales the original masks would be read as input-resolution ones: a different loss.
+    assert not torch.allclose(heads.mask_loss(feats, sampled, originals), loss)
