@@ -221,3 +221,41 @@ def test_from_parts_builds_nothing_from_a_config():
     assert out["boxes"].shape[0] == out["scores"].shape[0] > 0 and (out["labels"] == 1).all()
     with pytest.raises(ValueError, match="roi_heads"):
         Generalized_RCNN(small_cfg("fpn"), roi_heads=donor.roi_heads, box_outs=nn.Linear(2, 2))
+
+
+def test_original_mask_targets_reach_the_mask_loss_with_their_scale(monkeypatch):
+    # MRCNN.MASK_TARGET_SOURCE 'original': the model hands ROIHeads.mask_loss the dataset's masks (crowd instances
+    # dropped) with each image's input -> mask pixel scale; at an input equal to the image the losses are those of
+    # the default 'input' source.
+    from maskrcnn.modeling.roi_heads.roi_heads import ROIHeads
+
+    seen = []
+    real = ROIHeads.mask_loss
+
+    def spy(self, features, sampled, gt_masks, res5_map=None, mask_box_scales=None):
+        seen.append(([tuple(m.shape) for m in gt_masks], mask_box_scales))
+        return real(self, features, sampled, gt_masks, res5_map, mask_box_scales=mask_box_scales)
+
+    monkeypatch.setattr(ROIHeads, "mask_loss", spy)
+    images, targets = make_batch()  # 80 x 100 and 88 x 92 images, inputs of 96 px (shorter side)
+    targets[1]["iscrowd"] = torch.tensor([0, 1])
+    torch.manual_seed(0)
+    model = Generalized_RCNN(small_cfg("fpn", **{"MRCNN.MASK_TARGET_SOURCE": "original"})).train()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_mask"])
+    shapes, scales = seen[-1]
+    assert shapes == [(2, 80, 100), (1, 88, 92)]
+    torch.testing.assert_close(scales[0], torch.tensor([100 / 120, 80 / 96]))
+    torch.testing.assert_close(scales[1], torch.tensor([92 / 100, 88 / 96]))
+
+    # Inputs the size of the images (scale 1): the same losses as with masks resized with the image.
+    cfgs = {src: small_cfg("fpn", **{"MRCNN.MASK_TARGET_SOURCE": src, "TRAIN.SCALES": "(80,)",
+                                    "TRAIN.MAX_SIZE": 200}) for src in ("input", "original")}
+    results = {}
+    for src, cfg in cfgs.items():
+        torch.manual_seed(0)
+        model = Generalized_RCNN(cfg).train()
+        torch.manual_seed(1)
+        results[src] = model(*make_batch(n=1))
+    for key in LOSS_KEYS:
+        torch.testing.assert_close(results["original"][key], results["input"][key])
