@@ -52,13 +52,6 @@ __all__ = ["ROIHeads"]
 Detections = List[Dict[str, Tensor]]
 
 
-def _scale_boxes_into(boxes: Tensor, scale: Tensor, hw: Tuple[int, int]) -> Tensor:
-    """``(R, 4)`` boxes times ``(sx, sy)``, their far corners clamped to ``hw`` = (height, width)."""
-    out = boxes * scale.to(boxes).repeat(2)
-    limit = out.new_tensor([float(hw[1]), float(hw[0])]).repeat(2)
-    return torch.minimum(out, limit)
-
-
 class ROIHeads(nn.Module):
     """Box (and mask) heads on RoIs, with their sampling, losses and post-processing.
 
@@ -351,10 +344,7 @@ class ROIHeads(nn.Module):
             offset += rois.shape[0]
         target_rois = fg_rois
         if mask_box_scales is not None:
-            # Clamped to the masks: RoIs clipped to the input image may land a float rounding past their edge,
-            # which would send the batch to the per-image projection.
-            target_rois = [r if sc is None else _scale_boxes_into(r, sc, g.shape[-2:])
-                           for r, sc, g in zip(fg_rois, mask_box_scales, gt_masks)]
+            target_rois = [r if sc is None else r * sc.to(r).repeat(2) for r, sc in zip(fg_rois, mask_box_scales)]
         fg_targets = project_masks_on_boxes_batch(gt_masks, target_rois, fg_matched, self.mask_resolution)
         fg_res5 = res5_map[torch.cat(keep)] if res5_map is not None else None
         mask_logits = self.Mask_Outs(self._mask_features(features, fg_rois, fg_res5))
