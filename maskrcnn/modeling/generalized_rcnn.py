@@ -242,7 +242,7 @@ def _check_targets(targets: List[Dict[str, Tensor]], mask_on: bool, keypoints_on
 
 def _split_crowd(targets: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
     """Separate crowd regions (``crowd_boxes``: ignored, never trained as objects) from the instances
-    (``boxes``, ``labels``, ``masks``, ``keypoints``); ``mask_box_scale`` is kept as it is."""
+    (``boxes``, ``labels``, ``masks``)."""
     out = []
     for t in targets:
         is_crowd = t.get("iscrowd")
@@ -254,7 +254,5 @@ def _split_crowd(targets: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
         for key in ("masks", "keypoints"):
             if key in t:
                 split[key] = t[key][keep]
-        if "mask_box_scale" in t:  # per image, not per instance
-            split["mask_box_scale"] = t["mask_box_scale"]
         out.append(split)
     return out
