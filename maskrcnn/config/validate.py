@@ -130,7 +130,6 @@ _CHECKS = {
     "TEST.MASK_PASTE_PADDING": _NONNEG,
     "TEST.EVAL_PERIOD": _NONNEG,
     "TEST.MASK_PASTE_METHOD": _one_of(["torchvision", "detectron2"]),
-    "MRCNN.MASK_TARGET_SOURCE": _one_of(["input", "original"]),
     "TEST.DETECTOR_POSTPROCESS": _one_of(["torchvision", "detectron2"]),
     "TEST.BBOX_AUG.SCORE_HEUR": _one_of(["ID", "AVG", "UNION"]),
     "TEST.BBOX_AUG.COORD_HEUR": _one_of(["ID", "AVG", "UNION"]),

@@ -75,10 +75,6 @@ def test_from_cfg_uses_train_and_test_sizes():
     p.train()
     got = {p([torch.rand(3, 40, 40)])[0].image_sizes[0][0] for _ in range(30)}
     assert got == {64, 72}
-    assert p.mask_target_source == "input"
-    cfg.defrost()
-    cfg.merge_from_list(["MRCNN.MASK_TARGET_SOURCE", "original"])
-    assert Preprocessor.from_cfg(cfg).mask_target_source == "original"
 
 
 def test_bad_inputs_are_explained():
@@ -190,20 +186,3 @@ def test_from_cfg_reads_the_detectron2_rules():
     cfg.merge_from_list(["RESIZE_METHOD", "pil"])
     with pytest.raises(Exception, match="RESIZE_METHOD"):
         assert_and_infer_cfg(cfg)
-
-
-def test_original_mask_target_source_leaves_masks_and_records_their_scale():
-    ours = Preprocessor((80,), 200, MEAN, STD, mask_target_source="original").train()
-    resized = Preprocessor((80,), 200, MEAN, STD).train()
-    masks = torch.zeros(1, 50, 70, dtype=torch.uint8)
-    masks[0, 5:20, 10:30] = 1
-    tgt = {"boxes": torch.tensor([[10.0, 5, 30, 20]]), "labels": torch.tensor([1]), "masks": masks}
-    a, ta = ours([torch.rand(3, 50, 70)], [tgt])
-    _, tb = resized([torch.rand(3, 50, 70)], [dict(tgt)])
-    assert a.image_sizes == [(80, 112)]
-    assert ta[0]["masks"] is masks  # not resized, not copied
-    torch.testing.assert_close(ta[0]["mask_box_scale"], torch.tensor([70 / 112, 50 / 80]))
-    torch.testing.assert_close(ta[0]["boxes"], tb[0]["boxes"])  # boxes are resized either way
-    assert tb[0]["masks"].shape == (1, 80, 112) and "mask_box_scale" not in tb[0]
-    with pytest.raises(ValueError, match="mask_target_source"):
-        Preprocessor((80,), 200, MEAN, STD, mask_target_source="polygons")
