@@ -173,11 +173,6 @@ _key("MRCNN.NUM_CONVS", 4, "Number of 3x3 convolutions of the v1up4convs(_gn) he
 _key("MRCNN.DILATION", 2, "Dilation of the mask head 3x3 convolutions.")
 _key("MRCNN.CLS_SPECIFIC_MASK", True, "One mask per class instead of one class-agnostic mask.")
 _key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
-_key("MRCNN.MASK_TARGET_SOURCE", "input",
-     "Where the mask head's 28x28 training targets are cut from: 'input' (the ground-truth masks resized with the "
-     "image by nearest neighbour, then cut at each RoI: torchvision) or 'original' (the dataset's masks at their own "
-     "resolution, cut at each RoI mapped back to them: edges keep their sub-pixel position when the input is "
-     "downscaled, as Detectron's polygon targets do).")
 _key("MRCNN.THRESH_BINARIZE", 0.5, "Threshold turning mask probabilities into binary masks for results.")
 _key("MRCNN.CONV_INIT", "GaussianFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
 

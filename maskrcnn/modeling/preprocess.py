@@ -37,8 +37,6 @@ __all__ = ["ImageList", "Preprocessor", "resize_boxes", "resize_keypoints", "RES
            "DETECTOR_POSTPROCESS_METHODS"]
 
 RESIZE_METHODS = ("torchvision", "detectron2")
-#: Where the mask head's training targets are cut from (``MRCNN.MASK_TARGET_SOURCE``).
-MASK_TARGET_SOURCES = ("input", "original")
 DETECTOR_POSTPROCESS_METHODS = ("torchvision", "detectron2")
 
 
@@ -109,10 +107,6 @@ class Preprocessor(nn.Module):
         detector_postprocess: ``"torchvision"`` (boxes scaled by the size ratio) or ``"detectron2"`` (its
             ``detector_postprocess``: scaled in place by Python-float factors, clipped to the original image,
             boxes with a side ``<= 0`` dropped with their scores, labels and masks).
-        mask_target_source: ``"input"``: target masks are resized with the image (nearest neighbour, torchvision);
-            ``"original"``: they are left at the dataset's resolution and each target gets ``"mask_box_scale"``, a
-            ``(2,)`` float tensor ``(sx, sy)`` that maps network-input pixels to mask pixels, so that the mask head's
-            targets are cut from the original masks (:meth:`ROIHeads.mask_loss`).
     """
 
     def __init__(self, min_size: Sequence[int], max_size: int, pixel_mean: Sequence[float],
@@ -120,10 +114,9 @@ class Preprocessor(nn.Module):
                  size_divisibility: int = 32, mask_paste_padding: int = 1,
                  test_min_size: Optional[int] = None, test_max_size: Optional[int] = None,
                  resize_method: str = "torchvision", mask_paste_method: str = "torchvision",
-                 detector_postprocess: str = "torchvision", mask_target_source: str = "input"):
+                 detector_postprocess: str = "torchvision"):
         super().__init__()
         for name, value, allowed in (("resize_method", resize_method, RESIZE_METHODS),
-                                     ("mask_target_source", mask_target_source, MASK_TARGET_SOURCES),
                                      ("mask_paste_method", mask_paste_method, MASK_PASTE_METHODS),
                                      ("detector_postprocess", detector_postprocess, DETECTOR_POSTPROCESS_METHODS)):
             if value not in allowed:
@@ -133,7 +126,6 @@ class Preprocessor(nn.Module):
         self.resize_method = resize_method
         self.mask_paste_method = mask_paste_method
         self.detector_postprocess = detector_postprocess
-        self.mask_target_source = mask_target_source
         if isinstance(min_size, int):
             min_size = (min_size,)
         if not min_size or any(s <= 0 for s in min_size):
@@ -163,7 +155,6 @@ class Preprocessor(nn.Module):
             pixel_scale=cfg.PIXEL_SCALE, size_divisibility=int(cfg.SIZE_DIVISIBILITY),
             mask_paste_padding=cfg.TEST.MASK_PASTE_PADDING, resize_method=cfg.RESIZE_METHOD,
             mask_paste_method=cfg.TEST.MASK_PASTE_METHOD, detector_postprocess=cfg.TEST.DETECTOR_POSTPROCESS,
-            mask_target_source=cfg.MRCNN.MASK_TARGET_SOURCE,
         )
 
     # --- sizes ----------------------------------------------------------------------------------------------------
@@ -240,12 +231,7 @@ class Preprocessor(nn.Module):
                 target["boxes"] = resize_boxes(target["boxes"], (h, w), new_hw)
             if "keypoints" in target and new_hw != (h, w):
                 target["keypoints"] = resize_keypoints(target["keypoints"], (h, w), new_hw)
-            if "masks" in target and self.mask_target_source == "original":
-                # Masks stay as they are: (sx, sy) maps this image's network-input pixels to theirs.
-                m = target["masks"]
-                target["mask_box_scale"] = torch.tensor([m.shape[-1] / new_hw[1], m.shape[-2] / new_hw[0]],
-                                                        dtype=torch.float32, device=m.device)
-            elif "masks" in target and new_hw != (h, w) and target["masks"].numel() > 0:
+            if "masks" in target and new_hw != (h, w) and target["masks"].numel() > 0:
                 m = target["masks"]
                 target["masks"] = F.interpolate(m[:, None].float(), size=new_hw)[:, 0].to(m.dtype)
             elif "masks" in target and target["masks"].numel() == 0:

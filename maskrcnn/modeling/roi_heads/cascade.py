@@ -192,8 +192,7 @@ class CascadeROIHeads(ROIHeads):
             losses[f"loss_cls_stage{k}"] = loss_cls * w
             losses[f"loss_bbox_stage{k}"] = loss_bbox * w
         if self.mask_on:
-            losses["loss_mask"] = self.mask_loss(features, sampled, [t["masks"] for t in targets],
-                                                 mask_box_scales=[t.get("mask_box_scale") for t in targets])
+            losses["loss_mask"] = self.mask_loss(features, sampled, [t["masks"] for t in targets])
         if self.keypoints_on:
             losses["loss_keypoint"] = self.keypoint_loss(features, sampled, [t["keypoints"] for t in targets])
         return losses

@@ -297,8 +297,7 @@ class ROIHeads(nn.Module):
                                                torch.cat(sampled.regression_targets), beta=self.box_smooth_l1_beta)
         losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
         if self.mask_on:
-            losses["loss_mask"] = self.mask_loss(features, sampled, [t["masks"] for t in targets], res5_map,
-                                                 mask_box_scales=[t.get("mask_box_scale") for t in targets])
+            losses["loss_mask"] = self.mask_loss(features, sampled, [t["masks"] for t in targets], res5_map)
         if self.keypoints_on:
             losses["loss_keypoint"] = self.keypoint_loss(features, sampled, [t["keypoints"] for t in targets])
         return losses
@@ -321,17 +320,13 @@ class ROIHeads(nn.Module):
         return loss * self.keypoint_loss_weight
 
     def mask_loss(self, features: BlobConv, sampled: SampledRoIs, gt_masks: List[Tensor],
-                  res5_map: Optional[Tensor] = None, mask_box_scales: Optional[Sequence[Optional[Tensor]]] = None
-                  ) -> Tensor:
+                  res5_map: Optional[Tensor] = None) -> Tensor:
         """Weighted mask loss on the foreground RoIs of ``sampled`` (Detectron: masks are learnt on fg RoIs only).
 
         Args:
             gt_masks: per image ``(G_i, H, W)`` uint8 masks of the ground truth ``sampled.matched_idxs`` index.
             res5_map: the box head's ``(S, C5, h, w)`` map of all sampled RoIs, for a sharing mask head (computed
                 on the foreground RoIs when None).
-            mask_box_scales: per image None (masks in network-input pixels) or a ``(2,)`` ``(sx, sy)`` that maps
-                network-input pixels to the pixels of its ``gt_masks`` (``MRCNN.MASK_TARGET_SOURCE 'original'``):
-                the targets are cut at the RoIs scaled by it.
         """
         fg_rois, fg_labels, fg_matched, keep = [], [], [], []
         offset = 0
@@ -342,10 +337,7 @@ class ROIHeads(nn.Module):
             fg_matched.append(matched[fg])
             keep.append(fg + offset)
             offset += rois.shape[0]
-        target_rois = fg_rois
-        if mask_box_scales is not None:
-            target_rois = [r if sc is None else r * sc.to(r).repeat(2) for r, sc in zip(fg_rois, mask_box_scales)]
-        fg_targets = project_masks_on_boxes_batch(gt_masks, target_rois, fg_matched, self.mask_resolution)
+        fg_targets = project_masks_on_boxes_batch(gt_masks, fg_rois, fg_matched, self.mask_resolution)
         fg_res5 = res5_map[torch.cat(keep)] if res5_map is not None else None
         mask_logits = self.Mask_Outs(self._mask_features(features, fg_rois, fg_res5))
         return mask_rcnn_loss(mask_logits, torch.cat(fg_labels), torch.cat(fg_targets)) * self.mask_loss_weight
