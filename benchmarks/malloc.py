@@ -9,6 +9,14 @@ trained weights, so that the RoI heads see as many foreground RoIs as late in tr
 ``--steps`` training steps after ``--warm`` untimed ones, with the learning rate at 1e-6 so the weights barely
 move; one child calls :func:`maskrcnn.utils.tune_malloc` first. Each prints its median step time (data loading
 excluded) and its minor page faults per step; the table gives both and the ratio tuned / default per round.
+
+``--code DIR`` imports ``maskrcnn`` from another checkout (e.g. an older commit, to time its step on the same
+model); ``--only default`` runs only the children without ``tune_malloc`` (for code that predates it):
+
+    for r in 1 2 3; do
+        python benchmarks/malloc.py --code OLD_CHECKOUT --only default --rounds 1 --cfg ... --load_ckpt ... --dataset ...
+        python benchmarks/malloc.py --only default --rounds 1 --cfg ... --load_ckpt ... --dataset ...
+    done
 """
 from __future__ import annotations
 
@@ -25,11 +33,19 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 def child(args: argparse.Namespace) -> None:
     import resource
 
+    if args.code:
+        sys.path.insert(0, os.path.abspath(args.code))
     import torch
 
-    from maskrcnn.utils import tune_malloc
+    import maskrcnn
 
-    applied = tune_malloc() if args.child == "tuned" else False
+    if args.code and not os.path.abspath(maskrcnn.__file__).startswith(os.path.abspath(args.code) + os.sep):
+        raise SystemExit(f"--code {args.code}: maskrcnn was imported from {maskrcnn.__file__}")
+    applied = False
+    if args.child == "tuned":
+        from maskrcnn.utils.malloc import tune_malloc
+
+        applied = tune_malloc()
     torch.set_num_threads(args.threads)
     from maskrcnn.data.build import build_train_loader
     from maskrcnn.data.catalog import build_dataset
@@ -82,6 +98,8 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--code", default="", help="import maskrcnn from this checkout (default: this one)")
+    p.add_argument("--only", choices=("default", "tuned"), help="run only these children (no ratio)")
     p.add_argument("--child", choices=("default", "tuned"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -91,15 +109,23 @@ def main() -> None:
     rows = []
     for r in range(args.rounds):
         result = {}
-        for mode in (("default", "tuned") if r % 2 == 0 else ("tuned", "default")):
+        modes = (args.only,) if args.only else (("default", "tuned") if r % 2 == 0 else ("tuned", "default"))
+        for mode in modes:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + sys.argv[1:]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             result[mode] = json.loads(out.strip().splitlines()[-1])
+        if args.only:
+            one = result[args.only]
+            print(f"round {r + 1}: {args.only} {one['ms']:.1f} ms/step, {one['faults']:.0f} faults/step "
+                  f"({args.code or 'this checkout'})", flush=True)
+            continue
         rows.append(result)
         d, t = result["default"], result["tuned"]
         print(f"round {r + 1}: default {d['ms']:.1f} ms/step, {d['faults']:.0f} faults/step | tuned "
               f"{t['ms']:.1f} ms/step, {t['faults']:.0f} faults/step (applied: {t['applied']}) | ratio "
               f"{t['ms'] / d['ms']:.3f}", flush=True)
+    if args.only:
+        return
     ratios = [row["tuned"]["ms"] / row["default"]["ms"] for row in rows]
     print(f"tuned / default step time: median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f} - "
           f"{max(ratios):.3f}), {args.threads} thread(s), {args.steps} steps per process")
