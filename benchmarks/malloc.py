@@ -88,7 +88,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"applied": applied, "ms": statistics.median(times) * 1e3, "faults": faults / args.steps}))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True, help="a saved config (OUTPUT_DIR/config.yaml of a train_net run)")
     p.add_argument("--load_ckpt", default="", help="its weights (default: a fresh model, whose early steps are "
@@ -101,7 +101,8 @@ def main() -> None:
     p.add_argument("--code", default="", help="import maskrcnn from this checkout (default: this one)")
     p.add_argument("--only", choices=("default", "tuned"), help="run only these children (no ratio)")
     p.add_argument("--child", choices=("default", "tuned"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     if args.child:
         child(args)
         return
@@ -111,7 +112,7 @@ def main() -> None:
         result = {}
         modes = (args.only,) if args.only else (("default", "tuned") if r % 2 == 0 else ("tuned", "default"))
         for mode in modes:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + sys.argv[1:]
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + argv
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             result[mode] = json.loads(out.strip().splitlines()[-1])
         if args.only:

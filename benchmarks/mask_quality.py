@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 from collections import defaultdict
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -33,31 +34,23 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load_ckpt", required=True)
-    p.add_argument("--dataset", required=True, help="a dataset spec with masks, e.g. synthetic:thin:val")
-    p.add_argument("--images", type=int, default=100)
-    args = p.parse_args()
-
+def measure(predictor, dataset, num_images: int) -> Dict[int, List[Tuple[float, float, float, float]]]:
+    """Per class label, one ``(oracle@gt, box IoU, oracle@pred, pred)`` row per non-crowd ground-truth instance of
+    the first ``num_images`` images of ``dataset`` (``(image, target)`` items with ``masks``)."""
     from torchvision.ops import box_iou
 
-    from maskrcnn.data.catalog import build_dataset
     from maskrcnn.ops.masks import paste_masks_by_method, project_masks_on_boxes
-    from maskrcnn.predictor import Predictor
 
-    predictor = Predictor(None, args.load_ckpt, device="cpu")
     cfg = predictor.cfg
     method, m, thresh = cfg.TEST.MASK_PASTE_METHOD, int(cfg.MRCNN.RESOLUTION), float(cfg.MRCNN.THRESH_BINARIZE)
-    dataset = build_dataset(args.dataset, is_train=False)
-    rows = defaultdict(list)
+    rows: Dict[int, List[Tuple[float, float, float, float]]] = defaultdict(list)
     zero = torch.zeros(1, dtype=torch.long)
 
     def cut_and_paste(gt_mask, box, hw):
         target = project_masks_on_boxes(gt_mask[None].float(), box, zero, m)
         return paste_masks_by_method(target[:, None], box, hw, method=method)[0, 0] >= 0.5
 
-    for k in range(min(len(dataset), args.images)):
+    for k in range(min(len(dataset), num_images)):
         image, target = dataset[k]
         out = predictor(image)
         hw = tuple(image.shape[-2:])
@@ -79,13 +72,29 @@ def main() -> None:
             mask = mask >= thresh if mask.is_floating_point() else mask.bool()
             rows[label].append((ceiling, float(ious.max()), mask_iou(cut_and_paste(gt_mask, box, hw), gt_mask),
                                 mask_iou(mask, gt_mask)))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load_ckpt", required=True, help="a train_net checkpoint (it holds its config)")
+    p.add_argument("--dataset", required=True, help="a dataset spec with masks, e.g. synthetic:thin:val")
+    p.add_argument("--images", type=int, default=100)
+    args = p.parse_args(argv)
+
+    from maskrcnn.data.catalog import build_dataset
+    from maskrcnn.predictor import Predictor
+
+    predictor = Predictor(None, args.load_ckpt, device="cpu")
+    rows = measure(predictor, build_dataset(args.dataset, is_train=False), args.images)
     names = predictor.class_names
     print(f"{'class':12s} {'n':>4s} {'oracle@gt':>10s} {'box IoU':>8s} {'oracle@pred':>12s} {'pred':>6s}")
     for label in sorted(rows):
         a = np.array(rows[label])
         print(f"{names[label]:12s} {len(a):4d} {a[:, 0].mean():10.3f} {a[:, 1].mean():8.3f} {a[:, 2].mean():12.3f} "
               f"{a[:, 3].mean():6.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
