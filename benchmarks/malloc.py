@@ -14,7 +14,8 @@ excluded) and its minor page faults per step; the table gives both and the ratio
 model); ``--only default`` runs only the children without ``tune_malloc`` (for code that predates it):
 
     for r in 1 2 3; do
-        python benchmarks/malloc.py --code OLD_CHECKOUT --only default --rounds 1 --cfg ... --load_ckpt ... --dataset ...
+        python benchmarks/malloc.py --code OLD_CHECKOUT --only default --rounds 1 --cfg ... --load_ckpt ... \\
+            --dataset ...
         python benchmarks/malloc.py --only default --rounds 1 --cfg ... --load_ckpt ... --dataset ...
     done
 """

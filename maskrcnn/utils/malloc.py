@@ -4,9 +4,9 @@ A training step frees and re-allocates the same tensors every iteration. With gl
 (dynamic) mmap threshold is mapped on allocation and unmapped when freed, and the top of the heap is returned to
 the kernel past 128 KiB of free space: the next step's tensors then land on fresh pages, which the kernel must
 fault in and zero one 4 KiB page at a time. On `--auto`'s `thin` recipe (4 images of 128 px, one thread) that is
-about 5,400 page faults per step and 10% of the step's time (docs/benchmarks.md, "Allocator"). Serving blocks up to
-32 MiB from the heap and keeping up to 1 GiB of freed memory in the process removes them, as jemalloc or tcmalloc
-(which ``python -m torch.backends.xeon.run_cpu`` preloads) would.
+about 3,000-6,000 page faults per step and a tenth of the step's time (docs/benchmarks.md, "Allocator"). Serving
+blocks up to 32 MiB from the heap and keeping up to 1 GiB of freed memory in the process removes them, as jemalloc
+or tcmalloc (which ``python -m torch.backends.xeon.run_cpu`` preloads) would.
 
 The cost is memory the process keeps after a peak instead of returning it: a long-running process holds its peak.
 ``tools/train_net.py`` and ``tools/test_net.py`` apply this at start when ``TUNE_MALLOC`` is on (the default); a
@@ -22,7 +22,7 @@ from typing import Optional
 
 __all__ = ["tune_malloc", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
-#: Blocks up to this size come from the heap (glibc's upper limit for the setting on 64-bit: 32 MiB).
+#: Blocks up to this size come from the heap (the ceiling of glibc's own dynamic threshold on 64-bit).
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of the heap kept by the process before it is returned to the kernel.
 TRIM_THRESHOLD = 1024 * 1024 * 1024
@@ -46,8 +46,8 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
     """Set glibc malloc's mmap and trim thresholds for this process (``mallopt``).
 
     Args:
-        mmap_threshold: bytes; larger blocks are still mapped and unmapped one by one. glibc refuses values above
-            32 MiB (64-bit), and then this returns False.
+        mmap_threshold: bytes; larger blocks are still mapped and unmapped one by one (some glibc versions refuse
+            values above 32 MiB on 64-bit: then this returns False).
         trim_threshold: bytes of free memory at the top of the heap the process keeps.
 
     Returns:

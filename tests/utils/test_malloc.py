@@ -7,7 +7,6 @@ import textwrap
 import pytest
 
 from maskrcnn.utils import tune_malloc
-from maskrcnn.utils.malloc import MMAP_THRESHOLD
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -58,7 +57,3 @@ def test_rejects_non_positive_thresholds():
         tune_malloc(mmap_threshold=0)
     with pytest.raises(ValueError, match="trim_threshold=-1"):
         tune_malloc(trim_threshold=-1)
-
-
-def test_default_threshold_is_the_largest_glibc_takes():
-    assert MMAP_THRESHOLD == 32 * 1024 * 1024
