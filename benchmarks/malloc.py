@@ -48,6 +48,8 @@ def child(args: argparse.Namespace) -> None:
 
         applied = tune_malloc()
     torch.set_num_threads(args.threads)
+    # The step is assembled here, not with a helper of the package, so that --code can time checkouts older
+    # than any such helper (these imports exist in every commit since the Trainer).
     from maskrcnn.data.build import build_train_loader
     from maskrcnn.data.catalog import build_dataset
     from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer_from_cfg

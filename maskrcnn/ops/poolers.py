@@ -172,11 +172,8 @@ class MultiLevelRoIAlign(nn.Module):
         scale = torch.tensor(self.scales, dtype=dtype, device=device)[levels]
         h, w = heights[levels], widths[levels]
         row_base = level_start[levels] + batch * h * w
-        num_rows = int(sizes.sum())
-        def plan():
-            return roi_align_plan(rois, scale, h, w, row_base, self.output_size, self.sampling_ratio, self.aligned,
-                                  num_rows)
-
+        plan = roi_align_plan(rois, scale, h, w, row_base, self.output_size, self.sampling_ratio, self.aligned,
+                              int(sizes.sum()))
         return apply_roi_align_plan(features, plan, rois.shape[0], self.output_size, dtype)
 
     def extra_repr(self) -> str:

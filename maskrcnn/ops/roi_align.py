@@ -127,10 +127,6 @@ class PlanBlock(NamedTuple):
     weight: Optional[Tensor]  # (Rg*oh*ow, K) weights in the compute dtype (None: unweighted)
 
 
-#: A plan, or a function without arguments that builds one.
-PlanOrMaker = Union[List[PlanBlock], Callable[[], List[PlanBlock]]]
-
-
 def slot_bucket(k: Tensor) -> Tensor:
     # Exact up to _EXACT_SLOTS, then rounded up to a multiple of 2**(ceil(log2 k) - 3).
     e = torch.ceil(torch.log2(k.clamp(min=1).double()))
@@ -250,15 +246,16 @@ def outer_plan(
 
     if row_part.shape[0] == 0:
         return [block(None, 0, 0)]
+    kx_max = int(col_slots.max())
     if row_weight is not None:
         # One block of the largest slot counts when the zero-weight padding adds at most a quarter of the
         # entries: each block costs a dozen small operations here and a gather (and a sort in backward), more
         # than the padded entries at the RoI counts of a training step. (Slots past a RoI's count weigh 0 and
         # repeat its last row.) Unweighted (max) plans keep exact blocks.
-        ky_max, kx_max = int(row_slots.max()), int(col_slots.max())
+        ky_max = int(row_slots.max())
         if 4 * row_part.shape[0] * ky_max * kx_max <= 5 * int((row_slots * col_slots).sum()):
             return [block(None, ky_max, kx_max)]
-    key = row_slots * (int(col_slots.max()) + 1) + col_slots
+    key = row_slots * (kx_max + 1) + col_slots
     groups, inverse = torch.unique(key, return_inverse=True)
     if groups.numel() == 1:
         return [block(None, int(row_slots[0]), int(col_slots[0]))]
@@ -495,9 +492,8 @@ class _RoIAlignFunction(torch.autograd.Function):
     """Bag sums of a plan over packed feature maps; differentiable in the features only."""
 
     @staticmethod
-    def forward(ctx, plan: PlanOrMaker, num_rois: int, output_size: Tuple[int, int], dtype, *features: Tensor):
+    def forward(ctx, plan: List[PlanBlock], num_rois: int, output_size: Tuple[int, int], dtype, *features: Tensor):
         table = pack_features(features, dtype)
-        plan = plan() if callable(plan) else plan
         # The plan is kept for backward rather than rebuilt there: building it is most of the op's time at
         # few channels (2.5 of 12 ms forward + backward for 256 RoIs at 7x7 and 32 channels, one thread), while
         # it holds ~8 bytes per (bin, sample) entry (about 6 MB for 1024 RoIs at 7x7), small next to the
@@ -518,20 +514,19 @@ class _RoIAlignFunction(torch.autograd.Function):
 
 
 def apply_roi_align_plan(
-    features: Sequence[Tensor], plan: PlanOrMaker, num_rois: int, output_size: Tuple[int, int], dtype: torch.dtype
+    features: Sequence[Tensor], plan: List[PlanBlock], num_rois: int, output_size: Tuple[int, int],
+    dtype: torch.dtype,
 ) -> Tensor:
-    """(R, C, oh, ow) RoIAlign output of ``plan`` over the packed ``features``, differentiable in them.
-
-    ``plan``: the plan, or a function without arguments that builds it (called once, in forward; the plan is kept
-    for backward while a feature needs a gradient)."""
+    """(R, C, oh, ow) RoIAlign output of ``plan`` over the packed ``features``, differentiable in them (the plan
+    is kept for backward while a feature needs a gradient)."""
     return _RoIAlignFunction.apply(plan, num_rois, output_size, dtype, *features)
 
 
 def _single_map_plan(
     shape: Sequence[int], rois: Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int,
     aligned: bool,
-) -> Callable[[], List[PlanBlock]]:
-    """Plan maker of RoIAlign on one (N, C, H, W) map of ``shape``; ``rois`` (R, 5) in the compute dtype."""
+) -> List[PlanBlock]:
+    """Plan of RoIAlign on one (N, C, H, W) map of ``shape``; ``rois`` (R, 5) in the compute dtype."""
     n, _, h, w = shape
     batch = check_batch_index(rois, n)
     num_rois, dtype, device = rois.shape[0], rois.dtype, rois.device
@@ -539,11 +534,7 @@ def _single_map_plan(
     heights = torch.full((num_rois,), h, dtype=torch.long, device=device)
     widths = torch.full((num_rois,), w, dtype=torch.long, device=device)
     row_base = batch * (h * w)
-
-    def plan() -> List[PlanBlock]:
-        return roi_align_plan(rois, scale, heights, widths, row_base, output_size, sampling_ratio, aligned, n * h * w)
-
-    return plan
+    return roi_align_plan(rois, scale, heights, widths, row_base, output_size, sampling_ratio, aligned, n * h * w)
 
 
 def _roi_align_native(
@@ -653,7 +644,7 @@ def _roi_align_op_backward(ctx, grad: Tensor):
     rois = rois.detach().to(device=grad.device, dtype=dtype)
     output_size = (pooled_height, pooled_width)
     plan = _single_map_plan(shape, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    (grad_input,) = _plan_backward(grad, plan(), ctx.meta, [True], dtype)
+    (grad_input,) = _plan_backward(grad, plan, ctx.meta, [True], dtype)
     return grad_input, None, None, None, None, None, None
 
 
