@@ -66,7 +66,7 @@ _key("OPS_BACKEND", "auto",
 _key("TUNE_MALLOC", True,
      "tools/train_net.py and tools/test_net.py set glibc malloc's mmap threshold to 32 MiB and trim threshold to "
      "1 GiB at start (maskrcnn/utils/malloc.py): each step's tensors reuse the memory the previous step freed "
-     "instead of fresh pages the kernel faults in and zeroes (about 10% of a small model's training step on a CPU); "
+     "instead of fresh pages the kernel faults in and zeroes (5-15% of a small model's training step on a CPU); "
      "the process keeps its peak memory. No effect where malloc is not glibc's.")
 _key("EPS", 1e-14, "Detectron's numerical-stability constant; kept so Detectron files load, nothing reads it "
      "(a non-default value logs a warning).")

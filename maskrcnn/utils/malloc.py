@@ -4,7 +4,7 @@ A training step frees and re-allocates the same tensors every iteration. With gl
 (dynamic) mmap threshold is mapped on allocation and unmapped when freed, and the top of the heap is returned to
 the kernel past 128 KiB of free space: the next step's tensors then land on fresh pages, which the kernel must
 fault in and zero one 4 KiB page at a time. On `--auto`'s `thin` recipe (4 images of 128 px, one thread) that is
-about 3,000-6,000 page faults per step and a tenth of the step's time (docs/benchmarks.md, "Allocator"). Serving
+about 3,000-6,000 page faults per step and 5-15% of the step's time (docs/benchmarks.md, "Allocator"). Serving
 blocks up to 32 MiB from the heap and keeping up to 1 GiB of freed memory in the process removes them, as jemalloc
 or tcmalloc (which ``python -m torch.backends.xeon.run_cpu`` preloads) would.
 
