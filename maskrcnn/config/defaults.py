@@ -173,6 +173,7 @@ _key("MRCNN.NUM_CONVS", 4, "Number of 3x3 convolutions of the v1up4convs(_gn) he
 _key("MRCNN.DILATION", 2, "Dilation of the mask head 3x3 convolutions.")
 _key("MRCNN.CLS_SPECIFIC_MASK", True, "One mask per class instead of one class-agnostic mask.")
 _key("MRCNN.WEIGHT_LOSS_MASK", 1.0, "Weight of the mask loss.")
+_key("MRCNN.DICE_LOSS_WEIGHT", 0.0, "Weight of a soft Dice loss added to the mask cross entropy (0: Detectron's loss).")
 _key("MRCNN.THRESH_BINARIZE", 0.5, "Threshold turning mask probabilities into binary masks for results.")
 _key("MRCNN.CONV_INIT", "GaussianFill", "Initialisation of mask head convolutions: 'MSRAFill' or 'GaussianFill'.")
 

@@ -44,7 +44,7 @@ from .inference import class_probs_and_boxes, select_detections
 from .keypoint_head import build_keypoint_head
 from .keypoint_outputs import KeypointRCNNOutputs, heatmaps_to_keypoints, keypoint_rcnn_loss
 from .mask_head import build_mask_head
-from .mask_outputs import MaskRCNNOutputs, mask_probs_for_labels, mask_rcnn_loss
+from .mask_outputs import MaskRCNNOutputs, mask_dice_loss, mask_probs_for_labels, mask_rcnn_loss
 from .sampling import SampledRoIs, sample_rois
 
 __all__ = ["ROIHeads"]
@@ -77,6 +77,8 @@ class ROIHeads(nn.Module):
             ``shares_box_head_res5 = True`` takes the box head's res5 map instead of ``(features, rois)``.
         mask_resolution: side ``M`` of the mask targets (``MRCNN.RESOLUTION``; the mask logits' side).
         mask_loss_weight: factor on the mask loss (``MRCNN.WEIGHT_LOSS_MASK``).
+        mask_dice_weight: factor on a Dice loss added to the mask loss's cross entropy (``MRCNN.DICE_LOSS_WEIGHT``,
+            before ``mask_loss_weight``); 0 is Detectron's loss.
         keypoint_head, keypoint_outs: the keypoint branch (``Keypoint_Head``, ``Keypoint_Outs``), both or neither.
         keypoint_loss_weight: factor on the keypoint loss (``KRCNN.LOSS_WEIGHT``).
         keypoint_loss_normalizer: None averages the keypoint loss over the visible keypoints
@@ -91,6 +93,7 @@ class ROIHeads(nn.Module):
                  detections_per_img: int = 100, min_box_size: float = 0.0, bbox_reg: bool = True,
                  box_smooth_l1_beta: float = 1.0 / 9, mask_head: Optional[nn.Module] = None,
                  mask_outs: Optional[nn.Module] = None, mask_resolution: int = 28, mask_loss_weight: float = 1.0,
+                 mask_dice_weight: float = 0.0,
                  keypoint_head: Optional[nn.Module] = None, keypoint_outs: Optional[nn.Module] = None,
                  keypoint_loss_weight: float = 1.0, keypoint_loss_normalizer: Optional[float] = None,
                  box_voting: Optional[BoxVoting] = None):
@@ -130,6 +133,9 @@ class ROIHeads(nn.Module):
         self.box_smooth_l1_beta = float(box_smooth_l1_beta)
         self.mask_resolution = int(mask_resolution)
         self.mask_loss_weight = float(mask_loss_weight)
+        if not float(mask_dice_weight) >= 0.0:
+            raise ValueError(f"mask_dice_weight must be >= 0, got {mask_dice_weight}")
+        self.mask_dice_weight = float(mask_dice_weight)
         self.keypoint_loss_weight = float(keypoint_loss_weight)
         self.keypoint_loss_normalizer = None if keypoint_loss_normalizer is None else float(keypoint_loss_normalizer)
         if box_voting is not None and not isinstance(box_voting, BoxVoting):
@@ -201,6 +207,7 @@ class ROIHeads(nn.Module):
             nms_thresh=s.NMS, detections_per_img=s.DETECTIONS_PER_IM, min_box_size=s.MIN_BOX_SIZE,
             bbox_reg=s.BBOX_REG, box_smooth_l1_beta=cfg.FAST_RCNN.SMOOTH_L1_BETA, mask_head=mask_head,
             mask_outs=mask_outs, mask_resolution=cfg.MRCNN.RESOLUTION, mask_loss_weight=cfg.MRCNN.WEIGHT_LOSS_MASK,
+            mask_dice_weight=cfg.MRCNN.DICE_LOSS_WEIGHT,
             keypoint_head=keypoint_head, keypoint_outs=keypoint_outs, keypoint_loss_weight=k.LOSS_WEIGHT,
             keypoint_loss_normalizer=kps_normalizer,
             box_voting=box_voting,
@@ -340,7 +347,11 @@ class ROIHeads(nn.Module):
         fg_targets = project_masks_on_boxes_batch(gt_masks, fg_rois, fg_matched, self.mask_resolution)
         fg_res5 = res5_map[torch.cat(keep)] if res5_map is not None else None
         mask_logits = self.Mask_Outs(self._mask_features(features, fg_rois, fg_res5))
-        return mask_rcnn_loss(mask_logits, torch.cat(fg_labels), torch.cat(fg_targets)) * self.mask_loss_weight
+        labels, targets = torch.cat(fg_labels), torch.cat(fg_targets)
+        loss = mask_rcnn_loss(mask_logits, labels, targets)
+        if self.mask_dice_weight:
+            loss = loss + self.mask_dice_weight * mask_dice_loss(mask_logits, labels, targets)
+        return loss * self.mask_loss_weight
 
     # --- inference ------------------------------------------------------------------------------------------------
     def predict_boxes(self, features: BlobConv, proposals: List[Tensor], image_sizes: Sequence[Tuple[int, int]]
