@@ -7,7 +7,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_inference, maskrcnn_loss, project_masks_on_boxes
 
 from maskrcnn.config import get_cfg
-from maskrcnn.modeling.roi_heads.mask_outputs import MaskRCNNOutputs, mask_probs_for_labels, mask_rcnn_loss
+from maskrcnn.modeling.roi_heads.mask_outputs import (MaskRCNNOutputs, mask_dice_loss, mask_probs_for_labels,
+                                                      mask_rcnn_loss)
 
 
 def test_logits_match_torchvision_predictor_with_copied_weights():
@@ -73,6 +74,48 @@ def test_hand_built_loss():
     agnostic = mask_rcnn_loss(logits[:, 1:2], torch.tensor([1, 2]), targets)
     assert agnostic.item() == pytest.approx(
         F.binary_cross_entropy_with_logits(logits[:, 1], targets).item(), rel=1e-6)
+
+
+def test_hand_built_dice_loss():
+    logits = torch.zeros(2, 3, 2, 2)
+    logits[0, 1] = torch.tensor([[100.0, -100.0], [0.0, 0.0]])
+    logits[1, 2] = 100.0
+    targets = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    loss = mask_dice_loss(logits, torch.tensor([1, 2]), targets, eps=1.0)
+    # RoI 0: p = (1, 0, .5, .5), t = (1, 0, 1, 0): 2 * 1.5 + 1 over 2 + 2 + 1. RoI 1: p = t = 1, so dice 1.
+    expected = (1 - 4.0 / 5.0 + 0.0) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # Only the RoI's own class channel counts: the other channels' logits change nothing.
+    other = logits.clone()
+    other[0, 2] = 50.0
+    other[1, 0] = -50.0
+    assert mask_dice_loss(other, torch.tensor([1, 2]), targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_loss_weighs_a_thin_object_more_than_cross_entropy():
+    # A one-pixel line in a 28x28 box predicted as background everywhere: cross entropy barely notices (the line is
+    # 1/28 of the pixels), Dice is near its maximum; both fall when the line is predicted.
+    targets = torch.zeros(1, 28, 28)
+    targets[0, :, 14] = 1.0
+    missed = torch.full((1, 2, 28, 28), -6.0)
+    found = missed.clone()
+    found[0, 1, :, 14] = 6.0
+    labels = torch.tensor([1])
+    assert mask_rcnn_loss(missed, labels, targets).item() < 0.25
+    assert mask_dice_loss(missed, labels, targets).item() > 0.9
+    assert mask_dice_loss(found, labels, targets).item() < 0.1
+
+
+def test_empty_dice_loss_keeps_graph_and_bad_inputs_are_named():
+    logits = torch.zeros(0, 5, 14, 14, requires_grad=True)
+    loss = mask_dice_loss(logits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 14, 14))
+    assert loss.item() == 0 and loss.requires_grad
+    loss.backward()
+    assert logits.grad is not None
+    with pytest.raises(ValueError, match="mask_targets"):
+        mask_dice_loss(torch.zeros(2, 3, 14, 14), torch.tensor([1, 2]), torch.zeros(2, 28, 28))
+    with pytest.raises(ValueError, match="labels"):
+        mask_dice_loss(torch.zeros(2, 3, 14, 14), torch.tensor([1, 5]), torch.zeros(2, 14, 14))
 
 
 def test_empty_loss_keeps_graph():

@@ -95,6 +95,22 @@ def test_faster_rcnn_heads_have_no_mask_loss_and_mask_loss_weight_scales():
     torch.testing.assert_close(l2["loss_cls"], l1["loss_cls"])
 
 
+def test_mask_dice_weight_adds_a_dice_term_to_the_mask_loss():
+    feats, props, targets = _fpn_features(), _proposals(), _targets()
+    heads = {w: fpn_heads(mask_dice_weight=w).train() for w in (0.0, 1.0, 2.0)}
+    for h in heads.values():
+        h.load_state_dict(heads[0.0].state_dict())
+    losses = {}
+    for w, h in heads.items():
+        torch.manual_seed(3)
+        losses[w] = h(feats, props, SIZES, targets)[1]["loss_mask"]
+    dice = losses[1.0] - losses[0.0]
+    assert 0.0 < dice.item() <= 1.0
+    torch.testing.assert_close(losses[2.0] - losses[0.0], 2 * dice)
+    with pytest.raises(ValueError, match="mask_dice_weight"):
+        fpn_heads(mask_dice_weight=-1.0)
+
+
 @pytest.mark.parametrize("build,features", [(fpn_heads, _fpn_features), (c4_heads, _c4_features)])
 def test_inference_outputs(build, features):
     heads = build().eval()
@@ -173,13 +189,14 @@ def test_from_cfg_reads_the_settings():
     cfg = get_cfg()
     cfg.merge_from_list(["MODEL.NUM_CLASSES", 5, "MODEL.MASK_ON", True, "TEST.SCORE_THRESH", 0.3, "TEST.NMS", 0.4,
                          "TEST.DETECTIONS_PER_IM", 7, "TRAIN.FG_THRESH", 0.6, "TRAIN.BG_THRESH_HI", 0.4,
-                         "TRAIN.BATCH_SIZE_PER_IM", 32, "MRCNN.WEIGHT_LOSS_MASK", 0.5,
+                         "TRAIN.BATCH_SIZE_PER_IM", 32, "MRCNN.WEIGHT_LOSS_MASK", 0.5, "MRCNN.DICE_LOSS_WEIGHT", 0.25,
                          "FAST_RCNN.ROI_BOX_HEAD", "fast_rcnn_heads.roi_2mlp_head", "FAST_RCNN.MLP_HEAD_DIM", 16,
                          "MRCNN.ROI_MASK_HEAD", "mask_rcnn_heads.mask_rcnn_fcn_head_v1up", "MRCNN.DIM_REDUCED", 8])
     heads = ROIHeads.from_cfg(cfg, C, [1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64])
     assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.3, 0.4, 7)
     assert heads.proposal_matcher.high_threshold == 0.6 and heads.proposal_matcher.low_threshold == 0.4
     assert heads.fg_bg_sampler.batch_size_per_image == 32 and heads.mask_loss_weight == 0.5
+    assert heads.mask_dice_weight == 0.25
     assert heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
     assert heads.Box_Outs.cls_score.out_features == 5 and heads.Mask_Outs.mask_fcn_logits.out_channels == 5
     assert heads.mask_on and not heads.shares_res5 and heads.Mask_Head.num_convs == 2
