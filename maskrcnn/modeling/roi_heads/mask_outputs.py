@@ -5,10 +5,12 @@
 
 :func:`mask_rcnn_loss` is torchvision's ``maskrcnn_loss`` given ready-made targets: binary cross entropy with logits
 between each RoI's mask of its own class and its ``M x M`` target, averaged over all pixels of all RoIs.
+:func:`mask_dice_loss` is a soft Dice loss on the same inputs, which ``ROIHeads`` adds to it when
+``MRCNN.DICE_LOSS_WEIGHT`` is set.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,18 @@ def _label_channel(mask_logits: Tensor, labels: Tensor, fn: str) -> Tensor:
     return mask_logits[torch.arange(num_rois, device=mask_logits.device), labels]
 
 
+def _loss_inputs(mask_logits: Tensor, labels: Union[Tensor, Sequence[Tensor]],
+                 mask_targets: Union[Tensor, Sequence[Tensor]], fn: str) -> Tuple[Tensor, Tensor]:
+    """``(R, M, M)`` logits of each RoI's own class and its ``(R, M, M)`` targets, per-image lists concatenated."""
+    labels = labels if isinstance(labels, Tensor) else torch.cat(list(labels))
+    mask_targets = mask_targets if isinstance(mask_targets, Tensor) else torch.cat(list(mask_targets))
+    if mask_targets.dim() != 3 or mask_targets.shape[0] != mask_logits.shape[0] or \
+            mask_targets.shape[1:] != mask_logits.shape[2:]:
+        raise ValueError(f"{fn}: mask_targets must be ({mask_logits.shape[0]}, {mask_logits.shape[2]}, "
+                         f"{mask_logits.shape[3] if mask_logits.dim() == 4 else '?'}), got {tuple(mask_targets.shape)}")
+    return _label_channel(mask_logits, labels, fn), mask_targets
+
+
 def mask_rcnn_loss(mask_logits: Tensor, labels: Union[Tensor, Sequence[Tensor]],
                    mask_targets: Union[Tensor, Sequence[Tensor]]) -> Tensor:
     """Mask loss of the foreground RoIs.
@@ -88,13 +102,7 @@ def mask_rcnn_loss(mask_logits: Tensor, labels: Union[Tensor, Sequence[Tensor]],
     Returns:
         0-d mean BCE-with-logits; with ``R == 0``, ``0 * mask_logits.sum()`` so the graph stays connected.
     """
-    labels = labels if isinstance(labels, Tensor) else torch.cat(list(labels))
-    mask_targets = mask_targets if isinstance(mask_targets, Tensor) else torch.cat(list(mask_targets))
-    if mask_targets.dim() != 3 or mask_targets.shape[0] != mask_logits.shape[0] or \
-            mask_targets.shape[1:] != mask_logits.shape[2:]:
-        raise ValueError(f"mask_targets must be ({mask_logits.shape[0]}, {mask_logits.shape[2]}, "
-                         f"{mask_logits.shape[3] if mask_logits.dim() == 4 else '?'}), got {tuple(mask_targets.shape)}")
-    logits = _label_channel(mask_logits, labels, "mask_rcnn_loss")
+    logits, mask_targets = _loss_inputs(mask_logits, labels, mask_targets, "mask_rcnn_loss")
     if mask_targets.numel() == 0:
         return mask_logits.sum() * 0
     return F.binary_cross_entropy_with_logits(logits, mask_targets.to(logits.dtype))
@@ -109,13 +117,7 @@ def mask_dice_loss(mask_logits: Tensor, labels: Union[Tensor, Sequence[Tensor]],
     its box, weighs little against its background; Dice scores the overlap itself, whatever the object's share of
     the box. Same arguments and shapes as :func:`mask_rcnn_loss`; with ``R == 0``, ``0 * mask_logits.sum()``.
     """
-    labels = labels if isinstance(labels, Tensor) else torch.cat(list(labels))
-    mask_targets = mask_targets if isinstance(mask_targets, Tensor) else torch.cat(list(mask_targets))
-    if mask_targets.dim() != 3 or mask_targets.shape[0] != mask_logits.shape[0] or \
-            mask_targets.shape[1:] != mask_logits.shape[2:]:
-        raise ValueError(f"mask_targets must be ({mask_logits.shape[0]}, {mask_logits.shape[2]}, "
-                         f"{mask_logits.shape[3] if mask_logits.dim() == 4 else '?'}), got {tuple(mask_targets.shape)}")
-    logits = _label_channel(mask_logits, labels, "mask_dice_loss")
+    logits, mask_targets = _loss_inputs(mask_logits, labels, mask_targets, "mask_dice_loss")
     if mask_targets.numel() == 0:
         return mask_logits.sum() * 0
     probs = logits.float().sigmoid().flatten(1)
