@@ -106,31 +106,21 @@ def test_dice_loss_weighs_a_thin_object_more_than_cross_entropy():
     assert mask_dice_loss(found, labels, targets).item() < 0.1
 
 
-def test_empty_dice_loss_keeps_graph_and_bad_inputs_are_named():
+@pytest.mark.parametrize("loss_fn", [mask_rcnn_loss, mask_dice_loss])
+def test_empty_loss_keeps_graph(loss_fn):
     logits = torch.zeros(0, 5, 14, 14, requires_grad=True)
-    loss = mask_dice_loss(logits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 14, 14))
-    assert loss.item() == 0 and loss.requires_grad
-    loss.backward()
-    assert logits.grad is not None
-    with pytest.raises(ValueError, match="mask_targets"):
-        mask_dice_loss(torch.zeros(2, 3, 14, 14), torch.tensor([1, 2]), torch.zeros(2, 28, 28))
-    with pytest.raises(ValueError, match="labels"):
-        mask_dice_loss(torch.zeros(2, 3, 14, 14), torch.tensor([1, 5]), torch.zeros(2, 14, 14))
-
-
-def test_empty_loss_keeps_graph():
-    logits = torch.zeros(0, 5, 14, 14, requires_grad=True)
-    loss = mask_rcnn_loss(logits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 14, 14))
+    loss = loss_fn(logits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 14, 14))
     assert loss.item() == 0 and loss.requires_grad
     loss.backward()
     assert logits.grad is not None
 
 
-def test_bad_inputs_are_named():
-    with pytest.raises(ValueError, match="mask_targets"):
-        mask_rcnn_loss(torch.zeros(2, 3, 14, 14), torch.tensor([1, 2]), torch.zeros(2, 28, 28))
+@pytest.mark.parametrize("loss_fn", [mask_rcnn_loss, mask_dice_loss])
+def test_bad_inputs_are_named(loss_fn):
+    with pytest.raises(ValueError, match=f"{loss_fn.__name__}: mask_targets"):
+        loss_fn(torch.zeros(2, 3, 14, 14), torch.tensor([1, 2]), torch.zeros(2, 28, 28))
     with pytest.raises(ValueError, match="labels"):
-        mask_rcnn_loss(torch.zeros(2, 3, 14, 14), torch.tensor([1, 5]), torch.zeros(2, 14, 14))
+        loss_fn(torch.zeros(2, 3, 14, 14), torch.tensor([1, 5]), torch.zeros(2, 14, 14))
     with pytest.raises(ValueError, match="labels"):
         mask_probs_for_labels(torch.zeros(2, 3, 14, 14), torch.tensor([1]))
 
