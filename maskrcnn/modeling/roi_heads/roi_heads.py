@@ -77,8 +77,8 @@ class ROIHeads(nn.Module):
             ``shares_box_head_res5 = True`` takes the box head's res5 map instead of ``(features, rois)``.
         mask_resolution: side ``M`` of the mask targets (``MRCNN.RESOLUTION``; the mask logits' side).
         mask_loss_weight: factor on the mask loss (``MRCNN.WEIGHT_LOSS_MASK``).
-        mask_dice_weight: factor on a Dice loss added to the mask loss's cross entropy (``MRCNN.DICE_LOSS_WEIGHT``,
-            before ``mask_loss_weight``); 0 is Detectron's loss.
+        mask_dice_weight: factor on a Dice loss added to the mask cross entropy (``MRCNN.DICE_LOSS_WEIGHT``); the
+            sum is then scaled by ``mask_loss_weight``. 0 is Detectron's loss.
         keypoint_head, keypoint_outs: the keypoint branch (``Keypoint_Head``, ``Keypoint_Outs``), both or neither.
         keypoint_loss_weight: factor on the keypoint loss (``KRCNN.LOSS_WEIGHT``).
         keypoint_loss_normalizer: None averages the keypoint loss over the visible keypoints
