@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 from ..config import CfgNode, ConfigError, get_cfg, resolve_config_path
 
@@ -44,9 +44,11 @@ def load_auto_cfg(cfg_file) -> CfgNode:
     return cfg
 
 
-def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], Any] = print) -> List[str]:
+def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], Any] = print,
+                   world_size: Optional[int] = None) -> List[str]:
     """Apply the data-dependent choices to the unfrozen ``cfg``; returns the printed lines (also kept on
-    ``args.auto_lines``, with the explicit keys on ``args.auto_explicit``)."""
+    ``args.auto_lines``, with the explicit keys on ``args.auto_explicit``). ``world_size`` (default: torchrun's
+    ``WORLD_SIZE``) and ``args.iter_size`` make the total batch the learning rate is chosen for."""
     from ..data.catalog import build_dataset
     from ..data.stats import compute_dataset_stats
     from ..engine.auto_recipe import apply_choices, choose_recipe, explicit_keys, parse_budget
@@ -79,7 +81,11 @@ def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], 
     say(f"auto: training set {dataset!r}, statistics in {time.time() - start:.1f} s:")
     for line in stats.describe():
         say(f"auto:   {line}")
-    apply_choices(cfg, choose_recipe(cfg, stats, list(cfg.TRAIN.DATASETS), explicit), explicit, say)
+    if world_size is None:
+        from ..utils import distributed as dist_utils
+        world_size = dist_utils.env_world_size()
+    apply_choices(cfg, choose_recipe(cfg, stats, list(cfg.TRAIN.DATASETS), explicit, world_size=world_size,
+                                     iter_size=int(getattr(args, "iter_size", 1) or 1)), explicit, say)
     args.auto_lines, args.auto_explicit = lines, explicit
     return lines
 

@@ -97,7 +97,7 @@ def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
         raise ConfigError(f"{args.cfg}: no training dataset: set TRAIN.DATASETS or pass --dataset")
     total = world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
     if auto_requested(args) or cfg.AUTO.ENABLED:
-        configure_auto(cfg, args, log=log)  # the learning rate it chooses is for the batch it runs
+        configure_auto(cfg, args, log=log, world_size=world_size)  # its learning rate is for the total batch
         total = config_batch = world_size * int(cfg.TRAIN.IMS_PER_BATCH) * int(args.iter_size)
     # Kept on args so that train() repeats the rule in the run's log.
     args.lr_scaling = scale_schedule(cfg, total, config_batch, log=log)

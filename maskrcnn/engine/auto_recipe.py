@@ -208,10 +208,12 @@ def _test_datasets(specs: Sequence[str]) -> Optional[List[str]]:
     return out
 
 
-def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), explicit: Set[str] = frozenset()
-                  ) -> List[AutoChoice]:
+def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), explicit: Set[str] = frozenset(),
+                  world_size: int = 1, iter_size: int = 1) -> List[AutoChoice]:
     """The data-dependent choices for ``cfg`` (not applied; see :func:`apply_choices`). ``explicit`` keys are
-    read from ``cfg`` where other choices depend on them (the learning rate on the batch)."""
+    read from ``cfg`` where other choices depend on them (the learning rate on the batch). ``TRAIN.IMS_PER_BATCH``
+    is per process; ``SOLVER.BASE_LR`` is for the total batch of an optimizer step: ``world_size`` processes
+    (``torchrun``) x ``iter_size`` accumulated steps x the batch per process."""
     out: List[AutoChoice] = []
     add = lambda key, value, reason: out.append(AutoChoice(key, value, reason))  # noqa: E731
     k = stats.num_classes
@@ -263,13 +265,31 @@ def choose_recipe(cfg, stats: DatasetStats, train_specs: Sequence[str] = (), exp
         batch = int(cfg.TRAIN.IMS_PER_BATCH)
     add("TRAIN.ASPECT_RATIO_GROUP_FACTOR", *_aspect_group_choice(stats, size, max_size, batch))
     add_norm_choices(cfg, batch, explicit, add)
-    add("SOLVER.BASE_LR", 0.005 * batch, f"0.005 per image of the batch ({batch} per process), from scratch with "
-        f"trainable norms, warm-up and SOLVER.CLIP_GRAD_NORM")
+    add("SOLVER.BASE_LR", *_lr_choice(batch, world_size, iter_size))
     add("DATA_LOADER.CACHE_RAM_MB", *_cache_choice(cfg, stats))
     tests = _test_datasets(list(train_specs))
     if tests and not list(cfg.TEST.DATASETS):
         add("TEST.DATASETS", tests, "the validation split of the training set")
     return out
+
+
+#: ``--auto``'s learning rate per image of an optimizer step's total batch (SGD, from scratch).
+LR_PER_IMAGE = 0.005
+
+
+def _lr_choice(batch: int, world_size: int = 1, iter_size: int = 1):
+    """``(BASE_LR, reason)``: ``LR_PER_IMAGE`` per image of the total batch (the linear scaling rule), where the
+    total is ``batch`` per process x ``world_size`` processes x ``iter_size`` accumulated steps."""
+    world_size, iter_size = max(int(world_size), 1), max(int(iter_size), 1)
+    total = int(batch) * world_size * iter_size
+    parts = [f"{batch} per process"]
+    if world_size > 1:
+        parts.append(f"{world_size} processes")
+    if iter_size > 1:
+        parts.append(f"{iter_size} accumulated steps")
+    of = f"{total}: {' x '.join(parts)}" if len(parts) > 1 else parts[0]
+    return LR_PER_IMAGE * total, (f"{LR_PER_IMAGE:g} per image of the total batch ({of}), from scratch with "
+                                  f"trainable norms, warm-up and SOLVER.CLIP_GRAD_NORM")
 
 
 def batch_padding(stats: DatasetStats, min_size: int, max_size: int, batch: int, factor: int,

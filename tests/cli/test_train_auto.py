@@ -71,6 +71,23 @@ def test_timed_steps_are_real_training_steps(tmp_path):
     assert len(times) == 2 and all(0 < t < 60 for t in times)
 
 
+def test_auto_lr_is_for_the_total_batch_under_torchrun_and_iter_size(tmp_path):
+    """With 2 processes (torchrun) and 2 accumulated steps, --auto's BASE_LR is for the 4 x batch images of an
+    optimizer step, and the linear scaling rule then leaves it alone (the total batch equals the config's)."""
+    argv = ["--auto", "--dataset", "synthetic:basic:train", "--output_dir", str(tmp_path), "--set",
+            "AUTO.MIN_INPUT_SIZE", "64", "AUTO.MAX_INPUT_SIZE", "64", "AUTO.STATS_MAX_IMAGES", "8"]
+    lines = []
+    one = train_net.setup_cfg(train_net.parse_args(argv), 1, log=lambda m: None)
+    many = train_net.setup_cfg(train_net.parse_args(argv + ["--iter_size", "2"]), 2, log=lines.append)
+    batch = one.TRAIN.IMS_PER_BATCH
+    assert many.TRAIN.IMS_PER_BATCH == batch and one.SOLVER.BASE_LR == pytest.approx(0.005 * batch)
+    assert many.SOLVER.BASE_LR == pytest.approx(0.005 * 4 * batch)
+    assert many.SOLVER.MAX_ITER == one.SOLVER.MAX_ITER
+    assert any(f"total batch ({4 * batch}: {batch} per process x 2 processes x 2 accumulated steps)" in line
+               for line in lines)
+    assert any(f"the total batch {4 * batch} equals the config's ({4 * batch})" in line for line in lines)
+
+
 def test_budget_not_applied_over_an_explicit_max_iter(tiny_coco, tmp_path):
     out = tmp_path / "budget"
     rc = train_net.main(["--auto", "--budget", "90s", "--dataset", tiny_coco["train"], "--output_dir", str(out),

@@ -197,6 +197,22 @@ def test_explicit_key_wins_and_is_reported():
     assert any(line.startswith("auto: TEST.SCALE = 400  (") for line in lines)
 
 
+def test_lr_is_for_the_total_batch_of_processes_and_accumulated_steps():
+    cfg = load_auto_cfg(None)
+    stats = _stats(200, np.linspace(20, 60, 60))
+    one = _choices(cfg, stats)
+    batch = one["TRAIN.IMS_PER_BATCH"].value
+    assert one["SOLVER.BASE_LR"].value == pytest.approx(0.005 * batch)
+    assert f"total batch ({batch} per process)" in one["SOLVER.BASE_LR"].reason
+    two = _choices(cfg, stats, world_size=2)
+    assert two["TRAIN.IMS_PER_BATCH"].value == batch  # the batch stays per process
+    assert two["SOLVER.BASE_LR"].value == pytest.approx(0.005 * 2 * batch)
+    assert f"({2 * batch}: {batch} per process x 2 processes)" in two["SOLVER.BASE_LR"].reason
+    acc = _choices(cfg, stats, world_size=2, iter_size=3)
+    assert acc["SOLVER.BASE_LR"].value == pytest.approx(0.005 * 6 * batch)
+    assert "x 2 processes x 3 accumulated steps" in acc["SOLVER.BASE_LR"].reason
+
+
 def test_test_datasets_and_schedule():
     cfg = load_auto_cfg(None)
     c = _choices(cfg, _stats(200, np.full(10, 30.0)), train_specs=["synthetic:tiny:train"])
