@@ -4,6 +4,7 @@ learning curve (AP at every snapshot) per dataset.
     python benchmarks/auto_variants.py --out /tmp/auto_runs --budget 10min            # every variant, 10 min each
     python benchmarks/auto_variants.py --out DIR --variants basic tiny --iters 600 --eval_every 150
     python benchmarks/auto_variants.py --out DIR --variants none --pennfudan ../shared/data/PennFudanPed-sample
+    python benchmarks/auto_variants.py --out DIR --variants mixed --nproc 2 --threads 1   # torchrun, a process per core
 
 Each dataset is trained exactly as a user would: ``tools/train_net.py --auto --dataset synthetic:V:train`` (the
 Penn-Fudan sample is split 30 train / 10 held-out images and written as COCO json first, so it goes through the
@@ -73,6 +74,8 @@ def run_dataset(name: str, train_spec: str, val_spec: str, out: str, args) -> Di
     os.makedirs(d, exist_ok=True)
     # No --test_dataset: it would evaluate model_final inside the timed command; every snapshot is evaluated below.
     cmd = [sys.executable, "tools/train_net.py", "--auto", "--dataset", train_spec, "--output_dir", d]
+    if args.nproc > 1:  # one training process per core, as a user with several cores would run it
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
     sets = list(args.set)
     if args.iters:
         sets += ["SOLVER.MAX_ITER", str(args.iters)]
@@ -107,7 +110,7 @@ def run_dataset(name: str, train_spec: str, val_spec: str, out: str, args) -> Di
     result = {"dataset": name, "train": train_spec, "val": val_spec, "minutes": seconds / 60.0, "iterations": max_iter,
               "box_ap": curve[-1]["box_ap"], "mask_ap": curve[-1]["mask_ap"], "curve": curve,
               "load_before": load_before, "load_after": os.getloadavg(), "auto": auto_lines,
-              "threads": int(_THREADS.get("OMP_NUM_THREADS", 0)) or None}
+              "threads": int(_THREADS.get("OMP_NUM_THREADS", 0)) or None, "processes": max(int(args.nproc), 1)}
     plot_curve(result, os.path.join(d, "curve.png"))
     return result
 
@@ -151,8 +154,11 @@ def write_table(results: List[Dict], path: str) -> str:
         v = VARIANTS.get(r["dataset"])
         held = "yes" if (v is None or v.held_out) else "no"
         load = f"{r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}"
+        threads = str(r.get("threads") or "all")
+        if r.get("processes", 1) > 1:
+            threads = f"{r['processes']} processes x {threads}"
         rows.append(f"| {r['dataset']} | {held} | {r['box_ap']:.1f} | {r['mask_ap']:.1f} | {r['minutes']:.1f} | "
-                    f"{r['iterations']} | {r.get('threads') or 'all'} | {load} |")
+                    f"{r['iterations']} | {threads} | {load} |")
     text = "\n".join(rows) + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -172,6 +178,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY VALUE", help="extra config overrides")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of each command (OMP_NUM_THREADS; 0: torch's default, every core)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="training processes (torchrun --standalone --nproc_per_node N; gloo on a CPU); the "
+                        "evaluations run in one process")
     args = p.parse_args(argv)
     if args.threads:
         _THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
