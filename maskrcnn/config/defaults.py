@@ -413,6 +413,8 @@ _key("AUTO.MAX_INPUT_SIZE", 512, "Largest shorter-side input size the automatic 
 _key("AUTO.MAX_UPSCALE", 2.0, "Largest factor the automatic input scale enlarges the median image by.")
 _key("AUTO.ANCHOR_IOU", 0.5, "IoU a ground-truth box's best anchor must reach to count as recalled in the anchor fit.")
 _key("AUTO.TIMING_ITERS", 5, "Training steps timed (after 2 untimed ones) to size SOLVER.MAX_ITER to the budget.")
+_key("AUTO.TRY_BF16", True, "With a budget: also time bf16-autocast training steps (same batches) and train with "
+     "TRAIN.AMP bf16 when they are at least 5% faster than fp32 (CPUs with AMX or AVX512-BF16, recent GPUs).")
 
 #: Body names accepted by MODEL.CONV_BODY (prefix optional).
 CONV_BODIES = tuple(

@@ -24,7 +24,8 @@ value and a reason for each data-dependent key:
 :func:`apply_choices` writes them into the config except where a key is *explicit* (set by the ``--cfg`` file or
 ``--set``, or a command-line flag such as ``--bs``/``--lr``): an explicit key always wins, and the log says what
 was kept. Then, once the device is known, :func:`fit_schedule_to_budget` times a few real training steps of the chosen
-model and sizes ``SOLVER.MAX_ITER`` (with its steps, warm-up and snapshots) to ``AUTO.BUDGET_MINUTES``.
+model, in fp32 and under bf16 autocast (``TRAIN.AMP``: the faster by :data:`BF16_MIN_SPEEDUP`), and sizes
+``SOLVER.MAX_ITER`` (with its steps, warm-up and snapshots) to ``AUTO.BUDGET_MINUTES``.
 
 Every choice is printed as ``auto: KEY = VALUE  (reason)`` and ends up in ``OUTPUT_DIR/config.yaml``, so
 ``test_net --cfg OUTPUT_DIR/config.yaml`` evaluates the same model.
@@ -49,7 +50,7 @@ from ..modeling.rpn.anchor_fit import anchor_quality, fit_fpn_anchors
 
 __all__ = ["AutoChoice", "AUTO_BASE_CONFIG", "explicit_keys", "parse_budget", "choose_recipe", "apply_choices",
            "fit_schedule_to_budget", "schedule_for", "network_boxes", "add_norm_choices", "GN_MAX_BATCH",
-           "WIDE_SIZE_SPREAD", "batch_padding", "FINE_ASPECT_FACTOR"]
+           "WIDE_SIZE_SPREAD", "batch_padding", "FINE_ASPECT_FACTOR", "BF16_MIN_SPEEDUP"]
 
 #: Packaged config ``--auto`` starts from (under a given ``--cfg``).
 AUTO_BASE_CONFIG = "scratch/auto_cpu"
@@ -446,6 +447,43 @@ def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2,
     return times
 
 
+#: bf16 autocast is chosen when its median timed step is at most this fraction of fp32's: on a CPU with AMX it was
+#: 0.81-0.87 (thin, span, mixed; docs/auto.md, eighth round); without native bf16 it is slower, and fp32 stays.
+BF16_MIN_SPEEDUP = 0.95
+
+
+def _bf16_supported(device) -> bool:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def _amp_choice(cfg, dataset, device, explicit: Set[str], times: List[float], data: List[float]):
+    """Time bf16-autocast steps on the batches ``times`` (fp32) were timed on; ``(amp, times, data, choice)``: the
+    faster precision's value for ``TRAIN.AMP``, its step and loading times, and the :class:`AutoChoice` (None when
+    nothing was tried: ``AUTO.TRY_BF16`` off, ``TRAIN.AMP`` set or explicit, or no native bf16 on ``device``)."""
+    amp = str(cfg.TRAIN.AMP)
+    if not cfg.AUTO.TRY_BF16 or amp or "TRAIN.AMP" in explicit or not _bf16_supported(device):
+        return amp, times, data, None
+    data16: List[float] = []
+    cfg.TRAIN.AMP = "bf16"
+    try:
+        times16 = time_training_steps(cfg, dataset, device, len(times), data_times=data16)
+    finally:
+        cfg.TRAIN.AMP = amp
+    fp32, bf16 = statistics.median(times), statistics.median(times16)
+    timed = f"{len(times)} steps on the same batches: bf16 autocast {bf16:.3f} s, fp32 {fp32:.3f} s (median)"
+    if bf16 <= BF16_MIN_SPEEDUP * fp32:
+        return "bf16", times16, data16, AutoChoice("TRAIN.AMP", "bf16", f"{timed}: {bf16 / fp32:.2f}x the time")
+    return amp, times, data, AutoChoice("TRAIN.AMP", amp, f"{timed}: not {1 - BF16_MIN_SPEEDUP:.0%} faster, fp32 kept")
+
+
 def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: float,
                            log: Optional[Callable[[str], Any]] = print,
                            broadcast: Optional[Callable[[Any], Any]] = None,
@@ -464,9 +502,12 @@ def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: fl
         return []
     data: List[float] = []
     times = time_training_steps(cfg, dataset, device, max(int(cfg.AUTO.TIMING_ITERS), 1), data_times=data)
+    amp, times, data, amp_choice = _amp_choice(cfg, dataset, device, explicit, times, data)
     per_iter, per_load = statistics.median(times), statistics.median(data)
     if broadcast is not None:
-        per_iter, per_load = broadcast((per_iter, per_load))
+        # Rank 0 decides for all: every process must train in the same precision.
+        amp, amp_choice, per_iter, per_load = broadcast((amp, amp_choice, per_iter, per_load))
+    amp_choices = apply_choices(cfg, [amp_choice], explicit, log) if amp_choice is not None else []
     left = budget_s - (time.time() - started)
     # 3% for logging and the checkpoints; the first iterations of a run are a little slower.
     usable = 0.97 * left
@@ -485,4 +526,4 @@ def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: fl
     max_iter = max(20, max_iter)
     choices = [AutoChoice(k, v, reason if k == "SOLVER.MAX_ITER" else f"from SOLVER.MAX_ITER {max_iter}")
                for k, v in schedule_for(max_iter).items()]
-    return apply_choices(cfg, choices, explicit, log)
+    return amp_choices + apply_choices(cfg, choices, explicit, log)

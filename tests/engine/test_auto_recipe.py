@@ -225,7 +225,7 @@ def test_test_datasets_and_schedule():
 
 def test_budget_divides_the_time_left_by_the_median_step(monkeypatch):
     cfg = load_auto_cfg(None)
-    cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
+    cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS, cfg.AUTO.TRY_BF16 = 1.0, 3, False
     calls = []
 
     def fake_steps(cfg_, dataset, device, n, data_times=None):
@@ -259,3 +259,60 @@ def test_budget_divides_the_time_left_by_the_median_step(monkeypatch):
     cfg.AUTO.BUDGET_MINUTES = 0.0
     assert fit_schedule_to_budget(cfg, None, "cpu", set(), time.time(), None) == []
     assert cfg.SOLVER.MAX_ITER == 7 and calls == [3, 3, 3]
+
+
+@pytest.mark.parametrize("bf16_times,chosen", [([0.3, 0.4, 0.35], "bf16"), ([0.48, 0.5, 0.49], "")])
+def test_bf16_is_chosen_when_its_timed_steps_are_faster(monkeypatch, bf16_times, chosen):
+    cfg = load_auto_cfg(None)
+    cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
+    calls = []
+
+    def fake_steps(cfg_, dataset, device, n, data_times=None):
+        calls.append(cfg_.TRAIN.AMP)
+        data_times.extend([0.0] * n)
+        return list(bf16_times) if cfg_.TRAIN.AMP == "bf16" else [0.6, 0.4, 0.5]
+
+    monkeypatch.setattr(auto_recipe, "time_training_steps", fake_steps)
+    monkeypatch.setattr(auto_recipe, "_bf16_supported", lambda device: True)
+    lines = []
+    made = fit_schedule_to_budget(cfg, None, "cpu", set(), time.time() - 10.0, lines.append)
+    assert calls == ["", "bf16"]  # fp32 first, then bf16 on the same batches
+    assert cfg.TRAIN.AMP == chosen and made[0].key == "TRAIN.AMP"
+    assert lines[0].startswith(f"auto: TRAIN.AMP = {chosen!r}  (3 steps on the same batches: bf16 autocast "
+                               f"{sorted(bf16_times)[1]:.3f} s, fp32 0.500 s (median)")
+    # the schedule is sized with the chosen precision's steps: about 48.5 s / median step
+    per_iter = sorted(bf16_times)[1] if chosen else 0.5
+    assert abs(cfg.SOLVER.MAX_ITER - 48.5 / per_iter) <= 1.5
+    assert "not 5% faster, fp32 kept" in lines[0] if not chosen else "0.70x the time" in lines[0]
+
+
+def test_bf16_is_not_timed_when_amp_is_set_or_turned_off_or_not_native(monkeypatch):
+    calls = []
+
+    def fake_steps(cfg_, dataset, device, n, data_times=None):
+        calls.append(cfg_.TRAIN.AMP)
+        data_times.extend([0.0] * n)
+        return [0.5] * n
+
+    monkeypatch.setattr(auto_recipe, "time_training_steps", fake_steps)
+    monkeypatch.setattr(auto_recipe, "_bf16_supported", lambda device: True)
+    for key, value, explicit in (("TRAIN.AMP", "", {"TRAIN.AMP"}), ("TRAIN.AMP", "bf16", {"TRAIN.AMP"}),
+                                 ("AUTO.TRY_BF16", False, set())):
+        cfg = load_auto_cfg(None)
+        cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
+        cfg.merge_from_list([key, value])
+        calls.clear()
+        made = fit_schedule_to_budget(cfg, None, "cpu", explicit, time.time(), None)
+        assert calls == [str(cfg.TRAIN.AMP)] and [c.key for c in made][0] == "SOLVER.MAX_ITER"
+        assert cfg.TRAIN.AMP == (value if key == "TRAIN.AMP" else "")
+    monkeypatch.setattr(auto_recipe, "_bf16_supported", lambda device: False)
+    cfg = load_auto_cfg(None)
+    cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
+    calls.clear()
+    fit_schedule_to_budget(cfg, None, "cpu", set(), time.time(), None)
+    assert calls == [""] and cfg.TRAIN.AMP == ""
+
+
+def test_bf16_support_check_names_the_device():
+    assert auto_recipe._bf16_supported("meta") is False
+    assert isinstance(auto_recipe._bf16_supported("cpu"), bool)
