@@ -122,3 +122,17 @@ def test_resume_takes_the_schedule_of_the_saved_config(tiny_coco, tmp_path):
     assert final["scheduler"]["max_iter"] == 6 and final["scheduler"]["steps"] == [0, 5, 6]
     log = (out / "log.txt").read_text()
     assert "auto: --resume: the schedule of" in log and "max_iter 4 -> 6" in log
+
+
+def test_single_cpu_process_on_several_cores_is_told_about_torchrun(monkeypatch, tmp_path):
+    from maskrcnn.cli import auto
+
+    argv = ["--auto", "--dataset", "synthetic:basic:train", "--output_dir", str(tmp_path), "--no_cuda", "--set",
+            "AUTO.MIN_INPUT_SIZE", "64", "AUTO.MAX_INPUT_SIZE", "64", "AUTO.STATS_MAX_IMAGES", "8"]
+    for cores, world_size, expected in ((2, 1, "--nproc_per_node 2"), (8, 1, "OMP_NUM_THREADS=2 torchrun"),
+                                        (1, 1, None), (2, 2, None)):
+        monkeypatch.setattr(auto, "_cpu_cores", lambda: cores)
+        lines = []
+        train_net.setup_cfg(train_net.parse_args(argv), world_size, log=lines.append)
+        hints = [line for line in lines if line.startswith("auto: note: one process")]
+        assert (expected in hints[0]) if expected else not hints, (cores, world_size, hints)
