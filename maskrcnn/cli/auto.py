@@ -137,11 +137,13 @@ def fit_budget(cfg: CfgNode, args: argparse.Namespace, ctx, logger) -> None:
         # A resumed run keeps the schedule its first start measured (a new timing would move the lr steps).
         from ..config import load_yaml_with_base
         first = load_yaml_with_base(saved)
+        # TRAIN.AMP too: the precision the first start timed and chose (bf16 or fp32) stays for the whole run.
         for section, key in (("SOLVER", "MAX_ITER"), ("SOLVER", "STEPS"), ("SOLVER", "WARM_UP_ITERS"),
-                             ("TRAIN", "SNAPSHOT_ITERS")):
+                             ("TRAIN", "SNAPSHOT_ITERS"), ("TRAIN", "AMP")):
             if f"{section}.{key}" not in getattr(args, "auto_explicit", set()):
                 cfg[section][key] = first[section][key]
-        say(f"auto: --resume: the schedule of {saved} is kept (SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER})")
+        say(f"auto: --resume: the schedule of {saved} is kept (SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}, TRAIN.AMP "
+            f"{cfg.TRAIN.AMP!r})")
         if frozen:
             cfg.freeze()
         return

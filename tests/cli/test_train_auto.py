@@ -113,6 +113,7 @@ def test_resume_takes_the_schedule_of_the_saved_config(tiny_coco, tmp_path):
     (out / "model_final.pth").unlink()
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["SOLVER"]["MAX_ITER"], saved["SOLVER"]["STEPS"] = 6, [0, 5, 6]
+    saved["TRAIN"]["AMP"] = "bf16"  # as a first start that timed bf16 faster leaves it
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     rc = train_net.main(["--auto", "--resume", "--dataset", tiny_coco["train"], "--output_dir", str(out),
                          "--set", *SMALL])
@@ -122,6 +123,8 @@ def test_resume_takes_the_schedule_of_the_saved_config(tiny_coco, tmp_path):
     assert final["scheduler"]["max_iter"] == 6 and final["scheduler"]["steps"] == [0, 5, 6]
     log = (out / "log.txt").read_text()
     assert "auto: --resume: the schedule of" in log and "max_iter 4 -> 6" in log
+    assert "(SOLVER.MAX_ITER 6, TRAIN.AMP 'bf16')" in log  # the precision is not timed again
+    assert yaml.safe_load((out / "config.yaml").read_text())["TRAIN"]["AMP"] == "bf16"
 
 
 def test_single_cpu_process_on_several_cores_is_told_about_torchrun(monkeypatch, tmp_path):
