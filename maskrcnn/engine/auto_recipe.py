@@ -448,7 +448,7 @@ def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2,
 
 
 #: bf16 autocast is chosen when its median timed step is at most this fraction of fp32's: on a CPU with AMX it was
-#: 0.81-0.91 (thin, span, crowd, mixed; docs/auto.md, eighth round) and 1.09 for tiny's GroupNorm model, which
+#: 0.80-0.95 (every BatchNorm run of the table; docs/auto.md, eighth round) and 1.09 for tiny's GroupNorm model, which
 #: kept fp32; without native bf16 it is slower, and fp32 stays.
 BF16_MIN_SPEEDUP = 0.95
 
