@@ -456,22 +456,21 @@ BF16_MIN_SPEEDUP = 0.95
 def _bf16_supported(device) -> bool:
     import torch
 
+    from .onednn_fusion import onednn_supports_dtype
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else False
+    return device.type == "cpu" and onednn_supports_dtype(torch.bfloat16)
 
 
 def _amp_choice(cfg, dataset, device, explicit: Set[str], times: List[float], data: List[float]):
-    """Time bf16-autocast steps on the batches ``times`` (fp32) were timed on; ``(amp, times, data, choice)``: the
-    faster precision's value for ``TRAIN.AMP``, its step and loading times, and the :class:`AutoChoice` (None when
-    nothing was tried: ``AUTO.TRY_BF16`` off, ``TRAIN.AMP`` set or explicit, or no native bf16 on ``device``)."""
+    """Time bf16-autocast steps on the batches ``times`` (fp32) were timed on; ``(choice, times, data)``: the
+    :class:`AutoChoice` of ``TRAIN.AMP`` (None when nothing was tried: ``AUTO.TRY_BF16`` off, ``TRAIN.AMP`` set or
+    explicit, or no native bf16 on ``device``) and the chosen precision's step and loading times."""
     amp = str(cfg.TRAIN.AMP)
     if not cfg.AUTO.TRY_BF16 or amp or "TRAIN.AMP" in explicit or not _bf16_supported(device):
-        return amp, times, data, None
+        return None, times, data
     data16: List[float] = []
     cfg.TRAIN.AMP = "bf16"
     try:
@@ -481,8 +480,8 @@ def _amp_choice(cfg, dataset, device, explicit: Set[str], times: List[float], da
     fp32, bf16 = statistics.median(times), statistics.median(times16)
     timed = f"{len(times)} steps on the same batches: bf16 autocast {bf16:.3f} s, fp32 {fp32:.3f} s (median)"
     if bf16 <= BF16_MIN_SPEEDUP * fp32:
-        return "bf16", times16, data16, AutoChoice("TRAIN.AMP", "bf16", f"{timed}: {bf16 / fp32:.2f}x the time")
-    return amp, times, data, AutoChoice("TRAIN.AMP", amp, f"{timed}: not {1 - BF16_MIN_SPEEDUP:.0%} faster, fp32 kept")
+        return AutoChoice("TRAIN.AMP", "bf16", f"{timed}: {bf16 / fp32:.2f}x the time"), times16, data16
+    return AutoChoice("TRAIN.AMP", amp, f"{timed}: not {1 - BF16_MIN_SPEEDUP:.0%} faster, fp32 kept"), times, data
 
 
 def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: float,
@@ -503,11 +502,11 @@ def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: fl
         return []
     data: List[float] = []
     times = time_training_steps(cfg, dataset, device, max(int(cfg.AUTO.TIMING_ITERS), 1), data_times=data)
-    amp, times, data, amp_choice = _amp_choice(cfg, dataset, device, explicit, times, data)
+    amp_choice, times, data = _amp_choice(cfg, dataset, device, explicit, times, data)
     per_iter, per_load = statistics.median(times), statistics.median(data)
     if broadcast is not None:
         # Rank 0 decides for all: every process must train in the same precision.
-        amp, amp_choice, per_iter, per_load = broadcast((amp, amp_choice, per_iter, per_load))
+        amp_choice, per_iter, per_load = broadcast((amp_choice, per_iter, per_load))
     amp_choices = apply_choices(cfg, [amp_choice], explicit, log) if amp_choice is not None else []
     left = budget_s - (time.time() - started)
     # 3% for logging and the checkpoints; the first iterations of a run are a little slower.
