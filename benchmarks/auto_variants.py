@@ -9,7 +9,9 @@ learning curve (AP at every snapshot) per dataset.
 Each dataset is trained exactly as a user would: ``tools/train_net.py --auto --dataset synthetic:V:train`` (the
 Penn-Fudan sample is split 30 train / 10 held-out images and written as COCO json first, so it goes through the
 COCO reader like a user's data), with snapshots every ``--eval_every`` iterations; then ``tools/test_net.py --cfg
-OUT/V/config.yaml`` evaluates each snapshot on the validation split. Results: ``OUT/results.json``,
+OUT/V/config.yaml`` evaluates each snapshot on the validation split (with the test-time augmentation ``--auto``
+chooses, as test_net and Predictor run it), and ``model_final`` once more without it ("one pass": what an exported
+model gives). Results: ``OUT/results.json``,
 ``OUT/results.md`` (the table; held-out variants marked) and ``OUT/<dataset>/curve.png`` (OpenCV plot).
 Minutes are wall-clock time of the training command (statistics, step timing, training, checkpoints; no
 evaluation); on a shared CPU they depend on the load, which is recorded (``os.getloadavg``) with each run.
@@ -105,10 +107,20 @@ def run_dataset(name: str, train_spec: str, val_spec: str, out: str, args) -> Di
         with open(os.path.join(ev, "metrics.json"), encoding="utf-8") as f:
             m = json.load(f)
         curve.append({"iter": it, "box_ap": m["bbox"]["AP"], "mask_ap": m["segm"]["AP"]})
+    # The model alone, without the test-time augmentation --auto chooses (TEST.BBOX_AUG / TEST.MASK_AUG): what an
+    # exported model (one pass) gives.
+    ev = os.path.join(d, f"eval_{max_iter:07d}_plain")
+    if not os.path.isfile(os.path.join(ev, "metrics.json")):
+        _run([sys.executable, "tools/test_net.py", "--cfg", os.path.join(d, "config.yaml"), "--load_ckpt",
+              os.path.join(d, "model_final.pth"), "--dataset", val_spec, "--output_dir", ev, "--set",
+              "TEST.BBOX_AUG.ENABLED", "False", "TEST.MASK_AUG.ENABLED", "False"], ev + "_stdout.txt")
+    with open(os.path.join(ev, "metrics.json"), encoding="utf-8") as f:
+        m = json.load(f)
+    plain = {"box_ap": m["bbox"]["AP"], "mask_ap": m["segm"]["AP"]}
     with open(os.path.join(d, "auto.txt"), encoding="utf-8") as f:
         auto_lines = f.read().splitlines()
     result = {"dataset": name, "train": train_spec, "val": val_spec, "minutes": seconds / 60.0, "iterations": max_iter,
-              "box_ap": curve[-1]["box_ap"], "mask_ap": curve[-1]["mask_ap"], "curve": curve,
+              "box_ap": curve[-1]["box_ap"], "mask_ap": curve[-1]["mask_ap"], "curve": curve, "plain": plain,
               "load_before": load_before, "load_after": os.getloadavg(), "auto": auto_lines,
               "threads": int(_THREADS.get("OMP_NUM_THREADS", 0)) or None, "processes": max(int(args.nproc), 1)}
     plot_curve(result, os.path.join(d, "curve.png"))
@@ -148,8 +160,8 @@ def plot_curve(result: Dict, path: str) -> None:
 def write_table(results: List[Dict], path: str) -> str:
     from maskrcnn.data.datasets.synthetic_family import VARIANTS
 
-    rows = ["| dataset | held out | box AP | mask AP | minutes | iterations | threads | load avg (1 min) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| dataset | held out | box AP | mask AP | one pass: box / mask AP | minutes | iterations | threads | "
+            "load avg (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         v = VARIANTS.get(r["dataset"])
         held = "yes" if (v is None or v.held_out) else "no"
@@ -157,7 +169,9 @@ def write_table(results: List[Dict], path: str) -> str:
         threads = str(r.get("threads") or "all")
         if r.get("processes", 1) > 1:
             threads = f"{r['processes']} processes x {threads}"
-        rows.append(f"| {r['dataset']} | {held} | {r['box_ap']:.1f} | {r['mask_ap']:.1f} | {r['minutes']:.1f} | "
+        plain = r.get("plain")
+        one = f"{plain['box_ap']:.1f} / {plain['mask_ap']:.1f}" if plain else "-"
+        rows.append(f"| {r['dataset']} | {held} | {r['box_ap']:.1f} | {r['mask_ap']:.1f} | {one} | {r['minutes']:.1f} | "
                     f"{r['iterations']} | {threads} | {load} |")
     text = "\n".join(rows) + "\n"
     with open(path, "w", encoding="utf-8") as f:

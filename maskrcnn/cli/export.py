@@ -97,6 +97,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"maskrcnn-export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format}, input {args.input_dtype} (3, H, W) RGB)")
+    aug = [name for name in ("BBOX_AUG", "MASK_AUG") if bool(model.cfg.TEST[name].ENABLED)]
+    if aug:
+        # test_net, Predictor and core.test run these extra passes; a traced graph holds one pass only.
+        print(f"note: {' and '.join('TEST.' + a for a in aug)} (test-time augmentation, which train_net --auto "
+              f"turns on) are not part of the exported model: it returns the plain run's detections at TEST.SCALE "
+              f"{model.cfg.TEST.SCALE}, as test_net --set TEST.BBOX_AUG.ENABLED False TEST.MASK_AUG.ENABLED False does")
     if getattr(model, "mask_on", False) and not args.paste_masks:
         pre = model.preprocess
         how = (f"method={pre.mask_paste_method!r}" if pre.mask_paste_method == "detectron2"

@@ -415,6 +415,9 @@ _key("AUTO.ANCHOR_IOU", 0.5, "IoU a ground-truth box's best anchor must reach to
 _key("AUTO.TIMING_ITERS", 5, "Training steps timed (after 2 untimed ones) to size SOLVER.MAX_ITER to the budget.")
 _key("AUTO.TRY_BF16", True, "With a budget: also time bf16-autocast training steps (same batches) and train with "
      "TRAIN.AMP bf16 when they are at least 5% faster than fp32 (CPUs with AMX or AVX512-BF16, recent GPUs).")
+_key("AUTO.TEST_AUG_SCALE", 1.25, "Test-time augmentation --auto adds: one more run of the box and mask stages at "
+     "this factor times TEST.SCALE / TEST.MAX_SIZE (TEST.BBOX_AUG / TEST.MASK_AUG, boxes merged by UNION, masks "
+     "averaged); 0 adds none. Not chosen when any TEST.BBOX_AUG or TEST.MASK_AUG key is set explicitly.")
 
 #: Body names accepted by MODEL.CONV_BODY (prefix optional).
 CONV_BODIES = tuple(

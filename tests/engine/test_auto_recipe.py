@@ -197,6 +197,49 @@ def test_explicit_key_wins_and_is_reported():
     assert any(line.startswith("auto: TEST.SCALE = 400  (") for line in lines)
 
 
+def test_one_more_test_run_at_a_larger_scale():
+    cfg = load_auto_cfg(None)
+    stats = _stats(200, np.linspace(5, 12, 60))  # chooses TEST.SCALE 400 (see above)
+    ch = _choices(cfg, stats)
+    assert ch["TEST.SCALE"].value == 400
+    assert ch["TEST.BBOX_AUG.ENABLED"].value is True and ch["TEST.MASK_AUG.ENABLED"].value is True
+    assert ch["TEST.BBOX_AUG.SCALES"].value == [496] == ch["TEST.MASK_AUG.SCALES"].value  # 1.25 x 400, to 16 px
+    assert ch["TEST.BBOX_AUG.MAX_SIZE"].value == 496 == ch["TEST.MASK_AUG.MAX_SIZE"].value
+    assert "AUTO.TEST_AUG_SCALE" in ch["TEST.BBOX_AUG.ENABLED"].reason
+    apply_choices(cfg, list(ch.values()), set(), log=None)
+    assert cfg.TEST.BBOX_AUG.ENABLED and cfg.TEST.BBOX_AUG.SCALES == [496] and cfg.TEST.MASK_AUG.MAX_SIZE == 496
+    assert not cfg.TEST.BBOX_AUG.H_FLIP and cfg.TEST.BBOX_AUG.SCORE_HEUR == "UNION"
+
+    # Sides rounded to 16 px: 1.25 x (176, 336) = (220, 420) -> (224, 416); 1.25 x 160 = 200 -> 208.
+    cfg = load_auto_cfg(None)
+    cfg.TEST.SCALE, cfg.TEST.MAX_SIZE = 176, 336
+    ch = _choices(cfg, stats, explicit={"TEST.SCALE", "TEST.MAX_SIZE"})  # an explicit test scale is the base
+    assert ch["TEST.BBOX_AUG.SCALES"].value == [224] and ch["TEST.BBOX_AUG.MAX_SIZE"].value == 416
+    cfg.TEST.SCALE, cfg.TEST.MAX_SIZE = 160, 160
+    ch = _choices(cfg, stats, explicit={"TEST.SCALE", "TEST.MAX_SIZE"})
+    assert ch["TEST.BBOX_AUG.SCALES"].value == [208] and ch["TEST.MASK_AUG.MAX_SIZE"].value == 208
+
+
+@pytest.mark.parametrize("change", ["off", "explicit_aug", "rpn_only", "no_masks"])
+def test_no_test_augmentation_when_off_or_configured_by_the_user(change):
+    cfg = load_auto_cfg(None)
+    explicit = set()
+    if change == "off":
+        cfg.AUTO.TEST_AUG_SCALE = 0.0
+    elif change == "explicit_aug":
+        explicit = {"TEST.MASK_AUG.H_FLIP"}
+    elif change == "rpn_only":
+        cfg.MODEL.RPN_ONLY = True
+    else:
+        cfg.MODEL.MASK_ON = False
+    keys = set(_choices(cfg, _stats(200, np.linspace(5, 12, 60)), explicit=explicit))
+    aug = {k for k in keys if k.startswith(("TEST.BBOX_AUG.", "TEST.MASK_AUG."))}
+    if change == "no_masks":
+        assert aug == {"TEST.BBOX_AUG.ENABLED", "TEST.BBOX_AUG.SCALES", "TEST.BBOX_AUG.MAX_SIZE"}
+    else:
+        assert aug == set()
+
+
 def test_lr_is_for_the_total_batch_of_processes_and_accumulated_steps():
     cfg = load_auto_cfg(None)
     stats = _stats(200, np.linspace(20, 60, 60))
