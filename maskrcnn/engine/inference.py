@@ -369,6 +369,11 @@ def evaluate_on_dataset(model: nn.Module, dataset: Dataset, cfg, device: Any = "
 
     log = log if log is not None else logger.info
     detector = with_test_time_augmentation(model, cfg)  # the model itself without TEST.BBOX_AUG / MASK_AUG
+    if detector is not model:
+        runs = [("boxes", detector.bbox_augmentations), ("masks", detector.mask_augmentations),
+                ("keypoints", detector.keypoint_augmentations)]
+        log(f"test-time augmentation (TEST.*_AUG): the image at {detector.reference.describe()}, and "
+            + "; ".join(f"for {what} also at {', '.join(a.describe() for a in augs)}" for what, augs in runs if augs))
     records = inference_on_dataset(detector, dataset, device=device, num_workers=num_workers,
                                    ims_per_batch=int(cfg.TEST.IMS_PER_BATCH),
                                    mask_threshold=float(cfg.MRCNN.THRESH_BINARIZE), output_dir=output_dir,

@@ -67,6 +67,13 @@ class Augmentation:
         if int(self.scale) <= 0 or int(self.max_size) <= 0 or not float(self.aspect_ratio) > 0:
             raise ValueError(f"an augmentation needs a positive scale, max_size and aspect ratio, got {self}")
 
+    def describe(self) -> str:
+        """``"208x736"``, ``"208x736 flipped"``, ``"... width x0.8"``: shorter side x longest side, and the rest."""
+        text = f"{int(self.scale)}x{int(self.max_size)}"
+        if self.aspect_ratio != 1.0:
+            text += f" width x{float(self.aspect_ratio):g}"
+        return text + (" flipped" if self.hflip else "")
+
     def apply(self, image: Tensor) -> Tensor:
         """The transformed ``(3, H, W')`` image (before the model's resizing); ``W' = round(W * aspect_ratio)``."""
         if self.aspect_ratio != 1.0:

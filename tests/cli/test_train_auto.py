@@ -43,6 +43,9 @@ def test_auto_config_round_trip_through_test_net(tiny_coco, tmp_path, capsys):
     assert saved["MODEL"]["NUM_CLASSES"] == 4 and saved["FPN"]["RPN_ANCHOR_START_SIZE"] == 24
     assert saved["MODEL"]["CONV_BODY"] == "FPN.fpn_ResNet18_conv5_body" and saved["AUTO"]["ENABLED"] is True
     assert saved["SOLVER"]["MAX_ITER"] == 3
+    for aug in ("BBOX_AUG", "MASK_AUG"):  # one more test run at 1.25 x 64 px, which test_net below runs
+        assert saved["TEST"][aug]["ENABLED"] is True
+        assert saved["TEST"][aug]["SCALES"] == [80] and saved["TEST"][aug]["MAX_SIZE"] == 80
     ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert yaml.safe_load(ckpt["cfg"]) == saved  # the weights and the saved config describe the same model
     cfg = get_cfg()
@@ -52,6 +55,8 @@ def test_auto_config_round_trip_through_test_net(tiny_coco, tmp_path, capsys):
     rc = test_net.main(["--cfg", str(out / "config.yaml"), "--load_ckpt", str(out / "model_final.pth"),
                         "--dataset", tiny_coco["val"], "--output_dir", str(tmp_path / "eval")])
     assert rc == 0
+    assert ("test-time augmentation (TEST.*_AUG): the image at 64x64, and for boxes also at 80x80; for masks also at "
+            "80x80") in capsys.readouterr().out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"bbox", "segm"}
 

@@ -45,6 +45,16 @@ def test_config_override_reaches_the_export(fpn_model, tmp_path):
     assert boxes.shape[0] <= 3
 
 
+def test_test_time_augmentation_is_said_to_stay_out_of_the_export(fpn_model, tmp_path, capsys):
+    cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
+    rc = main(["--cfg", cfg, "--load_ckpt", ckpt, "--format", "torchscript", "--output", str(tmp_path / "m.ts"),
+               "--set", "TEST.BBOX_AUG.ENABLED", "True", "TEST.BBOX_AUG.SCALES", "[1000]"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "note: TEST.BBOX_AUG (test-time augmentation, which train_net --auto turns on) are not part of the " \
+           "exported model: it returns the plain run's detections at TEST.SCALE " in printed
+
+
 def test_missing_files_and_bad_overrides_exit_2(fpn_model, tmp_path, capsys):
     cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
     assert main(["--cfg", cfg, "--load_ckpt", str(tmp_path / "nope.pth"), "--format", "onnx",
