@@ -171,8 +171,8 @@ def write_table(results: List[Dict], path: str) -> str:
             threads = f"{r['processes']} processes x {threads}"
         plain = r.get("plain")
         one = f"{plain['box_ap']:.1f} / {plain['mask_ap']:.1f}" if plain else "-"
-        rows.append(f"| {r['dataset']} | {held} | {r['box_ap']:.1f} | {r['mask_ap']:.1f} | {one} | {r['minutes']:.1f} | "
-                    f"{r['iterations']} | {threads} | {load} |")
+        rows.append(f"| {r['dataset']} | {held} | {r['box_ap']:.1f} | {r['mask_ap']:.1f} | {one} | "
+                    f"{r['minutes']:.1f} | {r['iterations']} | {threads} | {load} |")
     text = "\n".join(rows) + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
