@@ -71,6 +71,18 @@ def pennfudan_as_coco(root: str, out: str, num_val: int = 10) -> Dict[str, str]:
     return specs
 
 
+def _evaluate(run_dir: str, ckpt: str, val_spec: str, ev: str, *sets: str) -> Dict[str, float]:
+    """``{"box_ap", "mask_ap"}`` of ``ckpt`` by ``test_net --cfg RUN_DIR/config.yaml [--set SETS]`` into ``ev``
+    (kept: an existing ``ev/metrics.json`` is read instead)."""
+    if not os.path.isfile(os.path.join(ev, "metrics.json")):
+        cmd = [sys.executable, "tools/test_net.py", "--cfg", os.path.join(run_dir, "config.yaml"), "--load_ckpt", ckpt,
+               "--dataset", val_spec, "--output_dir", ev]
+        _run(cmd + (["--set", *sets] if sets else []), ev + "_stdout.txt")
+    with open(os.path.join(ev, "metrics.json"), encoding="utf-8") as f:
+        m = json.load(f)
+    return {"box_ap": m["bbox"]["AP"], "mask_ap": m["segm"]["AP"]}
+
+
 def run_dataset(name: str, train_spec: str, val_spec: str, out: str, args) -> Dict:
     d = os.path.join(out, name)
     os.makedirs(d, exist_ok=True)
@@ -100,23 +112,11 @@ def run_dataset(name: str, train_spec: str, val_spec: str, out: str, args) -> Di
         if it in seen:
             continue
         seen.add(it)
-        ev = os.path.join(d, f"eval_{it:07d}")
-        if not os.path.isfile(os.path.join(ev, "metrics.json")):
-            _run([sys.executable, "tools/test_net.py", "--cfg", os.path.join(d, "config.yaml"), "--load_ckpt", ckpt,
-                  "--dataset", val_spec, "--output_dir", ev], os.path.join(ev + "_stdout.txt"))
-        with open(os.path.join(ev, "metrics.json"), encoding="utf-8") as f:
-            m = json.load(f)
-        curve.append({"iter": it, "box_ap": m["bbox"]["AP"], "mask_ap": m["segm"]["AP"]})
+        curve.append({"iter": it, **_evaluate(d, ckpt, val_spec, os.path.join(d, f"eval_{it:07d}"))})
     # The model alone, without the test-time augmentation --auto chooses (TEST.BBOX_AUG / TEST.MASK_AUG): what an
     # exported model (one pass) gives.
-    ev = os.path.join(d, f"eval_{max_iter:07d}_plain")
-    if not os.path.isfile(os.path.join(ev, "metrics.json")):
-        _run([sys.executable, "tools/test_net.py", "--cfg", os.path.join(d, "config.yaml"), "--load_ckpt",
-              os.path.join(d, "model_final.pth"), "--dataset", val_spec, "--output_dir", ev, "--set",
-              "TEST.BBOX_AUG.ENABLED", "False", "TEST.MASK_AUG.ENABLED", "False"], ev + "_stdout.txt")
-    with open(os.path.join(ev, "metrics.json"), encoding="utf-8") as f:
-        m = json.load(f)
-    plain = {"box_ap": m["bbox"]["AP"], "mask_ap": m["segm"]["AP"]}
+    plain = _evaluate(d, os.path.join(d, "model_final.pth"), val_spec, os.path.join(d, f"eval_{max_iter:07d}_plain"),
+                      "TEST.BBOX_AUG.ENABLED", "False", "TEST.MASK_AUG.ENABLED", "False")
     with open(os.path.join(d, "auto.txt"), encoding="utf-8") as f:
         auto_lines = f.read().splitlines()
     result = {"dataset": name, "train": train_spec, "val": val_spec, "minutes": seconds / 60.0, "iterations": max_iter,

@@ -297,8 +297,10 @@ def add_test_aug_choices(cfg, size: int, max_size: int, explicit: Set[str],
         return
     test_size = int(cfg.TEST.SCALE) if "TEST.SCALE" in explicit else int(size)
     test_max = int(cfg.TEST.MAX_SIZE) if "TEST.MAX_SIZE" in explicit else int(max_size)
-    scale = max(16, int(math.floor(test_size * factor / 16.0 + 0.5)) * 16)
-    longest = max(scale, int(math.floor(test_max * factor / 16.0 + 0.5)) * 16)
+    # Halves rounded up (160 x 1.25 = 200 -> 208, as measured), where _round_to's round() goes to the even 192.
+    nearest_16 = lambda x: int(math.floor(x * factor / 16.0 + 0.5)) * 16  # noqa: E731
+    scale = max(16, nearest_16(test_size))
+    longest = max(scale, nearest_16(test_max))
     why = (f"one more test run at {factor:g}x the test scale {test_size} (AUTO.TEST_AUG_SCALE): training runs at the "
            f"smallest scale that keeps small objects detectable, for cheap steps; at test time a second, larger view "
            f"is cheap (+0.6 to +5.0 box, +1.8 to +7.6 mask AP on the tuning variants, docs/auto.md)")
