@@ -481,6 +481,13 @@ def spread(xs: Sequence[float]) -> str:
     return f"{min(xs):.2f}-{max(xs):.2f} s"
 
 
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` to ``path`` as indented JSON, creating the folder first (a result is never lost to a typo'd dir)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+
+
 def git_commit() -> str:
     """This checkout's commit (``-dirty`` when tracked files differ from it), recorded in every result JSON."""
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -87,8 +86,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "compile", "commit": common.git_commit(), "machine": info, "image_size": list(size),
               "compile_s": compile_s, "times_s": times, "medians_s": medians, "ratios": ratios, "fp32_check": check}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        common.write_json(args.json, result)
     return 0 if check is None or check["identical"] else 1
 
 

@@ -403,8 +403,7 @@ def main(argv=None) -> int:
             return 0
         result = run_ablation(args) if args.ablation else run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        common.write_json(args.json, result)
     # The fp32 identical-detections check fails the run (after the JSON is written, for the record).
     return 1 if result.get("identical_check_failed") else 0
 

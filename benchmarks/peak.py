@@ -14,7 +14,6 @@ columns are measured against the 4096^3 figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, Tuple
@@ -78,9 +77,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"| {name} ({m} x {k} x {n}) | " + " | ".join(f"{row[d]:.0f}" for d in dtypes) + " |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "peak", "machine": info, "commit": common.git_commit(), "rows": rows}, f,
-                      indent=1)
+        common.write_json(args.json, {"benchmark": "peak", "machine": info, "commit": common.git_commit(),
+                                      "rows": rows})
     return 0
 
 

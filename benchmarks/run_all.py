@@ -30,6 +30,16 @@ ROOT = os.path.dirname(HERE)
 BENCHMARKS = ("inference", "train_step")
 
 
+def _save(results: dict, path: str) -> None:
+    """Write what has been measured so far (also when a later benchmark fails: nothing measured is lost)."""
+    if not results:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}" + ("" if "train_step" in results and "inference" in results else " (partial)"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -57,12 +67,14 @@ def main(argv=None) -> int:
             print(f"$ {' '.join(cmd)}", flush=True)
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT)
+            if os.path.exists(out):  # inference.py writes its JSON before failing its identical-detections check
+                with open(out) as f:
+                    results[name] = json.load(f)
             if proc.returncode != 0:
                 print(f"{name} failed with exit status {proc.returncode}", file=sys.stderr)
+                _save(results, args.out)
                 return proc.returncode
             print(f"({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
-            with open(out) as f:
-                results[name] = json.load(f)
         for i, dataset in enumerate(d for d in args.ap_datasets.split(",") if d and args.ap_ckpt):
             out = os.path.join(tmp, f"reduced_precision_ap{i}.json")
             cmd = [sys.executable, os.path.join(HERE, "inference.py"), "ap", "--cfg", args.ap_cfg, "--ckpt",
@@ -71,13 +83,11 @@ def main(argv=None) -> int:
             print(f"$ {' '.join(cmd)}", flush=True)
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:
                 print("bf16/int8 AP check failed", file=sys.stderr)
+                _save(results, args.out)
                 return 1
             with open(out) as f:
                 results.setdefault("reduced_precision_ap", []).append(json.load(f))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.out}")
+    _save(results, args.out)
     return subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), args.out, "--out", args.png],
                           cwd=ROOT).returncode
 

@@ -176,8 +176,7 @@ def main(argv=None) -> int:
         return 0
     result = run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        common.write_json(args.json, result)
     return 0
 
 
