@@ -24,6 +24,9 @@ mark is reset through ``/proc/self/clear_refs`` before every timed call; the lar
 this process, which runs with glibc's mmap threshold fixed at 64 KiB (``common.child_env``; the script re-executes
 itself with it) so that freed tensors are returned and the peak tracks the live tensors.
 
+Float denormals are flushed to zero in the whole process (both models; ``--flush-denormal 0`` keeps them), as
+``tools/train_net.py`` does by default: repeated fp32 training steps otherwise slow down as their gradients shrink.
+
 ``--quick``: sizes 480, 800, 1333, 2 rounds (the full run: all five sizes, 3 rounds). Writes a JSON with the git
 commit and machine, PNG plots (matplotlib, optional) and prints the markdown tables of ``docs/benchmarks.md``.
 """
@@ -60,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--json", default=os.path.join(HERE, "results", "scaling.json"))
     p.add_argument("--png-dir", default=os.path.join(common.ROOT, "docs"), help="'' for no plots")
+    common.add_flush_denormal_arg(p)
     return p.parse_args(argv)
 
 
@@ -277,6 +281,8 @@ def main(argv=None) -> int:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # stable peak RSS (module docstring)
         os.execve(sys.executable, [sys.executable] + sys.argv, common.child_env())
     args = parse_args(argv)
+    if not common.apply_flush_denormal(args.flush_denormal):  # first: the thread pool inherits it
+        print("warning: --flush-denormal 1 did not reach every thread", file=sys.stderr)
     sections = [s for s in args.sections.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
     sizes = SIZES_QUICK if args.quick else SIZES_FULL
     info = common.machine_info()
     out: Dict[str, Any] = {"benchmark": "scaling", "commit": common.git_commit(), "machine": info,
-                           "quick": args.quick, "rounds": rounds, "image_source": common.image_source(),
+                           "quick": args.quick, "rounds": rounds, "flush_denormal": bool(args.flush_denormal), "image_source": common.image_source(),
                            "memory": "peak RSS (VmHWM) added by one call above the RSS before it, max over rounds"}
     print(f"# scaling benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads, "
           f"load {info['load_avg_1min']}, capability {info['capability']}), torch {info['torch']}, rounds {rounds}, "

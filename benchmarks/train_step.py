@@ -14,7 +14,10 @@ reseeded before every step of every run, and each run steps on its own copy of t
 autocast. Steps alternate after a warm-up step each (5 rounds by default); medians, the spread (min-max),
 ``ratio`` to torchvision plain (today's figure) and the fair ratios (ours fp32 / torchvision's best fp32 setting,
 ours bf16 / torchvision bf16 + channels-last) are printed, with the peak memory of one step measured in a fresh
-child process per run (``common.py``). The JSON records the commit.
+child process per run (``common.py``). The JSON records the commit. Float denormals are flushed to zero in
+the whole process, for every run alike (``--flush-denormal 0`` keeps them): as ``tools/train_net.py`` does by
+default (``FLUSH_DENORMAL``); without it the fp32 steps of both models grew from 7 s to 37-41 s over five steps on
+an Intel Xeon (docs/benchmarks.md, "Denormals"), and the ratio measured which model met denormals first.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default=",".join(MODELS),
                    help="comma-separated subset of the runs to time (default: all); e.g. the bf16 runs apart with "
                         "fewer --repeats on a CPU without native bf16, where they are emulated and slow")
+    common.add_flush_denormal_arg(p)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child-memory", default=None, choices=MODELS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -121,7 +125,7 @@ def run(args) -> Dict[str, Any]:
     info = common.machine_info()
     print(f"# training-step benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} "
           f"threads, load {info['load_avg_1min']}), torch {info['torch']}, batch 2 x {size[0]}x{size[1]}, ours with "
-          f"{features(args)}")
+          f"{features(args)}, denormals {'flushed' if args.flush_denormal else 'kept'} (every run)")
     runs = [n for n in args.runs.split(",") if n]
     bad = [n for n in runs if n not in MODELS]
     if bad or not runs:
@@ -141,7 +145,8 @@ def run(args) -> Dict[str, Any]:
     gc.collect()
     if not args.no_memory:
         for r in rows:
-            child = ["--child-memory", r["model"]] + (["--quick"] if args.quick else []) + (
+            child = ["--child-memory", r["model"], "--flush-denormal", str(args.flush_denormal)] + (
+                ["--quick"] if args.quick else []) + (
                 ["--no-speed"] if args.no_speed else []) + sum(
                 ([f"--{k.replace('_', '-')}", str(int(v))] for k, v in features(args).items()), [])
             if args.threads:
@@ -163,14 +168,18 @@ def run(args) -> Dict[str, Any]:
     for n in runs:
         print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
     return {"benchmark": "train_step", "commit": common.git_commit(), "machine": info, "image_size": list(size),
-            "batch": 2, "repeats": args.repeats, "speed_features": features(args), "runs": runs, "fastest_torchvision": fastest_tv,
+            "batch": 2, "repeats": args.repeats, "speed_features": features(args),
+            "flush_denormal": bool(args.flush_denormal), "runs": runs, "fastest_torchvision": fastest_tv,
             "rows": rows, "ratios": ratios}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    flushed = common.apply_flush_denormal(args.flush_denormal)  # first: the thread pool inherits it
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not flushed:
+        print("warning: --flush-denormal 1 did not reach every thread", file=sys.stderr)
     if args.child_memory:
         child_memory(args)
         return 0

@@ -25,6 +25,7 @@ import time
 
 from ..config import ConfigError, assert_and_infer_cfg
 from ..utils import distributed as dist_utils
+from ..utils.denormal import NOT_FLUSHED, flush_denormal
 from ..utils.malloc import tune_malloc
 from .auto import add_auto_arguments, auto_requested, budget_hook, configure_auto, fit_budget, load_auto_cfg
 from .common import (add_cfg_argument, apply_loader_and_device_args, build_checked_dataset, config_error_exit,
@@ -310,6 +311,8 @@ def main(argv=None) -> int:
         return config_error_exit(e)
     if cfg.TUNE_MALLOC:
         tune_malloc()  # before --auto times its steps, so that they run as training will
+    if cfg.FLUSH_DENORMAL and not flush_denormal():  # before torch starts its thread pool: workers inherit it
+        print(f"warning: {NOT_FLUSHED}", file=sys.stderr)
 
     from ..data.build import DatasetItemError, WorkerDiedError
     from ..data.validate import UnreadableImagesError

@@ -68,6 +68,11 @@ _key("TUNE_MALLOC", True,
      "1 GiB at start (maskrcnn/utils/malloc.py): each step's tensors reuse the memory the previous step freed "
      "instead of fresh pages the kernel faults in and zeroes (5-15% of a small model's training step on a CPU); "
      "the process keeps its peak memory. No effect where malloc is not glibc's.")
+_key("FLUSH_DENORMAL", True,
+     "tools/train_net.py and tools/test_net.py flush float denormals (|x| < 1.2e-38) to zero on the CPU at start "
+     "(torch.set_flush_denormal; maskrcnn/utils/denormal.py): as gradients shrink, denormal arithmetic made an "
+     "fp32 R-50-FPN training step 5x slower within five steps (docs/benchmarks.md, 'Denormals'). Changes a "
+     "result only where a value was already below float32's normal range.")
 _key("EPS", 1e-14, "Detectron's numerical-stability constant; kept so Detectron files load, nothing reads it "
      "(a non-default value logs a warning).")
 _key("VIS_TH", 0.9, "Score threshold for drawing detections in visualisations.")

@@ -12,6 +12,7 @@ from .checkpoint import (
     load_ckpt,
     save_checkpoint,
 )
+from .denormal import flush_denormal
 from .env import collect_env_info, resolve_device, seed_all
 from .logger import SmoothedValue, setup_logger
 from .malloc import tune_malloc
@@ -30,5 +31,6 @@ __all__ = [
     "setup_logger",
     "SmoothedValue",
     "tune_malloc",
+    "flush_denormal",
     "model_device",
 ]
