@@ -1,4 +1,5 @@
-"""Process environment: seeding, capturing and restoring every RNG, device choice, memory use, version report.
+"""Process environment: seeding, capturing and restoring every RNG, device choice, memory use, CPU flags, version
+report.
 
 RNG states are captured as plain types and tensors only (no numpy arrays, no pickled objects) so that a checkpoint
 holding them loads with ``torch.load(weights_only=True)``.
@@ -10,13 +11,13 @@ import platform
 import random
 import resource
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, Optional
 
 import numpy as np
 import torch
 
 __all__ = [
-    "seed_all", "get_rng_state", "set_rng_state", "resolve_device", "memory_mb", "collect_env_info",
+    "seed_all", "get_rng_state", "set_rng_state", "resolve_device", "memory_mb", "cpu_flags", "collect_env_info",
 ]
 
 
@@ -104,6 +105,19 @@ def memory_mb(device: Optional[torch.device] = None) -> float:
         # Not Linux: the peak RSS is the best portable figure (KiB on Linux, bytes on macOS).
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+
+
+def cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags as Linux lists them (``/proc/cpuinfo``: ``avx512_vnni``, ``amx_bf16``, ...); empty
+    where they cannot be read (another OS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def collect_env_info() -> str:

@@ -34,6 +34,20 @@ def test_verdict_pass_and_fail_lines():
     assert not ok
 
 
+def test_training_precision_is_bf16_only_on_a_cpu_with_amx(monkeypatch):
+    import maskrcnn.utils.env as env
+
+    monkeypatch.setattr(demo, "_cuda", lambda: False)
+    monkeypatch.setattr(env, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    assert demo.training_precision("auto", []) == "bf16"
+    assert demo.training_precision("fp32", []) == ""
+    monkeypatch.setattr(env, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))  # no AMX: 2% was not worth it
+    assert demo.training_precision("auto", []) == ""
+    assert demo.training_precision("bf16", []) == "bf16"
+    # An explicit TRAIN.AMP in --set wins over --amp (None: the demo adds nothing).
+    assert demo.training_precision("auto", ["SOLVER.MAX_ITER", "3", "TRAIN.AMP", ""]) is None
+
+
 def test_readme_quotes_the_promise():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()

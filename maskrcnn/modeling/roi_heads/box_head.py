@@ -25,9 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..activation import relu_after
 from ...ops.boxes import boxes_to_rois
 from ...ops.poolers import MultiLevelRoIAlign
 from ...ops.roi_align import RoIAlign
@@ -192,8 +192,9 @@ class Roi2MLPHead(nn.Module):
 
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
-        x = F.relu(self.fc6(x.flatten(start_dim=1)))
-        return F.relu(self.fc7(x))
+        x = x.flatten(start_dim=1)
+        x = relu_after(self.fc6(x), x)
+        return relu_after(self.fc7(x), x)
 
 
 class RoiXconv1fcHead(nn.Module):
@@ -257,11 +258,12 @@ class RoiXconv1fcHead(nn.Module):
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
         for i in range(1, self.num_convs + 1):
-            x = getattr(self, f"head_conv{i}")(x)
+            y = getattr(self, f"head_conv{i}")(x)
             if self.use_gn:
-                x = getattr(self, f"head_conv{i}_gn")(x)
-            x = F.relu(x)
-        return F.relu(self.fc6(x.flatten(start_dim=1)))
+                y = getattr(self, f"head_conv{i}_gn")(y)
+            x = relu_after(y, x)
+        x = x.flatten(start_dim=1)
+        return relu_after(self.fc6(x), x)
 
 
 def res5_first_stride(resolution: int, dilation: int) -> int:

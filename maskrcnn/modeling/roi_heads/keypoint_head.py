@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..activation import relu_after
 from .box_head import BlobConv, RoIsLike, make_roi_xform, roi_feature_indices, roi_transform
 
 __all__ = ["KeypointRCNNConvHead", "KEYPOINT_HEAD_REGISTRY", "build_keypoint_head", "init_keypoint_conv"]
@@ -89,7 +89,7 @@ class KeypointRCNNConvHead(nn.Module):
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
         for i in range(1, self.num_convs + 1):
-            x = F.relu(getattr(self, f"conv_fcn{i}")(x))
+            x = relu_after(getattr(self, f"conv_fcn{i}")(x), x)
         return x
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..activation import relu_after
 from ..backbone.norms import group_norm
 from ..backbone.resnet import make_stage
 from .box_head import (BlobConv, RoIsLike, init_res5, make_roi_xform, res5_first_stride, roi_feature_indices,
@@ -110,11 +110,11 @@ class MaskRCNNFCNHead(nn.Module):
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
         for i in range(1, self.num_convs + 1):
-            x = getattr(self, f"mask_fcn{i}")(x)
+            y = getattr(self, f"mask_fcn{i}")(x)
             if self.use_gn:
-                x = getattr(self, f"mask_fcn{i}_gn")(x)
-            x = F.relu(x)
-        return F.relu(self.conv5_mask(x))
+                y = getattr(self, f"mask_fcn{i}_gn")(y)
+            x = relu_after(y, x)
+        return relu_after(self.conv5_mask(x), x)
 
 
 class MaskRCNNHeadV0UpShare(nn.Module):
@@ -147,7 +147,7 @@ class MaskRCNNHeadV0UpShare(nn.Module):
             shape = tuple(res5_map.shape) if isinstance(res5_map, Tensor) else type(res5_map).__name__
             raise ValueError(f"MaskRCNNHeadV0UpShare takes the box head's res5 map (R, "
                              f"{self.conv5_mask.in_channels}, h, w), got {shape}")
-        return F.relu(self.conv5_mask(res5_map))
+        return relu_after(self.conv5_mask(res5_map), res5_map)
 
 
 class MaskRCNNHeadV0Up(nn.Module):
@@ -203,7 +203,7 @@ class MaskRCNNHeadV0Up(nn.Module):
                 raise ValueError(f"MaskRCNNHeadV0Up pools from one feature map, got {len(blob_conv)}")
             blob_conv = blob_conv[0]
         x = self.res5(roi_transform(self.roi_xform, blob_conv, rois, 1))
-        return F.relu(self.conv5_mask(x))
+        return relu_after(self.conv5_mask(x), x)
 
 
 def _v1up4convs(cfg, in_channels, spatial_scales, box_head=None):

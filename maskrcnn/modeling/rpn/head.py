@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..activation import relu_after
+
 __all__ = ["RPNHead"]
 
 
@@ -63,7 +65,7 @@ class RPNHead(nn.Module):
         for i, f in enumerate(feats):
             if f.dim() != 4 or f.shape[1] != self.in_channels:
                 raise ValueError(f"features[{i}] must be (N, {self.in_channels}, H, W), got shape {tuple(f.shape)}")
-            t = F.relu(self.RPN_conv(f))
+            t = relu_after(self.RPN_conv(f), f)
             if fused:
                 out = F.conv2d(t, weight, bias)
                 logits.append(out[:, :num_logits])
