@@ -7,10 +7,14 @@ with histogram observers; fbgemm/oneDNN int8 kernels, AVX2 or better, VNNI where
 that takes and returns float tensors (quantize at its input, dequantize at its output), so the body's own
 ``forward`` (input checks, the top-down sum and upsampling, P6) runs unchanged in fp32.
 
-With ``heads=True`` (``TEST.QUANTIZE_HEADS``, the default) the heads' feature layers are quantized the same way,
-one layer at a time: the RPN's 3x3 convolution and every convolution, transposed convolution and fully connected
-layer of the box, mask and keypoint heads (``Box_Head``, ``Mask_Head``, ``Keypoint_Head``; each cascade stage's
-box head). At 100 detections the mask head's four 256-channel convolutions cost more than the whole body, and
+With ``heads=True`` (``TEST.QUANTIZE_HEADS``, the default) the heads' feature layers are quantized too: the
+RPN's 3x3 convolution and every convolution, transposed convolution and fully connected layer of the box, mask and
+keypoint heads (``Box_Head``, ``Mask_Head``, ``Keypoint_Head``; each cascade stage's box head). A head whose
+``feature_stack()`` gives its layers as a plain layer/ReLU chain (the FPN mask and keypoint heads, the 2-fc box head)
+is quantized as one graph installed as its ``fused_stack``: ReLUs fused, int8 between the layers, one quantize at
+its input and one dequantize at its output (at 100 detections on an 800x1066 image, 4 dequantize/quantize pairs
+and 5 float ReLUs of the mask head less: 0.534 s against 0.544 s per image, median of 9 alternated rounds on a
+2-core Xeon with AMX). Other heads (GroupNorm, C4) are quantized one layer at a time. At 100 detections the mask head's four 256-channel convolutions cost more than the whole body, and
 int8 runs them about 2x faster than bf16 on a VNNI CPU. The predictors (``RPN_cls_score``, ``RPN_bbox_pred``,
 ``Box_Outs``, ``Mask_Outs``, ``Keypoint_Outs``), RoIAlign, NMS and the box maths stay fp32.
 
@@ -40,6 +44,8 @@ _LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 #: RPN head children that are predictors (kept fp32); its other convolutions are features.
 _RPN_PREDICTORS = ("RPN_cls_score", "RPN_bbox_pred")
 
+#: Where PyTorch's quantized modules live: plain (Conv2d, Linear) and fused with their ReLU (ConvReLU2d, LinearReLU).
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 #: The values ``TEST.QUANTIZE`` accepts.
 QUANTIZE_MODES = ("", "int8")
 _STAGES = ("res1", "res2", "res3", "res4", "res5")
@@ -73,7 +79,7 @@ def calibration_images(dataset: Sequence, count: int, key: str = "TEST.QUANTIZE_
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether :func:`quantize_int8` has already run on ``model``."""
-    return any(isinstance(m, QuantizedLayer) or type(m).__module__.startswith("torch.ao.nn.quantized")
+    return any(isinstance(m, QuantizedLayer) or type(m).__module__.startswith(_QUANTIZED_MODULES)
                for m in model.modules())
 
 
@@ -96,23 +102,49 @@ def _targets(model: nn.Module) -> List[Tuple[nn.Module, str]]:
     return out
 
 
-def _head_targets(model: nn.Module) -> List[Tuple[nn.Module, str]]:
-    """``(parent, child name)`` of every head feature layer (module docstring), one entry per layer."""
+def _roi_head_modules(model: nn.Module) -> List[nn.Module]:
+    roi_heads = getattr(model, "roi_heads", None)
+    return [h for h in (getattr(roi_heads, n, None) for n in ("Box_Head", "Mask_Head", "Keypoint_Head"))
+            if isinstance(h, nn.Module)]
+
+
+def _head_stacks(model: nn.Module) -> List[Tuple[nn.Module, nn.Sequential]]:
+    """``(head, stack)`` for every RoI head (each cascade stage's too) whose ``feature_stack()`` gives its layers
+    as one plain layer/ReLU chain (``maskrcnn.modeling.activation.relu_stack``)."""
+    out = []
+    for top in _roi_head_modules(model):
+        for head in top.modules():
+            make = getattr(head, "feature_stack", None)
+            stack = make() if callable(make) else None
+            if stack is not None:
+                out.append((head, stack))
+    return out
+
+
+def _head_targets(model: nn.Module, skip: Sequence[nn.Module] = ()) -> List[Tuple[nn.Module, str]]:
+    """``(parent, child name)`` of every head feature layer (module docstring), one entry per layer, except those
+    under the heads in ``skip`` (quantized as whole stacks)."""
     out: List[Tuple[nn.Module, str]] = []
     rpn_head = getattr(getattr(model, "RPN", None), "head", None)
     if isinstance(rpn_head, nn.Module):
         out += [(p, n) for p, n in _layers_under(rpn_head) if n not in _RPN_PREDICTORS]
-    roi_heads = getattr(model, "roi_heads", None)
-    for name in ("Box_Head", "Mask_Head", "Keypoint_Head"):
-        head = getattr(roi_heads, name, None)
-        if isinstance(head, nn.Module):
-            out += _layers_under(head)
+    for head in _roi_head_modules(model):
+        out += _layers_under(head, skip)
     return out
 
 
-def _layers_under(module: nn.Module) -> List[Tuple[nn.Module, str]]:
-    return [(parent, name) for parent in module.modules() for name, child in parent.named_children()
-            if type(child) in _LAYERS]
+def _layers_under(module: nn.Module, skip: Sequence[nn.Module] = ()) -> List[Tuple[nn.Module, str]]:
+    skipped = {id(m) for s in skip for m in s.modules()}
+    return [(parent, name) for parent in module.modules() if id(parent) not in skipped
+            for name, child in parent.named_children() if type(child) in _LAYERS]
+
+
+def _example_input(module: nn.Module) -> Tensor:
+    """A tracing input for ``module``: only its first layer's input width matters to the FX graph."""
+    layer = next(m for m in module.modules() if type(m) in _LAYERS)
+    if isinstance(layer, nn.Linear):
+        return torch.zeros(1, layer.in_features)
+    return torch.zeros(1, layer.in_channels, 8, 8)
 
 
 @torch.no_grad()
@@ -140,14 +172,19 @@ def quantize_int8(model: nn.Module, calib_images: Sequence[Tensor], batch_size: 
     torch.backends.quantized.engine = "x86"
     qconfig = _qconfig_mapping()
     model.eval()
-    targets = _targets(model) + (_head_targets(model) if heads else [])
+    stacks = _head_stacks(model) if heads else []
+    targets = _targets(model) + (_head_targets(model, skip=[h for h, _ in stacks]) if heads else [])
     # Example inputs for tracing: shapes do not matter to the FX graph of these modules, only the channel count.
     prepared = []
+    for head, stack in stacks:
+        # One graph for the whole chain: ReLUs fused into their layers, activations int8 from its input to its output.
+        p = prepare_fx(copy.deepcopy(stack), qconfig, example_inputs=(_example_input(stack),))
+        head.fused_stack = p
+        prepared.append((head, "fused_stack", p))
     for parent, name in targets:
         child = getattr(parent, name)
         if type(child) in _LAYERS:
-            example = (torch.zeros(1, child.in_features) if isinstance(child, nn.Linear)
-                       else torch.zeros(1, child.in_channels, 8, 8))
+            example = _example_input(child)
             wrapper = QuantizedLayer(prepare_fx(nn.Sequential(copy.deepcopy(child)), qconfig,
                                                 example_inputs=(example,)), child)
             setattr(parent, name, wrapper)

@@ -31,7 +31,19 @@ def models():
 
 
 def _is_int8(module):
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+    # torch.ao.nn.quantized (Conv2d, Linear, ...) and torch.ao.nn.intrinsic.quantized (ConvReLU2d, LinearReLU, ...)
+    return any(type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+               for m in module.modules())
+
+
+def _fused_int8_stack(head):
+    """The head's int8 stack: one graph whose layers carry their ReLUs (ConvReLU2d / LinearReLU), and no layer of
+    the head quantized on its own."""
+    stack = head.fused_stack
+    kinds = [type(m).__name__ for m in stack.modules()]
+    assert type(stack).__name__ == "GraphModule" and _is_int8(stack), kinds
+    assert not any(isinstance(m, QuantizedLayer) for m in head.modules())
+    return kinds
 
 
 def test_int8_replaces_stages_and_fpn_convs(models):
@@ -50,18 +62,19 @@ def test_int8_heads_feature_layers_and_not_predictors(models):
     rpn = int8.RPN.head
     assert isinstance(rpn.RPN_conv, QuantizedLayer) and _is_int8(rpn.RPN_conv)
     assert type(rpn.RPN_cls_score) is torch.nn.Conv2d and type(rpn.RPN_bbox_pred) is torch.nn.Conv2d
-    layers = [m for m in heads.Box_Head.modules() if isinstance(m, QuantizedLayer)]
-    assert len(layers) == 2 and all(_is_int8(m) for m in layers)  # fc6, fc7
-    assert heads.Box_Head.fc6.in_features == fp32.roi_heads.Box_Head.fc6.in_features  # shape attributes kept
-    mask_layers = [n for n, m in heads.Mask_Head.named_children() if isinstance(m, QuantizedLayer)]
-    assert set(mask_layers) >= {"mask_fcn1", "conv5_mask"}
-    assert heads.Mask_Head.conv5_mask.in_channels == fp32.roi_heads.Mask_Head.conv5_mask.in_channels
+    # fc6 + ReLU and fc7 + ReLU in one int8 graph; the float layers stay as they were (shape attributes intact).
+    assert _fused_int8_stack(heads.Box_Head).count("LinearReLU") == 2
+    assert heads.Box_Head.fc6.in_features == fp32.roi_heads.Box_Head.fc6.in_features
+    # Every 3x3 conv with its ReLU, then conv5_mask, in one graph.
+    kinds = _fused_int8_stack(heads.Mask_Head)
+    assert kinds.count("ConvReLU2d") == fp32.roi_heads.Mask_Head.num_convs and "ConvTranspose2d" in kinds
     for outs in (heads.Box_Outs, heads.Mask_Outs):  # the predictors stay fp32
         assert not any(isinstance(m, QuantizedLayer) or _is_int8(m) for m in outs.modules())
     # TEST.QUANTIZE_HEADS False: body and FPN only.
     body_only = prepare_for_inference(tiny_model(), quantize="int8", quantize_heads=False, calib_images=calib())
     assert _is_int8(body_only.Conv_Body)
     assert not any(isinstance(m, QuantizedLayer) for m in body_only.roi_heads.modules())
+    assert body_only.roi_heads.Mask_Head.fused_stack is None
     assert type(body_only.RPN.head.RPN_conv) is torch.nn.Conv2d
     cfg = tiny_model().cfg.clone()
     cfg.merge_from_list(["TEST.QUANTIZE", "int8", "TEST.QUANTIZE_HEADS", False])
@@ -83,12 +96,11 @@ def test_int8_cascade_and_keypoint_heads(extra):
         ref = model(images())
     int8 = prepare_for_inference(model, quantize="int8", calib_images=calib())
     heads = int8.roi_heads
-    quantized = [n for n, m in heads.named_modules() if isinstance(m, QuantizedLayer)]
-    if "MODEL.CASCADE_ON" in extra:  # every stage's fc6/fc7
-        assert len([n for n in quantized if n.startswith("Box_Head.")]) == 2 * len(heads.Box_Head)
+    if "MODEL.CASCADE_ON" in extra:  # every stage's fc6/fc7, as one graph per stage
+        assert all(_fused_int8_stack(stage).count("LinearReLU") == 2 for stage in heads.Box_Head)
     else:
-        assert any(n.startswith("Keypoint_Head.") for n in quantized)
-        assert not any(isinstance(m, QuantizedLayer) for m in heads.Keypoint_Outs.modules())
+        assert _fused_int8_stack(heads.Keypoint_Head).count("ConvReLU2d") == 2
+        assert not any(isinstance(m, QuantizedLayer) or _is_int8(m) for m in heads.Keypoint_Outs.modules())
     with torch.no_grad():
         out = int8(images())
     for a, b in zip(ref, out):

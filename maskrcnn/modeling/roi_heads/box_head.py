@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..activation import relu_after
+from ..activation import relu_after, relu_stack, run_fused_stack
 from ...ops.boxes import boxes_to_rois
 from ...ops.poolers import MultiLevelRoIAlign
 from ...ops.roi_align import RoIAlign
@@ -177,6 +177,12 @@ class Roi2MLPHead(nn.Module):
         for fc in (self.fc6, self.fc7):
             xavier_fill(fc.weight)
             nn.init.zeros_(fc.bias)
+        self.fused_stack: Optional[nn.Module] = None
+
+    def feature_stack(self) -> nn.Sequential:
+        """What ``forward`` runs on the pooled maps, as one ``nn.Sequential`` (``relu_stack``): flatten, ``fc6``,
+        ReLU, ``fc7``, ReLU."""
+        return relu_stack([self.fc6, self.fc7], flatten=True)
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float]) -> "Roi2MLPHead":
@@ -192,6 +198,9 @@ class Roi2MLPHead(nn.Module):
 
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
+        fused = run_fused_stack(self, x)
+        if fused is not None:
+            return fused
         x = x.flatten(start_dim=1)
         x = relu_after(self.fc6(x), x)
         return relu_after(self.fc7(x), x)

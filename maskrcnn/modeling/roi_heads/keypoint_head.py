@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from torch import Tensor, nn
 
-from ..activation import relu_after
+from ..activation import relu_after, relu_stack, run_fused_stack
 from .box_head import BlobConv, RoIsLike, make_roi_xform, roi_feature_indices, roi_transform
 
 __all__ = ["KeypointRCNNConvHead", "KEYPOINT_HEAD_REGISTRY", "build_keypoint_head", "init_keypoint_conv"]
@@ -73,6 +73,13 @@ class KeypointRCNNConvHead(nn.Module):
             self.add_module(f"conv_fcn{i}", conv)
             channels = int(dim)
         self.out_channels = channels
+        self.fused_stack: Optional[nn.Module] = None
+
+    def feature_stack(self) -> Optional[nn.Sequential]:
+        """The convs ``forward`` runs on the pooled maps, each with its ReLU, as one ``nn.Sequential``
+        (``relu_stack``); None without convs."""
+        return relu_stack([getattr(self, f"conv_fcn{i}") for i in range(1, self.num_convs + 1)]) \
+            if self.num_convs else None
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float]) -> "KeypointRCNNConvHead":
@@ -88,6 +95,9 @@ class KeypointRCNNConvHead(nn.Module):
 
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
+        fused = run_fused_stack(self, x)
+        if fused is not None:
+            return fused
         for i in range(1, self.num_convs + 1):
             x = relu_after(getattr(self, f"conv_fcn{i}")(x), x)
         return x

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from torch import Tensor, nn
 
-from ..activation import relu_after
+from ..activation import relu_after, relu_stack, run_fused_stack
 from ..backbone.norms import group_norm
 from ..backbone.resnet import make_stage
 from .box_head import (BlobConv, RoIsLike, init_res5, make_roi_xform, res5_first_stride, roi_feature_indices,
@@ -92,6 +92,14 @@ class MaskRCNNFCNHead(nn.Module):
         self.conv5_mask = nn.ConvTranspose2d(channels, dim, 2, stride=2)
         init_conv(self.conv5_mask, conv_init)
         self.out_channels = int(dim)
+        self.fused_stack: Optional[nn.Module] = None
+
+    def feature_stack(self) -> Optional[nn.Sequential]:
+        """The layers ``forward`` runs on the pooled maps, as one ``nn.Sequential`` (``relu_stack``): every conv
+        and ``conv5_mask``, each with its ReLU. None with GroupNorm (not a plain conv/ReLU chain)."""
+        if self.use_gn:
+            return None
+        return relu_stack([getattr(self, f"mask_fcn{i}") for i in range(1, self.num_convs + 1)] + [self.conv5_mask])
 
     @classmethod
     def from_cfg(cls, cfg, in_channels: int, spatial_scales: Sequence[float], num_convs: Optional[int] = None,
@@ -109,6 +117,9 @@ class MaskRCNNFCNHead(nn.Module):
 
     def forward(self, blob_conv: BlobConv, rois: RoIsLike) -> Tensor:
         x = roi_transform(self.roi_xform, blob_conv, rois, self.num_levels, self.feature_indices)
+        fused = run_fused_stack(self, x)
+        if fused is not None:
+            return fused
         for i in range(1, self.num_convs + 1):
             y = getattr(self, f"mask_fcn{i}")(x)
             if self.use_gn:
