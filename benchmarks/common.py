@@ -260,6 +260,8 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def machine_info() -> Dict[str, Any]:
+    from maskrcnn.utils.env import cpu_flags
+
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -280,6 +282,9 @@ def machine_info() -> Dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": _torchvision_version(),
         "capability": torch.backends.cpu.get_cpu_capability(),
+        # What decides the bf16 and int8 figures: native bf16 (AVX512-BF16, AMX) and int8 dot products (VNNI, AMX).
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16",
+                                           "amx_int8", "amx_tile"}),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
