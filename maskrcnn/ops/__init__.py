@@ -34,7 +34,7 @@ from maskrcnn.ops.matcher import Matcher
 from maskrcnn.ops.nms import batched_nms, batched_nms_limited, nms
 from maskrcnn.ops.pil_resize import pil_bilinear_resize
 from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign
-from maskrcnn.ops.roi_align import RoIAlign, roi_align
+from maskrcnn.ops.roi_align import RoIAlign, roi_align, shared_feature_tables
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
 from maskrcnn.ops.sampler import BalancedPositiveNegativeSampler
 
@@ -58,6 +58,7 @@ __all__ = [
     "batched_nms_limited",
     # RoI feature extraction
     "roi_align",
+    "shared_feature_tables",
     "RoIAlign",
     "roi_pool",
     "RoIPool",

@@ -42,7 +42,9 @@ float32 (coordinates, weights and accumulation) and the result is rounded to the
 The output has the input's memory format (channels_last input gives channels_last output).
 """
 
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+import contextlib
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -488,12 +490,47 @@ def _plan_backward(grad: Tensor, plan: List[PlanBlock], meta: Sequence[Tuple[tor
             for g, (_, f_dtype, _) in zip(levels, meta)]
 
 
+#: The tables packed inside a :func:`shared_feature_tables` block: ``(features, their versions, dtype, table)``.
+_SHARED_TABLES: ContextVar[Optional[List[Tuple[Tuple[Tensor, ...], List[int], torch.dtype, Tensor]]]] = ContextVar(
+    "maskrcnn_roi_align_shared_tables", default=None)
+
+
+@contextlib.contextmanager
+def shared_feature_tables() -> Iterator[None]:
+    """Within the block, RoIAlign calls that pool the same feature maps (the same tensor objects, not modified in
+    between) in the same compute dtype pack them into their ``(rows, C)`` table once.
+
+    At inference the box and mask (and keypoint) heads of one forward pool the same FPN levels: at 800x1066 packing
+    P2-P5 is a 19M-value copy, and from bf16 features a conversion too. ``ROIHeads`` opens the block around its
+    inference heads. The tables, and references to the features, live until the block ends, so it is not used in
+    training, where they would add to the step's peak memory."""
+    token = _SHARED_TABLES.set([])
+    try:
+        yield
+    finally:
+        _SHARED_TABLES.reset(token)
+
+
+def _packed_table(features: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    shared = _SHARED_TABLES.get()
+    if shared is None:
+        return pack_features(features, dtype)
+    versions = [f._version for f in features]
+    for feats, vers, dt, table in shared:
+        if dt == dtype and len(feats) == len(features) and vers == versions and all(
+                a is b for a, b in zip(feats, features)):
+            return table
+    table = pack_features(features, dtype)
+    shared.append((tuple(features), versions, dtype, table))
+    return table
+
+
 class _RoIAlignFunction(torch.autograd.Function):
     """Bag sums of a plan over packed feature maps; differentiable in the features only."""
 
     @staticmethod
     def forward(ctx, plan: List[PlanBlock], num_rois: int, output_size: Tuple[int, int], dtype, *features: Tensor):
-        table = pack_features(features, dtype)
+        table = _packed_table(features, dtype)
         # The plan is kept for backward rather than rebuilt there: building it is most of the op's time at
         # few channels (2.5 of 12 ms forward + backward for 256 RoIs at 7x7 and 32 channels, one thread), while
         # it holds ~8 bytes per (bin, sample) entry (about 6 MB for 1024 RoIs at 7x7), small next to the

@@ -133,3 +133,38 @@ def test_bad_features_raise():
         pooler([torch.zeros(1, 2, 8, 8), torch.zeros(1, 3, 4, 4)], rois)
     with use_backend("native"), pytest.raises(ValueError, match="boxes\\[:, 0\\] must hold integer batch indices"):
         pooler([torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 4, 4)], torch.tensor([[1, 0.0, 0.0, 10.0, 10.0]]))
+
+
+def test_shared_feature_tables_pack_each_level_set_once(monkeypatch):
+    import importlib
+
+    from maskrcnn.ops.roi_align import shared_feature_tables
+
+    ra = importlib.import_module("maskrcnn.ops.roi_align")  # the module: maskrcnn.ops.roi_align is also a function
+
+    packs = []
+    real = ra.pack_features
+    monkeypatch.setattr(ra, "pack_features", lambda f, dtype, extra_rows=0: packs.append(dtype) or real(f, dtype,
+                                                                                                       extra_rows))
+    torch.manual_seed(0)
+    feats = [torch.randn(1, 8, 64, 64), torch.randn(1, 8, 32, 32)]
+    pooler = MultiLevelRoIAlign(7, [1 / 4, 1 / 8], 2)
+    a = [torch.tensor([[2.0, 3.0, 40.0, 50.0], [0.0, 0.0, 250.0, 200.0]])]
+    b = [torch.tensor([[10.0, 10.0, 30.0, 90.0]])]
+    with use_backend("native"):
+        plain = (pooler(feats, a), pooler(feats, b))
+        assert len(packs) == 2  # no block: every call packs
+        packs.clear()
+        with shared_feature_tables():
+            shared = (pooler(feats, a), pooler(feats, b))
+            assert len(packs) == 1  # the second call reuses the first one's table
+            half = [f.bfloat16() for f in feats]  # other tensors: a table of their own
+            pooler(half, a)
+            assert len(packs) == 2
+            feats[0].mul_(2)  # modified in place: its version moved, so it is packed again
+            doubled = pooler(feats, a)
+            assert len(packs) == 3
+        pooler(feats, a)
+        assert len(packs) == 4  # the block's tables are gone with it
+    assert all(torch.equal(p, s) for p, s in zip(plain, shared))
+    assert not torch.equal(doubled, shared[0])

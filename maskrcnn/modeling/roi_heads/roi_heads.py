@@ -37,6 +37,7 @@ from ...ops.box_coder import BoxCoder
 from ...ops.box_voting import BoxVoting
 from ...ops.masks import project_masks_on_boxes_batch
 from ...ops.matcher import Matcher
+from ...ops.roi_align import shared_feature_tables
 from ...ops.sampler import BalancedPositiveNegativeSampler
 from .box_head import BlobConv, build_box_head
 from .box_outputs import FastRCNNOutputs, fast_rcnn_losses
@@ -266,7 +267,8 @@ class ROIHeads(nn.Module):
         self.check_inputs(proposals, image_sizes, targets)
         if self.training:
             return [], self._losses(features, proposals, targets)
-        return self._detect(features, proposals, image_sizes), {}
+        with shared_feature_tables():  # the box and mask/keypoint heads pack the pooled levels once
+            return self._detect(features, proposals, image_sizes), {}
 
     def check_inputs(self, proposals: List[Tensor], image_sizes: Sequence[Tuple[int, int]],
                      targets: Optional[List[Dict[str, Tensor]]]) -> None:
