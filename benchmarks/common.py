@@ -504,7 +504,8 @@ def apply_flush_denormal(flag: int) -> bool:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` to ``path`` as indented JSON, creating the folder first (a result is never lost to a typo'd dir)."""
+    """Write ``obj`` to ``path`` as indented JSON, creating its folder first (so that a result is not lost to a
+    folder that does not exist yet)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=str)

@@ -291,7 +291,8 @@ def main(argv=None) -> int:
     sizes = SIZES_QUICK if args.quick else SIZES_FULL
     info = common.machine_info()
     out: Dict[str, Any] = {"benchmark": "scaling", "commit": common.git_commit(), "machine": info,
-                           "quick": args.quick, "rounds": rounds, "flush_denormal": bool(args.flush_denormal), "image_source": common.image_source(),
+                           "quick": args.quick, "rounds": rounds, "flush_denormal": bool(args.flush_denormal),
+                           "image_source": common.image_source(),
                            "memory": "peak RSS (VmHWM) added by one call above the RSS before it, max over rounds"}
     print(f"# scaling benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads, "
           f"load {info['load_avg_1min']}, capability {info['capability']}), torch {info['torch']}, rounds {rounds}, "

@@ -14,9 +14,11 @@ keypoint heads (``Box_Head``, ``Mask_Head``, ``Keypoint_Head``; each cascade sta
 is quantized as one graph installed as its ``fused_stack``: ReLUs fused, int8 between the layers, one quantize at
 its input and one dequantize at its output (at 100 detections on an 800x1066 image, 4 dequantize/quantize pairs
 and 5 float ReLUs of the mask head less: 0.534 s against 0.544 s per image, median of 9 alternated rounds on a
-2-core Xeon with AMX). Other heads (GroupNorm, C4) are quantized one layer at a time. At 100 detections the mask head's four 256-channel convolutions cost more than the whole body, and
-int8 runs them about 2x faster than bf16 on a VNNI CPU. The predictors (``RPN_cls_score``, ``RPN_bbox_pred``,
-``Box_Outs``, ``Mask_Outs``, ``Keypoint_Outs``), RoIAlign, NMS and the box maths stay fp32.
+2-core Xeon with AMX). Other heads (GroupNorm, C4) are quantized one layer at a time. At 100 detections the mask
+head's four 256-channel convolutions cost more than the whole body, and int8 runs them about 2x faster than bf16
+on a CPU with VNNI but no AMX (with AMX, bf16 and int8 matmuls run at similar rates: docs/benchmarks.md). The
+predictors (``RPN_cls_score``, ``RPN_bbox_pred``, ``Box_Outs``, ``Mask_Outs``, ``Keypoint_Outs``), RoIAlign, NMS
+and the box maths stay fp32.
 
 Why not PT2E (``torch.export`` + ``prepare_pt2e`` + ``X86InductorQuantizer`` + ``torch.compile``): with torch 2.14
 ``torch.ao.quantization.quantize_pt2e`` and ``torch.ao.quantization.quantizer`` are gone (moved to the separate
