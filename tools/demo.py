@@ -46,7 +46,7 @@ def run(cmd):
 
 def training_precision(choice: str, overrides) -> Optional[str]:
     """``TRAIN.AMP`` for the demo's training: ``''`` (fp32) or ``'bf16'``; None when ``--set`` names TRAIN.AMP
-    itself. ``auto`` picks bf16 on a CPU with AMX only: there it trained the demo about 13% faster, with AP within
+    itself. ``auto`` picks bf16 on a CPU with AMX only: there it trained the demo 11-13% faster, with AP within
     2 points of fp32, while with AVX512-BF16 alone it saved 2% (docs/benchmarks.md, "The demo before and after")."""
     if "TRAIN.AMP" in list(overrides)[::2]:
         return None
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY VALUE", help="config overrides for both tools")
     p.add_argument("--amp", choices=("auto", "fp32", "bf16"), default="auto",
                    help="training precision: auto = bf16 autocast on a CPU with AMX (amx_bf16), where it trained "
-                        "the demo in 185 s against 212 s in fp32 (docs/benchmarks.md), else fp32; a TRAIN.AMP in "
+                        "the demo in 188 s against 212 s in fp32 (docs/benchmarks.md), else fp32; a TRAIN.AMP in "
                         "--set wins. Evaluation runs in fp32 either way")
     args = p.parse_args(argv)
     start = time.time()

@@ -515,7 +515,8 @@ def _packed_table(features: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     shared = _SHARED_TABLES.get()
     if shared is None:
         return pack_features(features, dtype)
-    versions = [f._version for f in features]
+    # Inference tensors (torch.inference_mode) keep no version counter: for them the identity alone decides.
+    versions = [-1 if f.is_inference() else f._version for f in features]
     for feats, vers, dt, table in shared:
         if dt == dtype and len(feats) == len(features) and vers == versions and all(
                 a is b for a, b in zip(feats, features)):

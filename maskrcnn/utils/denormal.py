@@ -23,9 +23,9 @@ __all__ = ["NOT_FLUSHED", "all_threads_flush", "flush_denormal"]
 #: float32 bit pattern 0x007FFFFF: the largest denormal, about 1.18e-38.
 _LARGEST_DENORMAL_BITS = 0x007FFFFF
 #: What the tools print when :func:`flush_denormal` returns False.
-NOT_FLUSHED = ("FLUSH_DENORMAL: float denormals are not flushed to zero in every CPU thread (the CPU has no FTZ/DAZ "
-               "flags, or torch's thread pool started before the call); fp32 training steps may slow down as "
-               "gradients shrink. Set FLUSH_DENORMAL False to silence this.")
+NOT_FLUSHED = ("FLUSH_DENORMAL: float denormals are not flushed to zero (the CPU has no FTZ/DAZ flags, or torch's "
+               "thread pool started before the call, so not every thread would flush); fp32 training steps may "
+               "slow down as gradients shrink. Set FLUSH_DENORMAL False to silence this.")
 
 
 def flush_denormal(enabled: bool = True) -> bool:
@@ -35,11 +35,15 @@ def flush_denormal(enabled: bool = True) -> bool:
     Returns whether every torch CPU thread now flushes (for ``enabled=False``: whether the CPU has the flags). False
     when the CPU has no FTZ/DAZ flags (``torch.set_flush_denormal`` refuses), or when torch's thread pool was
     started before this call: its worker threads keep their own flags, which a parallel multiplication of
-    denormals shows (their part of the result stays non-zero). Call it before the first parallel operation.
+    denormals shows (their part of the result stays non-zero). Flushing is then turned off again in this thread,
+    so that no result depends on which thread computed it. Call it before the first parallel operation.
     """
     if not torch.set_flush_denormal(bool(enabled)):
         return False
-    return not enabled or all_threads_flush()
+    if not enabled or all_threads_flush():
+        return True
+    torch.set_flush_denormal(False)
+    return False
 
 
 def all_threads_flush() -> bool:

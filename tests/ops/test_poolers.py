@@ -168,3 +168,9 @@ def test_shared_feature_tables_pack_each_level_set_once(monkeypatch):
         assert len(packs) == 4  # the block's tables are gone with it
     assert all(torch.equal(p, s) for p, s in zip(plain, shared))
     assert not torch.equal(doubled, shared[0])
+    # Inference tensors keep no version counter: shared by identity.
+    packs.clear()
+    with torch.inference_mode(), use_backend("native"), shared_feature_tables():
+        frozen = [f.clone() for f in feats]
+        assert torch.equal(pooler(frozen, a), pooler(feats, a)) and torch.equal(pooler(frozen, b), pooler(feats, b))
+        assert len(packs) == 2
