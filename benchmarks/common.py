@@ -331,11 +331,12 @@ def child_env() -> Dict[str, str]:
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
 
 
-def run_child(script: str, args: Sequence[str], timeout: float = 600) -> Dict[str, Any]:
-    """Run ``python benchmarks/<script> <args>`` in a fresh process; returns the JSON object of its last stdout
-    line."""
+def run_child(script: str, args: Sequence[str], timeout: float = 600, fixed_mmap: bool = True) -> Dict[str, Any]:
+    """Run ``python benchmarks/<script> <args>`` in a fresh process (with glibc's mmap threshold fixed, as the
+    memory figures need, unless ``fixed_mmap`` is False); returns the JSON object of its last stdout line."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script)] + list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=child_env())
+    env = child_env() if fixed_mmap else dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

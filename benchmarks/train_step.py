@@ -16,7 +16,7 @@ autocast. Steps alternate after a warm-up step each (5 rounds by default); media
 ours bf16 / torchvision bf16 + channels-last) are printed, with the peak memory of one step measured in a fresh
 child process per run (``common.py``). The JSON records the commit. Float denormals are flushed to zero in
 the whole process, for every run alike (``--flush-denormal 0`` keeps them): as ``tools/train_net.py`` does by
-default (``FLUSH_DENORMAL``); without it the fp32 steps of both models grew from 7 s to 37-41 s over five steps on
+default (``FLUSH_DENORMAL``); without it the fp32 steps of both models grew about 4x over five steps on
 an Intel Xeon (docs/benchmarks.md, "Denormals"), and the ratio measured which model met denormals first.
 """
 from __future__ import annotations

@@ -71,7 +71,7 @@ _key("TUNE_MALLOC", True,
 _key("FLUSH_DENORMAL", True,
      "tools/train_net.py and tools/test_net.py flush float denormals (|x| < 1.2e-38) to zero on the CPU at start "
      "(torch.set_flush_denormal; maskrcnn/utils/denormal.py): as gradients shrink, denormal arithmetic made an "
-     "fp32 R-50-FPN training step 5x slower within five steps (docs/benchmarks.md, 'Denormals'). Changes a "
+     "fp32 R-50-FPN training step 4x slower within five steps (docs/benchmarks.md, 'Denormals'). Changes a "
      "result only where a value was already below float32's normal range.")
 _key("EPS", 1e-14, "Detectron's numerical-stability constant; kept so Detectron files load, nothing reads it "
      "(a non-default value logs a warning).")

@@ -3,8 +3,9 @@
 A float32 value under 1.2e-38 in magnitude (a denormal) is computed in microcode on x86 CPUs, tens of times slower
 than a normal one. In a training step they come from gradients and activations that shrink towards zero; the
 weights themselves stay normal. Measured on a 2-core Intel Xeon with AMX (R-50-FPN, batch 2 at 800x1066, the
-``benchmarks/train_step.py`` model, the same step repeated): without flushing, the fp32 step grew from 7.0 s to
-37-41 s over its first five steps; with flushing it stayed at 7.0-7.5 s (docs/benchmarks.md, "Denormals").
+``benchmarks/train_step.py`` model stepped repeatedly, ``benchmarks/denormal.py``): without flushing, the fp32
+step grew from 10.4 s to 41-45 s over its first six steps; with flushing it stayed at 9.0-10.4 s
+(docs/benchmarks.md, "Denormals").
 torchvision's model slows down the same way. bf16 steps are not affected.
 
 Flushing sets the CPU's FTZ/DAZ flags (``torch.set_flush_denormal``): denormal inputs and results become 0, which
