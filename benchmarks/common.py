@@ -498,10 +498,13 @@ def add_flush_denormal_arg(p) -> None:
 def apply_flush_denormal(flag: int) -> bool:
     """Set FTZ/DAZ for the whole process, before its thread pool starts (``maskrcnn.utils.flush_denormal``); every
     model timed in the process runs under the same setting, so no ratio depends on it. Returns whether it holds in
-    every thread (always True for ``flag`` 0)."""
+    every thread (always True for ``flag`` 0), after a warning on stderr where it does not."""
     from maskrcnn.utils.denormal import flush_denormal
 
-    return flush_denormal(bool(flag)) or not flag
+    ok = flush_denormal(bool(flag)) or not flag
+    if not ok:
+        print("warning: --flush-denormal 1 did not reach every thread: denormals are kept", file=sys.stderr)
+    return ok
 
 
 def write_json(path: str, obj: Any) -> None:

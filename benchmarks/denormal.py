@@ -11,6 +11,7 @@ themselves stay normal (the count of denormal parameters after each step is prin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -49,8 +50,6 @@ def main(argv=None) -> int:
     p.add_argument("--child", nargs=2, metavar=("RUN", "FLUSH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        import json
-
         print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.quick)))
         return 0
     info = common.machine_info()

@@ -27,8 +27,9 @@ itself with it) so that freed tensors are returned and the peak tracks the live 
 Float denormals are flushed to zero in the whole process (both models; ``--flush-denormal 0`` keeps them), as
 ``tools/train_net.py`` does by default: repeated fp32 training steps otherwise slow down as their gradients shrink.
 
-``--quick``: sizes 480, 800, 1333, 2 rounds (the full run: all five sizes, 5 rounds: the docs' tables need >= 5). Writes a JSON with the git
-commit and machine, PNG plots (matplotlib, optional) and prints the markdown tables of ``docs/benchmarks.md``.
+``--quick``: sizes 480, 800, 1333, 2 rounds (the full run: all five sizes, 5 rounds, as the docs' tables need).
+Writes a JSON with the git commit and machine, PNG plots (matplotlib, optional) and prints the markdown tables of
+``docs/benchmarks.md``.
 """
 from __future__ import annotations
 
@@ -281,8 +282,7 @@ def main(argv=None) -> int:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # stable peak RSS (module docstring)
         os.execve(sys.executable, [sys.executable] + sys.argv, common.child_env())
     args = parse_args(argv)
-    if not common.apply_flush_denormal(args.flush_denormal):  # first: the thread pool inherits it
-        print("warning: --flush-denormal 1 did not reach every thread", file=sys.stderr)
+    common.apply_flush_denormal(args.flush_denormal)  # first: the thread pool inherits it
     sections = [s for s in args.sections.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:

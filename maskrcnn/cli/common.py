@@ -9,6 +9,8 @@ import argparse
 import sys
 
 from ..config import CfgNode, ConfigError, get_cfg, resolve_config_path
+from ..utils.denormal import NOT_FLUSHED, flush_denormal
+from ..utils.malloc import tune_malloc
 
 __all__ = ["CFG_HELP", "add_cfg_argument", "load_cfg_file", "apply_loader_and_device_args", "build_checked_dataset",
            "config_error_exit"]
@@ -50,6 +52,16 @@ def build_checked_dataset(cfg: CfgNode, spec, is_train: bool):
                             max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
     check_num_classes(cfg, dataset)
     return dataset
+
+
+def apply_process_settings(cfg: CfgNode) -> None:
+    """The process-wide settings ``train_net`` and ``test_net`` apply right after reading the config, before torch
+    starts its thread pool: ``TUNE_MALLOC`` (glibc malloc thresholds) and ``FLUSH_DENORMAL`` (FTZ/DAZ in every CPU
+    thread; a warning on stderr when that cannot hold)."""
+    if cfg.TUNE_MALLOC:
+        tune_malloc()
+    if cfg.FLUSH_DENORMAL and not flush_denormal():
+        print(f"warning: {NOT_FLUSHED}", file=sys.stderr)
 
 
 def config_error_exit(error: ConfigError) -> int:

@@ -21,10 +21,8 @@ import os
 import sys
 
 from ..config import ConfigError, assert_and_infer_cfg
-from ..utils.denormal import NOT_FLUSHED, flush_denormal
-from ..utils.malloc import tune_malloc
-from .common import (add_cfg_argument, apply_loader_and_device_args, build_checked_dataset, config_error_exit,
-                     load_cfg_file)
+from .common import (add_cfg_argument, apply_loader_and_device_args, apply_process_settings, build_checked_dataset,
+                     config_error_exit, load_cfg_file)
 
 __all__ = ["main", "parse_args", "setup_cfg", "run", "fingerprint", "make_visualizer"]
 
@@ -144,10 +142,7 @@ def main(argv=None) -> int:
         cfg = setup_cfg(args)
     except ConfigError as e:
         return config_error_exit(e)
-    if cfg.TUNE_MALLOC:
-        tune_malloc()
-    if cfg.FLUSH_DENORMAL and not flush_denormal():  # before torch starts its thread pool: workers inherit it
-        print(f"warning: {NOT_FLUSHED}", file=sys.stderr)
+    apply_process_settings(cfg)
 
     from ..data.build import DatasetItemError
     from ..data.catalog import DatasetSpecError

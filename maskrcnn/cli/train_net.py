@@ -25,11 +25,9 @@ import time
 
 from ..config import ConfigError, assert_and_infer_cfg
 from ..utils import distributed as dist_utils
-from ..utils.denormal import NOT_FLUSHED, flush_denormal
-from ..utils.malloc import tune_malloc
 from .auto import add_auto_arguments, auto_requested, budget_hook, configure_auto, fit_budget, load_auto_cfg
-from .common import (add_cfg_argument, apply_loader_and_device_args, build_checked_dataset, config_error_exit,
-                     load_cfg_file)
+from .common import (add_cfg_argument, apply_loader_and_device_args, apply_process_settings, build_checked_dataset,
+                     config_error_exit, load_cfg_file)
 
 __all__ = ["main", "parse_args", "setup_cfg", "train", "evaluate", "load_imagenet_backbone"]
 
@@ -309,10 +307,7 @@ def main(argv=None) -> int:
         cfg = setup_cfg(args, dist_utils.env_world_size(), log=lambda m: print(m, flush=True))
     except ConfigError as e:
         return config_error_exit(e)
-    if cfg.TUNE_MALLOC:
-        tune_malloc()  # before --auto times its steps, so that they run as training will
-    if cfg.FLUSH_DENORMAL and not flush_denormal():  # before torch starts its thread pool: workers inherit it
-        print(f"warning: {NOT_FLUSHED}", file=sys.stderr)
+    apply_process_settings(cfg)  # before --auto times its steps, so that they run as training will
 
     from ..data.build import DatasetItemError, WorkerDiedError
     from ..data.validate import UnreadableImagesError

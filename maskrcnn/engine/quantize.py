@@ -12,11 +12,10 @@ RPN's 3x3 convolution and every convolution, transposed convolution and fully co
 keypoint heads (``Box_Head``, ``Mask_Head``, ``Keypoint_Head``; each cascade stage's box head). A head whose
 ``feature_stack()`` gives its layers as a plain layer/ReLU chain (the FPN mask and keypoint heads, the 2-fc box head)
 is quantized as one graph installed as its ``fused_stack``: ReLUs fused, int8 between the layers, one quantize at
-its input and one dequantize at its output (at 100 detections on an 800x1066 image, 4 dequantize/quantize pairs
-and 5 float ReLUs of the mask head less: 0.534 s against 0.544 s per image, median of 9 alternated rounds on a
-2-core Xeon with AMX). Other heads (GroupNorm, C4) are quantized one layer at a time. At 100 detections the mask
-head's four 256-channel convolutions cost more than the whole body, and int8 runs them about 2x faster than bf16
-on a CPU with VNNI but no AMX (with AMX, bf16 and int8 matmuls run at similar rates: docs/benchmarks.md). The
+its input and one dequantize at its output (at 100 detections, 4 dequantize/quantize pairs and 5 float ReLUs of
+the mask head fewer per image; in wall time about 2% on a 2-core Xeon with AMX, within the noise). Other heads
+(GroupNorm, C4) are quantized one layer at a time. At 100 detections the mask head's four 256-channel convolutions
+cost more than the whole body, and int8 runs them about 2x faster than bf16 on a CPU with VNNI but no AMX (with AMX, bf16 and int8 matmuls run at similar rates: docs/benchmarks.md). The
 predictors (``RPN_cls_score``, ``RPN_bbox_pred``, ``Box_Outs``, ``Mask_Outs``, ``Keypoint_Outs``), RoIAlign, NMS
 and the box maths stay fp32.
 

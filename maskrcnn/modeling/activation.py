@@ -14,9 +14,10 @@ def relu_after(y: Tensor, x: Tensor) -> Tensor:
     """``relu(y)`` where ``y`` is a layer's output for input ``x``.
 
     In place when ``y`` is not recorded by autograd (inference, or a frozen layer) and is not ``x`` itself (a layer
-    replaced by ``nn.Identity`` returns its input, which the caller may still read): the out-of-place ReLU of a
-    ``(100, 256, 28, 28)`` fp32 mask-head map took 18 ms against 4 ms in place on a 2-core Xeon, most of it the new
-    80 MB tensor's fresh pages. Under autograd it stays out of place, so that no saved tensor is modified."""
+    replaced by ``nn.Identity`` returns its input, which the caller may still read): at 100 detections the ReLUs of
+    an fp32 inference went from 42 to 10 ms of profiled time (``benchmarks/profile_call.py``), the out-of-place one
+    allocating, and faulting in, a fresh 80 MB map for the mask head. Under autograd it stays out of place, so that
+    no saved tensor is modified."""
     return F.relu(y, inplace=y is not x and not y.requires_grad)
 
 

@@ -127,16 +127,17 @@ def test_train_and_test_stop_on_a_class_count_mismatch_before_any_model_work(tmp
 
 @pytest.mark.parametrize("tune", [True, False])
 def test_train_and_test_tune_malloc_as_the_config_says(tmp_path, monkeypatch, capsys, tune):
-    from maskrcnn.cli import test_net, train_net
+    from maskrcnn.cli import common, test_net, train_net
 
-    calls = []
-    monkeypatch.setattr(train_net, "tune_malloc", lambda: calls.append("train"))
-    monkeypatch.setattr(test_net, "tune_malloc", lambda: calls.append("test"))
+    calls, tool = [], []
+    monkeypatch.setattr(common, "tune_malloc", lambda: calls.append(tool[-1]))  # both tools call it from there
     # A class-count mismatch stops both right after the config is read (see the test above): enough to see the call.
+    tool.append("train")
     rc = train_net.main(["--cfg", SMOKE_NAME, "--dataset", "synthetic:train", "--nw", "0", "--output_dir",
                          str(tmp_path / "train"), "--set", "MODEL.NUM_CLASSES", "3", "TUNE_MALLOC", str(tune)])
     ckpt = tmp_path / "unused.pth"
     ckpt.write_bytes(b"\0" * 10)
+    tool.append("test")
     rc2 = test_net.main(["--cfg", SMOKE_NAME, "--load_ckpt", str(ckpt), "--dataset", "synthetic:val", "--output_dir",
                          str(tmp_path / "test"), "--set", "MODEL.NUM_CLASSES", "5", "TUNE_MALLOC", str(tune)])
     capsys.readouterr()

@@ -72,9 +72,10 @@ class RPNHead(nn.Module):
                 deltas.append(out[:, num_logits:])
             else:
                 if torch.is_autocast_enabled(t.device.type) and t.dtype != self.RPN_cls_score.weight.dtype:
-                    # Under mixed precision both predictors are fp32 islands, whose hooks would each cast ``t``
-                    # (at P2 of an 800x1066 image, 14M values: about 10 ms a cast): cast it once here. Exact both ways
-                    # (bf16/fp16 -> fp32), so a plain autocast without the islands computes the same.
+                    # Under mixed precision both predictors are fp32 islands, whose hooks would each cast ``t`` (at
+                    # P2 of an 800x1066 image, 14M values, about 10 ms each: benchmarks/profile_call.py): cast it once
+                    # here. Exact both ways (bf16/fp16 -> fp32), so a plain autocast without the islands computes
+                    # the same.
                     t = t.to(self.RPN_cls_score.weight.dtype)
                 logits.append(self.RPN_cls_score(t))
                 deltas.append(self.RPN_bbox_pred(t))

@@ -1,0 +1,72 @@
+"""Where one inference call's time goes: ``torch.profiler`` on ours (fp32 / bf16 / int8) or torchvision.
+
+    python benchmarks/profile_call.py ours-bf16 [--score 0] [--rows 25] [--by-shape aten::copy_ aten::fill_ ...]
+
+The models and image are ``inference.py``'s (R-50-FPN with the same seeded weights, one 800x1066 photo): ``ours-fp32``
+/ ``ours-bf16`` / ``ours-int8`` with the default inference speed features (``common.prepared``; int8 calibrated on
+another photo), ``torchvision-bf16`` = torchvision under bf16 autocast + channels-last. After two warm-up calls,
+three calls are timed and one is profiled: the table of operators by self CPU time, then for each ``--by-shape``
+operator its calls grouped by input shape. A diagnostic of one process, not a ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+MODES = ("ours-fp32", "ours-bf16", "ours-int8", "torchvision-bf16")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("mode", choices=MODES)
+    p.add_argument("--score", type=float, default=0.0, help="score threshold (0: 100 detections with masks)")
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--by-shape", nargs="*", default=[], metavar="OP", help="operators to list by input shape")
+    args = p.parse_args(argv)
+    img = common.load_image()
+    tv = common.build_torchvision(score_thresh=args.score, calib_image=img)
+    if args.mode.startswith("ours"):
+        mode = args.mode.split("-")[1]
+        model = common.prepared(common.build_ours(tv, score_thresh=args.score), mode,
+                                calib_images=[common.load_image(index=1)] if mode == "int8" else None)
+
+        def call():
+            return model([img])
+    else:
+        tv = tv.to(memory_format=torch.channels_last)
+
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return tv([img])
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(2):
+            call()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(args.by_shape)) as prof:
+            call()
+    print(f"{args.mode}: calls {', '.join(f'{t:.3f}' for t in times)} s (commit {common.git_commit()[:7]})")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    for op in args.by_shape:
+        events = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == op),
+                        key=lambda e: -e.self_cpu_time_total)
+        for e in events[:8]:
+            print(f"{op} {e.self_cpu_time_total / 1000:.1f} ms, {e.count} calls, input shapes {e.input_shapes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
