@@ -507,6 +507,30 @@ def apply_flush_denormal(flag: int) -> bool:
     return ok
 
 
+def add_tune_malloc_arg(p) -> None:
+    """``--tune-malloc 0|1`` (default 1) on a benchmark's argument parser: see :func:`apply_tune_malloc`."""
+    p.add_argument("--tune-malloc", type=int, choices=(0, 1), default=1,
+                   help="glibc malloc keeps freed memory in this process, for every model alike (default 1: what "
+                        "tools/train_net.py and test_net.py do with TUNE_MALLOC, and what jemalloc or tcmalloc give "
+                        "a torchvision user; 0: glibc's defaults, which unmap every block above 32 MiB when freed)")
+
+
+def apply_tune_malloc(flag: int) -> bool:
+    """``maskrcnn.utils.tune_malloc()`` for the whole process when ``flag`` is 1: every model timed in the
+    process runs with the same allocator, so the setting is in no ratio, only in the absolute times. Not for the
+    peak-memory children, whose measurement needs every tensor returned when freed (:func:`child_env`). Returns
+    whether it applies, after a warning on stderr where glibc refused it."""
+    if not flag:
+        return False
+    from maskrcnn.utils.malloc import tune_malloc
+
+    ok = tune_malloc()
+    if not ok:
+        print("warning: --tune-malloc 1 was not applied (malloc is not glibc's, or glibc refused a value)",
+              file=sys.stderr)
+    return ok
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` to ``path`` as indented JSON, creating its folder first (so that a result is not lost to a
     folder that does not exist yet)."""

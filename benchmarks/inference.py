@@ -31,7 +31,9 @@ figure) and the fair ratios: ours fp32 / torchvision's best fp32 setting, ours b
 channels-last (``common.fair_ratios``). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on each
 model's plain eager graph and divided by the median time to give GFLOP/s and the fraction of this machine's
 matmul peak (a 4096^3 matmul timed in every round). Peak memory is measured in a fresh child process per model
-(``common.py``). The JSON records the commit.
+(``common.py``). The JSON records the commit. glibc malloc keeps freed memory for every model in the timing
+process (``--tune-malloc``, default 1, as ``tools/test_net.py`` does with ``TUNE_MALLOC``); the memory children
+run with glibc's mmap threshold fixed instead.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-peak", action="store_true", help="skip the 4096^3 matmul peak probes (minutes on a "
                    "loaded machine; the 'of peak' columns then show -)")
     p.add_argument("--json", default=None, help="write the results here")
+    common.add_tune_malloc_arg(p)
     p.add_argument("--ablation", action="store_true",
                    help="time ours with the speed features switched on one after the other instead")
     p.add_argument("--child-memory", default=None, choices=("torchvision",) + tuple(f"ours-{m}" for m in MODES),
@@ -167,7 +170,8 @@ def run(args) -> Dict[str, Any]:
     info = common.machine_info()
     print(f"# inference benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads, "
           f"load {info['load_avg_1min']}), torch {info['torch']}, capability {info['capability']}, image "
-          f"{size[0]}x{size[1]} ({common.image_source()}), score thresholds {threshes}, commit {common.git_commit()}")
+          f"{size[0]}x{size[1]} ({common.image_source()}), score thresholds {threshes}, malloc "
+          f"{'tuned' if getattr(args, 'tune_malloc', 0) else 'default'}, commit {common.git_commit()}")
     peak_fp32 = None if args.no_peak else common.matmul_peak(torch.float32)
     peak_bf16 = common.matmul_peak(torch.bfloat16) if "bf16" in modes and not args.no_peak else None
     if peak_fp32:
@@ -279,6 +283,7 @@ def run(args) -> Dict[str, Any]:
     failed = common.require_identical({k: v for k, v in checks.items() if "ours-fp32" in k})
     return {"benchmark": "inference", "commit": common.git_commit(), "machine": info, "image_size": list(size),
             "image": common.image_source(), "repeats": repeats, "score_thresholds": threshes,
+            "tune_malloc": bool(getattr(args, "tune_malloc", 0)),
             "sets": [set_key(t, tr) for t, tr in sets],
             "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16}, "rows": rows, "ratios": ratios,
             "detections": checks, "torchvision_detections": detections, "identical_check_failed": failed}
@@ -401,6 +406,7 @@ def main(argv=None) -> int:
         if args.child_memory:
             child_memory(args)
             return 0
+        common.apply_tune_malloc(args.tune_malloc)
         result = run_ablation(args) if args.ablation else run(args)
     if args.json:
         common.write_json(args.json, result)

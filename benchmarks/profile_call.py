@@ -1,12 +1,19 @@
 """Where one inference call's time goes: ``torch.profiler`` on ours (fp32 / bf16 / int8) or torchvision.
 
     python benchmarks/profile_call.py ours-bf16 [--score 0] [--rows 25] [--by-shape aten::copy_ aten::fill_ ...]
+    python benchmarks/profile_call.py train-ours-fp32 [--quick]
 
 The models and image are ``inference.py``'s (R-50-FPN with the same seeded weights, one 800x1066 photo): ``ours-fp32``
 / ``ours-bf16`` / ``ours-int8`` with the default inference speed features (``common.prepared``; int8 calibrated on
 another photo), ``torchvision-bf16`` = torchvision under bf16 autocast + channels-last. After two warm-up calls,
 three calls are timed and one is profiled: the table of operators by self CPU time, then for each ``--by-shape``
 operator its calls grouped by input shape. A diagnostic of one process, not a ratio.
+
+``train-*`` profiles one training step of ``train_step.py`` instead (forward with losses, backward, SGD step; batch
+of 2 at 800x1066, ``--quick``: 480x640): ``train-ours-fp32`` / ``train-ours-bf16`` with the config's training speed
+features, ``train-torchvision-cl`` / ``train-torchvision-bf16`` = torchvision channels-last / bf16 autocast +
+channels-last. One warm-up step and two timed steps before the profiled one; denormals are flushed as in
+``train_step.py``.
 """
 from __future__ import annotations
 
@@ -21,16 +28,33 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 MODES = ("ours-fp32", "ours-bf16", "ours-int8", "torchvision-bf16")
+TRAIN_MODES = {"train-ours-fp32": "ours-fp32", "train-ours-bf16": "ours-bf16",
+               "train-torchvision-cl": common.TV_CL, "train-torchvision-bf16": common.TV_BF16}
+
+
+def training_step(mode: str, quick: bool):
+    """``train_step.py``'s step function for one of :data:`TRAIN_MODES`, with the config's speed features."""
+    import train_step
+
+    common.apply_flush_denormal(1)
+    feats = train_step.features(argparse.Namespace(fold_bn=None, channels_last=None, no_speed=False))
+    size = common.QUICK_IMAGE_SIZE if quick else common.IMAGE_SIZE
+    _, step, _ = train_step.build(TRAIN_MODES[mode], size, feats)
+    return step
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("mode", choices=MODES)
+    p.add_argument("mode", choices=MODES + tuple(TRAIN_MODES))
+    p.add_argument("--quick", action="store_true", help="train-*: 480x640 images")
     p.add_argument("--score", type=float, default=0.0, help="score threshold (0: 100 detections with masks)")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--shapes", type=int, default=8, help="input shapes listed per --by-shape operator")
     p.add_argument("--by-shape", nargs="*", default=[], metavar="OP", help="operators to list by input shape")
     args = p.parse_args(argv)
+    if args.mode in TRAIN_MODES:
+        return profile(training_step(args.mode, args.quick), args, warmup=1, timed=2)
     img = common.load_image()
     tv = common.build_torchvision(score_thresh=args.score, calib_image=img)
     if args.mode.startswith("ours"):
@@ -46,24 +70,30 @@ def main(argv=None) -> int:
         def call():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return tv([img])
-    from torch.profiler import ProfilerActivity, profile
-
     with torch.no_grad():
-        for _ in range(2):
-            call()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(args.by_shape)) as prof:
-            call()
+        return profile(call, args, warmup=2, timed=3)
+
+
+def profile(call, args, warmup: int, timed: int) -> int:
+    """Warm up, time ``timed`` calls, profile one more and print the tables."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(timed):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=bool(args.by_shape)) as prof:
+        call()
     print(f"{args.mode}: calls {', '.join(f'{t:.3f}' for t in times)} s (commit {common.git_commit()[:7]})")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     for op in args.by_shape:
         events = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == op),
                         key=lambda e: -e.self_cpu_time_total)
-        for e in events[:8]:
+        for e in events[:args.shapes]:
             print(f"{op} {e.self_cpu_time_total / 1000:.1f} ms, {e.count} calls, input shapes {e.input_shapes}")
     return 0
 

@@ -18,6 +18,9 @@ child process per run (``common.py``). The JSON records the commit. Float denorm
 the whole process, for every run alike (``--flush-denormal 0`` keeps them): as ``tools/train_net.py`` does by
 default (``FLUSH_DENORMAL``); without it the fp32 steps of both models grew about 4x over five steps on
 an Intel Xeon (docs/benchmarks.md, "Denormals"), and the ratio measured which model met denormals first.
+Likewise glibc malloc keeps freed memory for every run (``maskrcnn.utils.tune_malloc``, as ``TUNE_MALLOC`` does in
+``tools/train_net.py``; ``--tune-malloc 0`` keeps glibc's defaults, under which every tensor above 32 MiB is
+faulted in afresh at every step); the peak-memory children never tune it.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated subset of the runs to time (default: all); e.g. the bf16 runs apart with "
                         "fewer --repeats on a CPU without native bf16, where they are emulated and slow")
     common.add_flush_denormal_arg(p)
+    common.add_tune_malloc_arg(p)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child-memory", default=None, choices=MODELS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -125,7 +129,8 @@ def run(args) -> Dict[str, Any]:
     info = common.machine_info()
     print(f"# training-step benchmark {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} "
           f"threads, load {info['load_avg_1min']}), torch {info['torch']}, batch 2 x {size[0]}x{size[1]}, ours with "
-          f"{features(args)}, denormals {'flushed' if args.flush_denormal else 'kept'} (every run)")
+          f"{features(args)}, denormals {'flushed' if args.flush_denormal else 'kept'}, malloc "
+          f"{'tuned' if args.tune_malloc else 'default'} (every run)")
     runs = [n for n in args.runs.split(",") if n]
     bad = [n for n in runs if n not in MODELS]
     if bad or not runs:
@@ -169,7 +174,8 @@ def run(args) -> Dict[str, Any]:
         print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
     return {"benchmark": "train_step", "commit": common.git_commit(), "machine": info, "image_size": list(size),
             "batch": 2, "repeats": args.repeats, "speed_features": features(args),
-            "flush_denormal": bool(args.flush_denormal), "runs": runs, "fastest_torchvision": fastest_tv,
+            "flush_denormal": bool(args.flush_denormal), "tune_malloc": bool(args.tune_malloc), "runs": runs,
+            "fastest_torchvision": fastest_tv,
             "rows": rows, "ratios": ratios}
 
 
@@ -181,6 +187,7 @@ def main(argv=None) -> int:
     if args.child_memory:
         child_memory(args)
         return 0
+    common.apply_tune_malloc(args.tune_malloc)
     result = run(args)
     if args.json:
         common.write_json(args.json, result)

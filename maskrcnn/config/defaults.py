@@ -64,9 +64,10 @@ _key("OPS_BACKEND", "auto",
      "'torchvision' (torchvision's compiled kernels) or 'auto' (defer to the MASKRCNN_OPS_BACKEND environment "
      "variable, else nms from torchvision's kernel and roi_align/roi_pool native; see maskrcnn/ops/_backend.py).")
 _key("TUNE_MALLOC", True,
-     "tools/train_net.py and tools/test_net.py set glibc malloc's mmap threshold to 32 MiB and trim threshold to "
-     "1 GiB at start (maskrcnn/utils/malloc.py): each step's tensors reuse the memory the previous step freed "
-     "instead of fresh pages the kernel faults in and zeroes (5-15% of a small model's training step on a CPU); "
+     "tools/train_net.py and tools/test_net.py make glibc malloc serve every block from the heap (M_MMAP_MAX 0) "
+     "and never return the heap's top (maskrcnn/utils/malloc.py) at start: each step's tensors reuse the memory "
+     "the previous step freed instead of fresh pages the kernel faults in and zeroes (5-15% of a small model's "
+     "training step on a CPU, about a quarter of an R-50-FPN step at 800 px; docs/benchmarks.md, 'Allocator'); "
      "the process keeps its peak memory. No effect where malloc is not glibc's.")
 _key("FLUSH_DENORMAL", True,
      "tools/train_net.py and tools/test_net.py flush float denormals (|x| < 1.2e-38) to zero on the CPU at start "
