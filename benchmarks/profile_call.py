@@ -50,9 +50,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="train-*: 480x640 images")
     p.add_argument("--score", type=float, default=0.0, help="score threshold (0: 100 detections with masks)")
     p.add_argument("--rows", type=int, default=25)
+    common.add_tune_malloc_arg(p)
     p.add_argument("--shapes", type=int, default=8, help="input shapes listed per --by-shape operator")
     p.add_argument("--by-shape", nargs="*", default=[], metavar="OP", help="operators to list by input shape")
     args = p.parse_args(argv)
+    common.apply_tune_malloc(args.tune_malloc)
     if args.mode in TRAIN_MODES:
         return profile(training_step(args.mode, args.quick), args, warmup=1, timed=2)
     img = common.load_image()
