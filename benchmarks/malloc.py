@@ -9,6 +9,8 @@ trained weights, so that the RoI heads see as many foreground RoIs as late in tr
 ``--steps`` training steps after ``--warm`` untimed ones, with the learning rate at 1e-6 so the weights barely
 move; one child calls :func:`maskrcnn.utils.tune_malloc` first. Each prints its median step time (data loading
 excluded) and its minor page faults per step; the table gives both and the ratio tuned / default per round.
+``--capped`` adds a third child with the setting of stop 26 (``tune_malloc(trim_threshold=1 GiB, map_large=True)``:
+blocks above 32 MiB still mapped one by one), and the ratio tuned / capped; the children then rotate in each round.
 
 ``--code DIR`` imports ``maskrcnn`` from another checkout (e.g. an older commit, to time its step on the same
 model); ``--only default`` runs only the children without ``tune_malloc`` (for code that predates it):
@@ -43,10 +45,11 @@ def child(args: argparse.Namespace) -> None:
     if args.code and not os.path.abspath(maskrcnn.__file__).startswith(os.path.abspath(args.code) + os.sep):
         raise SystemExit(f"--code {args.code}: maskrcnn was imported from {maskrcnn.__file__}")
     applied = False
-    if args.child == "tuned":
+    if args.child in ("tuned", "capped"):
         from maskrcnn.utils.malloc import tune_malloc
 
-        applied = tune_malloc()
+        # capped: the setting of stop 26 (blocks above 32 MiB still mapped, 1 GiB of free heap top kept).
+        applied = tune_malloc() if args.child == "tuned" else tune_malloc(trim_threshold=1 << 30, map_large=True)
     torch.set_num_threads(args.threads)
     # The step is assembled here, not with a helper of the package, so that --code can time checkouts older
     # than any such helper (these imports exist in every commit since the Trainer).
@@ -103,7 +106,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--code", default="", help="import maskrcnn from this checkout (default: this one)")
     p.add_argument("--only", choices=("default", "tuned"), help="run only these children (no ratio)")
-    p.add_argument("--child", choices=("default", "tuned"), help=argparse.SUPPRESS)
+    p.add_argument("--capped", action="store_true", help="also a child with tune_malloc(trim_threshold=1 GiB, "
+                   "map_large=True), the setting before blocks above 32 MiB were kept too (ratio tuned / capped)")
+    p.add_argument("--child", choices=("default", "tuned", "capped"), help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.child:
@@ -113,7 +118,9 @@ def main(argv=None) -> None:
     rows = []
     for r in range(args.rounds):
         result = {}
-        modes = (args.only,) if args.only else (("default", "tuned") if r % 2 == 0 else ("tuned", "default"))
+        order = ("default", "tuned", "capped") if args.capped else ("default", "tuned")
+        shift = r % len(order)
+        modes = (args.only,) if args.only else order[shift:] + order[:shift]
         for mode in modes:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + argv
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -125,14 +132,20 @@ def main(argv=None) -> None:
             continue
         rows.append(result)
         d, t = result["default"], result["tuned"]
+        capped = (f" | capped {result['capped']['ms']:.1f} ms/step, {result['capped']['faults']:.0f} faults/step, "
+                  f"tuned / capped {t['ms'] / result['capped']['ms']:.3f}") if args.capped else ""
         print(f"round {r + 1}: default {d['ms']:.1f} ms/step, {d['faults']:.0f} faults/step | tuned "
               f"{t['ms']:.1f} ms/step, {t['faults']:.0f} faults/step (applied: {t['applied']}) | ratio "
-              f"{t['ms'] / d['ms']:.3f}", flush=True)
+              f"{t['ms'] / d['ms']:.3f}{capped}", flush=True)
     if args.only:
         return
     ratios = [row["tuned"]["ms"] / row["default"]["ms"] for row in rows]
     print(f"tuned / default step time: median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f} - "
           f"{max(ratios):.3f}), {args.threads} thread(s), {args.steps} steps per process")
+    if args.capped:
+        ratios = [row["tuned"]["ms"] / row["capped"]["ms"] for row in rows]
+        print(f"tuned / capped step time: median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f} - "
+              f"{max(ratios):.3f})")
 
 
 if __name__ == "__main__":

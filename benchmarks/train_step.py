@@ -115,6 +115,19 @@ def build(name: str, size, feats: Dict[str, bool]):
     return model, step, last
 
 
+def counting_faults(step, out: List[int]):
+    """``step`` that appends the minor page faults (fresh pages the kernel mapped and zeroed) of each call to
+    ``out``: what glibc's default malloc costs a step whose large tensors are unmapped when freed."""
+    import resource
+
+    def counted():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    return counted
+
+
 def child_memory(args) -> None:
     size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
     _, step, _ = build(args.child_memory, size, features(args))
@@ -135,14 +148,16 @@ def run(args) -> Dict[str, Any]:
     bad = [n for n in runs if n not in MODELS]
     if bad or not runs:
         raise SystemExit(f"--runs: unknown or no run(s) {bad}; choose from {MODELS}")
-    steps, losses = {}, {}
+    steps, losses, faults = {}, {}, {}
     for name in runs:
-        _, steps[name], losses[name] = build(name, size, features(args))
+        _, step, losses[name] = build(name, size, features(args))
+        steps[name] = counting_faults(step, faults.setdefault(name, []))
     times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
     medians = {n: common.median(t) for n, t in times.items()}
     tv = medians.get(common.TV_PLAIN)
     rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],
-                                   "ratio": medians[n] / tv if tv else None, "last_losses": losses[n]} for n in runs]
+                                   "ratio": medians[n] / tv if tv else None, "last_losses": losses[n],
+                                   "page_faults": faults[n][1:]} for n in runs]
     tv_runs = [n for n in runs if n.startswith("torchvision")]
     fastest_tv = min(tv_runs, key=lambda n: medians[n]) if tv_runs else None
     ratios = common.fair_ratios(medians, "ours-fp32", "ours-bf16")
@@ -170,6 +185,8 @@ def run(args) -> Dict[str, Any]:
         print(f"torchvision's fastest setting here: {fastest_tv} ({common.fmt_s(medians[fastest_tv])})")
     print(f"steps per model: {len(times[runs[0]])} (alternated); times: "
           + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
+    print("minor page faults per timed step: " + "; ".join(
+        f"{n} " + ", ".join(str(f) for f in faults[n][1:]) for n in runs))
     for n in runs:
         print(f"{n} losses of its last step: " + ", ".join(f"{k} {v:.4f}" for k, v in losses[n].items()))
     return {"benchmark": "train_step", "commit": common.git_commit(), "machine": info, "image_size": list(size),
