@@ -26,8 +26,9 @@ value and a reason for each data-dependent key:
 :func:`apply_choices` writes them into the config except where a key is *explicit* (set by the ``--cfg`` file or
 ``--set``, or a command-line flag such as ``--bs``/``--lr``): an explicit key always wins, and the log says what
 was kept. Then, once the device is known, :func:`fit_schedule_to_budget` times a few real training steps of the chosen
-model, in fp32 and under bf16 autocast (``TRAIN.AMP``: the faster by :data:`BF16_MIN_SPEEDUP`), and sizes
-``SOLVER.MAX_ITER`` (with its steps, warm-up and snapshots) to ``AUTO.BUDGET_MINUTES``.
+model, in fp32 and under bf16 autocast with their steps alternated (``TRAIN.AMP``: the faster by
+:data:`BF16_MIN_SPEEDUP`), and sizes ``SOLVER.MAX_ITER`` (with its steps, warm-up and snapshots) to
+``AUTO.BUDGET_MINUTES``.
 
 Every choice is printed as ``auto: KEY = VALUE  (reason)`` and ends up in ``OUTPUT_DIR/config.yaml``, so
 ``test_net --cfg OUTPUT_DIR/config.yaml`` evaluates the same model.
@@ -40,7 +41,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -451,6 +452,18 @@ def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2,
                         data_times: Optional[List[float]] = None) -> List[float]:
     """Seconds of each of ``n_timed`` real training steps (data loading included) of a throw-away model built
     from ``cfg``, after ``n_warm`` untimed ones; the loading part of each is appended to ``data_times``."""
+    (times, data), = time_training_steps_alternated([cfg], dataset, device, n_timed, n_warm)
+    if data_times is not None:
+        data_times.extend(data)
+    return times
+
+
+def time_training_steps_alternated(cfgs: Sequence[Any], dataset, device, n_timed: int, n_warm: int = 2
+                                   ) -> List[Tuple[List[float], List[float]]]:
+    """:func:`time_training_steps` for several configs at once: one throw-away model per config, each on its own
+    loader with the same seed (so the same batches), warmed up, then their timed steps alternate (the first of
+    each round rotates), so that a slower or faster stretch of the machine falls on every config alike.
+    Returns ``(step times, loading times)`` per config, in seconds."""
     import torch
 
     from ..data.build import build_train_loader
@@ -459,31 +472,40 @@ def time_training_steps(cfg, dataset, device, n_timed: int, n_warm: int = 2,
     from .speed import prepare_for_training
     from .trainer import Trainer
 
-    model = Generalized_RCNN(cfg).to(device)
-    prepare_for_training(model, cfg)
-    optimizer = build_optimizer_from_cfg(model, cfg)
-    loader = build_train_loader(dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=cfg.DATA_LOADER.NUM_THREADS,
-                                aspect_grouping=cfg.TRAIN.ASPECT_GROUPING,
-                                aspect_group_factor=cfg.TRAIN.ASPECT_RATIO_GROUP_FACTOR, seed=cfg.RNG_SEED + 1,
-                                flip=cfg.TRAIN.USE_FLIPPED, validate=False)
-    trainer = Trainer(model, optimizer, build_lr_scheduler(optimizer, cfg), loader, max_iter=n_warm + n_timed,
-                      amp=cfg.TRAIN.AMP, device=device, clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM, skip_nonfinite=True,
-                      max_consecutive_skips=n_warm + n_timed + 1)
-    model.train()
-    times = []
+    trainers, loaders = [], []
     try:
-        for i in range(n_warm + n_timed):
+        for cfg in cfgs:
+            model = Generalized_RCNN(cfg).to(device)
+            prepare_for_training(model, cfg)
+            optimizer = build_optimizer_from_cfg(model, cfg)
+            loaders.append(build_train_loader(
+                dataset, ims_per_batch=cfg.TRAIN.IMS_PER_BATCH, num_workers=cfg.DATA_LOADER.NUM_THREADS,
+                aspect_grouping=cfg.TRAIN.ASPECT_GROUPING, aspect_group_factor=cfg.TRAIN.ASPECT_RATIO_GROUP_FACTOR,
+                seed=cfg.RNG_SEED + 1, flip=cfg.TRAIN.USE_FLIPPED, validate=False))
+            trainers.append(Trainer(model, optimizer, build_lr_scheduler(optimizer, cfg), loaders[-1],
+                                    max_iter=n_warm + n_timed, amp=cfg.TRAIN.AMP, device=device,
+                                    clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM, skip_nonfinite=True,
+                                    max_consecutive_skips=n_warm + n_timed + 1))
+            model.train()
+        results: List[Tuple[List[float], List[float]]] = [([], []) for _ in trainers]
+
+        def step(k: int, i: int) -> None:
+            trainer = trainers[k]
             trainer.iter = i
             trainer.run_step()
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             if i >= n_warm:
-                times.append(trainer.step_time)
-                if data_times is not None:
-                    data_times.append(trainer.data_time)
+                results[k][0].append(trainer.step_time)
+                results[k][1].append(trainer.data_time)
+
+        for i in range(n_warm + n_timed):
+            for j in range(len(trainers)):
+                step((i + j) % len(trainers), i)
     finally:
-        loader.close()
-    return times
+        for loader in loaders:
+            loader.close()
+    return results
 
 
 #: bf16 autocast is chosen when its median timed step is at most this fraction of fp32's: on a CPU with AMX it was
@@ -503,23 +525,22 @@ def _bf16_supported(device) -> bool:
     return device.type == "cpu" and onednn_supports_dtype(torch.bfloat16)
 
 
-def _amp_choice(cfg, dataset, device, explicit: Set[str], times: List[float], data: List[float]):
-    """Time bf16-autocast steps on the batches ``times`` (fp32) were timed on; ``(choice, times, data)``: the
-    :class:`AutoChoice` of ``TRAIN.AMP`` (None when nothing was tried: ``AUTO.TRY_BF16`` off, ``TRAIN.AMP`` set or
-    explicit, or no native bf16 on ``device``) and the chosen precision's step and loading times."""
-    amp = str(cfg.TRAIN.AMP)
-    if not cfg.AUTO.TRY_BF16 or amp or "TRAIN.AMP" in explicit or not _bf16_supported(device):
-        return None, times, data
-    data16: List[float] = []
-    cfg.TRAIN.AMP = "bf16"
-    try:
-        times16 = time_training_steps(cfg, dataset, device, len(times), data_times=data16)
-    finally:
-        cfg.TRAIN.AMP = amp
-    fp32, bf16 = statistics.median(times), statistics.median(times16)
-    timed = f"{len(times)} steps on the same batches: bf16 autocast {bf16:.3f} s, fp32 {fp32:.3f} s (median)"
-    if bf16 <= BF16_MIN_SPEEDUP * fp32:
-        return AutoChoice("TRAIN.AMP", "bf16", f"{timed}: {bf16 / fp32:.2f}x the time"), times16, data16
+def _tries_bf16(cfg, device, explicit: Set[str]) -> bool:
+    """Whether ``--auto`` times bf16 autocast against fp32: ``AUTO.TRY_BF16`` on, ``TRAIN.AMP`` neither set nor
+    explicit, and native bf16 on ``device``."""
+    return bool(cfg.AUTO.TRY_BF16) and not str(cfg.TRAIN.AMP) and "TRAIN.AMP" not in explicit and \
+        _bf16_supported(device)
+
+
+def _amp_choice(amp: str, fp32: Tuple[List[float], List[float]], bf16: Tuple[List[float], List[float]]):
+    """``(choice, times, data)`` from alternated fp32 and bf16-autocast steps on the same batches (each a pair of
+    step and loading times): the :class:`AutoChoice` of ``TRAIN.AMP`` and the chosen precision's times."""
+    (times, data), (times16, data16) = fp32, bf16
+    t32, t16 = statistics.median(times), statistics.median(times16)
+    timed = (f"{len(times)} alternated steps on the same batches: bf16 autocast {t16:.3f} s, fp32 {t32:.3f} s "
+             "(median)")
+    if t16 <= BF16_MIN_SPEEDUP * t32:
+        return AutoChoice("TRAIN.AMP", "bf16", f"{timed}: {t16 / t32:.2f}x the time"), times16, data16
     return AutoChoice("TRAIN.AMP", amp, f"{timed}: not {1 - BF16_MIN_SPEEDUP:.0%} faster, fp32 kept"), times, data
 
 
@@ -539,9 +560,17 @@ def fit_schedule_to_budget(cfg, dataset, device, explicit: Set[str], started: fl
             log(f"auto: SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER} kept (explicit); the {budget_s / 60:.1f} min budget "
                 f"is not applied")
         return []
-    data: List[float] = []
-    times = time_training_steps(cfg, dataset, device, max(int(cfg.AUTO.TIMING_ITERS), 1), data_times=data)
-    amp_choice, times, data = _amp_choice(cfg, dataset, device, explicit, times, data)
+    n_timed = max(int(cfg.AUTO.TIMING_ITERS), 1)
+    amp_choice = None
+    if _tries_bf16(cfg, device, explicit):
+        cfg16 = cfg.clone()
+        cfg16.defrost()
+        cfg16.TRAIN.AMP = "bf16"
+        fp32, bf16 = time_training_steps_alternated([cfg, cfg16], dataset, device, n_timed)
+        amp_choice, times, data = _amp_choice(str(cfg.TRAIN.AMP), fp32, bf16)
+    else:
+        data: List[float] = []
+        times = time_training_steps(cfg, dataset, device, n_timed, data_times=data)
     per_iter, per_load = statistics.median(times), statistics.median(data)
     if broadcast is not None:
         # Rank 0 decides for all: every process must train in the same precision.

@@ -12,7 +12,8 @@ from maskrcnn.cli import test_net, train_net
 from maskrcnn.config import assert_and_infer_cfg, get_cfg
 from maskrcnn.data.datasets.synthetic_family import SyntheticFamilyDataset
 from maskrcnn.data.export_coco import export_coco
-from maskrcnn.engine.auto_recipe import time_training_steps
+from maskrcnn.engine.auto_recipe import time_training_steps, time_training_steps_alternated
+from maskrcnn.engine.trainer import Trainer
 from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
 
 
@@ -74,6 +75,32 @@ def test_timed_steps_are_real_training_steps(tmp_path):
     cfg = train_net.setup_cfg(args, 1, log=lambda m: None)
     times = time_training_steps(cfg, SyntheticFamilyDataset("basic", "train", num_images=4), "cpu", 2, n_warm=1)
     assert len(times) == 2 and all(0 < t < 60 for t in times)
+
+
+def test_alternated_timing_interleaves_the_configs_on_the_same_batches(tmp_path, monkeypatch):
+    """--auto's fp32/bf16 trial: one model per config, their steps alternate round by round (the first of each
+    round rotating), and each model's loader yields the same batches in the same order."""
+    args = train_net.parse_args(["--auto", "--dataset", "synthetic:basic:train", "--output_dir", str(tmp_path),
+                                 "--set", "AUTO.MIN_INPUT_SIZE", "64", "AUTO.MAX_INPUT_SIZE", "64",
+                                 "AUTO.STATS_MAX_IMAGES", "8", "TRAIN.IMS_PER_BATCH", "2"])
+    cfg = train_net.setup_cfg(args, 1, log=lambda m: None)
+    cfg16 = cfg.clone()
+    cfg16.defrost()
+    cfg16.TRAIN.AMP = "bf16"
+    order, batches = [], {}
+    run_step = Trainer.run_step
+
+    def recording(self):
+        order.append((self.amp, self.iter))
+        run_step(self)
+        batches.setdefault(self.amp, []).append(list(self.image_ids))
+
+    monkeypatch.setattr(Trainer, "run_step", recording)
+    (t32, d32), (t16, d16) = time_training_steps_alternated(
+        [cfg, cfg16], SyntheticFamilyDataset("basic", "train", num_images=8), "cpu", 3, n_warm=1)
+    assert len(t32) == len(t16) == len(d32) == len(d16) == 3
+    assert order == [("", 0), ("bf16", 0), ("bf16", 1), ("", 1), ("", 2), ("bf16", 2), ("bf16", 3), ("", 3)]
+    assert batches[""] == batches["bf16"] and len(batches[""]) == 4
 
 
 def test_auto_lr_is_for_the_total_batch_under_torchrun_and_iter_size(tmp_path):

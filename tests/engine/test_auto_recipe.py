@@ -310,19 +310,18 @@ def test_bf16_is_chosen_when_its_timed_steps_are_faster(monkeypatch, bf16_times,
     cfg.AUTO.BUDGET_MINUTES, cfg.AUTO.TIMING_ITERS = 1.0, 3
     calls = []
 
-    def fake_steps(cfg_, dataset, device, n, data_times=None):
-        calls.append(cfg_.TRAIN.AMP)
-        data_times.extend([0.0] * n)
-        return list(bf16_times) if cfg_.TRAIN.AMP == "bf16" else [0.6, 0.4, 0.5]
+    def fake_alternated(cfgs, dataset, device, n, n_warm=2):
+        calls.append([c.TRAIN.AMP for c in cfgs])
+        return [(list(bf16_times) if c.TRAIN.AMP == "bf16" else [0.6, 0.4, 0.5], [0.0] * n) for c in cfgs]
 
-    monkeypatch.setattr(auto_recipe, "time_training_steps", fake_steps)
+    monkeypatch.setattr(auto_recipe, "time_training_steps_alternated", fake_alternated)
     monkeypatch.setattr(auto_recipe, "_bf16_supported", lambda device: True)
     lines = []
     made = fit_schedule_to_budget(cfg, None, "cpu", set(), time.time() - 10.0, lines.append)
-    assert calls == ["", "bf16"]  # fp32 first, then bf16 on the same batches
+    assert calls == [["", "bf16"]]  # fp32 and bf16 in one alternated run, on the same batches
     assert cfg.TRAIN.AMP == chosen and made[0].key == "TRAIN.AMP"
-    assert lines[0].startswith(f"auto: TRAIN.AMP = {chosen!r}  (3 steps on the same batches: bf16 autocast "
-                               f"{sorted(bf16_times)[1]:.3f} s, fp32 0.500 s (median)")
+    assert lines[0].startswith(f"auto: TRAIN.AMP = {chosen!r}  (3 alternated steps on the same batches: bf16 "
+                               f"autocast {sorted(bf16_times)[1]:.3f} s, fp32 0.500 s (median)")
     # the schedule is sized with the chosen precision's steps: about 48.5 s / median step
     per_iter = sorted(bf16_times)[1] if chosen else 0.5
     assert abs(cfg.SOLVER.MAX_ITER - 48.5 / per_iter) <= 1.5
