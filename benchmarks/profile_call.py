@@ -14,6 +14,9 @@ of 2 at 800x1066, ``--quick``: 480x640): ``train-ours-fp32`` / ``train-ours-bf16
 features, ``train-torchvision-cl`` / ``train-torchvision-bf16`` = torchvision channels-last / bf16 autocast +
 channels-last. One warm-up step and two timed steps before the profiled one; denormals are flushed as in
 ``train_step.py``.
+
+``--modules`` (ours-*): no profiler; the mean wall time of 5 calls per module (the model's children and
+theirs), which the profiler distorts least for memory-bound work.
 """
 from __future__ import annotations
 
@@ -53,6 +56,9 @@ def main(argv=None) -> int:
     common.add_tune_malloc_arg(p)
     p.add_argument("--shapes", type=int, default=8, help="input shapes listed per --by-shape operator")
     p.add_argument("--by-shape", nargs="*", default=[], metavar="OP", help="operators to list by input shape")
+    p.add_argument("--modules", action="store_true",
+                   help="ours-*: instead of the profiler, wall time per module (the model's children and theirs) "
+                        "over 5 calls, the rest of the call (pre/post-processing, mask pasting) as 'outside modules'")
     args = p.parse_args(argv)
     common.apply_tune_malloc(args.tune_malloc)
     if args.mode in TRAIN_MODES:
@@ -66,6 +72,10 @@ def main(argv=None) -> int:
 
         def call():
             return model([img])
+
+        if args.modules:
+            with torch.no_grad():
+                return module_times(model, call, args.mode)
     else:
         tv = tv.to(memory_format=torch.channels_last)
 
@@ -74,6 +84,33 @@ def main(argv=None) -> int:
                 return tv([img])
     with torch.no_grad():
         return profile(call, args, warmup=2, timed=3)
+
+
+def module_times(model, call, mode: str, calls: int = 5) -> int:
+    """Mean wall time per call of each module down to depth 2 (forward hooks, no profiler: its own allocations
+    and bookkeeping distort the memory-bound operators), after 3 warm-up calls."""
+    spent: dict = {}
+    stack: list = []
+    names = [name for name, _ in model.named_modules() if name and name.count(".") <= 1]
+    for name, module in model.named_modules():
+        if name in names:
+            module.register_forward_pre_hook(lambda m, a, n=name: stack.append((n, time.perf_counter())))
+            module.register_forward_hook(lambda m, a, o, n=name: spent.__setitem__(
+                n, spent.get(n, 0.0) + time.perf_counter() - stack.pop()[1]))
+    for _ in range(3):
+        call()
+    spent.clear()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    total = (time.perf_counter() - start) / calls
+    top = sum(v for k, v in spent.items() if "." not in k) / calls
+    print(f"{mode}: {total * 1e3:.1f} ms per call, mean of {calls} (commit {common.git_commit()[:7]})")
+    print("| module | ms per call | share |\n|---|---|---|")
+    for name, t in sorted(spent.items(), key=lambda kv: names.index(kv[0])):
+        print(f"| {'  ' * name.count('.')}{name} | {t / calls * 1e3:.1f} | {t / calls / total:.0%} |")
+    print(f"| outside modules | {(total - top) * 1e3:.1f} | {(total - top) / total:.0%} |")
+    return 0
 
 
 def profile(call, args, warmup: int, timed: int) -> int:
