@@ -67,7 +67,7 @@ _key("TUNE_MALLOC", True,
      "tools/train_net.py and tools/test_net.py make glibc malloc serve every block from the heap (M_MMAP_MAX 0) "
      "and never return the heap's top (maskrcnn/utils/malloc.py) at start: each step's tensors reuse the memory "
      "the previous step freed instead of fresh pages the kernel faults in and zeroes (5-15% of a small model's "
-     "training step on a CPU, about a quarter of an R-50-FPN step at 800 px; docs/benchmarks.md, 'Allocator'); "
+     "training step on a CPU, 0.6-2 s of a 7-9 s R-50-FPN step at 800 px; docs/benchmarks.md, 'Allocator'); "
      "the process keeps its peak memory. No effect where malloc is not glibc's.")
 _key("FLUSH_DENORMAL", True,
      "tools/train_net.py and tools/test_net.py flush float denormals (|x| < 1.2e-38) to zero on the CPU at start "
