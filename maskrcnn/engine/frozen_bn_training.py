@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modeling.backbone.frozen_bn import FrozenBatchNorm2d, find_conv_bn_pairs
+from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock, subsample
+from .onednn_fusion import onednn_fusion_available, onednn_supports_dtype
 
 __all__ = ["FoldedFrozenBatchNorm2d", "FrozenBNConv2d", "fold_frozen_bn_for_training",
            "unfold_frozen_bn_for_training"]
@@ -50,6 +52,22 @@ class FrozenBNConv2d(nn.Conv2d):
                   and x.is_contiguous(memory_format=torch.channels_last))
         return _ScaledWeightConv.apply(x, self.weight, self.bias, scale.to(w_dtype), shift.to(w_dtype),
                                        (self.stride, self.padding, self.dilation, self.groups, onednn))
+
+    def conv_relu(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:
+        """``relu(self(x))``, or ``relu(self(x) + other)`` (``other`` of the output's shape): one oneDNN primitive
+        (the ReLU and the sum as post-ops) on a CPU with oneDNN for channels-last ``x`` in a dtype oneDNN computes,
+        else the unfused expression. Gradients are those of the unfused expression (the ReLU's mask from the
+        output, as autograd's); in bf16 the sum is rounded once instead of twice."""
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        if (self.padding_mode == "zeros" and device_type == "cpu" and x.dim() == 4 and onednn_fusion_available()
+                and onednn_supports_dtype(dtype) and x.is_contiguous(memory_format=torch.channels_last)):
+            scale, shift = self._frozen_bn.scale_and_shift()
+            w_dtype = self.weight.dtype
+            return _ScaledWeightConvReLU.apply(x, self.weight, self.bias, scale.to(w_dtype), shift.to(w_dtype), other,
+                                               (self.stride, self.padding, self.dilation, self.groups))
+        y = self(x)
+        return F.relu(y + other if other is not None else y, inplace=True)
 
 
 class _ScaledWeightConv(torch.autograd.Function):
@@ -97,6 +115,95 @@ class _ScaledWeightConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+class _ScaledWeightConvReLU(torch.autograd.Function):
+    """``relu(conv2d(x, weight * scale, bias * scale + shift) [+ other])`` through oneDNN's fused convolution
+    (:meth:`FrozenBNConv2d.conv_relu`); like :class:`_ScaledWeightConv` it recomputes the scaled weight in backward.
+    Saves the output for the ReLU's mask: the next layer saves the same tensor as its input, so it costs nothing."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor,
+                other: Optional[Tensor], conf: Tuple[Any, ...]) -> Tensor:
+        stride, padding, dilation, groups = conf
+        scaled = weight * scale.view(-1, 1, 1, 1)
+        b = shift if bias is None else bias * scale + shift
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        x_in = x.to(dtype)
+        args = (list(padding), list(stride), list(dilation), groups)
+        with torch.autocast(device_type, enabled=False):
+            scaled, b = scaled.to(dtype), b.to(dtype)
+            if other is None:
+                y = torch.ops.mkldnn._convolution_pointwise(x_in, scaled, b, *args, "relu", [], "")
+            else:
+                addend = other.to(dtype).contiguous(memory_format=torch.channels_last)
+                y = torch.ops.mkldnn._convolution_pointwise.binary(x_in, addend, scaled, b, *args, "add", 1.0,
+                                                                   "relu", [], "")
+        ctx.save_for_backward(x_in, weight, scale, y)
+        ctx.conf = conf
+        ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
+        ctx.other_dtype = None if other is None else other.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, scale, y = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_other = ctx.needs_input_grad[5]
+        g = torch.ops.aten.threshold_backward(grad.to(y.dtype), y, 0)
+        grad_x = grad_weight = grad_bias = None
+        if need_x or need_w or (need_b and ctx.has_bias):
+            scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                g.to(x.dtype), x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False,
+                [0, 0], groups, [need_x, need_w, need_b and ctx.has_bias])
+            grad_x = gx.to(ctx.x_dtype) if need_x else None
+            grad_weight = gw.to(weight.dtype) * scale.view(-1, 1, 1, 1) if need_w else None
+            grad_bias = gb.to(weight.dtype) * scale if need_b and ctx.has_bias else None
+        grad_other = g.to(ctx.other_dtype) if need_other and ctx.other_dtype is not None else None
+        return grad_x, grad_weight, grad_bias, None, None, grad_other, None
+
+
+class _FoldedBottleneckBlock(BottleneckBlock):
+    """A :class:`BottleneckBlock` whose three FrozenBN-folded convolutions run with their ReLU (and the third with
+    the residual sum) fused (:meth:`FrozenBNConv2d.conv_relu`). Set by :func:`fold_frozen_bn_for_training` as the
+    block's class: parameters, buffers and state-dict keys are the block's own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1.conv_relu(subsample(x, self.input_stride))
+        out = self.conv2.conv_relu(out)
+        identity = x if self.downsample is None else self.downsample(subsample(x, self.shortcut_stride))
+        return self.conv3.conv_relu(out, identity)
+
+
+class _FoldedBasicBlock(BasicBlock):
+    """:class:`BasicBlock` with its folded convolutions' ReLU and residual sum fused, as :class:`_FoldedBottleneckBlock`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1.conv_relu(x)
+        identity = x if self.downsample is None else self.downsample(subsample(x, self.shortcut_stride))
+        return self.conv2.conv_relu(out, identity)
+
+
+#: Block class -> (its fused training class, its (conv, norm) names).
+_FUSED_BLOCKS = {BottleneckBlock: (_FoldedBottleneckBlock, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")),
+                 BasicBlock: (_FoldedBasicBlock, ("conv1", "bn1", "conv2", "bn2"))}
+
+
+def _fuse_blocks(model: nn.Module) -> None:
+    # Exact classes only: a subclass may have its own forward.
+    for block in model.modules():
+        fused = _FUSED_BLOCKS.get(type(block))
+        if fused is None or type(getattr(block, "relu", None)) is not nn.ReLU:
+            continue
+        cls, names = fused
+        if all(type(getattr(block, c)) is FrozenBNConv2d and type(getattr(block, n)) is FoldedFrozenBatchNorm2d
+               for c, n in zip(names[::2], names[1::2])):
+            block.__class__ = cls
+
+
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """A ``FrozenBatchNorm2d`` whose transform was folded into the preceding :class:`FrozenBNConv2d`: identity in
     forward, same buffers (and state-dict keys) as the original."""
@@ -126,6 +233,7 @@ def fold_frozen_bn_for_training(model: nn.Module) -> int:
             setattr(pair.parent, pair.norm_name, folded_bn)
             setattr(pair.parent, pair.conv_name, FrozenBNConv2d(conv, folded_bn))
             count += 1
+    _fuse_blocks(model)
     return count
 
 
@@ -134,6 +242,9 @@ def unfold_frozen_bn_for_training(model: nn.Module) -> int:
     (same ``Parameter`` objects) and each :class:`FoldedFrozenBatchNorm2d` a ``FrozenBatchNorm2d`` (same buffers).
     Returns the number of pairs restored."""
     count = 0
+    for module in model.modules():
+        if type(module) in (_FoldedBottleneckBlock, _FoldedBasicBlock):
+            module.__class__ = module.__class__.__mro__[1]
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FrozenBNConv2d):

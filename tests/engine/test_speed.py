@@ -460,3 +460,75 @@ def test_training_fold_under_bf16_autocast_matches_the_unfused_pair():
     y_fast.float().square().sum().backward()
     assert x_fast.grad.dtype == fast.weight.grad.dtype == torch.float32
     assert rel_err(x_fast.grad, x_ref.grad) < BF16_RTOL and rel_err(fast.weight.grad, conv.weight.grad) < BF16_RTOL
+
+
+def _fused_unfused_reference(depth: int, stages):
+    """A FrozenBN ResNet (channels-last, every conv trainable), its training fold with the blocks fused (the
+    default) and the same fold with the blocks' own classes (unfused ReLU and sum), for comparisons."""
+    from maskrcnn.engine import frozen_bn_training
+
+    torch.manual_seed(0)
+    ref = randomize_frozen_bn(ResNet(depth, return_stages=stages, freeze_at=0, norm="FrozenBN")).train()
+    ref = ref.to(memory_format=torch.channels_last)
+    fast, unfused = copy.deepcopy(ref), copy.deepcopy(ref)
+    speed.fold_frozen_bn_for_training(fast)
+    speed.fold_frozen_bn_for_training(unfused)
+    for m in unfused.modules():
+        if type(m) in (frozen_bn_training._FoldedBottleneckBlock, frozen_bn_training._FoldedBasicBlock):
+            m.__class__ = m.__class__.__mro__[1]
+    return ref, fast, unfused
+
+
+def _grads(model, x, amp: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
+    sum(o.float().square().mean() for o in out.values()).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_training_fold_fuses_block_relu_and_sum_with_the_unfused_gradients(depth):
+    """fp32, channels-last (oneDNN's fused convolution with the ReLU and the residual sum as post-ops): the blocks
+    run as their fused training classes and give the outputs and gradients of the unfused model, as closely as
+    the unfused fold itself does; unfolding gives the blocks their own classes back."""
+    from maskrcnn.engine import frozen_bn_training
+
+    ref, fast, unfused = _fused_unfused_reference(depth, ("res2", "res3"))
+    block = BottleneckBlock if depth == 50 else BasicBlock
+    fused = [m for m in fast.modules() if isinstance(m, block)]
+    assert fused and all(type(m) is not block for m in fused)
+    x = torch.randn(2, 3, 64, 80).contiguous(memory_format=torch.channels_last)
+    calls = []
+    apply = frozen_bn_training._ScaledWeightConvReLU.apply
+    frozen_bn_training._ScaledWeightConvReLU.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        out_fast, g_fast = _grads(fast, x, amp=False)
+    finally:
+        frozen_bn_training._ScaledWeightConvReLU.apply = apply
+    # Every folded conv of a block is fused, except a conv1 whose input is subsampled (a strided view).
+    assert len(calls) == sum(2 if depth == 18 else 3 - (m.input_stride != 1) for m in fused)
+    out_ref, g_ref = _grads(ref, x, amp=False)
+    _, g_unfused = _grads(unfused, x, amp=False)
+    for k in out_ref:
+        torch.testing.assert_close(out_fast[k], out_ref[k], rtol=1e-4, atol=1e-4)
+    for name in g_ref:
+        assert rel_err(g_fast[name], g_ref[name]) <= max(2 * rel_err(g_unfused[name], g_ref[name]), 1e-5), name
+    speed.unfold_frozen_bn_for_training(fast)
+    assert all(type(m) is block for m in fast.modules() if isinstance(m, block))
+
+
+def test_training_fused_blocks_under_bf16_autocast_match_the_unfused_model():
+    """TRAIN.AMP bf16: the fused blocks compute in bf16 like the unfused ones (the sum rounded once instead of
+    twice); their gradients reach the fp32 parameters and differ from the fp32 model's no more than the unfused
+    fold's bf16 gradients do."""
+    ref, fast, unfused = _fused_unfused_reference(50, ("res3",))
+    x = torch.randn(2, 3, 64, 80).contiguous(memory_format=torch.channels_last)
+    out_fast, g_fast = _grads(fast, x, amp=True)
+    out_unfused, g_unfused = _grads(unfused, x, amp=True)
+    _, g_ref = _grads(ref, x, amp=False)
+    assert out_fast["res3"].dtype == out_unfused["res3"].dtype == torch.bfloat16
+    assert rel_err(out_fast["res3"].float(), out_unfused["res3"].float()) < BF16_RTOL
+    for name in g_ref:
+        assert g_fast[name].dtype == torch.float32, name
+        assert rel_err(g_fast[name], g_ref[name]) <= max(1.5 * rel_err(g_unfused[name], g_ref[name]), BF16_RTOL), name
