@@ -103,16 +103,23 @@ class _ScaledWeightConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight, scale = ctx.saved_tensors
-        stride, padding, dilation, groups, _ = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad.to(x.dtype), x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False,
-            [0, 0], groups, [need_x, need_w, need_b and ctx.has_bias])
-        grad_x = gx.to(ctx.x_dtype) if need_x else None
-        grad_weight = gw.to(weight.dtype) * scale.view(-1, 1, 1, 1) if need_w else None
-        grad_bias = gb.to(weight.dtype) * scale if need_b and ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return (*_scaled_conv_backward(ctx, grad, x, weight, scale, ctx.conf[:4]), None, None, None)
+
+
+def _scaled_conv_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, conf: Tuple[Any, ...]):
+    """``(grad_x, grad_weight, grad_bias)`` of ``conv2d(x, weight * scale, bias * scale + shift)`` for the output
+    gradient ``grad`` (None where ``ctx.needs_input_grad`` says no), the scaled weight recomputed."""
+    stride, padding, dilation, groups = conf
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
+    if not (need_x or need_w or need_b):
+        return None, None, None
+    scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad.to(x.dtype), x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False,
+        [0, 0], groups, [need_x, need_w, need_b])
+    return (gx.to(ctx.x_dtype) if need_x else None, gw.to(weight.dtype) * scale.view(-1, 1, 1, 1) if need_w else None,
+            gb.to(weight.dtype) * scale if need_b else None)
 
 
 class _ScaledWeightConvReLU(torch.autograd.Function):
@@ -149,20 +156,9 @@ class _ScaledWeightConvReLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight, scale, y = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_other = ctx.needs_input_grad[5]
         g = torch.ops.aten.threshold_backward(grad.to(y.dtype), y, 0)
-        grad_x = grad_weight = grad_bias = None
-        if need_x or need_w or (need_b and ctx.has_bias):
-            scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                g.to(x.dtype), x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False,
-                [0, 0], groups, [need_x, need_w, need_b and ctx.has_bias])
-            grad_x = gx.to(ctx.x_dtype) if need_x else None
-            grad_weight = gw.to(weight.dtype) * scale.view(-1, 1, 1, 1) if need_w else None
-            grad_bias = gb.to(weight.dtype) * scale if need_b and ctx.has_bias else None
-        grad_other = g.to(ctx.other_dtype) if need_other and ctx.other_dtype is not None else None
+        grad_x, grad_weight, grad_bias = _scaled_conv_backward(ctx, g, x, weight, scale, ctx.conf)
+        grad_other = g.to(ctx.other_dtype) if ctx.needs_input_grad[5] and ctx.other_dtype is not None else None
         return grad_x, grad_weight, grad_bias, None, None, grad_other, None
 
 
