@@ -2,8 +2,10 @@
 
 Each (conv, ``FrozenBatchNorm2d``) pair becomes one convolution whose weight is scaled by the frozen BN at every
 call (:class:`FrozenBNConv2d`): one pass over the activation instead of three. Gradients are those of the unfused
-pair; parameters, buffers and state-dict keys are unchanged, so optimizers and checkpoints are unaffected.
-Applied by :func:`maskrcnn.engine.speed.prepare_for_training`.
+pair; parameters, buffers and state-dict keys are unchanged, so optimizers and checkpoints are unaffected. A ResNet
+block whose convolutions are all folded runs with its ReLUs and residual sum inside them as oneDNN post-ops
+(:meth:`FrozenBNConv2d.conv_relu`, channels-last CPU inputs). Applied by
+:func:`maskrcnn.engine.speed.prepare_for_training`.
 """
 from __future__ import annotations
 
