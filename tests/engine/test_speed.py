@@ -14,7 +14,7 @@ from torch import nn
 
 from maskrcnn.config import get_cfg
 from maskrcnn.engine import speed
-from maskrcnn.modeling.backbone.resnet import BasicBlock, BottleneckBlock, FrozenBatchNorm2d, ResNet
+from maskrcnn.modeling.backbone.resnet import BasicBlock, BottleneckBlock, FrozenBatchNorm2d, ResNet, ResNetStem
 from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
 
 BF16_RTOL = 5e-2
@@ -474,7 +474,8 @@ def _fused_unfused_reference(depth: int, stages):
     speed.fold_frozen_bn_for_training(fast)
     speed.fold_frozen_bn_for_training(unfused)
     for m in unfused.modules():
-        if type(m) in (frozen_bn_training._FoldedBottleneckBlock, frozen_bn_training._FoldedBasicBlock):
+        if type(m) in (frozen_bn_training._FoldedBottleneckBlock, frozen_bn_training._FoldedBasicBlock,
+                       frozen_bn_training._FoldedStem):
             m.__class__ = m.__class__.__mro__[1]
     return ref, fast, unfused
 
@@ -506,8 +507,10 @@ def test_training_fold_fuses_block_relu_and_sum_with_the_unfused_gradients(depth
         out_fast, g_fast = _grads(fast, x, amp=False)
     finally:
         frozen_bn_training._ScaledWeightConvReLU.apply = apply
-    # Every folded conv of a block is fused, except a conv1 whose input is subsampled (a strided view).
-    assert len(calls) == sum(2 if depth == 18 else 3 - (m.input_stride != 1) for m in fused)
+    # Every folded conv of a block is fused, except a conv1 whose input is subsampled (a strided view); and the
+    # stem's.
+    assert type(fast.res1) is frozen_bn_training._FoldedStem
+    assert len(calls) == 1 + sum(2 if depth == 18 else 3 - (m.input_stride != 1) for m in fused)
     out_ref, g_ref = _grads(ref, x, amp=False)
     _, g_unfused = _grads(unfused, x, amp=False)
     for k in out_ref:
@@ -516,6 +519,7 @@ def test_training_fold_fuses_block_relu_and_sum_with_the_unfused_gradients(depth
         assert rel_err(g_fast[name], g_ref[name]) <= max(2 * rel_err(g_unfused[name], g_ref[name]), 1e-5), name
     speed.unfold_frozen_bn_for_training(fast)
     assert all(type(m) is block for m in fast.modules() if isinstance(m, block))
+    assert type(fast.res1) is ResNetStem
 
 
 def test_training_fused_blocks_under_bf16_autocast_match_the_unfused_model():
@@ -532,3 +536,69 @@ def test_training_fused_blocks_under_bf16_autocast_match_the_unfused_model():
     for name in g_ref:
         assert g_fast[name].dtype == torch.float32, name
         assert rel_err(g_fast[name], g_ref[name]) <= max(1.5 * rel_err(g_unfused[name], g_ref[name]), BF16_RTOL), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_conv_backward_as_matmuls_equals_convolution_backward(dtype):
+    """The 1x1 convolution's backward as two matrix products over channels-last rows gives
+    ``convolution_backward``'s gradients (float32: to rounding; bf16: to bf16 rounding), and ``add`` is the
+    gradient of another consumer of the input, summed into ``grad_x`` by the product."""
+    from maskrcnn.engine import frozen_bn_training as fb
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 24, 7, 9, dtype=dtype).contiguous(memory_format=cl)
+    grad = torch.randn(2, 40, 7, 9, dtype=dtype).contiguous(memory_format=cl)
+    w = torch.randn(40, 24, 1, 1, dtype=dtype)
+    add = torch.randn(2, 24, 7, 9, dtype=dtype).contiguous(memory_format=cl)
+    rx, rw, rb = torch.ops.aten.convolution_backward(grad.float(), x.float(), w.float(), [40], [1, 1], [0, 0],
+                                                     [1, 1], False, [0, 0], 1, [True, True, True])
+    gx, gw, gb = fb._pointwise_conv_backward(grad, x, w, True, True, True)
+    gx_add, _, _ = fb._pointwise_conv_backward(grad, x, w, True, False, False, add=add)
+    assert gx.is_contiguous(memory_format=cl) and gx.dtype == gw.dtype == gb.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=8e-2)
+    torch.testing.assert_close(gx.float(), rx, **tol)
+    torch.testing.assert_close(gw.float(), rw, **tol)
+    torch.testing.assert_close(gb.float(), rb, **tol)
+    torch.testing.assert_close(gx_add.float(), rx + add.float(), **tol)
+
+
+def test_pointwise_as_matmul_takes_only_unstrided_1x1_channels_last_bf16():
+    from maskrcnn.engine import frozen_bn_training as fb
+
+    if not fb.onednn_supports_dtype(torch.bfloat16):
+        pytest.skip("this CPU has no native bf16: oneDNN's convolution backward is kept")
+    cl = torch.channels_last
+    x = torch.zeros(1, 8, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    g = torch.zeros(1, 4, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    w1, w3 = torch.zeros(4, 8, 1, 1, dtype=torch.bfloat16), torch.zeros(4, 8, 3, 3, dtype=torch.bfloat16)
+    conf = ((1, 1), (0, 0), (1, 1), 1)
+    assert fb._pointwise_as_matmul(x, g, w1, conf)
+    assert not fb._pointwise_as_matmul(x, g, w3, ((1, 1), (1, 1), (1, 1), 1))  # 3x3
+    assert not fb._pointwise_as_matmul(x, g, w1, ((2, 2), (0, 0), (1, 1), 1))  # strided
+    assert not fb._pointwise_as_matmul(x.contiguous(), g, w1, conf)  # NCHW
+    assert not fb._pointwise_as_matmul(x.float(), g.float(), w1.float(), conf)  # fp32 keeps oneDNN's
+
+
+def test_identity_block_hands_its_input_to_conv1_for_the_gradient_sum():
+    """In an identity bottleneck block conv1 returns its input as the identity: the gradient the residual sum sends
+    back reaches conv1's backward (``grad_tap``), which adds it to the input's gradient; the input's gradient is
+    that of the unfused block (fp32), and a block with a projection shortcut does not tap."""
+    from maskrcnn.engine import frozen_bn_training as fb
+
+    _, fast, unfused = _fused_unfused_reference(50, ("res3",))
+    taps = []
+    apply = fb._ScaledWeightConvReLU.apply
+    fb._ScaledWeightConvReLU.apply = lambda *a: taps.append(a[-1]) or apply(*a)
+    x = torch.randn(2, 3, 64, 80).contiguous(memory_format=torch.channels_last)
+    try:
+        x_fast = x.clone().requires_grad_()
+        out = fast(x_fast)["res3"]
+        out.square().mean().backward()
+    finally:
+        fb._ScaledWeightConvReLU.apply = apply
+    blocks = [m for m in fast.modules() if isinstance(m, BottleneckBlock)]
+    assert sum(taps) == sum(m.downsample is None and m.input_stride == 1 for m in blocks) > 0
+    x_ref = x.clone().requires_grad_()
+    unfused(x_ref)["res3"].square().mean().backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-4, atol=1e-6)

@@ -209,6 +209,34 @@ def test_low_precision_computed_in_float32(dtype):
     torch.testing.assert_close(xa.grad, x_ref.grad.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradient_added_chunk_by_chunk_in_the_features_dtype(dtype, monkeypatch):
+    """With one RoI per backward chunk, a pixel read by many RoIs gets one rounded addition per chunk into its
+    gradient, which is held in the features' dtype: each addition is off by at most half an ulp of the partial
+    sum, so the gradient is within ``chunks * eps`` of the float32 one, relative to the sum of the absolute
+    contributions (the gradient of |grad|)."""
+    import importlib
+
+    ra = importlib.import_module("maskrcnn.ops.roi_align")
+    monkeypatch.setattr(ra, "_CHUNK_BYTES", 1)  # one RoI per chunk
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 12, 12).to(dtype)
+    rois = torch.cat([torch.zeros(24, 1), torch.rand(24, 2) * 3, 8 + torch.rand(24, 2) * 3], 1)  # overlapping
+    grad = torch.randn(24, 4, 3, 3)
+    xa = x.clone().requires_grad_()
+    with use_backend("native"):
+        roi_align(xa, rois, 3, 1.0, 2).backward(grad.to(dtype))
+    assert xa.grad.dtype == dtype
+    x_ref = x.float().requires_grad_()
+    _oracle(x_ref, rois, (3, 3), 1.0, 2, False).backward(grad.to(dtype).float())
+    x_abs = x.float().requires_grad_()
+    _oracle(x_abs, rois, (3, 3), 1.0, 2, False).backward(grad.to(dtype).float().abs())
+    eps = torch.finfo(dtype).eps
+    bound = len(rois) * eps * x_abs.grad + 1e-6
+    assert bool(((xa.grad.float() - x_ref.grad).abs() <= bound).all())
+    assert (xa.grad.float() - x_ref.grad).abs().max() > 0  # several roundings: not the single-chunk result
+
+
 def test_channels_last_keeps_memory_format():
     x = torch.randn(2, 5, 9, 11).contiguous(memory_format=torch.channels_last).requires_grad_()
     rois = _random_rois(6, 2, 9, 11, 1.0, 8, dtype=torch.float32)

@@ -265,9 +265,10 @@ class ROIHeads(nn.Module):
             "masks": (D, 1, M, M)][, "keypoints": (D, K, 3), "keypoints_scores": (D, K)]}``.
         """
         self.check_inputs(proposals, image_sizes, targets)
-        if self.training:
-            return [], self._losses(features, proposals, targets)
-        with shared_feature_tables():  # the box and mask/keypoint heads pack the pooled levels once
+        # The box and mask/keypoint poolers pack the pooled levels into one (rows, C) table once per forward.
+        with shared_feature_tables():
+            if self.training:
+                return [], self._losses(features, proposals, targets)
             return self._detect(features, proposals, image_sizes), {}
 
     def check_inputs(self, proposals: List[Tensor], image_sizes: Sequence[Tuple[int, int]],

@@ -1,6 +1,8 @@
 """ROIHeads alone on tiny inputs: the training losses, the inference outputs, the C4 res5 sharing and the contract's
 errors. (That its inference equals the former Generalized_RCNN path is what the model-level, torchvision and
 Detectron-walkthrough tests check.)"""
+import contextlib
+
 import pytest
 import torch
 
@@ -75,6 +77,41 @@ def test_training_losses_are_finite_and_reach_every_parameter(build, features):
     sum(losses.values()).backward()
     missing = [n for n, p in heads.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+def test_training_box_and_mask_poolers_pack_the_levels_once_with_the_same_gradients(monkeypatch):
+    """A training forward packs the FPN levels into RoIAlign's table once for the box and mask poolers, as
+    inference does; losses and the features' gradients are those of packing per pooler."""
+    import importlib
+
+    ra = importlib.import_module("maskrcnn.ops.roi_align")
+    rh = importlib.import_module("maskrcnn.modeling.roi_heads.roi_heads")
+    packs = []
+    real = ra.pack_features
+    # Only the FPN levels: the mask targets are pooled from the ground-truth masks too, a table of their own.
+    monkeypatch.setattr(ra, "pack_features", lambda f, dtype, extra_rows=0: (len(f) == 2 and packs.append(1))
+                        or real(f, dtype, extra_rows))
+    torch.manual_seed(0)
+    heads = fpn_heads().train()
+    features, proposals = _fpn_features(), _proposals()
+
+    def step():
+        feats = [f.clone().requires_grad_() for f in features]
+        torch.manual_seed(1)  # the same sampled RoIs
+        _, losses = heads(feats, proposals, SIZES, _targets())
+        sum(losses.values()).backward()
+        return losses, [f.grad for f in feats]
+
+    losses, grads = step()
+    assert len(packs) == 1
+    packs.clear()
+    monkeypatch.setattr(rh, "shared_feature_tables", contextlib.nullcontext)
+    ref_losses, ref_grads = step()
+    assert len(packs) == 2
+    for k in ref_losses:
+        torch.testing.assert_close(losses[k], ref_losses[k], rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
 def test_faster_rcnn_heads_have_no_mask_loss_and_mask_loss_weight_scales():
