@@ -235,10 +235,18 @@ class _FoldedBottleneckBlock(BottleneckBlock):
             # conv1 hands x on as the identity, so that the two gradients of x meet in conv1's backward.
             out, identity = self.conv1.conv_relu(x, tap=True)
         else:
-            out = self.conv1.conv_relu(subsample(x, self.input_stride))
-            identity = x if self.downsample is None else self.downsample(subsample(x, self.shortcut_stride))
+            out = self.conv1.conv_relu(_dense(subsample(x, self.input_stride), x))
+            identity = x if self.downsample is None else self.downsample(_dense(subsample(x, self.shortcut_stride), x))
         out = self.conv2.conv_relu(out)
         return self.conv3.conv_relu(out, identity)
+
+
+def _dense(view: Tensor, x: Tensor) -> Tensor:
+    # A subsampled channels-last input copied to a dense channels-last tensor (the convolution would copy the
+    # strided view anyway): then the 1x1 convolution fuses its ReLU and takes the matrix-product backward.
+    if view is x or not x.is_contiguous(memory_format=torch.channels_last):
+        return view
+    return view.contiguous(memory_format=torch.channels_last)
 
 
 class _FoldedBasicBlock(BasicBlock):
@@ -246,7 +254,7 @@ class _FoldedBasicBlock(BasicBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1.conv_relu(x)
-        identity = x if self.downsample is None else self.downsample(subsample(x, self.shortcut_stride))
+        identity = x if self.downsample is None else self.downsample(_dense(subsample(x, self.shortcut_stride), x))
         return self.conv2.conv_relu(out, identity)
 
 
