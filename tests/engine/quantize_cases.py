@@ -54,6 +54,7 @@ def test_int8_replaces_stages_and_fpn_convs(models):
     assert all(isinstance(c, QuantizedLayer) and _is_int8(c) for c in body.fpn.lateral_convs)
     assert _is_int8(body.conv_body.res3)
     assert quantize.is_quantized(int8)
+    assert torch.backends.quantized.engine == quantize.quantized_engine()  # what the layers were packed for
 
 
 def test_int8_heads_feature_layers_and_not_predictors(models):

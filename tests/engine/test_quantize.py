@@ -36,3 +36,16 @@ def test_calibration_images_are_the_first_of_the_dataset():
     with pytest.raises(ConfigError, match="TEST.QUANTIZE_CALIB_IMAGES > 0"):
         calibration_images(data, 0)
     assert not is_quantized(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)))
+
+
+def test_quantized_engine_is_onednn_only_with_amx(monkeypatch):
+    """int8 layers are packed for oneDNN on a CPU with AMX (its int8 matmul runs the quantized Linear layers
+    there), for the ``x86`` engine elsewhere."""
+    import torch
+
+    from maskrcnn.engine.quantize import quantized_engine
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert quantized_engine() == ("onednn" if "onednn" in torch.backends.quantized.supported_engines else "x86")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert quantized_engine() == "x86"
