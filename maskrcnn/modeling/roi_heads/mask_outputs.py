@@ -61,20 +61,51 @@ class MaskRCNNOutputs(nn.Module):
             raise ValueError(f"x must be (R, {self.mask_fcn_logits.in_channels}, M, M), got shape {tuple(x.shape)}")
         return self.mask_fcn_logits(x)
 
+    def label_logits(self, x: Tensor, labels: Tensor) -> Tensor:
+        """``(R, 1, M, M)`` fp32 logits of each RoI's own class: ``forward(x)[r, labels[r]]`` without the other
+        classes' channels (at inference only the detected class's mask is read: with 81 classes that is 1/81 of the
+        1x1 convolution's work). ``labels`` ``(R,)`` int64 in ``[0, K]``; a class-agnostic head gives its one mask.
+        A batched matrix-vector product with each RoI's weight row; under autocast in its dtype, like the
+        convolution."""
+        conv = self.mask_fcn_logits
+        if x.dim() != 4:
+            raise ValueError(f"x must be (R, {conv.in_channels}, M, M), got shape {tuple(x.shape)}")
+        if not self.cls_specific or type(conv) is not nn.Conv2d:  # one channel, or a layer replaced (quantized)
+            return _label_channel(self(x), labels, "label_logits").float()[:, None]
+        num_rois, c, h, w = x.shape
+        labels = _checked_labels(labels.to(x.device), num_rois, conv.out_channels, "label_logits")
+        weight = conv.weight.reshape(conv.out_channels, c)[labels]  # (R, C)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = torch.bmm(x.permute(0, 2, 3, 1).reshape(num_rois, h * w, c), weight[:, :, None])  # (R, HW, 1)
+        else:
+            out = torch.bmm(weight[:, None, :], x.reshape(num_rois, c, h * w))  # (R, 1, HW)
+        out = out.float().view(num_rois, 1, h, w)
+        if conv.bias is not None:
+            out = out + conv.bias[labels].float().view(num_rois, 1, 1, 1)
+        return out
+
+
+def _checked_labels(labels: Tensor, num_rois: int, channels: int, fn: str) -> Tensor:
+    """``labels`` as int64, after checking it is ``(num_rois,)`` with values in ``[0, channels)``."""
+    if labels.shape != (num_rois,):
+        raise ValueError(f"{fn}: labels must be ({num_rois},) to match mask_logits, got {tuple(labels.shape)}")
+    labels = labels.to(dtype=torch.int64)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= channels):
+        raise ValueError(f"{fn}: labels must be in [0, {channels}), got min {int(labels.min())} "
+                         f"max {int(labels.max())}")
+    return labels
+
 
 def _label_channel(mask_logits: Tensor, labels: Tensor, fn: str) -> Tensor:
     """``(R, M, M)``: each RoI's logits of its own class (channel 0 when class-agnostic)."""
     if mask_logits.dim() != 4:
         raise ValueError(f"{fn}: mask_logits must be (R, C, M, M), got shape {tuple(mask_logits.shape)}")
     num_rois, channels = mask_logits.shape[:2]
-    if labels.shape != (num_rois,):
-        raise ValueError(f"{fn}: labels must be ({num_rois},) to match mask_logits, got {tuple(labels.shape)}")
-    labels = labels.to(device=mask_logits.device, dtype=torch.int64)
     if channels == 1:
+        if labels.shape != (num_rois,):
+            raise ValueError(f"{fn}: labels must be ({num_rois},) to match mask_logits, got {tuple(labels.shape)}")
         return mask_logits[:, 0]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= channels):
-        raise ValueError(f"{fn}: labels must be in [0, {channels}), got min {int(labels.min())} "
-                         f"max {int(labels.max())}")
+    labels = _checked_labels(labels.to(mask_logits.device), num_rois, channels, fn)
     return mask_logits[torch.arange(num_rois, device=mask_logits.device), labels]
 
 

@@ -398,11 +398,13 @@ class ROIHeads(nn.Module):
         """
         if not self.mask_on:
             raise RuntimeError("this ROIHeads has no mask branch (MODEL.MASK_ON is False)")
-        logits = self.Mask_Outs(self._mask_features(features, boxes))
+        feats = self._mask_features(features, boxes)
         if labels is None:
-            probs = torch.sigmoid(logits.float())
+            probs = torch.sigmoid(self.Mask_Outs(feats).float())
+        elif hasattr(self.Mask_Outs, "label_logits"):  # only the labels' channels are computed
+            probs = self.Mask_Outs.label_logits(feats, torch.cat(labels)).sigmoid()
         else:
-            probs = mask_probs_for_labels(logits, torch.cat(labels))
+            probs = mask_probs_for_labels(self.Mask_Outs(feats), torch.cat(labels))
         return list(probs.split([int(b.shape[0]) for b in boxes]))
 
     def keypoints(self, features: BlobConv, boxes: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:

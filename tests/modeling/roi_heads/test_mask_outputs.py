@@ -136,3 +136,31 @@ def test_mask_probs_for_labels_matches_torchvision_inference():
     agnostic = mask_probs_for_labels(logits[:, :1], torch.cat(labels))
     torch.testing.assert_close(agnostic, logits[:, :1].sigmoid())
     assert mask_probs_for_labels(torch.zeros(0, 4, 28, 28), torch.zeros(0, dtype=torch.int64)).shape == (0, 1, 28, 28)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_label_logits_are_the_labels_channels_of_forward(channels_last):
+    """``label_logits`` computes only each RoI's own class channel: forward's logits at that channel, in fp32, with
+    the bias; under bf16 autocast within bf16 rounding of forward's."""
+    torch.manual_seed(0)
+    outs = MaskRCNNOutputs(16, 7)
+    torch.nn.init.normal_(outs.mask_fcn_logits.bias)
+    x = torch.randn(5, 16, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 6, 3, 3, 1])
+    ref = outs(x)[torch.arange(5), labels][:, None]
+    got = outs.label_logits(x, labels)
+    assert got.shape == (5, 1, 6, 6) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16, got16 = outs(x)[torch.arange(5), labels][:, None], outs.label_logits(x, labels)
+    assert got16.dtype == torch.float32
+    torch.testing.assert_close(got16, ref16.float(), rtol=2e-2, atol=5e-2)
+    assert outs.label_logits(x[:0], labels[:0]).shape == (0, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"label_logits: labels must be in \[0, 7\)"):
+        outs.label_logits(x, torch.tensor([0, 7, 1, 1, 1]))
+    with pytest.raises(ValueError, match=r"labels must be \(5,\)"):
+        outs.label_logits(x, labels[:3])
+    agnostic = MaskRCNNOutputs(16, 7, cls_specific=False)
+    torch.testing.assert_close(agnostic.label_logits(x, labels), agnostic(x))
