@@ -1,0 +1,153 @@
+"""The kernel choices inside our speed paths, each timed against what it replaced, on the shapes the model runs.
+
+    python benchmarks/kernels.py [--rounds 5] [--fp32] [--threads N] [--json OUT]
+
+Rows (R-50-FPN shapes at 800x1066):
+
+- ``pointwise backward bf16 CinxCout@HxW``: the backward (input and weight gradients) of a 1x1 stride-1 convolution
+  of channels-last bf16 tensors at batch 2, as oneDNN's ``aten::convolution_backward`` (before) and as the two
+  matrix products of ``maskrcnn.engine.frozen_bn_training._pointwise_conv_backward`` (now, in bf16 training with
+  ``TRAIN.FUSE_FROZEN_BN``). The shapes are the folded 1x1 convolutions of res3-res5 (conv1, conv3 and the
+  projection shortcuts) that a training step differentiates. ``--fp32``: the same in fp32, where training keeps
+  oneDNN's.
+- ``identity gradient sum CxHxW``: conv1's input gradient in an identity block plus the residual's gradient,
+  as ``mm`` then ``add_`` (autograd's accumulation, before) and as one ``addmm`` (now, ``conv_relu(tap=True)``).
+- ``mask logits 100 x K classes``: each detection's mask logits of its own class from the mask head's
+  ``(100, 256, 28, 28)`` output, as ``Mask_Outs`` on every class then the label's channel (before) and as
+  ``MaskRCNNOutputs.label_logits`` (now, ``ROIHeads.mask_probs`` at inference), fp32, with the sigmoid.
+
+Each row alternates the two after a warm-up, ``--rounds`` rounds of ``--repeats`` calls each; it prints the median
+of the per-round times and the per-round ratios now / before (< 1: now is faster) with their min-max.
+A diagnostic of our own choices on this machine, not a ratio against another library.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from maskrcnn.engine.frozen_bn_training import _pointwise_conv_backward  # noqa: E402
+from maskrcnn.modeling.roi_heads.mask_outputs import MaskRCNNOutputs  # noqa: E402
+
+CL = torch.channels_last
+# (Cin, Cout, H, W) of the trainable folded 1x1 convolutions of R-50 at 800x1066 (torchvision-style strides).
+POINTWISE = [(256, 128, 100, 136), (128, 512, 100, 136), (512, 128, 100, 136), (256, 512, 100, 136),
+             (512, 256, 50, 68), (256, 1024, 50, 68), (1024, 256, 50, 68), (512, 1024, 50, 68),
+             (1024, 512, 25, 34), (512, 2048, 25, 34), (2048, 512, 25, 34), (1024, 2048, 25, 34)]
+IDENTITY = [(128, 512, 100, 136), (256, 1024, 50, 68), (512, 2048, 25, 34)]  # (conv1 Cout, block C, H, W)
+
+
+def pointwise_rows(gen: torch.Generator, dtype: torch.dtype) -> Dict[str, List[Callable]]:
+    rows = {}
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    for cin, cout, h, w in POINTWISE:
+        x = torch.randn(2, cin, h, w, generator=gen).to(dtype).contiguous(memory_format=CL)
+        g = torch.randn(2, cout, h, w, generator=gen).to(dtype).contiguous(memory_format=CL)
+        wt = (torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(dtype)
+
+        def before(x=x, g=g, wt=wt, cout=cout):
+            return torch.ops.aten.convolution_backward(g, x, wt, [cout], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                       [True, True, False])
+
+        def now(x=x, g=g, wt=wt):
+            return _pointwise_conv_backward(g, x, wt, True, True, False)
+
+        rows[f"pointwise backward {name} {cin}x{cout}@{h}x{w}"] = [before, now]
+    return rows
+
+
+def identity_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
+    rows = {}
+    for k, c, h, w in IDENTITY:
+        g1 = torch.randn(2 * h * w, k, generator=gen).to(torch.bfloat16)
+        w1 = torch.randn(k, c, generator=gen).to(torch.bfloat16)
+        tap = torch.randn(2 * h * w, c, generator=gen).to(torch.bfloat16)
+        rows[f"identity gradient sum {c}x{h}x{w}"] = [lambda g1=g1, w1=w1, tap=tap: torch.mm(g1, w1).add_(tap),
+                                                       lambda g1=g1, w1=w1, tap=tap: torch.addmm(tap, g1, w1)]
+    return rows
+
+
+def mask_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
+    rows = {}
+    x = torch.randn(100, 256, 28, 28, generator=gen).contiguous(memory_format=CL)
+    for classes in (81, 91):
+        outs = MaskRCNNOutputs(256, classes).eval().to(memory_format=CL)
+        labels = torch.randint(1, classes, (100,), generator=gen)
+        idx = torch.arange(100)
+
+        def before(outs=outs, labels=labels):
+            with torch.no_grad():
+                return outs(x)[idx, labels][:, None].sigmoid()
+
+        def now(outs=outs, labels=labels):
+            with torch.no_grad():
+                return outs.label_logits(x, labels).sigmoid()
+
+        rows[f"mask logits 100 x {classes} classes"] = [before, now]
+    return rows
+
+
+def time_row(fns: List[Callable], rounds: int, repeats: int) -> List[List[float]]:
+    for f in fns:
+        f()
+    times: List[List[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t = time.perf_counter()
+            for _ in range(repeats):
+                fns[i]()
+            times[i].append((time.perf_counter() - t) / repeats * 1e3)
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="calls per round")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--fp32", action="store_true",
+                        help="also the pointwise backward in fp32 (where training keeps oneDNN's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    rows = {**pointwise_rows(gen, torch.bfloat16), **identity_rows(gen), **mask_rows(gen)}
+    if args.fp32:
+        rows.update(pointwise_rows(gen, torch.float32))
+    print(f"# kernels, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x "
+          f"{args.repeats} calls")
+    print("| row | before ms | now ms | now / before (median) | per-round min-max |")
+    print("|---|---|---|---|---|")
+    out = {}
+    totals = {"bf16": [0.0, 0.0], "fp32": [0.0, 0.0]}
+    for name, fns in rows.items():
+        before, now = time_row(fns, args.rounds, args.repeats)
+        ratios = [n / b for b, n in zip(before, now)]
+        b_med, n_med = statistics.median(before), statistics.median(now)
+        if name.startswith("pointwise"):
+            totals[name.split()[2]][0] += b_med
+            totals[name.split()[2]][1] += n_med
+        out[name] = {"before_ms": before, "now_ms": now}
+        print(f"| {name} | {b_med:.2f} | {n_med:.2f} | {statistics.median(ratios):.3f} | "
+              f"{min(ratios):.3f}-{max(ratios):.3f} |")
+    for dtype, (b_sum, n_sum) in totals.items():
+        if b_sum:
+            print(f"| pointwise backward {dtype}, sum of the {len(POINTWISE)} shapes | {b_sum:.2f} | {n_sum:.2f} | "
+                  f"{n_sum / b_sum:.3f} | - |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
