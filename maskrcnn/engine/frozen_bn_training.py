@@ -82,9 +82,10 @@ class FrozenBNConv2d(nn.Conv2d):
 
 
 class _ScaledWeightConv(torch.autograd.Function):
-    """``conv2d(x, weight * scale, bias * scale + shift)`` (``bias`` may be None) whose backward recomputes the
-    scaled weight from ``weight``, a parameter held anyway, instead of saving the scaled copy: saved, the copies
-    of res3-res5 would add about 90 MB to every training step. Gradients are those autograd gives for the
+    """``conv2d(x, weight * scale, bias * scale + shift)`` (``bias`` may be None). In fp32 its backward recomputes
+    the scaled weight from ``weight``, a parameter held anyway, instead of saving the scaled copy: saved, the fp32
+    copies of res3-res5 would add about 90 MB to every training step. Under bf16 autocast it saves the bf16 copy the
+    convolution ran with (half that), which spares backward two passes over the fp32 weights. Gradients are those autograd gives for the
     unfused expression (the same operations: ``grad_weight = grad_scaled_weight * scale``). Under autocast the
     convolution runs in the autocast dtype, as ``F.conv2d`` would (inputs cast, the cast input saved)."""
 
@@ -92,19 +93,18 @@ class _ScaledWeightConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor,
                 conf: Tuple[Any, ...]) -> Tensor:
         stride, padding, dilation, groups, onednn = conf
-        scaled = weight * scale.view(-1, 1, 1, 1)
         b = shift if bias is None else bias * scale + shift
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         x_in = x.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            scaled, b = scaled.to(dtype), b.to(dtype)
+            scaled, b = _scaled_weight(weight, scale, dtype), b.to(dtype)
             if onednn and dtype == torch.float32:
                 y = torch.ops.aten.mkldnn_convolution(x_in, scaled, b, list(padding), list(stride), list(dilation),
                                                       groups)
             else:
                 y = F.conv2d(x_in, scaled, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x_in, weight, scale)
+        ctx.save_for_backward(x_in, weight, scale, _kept(scaled, weight))
         ctx.conf = conf
         ctx.has_bias = bias is not None
         ctx.x_dtype = x.dtype
@@ -113,21 +113,37 @@ class _ScaledWeightConv(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, weight, scale = ctx.saved_tensors
-        return (*_scaled_conv_backward(ctx, grad, x, weight, scale, ctx.conf[:4]), None, None, None)
+        x, weight, scale, scaled = ctx.saved_tensors
+        return (*_scaled_conv_backward(ctx, grad, x, weight, scale, ctx.conf[:4], scaled=scaled), None, None, None)
+
+
+def _scaled_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(weight * scale[:, None, None, None]).to(dtype)`` in one pass (the product rounded once to ``dtype``), in
+    ``weight``'s memory format."""
+    out = torch.empty_like(weight, dtype=dtype)
+    return torch.mul(weight, scale.view(-1, 1, 1, 1), out=out)
+
+
+def _kept(scaled: Tensor, weight: Tensor) -> Optional[Tensor]:
+    # The scaled weight is saved for backward only when it is a low-precision copy (bf16: about 45 MB for
+    # res3-res5, against two passes over the fp32 weights at every backward); an fp32 copy would be twice that,
+    # so fp32 recomputes it.
+    return scaled if scaled.dtype != weight.dtype else None
 
 
 def _scaled_conv_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, conf: Tuple[Any, ...],
-                          grad_tap: Optional[Tensor] = None):
+                          grad_tap: Optional[Tensor] = None, scaled: Optional[Tensor] = None):
     """``(grad_x, grad_weight, grad_bias)`` of ``conv2d(x, weight * scale, bias * scale + shift)`` for the output
-    gradient ``grad`` (None where ``ctx.needs_input_grad`` says no), the scaled weight recomputed; ``grad_tap``
-    (the gradient of another consumer of ``x``, in ``x``'s dtype, or None) is added to ``grad_x``."""
+    gradient ``grad`` (None where ``ctx.needs_input_grad`` says no), with the scaled weight forward saved (``scaled``)
+    or recomputed (None); ``grad_tap`` (the gradient of another consumer of ``x``, in ``x``'s dtype, or None) is
+    added to ``grad_x``."""
     stride, padding, dilation, groups = conf
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.has_bias
     if not (need_x or need_w or need_b):
         return None, None, None
-    scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
+    if scaled is None:
+        scaled = _scaled_weight(weight, scale, x.dtype)
     grad = grad.to(x.dtype)
     if _pointwise_as_matmul(x, grad, scaled, conf):
         add = grad_tap if grad_tap is not None and need_x and grad_tap.dtype == x.dtype and \
@@ -143,8 +159,9 @@ def _scaled_conv_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, scale: T
         gx = gx.to(ctx.x_dtype)
         if grad_tap is not None:
             gx = gx + grad_tap.to(gx.dtype)
-    return (gx if need_x else None, gw.to(weight.dtype) * scale.view(-1, 1, 1, 1) if need_w else None,
-            gb.to(weight.dtype) * scale if need_b else None)
+    # The products promote a bf16 gradient to the parameters' fp32 in the same pass.
+    return (gx if need_x else None, torch.mul(gw, scale.view(-1, 1, 1, 1)).to(weight.dtype) if need_w else None,
+            torch.mul(gb, scale).to(weight.dtype) if need_b else None)
 
 
 def _pointwise_as_matmul(x: Tensor, grad: Tensor, weight: Tensor, conf: Tuple[Any, ...]) -> bool:
@@ -186,28 +203,27 @@ def _pointwise_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, need_x: bo
 
 class _ScaledWeightConvReLU(torch.autograd.Function):
     """``relu(conv2d(x, weight * scale, bias * scale + shift) [+ other])`` through oneDNN's fused convolution
-    (:meth:`FrozenBNConv2d.conv_relu`); like :class:`_ScaledWeightConv` it recomputes the scaled weight in backward.
+    (:meth:`FrozenBNConv2d.conv_relu`); it saves or recomputes the scaled weight as :class:`_ScaledWeightConv` does.
     Saves the output for the ReLU's mask: the next layer saves the same tensor as its input, so it costs nothing."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor,
                 other: Optional[Tensor], conf: Tuple[Any, ...], tap: bool):
         stride, padding, dilation, groups = conf
-        scaled = weight * scale.view(-1, 1, 1, 1)
         b = shift if bias is None else bias * scale + shift
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         x_in = x.to(dtype)
         args = (list(padding), list(stride), list(dilation), groups)
         with torch.autocast(device_type, enabled=False):
-            scaled, b = scaled.to(dtype), b.to(dtype)
+            scaled, b = _scaled_weight(weight, scale, dtype), b.to(dtype)
             if other is None:
                 y = torch.ops.mkldnn._convolution_pointwise(x_in, scaled, b, *args, "relu", [], "")
             else:
                 addend = other.to(dtype).contiguous(memory_format=torch.channels_last)
                 y = torch.ops.mkldnn._convolution_pointwise.binary(x_in, addend, scaled, b, *args, "add", 1.0,
                                                                    "relu", [], "")
-        ctx.save_for_backward(x_in, weight, scale, y)
+        ctx.save_for_backward(x_in, weight, scale, y, _kept(scaled, weight))
         ctx.conf = conf
         ctx.has_bias = bias is not None
         ctx.x_dtype = x.dtype
@@ -219,9 +235,9 @@ class _ScaledWeightConvReLU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, grad_tap: Optional[Tensor] = None):
-        x, weight, scale, y = ctx.saved_tensors
+        x, weight, scale, y, scaled = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(grad.to(y.dtype), y, 0)
-        grad_x, grad_weight, grad_bias = _scaled_conv_backward(ctx, g, x, weight, scale, ctx.conf, grad_tap)
+        grad_x, grad_weight, grad_bias = _scaled_conv_backward(ctx, g, x, weight, scale, ctx.conf, grad_tap, scaled)
         grad_other = g.to(ctx.other_dtype) if ctx.needs_input_grad[5] and ctx.other_dtype is not None else None
         return grad_x, grad_weight, grad_bias, None, None, grad_other, None, None
 
