@@ -85,9 +85,10 @@ class _ScaledWeightConv(torch.autograd.Function):
     """``conv2d(x, weight * scale, bias * scale + shift)`` (``bias`` may be None). In fp32 its backward recomputes
     the scaled weight from ``weight``, a parameter held anyway, instead of saving the scaled copy: saved, the fp32
     copies of res3-res5 would add about 90 MB to every training step. Under bf16 autocast it saves the bf16 copy the
-    convolution ran with (half that), which spares backward two passes over the fp32 weights. Gradients are those autograd gives for the
-    unfused expression (the same operations: ``grad_weight = grad_scaled_weight * scale``). Under autocast the
-    convolution runs in the autocast dtype, as ``F.conv2d`` would (inputs cast, the cast input saved)."""
+    convolution ran with (half that), which spares backward two passes over the fp32 weights. Gradients are those
+    autograd gives for the unfused expression (the same operations: ``grad_weight = grad_scaled_weight * scale``).
+    Under autocast the convolution runs in the autocast dtype, as ``F.conv2d`` would (inputs cast, the cast input
+    saved)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor,
