@@ -22,17 +22,17 @@ A diagnostic of our own choices on this machine, not a ratio against another lib
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+import common  # noqa: E402
 from maskrcnn.engine.frozen_bn_training import _pointwise_conv_backward  # noqa: E402
 from maskrcnn.modeling.roi_heads.mask_outputs import MaskRCNNOutputs  # noqa: E402
 
@@ -95,17 +95,13 @@ def mask_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
 
 
 def time_row(fns: List[Callable], rounds: int, repeats: int) -> List[List[float]]:
-    for f in fns:
-        f()
-    times: List[List[float]] = [[] for _ in fns]
-    for r in range(rounds):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
-            t = time.perf_counter()
-            for _ in range(repeats):
-                fns[i]()
-            times[i].append((time.perf_counter() - t) / repeats * 1e3)
-    return times
+    """Per callable, its ms per call in each of ``rounds`` alternated rounds of ``repeats`` calls
+    (:func:`common.alternate`)."""
+    def batch(fn: Callable) -> Callable:
+        return lambda: [fn() for _ in range(repeats)]
+
+    times = common.alternate({str(i): batch(f) for i, f in enumerate(fns)}, rounds)
+    return [[t / repeats * 1e3 for t in times[str(i)]] for i in range(len(fns))]
 
 
 def main(argv=None) -> int:
@@ -123,20 +119,24 @@ def main(argv=None) -> int:
     rows = {**pointwise_rows(gen, torch.bfloat16), **identity_rows(gen), **mask_rows(gen)}
     if args.fp32:
         rows.update(pointwise_rows(gen, torch.float32))
+    commit = common.git_commit()
     print(f"# kernels, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x "
-          f"{args.repeats} calls")
-    print("| row | before ms | now ms | now / before (median) | per-round min-max |")
-    print("|---|---|---|---|---|")
+          f"{args.repeats} calls, commit {commit}")
     out = {}
-    totals = {"bf16": [0.0, 0.0], "fp32": [0.0, 0.0]}
     for name, fns in rows.items():
+        print(f"## {name} (round lines: 0 = before, 1 = now, seconds for {args.repeats} calls)", flush=True)
         before, now = time_row(fns, args.rounds, args.repeats)
+        out[name] = {"before_ms": before, "now_ms": now}
+    print("\n| row | before ms | now ms | now / before (median) | per-round min-max |")
+    print("|---|---|---|---|---|")
+    totals = {"bf16": [0.0, 0.0], "fp32": [0.0, 0.0]}
+    for name, res in out.items():
+        before, now = res["before_ms"], res["now_ms"]
         ratios = [n / b for b, n in zip(before, now)]
         b_med, n_med = statistics.median(before), statistics.median(now)
         if name.startswith("pointwise"):
             totals[name.split()[2]][0] += b_med
             totals[name.split()[2]][1] += n_med
-        out[name] = {"before_ms": before, "now_ms": now}
         print(f"| {name} | {b_med:.2f} | {n_med:.2f} | {statistics.median(ratios):.3f} | "
               f"{min(ratios):.3f}-{max(ratios):.3f} |")
     for dtype, (b_sum, n_sum) in totals.items():
@@ -144,8 +144,9 @@ def main(argv=None) -> int:
             print(f"| pointwise backward {dtype}, sum of the {len(POINTWISE)} shapes | {b_sum:.2f} | {n_sum:.2f} | "
                   f"{n_sum / b_sum:.3f} | - |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": out}, f, indent=1)
+        common.write_json(args.json, {"benchmark": "kernels", "commit": commit,
+                                      "machine": common.machine_info(), "threads": torch.get_num_threads(),
+                                      "rounds": args.rounds, "repeats": args.repeats, "rows": out})
     return 0
 
 

@@ -254,8 +254,13 @@ class _FoldedBottleneckBlock(BottleneckBlock):
             # conv1 hands x on as the identity, so that the two gradients of x meet in conv1's backward.
             out, identity = self.conv1.conv_relu(x, tap=True)
         else:
-            out = self.conv1.conv_relu(_dense(subsample(x, self.input_stride), x))
-            identity = x if self.downsample is None else self.downsample(_dense(subsample(x, self.shortcut_stride), x))
+            x1 = _dense(subsample(x, self.input_stride), x)
+            identity = x
+            if self.downsample is not None:
+                # Stride in the 1x1 (Detectron): conv1 and the shortcut read the same pixels, one copy serves both.
+                xs = x1 if self.shortcut_stride == self.input_stride else _dense(subsample(x, self.shortcut_stride), x)
+                identity = self.downsample(xs)
+            out = self.conv1.conv_relu(x1)
         out = self.conv2.conv_relu(out)
         return self.conv3.conv_relu(out, identity)
 
