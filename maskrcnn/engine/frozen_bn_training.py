@@ -169,8 +169,8 @@ def _pointwise_as_matmul(x: Tensor, grad: Tensor, weight: Tensor, conf: Tuple[An
     """Whether :func:`_pointwise_conv_backward` takes this convolution's backward: a 1x1, stride-1, unpadded,
     ungrouped convolution of channels-last bf16 tensors on a CPU with native bf16. ``python benchmarks/kernels.py
     --fp32`` on a 2-core Xeon with AMX (benchmarks/results/kernels_2026-12-06_amx.txt), the 12 trainable 1x1 shapes
-    of R-50 at 800x1066, batch 2: in bf16 the two matrix products took 0.68 of oneDNN's convolution backward (85
-    against 125 ms; 0.52-0.85 per shape); in fp32 0.93 over the 12 shapes but 0.77-1.10 per shape, so fp32 keeps
+    of R-50 at 800x1066, batch 2: in bf16 the two matrix products took 0.68 of oneDNN's convolution backward (90
+    against 134 ms; 0.53-0.83 per shape); in fp32 0.90 over the 12 shapes but 0.72-1.14 per shape, so fp32 keeps
     oneDNN's."""
     stride, padding, dilation, groups = conf
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and groups == 1
