@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from ..modeling.backbone.fpn import FPN
 from ..modeling.backbone.frozen_bn import find_conv_bn_pairs
 from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNetStem
+from ..ops.winograd import conv3x3_winograd, winograd_applies, winograd_weight
 
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConv2d", "FusedFPN", "fuse_conv_activations",
-           "onednn_fusion_available",
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConv2d", "FusedFPN", "enable_winograd",
+           "fuse_conv_activations", "onednn_fusion_available",
            "onednn_supports_dtype"]
 
 
@@ -64,6 +65,10 @@ class FusedConv2d(nn.Module):
     ``forward(x: (N, C_in, H, W), other: optional (N, C_out, H', W') residual) -> (N, C_out, H', W')``. Under CPU
     autocast the convolution runs in the autocast dtype (weights cast once and cached per dtype); the output is in
     the dtype the convolution ran in.
+
+    With ``winograd`` set (:func:`enable_winograd`, ``TEST.WINOGRAD``), a float32 3x3 convolution without a residual
+    that :func:`maskrcnn.ops.winograd_applies` accepts runs as :func:`maskrcnn.ops.conv3x3_winograd` (its
+    transformed weight computed once and cached), except while tracing, exporting or compiling.
     """
 
     def __init__(self, conv: nn.Conv2d, activation: str = "none", stride: Optional[int] = None):
@@ -83,14 +88,22 @@ class FusedConv2d(nn.Module):
         self.register_buffer("bias", bias)
         # dtype -> (weight, bias) cast copies for autocast; dropped whenever the module is moved or cast.
         self._cast_cache: Dict[torch.dtype, Tuple[Tensor, Tensor]] = {}
+        self.winograd = False
+        self._winograd_cache: Optional[Tensor] = None
 
     def _apply(self, fn, recurse=True):
-        self._cast_cache = {}
+        self._cast_cache, self._winograd_cache = {}, None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cast_cache = {}
+        self._cast_cache, self._winograd_cache = {}, None
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def _use_winograd(self, x: Tensor, dtype: torch.dtype, other: Optional[Tensor]) -> bool:
+        return (self.winograd and other is None and dtype == torch.float32
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                and not torch.compiler.is_compiling()
+                and winograd_applies(x, self.weight.shape, self.stride, self.padding, self.dilation, self.groups))
 
     def _params_for(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         if dtype == self.weight.dtype:
@@ -113,6 +126,10 @@ class FusedConv2d(nn.Module):
         """``act(conv(x) [+ other])``; with ``accumulate=True`` the result is written into ``other`` (which the
         caller must own and never read again as the addend) instead of a new tensor, when oneDNN runs it."""
         dtype = self._compute_dtype(x)
+        if self._use_winograd(x, dtype, other):
+            if self._winograd_cache is None:
+                self._winograd_cache = winograd_weight(self.weight)
+            return conv3x3_winograd(x, self._winograd_cache, self.bias.float(), relu=self.activation == "relu")
         weight, bias = self._params_for(dtype)
         x = x.to(dtype)
         if other is not None:
@@ -259,3 +276,25 @@ def fuse_conv_activations(model: nn.Module) -> int:
                 parent.relu = nn.Identity()
                 count += 1
     return count
+
+
+def enable_winograd(model: nn.Module, enabled: bool = True) -> int:
+    """Let the 3x3 stride-1 :class:`FusedConv2d` modules of ``model`` run as Winograd F(4x4, 3x3) where it pays
+    (``TEST.WINOGRAD``; :mod:`maskrcnn.ops.winograd`), and swap the RPN head's plain 3x3 convolution (``RPN_conv``)
+    for such a module (no activation: the head applies its ReLU). Call after :func:`fuse_conv_activations`.
+    ``enabled=False`` turns the flag off again. Returns the number of convolutions that may take it. Inference only."""
+    for module in list(model.modules()):
+        conv = module._modules.get("RPN_conv")
+        if enabled and type(conv) is nn.Conv2d and _is_winograd_shape(conv) and conv.padding_mode == "zeros":
+            module.RPN_conv = FusedConv2d(conv)
+    count = 0
+    for m in model.modules():
+        if isinstance(m, FusedConv2d) and _is_winograd_shape(m):
+            m.winograd = bool(enabled)
+            count += 1
+    return count
+
+
+def _is_winograd_shape(conv: nn.Module) -> bool:
+    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1)

@@ -57,8 +57,8 @@ from ..utils.model import model_device
 from .amp import AMP_DTYPES, check_amp
 from .frozen_bn_training import (FoldedFrozenBatchNorm2d, FrozenBNConv2d, fold_frozen_bn_for_training,
                                  unfold_frozen_bn_for_training)
-from .onednn_fusion import (FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedFPN, fuse_conv_activations,
-                            onednn_fusion_available)
+from .onednn_fusion import (FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedFPN, enable_winograd,
+                            fuse_conv_activations, onednn_fusion_available)
 
 __all__ = [
     "FoldedFrozenBatchNorm2d",
@@ -66,6 +66,7 @@ __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConv2d",
+    "enable_winograd",
     "FusedFPN",
     "SpeedHandle",
     "compile_conv_body",
@@ -283,14 +284,17 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
                           fuse_activations: Optional[bool] = None, channels_last: Optional[bool] = None,
                           amp: Optional[str] = None, compile_body: Optional[bool] = None,
                           quantize: Optional[str] = None, calib_images: Optional[Sequence[Any]] = None,
-                          quantize_heads: Optional[bool] = None, return_handle: bool = False
+                          quantize_heads: Optional[bool] = None, winograd: Optional[bool] = None,
+                          return_handle: bool = False
                           ) -> Union[nn.Module, Tuple[nn.Module, SpeedHandle]]:
     """Apply the inference speed features to ``model`` in place and put it in eval mode.
 
     Each feature is taken from the explicit argument when given, else from ``cfg`` (``TEST.FUSE_FROZEN_BN``,
-    ``TEST.FUSE_CONV_ACTIVATIONS``, ``TEST.CHANNELS_LAST``, ``TEST.AMP``, ``TEST.COMPILE``), else from
-    ``model.cfg``, else the defaults (all on except ``AMP`` and ``COMPILE``). Conv/activation fusion applies on
-    the CPU with oneDNN and folded BN only. A feature asked for that finds nothing to change in the model raises
+    ``TEST.FUSE_CONV_ACTIVATIONS``, ``TEST.CHANNELS_LAST``, ``TEST.AMP``, ``TEST.COMPILE``, ``TEST.WINOGRAD``), else
+    from ``model.cfg``, else the defaults (all on except ``AMP`` and ``COMPILE``). Conv/activation fusion applies on
+    the CPU with oneDNN and folded BN only; ``winograd`` / ``TEST.WINOGRAD`` with that fusion and without ``AMP``
+    (:func:`maskrcnn.engine.onednn_fusion.enable_winograd`: float32 3x3 convolutions of 256+ channels on maps of
+    24x24 or more as Winograd F(4x4, 3x3), equal up to float rounding). A feature asked for that finds nothing to change in the model raises
     a ``ConfigError`` naming the key (e.g. ``TEST.FUSE_FROZEN_BN`` on a GroupNorm body). The model is for inference
     only afterwards (folded parameters train wrongly).
 
@@ -311,6 +315,7 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     comp, _ = _setting(cfg, compile_body, "TEST.COMPILE", "compile_body")
     quant, _ = _setting(cfg, quantize, "TEST.QUANTIZE", "quantize")
     quant_heads, _ = _setting(cfg, quantize_heads, "TEST.QUANTIZE_HEADS", "quantize_heads")
+    wino, _ = _setting(cfg, winograd, "TEST.WINOGRAD", "winograd")
     fold, fuse, cl, amp_value, comp = bool(fold), bool(fuse), bool(cl), str(amp_value), bool(comp)
     quant = str(quant or "")
     amp_name = "TEST.AMP" if amp is None else "amp"
@@ -340,6 +345,10 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     if fuse and fuse_conv_activations(model) == 0 and not any(isinstance(m, FusedConv2d) for m in model.modules()):
         raise _nothing_to_do(fuse_key, f"{type(model).__name__} has no folded ResNet block, ResNet stem or plain FPN",
                              "Set TEST.FUSE_CONV_ACTIVATIONS False for such a model.")
+    # Winograd runs inside the fused modules, in float32 only.
+    wino = bool(wino) and fuse and not amp_value
+    if wino:
+        enable_winograd(model)
     if quant:
         from .quantize import quantize_int8
 
@@ -352,8 +361,8 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
         handle = enable_amp(model, amp_value, what=amp_name)
     if comp:
         compile_conv_body(model)
-    logger.info("inference speed features: folded BN %s, fused conv+activation %s, channels-last %s, amp %s, "
-                "compile %s, quantize %s", fold, fuse, cl, amp_value or "off", comp, quant or "off")
+    logger.info("inference speed features: folded BN %s, fused conv+activation %s, winograd %s, channels-last %s, "
+                "amp %s, compile %s, quantize %s", fold, fuse, wino, cl, amp_value or "off", comp, quant or "off")
     return (model, handle) if return_handle else model
 
 

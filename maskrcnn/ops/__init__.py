@@ -37,6 +37,7 @@ from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign
 from maskrcnn.ops.roi_align import RoIAlign, roi_align, shared_feature_tables
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
 from maskrcnn.ops.sampler import BalancedPositiveNegativeSampler
+from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_weight
 
 __all__ = [
     # boxes
@@ -79,6 +80,10 @@ __all__ = [
     "project_polygons_on_boxes",
     # images
     "pil_bilinear_resize",
+    # convolution
+    "conv3x3_winograd",
+    "winograd_applies",
+    "winograd_weight",
     # backend selection
     "get_backend",
     "set_backend",

@@ -605,3 +605,79 @@ def test_identity_block_hands_its_input_to_conv1_for_the_gradient_sum():
     x_ref = x.clone().requires_grad_()
     unfused(x_ref)["res3"].square().mean().backward()
     torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def _count_winograd_calls(monkeypatch):
+    import maskrcnn.engine.onednn_fusion as fusion
+    import maskrcnn.ops.winograd as wino
+
+    # The tiny model's maps are narrow and small: lower the rule's floor so that its convolutions take the path.
+    monkeypatch.setattr(wino, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(wino, "WINOGRAD_MIN_SIZE", 4)
+    calls = []
+    real = fusion.conv3x3_winograd
+
+    def counted(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(fusion, "conv3x3_winograd", counted)
+    return calls
+
+
+def test_winograd_keeps_detections_and_takes_fpn_rpn_and_block_convs(reference, monkeypatch):
+    calls = _count_winograd_calls(monkeypatch)
+    model, ref = reference
+    with torch.no_grad():
+        fast = speed.prepare_for_inference(copy.deepcopy(model), winograd=True)
+        out = fast(images())
+    assert_same_detections(out, ref)
+    head = fast.RPN.head
+    assert isinstance(head.RPN_conv, speed.FusedConv2d) and head.RPN_conv.winograd
+    assert all(c.winograd for c in fast.Conv_Body.fpn.output_convs)
+    # The swapped RPN conv keeps its state-dict names and values.
+    torch.testing.assert_close(fast.state_dict()["RPN.head.RPN_conv.weight"], model.RPN.head.RPN_conv.weight)
+    # The batch pads to 128x128: the FPN's output convs on P2-P5 (32 .. 4 px) and the RPN conv on the same levels
+    # (P6, 2x2, is under the lowered floor); the unstrided first convs of the basic blocks (the second ones add the
+    # residual inside oneDNN's kernel).
+    fpn_dim = fast.Conv_Body.fpn.output_convs[0].out_channels
+    assert sorted(s[2] for s in calls if s[1] == fpn_dim) == [4, 4, 8, 8, 16, 16, 32, 32]
+    assert sorted(s[1] for s in calls if s[1] != fpn_dim) == [64, 64, 128, 256, 512]
+
+
+def test_winograd_off_by_key_under_amp_and_when_gradients_are_wanted(reference, monkeypatch):
+    calls = _count_winograd_calls(monkeypatch)
+    model, _ = reference
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["TEST.WINOGRAD", False])
+    with torch.no_grad():
+        off = speed.prepare_for_inference(copy.deepcopy(model), cfg)
+        off(images())
+    assert calls == [] and not any(getattr(m, "winograd", False) for m in off.modules())
+    assert type(off.RPN.head.RPN_conv) is nn.Conv2d
+    with torch.no_grad():
+        bf16 = speed.prepare_for_inference(copy.deepcopy(model), amp="bf16")
+        bf16(images())
+    assert calls == []
+    on = speed.prepare_for_inference(copy.deepcopy(model))  # the default: on
+    conv = on.Conv_Body.fpn.output_convs[0]
+    x = torch.randn(1, conv.in_channels, 8, 8, requires_grad=True)
+    conv(x).sum().backward()  # gradients wanted: oneDNN's path, not Winograd's (which has no backward)
+    assert calls == [] and x.grad is not None
+    with torch.no_grad():
+        on(images())
+    assert calls
+
+
+def test_winograd_weight_cache_follows_the_weights(monkeypatch):
+    _count_winograd_calls(monkeypatch)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    fused = speed.FusedConv2d(conv)
+    assert speed.enable_winograd(nn.Sequential(fused)) == 1 and fused.winograd
+    x = torch.randn(1, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), conv(x), rtol=0, atol=1e-5)
+        fused.load_state_dict({"weight": 2 * conv.weight, "bias": conv.bias})
+        torch.testing.assert_close(fused(x), F.conv2d(x, 2 * conv.weight, conv.bias, padding=1), rtol=0, atol=2e-5)
+    speed.enable_winograd(nn.Sequential(fused), enabled=False)
+    assert not fused.winograd

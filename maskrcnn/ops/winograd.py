@@ -1,0 +1,137 @@
+"""3x3 convolution by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, 2016), in plain PyTorch.
+
+Each 4x4 block of outputs comes from a 6x6 tile of the input: the tile and the filter are taken to a 6x6 transform
+domain (``V = B^T d B``, ``U = G g G^T``), multiplied there element by element and summed over the input channels,
+and brought back (``Y = A^T M A``). Summing over the channels makes the products 36 matrix products ``(tiles, C_in)
+@ (C_in, C_out)``: 36 multiply-adds per channel pair for 16 outputs, against 144 for a direct convolution, 4x
+fewer. The input and output transforms are small matrix products (``kron(B^T, B^T)`` on 36 rows, ``kron(A^T,
+A^T)`` back to 16) run on a few tile rows at a time, so that the tile data stays in the cache between the steps.
+
+Float32 only: the transforms mix values with coefficients up to 8, so the result rounds more than a direct
+convolution's: about 1e-5 of the output's scale at 256 channels (tests/ops/test_winograd.py), against 1e-6 to 1e-5
+for oneDNN's direct kernels. That is fine for fp32 and far too much for bf16's 8-bit mantissa. Inference only (no autograd formula is defined for it here).
+
+Where it pays (``python benchmarks/kernels.py``, docs/benchmarks.md): wide maps with many channels, the FPN's
+output convolutions, the RPN's convolution and the 3x3 convolutions of res4/res5; it loses on 64-channel maps
+and on RoI-sized (14x14) maps, where the tile padding and the transforms cost more than the products save.
+:func:`winograd_applies` holds that rule.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_SIZE", "conv3x3_winograd", "winograd_applies", "winograd_weight"]
+
+#: The smallest input channel count and map side that :func:`winograd_applies` accepts.
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_SIZE = 24
+
+_M = 4  # outputs per tile side
+_A = _M + 2  # input tile side for a 3x3 filter
+# float64 so that the filter transform (fractions of 6 and 24) is rounded once, into float32.
+_BT = torch.tensor([[4, 0, -5, 0, 1, 0],
+                    [0, -4, -4, 1, 1, 0],
+                    [0, 4, -4, -1, 1, 0],
+                    [0, -2, -1, 2, 1, 0],
+                    [0, 2, -1, -2, 1, 0],
+                    [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+_G = torch.tensor([[1 / 4, 0, 0],
+                   [-1 / 6, -1 / 6, -1 / 6],
+                   [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6],
+                   [1 / 24, -1 / 12, 1 / 6],
+                   [0, 0, 1]], dtype=torch.float64)
+_AT = torch.tensor([[1, 1, 1, 1, 1, 0],
+                    [0, 1, -1, 2, -2, 0],
+                    [0, 1, 1, 4, 4, 0],
+                    [0, 1, -1, 8, -8, 1]], dtype=torch.float64)
+# Row-major vec(B^T d B) = kron(B^T, B^T) vec(d): the 2-D transforms as one (36, 36) and one (16, 36) matrix.
+_KIN = torch.kron(_BT, _BT).float()
+_KOUT = torch.kron(_AT, _AT).float()
+#: Elements of one chunk's (36, rows * tiles * C) tile matrix: about 9 MB in float32, so that the chunk's steps
+#: pass it on through the cache (the 64K of 16K/48K/64K/128K that was fastest at the model's shapes).
+_CHUNK_ELEMENTS = 36 * 64 * 1024
+
+
+def winograd_weight(weight: Tensor) -> Tensor:
+    """``weight`` (C_out, C_in, 3, 3) -> its F(4x4, 3x3) transform ``G g G^T`` as (36, C_in, C_out) float32 (the
+    right-hand sides of the 36 matrix products), computed in float64 and rounded once."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"winograd_weight: expected a (C_out, C_in, 3, 3) weight, got {tuple(weight.shape)}")
+    g = _G.to(weight.device)
+    u = g @ weight.detach().double() @ g.t()  # (C_out, C_in, 6, 6)
+    return u.reshape(weight.shape[0], weight.shape[1], _A * _A).permute(2, 1, 0).contiguous().float()
+
+
+def winograd_applies(x: Tensor, weight_shape, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups: int = 1) -> bool:
+    """Whether :func:`conv3x3_winograd` runs this convolution and is expected to be faster than oneDNN's: a CPU
+    float32 input (N, C_in, H, W) with C_in >= :data:`WINOGRAD_MIN_CHANNELS` and H, W >= :data:`WINOGRAD_MIN_SIZE`,
+    a (C_out, C_in, 3, 3) weight, stride 1, padding 1, dilation 1, one group, and no gradient wanted."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and tuple(weight_shape[1:]) == (x.shape[1], 3, 3) and groups == 1
+            and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
+            and x.shape[1] >= WINOGRAD_MIN_CHANNELS and min(x.shape[2], x.shape[3]) >= WINOGRAD_MIN_SIZE
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+@torch.no_grad()
+def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """``conv2d(x, weight, bias, stride=1, padding=1)`` (then ReLU with ``relu``) by F(4x4, 3x3).
+
+    Args:
+        x: (N, C_in, H, W) float32, any memory format (channels-last reads without a copy).
+        weight_t: (36, C_in, C_out) float32, :func:`winograd_weight` of the (C_out, C_in, 3, 3) weight.
+        bias: optional (C_out,) float32.
+    Returns (N, C_out, H, W) float32, channels-last. No autograd.
+    """
+    if x.dim() != 4 or x.dtype != torch.float32 or weight_t.dtype != torch.float32:
+        raise ValueError(f"conv3x3_winograd: expected float32 (N, C, H, W) input and weight, got {x.dtype} "
+                         f"{tuple(x.shape)} and {weight_t.dtype}")
+    n, c, h, w = x.shape
+    if weight_t.dim() != 3 or weight_t.shape[0] != _A * _A or weight_t.shape[1] != c:
+        raise ValueError(f"conv3x3_winograd: weight_t must be ({_A * _A}, {c}, C_out) (winograd_weight of a "
+                         f"(C_out, {c}, 3, 3) weight), got {tuple(weight_t.shape)}")
+    cout = weight_t.shape[2]
+    th, tw = -(-h // _M), -(-w // _M)
+    # Zero padding: 1 on the top/left (the convolution's), enough on the bottom/right for whole tiles.
+    xp = F.pad(x, (1, 1 + _M * tw - w, 1, 1 + _M * th - h)).permute(0, 2, 3, 1)
+    if not xp.is_contiguous():
+        xp = xp.contiguous()
+    sn, sh, sw, sc = xp.stride()
+    kin, kout = _KIN.to(x.device), _KOUT.to(x.device)
+    out = torch.empty(n, _M * th, _M * tw, cout, dtype=x.dtype, device=x.device)
+    rows = max(1, min(th, _CHUNK_ELEMENTS // (_A * _A * tw * max(c, cout))))
+    aa = _A * _A
+    d_buf = x.new_empty(aa, rows * tw * c)
+    v_buf = x.new_empty(aa, rows * tw * c)
+    m_buf = x.new_empty(aa, rows * tw, cout)
+    y_buf = x.new_empty(_M * _M, rows * tw * cout)
+    for b in range(n):
+        for r0 in range(0, th, rows):
+            r = min(rows, th - r0)
+            t = r * tw
+            # (6, 6, r, tw, C) view of the overlapping tiles (stride 4, tile 6), gathered into 36 rows.
+            tiles = xp.as_strided((_A, _A, r, tw, c), (sh, sw, _M * sh, _M * sw, sc),
+                                  xp.storage_offset() + b * sn + _M * r0 * sh)
+            d = d_buf[:, :t * c]
+            d.view(_A, _A, r, tw, c).copy_(tiles)
+            v = v_buf[:, :t * c]
+            torch.mm(kin, d, out=v)
+            m = m_buf[:, :t]
+            torch.bmm(v.view(aa, t, c), weight_t, out=m)
+            y = y_buf[:, :t * cout]
+            torch.mm(kout, m.view(aa, t * cout), out=y)
+            out[b, _M * r0:_M * (r0 + r)].view(r, _M, tw, _M, cout).copy_(
+                y.view(_M, _M, r, tw, cout).permute(2, 0, 3, 1, 4))
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+    if relu:
+        out.relu_()
+    if out.shape[1] != h or out.shape[2] != w:
+        # Dense again: the next convolutions read channels-last contiguous maps.
+        out = out[:, :h, :w].contiguous()
+    return out.permute(0, 3, 1, 2)

@@ -1,0 +1,87 @@
+"""conv3x3_winograd against F.conv2d (float64 oracle), and the rule of winograd_applies."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskrcnn.ops import conv3x3_winograd, winograd_applies, winograd_weight
+
+
+def _case(n, cin, cout, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g)
+    weight = torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin ** 0.5)
+    bias = torch.randn(cout, generator=g)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("n,cin,cout,h,w", [(1, 8, 8, 4, 4), (1, 5, 7, 9, 13), (2, 16, 4, 17, 6), (3, 3, 9, 1, 1),
+                                            (1, 32, 16, 25, 34), (2, 24, 40, 30, 31)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_equals_conv2d_to_float_rounding(n, cin, cout, h, w, channels_last):
+    x, weight, bias = _case(n, cin, cout, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    direct = F.conv2d(x, weight, bias, padding=1)
+    out = conv3x3_winograd(x, winograd_weight(weight), bias)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    err = (out.double() - ref).abs().max().item()
+    # F(4x4, 3x3) rounds about 2 bits more than a direct convolution; far below any real difference.
+    assert err < 2e-5 * max(1.0, ref.abs().max().item())
+    assert (direct.double() - ref).abs().max().item() < err or cin >= 16  # the test can tell the two apart
+
+
+def test_rounding_at_a_model_shape():
+    x, weight, bias = _case(1, 256, 256, 24, 28, seed=3)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    err = (conv3x3_winograd(x, winograd_weight(weight), bias).double() - ref).abs().max().item()
+    direct_err = (F.conv2d(x, weight, bias, padding=1).double() - ref).abs().max().item()
+    # About 1e-5 of the output's scale: more than a direct convolution's rounding, far below a real difference.
+    assert direct_err < err < 2e-5 * ref.abs().max().item()
+
+
+def test_relu_and_no_bias():
+    x, weight, _ = _case(2, 12, 6, 11, 10, seed=1)
+    out = conv3x3_winograd(x, winograd_weight(weight), None, relu=True)
+    ref = F.conv2d(x.double(), weight.double(), padding=1).relu()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    assert (out >= 0).all()
+
+
+def test_chunks_of_tile_rows_cover_the_map(monkeypatch):
+    import maskrcnn.ops.winograd as wino
+
+    # One tile row per chunk: every chunk boundary is exercised.
+    monkeypatch.setattr(wino, "_CHUNK_ELEMENTS", 1)
+    x, weight, bias = _case(2, 8, 8, 19, 23, seed=2)
+    out = conv3x3_winograd(x, winograd_weight(weight), bias)
+    torch.testing.assert_close(out.double(), F.conv2d(x.double(), weight.double(), bias.double(), padding=1),
+                               rtol=0, atol=2e-5)
+
+
+def test_bad_inputs_name_the_shapes():
+    x, weight, _ = _case(1, 8, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"\(36, 8, C_out\)"):
+        conv3x3_winograd(x, winograd_weight(weight)[:, :4])
+    with pytest.raises(ValueError, match="float32"):
+        conv3x3_winograd(x.bfloat16(), winograd_weight(weight))
+    with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3\)"):
+        winograd_weight(torch.zeros(4, 8, 1, 1))
+
+
+def test_applies_only_where_it_pays():
+    big = torch.zeros(1, 256, 24, 30)
+    w = (256, 256, 3, 3)
+    assert winograd_applies(big, w)
+    assert not winograd_applies(big.bfloat16(), w)
+    assert not winograd_applies(torch.zeros(1, 128, 50, 50), (128, 128, 3, 3))  # too few channels
+    assert not winograd_applies(torch.zeros(100, 256, 14, 14), w)  # RoI-sized maps
+    assert not winograd_applies(big, w, stride=(2, 2))
+    assert not winograd_applies(big, w, dilation=(2, 2))
+    assert not winograd_applies(big, w, padding=(0, 0))
+    assert not winograd_applies(big, (256, 128, 3, 3), groups=2)
+    assert not winograd_applies(big, (256, 256, 1, 1), padding=(0, 0))
+    assert not winograd_applies(big.requires_grad_(), w)
+    with torch.no_grad():
+        assert winograd_applies(big, w)
