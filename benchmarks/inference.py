@@ -295,7 +295,9 @@ ABLATION = (
     ("ours, no speed feature", dict(fold_bn=False, fuse_activations=False, channels_last=False, amp="")),
     ("+ FrozenBN folded", dict(fold_bn=True, fuse_activations=False, channels_last=False, amp="")),
     ("+ channels-last", dict(fold_bn=True, fuse_activations=False, channels_last=True, amp="")),
-    ("+ oneDNN conv+ReLU/add fusion (= fp32)", dict(fold_bn=True, fuse_activations=True, channels_last=True, amp="")),
+    ("+ oneDNN conv+ReLU/add fusion", dict(fold_bn=True, fuse_activations=True, channels_last=True, amp="",
+                                          winograd=False)),
+    ("+ Winograd 3x3 (= fp32)", dict(fold_bn=True, fuse_activations=True, channels_last=True, amp="", winograd=True)),
     ("+ bf16 autocast (= bf16)", dict(fold_bn=True, fuse_activations=True, channels_last=True, amp="bf16")),
 )
 

@@ -15,6 +15,11 @@ Rows (R-50-FPN shapes at 800x1066):
 - ``mask logits 100 x K classes``: each detection's mask logits of its own class from the mask head's
   ``(100, 256, 28, 28)`` output, as ``Mask_Outs`` on every class then the label's channel (before) and as
   ``MaskRCNNOutputs.label_logits`` (now, ``ROIHeads.mask_probs`` at inference), fp32, with the sigmoid.
+- ``winograd 3x3 fp32 CinxCout@NxHxW`` (``--winograd``): a 3x3 stride-1 float32 convolution + ReLU of a
+  channels-last map, as oneDNN's fused kernel (``FusedConv2d``, before) and as ``maskrcnn.ops.conv3x3_winograd``
+  (now, ``TEST.WINOGRAD``). The first rows are the shapes the rule (``winograd_applies``) takes: the FPN's output
+  convolutions and the RPN's on P2-P5 (256@200x272 .. 256@25x34; 256@50x68 is also res4's 3x3), res5's 3x3
+  (512@25x34); the last ones those it leaves to oneDNN: res2/res3's 3x3 and the mask head's (100 RoIs of 14x14).
 
 Each row alternates the two after a warm-up, ``--rounds`` rounds of ``--repeats`` calls each; it prints the median
 of the per-round times and the per-round ratios now / before (< 1: now is faster) with their min-max.
@@ -34,6 +39,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import common  # noqa: E402
 from maskrcnn.engine.frozen_bn_training import _pointwise_conv_backward  # noqa: E402
+from maskrcnn.engine.onednn_fusion import FusedConv2d  # noqa: E402
+from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_weight  # noqa: E402
 from maskrcnn.modeling.roi_heads.mask_outputs import MaskRCNNOutputs  # noqa: E402
 
 CL = torch.channels_last
@@ -42,6 +49,9 @@ POINTWISE = [(256, 128, 100, 136), (128, 512, 100, 136), (512, 128, 100, 136), (
              (512, 256, 50, 68), (256, 1024, 50, 68), (1024, 256, 50, 68), (512, 1024, 50, 68),
              (1024, 512, 25, 34), (512, 2048, 25, 34), (2048, 512, 25, 34), (1024, 2048, 25, 34)]
 IDENTITY = [(128, 512, 100, 136), (256, 1024, 50, 68), (512, 2048, 25, 34)]  # (conv1 Cout, block C, H, W)
+# (N, C, H, W) of 3x3 stride-1 convolutions (C in = C out) of R-50-FPN at 800x1066 (padded to 800x1088).
+WINOGRAD = [(1, 256, 200, 272), (1, 256, 100, 136), (1, 256, 50, 68), (1, 256, 25, 34), (1, 512, 25, 34),
+            (1, 64, 200, 272), (1, 128, 100, 136), (100, 256, 14, 14)]
 
 
 def pointwise_rows(gen: torch.Generator, dtype: torch.dtype) -> Dict[str, List[Callable]]:
@@ -94,6 +104,26 @@ def mask_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
     return rows
 
 
+def winograd_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
+    rows = {}
+    for n, c, h, w in WINOGRAD:
+        x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
+        conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        fused = FusedConv2d(conv, "relu").to(memory_format=CL)
+        wt, bias = winograd_weight(fused.weight), fused.bias
+        taken = "" if winograd_applies(x, fused.weight.shape) else " (not taken)"
+
+        def before(x=x, fused=fused):
+            with torch.no_grad():
+                return fused(x)
+
+        def now(x=x, wt=wt, bias=bias):
+            return conv3x3_winograd(x, wt, bias, relu=True)
+
+        rows[f"winograd 3x3 fp32 {c}x{c}@{n}x{h}x{w}{taken}"] = [before, now]
+    return rows
+
+
 def time_row(fns: List[Callable], rounds: int, repeats: int) -> List[List[float]]:
     """Per callable, its ms per call in each of ``rounds`` alternated rounds of ``repeats`` calls
     (:func:`common.alternate`)."""
@@ -112,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--fp32", action="store_true",
                         help="also the pointwise backward in fp32 (where training keeps oneDNN's)")
+    parser.add_argument("--winograd", action="store_true", help="also the Winograd 3x3 rows")
+    parser.add_argument("--only", default="", help="only the rows whose name contains this text")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +151,9 @@ def main(argv=None) -> int:
     rows = {**pointwise_rows(gen, torch.bfloat16), **identity_rows(gen), **mask_rows(gen)}
     if args.fp32:
         rows.update(pointwise_rows(gen, torch.float32))
+    if args.winograd:
+        rows.update(winograd_rows(gen))
+    rows = {name: fns for name, fns in rows.items() if args.only in name}
     commit = common.git_commit()
     print(f"# kernels, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x "
           f"{args.repeats} calls, commit {commit}")
