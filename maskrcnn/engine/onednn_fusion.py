@@ -280,13 +280,19 @@ def fuse_conv_activations(model: nn.Module) -> int:
 
 def enable_winograd(model: nn.Module, enabled: bool = True) -> int:
     """Let the 3x3 stride-1 :class:`FusedConv2d` modules of ``model`` run as Winograd F(4x4, 3x3) where it pays
-    (``TEST.WINOGRAD``; :mod:`maskrcnn.ops.winograd`), and swap the RPN head's plain 3x3 convolution (``RPN_conv``)
-    for such a module (no activation: the head applies its ReLU). Call after :func:`fuse_conv_activations`.
-    ``enabled=False`` turns the flag off again. Returns the number of convolutions that may take it. Inference only."""
-    for module in list(model.modules()):
-        conv = module._modules.get("RPN_conv")
-        if enabled and type(conv) is nn.Conv2d and _is_winograd_shape(conv) and conv.padding_mode == "zeros":
-            module.RPN_conv = FusedConv2d(conv)
+    (``TEST.WINOGRAD``; :mod:`maskrcnn.ops.winograd`), and swap the plain 3x3 stride-1 convolutions of the RPN head
+    (``RPN_conv``) and of the RoI heads (the mask head's ``mask_fcn*``, the keypoint head's ``conv_fcn*``) for such
+    modules without an activation (the heads apply their own ReLU or norm; same state-dict names). Call after
+    :func:`fuse_conv_activations`. ``enabled=False`` turns the flag off again. Returns the number of convolutions
+    that may take it. Inference only."""
+    if enabled:
+        for name, module in list(model.named_modules()):
+            if not name.split(".")[-1].startswith(("RPN", "roi_heads")):
+                continue
+            for parent in list(module.modules()):
+                for child_name, conv in list(parent._modules.items()):
+                    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and _is_winograd_shape(conv):
+                        parent._modules[child_name] = FusedConv2d(conv)
     count = 0
     for m in model.modules():
         if isinstance(m, FusedConv2d) and _is_winograd_shape(m):

@@ -11,10 +11,10 @@ Float32 only: the transforms mix values with coefficients up to 8, so the result
 convolution's: about 1e-5 of the output's scale at 256 channels (tests/ops/test_winograd.py), against 1e-6 to 1e-5
 for oneDNN's direct kernels. That is fine for fp32 and far too much for bf16's 8-bit mantissa. Inference only (no autograd formula is defined for it here).
 
-Where it pays (``python benchmarks/kernels.py``, docs/benchmarks.md): wide maps with many channels, the FPN's
-output convolutions, the RPN's convolution and the 3x3 convolutions of res4/res5; it loses on 64-channel maps
-and on RoI-sized (14x14) maps, where the tile padding and the transforms cost more than the products save.
-:func:`winograd_applies` holds that rule.
+Where it pays (``python benchmarks/kernels.py --winograd``, docs/benchmarks.md): 256 channels or more, the FPN's
+output convolutions, the RPN's convolution, the 3x3 convolutions of res4/res5 and the mask head's on 14x14 RoI
+maps (there batched over the RoIs); it loses on 64-channel maps, where the transforms cost more than the products
+save. :func:`winograd_applies` holds that rule.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_SIZE", "conv3x3_winograd", "wi
 
 #: The smallest input channel count and map side that :func:`winograd_applies` accepts.
 WINOGRAD_MIN_CHANNELS = 256
-WINOGRAD_MIN_SIZE = 24
+WINOGRAD_MIN_SIZE = 14
 
 _M = 4  # outputs per tile side
 _A = _M + 2  # input tile side for a 3x3 filter
@@ -52,9 +52,10 @@ _AT = torch.tensor([[1, 1, 1, 1, 1, 0],
 # Row-major vec(B^T d B) = kron(B^T, B^T) vec(d): the 2-D transforms as one (36, 36) and one (16, 36) matrix.
 _KIN = torch.kron(_BT, _BT).float()
 _KOUT = torch.kron(_AT, _AT).float()
-#: Elements of one chunk's (36, rows * tiles * C) tile matrix: about 9 MB in float32, so that the chunk's steps
-#: pass it on through the cache (the 64K of 16K/48K/64K/128K that was fastest at the model's shapes).
-_CHUNK_ELEMENTS = 36 * 64 * 1024
+#: Elements of one chunk's (36, tiles * C) tile matrix (18 MB in float32): the chunk's steps pass it on through
+#: the cache. Of 16K to 256K (x 36), 128K to 256K were fastest at the FPN's shapes; at the mask head's (100 RoIs,
+#: chunks of whole RoIs) 32K to 2048K were within the noise of each other.
+_CHUNK_ELEMENTS = 36 * 128 * 1024
 
 
 def winograd_weight(weight: Tensor) -> Tensor:
@@ -104,29 +105,33 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
     sn, sh, sw, sc = xp.stride()
     kin, kout = _KIN.to(x.device), _KOUT.to(x.device)
     out = torch.empty(n, _M * th, _M * tw, cout, dtype=x.dtype, device=x.device)
-    rows = max(1, min(th, _CHUNK_ELEMENTS // (_A * _A * tw * max(c, cout))))
+    # A chunk is a few tile rows of one image or, for small maps (RoI features), several whole images.
+    per_image = _A * _A * th * tw * max(c, cout)
+    images = max(1, min(n, _CHUNK_ELEMENTS // per_image))
+    rows = th if images > 1 else max(1, min(th, _CHUNK_ELEMENTS // (_A * _A * tw * max(c, cout))))
     aa = _A * _A
-    d_buf = x.new_empty(aa, rows * tw * c)
-    v_buf = x.new_empty(aa, rows * tw * c)
-    m_buf = x.new_empty(aa, rows * tw, cout)
-    y_buf = x.new_empty(_M * _M, rows * tw * cout)
-    for b in range(n):
+    d_buf = x.new_empty(aa, images * rows * tw * c)
+    v_buf = x.new_empty(aa, images * rows * tw * c)
+    m_buf = x.new_empty(aa, images * rows * tw, cout)
+    y_buf = x.new_empty(_M * _M, images * rows * tw * cout)
+    for b0 in range(0, n, images):
+        nb = min(images, n - b0)
         for r0 in range(0, th, rows):
             r = min(rows, th - r0)
-            t = r * tw
-            # (6, 6, r, tw, C) view of the overlapping tiles (stride 4, tile 6), gathered into 36 rows.
-            tiles = xp.as_strided((_A, _A, r, tw, c), (sh, sw, _M * sh, _M * sw, sc),
-                                  xp.storage_offset() + b * sn + _M * r0 * sh)
+            t = nb * r * tw
+            # (6, 6, nb, r, tw, C) view of the overlapping tiles (stride 4, tile 6), gathered into 36 rows.
+            tiles = xp.as_strided((_A, _A, nb, r, tw, c), (sh, sw, sn, _M * sh, _M * sw, sc),
+                                  xp.storage_offset() + b0 * sn + _M * r0 * sh)
             d = d_buf[:, :t * c]
-            d.view(_A, _A, r, tw, c).copy_(tiles)
+            d.view(_A, _A, nb, r, tw, c).copy_(tiles)
             v = v_buf[:, :t * c]
             torch.mm(kin, d, out=v)
             m = m_buf[:, :t]
             torch.bmm(v.view(aa, t, c), weight_t, out=m)
             y = y_buf[:, :t * cout]
             torch.mm(kout, m.view(aa, t * cout), out=y)
-            out[b, _M * r0:_M * (r0 + r)].view(r, _M, tw, _M, cout).copy_(
-                y.view(_M, _M, r, tw, cout).permute(2, 0, 3, 1, 4))
+            out[b0:b0 + nb, _M * r0:_M * (r0 + r)].view(nb, r, _M, tw, _M, cout).copy_(
+                y.view(_M, _M, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5))
     if bias is not None:
         out.add_(bias.to(out.dtype))
     if relu:

@@ -639,10 +639,14 @@ def test_winograd_keeps_detections_and_takes_fpn_rpn_and_block_convs(reference, 
     torch.testing.assert_close(fast.state_dict()["RPN.head.RPN_conv.weight"], model.RPN.head.RPN_conv.weight)
     # The batch pads to 128x128: the FPN's output convs on P2-P5 (32 .. 4 px) and the RPN conv on the same levels
     # (P6, 2x2, is under the lowered floor); the unstrided first convs of the basic blocks (the second ones add the
-    # residual inside oneDNN's kernel).
+    # residual inside oneDNN's kernel); the mask head's 4 convs on the 2 x 20 detections' 14x14 maps.
     fpn_dim = fast.Conv_Body.fpn.output_convs[0].out_channels
-    assert sorted(s[2] for s in calls if s[1] == fpn_dim) == [4, 4, 8, 8, 16, 16, 32, 32]
+    assert sorted(s[2] for s in calls if s[1] == fpn_dim and s[0] == 2) == [4, 4, 8, 8, 16, 16, 32, 32]
     assert sorted(s[1] for s in calls if s[1] != fpn_dim) == [64, 64, 128, 256, 512]
+    assert [s for s in calls if s[0] != 2] == [(40, 32, 14, 14)] * 4
+    assert isinstance(fast.roi_heads.Mask_Head.mask_fcn1, speed.FusedConv2d)
+    torch.testing.assert_close(fast.state_dict()["Mask_Head.mask_fcn1.weight"],
+                               model.roi_heads.Mask_Head.mask_fcn1.weight)
 
 
 def test_winograd_off_by_key_under_amp_and_when_gradients_are_wanted(reference, monkeypatch):
@@ -654,7 +658,7 @@ def test_winograd_off_by_key_under_amp_and_when_gradients_are_wanted(reference, 
         off = speed.prepare_for_inference(copy.deepcopy(model), cfg)
         off(images())
     assert calls == [] and not any(getattr(m, "winograd", False) for m in off.modules())
-    assert type(off.RPN.head.RPN_conv) is nn.Conv2d
+    assert type(off.RPN.head.RPN_conv) is nn.Conv2d and type(off.roi_heads.Mask_Head.mask_fcn1) is nn.Conv2d
     with torch.no_grad():
         bf16 = speed.prepare_for_inference(copy.deepcopy(model), amp="bf16")
         bf16(images())

@@ -76,7 +76,8 @@ def test_applies_only_where_it_pays():
     assert winograd_applies(big, w)
     assert not winograd_applies(big.bfloat16(), w)
     assert not winograd_applies(torch.zeros(1, 128, 50, 50), (128, 128, 3, 3))  # too few channels
-    assert not winograd_applies(torch.zeros(100, 256, 14, 14), w)  # RoI-sized maps
+    assert winograd_applies(torch.zeros(100, 256, 14, 14), w)  # the mask head's RoI maps
+    assert not winograd_applies(torch.zeros(100, 256, 7, 7), w)  # a conv box head's
     assert not winograd_applies(big, w, stride=(2, 2))
     assert not winograd_applies(big, w, dilation=(2, 2))
     assert not winograd_applies(big, w, padding=(0, 0))
