@@ -278,9 +278,10 @@ _key("TEST.FUSE_FROZEN_BN", True, "Fold frozen BatchNorm into the preceding conv
 _key("TEST.FUSE_CONV_ACTIVATIONS", True, "On the CPU, run the folded ResNet and FPN convolutions as oneDNN fused "
      "conv+ReLU and conv+add+ReLU primitives (needs TEST.FUSE_FROZEN_BN).")
 _key("TEST.WINOGRAD", True, "On the CPU in float32 (TEST.AMP '' and TEST.QUANTIZE ''), with "
-     "TEST.FUSE_CONV_ACTIVATIONS: run the 3x3 stride-1 convolutions of 256 or more channels on maps of 24x24 or more "
-     "(FPN outputs, RPN, res4/res5) as Winograd F(4x4, 3x3), 4x fewer multiplications (maskrcnn.ops.winograd); equal "
-     "up to float rounding (about 1e-5 of the output's scale). False: oneDNN's direct convolution everywhere.")
+     "TEST.FUSE_CONV_ACTIVATIONS: run the 3x3 stride-1 convolutions of 256 or more channels on maps of 14x14 or more "
+     "(FPN outputs, RPN, res4/res5, mask/keypoint heads) as Winograd F(4x4, 3x3), 4x fewer multiplications "
+     "(maskrcnn.ops.winograd); equal up to float rounding (about 1e-5 of the output's scale). False: oneDNN's direct "
+     "convolution everywhere.")
 _key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory format at inference.")
 _key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles for tens of seconds per input size).")
 _key("TEST.QUANTIZE", "", "'' (fp32) or 'int8': post-training static int8 quantization of the ResNet stages and FPN "

@@ -294,9 +294,9 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     from ``model.cfg``, else the defaults (all on except ``AMP`` and ``COMPILE``). Conv/activation fusion applies on
     the CPU with oneDNN and folded BN only; ``winograd`` / ``TEST.WINOGRAD`` with that fusion and without ``AMP``
     (:func:`maskrcnn.engine.onednn_fusion.enable_winograd`: float32 3x3 convolutions of 256+ channels on maps of
-    24x24 or more as Winograd F(4x4, 3x3), equal up to float rounding). A feature asked for that finds nothing to change in the model raises
-    a ``ConfigError`` naming the key (e.g. ``TEST.FUSE_FROZEN_BN`` on a GroupNorm body). The model is for inference
-    only afterwards (folded parameters train wrongly).
+    14x14 or more as Winograd F(4x4, 3x3), equal up to float rounding). A feature asked for that finds nothing to
+    change in the model raises a ``ConfigError`` naming the key (e.g. ``TEST.FUSE_FROZEN_BN`` on a GroupNorm body).
+    The model is for inference only afterwards (folded parameters train wrongly).
 
     ``quantize`` / ``TEST.QUANTIZE`` 'int8' quantizes the ResNet stages and FPN convolutions, and with
     ``quantize_heads`` / ``TEST.QUANTIZE_HEADS`` (default on) the RPN's and the RoI heads' feature layers

@@ -5,11 +5,13 @@ domain (``V = B^T d B``, ``U = G g G^T``), multiplied there element by element a
 and brought back (``Y = A^T M A``). Summing over the channels makes the products 36 matrix products ``(tiles, C_in)
 @ (C_in, C_out)``: 36 multiply-adds per channel pair for 16 outputs, against 144 for a direct convolution, 4x
 fewer. The input and output transforms are small matrix products (``kron(B^T, B^T)`` on 36 rows, ``kron(A^T,
-A^T)`` back to 16) run on a few tile rows at a time, so that the tile data stays in the cache between the steps.
+A^T)`` back to 16) run on a chunk of tile rows (or of whole small images) at a time, into buffers reused by every
+chunk, so that the intermediate tiles never take the memory of the whole map.
 
 Float32 only: the transforms mix values with coefficients up to 8, so the result rounds more than a direct
 convolution's: about 1e-5 of the output's scale at 256 channels (tests/ops/test_winograd.py), against 1e-6 to 1e-5
-for oneDNN's direct kernels. That is fine for fp32 and far too much for bf16's 8-bit mantissa. Inference only (no autograd formula is defined for it here).
+for oneDNN's direct kernels. That is fine for fp32 and too much for bf16's 8-bit mantissa. Inference only (no
+autograd formula is defined for it here).
 
 Where it pays (``python benchmarks/kernels.py --winograd``, docs/benchmarks.md): 256 channels or more, the FPN's
 output convolutions, the RPN's convolution, the 3x3 convolutions of res4/res5 and the mask head's on 14x14 RoI
@@ -52,9 +54,9 @@ _AT = torch.tensor([[1, 1, 1, 1, 1, 0],
 # Row-major vec(B^T d B) = kron(B^T, B^T) vec(d): the 2-D transforms as one (36, 36) and one (16, 36) matrix.
 _KIN = torch.kron(_BT, _BT).float()
 _KOUT = torch.kron(_AT, _AT).float()
-#: Elements of one chunk's (36, tiles * C) tile matrix (18 MB in float32): the chunk's steps pass it on through
-#: the cache. Of 16K to 256K (x 36), 128K to 256K were fastest at the FPN's shapes; at the mask head's (100 RoIs,
-#: chunks of whole RoIs) 32K to 2048K were within the noise of each other.
+#: Elements of one chunk's (36, tiles * C) tile matrix (18 MB in float32). Of 16K to 256K (x 36), 128K to 256K
+#: were fastest at the FPN's shapes; at the mask head's (100 RoIs, chunks of whole RoIs) 32K to 2048K were within
+#: the noise of each other (one-off sweeps on a 2-core AMD EPYC).
 _CHUNK_ELEMENTS = 36 * 128 * 1024
 
 
