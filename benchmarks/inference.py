@@ -308,8 +308,9 @@ def run_ablation(args) -> Dict[str, Any]:
     size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
     repeats = args.repeats or 3
     info = common.machine_info()
-    print(f"# inference ablation {info['date']}, {info['threads']} threads, load {info['load_avg_1min']}, "
-          f"image {size[0]}x{size[1]}")
+    commit = common.git_commit()
+    print(f"# inference ablation {info['date']} on {info['cpu']}, {info['threads']} threads, load "
+          f"{info['load_avg_1min']}, image {size[0]}x{size[1]}, {repeats} alternated rounds, commit {commit}")
     image = common.load_image(size)
     resize = common.resize_setting(size)
     tv = common.build_torchvision(calib_image=image, size=resize)
@@ -325,7 +326,7 @@ def run_ablation(args) -> Dict[str, Any]:
     print("\n| variant | median | ratio ours/tv |\n|---|---|---|")
     for n, m in medians.items():
         print(f"| {n} | {common.fmt_s(m)} | {m / medians['torchvision']:.3f} |")
-    return {"benchmark": "inference_ablation", "machine": info, "image_size": list(size),
+    return {"benchmark": "inference_ablation", "commit": commit, "machine": info, "image_size": list(size),
             "rows": [{"model": n, "median_s": m, "times_s": times[n], "ratio": m / medians["torchvision"]}
                      for n, m in medians.items()]}
 
