@@ -17,9 +17,9 @@ Rows (R-50-FPN shapes at 800x1066):
   ``MaskRCNNOutputs.label_logits`` (now, ``ROIHeads.mask_probs`` at inference), fp32, with the sigmoid.
 - ``winograd 3x3 fp32 CinxCout@NxHxW`` (``--winograd``): a 3x3 stride-1 float32 convolution + ReLU of a
   channels-last map, as oneDNN's fused kernel (``FusedConv2d``, before) and as ``maskrcnn.ops.conv3x3_winograd``
-  (now, ``TEST.WINOGRAD``). The first rows are the shapes the rule (``winograd_applies``) takes: the FPN's output
-  convolutions and the RPN's on P2-P5 (256@200x272 .. 256@25x34; 256@50x68 is also res4's 3x3), res5's 3x3
-  (512@25x34); the last ones those it leaves to oneDNN: res2/res3's 3x3 and the mask head's (100 RoIs of 14x14).
+  (now, ``TEST.WINOGRAD``). The rule (``winograd_applies``) takes the FPN's output convolutions and the RPN's on
+  P2-P5 (256@200x272 .. 256@25x34; 256@50x68 is also res4's 3x3), res5's 3x3 (512@25x34) and the mask head's (100
+  RoIs of 14x14); the rows marked "(not taken)" are those it leaves to oneDNN: res2/res3's 3x3.
 
 Each row alternates the two after a warm-up, ``--rounds`` rounds of ``--repeats`` calls each; it prints the median
 of the per-round times and the per-round ratios now / before (< 1: now is faster) with their min-max.
