@@ -274,7 +274,8 @@ def _dense(view: Tensor, x: Tensor) -> Tensor:
 
 
 class _FoldedBasicBlock(BasicBlock):
-    """:class:`BasicBlock` with its folded convolutions' ReLU and residual sum fused, as :class:`_FoldedBottleneckBlock`."""
+    """:class:`BasicBlock` with its folded convolutions' ReLU and residual sum fused, as
+    :class:`_FoldedBottleneckBlock`."""
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1.conv_relu(x)

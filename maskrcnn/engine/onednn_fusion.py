@@ -129,7 +129,7 @@ class FusedConv2d(nn.Module):
         if self._use_winograd(x, dtype, other):
             if self._winograd_cache is None:
                 self._winograd_cache = winograd_weight(self.weight)
-            return conv3x3_winograd(x, self._winograd_cache, self.bias.float(), relu=self.activation == "relu")
+            return conv3x3_winograd(x, self._winograd_cache, self.bias, relu=self.activation == "relu")
         weight, bias = self._params_for(dtype)
         x = x.to(dtype)
         if other is not None:
@@ -280,19 +280,16 @@ def fuse_conv_activations(model: nn.Module) -> int:
 
 def enable_winograd(model: nn.Module, enabled: bool = True) -> int:
     """Let the 3x3 stride-1 :class:`FusedConv2d` modules of ``model`` run as Winograd F(4x4, 3x3) where it pays
-    (``TEST.WINOGRAD``; :mod:`maskrcnn.ops.winograd`), and swap the plain 3x3 stride-1 convolutions of the RPN head
-    (``RPN_conv``) and of the RoI heads (the mask head's ``mask_fcn*``, the keypoint head's ``conv_fcn*``) for such
-    modules without an activation (the heads apply their own ReLU or norm; same state-dict names). Call after
-    :func:`fuse_conv_activations`. ``enabled=False`` turns the flag off again. Returns the number of convolutions
-    that may take it. Inference only."""
+    (``TEST.WINOGRAD``; :mod:`maskrcnn.ops.winograd`), after swapping every plain 3x3 stride-1 zero-padded
+    ``nn.Conv2d`` the fusion left (the RPN's ``RPN_conv``, the mask head's ``mask_fcn*``, the keypoint head's
+    ``conv_fcn*``) for such a module without an activation: the same convolution, the same state-dict names; the
+    layers after it (ReLU, norm) are untouched. Call after :func:`fuse_conv_activations`. ``enabled=False`` turns
+    the flag off again. Returns the number of convolutions that may take it. Inference only."""
     if enabled:
-        for name, module in list(model.named_modules()):
-            if not name.split(".")[-1].startswith(("RPN", "roi_heads")):
-                continue
-            for parent in list(module.modules()):
-                for child_name, conv in list(parent._modules.items()):
-                    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and _is_winograd_shape(conv):
-                        parent._modules[child_name] = FusedConv2d(conv)
+        for parent in list(model.modules()):
+            for name, conv in list(parent.named_children()):
+                if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and _is_winograd_shape(conv):
+                    setattr(parent, name, FusedConv2d(conv))
     count = 0
     for m in model.modules():
         if isinstance(m, FusedConv2d) and _is_winograd_shape(m):

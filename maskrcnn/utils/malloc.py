@@ -7,8 +7,9 @@ kernel must fault in and zero one 4 KiB page at a time. On `--auto`'s `thin` rec
 thread) that was about 3,000-6,000 page faults per step and 5-15% of the step's time; on an R-50-FPN step at
 800x1066 (batch 2), whose largest tensors (111 MB at P2) are far above any mmap threshold glibc accepts,
 400,000-900,000 faults and 0.6-2 s of a 7-9 s step on two cores (docs/benchmarks.md, "Allocator").
-:func:`tune_malloc` serves every block from the heap (no block is mapped on its own) and never gives the top of the heap back, as jemalloc or
-tcmalloc (which ``python -m torch.backends.xeon.run_cpu`` preloads) would keep freed memory.
+:func:`tune_malloc` serves every block from the heap (no block is mapped on its own) and never gives the top of the
+heap back, as jemalloc or tcmalloc (which ``python -m torch.backends.xeon.run_cpu`` preloads) would keep freed
+memory.
 
 The cost is memory the process keeps after a peak instead of returning it: a long-running process holds its peak.
 ``tools/train_net.py`` and ``tools/test_net.py`` apply this at start when ``TUNE_MALLOC`` is on (the default); a
