@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_SIZE", "conv3x3_winograd", "winograd_applies", "winograd_weight"]
@@ -51,9 +50,12 @@ _AT = torch.tensor([[1, 1, 1, 1, 1, 0],
                     [0, 1, -1, 2, -2, 0],
                     [0, 1, 1, 4, 4, 0],
                     [0, 1, -1, 8, -8, 1]], dtype=torch.float64)
-# Row-major vec(B^T d B) = kron(B^T, B^T) vec(d): the 2-D transforms as one (36, 36) and one (16, 36) matrix.
-_KIN = torch.kron(_BT, _BT).float()
-_KOUT = torch.kron(_AT, _AT).float()
+# The 2-D transforms B^T d B and A^T m A are run as two 1-D passes each (rows, then columns): a (6, 6) @ (6, X)
+# product, then a batch of them. kron(B^T, B^T) as one (36, 36) product costs 3x the multiply-adds, and MKL runs
+# that short, wide shape at a third of its rate (35-60 GFLOP/s against 170 on a 2-core AMD EPYC): the two passes
+# took 0.4x its time on a chunk (benchmarks/kernels.py --winograd, docs/benchmarks.md).
+_BT32 = _BT.float()
+_AT32 = _AT.float()
 #: Elements of one chunk's (36, tiles * C) tile matrix (18 MB in float32). Of 16K to 256K (x 36), 128K to 256K
 #: were fastest at the FPN's shapes; at the mask head's (100 RoIs, chunks of whole RoIs) 32K to 2048K were within
 #: the noise of each other (one-off sweeps on a 2-core AMD EPYC).
@@ -81,6 +83,20 @@ def winograd_applies(x: Tensor, weight_shape, stride=(1, 1), padding=(1, 1), dil
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
+def _pad_channels_last(x: Tensor, hp: int, wp: int) -> Tensor:
+    """(N, C, H, W) -> a dense (N, hp, wp, C) copy with x at [1:H+1, 1:W+1] and zeros around it (the convolution's
+    padding of 1, and enough on the bottom/right for whole tiles). Only the border is zeroed, and a channels-last x
+    is copied without a transposition (F.pad would fill the whole map and return it channels-first)."""
+    n, c, h, w = x.shape
+    xp = x.new_empty(n, hp, wp, c)
+    xp[:, 0].zero_()
+    xp[:, h + 1:].zero_()
+    xp[:, 1:h + 1, 0].zero_()
+    xp[:, 1:h + 1, w + 1:].zero_()
+    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
+    return xp
+
+
 @torch.no_grad()
 def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """``conv2d(x, weight, bias, stride=1, padding=1)`` (then ReLU with ``relu``) by F(4x4, 3x3).
@@ -100,22 +116,24 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
                          f"(C_out, {c}, 3, 3) weight), got {tuple(weight_t.shape)}")
     cout = weight_t.shape[2]
     th, tw = -(-h // _M), -(-w // _M)
-    # Zero padding: 1 on the top/left (the convolution's), enough on the bottom/right for whole tiles.
-    xp = F.pad(x, (1, 1 + _M * tw - w, 1, 1 + _M * th - h)).permute(0, 2, 3, 1)
-    if not xp.is_contiguous():
-        xp = xp.contiguous()
+    xp = _pad_channels_last(x, _M * th + 2, _M * tw + 2)
     sn, sh, sw, sc = xp.stride()
-    kin, kout = _KIN.to(x.device), _KOUT.to(x.device)
+    bt, at = _BT32.to(x.device), _AT32.to(x.device)
+    bt_b, at_b = bt.expand(_A, _A, _A), at.expand(_M, _M, _A)
     out = torch.empty(n, _M * th, _M * tw, cout, dtype=x.dtype, device=x.device)
     # A chunk is a few tile rows of one image or, for small maps (RoI features), several whole images.
     per_image = _A * _A * th * tw * max(c, cout)
     images = max(1, min(n, _CHUNK_ELEMENTS // per_image))
     rows = th if images > 1 else max(1, min(th, _CHUNK_ELEMENTS // (_A * _A * tw * max(c, cout))))
     aa = _A * _A
-    d_buf = x.new_empty(aa, images * rows * tw * c)
-    v_buf = x.new_empty(aa, images * rows * tw * c)
-    m_buf = x.new_empty(aa, images * rows * tw, cout)
-    y_buf = x.new_empty(_M * _M, images * rows * tw * cout)
+    # d_buf holds the gathered tiles d, then (after the row pass into h_buf) their transform V = B^T d B.
+    # Flat buffers: a partial last chunk takes a dense prefix of each.
+    most = images * rows * tw
+    d_buf = x.new_empty(aa * most * c)
+    h_buf = x.new_empty(aa * most * c)
+    m_buf = x.new_empty(aa * most * cout)
+    g_buf = x.new_empty(_M * _A * most * cout)
+    y_buf = x.new_empty(_M * _M * most * cout)
     for b0 in range(0, n, images):
         nb = min(images, n - b0)
         for r0 in range(0, th, rows):
@@ -124,14 +142,20 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
             # (6, 6, nb, r, tw, C) view of the overlapping tiles (stride 4, tile 6), gathered into 36 rows.
             tiles = xp.as_strided((_A, _A, nb, r, tw, c), (sh, sw, sn, _M * sh, _M * sw, sc),
                                   xp.storage_offset() + b0 * sn + _M * r0 * sh)
-            d = d_buf[:, :t * c]
+            d = d_buf[:aa * t * c]
             d.view(_A, _A, nb, r, tw, c).copy_(tiles)
-            v = v_buf[:, :t * c]
-            torch.mm(kin, d, out=v)
-            m = m_buf[:, :t]
+            # V = B^T d B: over the tile's rows (one product), then over its columns (one per row).
+            hv = h_buf[:aa * t * c]
+            torch.mm(bt, d.view(_A, _A * t * c), out=hv.view(_A, _A * t * c))
+            v = d
+            torch.bmm(bt_b, hv.view(_A, _A, t * c), out=v.view(_A, _A, t * c))
+            m = m_buf[:aa * t * cout].view(aa, t, cout)
             torch.bmm(v.view(aa, t, c), weight_t, out=m)
-            y = y_buf[:, :t * cout]
-            torch.mm(kout, m.view(aa, t * cout), out=y)
+            # Y = A^T M A, the same way.
+            g = g_buf[:_M * _A * t * cout]
+            torch.mm(at, m.view(_A, _A * t * cout), out=g.view(_M, _A * t * cout))
+            y = y_buf[:_M * _M * t * cout]
+            torch.bmm(at_b, g.view(_M, _A, t * cout), out=y.view(_M, _M, t * cout))
             out[b0:b0 + nb, _M * r0:_M * (r0 + r)].view(nb, r, _M, tw, _M, cout).copy_(
                 y.view(_M, _M, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5))
     if bias is not None:

@@ -58,6 +58,23 @@ def test_chunks_of_tile_rows_cover_the_map(monkeypatch):
                                rtol=0, atol=2e-5)
 
 
+# 21x9: 6x3 tiles, chunks of 4 tile rows (4 + 2); 7 maps of 6x5: 2x2 tiles each, chunks of 3 maps (3 + 3 + 1).
+@pytest.mark.parametrize("n,h,w,tiles", [(1, 21, 9, 4 * 3), (7, 6, 5, 3 * 2 * 2)])
+def test_a_short_last_chunk(monkeypatch, n, h, w, tiles):
+    """Chunks of several tile rows (one image) or of several images, where the last chunk is shorter than the rest
+    and takes a prefix of every buffer."""
+    import maskrcnn.ops.winograd as wino
+
+    c = 6
+    monkeypatch.setattr(wino, "_CHUNK_ELEMENTS", 36 * tiles * c)
+    x, weight, bias = _case(n, c, c, h, w, seed=4)
+    # A strided input (a slice of a wider map), padded without F.pad.
+    x = torch.cat([x, x], dim=3)[..., 1:w + 1]
+    out = conv3x3_winograd(x, winograd_weight(weight), bias, relu=True)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1).relu()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+
+
 def test_bad_inputs_name_the_shapes():
     x, weight, _ = _case(1, 8, 4, 8, 8)
     with pytest.raises(ValueError, match=r"\(36, 8, C_out\)"):
