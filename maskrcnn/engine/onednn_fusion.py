@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..modeling.backbone.fpn import FPN
 from ..modeling.backbone.frozen_bn import find_conv_bn_pairs
 from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNetStem
-from ..ops.winograd import conv3x3_winograd, winograd_applies, winograd_weight
+from ..ops.winograd import conv3x3_winograd, winograd_applies, winograd_tile, winograd_weight
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConv2d", "FusedFPN", "enable_winograd",
            "fuse_conv_activations", "onednn_fusion_available",
@@ -89,14 +89,15 @@ class FusedConv2d(nn.Module):
         # dtype -> (weight, bias) cast copies for autocast; dropped whenever the module is moved or cast.
         self._cast_cache: Dict[torch.dtype, Tuple[Tensor, Tensor]] = {}
         self.winograd = False
-        self._winograd_cache: Optional[Tensor] = None
+        # tile side (4 or 6) -> the transformed weight, computed on first use.
+        self._winograd_cache: Dict[int, Tensor] = {}
 
     def _apply(self, fn, recurse=True):
-        self._cast_cache, self._winograd_cache = {}, None
+        self._cast_cache, self._winograd_cache = {}, {}
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cast_cache, self._winograd_cache = {}, None
+        self._cast_cache, self._winograd_cache = {}, {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _use_winograd(self, x: Tensor, dtype: torch.dtype, other: Optional[Tensor]) -> bool:
@@ -127,9 +128,11 @@ class FusedConv2d(nn.Module):
         caller must own and never read again as the addend) instead of a new tensor, when oneDNN runs it."""
         dtype = self._compute_dtype(x)
         if self._use_winograd(x, dtype, other):
-            if self._winograd_cache is None:
-                self._winograd_cache = winograd_weight(self.weight)
-            return conv3x3_winograd(x, self._winograd_cache, self.bias, relu=self.activation == "relu")
+            tile = winograd_tile(x.shape[2], x.shape[3])
+            weight_t = self._winograd_cache.get(tile)
+            if weight_t is None:
+                weight_t = self._winograd_cache[tile] = winograd_weight(self.weight, tile)
+            return conv3x3_winograd(x, weight_t, self.bias, relu=self.activation == "relu")
         weight, bias = self._params_for(dtype)
         x = x.to(dtype)
         if other is not None:

@@ -37,7 +37,7 @@ from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign
 from maskrcnn.ops.roi_align import RoIAlign, roi_align, shared_feature_tables
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
 from maskrcnn.ops.sampler import BalancedPositiveNegativeSampler
-from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_weight
+from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_tile, winograd_weight
 
 __all__ = [
     # boxes
@@ -83,6 +83,7 @@ __all__ = [
     # convolution
     "conv3x3_winograd",
     "winograd_applies",
+    "winograd_tile",
     "winograd_weight",
     # backend selection
     "get_backend",

@@ -20,56 +20,87 @@ save. :func:`winograd_applies` holds that rule.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from fractions import Fraction
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_SIZE", "conv3x3_winograd", "winograd_applies", "winograd_weight"]
+__all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_SIZE", "WINOGRAD_TILES", "conv3x3_winograd", "winograd_applies",
+           "winograd_tile", "winograd_weight"]
 
 #: The smallest input channel count and map side that :func:`winograd_applies` accepts.
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_SIZE = 14
 
-_M = 4  # outputs per tile side
-_A = _M + 2  # input tile side for a 3x3 filter
-# float64 so that the filter transform (fractions of 6 and 24) is rounded once, into float32.
-_BT = torch.tensor([[4, 0, -5, 0, 1, 0],
-                    [0, -4, -4, 1, 1, 0],
-                    [0, 4, -4, -1, 1, 0],
-                    [0, -2, -1, 2, 1, 0],
-                    [0, 2, -1, -2, 1, 0],
-                    [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
-_G = torch.tensor([[1 / 4, 0, 0],
-                   [-1 / 6, -1 / 6, -1 / 6],
-                   [-1 / 6, 1 / 6, -1 / 6],
-                   [1 / 24, 1 / 12, 1 / 6],
-                   [1 / 24, -1 / 12, 1 / 6],
-                   [0, 0, 1]], dtype=torch.float64)
-_AT = torch.tensor([[1, 1, 1, 1, 1, 0],
-                    [0, 1, -1, 2, -2, 0],
-                    [0, 1, 1, 4, 4, 0],
-                    [0, 1, -1, 8, -8, 1]], dtype=torch.float64)
-# The 2-D transforms B^T d B and A^T m A are run as two 1-D passes each (rows, then columns): a (6, 6) @ (6, X)
-# product, then a batch of them. kron(B^T, B^T) as one (36, 36) product costs 3x the multiply-adds, and MKL runs
-# that short, wide shape at a third of its rate (35-60 GFLOP/s against 170 on a 2-core AMD EPYC): the two passes
-# took 0.4x its time on a chunk (benchmarks/kernels.py --winograd, docs/benchmarks.md).
-_BT32 = _BT.float()
-_AT32 = _AT.float()
-#: Elements of one chunk's (36, tiles * C) tile matrix (18 MB in float32). Of 16K to 256K (x 36), 128K to 256K
-#: were fastest at the FPN's shapes; at the mask head's (100 RoIs, chunks of whole RoIs) 32K to 2048K were within
-#: the noise of each other (one-off sweeps on a 2-core AMD EPYC).
+#: Output tile sides :func:`conv3x3_winograd` runs: F(4x4, 3x3) (6x6 input tiles) and F(6x6, 3x3) (8x8).
+WINOGRAD_TILES = (4, 6)
+# Toom-Cook interpolation points (infinity is the last one, implied): the usual small ones, whose transforms
+# round least (Lavin & Gray; Barabasz et al., 2020). F(6x6, 3x3) rounds about 1.5x more than F(4x4, 3x3).
+_POINTS = {4: (0, 1, -1, 2, -2), 6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
+#: Elements of one chunk's (tile elements, tiles * C) matrix: 18 MB in float32. Of 16K to 256K (x 36), 64K to 256K
+#: were within a few percent of each other at the FPN's shapes, and at the mask head's (100 RoIs, chunks of whole
+#: RoIs) the larger the better up to 256K (one-off sweeps on a 2-core AMD EPYC).
 _CHUNK_ELEMENTS = 36 * 128 * 1024
 
 
-def winograd_weight(weight: Tensor) -> Tensor:
-    """``weight`` (C_out, C_in, 3, 3) -> its F(4x4, 3x3) transform ``G g G^T`` as (36, C_in, C_out) float32 (the
-    right-hand sides of the 36 matrix products), computed in float64 and rounded once."""
+def _poly_times_root(poly: List[Fraction], root: Fraction) -> List[Fraction]:
+    """Coefficients (lowest power first) of ``poly(x) * (x - root)``."""
+    return [a - root * b for a, b in zip([Fraction(0)] + poly, poly + [Fraction(0)])]
+
+
+@functools.lru_cache(maxsize=None)
+def _transforms(m: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """F(m x m, 3x3)'s ``B^T`` (a, a), ``G`` (a, 3) and ``A^T`` (m, a), a = m + 2, float64, from its points by
+    Toom-Cook, in exact fractions: ``A^T`` evaluates the output polynomial at the points (infinity: its top
+    coefficient), ``G`` the filter's, divided by the Lagrange denominators, and ``B^T``'s rows are the numerators'
+    coefficients (infinity: the product of all ``x - p``)."""
+    points = [Fraction(p) for p in _POINTS[m]]
+    at = [[p ** i for p in points] + [Fraction(int(i == m - 1))] for i in range(m)]
+    g, bt = [], []
+    for j, p in enumerate(points):
+        numerator, denominator = [Fraction(1)], Fraction(1)
+        for q in points[:j] + points[j + 1:]:
+            numerator, denominator = _poly_times_root(numerator, q), denominator * (p - q)
+        g.append([p ** k / denominator for k in range(3)])
+        bt.append(numerator + [Fraction(0)])
+    g.append([Fraction(0), Fraction(0), Fraction(1)])
+    full = [Fraction(1)]
+    for q in points:
+        full = _poly_times_root(full, q)
+    bt.append(full)
+
+    def as_tensor(rows):
+        return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
+    return as_tensor(bt), as_tensor(g), as_tensor(at)
+
+
+def winograd_tile(h: int, w: int) -> int:
+    """The output tile side (:data:`WINOGRAD_TILES`) for an (h, w) map: 6 where F(6x6, 3x3) covers the map with at
+    least 10% fewer transform-domain elements (tile elements x tiles, what the products and the transforms' memory
+    traffic scale with) and both sides are 32 or more, else 4. On a 2-core AMD EPYC at 256 channels, F(6x6) took
+    0.88-0.92 of F(4x4)'s time on maps of 32x42 to 200x272 (12-18% fewer elements), and was no faster on 25x34 and
+    44x44 (15% and 6% fewer), where the larger transformed weight (64 x C_in x C_out) weighs more; on the mask
+    head's 14x14 the two tie (16 tiles of 36 elements or 9 of 64) and the smaller, more exact tile is taken."""
+    def cost(m: int) -> int:
+        return (m + 2) ** 2 * -(-h // m) * -(-w // m)
+    return 6 if min(h, w) >= 32 and cost(6) <= 0.9 * cost(4) else 4
+
+
+def winograd_weight(weight: Tensor, tile: int = 4) -> Tensor:
+    """``weight`` (C_out, C_in, 3, 3) -> its F(tile x tile, 3x3) transform ``G g G^T`` as (a * a, C_in, C_out)
+    float32, a = tile + 2 (the right-hand sides of the a * a matrix products), computed in float64 and rounded
+    once."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"winograd_weight: expected a (C_out, C_in, 3, 3) weight, got {tuple(weight.shape)}")
-    g = _G.to(weight.device)
-    u = g @ weight.detach().double() @ g.t()  # (C_out, C_in, 6, 6)
-    return u.reshape(weight.shape[0], weight.shape[1], _A * _A).permute(2, 1, 0).contiguous().float()
+    if tile not in WINOGRAD_TILES:
+        raise ValueError(f"winograd_weight: tile must be one of {WINOGRAD_TILES}, got {tile!r}")
+    _, g, _ = _transforms(tile)
+    g = g.to(weight.device)
+    u = g @ weight.detach().double() @ g.t()  # (C_out, C_in, a, a)
+    a = tile + 2
+    return u.reshape(weight.shape[0], weight.shape[1], a * a).permute(2, 1, 0).contiguous().float()
 
 
 def winograd_applies(x: Tensor, weight_shape, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups: int = 1) -> bool:
@@ -99,11 +130,13 @@ def _pad_channels_last(x: Tensor, hp: int, wp: int) -> Tensor:
 
 @torch.no_grad()
 def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
-    """``conv2d(x, weight, bias, stride=1, padding=1)`` (then ReLU with ``relu``) by F(4x4, 3x3).
+    """``conv2d(x, weight, bias, stride=1, padding=1)`` (then ReLU with ``relu``) by F(m x m, 3x3), m = 4 or 6 as
+    ``weight_t`` was transformed for.
 
     Args:
         x: (N, C_in, H, W) float32, any memory format (channels-last reads without a copy).
-        weight_t: (36, C_in, C_out) float32, :func:`winograd_weight` of the (C_out, C_in, 3, 3) weight.
+        weight_t: (36 or 64, C_in, C_out) float32, :func:`winograd_weight` of the (C_out, C_in, 3, 3) weight for
+            tile 4 or 6 (:func:`winograd_tile` picks the cheaper for a map size).
         bias: optional (C_out,) float32.
     Returns (N, C_out, H, W) float32, channels-last. No autograd.
     """
@@ -111,53 +144,57 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"conv3x3_winograd: expected float32 (N, C, H, W) input and weight, got {x.dtype} "
                          f"{tuple(x.shape)} and {weight_t.dtype}")
     n, c, h, w = x.shape
-    if weight_t.dim() != 3 or weight_t.shape[0] != _A * _A or weight_t.shape[1] != c:
-        raise ValueError(f"conv3x3_winograd: weight_t must be ({_A * _A}, {c}, C_out) (winograd_weight of a "
-                         f"(C_out, {c}, 3, 3) weight), got {tuple(weight_t.shape)}")
+    sizes = {(tile + 2) ** 2: tile for tile in WINOGRAD_TILES}
+    if weight_t.dim() != 3 or weight_t.shape[0] not in sizes or weight_t.shape[1] != c:
+        raise ValueError(f"conv3x3_winograd: weight_t must be ({' or '.join(map(str, sizes))}, {c}, C_out) "
+                         f"(winograd_weight of a (C_out, {c}, 3, 3) weight), got {tuple(weight_t.shape)}")
+    mt = sizes[weight_t.shape[0]]  # outputs per tile side
+    a = mt + 2  # input tile side
+    aa = a * a
     cout = weight_t.shape[2]
-    th, tw = -(-h // _M), -(-w // _M)
-    xp = _pad_channels_last(x, _M * th + 2, _M * tw + 2)
+    th, tw = -(-h // mt), -(-w // mt)
+    xp = _pad_channels_last(x, mt * th + 2, mt * tw + 2)
     sn, sh, sw, sc = xp.stride()
-    bt, at = _BT32.to(x.device), _AT32.to(x.device)
-    bt_b, at_b = bt.expand(_A, _A, _A), at.expand(_M, _M, _A)
-    out = torch.empty(n, _M * th, _M * tw, cout, dtype=x.dtype, device=x.device)
+    bt, _, at = _transforms(mt)
+    bt, at = bt.to(x.device, torch.float32), at.to(x.device, torch.float32)
+    bt_b, at_b = bt.expand(a, a, a), at.expand(mt, mt, a)
+    out = torch.empty(n, mt * th, mt * tw, cout, dtype=x.dtype, device=x.device)
     # A chunk is a few tile rows of one image or, for small maps (RoI features), several whole images.
-    per_image = _A * _A * th * tw * max(c, cout)
+    per_image = aa * th * tw * max(c, cout)
     images = max(1, min(n, _CHUNK_ELEMENTS // per_image))
-    rows = th if images > 1 else max(1, min(th, _CHUNK_ELEMENTS // (_A * _A * tw * max(c, cout))))
-    aa = _A * _A
-    # d_buf holds the gathered tiles d, then (after the row pass into h_buf) their transform V = B^T d B.
-    # Flat buffers: a partial last chunk takes a dense prefix of each.
+    rows = th if images > 1 else max(1, min(th, _CHUNK_ELEMENTS // (aa * tw * max(c, cout))))
+    # Flat buffers: a short last chunk takes a dense prefix of each. d_buf holds the gathered tiles d, then
+    # (after the row pass into h_buf) their transform V = B^T d B.
     most = images * rows * tw
     d_buf = x.new_empty(aa * most * c)
     h_buf = x.new_empty(aa * most * c)
     m_buf = x.new_empty(aa * most * cout)
-    g_buf = x.new_empty(_M * _A * most * cout)
-    y_buf = x.new_empty(_M * _M * most * cout)
+    g_buf = x.new_empty(mt * a * most * cout)
+    y_buf = x.new_empty(mt * mt * most * cout)
     for b0 in range(0, n, images):
         nb = min(images, n - b0)
         for r0 in range(0, th, rows):
             r = min(rows, th - r0)
             t = nb * r * tw
-            # (6, 6, nb, r, tw, C) view of the overlapping tiles (stride 4, tile 6), gathered into 36 rows.
-            tiles = xp.as_strided((_A, _A, nb, r, tw, c), (sh, sw, sn, _M * sh, _M * sw, sc),
-                                  xp.storage_offset() + b0 * sn + _M * r0 * sh)
+            # (a, a, nb, r, tw, C) view of the overlapping tiles (stride m, side a), gathered into a * a rows.
+            tiles = xp.as_strided((a, a, nb, r, tw, c), (sh, sw, sn, mt * sh, mt * sw, sc),
+                                  xp.storage_offset() + b0 * sn + mt * r0 * sh)
             d = d_buf[:aa * t * c]
-            d.view(_A, _A, nb, r, tw, c).copy_(tiles)
+            d.view(a, a, nb, r, tw, c).copy_(tiles)
             # V = B^T d B: over the tile's rows (one product), then over its columns (one per row).
             hv = h_buf[:aa * t * c]
-            torch.mm(bt, d.view(_A, _A * t * c), out=hv.view(_A, _A * t * c))
+            torch.mm(bt, d.view(a, a * t * c), out=hv.view(a, a * t * c))
             v = d
-            torch.bmm(bt_b, hv.view(_A, _A, t * c), out=v.view(_A, _A, t * c))
+            torch.bmm(bt_b, hv.view(a, a, t * c), out=v.view(a, a, t * c))
             m = m_buf[:aa * t * cout].view(aa, t, cout)
             torch.bmm(v.view(aa, t, c), weight_t, out=m)
             # Y = A^T M A, the same way.
-            g = g_buf[:_M * _A * t * cout]
-            torch.mm(at, m.view(_A, _A * t * cout), out=g.view(_M, _A * t * cout))
-            y = y_buf[:_M * _M * t * cout]
-            torch.bmm(at_b, g.view(_M, _A, t * cout), out=y.view(_M, _M, t * cout))
-            out[b0:b0 + nb, _M * r0:_M * (r0 + r)].view(nb, r, _M, tw, _M, cout).copy_(
-                y.view(_M, _M, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5))
+            g = g_buf[:mt * a * t * cout]
+            torch.mm(at, m.view(a, a * t * cout), out=g.view(mt, a * t * cout))
+            y = y_buf[:mt * mt * t * cout]
+            torch.bmm(at_b, g.view(mt, a, t * cout), out=y.view(mt, mt, t * cout))
+            out[b0:b0 + nb, mt * r0:mt * (r0 + r)].view(nb, r, mt, tw, mt, cout).copy_(
+                y.view(mt, mt, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5))
     if bias is not None:
         out.add_(bias.to(out.dtype))
     if relu:

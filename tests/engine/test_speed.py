@@ -683,5 +683,14 @@ def test_winograd_weight_cache_follows_the_weights(monkeypatch):
         torch.testing.assert_close(fused(x), conv(x), rtol=0, atol=1e-5)
         fused.load_state_dict({"weight": 2 * conv.weight, "bias": conv.bias})
         torch.testing.assert_close(fused(x), F.conv2d(x, 2 * conv.weight, conv.bias, padding=1), rtol=0, atol=2e-5)
+        # A larger map takes F(6x6, 3x3): a second transformed weight, kept beside the first.
+        big = torch.randn(1, 8, 40, 40)
+        ref = F.conv2d(big.double(), 2 * conv.weight.double(), conv.bias.double(), padding=1)
+        assert (fused(big).double() - ref).abs().max() < 2e-5 * ref.abs().max()
+        assert sorted(fused._winograd_cache) == [4, 6] and fused._winograd_cache[6].shape == (64, 8, 8)
+        fused.load_state_dict({"weight": conv.weight, "bias": conv.bias})
+        assert fused._winograd_cache == {}
+        ref = F.conv2d(big.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        assert (fused(big).double() - ref).abs().max() < 2e-5 * ref.abs().max()
     speed.enable_winograd(nn.Sequential(fused), enabled=False)
     assert not fused.winograd

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.ops import conv3x3_winograd, winograd_applies, winograd_weight
+from maskrcnn.ops import conv3x3_winograd, winograd_applies, winograd_tile, winograd_weight
+from maskrcnn.ops.winograd import WINOGRAD_TILES, _transforms
 
 
 def _case(n, cin, cout, h, w, seed=0):
@@ -17,12 +18,13 @@ def _case(n, cin, cout, h, w, seed=0):
 @pytest.mark.parametrize("n,cin,cout,h,w", [(1, 8, 8, 4, 4), (1, 5, 7, 9, 13), (2, 16, 4, 17, 6), (3, 3, 9, 1, 1),
                                             (1, 32, 16, 25, 34), (2, 24, 40, 30, 31)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_equals_conv2d_to_float_rounding(n, cin, cout, h, w, channels_last):
+@pytest.mark.parametrize("tile", WINOGRAD_TILES)
+def test_equals_conv2d_to_float_rounding(n, cin, cout, h, w, channels_last, tile):
     x, weight, bias = _case(n, cin, cout, h, w)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
-    out = conv3x3_winograd(x, winograd_weight(weight), bias)
+    out = conv3x3_winograd(x, winograd_weight(weight, tile), bias)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     err = (out.double() - ref).abs().max().item()
@@ -30,30 +32,33 @@ def test_equals_conv2d_to_float_rounding(n, cin, cout, h, w, channels_last):
     assert err < 2e-5 * max(1.0, ref.abs().max().item())
 
 
-def test_rounding_at_a_model_shape():
+@pytest.mark.parametrize("tile", WINOGRAD_TILES)
+def test_rounding_at_a_model_shape(tile):
     x, weight, bias = _case(1, 256, 256, 24, 28, seed=3)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
-    err = (conv3x3_winograd(x, winograd_weight(weight), bias).double() - ref).abs().max().item()
+    err = (conv3x3_winograd(x, winograd_weight(weight, tile), bias).double() - ref).abs().max().item()
     direct_err = (F.conv2d(x, weight, bias, padding=1).double() - ref).abs().max().item()
     # About 1e-5 of the output's scale: more than a direct convolution's rounding, far below a real difference.
     assert direct_err < err < 2e-5 * ref.abs().max().item()
 
 
-def test_relu_and_no_bias():
+@pytest.mark.parametrize("tile", WINOGRAD_TILES)
+def test_relu_and_no_bias(tile):
     x, weight, _ = _case(2, 12, 6, 11, 10, seed=1)
-    out = conv3x3_winograd(x, winograd_weight(weight), None, relu=True)
+    out = conv3x3_winograd(x, winograd_weight(weight, tile), None, relu=True)
     ref = F.conv2d(x.double(), weight.double(), padding=1).relu()
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
     assert (out >= 0).all()
 
 
-def test_chunks_of_tile_rows_cover_the_map(monkeypatch):
+@pytest.mark.parametrize("tile", WINOGRAD_TILES)
+def test_chunks_of_tile_rows_cover_the_map(monkeypatch, tile):
     import maskrcnn.ops.winograd as wino
 
     # One tile row per chunk: every chunk boundary is exercised.
     monkeypatch.setattr(wino, "_CHUNK_ELEMENTS", 1)
     x, weight, bias = _case(2, 8, 8, 19, 23, seed=2)
-    out = conv3x3_winograd(x, winograd_weight(weight), bias)
+    out = conv3x3_winograd(x, winograd_weight(weight, tile), bias)
     torch.testing.assert_close(out.double(), F.conv2d(x.double(), weight.double(), bias.double(), padding=1),
                                rtol=0, atol=2e-5)
 
@@ -77,12 +82,41 @@ def test_a_short_last_chunk(monkeypatch, n, h, w, tiles):
 
 def test_bad_inputs_name_the_shapes():
     x, weight, _ = _case(1, 8, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"\(36, 8, C_out\)"):
+    with pytest.raises(ValueError, match=r"\(36 or 64, 8, C_out\)"):
         conv3x3_winograd(x, winograd_weight(weight)[:, :4])
+    with pytest.raises(ValueError, match=r"\(36 or 64, 8, C_out\)"):
+        conv3x3_winograd(x, winograd_weight(weight)[:25])
+    with pytest.raises(ValueError, match=r"tile must be one of \(4, 6\), got 5"):
+        winograd_weight(weight, 5)
     with pytest.raises(ValueError, match="float32"):
         conv3x3_winograd(x.bfloat16(), winograd_weight(weight))
     with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3\)"):
         winograd_weight(torch.zeros(4, 8, 1, 1))
+
+
+@pytest.mark.parametrize("tile", WINOGRAD_TILES)
+def test_transforms_compute_a_1d_correlation_exactly(tile):
+    """Toom-Cook's matrices in float64: y = A^T ((G g) * (B^T d)) is the correlation of d with g, to 1e-13."""
+    bt, g_t, at = _transforms(tile)
+    assert bt.shape == (tile + 2, tile + 2) and g_t.shape == (tile + 2, 3) and at.shape == (tile, tile + 2)
+    gen = torch.Generator().manual_seed(tile)
+    g, d = torch.randn(3, generator=gen, dtype=torch.float64), torch.randn(tile + 2, generator=gen, dtype=torch.float64)
+    ref = torch.stack([(g * d[i:i + 3]).sum() for i in range(tile)])
+    torch.testing.assert_close(at @ ((g_t @ g) * (bt @ d)), ref, rtol=0, atol=1e-13)
+
+
+def test_f4_transforms_are_lavin_and_grays():
+    bt, g, at = _transforms(4)
+    assert bt.tolist()[:2] == [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0]]
+    assert at.tolist()[3] == [0, 1, -1, 8, -8, 1]
+    torch.testing.assert_close(g[3], torch.tensor([1 / 24, 1 / 12, 1 / 6], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("h,w,tile", [(14, 14, 4), (7, 7, 4), (25, 34, 4), (44, 44, 4), (32, 42, 6), (50, 68, 6),
+                                      (200, 272, 6), (31, 200, 4)])
+def test_tile_rule(h, w, tile):
+    # 25x34 has 15% fewer elements with 6 but is under 32 px; 44x44 only 6% fewer.
+    assert winograd_tile(h, w) == tile
 
 
 def test_applies_only_where_it_pays():
