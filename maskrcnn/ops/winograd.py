@@ -35,10 +35,11 @@ WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_SIZE = 14
 
 #: Output tile sides :func:`conv3x3_winograd` runs: F(4x4, 3x3) (6x6 input tiles) and F(6x6, 3x3) (8x8).
-WINOGRAD_TILES = (4, 6)
+WINOGRAD_TILES = (4, 5, 6)
 # Toom-Cook interpolation points (infinity is the last one, implied): the usual small ones, whose transforms
 # round least (Lavin & Gray; Barabasz et al., 2020). F(6x6, 3x3) rounds about 1.5x more than F(4x4, 3x3).
-_POINTS = {4: (0, 1, -1, 2, -2), 6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
+_POINTS = {4: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2)),
+           6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
 #: Elements of one chunk's (tile elements, tiles * C) matrix: 18 MB in float32. Of 16K to 256K (x 36), 64K to 256K
 #: were within a few percent of each other at the FPN's shapes, and at the mask head's (100 RoIs, chunks of whole
 #: RoIs) the larger the better up to 256K (one-off sweeps on a 2-core AMD EPYC).
@@ -77,15 +78,15 @@ def _transforms(m: int) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def winograd_tile(h: int, w: int) -> int:
-    """The output tile side (:data:`WINOGRAD_TILES`) for an (h, w) map: 6 where F(6x6, 3x3) covers the map with at
-    least 10% fewer transform-domain elements (tile elements x tiles, what the products and the transforms' memory
-    traffic scale with) and both sides are 32 or more, else 4. On a 2-core AMD EPYC at 256 channels, F(6x6) took
-    0.88-0.92 of F(4x4)'s time on maps of 32x42 to 200x272 (12-18% fewer elements), and was no faster on 25x34 and
-    44x44 (15% and 6% fewer), where the larger transformed weight (64 x C_in x C_out) weighs more; on the mask
-    head's 14x14 the two tie (16 tiles of 36 elements or 9 of 64) and the smaller, more exact tile is taken."""
-    def cost(m: int) -> int:
-        return (m + 2) ** 2 * -(-h // m) * -(-w // m)
-    return 6 if min(h, w) >= 32 and cost(6) <= 0.9 * cost(4) else 4
+    """The output tile side (:data:`WINOGRAD_TILES`) for an (h, w) map: the one that covers it with the fewest
+    transform-domain elements (tile elements x tiles, what the products and the transforms' memory traffic scale
+    with), ties going to the smaller, more exact tile; 6 only where both sides are 32 or more, as its transformed
+    weight (64 x C_in x C_out) weighs on small maps. The mask head's 14x14 RoI maps take 5 (9 tiles of 49 elements
+    against 16 of 36), the FPN's P4 and larger 6. On a 2-core AMD EPYC at 256 channels that choice took 0.83 of
+    F(4x4)'s time at 100x14x14, 0.89 at 25x34 and 0.78 at 100x136 (``benchmarks/kernels.py --winograd``)."""
+    def cost(m: int) -> Tuple[int, int]:
+        return (m + 2) ** 2 * -(-h // m) * -(-w // m), m
+    return min((m for m in WINOGRAD_TILES if m < 6 or min(h, w) >= 32), key=cost)
 
 
 def winograd_weight(weight: Tensor, tile: int = 4) -> Tensor:
@@ -144,7 +145,7 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"conv3x3_winograd: expected float32 (N, C, H, W) input and weight, got {x.dtype} "
                          f"{tuple(x.shape)} and {weight_t.dtype}")
     n, c, h, w = x.shape
-    sizes = {(tile + 2) ** 2: tile for tile in WINOGRAD_TILES}
+    sizes = {(tile + 2) ** 2: tile for tile in WINOGRAD_TILES}  # 36, 49, 64
     if weight_t.dim() != 3 or weight_t.shape[0] not in sizes or weight_t.shape[1] != c:
         raise ValueError(f"conv3x3_winograd: weight_t must be ({' or '.join(map(str, sizes))}, {c}, C_out) "
                          f"(winograd_weight of a (C_out, {c}, 3, 3) weight), got {tuple(weight_t.shape)}")

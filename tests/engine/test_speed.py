@@ -684,7 +684,7 @@ def test_winograd_weight_cache_follows_the_weights(monkeypatch):
         fused.load_state_dict({"weight": 2 * conv.weight, "bias": conv.bias})
         torch.testing.assert_close(fused(x), F.conv2d(x, 2 * conv.weight, conv.bias, padding=1), rtol=0, atol=2e-5)
         # A larger map takes F(6x6, 3x3): a second transformed weight, kept beside the first.
-        big = torch.randn(1, 8, 40, 40)
+        big = torch.randn(1, 8, 48, 48)
         ref = F.conv2d(big.double(), 2 * conv.weight.double(), conv.bias.double(), padding=1)
         assert (fused(big).double() - ref).abs().max() < 2e-5 * ref.abs().max()
         assert sorted(fused._winograd_cache) == [4, 6] and fused._winograd_cache[6].shape == (64, 8, 8)

@@ -82,12 +82,12 @@ def test_a_short_last_chunk(monkeypatch, n, h, w, tiles):
 
 def test_bad_inputs_name_the_shapes():
     x, weight, _ = _case(1, 8, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"\(36 or 64, 8, C_out\)"):
+    with pytest.raises(ValueError, match=r"\(36 or 49 or 64, 8, C_out\)"):
         conv3x3_winograd(x, winograd_weight(weight)[:, :4])
-    with pytest.raises(ValueError, match=r"\(36 or 64, 8, C_out\)"):
+    with pytest.raises(ValueError, match=r"\(36 or 49 or 64, 8, C_out\)"):
         conv3x3_winograd(x, winograd_weight(weight)[:25])
-    with pytest.raises(ValueError, match=r"tile must be one of \(4, 6\), got 5"):
-        winograd_weight(weight, 5)
+    with pytest.raises(ValueError, match=r"tile must be one of \(4, 5, 6\), got 3"):
+        winograd_weight(weight, 3)
     with pytest.raises(ValueError, match="float32"):
         conv3x3_winograd(x.bfloat16(), winograd_weight(weight))
     with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3\)"):
@@ -106,16 +106,17 @@ def test_transforms_compute_a_1d_correlation_exactly(tile):
 
 
 def test_f4_transforms_are_lavin_and_grays():
+    # Lavin & Gray's F(4x4, 3x3), as printed in their paper.
     bt, g, at = _transforms(4)
     assert bt.tolist()[:2] == [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0]]
     assert at.tolist()[3] == [0, 1, -1, 8, -8, 1]
     torch.testing.assert_close(g[3], torch.tensor([1 / 24, 1 / 12, 1 / 6], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("h,w,tile", [(14, 14, 4), (7, 7, 4), (25, 34, 4), (44, 44, 4), (32, 42, 6), (50, 68, 6),
-                                      (200, 272, 6), (31, 200, 4)])
+@pytest.mark.parametrize("h,w,tile", [(14, 14, 5), (4, 4, 4), (8, 8, 4), (10, 10, 5), (25, 34, 5), (44, 44, 5),
+                                      (32, 42, 6), (50, 68, 5), (100, 136, 6), (200, 272, 6), (18, 18, 5)])
 def test_tile_rule(h, w, tile):
-    # 25x34 has 15% fewer elements with 6 but is under 32 px; 44x44 only 6% fewer.
+    # 18x18: 9 tiles of 64 would be fewest, but 6 needs 32 px a side; 8x8: 4 tiles of 36 or 4 of 49.
     assert winograd_tile(h, w) == tile
 
 
