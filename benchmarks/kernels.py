@@ -17,9 +17,16 @@ Rows (R-50-FPN shapes at 800x1066):
   ``MaskRCNNOutputs.label_logits`` (now, ``ROIHeads.mask_probs`` at inference), fp32, with the sigmoid.
 - ``winograd 3x3 fp32 CinxCout@NxHxW`` (``--winograd``): a 3x3 stride-1 float32 convolution + ReLU of a
   channels-last map, as oneDNN's fused kernel (``FusedConv2d``, before) and as ``maskrcnn.ops.conv3x3_winograd``
-  (now, ``TEST.WINOGRAD``). The rule (``winograd_applies``) takes the FPN's output convolutions and the RPN's on
-  P2-P5 (256@200x272 .. 256@25x34; 256@50x68 is also res4's 3x3), res5's 3x3 (512@25x34) and the mask head's (100
-  RoIs of 14x14); the rows marked "(not taken)" are those it leaves to oneDNN: res2/res3's 3x3.
+  (now, ``TEST.WINOGRAD``) with the tile ``winograd_tile`` picks for the map, named in the row. The rule
+  (``winograd_applies``) takes the FPN's output convolutions and the RPN's on P2-P5 (256@200x272 .. 256@25x34;
+  256@50x68 is also res4's 3x3), res5's 3x3 (512@25x34) and the mask head's (100 RoIs of 14x14); the rows marked
+  "(not taken)" are those it leaves to oneDNN: res2/res3's 3x3.
+- ``winograd F(mxm) against F(4x4) ...``: where that tile is 5 or 6, the same convolution by F(4x4, 3x3) (before)
+  and by the tile taken (now).
+
+  The same input is convolved call after call, so a map that fits the caches is read from them, which a model's
+  maps are not: the Winograd rows flatter the transforms' memory traffic. ``inference.py --ablation`` measures the
+  whole model.
 
 Each row alternates the two after a warm-up, ``--rounds`` rounds of ``--repeats`` calls each; it prints the median
 of the per-round times and the per-round ratios now / before (< 1: now is faster) with their min-max.
@@ -40,7 +47,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import common  # noqa: E402
 from maskrcnn.engine.frozen_bn_training import _pointwise_conv_backward  # noqa: E402
 from maskrcnn.engine.onednn_fusion import FusedConv2d  # noqa: E402
-from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_weight  # noqa: E402
+from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_tile, winograd_weight  # noqa: E402
 from maskrcnn.modeling.roi_heads.mask_outputs import MaskRCNNOutputs  # noqa: E402
 
 CL = torch.channels_last
@@ -105,12 +112,13 @@ def mask_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
 
 
 def winograd_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
-    rows = {}
+    rows, against_f4 = {}, {}
     for n, c, h, w in WINOGRAD:
         x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
         conv = torch.nn.Conv2d(c, c, 3, padding=1)
         fused = FusedConv2d(conv, "relu").to(memory_format=CL)
-        wt, bias = winograd_weight(fused.weight), fused.bias
+        tile = winograd_tile(h, w)
+        wt, bias = winograd_weight(fused.weight, tile), fused.bias
         taken = "" if winograd_applies(x, fused.weight.shape) else " (not taken)"
 
         def before(x=x, fused=fused):
@@ -120,7 +128,13 @@ def winograd_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
         def now(x=x, wt=wt, bias=bias):
             return conv3x3_winograd(x, wt, bias, relu=True)
 
-        rows[f"winograd 3x3 fp32 {c}x{c}@{n}x{h}x{w}{taken}"] = [before, now]
+        shape = f"{c}x{c}@{n}x{h}x{w}"
+        rows[f"winograd 3x3 fp32 {shape} F({tile}x{tile}){taken}"] = [before, now]
+        if tile != 4 and not taken:
+            wt4 = winograd_weight(fused.weight, 4)
+            against_f4[f"winograd F({tile}x{tile}) against F(4x4) {shape}"] = [
+                lambda x=x, wt4=wt4, bias=bias: conv3x3_winograd(x, wt4, bias, relu=True), now]
+    rows.update(against_f4)
     return rows
 
 

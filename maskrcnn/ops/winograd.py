@@ -1,17 +1,28 @@
-"""3x3 convolution by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, 2016), in plain PyTorch.
+"""3x3 convolution by Winograd's minimal filtering F(m x m, 3x3), m = 4, 5 or 6 (Lavin & Gray, 2016), in plain
+PyTorch.
 
-Each 4x4 block of outputs comes from a 6x6 tile of the input: the tile and the filter are taken to a 6x6 transform
-domain (``V = B^T d B``, ``U = G g G^T``), multiplied there element by element and summed over the input channels,
-and brought back (``Y = A^T M A``). Summing over the channels makes the products 36 matrix products ``(tiles, C_in)
-@ (C_in, C_out)``: 36 multiply-adds per channel pair for 16 outputs, against 144 for a direct convolution, 4x
-fewer. The input and output transforms are small matrix products (``kron(B^T, B^T)`` on 36 rows, ``kron(A^T,
-A^T)`` back to 16) run on a chunk of tile rows (or of whole small images) at a time, into buffers reused by every
-chunk, so that the intermediate tiles never take the memory of the whole map.
+Each m x m block of outputs comes from an a x a tile of the input (a = m + 2): the tile and the filter are taken to
+an a x a transform domain (``V = B^T d B``, ``U = G g G^T``), multiplied there element by element and summed over
+the input channels, and brought back (``Y = A^T M A``). Summing over the channels makes the products a * a matrix
+products ``(tiles, C_in) @ (C_in, C_out)``: for F(4x4, 3x3) 36 multiply-adds per channel pair for 16 outputs,
+against 144 for a direct convolution (4x fewer); F(6x6, 3x3) 64 for 36 (5x fewer). The matrices come from their
+interpolation points by Toom-Cook (:func:`_transforms`).
 
-Float32 only: the transforms mix values with coefficients up to 8, so the result rounds more than a direct
-convolution's: about 1e-5 of the output's scale at 256 channels (tests/ops/test_winograd.py), against 1e-6 to 1e-5
-for oneDNN's direct kernels. That is fine for fp32 and too much for bf16's 8-bit mantissa. Inference only (no
-autograd formula is defined for it here).
+The input and output transforms run as two 1-D passes each, over the tile's rows (one ``(a, a) @ (a, X)``
+product) then its columns (a batch of them), on a chunk of tile rows (or of whole small images) at a time, into
+buffers reused by every chunk, so that the intermediate tiles never take the memory of the whole map. One
+``kron(B^T, B^T)`` product instead costs 3x the multiply-adds, and MKL runs that short, wide shape at a third of
+its rate.
+
+:func:`winograd_tile` picks m per map: the fewest transform-domain elements (tile elements x tiles, what the
+products and the transforms' memory traffic scale with), so 5 on the mask head's 14x14 RoI maps (9 tiles of 49
+against 16 of 36) and 6 on the FPN's large maps.
+
+Float32 only: the transforms mix values with coefficients up to 8 (up to 32 for m = 6), so the result rounds more
+than a direct convolution's: about 1e-5 of the output's scale at 256 channels for every m (F(6x6) about 1.5x
+F(4x4)'s; tests/ops/test_winograd.py), against 1e-6 to 1e-5 for oneDNN's direct kernels. That is fine for fp32 and
+too much for bf16's 8-bit mantissa. Larger tiles round much more (F(7x7, 3x3): 3e-4), so they are not offered.
+Inference only (no autograd formula is defined for it here).
 
 Where it pays (``python benchmarks/kernels.py --winograd``, docs/benchmarks.md): 256 channels or more, the FPN's
 output convolutions, the RPN's convolution, the 3x3 convolutions of res4/res5 and the mask head's on 14x14 RoI
@@ -34,10 +45,12 @@ __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_SIZE", "WINOGRAD_TILES", "conv
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_SIZE = 14
 
-#: Output tile sides :func:`conv3x3_winograd` runs: F(4x4, 3x3) (6x6 input tiles) and F(6x6, 3x3) (8x8).
+#: Output tile sides :func:`conv3x3_winograd` runs: F(4x4, 3x3) (6x6 input tiles), F(5x5, 3x3) (7x7) and
+#: F(6x6, 3x3) (8x8).
 WINOGRAD_TILES = (4, 5, 6)
 # Toom-Cook interpolation points (infinity is the last one, implied): the usual small ones, whose transforms
-# round least (Lavin & Gray; Barabasz et al., 2020). F(6x6, 3x3) rounds about 1.5x more than F(4x4, 3x3).
+# round least (Lavin & Gray; Barabasz et al., 2020). F(5x5, 3x3) rounds about as F(4x4, 3x3), F(6x6, 3x3) about
+# 1.5x more; of 1/2 and -1/2 for F(5x5), 1/2 rounded least (one-off measurement at 256 channels).
 _POINTS = {4: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2)),
            6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
 #: Elements of one chunk's (tile elements, tiles * C) matrix: 18 MB in float32. Of 16K to 256K (x 36), 64K to 256K

@@ -9,11 +9,16 @@ import kernels  # noqa: E402
 
 
 def test_winograd_rows_compute_the_fused_convolution_and_name_the_rule(monkeypatch):
-    # Small stand-ins for the model's shapes: one the rule takes, one too narrow and one too small for it.
-    monkeypatch.setattr(kernels, "WINOGRAD", [(1, 256, 16, 20), (2, 64, 16, 16), (3, 256, 8, 8)])
+    # Small stand-ins for the model's shapes: two the rule takes, one too narrow and one too small for it.
+    # The taken ones with the tile winograd_tile picks, then those against F(4x4).
+    monkeypatch.setattr(kernels, "WINOGRAD", [(1, 256, 15, 19), (2, 64, 16, 16), (3, 256, 8, 8), (1, 256, 32, 36)])
     rows = kernels.winograd_rows(torch.Generator().manual_seed(0))
-    assert list(rows) == ["winograd 3x3 fp32 256x256@1x16x20", "winograd 3x3 fp32 64x64@2x16x16 (not taken)",
-                          "winograd 3x3 fp32 256x256@3x8x8 (not taken)"]
+    assert list(rows) == ["winograd 3x3 fp32 256x256@1x15x19 F(5x5)",
+                          "winograd 3x3 fp32 64x64@2x16x16 F(4x4) (not taken)",
+                          "winograd 3x3 fp32 256x256@3x8x8 F(4x4) (not taken)",
+                          "winograd 3x3 fp32 256x256@1x32x36 F(6x6)",
+                          "winograd F(5x5) against F(4x4) 256x256@1x15x19",
+                          "winograd F(6x6) against F(4x4) 256x256@1x32x36"]
     for name, (before, now) in rows.items():
         a, b = before(), now()
         assert a.shape == b.shape and (a >= 0).all() and (b >= 0).all(), name  # both with the ReLU
