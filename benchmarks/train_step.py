@@ -7,8 +7,9 @@ the trainable parameters), on a batch of 2 PennFudanPed images resized to 800x10
 4 synthetic boxes and masks each. The models are those of ``inference.py`` in training mode (stem and res2 frozen,
 FrozenBN everywhere, 2000 proposals and 512 sampled RoIs per image); ours has ``maskrcnn.engine.speed.
 prepare_for_training`` applied with the config defaults (``TRAIN.FUSE_FROZEN_BN``: FrozenBN folded into the
-convolutions on the fly; ``TRAIN.CHANNELS_LAST``: channels-last weights and activations; gradients unchanged up to
-float rounding; ``--fold-bn 0/1`` and ``--channels-last 0/1`` override them). The RNG is
+convolutions on the fly; ``TRAIN.CHANNELS_LAST``: channels-last weights and activations; ``TRAIN.WINOGRAD``: the
+FPN's, RPN's and mask head's 3x3 convolutions and their gradients by Winograd in fp32; gradients unchanged up to
+float rounding; ``--fold-bn 0/1``, ``--channels-last 0/1`` and ``--winograd 0/1`` override them). The RNG is
 reseeded before every step of every run, and each run steps on its own copy of the weights. Runs
 (:data:`MODELS`): torchvision plain, channels-last, bf16 autocast + channels-last; ours in fp32 and under bf16
 autocast. Steps alternate after a warm-up step each (5 rounds by default); medians, the spread (min-max),
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-speed", action="store_true", help="ours without prepare_for_training (for comparison)")
     p.add_argument("--fold-bn", type=int, choices=(0, 1), default=None, help="override TRAIN.FUSE_FROZEN_BN")
     p.add_argument("--channels-last", type=int, choices=(0, 1), default=None, help="override TRAIN.CHANNELS_LAST")
+    p.add_argument("--winograd", type=int, choices=(0, 1), default=None, help="override TRAIN.WINOGRAD")
     p.add_argument("--runs", default=",".join(MODELS),
                    help="comma-separated subset of the runs to time (default: all); e.g. the bf16 runs apart with "
                         "fewer --repeats on a CPU without native bf16, where they are emulated and slow")
@@ -76,7 +78,10 @@ def features(args) -> Dict[str, bool]:
     cfg = get_cfg()
     fold = cfg.TRAIN.FUSE_FROZEN_BN if args.fold_bn is None else bool(args.fold_bn)
     cl = cfg.TRAIN.CHANNELS_LAST if args.channels_last is None else bool(args.channels_last)
-    return {"fold_bn": bool(fold) and not args.no_speed, "channels_last": bool(cl) and not args.no_speed}
+    wino = getattr(args, "winograd", None)
+    wino = cfg.TRAIN.WINOGRAD if wino is None else bool(wino)
+    return {"fold_bn": bool(fold) and not args.no_speed, "channels_last": bool(cl) and not args.no_speed,
+            "winograd": bool(wino) and not args.no_speed}
 
 
 def build(name: str, size, feats: Dict[str, bool]):

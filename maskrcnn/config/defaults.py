@@ -252,6 +252,12 @@ _key("TRAIN.FUSE_FROZEN_BN", True, "Run each convolution and its frozen BatchNor
      "it False there.")
 _key("TRAIN.CHANNELS_LAST", True, "Train with convolutions in channels-last memory format (the layout oneDNN "
      "convolves in; same results up to float rounding).")
+_key("TRAIN.WINOGRAD", True, "On the CPU in float32 (TRAIN.AMP ''): run the forward, input gradient and weight "
+     "gradient of the plain 3x3 stride-1 convolutions (FPN outputs, RPN, mask/keypoint heads) in the Winograd "
+     "transform domain where it pays (256+ channels, maps from 14x14, at least 4 pixels per channel in the batch; "
+     "maskrcnn.engine.winograd_training); gradients equal up to float rounding (about 1e-5 of their scale). The "
+     "modules stay nn.Conv2d subclasses with the same parameters and checkpoint keys. False: oneDNN's direct "
+     "convolution everywhere.")
 _key("TRAIN.LOG_PERIOD", 20, "Log a line every this many iterations.")
 _key("TRAIN.LOST_RANK_TIMEOUT", 60.0, "Multi-process runs: a process whose heartbeat stops this many seconds is "
      "reported lost and every other one stops with an error naming it (maskrcnn.engine.lost_rank); 0 disables.")
@@ -279,9 +285,9 @@ _key("TEST.FUSE_CONV_ACTIVATIONS", True, "On the CPU, run the folded ResNet and 
      "conv+ReLU and conv+add+ReLU primitives (needs TEST.FUSE_FROZEN_BN).")
 _key("TEST.WINOGRAD", True, "On the CPU in float32 (TEST.AMP '' and TEST.QUANTIZE ''), with "
      "TEST.FUSE_CONV_ACTIVATIONS: run the 3x3 stride-1 convolutions of 256 or more channels on maps of 14x14 or more "
-     "(FPN outputs, RPN, res4/res5, mask/keypoint heads) as Winograd F(4x4, 3x3), 4x fewer multiplications "
-     "(maskrcnn.ops.winograd); equal up to float rounding (about 1e-5 of the output's scale). False: oneDNN's direct "
-     "convolution everywhere.")
+     "(FPN outputs, RPN, res4/res5, mask/keypoint heads) as Winograd F(m x m, 3x3), m = 4, 5 or 6 per map size, 4x "
+     "to 5x fewer multiplications (maskrcnn.ops.winograd); equal up to float rounding (about 1e-5 of the output's "
+     "scale). False: oneDNN's direct convolution everywhere.")
 _key("TEST.CHANNELS_LAST", True, "Run convolutions in channels-last memory format at inference.")
 _key("TEST.COMPILE", False, "torch.compile the backbone at inference (compiles for tens of seconds per input size).")
 _key("TEST.QUANTIZE", "", "'' (fp32) or 'int8': post-training static int8 quantization of the ResNet stages and FPN "

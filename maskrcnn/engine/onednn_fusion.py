@@ -282,7 +282,7 @@ def fuse_conv_activations(model: nn.Module) -> int:
 
 
 def enable_winograd(model: nn.Module, enabled: bool = True) -> int:
-    """Let the 3x3 stride-1 :class:`FusedConv2d` modules of ``model`` run as Winograd F(4x4, 3x3) where it pays
+    """Let the 3x3 stride-1 :class:`FusedConv2d` modules of ``model`` run as Winograd F(m x m, 3x3) where it pays
     (``TEST.WINOGRAD``; :mod:`maskrcnn.ops.winograd`), after swapping every plain 3x3 stride-1 zero-padded
     ``nn.Conv2d`` the fusion left (the RPN's ``RPN_conv``, the mask head's ``mask_fcn*``, the keypoint head's
     ``conv_fcn*``) for such a module without an activation: the same convolution, the same state-dict names; the

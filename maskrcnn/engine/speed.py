@@ -38,6 +38,9 @@ Training (:func:`prepare_for_training`, keys under ``TRAIN``):
   checkpoints are unaffected. A body without frozen BN (``RESNETS.NORM`` ``'BN'`` with ``FREEZE_AT: 0``, or
   ``'GN'``) has nothing to fold: set the key to False.
 * ``CHANNELS_LAST``: as for inference.
+* ``WINOGRAD``: every plain 3x3 stride-1 ``nn.Conv2d`` (FPN outputs, RPN, mask head) becomes a
+  :class:`WinogradConv2d` in place (its class only: same parameters, keys and hooks), whose float32 CPU forward and
+  backward run in the Winograd transform domain where that pays (``winograd_training.py``).
 
 Every transform edits the model in place. The oneDNN modules live in ``onednn_fusion.py`` and the training fold
 in ``frozen_bn_training.py`` (both re-exported here); the AMP dtype map in ``amp.py``.
@@ -59,6 +62,7 @@ from .frozen_bn_training import (FoldedFrozenBatchNorm2d, FrozenBNConv2d, fold_f
                                  unfold_frozen_bn_for_training)
 from .onednn_fusion import (FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedFPN, enable_winograd,
                             fuse_conv_activations, onednn_fusion_available)
+from .winograd_training import WinogradConv2d, enable_winograd_training
 
 __all__ = [
     "FoldedFrozenBatchNorm2d",
@@ -66,7 +70,9 @@ __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConv2d",
+    "WinogradConv2d",
     "enable_winograd",
+    "enable_winograd_training",
     "FusedFPN",
     "SpeedHandle",
     "compile_conv_body",
@@ -294,7 +300,7 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
     from ``model.cfg``, else the defaults (all on except ``AMP`` and ``COMPILE``). Conv/activation fusion applies on
     the CPU with oneDNN and folded BN only; ``winograd`` / ``TEST.WINOGRAD`` with that fusion and without ``AMP``
     (:func:`maskrcnn.engine.onednn_fusion.enable_winograd`: float32 3x3 convolutions of 256+ channels on maps of
-    14x14 or more as Winograd F(4x4, 3x3), equal up to float rounding). A feature asked for that finds nothing to
+    14x14 or more as Winograd F(m x m, 3x3), equal up to float rounding). A feature asked for that finds nothing to
     change in the model raises a ``ConfigError`` naming the key (e.g. ``TEST.FUSE_FROZEN_BN`` on a GroupNorm body).
     The model is for inference only afterwards (folded parameters train wrongly).
 
@@ -337,6 +343,8 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
                               "tools/test_net.py takes the first TEST.QUANTIZE_CALIB_IMAGES images of the dataset")
         fuse = False  # FX fuses conv+ReLU inside the quantized modules itself
     model.eval()
+    # A model prepared for training (TRAIN.WINOGRAD): plain convolutions again for the transforms below.
+    enable_winograd_training(model, enabled=False)
     if fold and fold_frozen_bn(model) == 0 and not _has_folded_bn(model):
         raise _nothing_to_do(fold_key, f"{type(model).__name__} has no convolution followed by a frozen or "
                              "eval-mode BatchNorm (a GroupNorm body, or no declared conv_bn_pairs())",
@@ -367,14 +375,16 @@ def prepare_for_inference(model: nn.Module, cfg=None, *, fold_bn: Optional[bool]
 
 
 def prepare_for_training(model: nn.Module, cfg=None, *, fold_bn: Optional[bool] = None,
-                         channels_last: Optional[bool] = None) -> nn.Module:
-    """Apply the training speed features in place (``TRAIN.FUSE_FROZEN_BN``, ``TRAIN.CHANNELS_LAST``; explicit
-    arguments win, then ``cfg``, then ``model.cfg``). Parameters keep their identity, so this may run before or
-    after the optimizer is built; checkpoints load and save as before. A feature asked for that finds nothing to
-    change raises a ``ConfigError`` naming the key. Installs no hooks. Returns ``model``."""
+                         channels_last: Optional[bool] = None, winograd: Optional[bool] = None) -> nn.Module:
+    """Apply the training speed features in place (``TRAIN.FUSE_FROZEN_BN``, ``TRAIN.CHANNELS_LAST``,
+    ``TRAIN.WINOGRAD``; explicit arguments win, then ``cfg``, then ``model.cfg``). Parameters keep their identity,
+    so this may run before or after the optimizer is built; checkpoints load and save as before. A feature asked
+    for that finds nothing to change raises a ``ConfigError`` naming the key (``TRAIN.WINOGRAD`` excepted: a model
+    without a plain 3x3 convolution just keeps oneDNN's). Installs no hooks. Returns ``model``."""
     cfg = cfg if cfg is not None else getattr(model, "cfg", None)
     fold, fold_key = _setting(cfg, fold_bn, "TRAIN.FUSE_FROZEN_BN", "fold_bn")
     cl, cl_key = _setting(cfg, channels_last, "TRAIN.CHANNELS_LAST", "channels_last")
+    wino, _ = _setting(cfg, winograd, "TRAIN.WINOGRAD", "winograd")
     if fold and fold_frozen_bn_for_training(model) == 0 and not any(
             isinstance(m, FrozenBNConv2d) for m in model.modules()):
         raise _nothing_to_do(fold_key, f"{type(model).__name__} has no convolution followed by a FrozenBatchNorm2d "
@@ -383,4 +393,5 @@ def prepare_for_training(model: nn.Module, cfg=None, *, fold_bn: Optional[bool] 
     if cl and to_channels_last(model) == 0:
         raise _nothing_to_do(cl_key, f"{type(model).__name__} has no 4-D parameter or buffer",
                              "Set TRAIN.CHANNELS_LAST False for such a model.")
+    enable_winograd_training(model, enabled=bool(wino))
     return model

@@ -37,7 +37,14 @@ from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign
 from maskrcnn.ops.roi_align import RoIAlign, roi_align, shared_feature_tables
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
 from maskrcnn.ops.sampler import BalancedPositiveNegativeSampler
-from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_tile, winograd_weight
+from maskrcnn.ops.winograd import (
+    conv3x3_winograd,
+    conv3x3_winograd_autograd,
+    conv3x3_winograd_weight_grad,
+    winograd_applies,
+    winograd_tile,
+    winograd_weight,
+)
 
 __all__ = [
     # boxes
@@ -82,6 +89,8 @@ __all__ = [
     "pil_bilinear_resize",
     # convolution
     "conv3x3_winograd",
+    "conv3x3_winograd_autograd",
+    "conv3x3_winograd_weight_grad",
     "winograd_applies",
     "winograd_tile",
     "winograd_weight",

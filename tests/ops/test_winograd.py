@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.ops import conv3x3_winograd, winograd_applies, winograd_tile, winograd_weight
+from maskrcnn.ops import (conv3x3_winograd, conv3x3_winograd_autograd, conv3x3_winograd_weight_grad, winograd_applies,
+                          winograd_tile, winograd_weight)
 from maskrcnn.ops.winograd import WINOGRAD_TILES, _transforms
 
 
@@ -136,3 +137,60 @@ def test_applies_only_where_it_pays():
     assert not winograd_applies(big.requires_grad_(), w)
     with torch.no_grad():
         assert winograd_applies(big, w)
+
+
+@pytest.mark.parametrize("tile", WINOGRAD_TILES)
+@pytest.mark.parametrize("n,cin,cout,h,w,bias", [(2, 16, 8, 13, 17, True), (1, 12, 20, 24, 28, False),
+                                                 (3, 8, 12, 5, 7, True)])
+def test_autograd_gradients_equal_conv2d(tile, n, cin, cout, h, w, bias):
+    x, weight, b = _case(n, cin, cout, h, w, seed=5)
+    b = b if bias else None
+    grad_out = torch.randn(n, cout, h, w, generator=torch.Generator().manual_seed(6))
+    refs = [t.double().requires_grad_() for t in (x, weight)] + ([b.double().requires_grad_()] if bias else [])
+    F.conv2d(refs[0], refs[1], refs[2] if bias else None, padding=1).backward(grad_out.double())
+    ours = [t.clone().requires_grad_() for t in (x, weight)] + ([b.clone().requires_grad_()] if bias else [])
+    out = conv3x3_winograd_autograd(ours[0], ours[1], ours[2] if bias else None, tile)
+    out.backward(grad_out)
+    for name, a, r in zip(("input", "weight", "bias"), ours, refs):
+        err = (a.grad.double() - r.grad).abs().max().item()
+        assert a.grad.shape == r.grad.shape and err < 2e-5 * r.grad.abs().max().item(), (name, err)
+
+
+def test_autograd_only_the_gradients_wanted():
+    x, weight, b = _case(1, 6, 4, 9, 9, seed=7)
+    w = weight.clone().requires_grad_()
+    conv3x3_winograd_autograd(x, w, b).sum().backward()  # x and b want none
+    wd = weight.double().requires_grad_()
+    F.conv2d(x.double(), wd, b.double(), padding=1).sum().backward()
+    assert x.grad is None and b.grad is None
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=0, atol=2e-5 * wd.grad.abs().max().item())
+
+
+def test_weight_grad_short_last_chunk(monkeypatch):
+    import maskrcnn.ops.winograd as wino
+
+    monkeypatch.setattr(wino, "_CHUNK_ELEMENTS", 36 * 12 * 6)
+    x, weight, _ = _case(7, 6, 6, 6, 5, seed=8)
+    grad_out = torch.randn(7, 6, 6, 5, generator=torch.Generator().manual_seed(9))
+    wd = weight.double().requires_grad_()
+    F.conv2d(x.double(), wd, padding=1).backward(grad_out.double())
+    dw = conv3x3_winograd_weight_grad(x, grad_out, 4)
+    torch.testing.assert_close(dw.double(), wd.grad, rtol=0, atol=2e-5 * wd.grad.abs().max().item())
+
+
+def test_weight_grad_bad_inputs():
+    x, _, _ = _case(1, 4, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"gradient, got torch.float32 \(1, 4, 8, 8\) and torch.float32 \(1, 4, 7, 8\)"):
+        conv3x3_winograd_weight_grad(x, torch.zeros(1, 4, 7, 8))
+    with pytest.raises(ValueError, match="tile must be one of"):
+        conv3x3_winograd_weight_grad(x, torch.zeros(1, 4, 8, 8), tile=7)
+
+
+def test_applies_with_gradients_needs_pixels_per_channel():
+    w = (256, 256, 3, 3)
+    x = torch.zeros(1, 256, 30, 40, requires_grad=True)  # 1200 pixels: 4.7 per channel
+    assert not winograd_applies(x, w) and winograd_applies(x, w, grad=True)
+    assert not winograd_applies(torch.zeros(2, 256, 15, 20), w, grad=True)  # 2.3 per channel
+    assert not winograd_applies(torch.zeros(4, 512, 15, 20), (512, 512, 3, 3), grad=True)  # 2.3
+    assert winograd_applies(torch.zeros(8, 512, 15, 20), (512, 512, 3, 3), grad=True)
+    assert not winograd_applies(torch.zeros(8, 128, 30, 40), (128, 128, 3, 3), grad=True)  # too few channels
