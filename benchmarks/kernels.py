@@ -24,6 +24,11 @@ Rows (R-50-FPN shapes at 800x1066):
 - ``winograd F(mxm) against F(4x4) ...``: where that tile is 5 or 6, the same convolution by F(4x4, 3x3) (before)
   and by the tile taken (now).
 
+- ``winograd train 3x3 fp32 CinxCout@NxHxW F(mxm)`` (``--winograd``): forward and backward (input, weight and bias
+  gradients) of the same convolution as ``F.conv2d`` under autograd (oneDNN, before) and as
+  ``maskrcnn.ops.conv3x3_winograd_autograd`` (now, ``TRAIN.WINOGRAD``), on a training step's shapes; "(not
+  taken)": where ``winograd_applies(..., grad=True)`` leaves it to oneDNN.
+
   The same input is convolved call after call, so a map that fits the caches is read from them, which a model's
   maps are not: the Winograd rows flatter the transforms' memory traffic. ``inference.py --ablation`` measures the
   whole model.
@@ -40,6 +45,7 @@ import sys
 from typing import Callable, Dict, List
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
@@ -47,7 +53,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import common  # noqa: E402
 from maskrcnn.engine.frozen_bn_training import _pointwise_conv_backward  # noqa: E402
 from maskrcnn.engine.onednn_fusion import FusedConv2d  # noqa: E402
-from maskrcnn.ops.winograd import conv3x3_winograd, winograd_applies, winograd_tile, winograd_weight  # noqa: E402
+from maskrcnn.ops.winograd import (conv3x3_winograd, conv3x3_winograd_autograd, winograd_applies,  # noqa: E402
+                                   winograd_tile, winograd_weight)
 from maskrcnn.modeling.roi_heads.mask_outputs import MaskRCNNOutputs  # noqa: E402
 
 CL = torch.channels_last
@@ -59,6 +66,10 @@ IDENTITY = [(128, 512, 100, 136), (256, 1024, 50, 68), (512, 2048, 25, 34)]  # (
 # (N, C, H, W) of 3x3 stride-1 convolutions (C in = C out) of R-50-FPN at 800x1066 (padded to 800x1088).
 WINOGRAD = [(1, 256, 200, 272), (1, 256, 100, 136), (1, 256, 50, 68), (1, 256, 25, 34), (1, 512, 25, 34),
             (1, 64, 200, 272), (1, 128, 100, 136), (100, 256, 14, 14)]
+# A training step's (batch 2 at 800x1066): the FPN's output and RPN convolutions on P2-P6, the mask head's on the
+# sampled positives' RoIs (about 64 at batch 2).
+WINOGRAD_TRAIN = [(2, 256, 200, 272), (2, 256, 100, 136), (2, 256, 50, 68), (2, 256, 25, 34), (2, 256, 13, 17),
+                  (64, 256, 14, 14)]
 
 
 def pointwise_rows(gen: torch.Generator, dtype: torch.dtype) -> Dict[str, List[Callable]]:
@@ -138,6 +149,28 @@ def winograd_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
     return rows
 
 
+def winograd_train_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
+    rows = {}
+    for n, c, h, w in WINOGRAD_TRAIN:
+        x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL).requires_grad_()
+        weight = (torch.randn(c, c, 3, 3, generator=gen) / (3 * c ** 0.5)).contiguous(memory_format=CL)
+        weight.requires_grad_()
+        bias = torch.zeros(c, requires_grad=True)
+        grad_out = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
+        taken = "" if winograd_applies(x, weight.shape, grad=True) else " (not taken)"
+
+        def step(conv, x=x, weight=weight, bias=bias, grad_out=grad_out):
+            def run():
+                x.grad = weight.grad = bias.grad = None
+                conv(x, weight, bias).backward(grad_out)
+                return x.grad, weight.grad, bias.grad
+            return run
+
+        rows[f"winograd train 3x3 fp32 {c}x{c}@{n}x{h}x{w} F({winograd_tile(h, w)}x{winograd_tile(h, w)}){taken}"] = [
+            step(lambda x, w, b: F.conv2d(x, w, b, padding=1)), step(conv3x3_winograd_autograd)]
+    return rows
+
+
 def time_row(fns: List[Callable], rounds: int, repeats: int) -> List[List[float]]:
     """Per callable, its ms per call in each of ``rounds`` alternated rounds of ``repeats`` calls
     (:func:`common.alternate`)."""
@@ -167,6 +200,7 @@ def main(argv=None) -> int:
         rows.update(pointwise_rows(gen, torch.float32))
     if args.winograd:
         rows.update(winograd_rows(gen))
+        rows.update(winograd_train_rows(gen))
     rows = {name: fns for name, fns in rows.items() if args.only in name}
     commit = common.git_commit()
     print(f"# kernels, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x "
