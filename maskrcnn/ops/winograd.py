@@ -165,15 +165,60 @@ def _pad_channels_last(x: Tensor, hp: int, wp: int) -> Tensor:
     return xp
 
 
+class _TiledInput:
+    """The padded input of one F(m x m, 3x3) convolution, cut into chunks (a few tile rows of one image or, for small
+    maps such as RoI features, several whole images) whose tiles :meth:`transform` takes to the transform domain,
+    ``V = B^T d B``, into buffers reused by every chunk (a short last chunk takes a dense prefix of each)."""
+
+    def __init__(self, x: Tensor, tile: int, cout: int):
+        n, c, h, w = x.shape
+        self.n, self.c, self.mt, self.a = n, c, tile, tile + 2
+        self.th, self.tw = -(-h // tile), -(-w // tile)
+        aa = self.a * self.a
+        self.xp = _pad_channels_last(x, tile * self.th + 2, tile * self.tw + 2)
+        per_image = aa * self.th * self.tw * max(c, cout)
+        self.images = max(1, min(n, _CHUNK_ELEMENTS // per_image))
+        self.rows = self.th if self.images > 1 else max(
+            1, min(self.th, _CHUNK_ELEMENTS // (aa * self.tw * max(c, cout))))
+        #: Tiles in the largest chunk.
+        self.most = self.images * self.rows * self.tw
+        self._d = x.new_empty(aa * self.most * c)  # the gathered tiles d, then V
+        self._h = x.new_empty(aa * self.most * c)  # B^T d, over the tiles' rows
+        bt, _, _ = _transforms(tile)
+        self._bt = bt.to(x.device, torch.float32)
+
+    def chunks(self):
+        """(first image, images, first tile row, tile rows) of every chunk."""
+        for b0 in range(0, self.n, self.images):
+            for r0 in range(0, self.th, self.rows):
+                yield b0, min(self.images, self.n - b0), r0, min(self.rows, self.th - r0)
+
+    def transform(self, b0: int, nb: int, r0: int, r: int) -> Tensor:
+        """V of the chunk's tiles as (a * a, nb * r * tw, C), in the chunk buffer (valid until the next call)."""
+        a, mt, tw, c = self.a, self.mt, self.tw, self.c
+        t = nb * r * tw
+        sn, sh, sw, sc = self.xp.stride()
+        # (a, a, nb, r, tw, C) view of the overlapping tiles (stride m, side a), gathered into a * a rows.
+        tiles = self.xp.as_strided((a, a, nb, r, tw, c), (sh, sw, sn, mt * sh, mt * sw, sc),
+                                   self.xp.storage_offset() + b0 * sn + mt * r0 * sh)
+        d = self._d[:a * a * t * c]
+        d.view(a, a, nb, r, tw, c).copy_(tiles)
+        # Over the tile's rows (one product), then over its columns (one per row), back into d's buffer.
+        hv = self._h[:a * a * t * c]
+        torch.mm(self._bt, d.view(a, a * t * c), out=hv.view(a, a * t * c))
+        torch.bmm(self._bt.expand(a, a, a), hv.view(a, a, t * c), out=d.view(a, a, t * c))
+        return d.view(a * a, t, c)
+
+
 @torch.no_grad()
 def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
-    """``conv2d(x, weight, bias, stride=1, padding=1)`` (then ReLU with ``relu``) by F(m x m, 3x3), m = 4 or 6 as
-    ``weight_t`` was transformed for.
+    """``conv2d(x, weight, bias, stride=1, padding=1)`` (then ReLU with ``relu``) by F(m x m, 3x3), m = 4, 5 or 6
+    as ``weight_t`` was transformed for.
 
     Args:
         x: (N, C_in, H, W) float32, any memory format (channels-last reads without a copy).
-        weight_t: (36 or 64, C_in, C_out) float32, :func:`winograd_weight` of the (C_out, C_in, 3, 3) weight for
-            tile 4 or 6 (:func:`winograd_tile` picks the cheaper for a map size).
+        weight_t: (36, 49 or 64, C_in, C_out) float32, :func:`winograd_weight` of the (C_out, C_in, 3, 3) weight
+            for tile 4, 5 or 6 (:func:`winograd_tile` picks the cheapest for a map size).
         bias: optional (C_out,) float32.
     Returns (N, C_out, H, W) float32, channels-last. No autograd.
     """
@@ -189,49 +234,27 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
     a = mt + 2  # input tile side
     aa = a * a
     cout = weight_t.shape[2]
-    th, tw = -(-h // mt), -(-w // mt)
-    xp = _pad_channels_last(x, mt * th + 2, mt * tw + 2)
-    sn, sh, sw, sc = xp.stride()
-    bt, _, at = _transforms(mt)
-    bt, at = bt.to(x.device, torch.float32), at.to(x.device, torch.float32)
-    bt_b, at_b = bt.expand(a, a, a), at.expand(mt, mt, a)
+    tiled = _TiledInput(x, mt, cout)
+    th, tw = tiled.th, tiled.tw
+    _, _, at = _transforms(mt)
+    at = at.to(x.device, torch.float32)
+    at_b = at.expand(mt, mt, a)
     out = torch.empty(n, mt * th, mt * tw, cout, dtype=x.dtype, device=x.device)
-    # A chunk is a few tile rows of one image or, for small maps (RoI features), several whole images.
-    per_image = aa * th * tw * max(c, cout)
-    images = max(1, min(n, _CHUNK_ELEMENTS // per_image))
-    rows = th if images > 1 else max(1, min(th, _CHUNK_ELEMENTS // (aa * tw * max(c, cout))))
-    # Flat buffers: a short last chunk takes a dense prefix of each. d_buf holds the gathered tiles d, then
-    # (after the row pass into h_buf) their transform V = B^T d B.
-    most = images * rows * tw
-    d_buf = x.new_empty(aa * most * c)
-    h_buf = x.new_empty(aa * most * c)
-    m_buf = x.new_empty(aa * most * cout)
-    g_buf = x.new_empty(mt * a * most * cout)
-    y_buf = x.new_empty(mt * mt * most * cout)
-    for b0 in range(0, n, images):
-        nb = min(images, n - b0)
-        for r0 in range(0, th, rows):
-            r = min(rows, th - r0)
-            t = nb * r * tw
-            # (a, a, nb, r, tw, C) view of the overlapping tiles (stride m, side a), gathered into a * a rows.
-            tiles = xp.as_strided((a, a, nb, r, tw, c), (sh, sw, sn, mt * sh, mt * sw, sc),
-                                  xp.storage_offset() + b0 * sn + mt * r0 * sh)
-            d = d_buf[:aa * t * c]
-            d.view(a, a, nb, r, tw, c).copy_(tiles)
-            # V = B^T d B: over the tile's rows (one product), then over its columns (one per row).
-            hv = h_buf[:aa * t * c]
-            torch.mm(bt, d.view(a, a * t * c), out=hv.view(a, a * t * c))
-            v = d
-            torch.bmm(bt_b, hv.view(a, a, t * c), out=v.view(a, a, t * c))
-            m = m_buf[:aa * t * cout].view(aa, t, cout)
-            torch.bmm(v.view(aa, t, c), weight_t, out=m)
-            # Y = A^T M A, the same way.
-            g = g_buf[:mt * a * t * cout]
-            torch.mm(at, m.view(a, a * t * cout), out=g.view(mt, a * t * cout))
-            y = y_buf[:mt * mt * t * cout]
-            torch.bmm(at_b, g.view(mt, a, t * cout), out=y.view(mt, mt, t * cout))
-            out[b0:b0 + nb, mt * r0:mt * (r0 + r)].view(nb, r, mt, tw, mt, cout).copy_(
-                y.view(mt, mt, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5))
+    m_buf = x.new_empty(aa * tiled.most * cout)
+    g_buf = x.new_empty(mt * a * tiled.most * cout)
+    y_buf = x.new_empty(mt * mt * tiled.most * cout)
+    for b0, nb, r0, r in tiled.chunks():
+        t = nb * r * tw
+        v = tiled.transform(b0, nb, r0, r)
+        m = m_buf[:aa * t * cout].view(aa, t, cout)
+        torch.bmm(v, weight_t, out=m)
+        # Y = A^T M A, the same way as V: over the rows, then over the columns.
+        g = g_buf[:mt * a * t * cout]
+        torch.mm(at, m.view(a, a * t * cout), out=g.view(mt, a * t * cout))
+        y = y_buf[:mt * mt * t * cout]
+        torch.bmm(at_b, g.view(mt, a, t * cout), out=y.view(mt, mt, t * cout))
+        out[b0:b0 + nb, mt * r0:mt * (r0 + r)].view(nb, r, mt, tw, mt, cout).copy_(
+            y.view(mt, mt, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5))
     if bias is not None:
         out.add_(bias.to(out.dtype))
     if relu:
@@ -272,51 +295,33 @@ def conv3x3_winograd_weight_grad(x: Tensor, grad_out: Tensor, tile: int = 4) -> 
                          f"gradient, got {x.dtype} {tuple(x.shape)} and {grad_out.dtype} {tuple(grad_out.shape)}")
     if tile not in WINOGRAD_TILES:
         raise ValueError(f"conv3x3_winograd_weight_grad: tile must be one of {WINOGRAD_TILES}, got {tile!r}")
-    n, c, h, w = x.shape
-    cout = grad_out.shape[1]
+    c, cout = x.shape[1], grad_out.shape[1]
     mt, a = tile, tile + 2
     aa = a * a
-    th, tw = -(-h // mt), -(-w // mt)
-    xp = _pad_channels_last(x, mt * th + 2, mt * tw + 2)
-    dyp = _pad_output_tiles(grad_out, mt * th, mt * tw)
-    sn, sh, sw, sc = xp.stride()
+    tiled = _TiledInput(x, mt, cout)
+    tw = tiled.tw
+    dyp = _pad_output_tiles(grad_out, mt * tiled.th, mt * tw)
     gn, gh, gw, gc = dyp.stride()
-    bt, g64, at = _transforms(mt)
-    bt, a_ = bt.to(x.device, torch.float32), at.t().contiguous().to(x.device, torch.float32)  # A: (a, m)
-    bt_b, a_b = bt.expand(a, a, a), a_.expand(a, a, mt)
-    per_image = aa * th * tw * max(c, cout)
-    images = max(1, min(n, _CHUNK_ELEMENTS // per_image))
-    rows = th if images > 1 else max(1, min(th, _CHUNK_ELEMENTS // (aa * tw * max(c, cout))))
-    most = images * rows * tw
-    d_buf = x.new_empty(aa * most * c)
-    h_buf = x.new_empty(aa * most * c)
-    y_buf = x.new_empty(mt * mt * most * cout)
-    z_buf = x.new_empty(a * mt * most * cout)
-    dm_buf = x.new_empty(aa * most * cout)
+    _, g64, at = _transforms(mt)
+    a_ = at.t().contiguous().to(x.device, torch.float32)  # A: (a, m)
+    a_b = a_.expand(a, a, mt)
+    y_buf = x.new_empty(mt * mt * tiled.most * cout)
+    z_buf = x.new_empty(a * mt * tiled.most * cout)
+    dm_buf = x.new_empty(aa * tiled.most * cout)
     du = x.new_zeros(aa, c, cout)
-    for b0 in range(0, n, images):
-        nb = min(images, n - b0)
-        for r0 in range(0, th, rows):
-            r = min(rows, th - r0)
-            t = nb * r * tw
-            tiles = xp.as_strided((a, a, nb, r, tw, c), (sh, sw, sn, mt * sh, mt * sw, sc),
-                                  xp.storage_offset() + b0 * sn + mt * r0 * sh)
-            d = d_buf[:aa * t * c]
-            d.view(a, a, nb, r, tw, c).copy_(tiles)
-            hv = h_buf[:aa * t * c]
-            torch.mm(bt, d.view(a, a * t * c), out=hv.view(a, a * t * c))
-            v = d
-            torch.bmm(bt_b, hv.view(a, a, t * c), out=v.view(a, a, t * c))
-            # The output gradient's m x m blocks (not overlapping), to the transform domain: dM = A dY A^T.
-            blocks = dyp.as_strided((mt, mt, nb, r, tw, cout), (gh, gw, gn, mt * gh, mt * gw, gc),
-                                    dyp.storage_offset() + b0 * gn + mt * r0 * gh)
-            y = y_buf[:mt * mt * t * cout]
-            y.view(mt, mt, nb, r, tw, cout).copy_(blocks)
-            z = z_buf[:a * mt * t * cout]
-            torch.mm(a_, y.view(mt, mt * t * cout), out=z.view(a, mt * t * cout))
-            dm = dm_buf[:aa * t * cout]
-            torch.bmm(a_b, z.view(a, mt, t * cout), out=dm.view(a, a, t * cout))
-            du.baddbmm_(v.view(aa, t, c).transpose(1, 2), dm.view(aa, t, cout))
+    for b0, nb, r0, r in tiled.chunks():
+        t = nb * r * tw
+        v = tiled.transform(b0, nb, r0, r)
+        # The output gradient's m x m blocks (not overlapping), to the transform domain: dM = A dY A^T.
+        blocks = dyp.as_strided((mt, mt, nb, r, tw, cout), (gh, gw, gn, mt * gh, mt * gw, gc),
+                                dyp.storage_offset() + b0 * gn + mt * r0 * gh)
+        y = y_buf[:mt * mt * t * cout]
+        y.view(mt, mt, nb, r, tw, cout).copy_(blocks)
+        z = z_buf[:a * mt * t * cout]
+        torch.mm(a_, y.view(mt, mt * t * cout), out=z.view(a, mt * t * cout))
+        dm = dm_buf[:aa * t * cout]
+        torch.bmm(a_b, z.view(a, mt, t * cout), out=dm.view(a, a, t * cout))
+        du.baddbmm_(v.transpose(1, 2), dm.view(aa, t, cout))
     # dg = G^T dU G as two plain products on the whole bank: over p, then over q (a batch of 3).
     gt = g64.t().to(x.device, torch.float32)  # (3, a)
     t1 = (gt @ du.view(a, a * c * cout)).view(3, a, c * cout)  # [k, q, (i, o)]
