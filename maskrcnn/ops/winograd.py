@@ -151,31 +151,39 @@ def winograd_applies(x: Tensor, weight_shape, stride=(1, 1), padding=(1, 1), dil
     return ok and not (torch.is_grad_enabled() and x.requires_grad)
 
 
-def _pad_channels_last(x: Tensor, hp: int, wp: int) -> Tensor:
-    """(N, C, H, W) -> a dense (N, hp, wp, C) copy with x at [1:H+1, 1:W+1] and zeros around it (the convolution's
-    padding of 1, and enough on the bottom/right for whole tiles). Only the border is zeroed, and a channels-last x
-    is copied without a transposition (F.pad would fill the whole map and return it channels-first)."""
-    n, c, h, w = x.shape
-    xp = x.new_empty(n, hp, wp, c)
-    xp[:, 0].zero_()
-    xp[:, h + 1:].zero_()
-    xp[:, 1:h + 1, 0].zero_()
-    xp[:, 1:h + 1, w + 1:].zero_()
-    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    return xp
+def _window(dst: Tensor, src: Tensor, b0: int, row0: int, col0: int) -> Tensor:
+    """Fill ``dst`` (nb, R, W', C) with the rows ``row0 .. row0 + R`` and columns ``col0 .. col0 + W'`` of the images
+    ``b0 .. b0 + nb`` of ``src`` (N, H, W, C), zeros where that window leaves the map (the convolution's padding, and
+    the rest of the last tiles). A channels-last map's (N, H, W, C) view is copied without a transposition."""
+    nb, rr, ww = dst.shape[:3]
+    h, w = src.shape[1:3]
+    r_lo, r_hi = max(row0, 0), min(row0 + rr, h)
+    c_lo, c_hi = max(col0, 0), min(col0 + ww, w)
+    if r_lo > row0:
+        dst[:, :r_lo - row0].zero_()
+    if r_hi < row0 + rr:
+        dst[:, r_hi - row0:].zero_()
+    body = dst[:, r_lo - row0:r_hi - row0]
+    if c_lo > col0:
+        body[:, :, :c_lo - col0].zero_()
+    if c_hi < col0 + ww:
+        body[:, :, c_hi - col0:].zero_()
+    body[:, :, c_lo - col0:c_hi - col0].copy_(src[b0:b0 + nb, r_lo:r_hi, c_lo:c_hi])
+    return dst
 
 
 class _TiledInput:
-    """The padded input of one F(m x m, 3x3) convolution, cut into chunks (a few tile rows of one image or, for small
-    maps such as RoI features, several whole images) whose tiles :meth:`transform` takes to the transform domain,
-    ``V = B^T d B``, into buffers reused by every chunk (a short last chunk takes a dense prefix of each)."""
+    """The input of one F(m x m, 3x3) convolution, cut into chunks (a few tile rows of one image or, for small maps
+    such as RoI features, several whole images) whose tiles :meth:`transform` takes to the transform domain, ``V =
+    B^T d B``, into buffers reused by every chunk (a short last chunk takes a dense prefix of each). Each chunk's
+    rows are padded into a slab of their own, so no padded copy of the whole map is ever held."""
 
     def __init__(self, x: Tensor, tile: int, cout: int):
         n, c, h, w = x.shape
         self.n, self.c, self.mt, self.a = n, c, tile, tile + 2
         self.th, self.tw = -(-h // tile), -(-w // tile)
         aa = self.a * self.a
-        self.xp = _pad_channels_last(x, tile * self.th + 2, tile * self.tw + 2)
+        self.x = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view for channels-last maps
         per_image = aa * self.th * self.tw * max(c, cout)
         self.images = max(1, min(n, _CHUNK_ELEMENTS // per_image))
         self.rows = self.th if self.images > 1 else max(
@@ -184,6 +192,8 @@ class _TiledInput:
         self.most = self.images * self.rows * self.tw
         self._d = x.new_empty(aa * self.most * c)  # the gathered tiles d, then V
         self._h = x.new_empty(aa * self.most * c)  # B^T d, over the tiles' rows
+        # The chunk's rows with the padding: 1 on the top/left, enough on the bottom/right for whole tiles.
+        self._slab = x.new_empty(self.images, tile * self.rows + 2, tile * self.tw + 2, c)
         bt, _, _ = _transforms(tile)
         self._bt = bt.to(x.device, torch.float32)
 
@@ -197,10 +207,10 @@ class _TiledInput:
         """V of the chunk's tiles as (a * a, nb * r * tw, C), in the chunk buffer (valid until the next call)."""
         a, mt, tw, c = self.a, self.mt, self.tw, self.c
         t = nb * r * tw
-        sn, sh, sw, sc = self.xp.stride()
+        slab = _window(self._slab[:nb, :mt * r + 2], self.x, b0, mt * r0 - 1, -1)
+        sn, sh, sw, sc = slab.stride()
         # (a, a, nb, r, tw, C) view of the overlapping tiles (stride m, side a), gathered into a * a rows.
-        tiles = self.xp.as_strided((a, a, nb, r, tw, c), (sh, sw, sn, mt * sh, mt * sw, sc),
-                                   self.xp.storage_offset() + b0 * sn + mt * r0 * sh)
+        tiles = slab.as_strided((a, a, nb, r, tw, c), (sh, sw, sn, mt * sh, mt * sw, sc), slab.storage_offset())
         d = self._d[:a * a * t * c]
         d.view(a, a, nb, r, tw, c).copy_(tiles)
         # Over the tile's rows (one product), then over its columns (one per row), back into d's buffer.
@@ -265,17 +275,6 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
     return out.permute(0, 3, 1, 2)
 
 
-def _pad_output_tiles(dy: Tensor, hp: int, wp: int) -> Tensor:
-    """(N, C, H, W) -> a dense (N, hp, wp, C) copy with dy at [0:H, 0:W] and zeros on the bottom/right (whole output
-    tiles: the outputs a tile covers beyond the map get no gradient)."""
-    n, c, h, w = dy.shape
-    out = dy.new_empty(n, hp, wp, c)
-    out[:, h:].zero_()
-    out[:, :h, w:].zero_()
-    out[:, :h, :w].copy_(dy.permute(0, 2, 3, 1))
-    return out
-
-
 @torch.no_grad()
 def conv3x3_winograd_weight_grad(x: Tensor, grad_out: Tensor, tile: int = 4) -> Tensor:
     """The weight gradient of ``conv2d(x, weight, stride=1, padding=1)`` for the output gradient ``grad_out``, by
@@ -300,8 +299,9 @@ def conv3x3_winograd_weight_grad(x: Tensor, grad_out: Tensor, tile: int = 4) -> 
     aa = a * a
     tiled = _TiledInput(x, mt, cout)
     tw = tiled.tw
-    dyp = _pad_output_tiles(grad_out, mt * tiled.th, mt * tw)
-    gn, gh, gw, gc = dyp.stride()
+    dy = grad_out.permute(0, 2, 3, 1)  # (N, H, W, C_out)
+    # The chunk's output-gradient rows, zero beyond the map: the outputs a tile covers there get no gradient.
+    dy_slab = x.new_empty(tiled.images, mt * tiled.rows, mt * tw, cout)
     _, g64, at = _transforms(mt)
     a_ = at.t().contiguous().to(x.device, torch.float32)  # A: (a, m)
     a_b = a_.expand(a, a, mt)
@@ -313,8 +313,9 @@ def conv3x3_winograd_weight_grad(x: Tensor, grad_out: Tensor, tile: int = 4) -> 
         t = nb * r * tw
         v = tiled.transform(b0, nb, r0, r)
         # The output gradient's m x m blocks (not overlapping), to the transform domain: dM = A dY A^T.
-        blocks = dyp.as_strided((mt, mt, nb, r, tw, cout), (gh, gw, gn, mt * gh, mt * gw, gc),
-                                dyp.storage_offset() + b0 * gn + mt * r0 * gh)
+        slab = _window(dy_slab[:nb, :mt * r], dy, b0, mt * r0, 0)
+        gn, gh, gw, gc = slab.stride()
+        blocks = slab.as_strided((mt, mt, nb, r, tw, cout), (gh, gw, gn, mt * gh, mt * gw, gc), slab.storage_offset())
         y = y_buf[:mt * mt * t * cout]
         y.view(mt, mt, nb, r, tw, cout).copy_(blocks)
         z = z_buf[:a * mt * t * cout]
