@@ -197,7 +197,7 @@ def run_train(short, rounds) -> List[Dict[str, Any]]:
     targets = [common.synthetic_targets(im, num=4, seed=i) for i, im in enumerate(images)]
     tv = common.build_torchvision(calib_image=images[0], size=resize)
     ours = common.build_ours(tv, size=resize)
-    prepare_for_training(ours)  # the config defaults (TRAIN.FUSE_FROZEN_BN, TRAIN.CHANNELS_LAST)
+    prepare_for_training(ours)  # the config defaults (TRAIN.FUSE_FROZEN_BN, TRAIN.CHANNELS_LAST, TRAIN.WINOGRAD)
     models = {OURS: ours.train(), TV: tv.to(memory_format=torch.channels_last).train()}
     rows = []
     for b in BATCHES:

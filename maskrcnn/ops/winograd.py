@@ -22,7 +22,8 @@ Float32 only: the transforms mix values with coefficients up to 8 (up to 32 for 
 than a direct convolution's: about 1e-5 of the output's scale at 256 channels for every m (F(6x6) about 1.5x
 F(4x4)'s; tests/ops/test_winograd.py), against 1e-6 to 1e-5 for oneDNN's direct kernels. That is fine for fp32 and
 too much for bf16's 8-bit mantissa. Larger tiles round much more (F(7x7, 3x3): 3e-4), so they are not offered.
-Inference only (no autograd formula is defined for it here).
+:func:`conv3x3_winograd` has no autograd; :func:`conv3x3_winograd_autograd` (training, ``TRAIN.WINOGRAD``) runs the
+forward, the input gradient and the weight gradient (:func:`conv3x3_winograd_weight_grad`) in the transform domain.
 
 Where it pays (``python benchmarks/kernels.py --winograd``, docs/benchmarks.md): 256 channels or more, the FPN's
 output convolutions, the RPN's convolution, the 3x3 convolutions of res4/res5 and the mask head's on 14x14 RoI
