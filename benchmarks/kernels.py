@@ -23,7 +23,6 @@ Rows (R-50-FPN shapes at 800x1066):
   "(not taken)" are those it leaves to oneDNN: res2/res3's 3x3.
 - ``winograd F(mxm) against F(4x4) ...``: where that tile is 5 or 6, the same convolution by F(4x4, 3x3) (before)
   and by the tile taken (now).
-
 - ``winograd train 3x3 fp32 CinxCout@NxHxW F(mxm)`` (``--winograd``): forward and backward (input, weight and bias
   gradients) of the same convolution as ``F.conv2d`` under autograd (oneDNN, before) and as
   ``maskrcnn.ops.conv3x3_winograd_autograd`` (now, ``TRAIN.WINOGRAD``), on a training step's shapes; "(not
