@@ -89,7 +89,7 @@ class FusedConv2d(nn.Module):
         # dtype -> (weight, bias) cast copies for autocast; dropped whenever the module is moved or cast.
         self._cast_cache: Dict[torch.dtype, Tuple[Tensor, Tensor]] = {}
         self.winograd = False
-        # tile side (4 or 6) -> the transformed weight, computed on first use.
+        # tile side (4, 5 or 6) -> the transformed weight, computed on first use.
         self._winograd_cache: Dict[int, Tensor] = {}
 
     def _apply(self, fn, recurse=True):

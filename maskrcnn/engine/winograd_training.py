@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.winograd import conv3x3_winograd_autograd, winograd_applies
+from .onednn_fusion import _is_winograd_shape
 
 __all__ = ["WinogradConv2d", "enable_winograd_training"]
 
@@ -32,7 +33,7 @@ class WinogradConv2d(nn.Conv2d):
     C_out, H, W)`` as the convolution's."""
 
     def _use_winograd(self, x: Tensor) -> bool:
-        return (self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
+        return (self.weight.dtype == torch.float32
                 and not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
                 and not torch.jit.is_tracing() and not torch.jit.is_scripting()
                 and not torch.compiler.is_compiling()
@@ -45,18 +46,13 @@ class WinogradConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def _is_winograd_shape(conv: nn.Conv2d) -> bool:
-    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
-            and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
-
-
 def enable_winograd_training(model: nn.Module, enabled: bool = True) -> int:
     """Make every plain 3x3 stride-1 zero-padded ``nn.Conv2d`` of ``model`` a :class:`WinogradConv2d` in place
     (``enabled=False``: every :class:`WinogradConv2d` an ``nn.Conv2d`` again). Returns the number of convolutions
     changed."""
     count = 0
     for m in model.modules():
-        if enabled and type(m) is nn.Conv2d and _is_winograd_shape(m):
+        if enabled and type(m) is nn.Conv2d and m.padding_mode == "zeros" and _is_winograd_shape(m):
             m.__class__ = WinogradConv2d
             count += 1
         elif not enabled and type(m) is WinogradConv2d:

@@ -341,7 +341,6 @@ class _Conv3x3Winograd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_out = grad_out.float()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # A stride-1 3x3 convolution's input gradient is the 3x3 convolution of the output gradient with the
