@@ -39,7 +39,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS_PER_CHANNEL", "WINOGRAD_MIN_SIZE", "WINOGRAD_TILES",
+__all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS_PER_CHANNEL", "WINOGRAD_MIN_SIZE",
+           "WINOGRAD_NARROW_CHANNELS", "WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL", "WINOGRAD_TILES",
            "conv3x3_winograd", "conv3x3_winograd_autograd", "conv3x3_winograd_weight_grad", "winograd_applies",
            "winograd_tile", "winograd_weight"]
 
@@ -50,6 +51,13 @@ WINOGRAD_MIN_SIZE = 14
 #: forward + backward at 256 channels took 0.81-0.84 of oneDNN's at 4.7 pixels per channel (1x30x40, 4x15x20),
 #: 0.96 at 3.75 (2x20x24) and 1.16 at 2.3 (2x15x20); at 512 channels 1.30 at 1.2 and 0.68 at 4.7.
 WINOGRAD_MIN_PIXELS_PER_CHANNEL = 4
+#: Training also takes narrower convolutions (from :data:`WINOGRAD_NARROW_CHANNELS` to 255 channels, in or out:
+#: ResNet's res3), where the transforms weigh more against the products, on larger batches of pixels (at least
+#: :data:`WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL` x max(C_in, C_out)). On a 2-core AMD EPYC, forward + backward
+#: with the ReLU at 128 channels took 0.84 of oneDNN's at 2x100x136 (212 pixels per channel), 0.83 at 2x60x80 (75),
+#: 0.98 at 1x60x80 (37) and 1.50 at 2x25x34 (13); at 64 channels 1.45 at 2x100x136.
+WINOGRAD_NARROW_CHANNELS = 128
+WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL = 64
 
 #: Output tile sides :func:`conv3x3_winograd` runs: F(4x4, 3x3) (6x6 input tiles), F(5x5, 3x3) (7x7) and
 #: F(6x6, 3x3) (8x8).
@@ -142,14 +150,21 @@ def winograd_applies(x: Tensor, weight_shape, stride=(1, 1), padding=(1, 1), dil
 
     With ``grad`` (:func:`conv3x3_winograd_autograd`, training), a gradient may be wanted, and the batch must also
     hold at least :data:`WINOGRAD_MIN_PIXELS_PER_CHANNEL` x max(C_in, C_out) pixels (N * H * W): each step
-    transforms the weight twice and the weight gradient once, which small maps do not pay back."""
+    transforms the weight twice and the weight gradient once, which small maps do not pay back. C_in and C_out
+    from :data:`WINOGRAD_NARROW_CHANNELS` (128) also qualify there, with
+    :data:`WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL` x max(C_in, C_out) pixels."""
     ok = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
           and tuple(weight_shape[1:]) == (x.shape[1], 3, 3) and groups == 1
           and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
-          and x.shape[1] >= WINOGRAD_MIN_CHANNELS and min(x.shape[2], x.shape[3]) >= WINOGRAD_MIN_SIZE)
-    if grad:
-        return ok and x.shape[0] * x.shape[2] * x.shape[3] >= WINOGRAD_MIN_PIXELS_PER_CHANNEL * max(weight_shape[:2])
-    return ok and not (torch.is_grad_enabled() and x.requires_grad)
+          and min(x.shape[2], x.shape[3]) >= WINOGRAD_MIN_SIZE)
+    if not ok:
+        return False
+    if not grad:
+        return x.shape[1] >= WINOGRAD_MIN_CHANNELS and not (torch.is_grad_enabled() and x.requires_grad)
+    narrowest, widest = min(weight_shape[:2]), max(weight_shape[:2])
+    per_channel = (WINOGRAD_MIN_PIXELS_PER_CHANNEL if narrowest >= WINOGRAD_MIN_CHANNELS else
+                   WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL if narrowest >= WINOGRAD_NARROW_CHANNELS else None)
+    return per_channel is not None and x.shape[0] * x.shape[2] * x.shape[3] >= per_channel * widest
 
 
 def _window(dst: Tensor, src: Tensor, b0: int, row0: int, col0: int) -> Tensor:
@@ -250,7 +265,10 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
     _, _, at = _transforms(mt)
     at = at.to(x.device, torch.float32)
     at_b = at.expand(mt, mt, a)
-    out = torch.empty(n, mt * th, mt * tw, cout, dtype=x.dtype, device=x.device)
+    # Written through its (N, H, W, C) view; the channels-last tensor itself is returned (not a view: autograd
+    # functions return it, and a view made inside one may not be modified in place).
+    result = torch.empty(n, cout, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    out = result.permute(0, 2, 3, 1)
     m_buf = x.new_empty(aa * tiled.most * cout)
     g_buf = x.new_empty(mt * a * tiled.most * cout)
     y_buf = x.new_empty(mt * mt * tiled.most * cout)
@@ -264,16 +282,32 @@ def conv3x3_winograd(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
         torch.mm(at, m.view(a, a * t * cout), out=g.view(mt, a * t * cout))
         y = y_buf[:mt * mt * t * cout]
         torch.bmm(at_b, g.view(mt, a, t * cout), out=y.view(mt, mt, t * cout))
-        out[b0:b0 + nb, mt * r0:mt * (r0 + r)].view(nb, r, mt, tw, mt, cout).copy_(
-            y.view(mt, mt, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5))
+        _put_tiles(out[b0:b0 + nb], y.view(mt, mt, nb, r, tw, cout).permute(2, 3, 0, 4, 1, 5), mt * r0)
     if bias is not None:
         out.add_(bias.to(out.dtype))
     if relu:
         out.relu_()
-    if out.shape[1] != h or out.shape[2] != w:
-        # Dense again: the next convolutions read channels-last contiguous maps.
-        out = out[:, :h, :w].contiguous()
-    return out.permute(0, 3, 1, 2)
+    return result
+
+
+def _put_tiles(out: Tensor, tiles: Tensor, row0: int) -> None:
+    """Copy ``tiles`` (nb, r, m, tw, m, C), the m x m output blocks of r tile rows, into ``out`` (nb, H, W, C) from
+    row ``row0``, dropping what falls beyond the map (the last tile row and column may cover less than m): the
+    output is written at its own size, never through a padded copy."""
+    nb, r, mt, tw, _, c = tiles.shape
+    h, w = out.shape[1:3]
+    rf, twf = min(r, (h - row0) // mt), w // mt  # whole tile rows and columns
+    hr, wr = min(h - row0 - mt * rf, mt), w - mt * twf  # the rows and columns of the partial ones
+    body = out[:, row0:row0 + mt * rf]
+    if rf:
+        body[:, :, :mt * twf].view(nb, rf, mt, twf, mt, c).copy_(tiles[:, :rf, :, :twf])
+        if wr:
+            body[:, :, mt * twf:].view(nb, rf, mt, wr, c).copy_(tiles[:, :rf, :, twf, :wr])
+    if hr > 0 and rf < r:
+        rest = out[:, row0 + mt * rf:row0 + mt * rf + hr]
+        rest[:, :, :mt * twf].view(nb, hr, twf, mt, c).copy_(tiles[:, rf, :hr, :twf])
+        if wr:
+            rest[:, :, mt * twf:].copy_(tiles[:, rf, :hr, twf, :wr])
 
 
 @torch.no_grad()

@@ -193,4 +193,10 @@ def test_applies_with_gradients_needs_pixels_per_channel():
     assert not winograd_applies(torch.zeros(2, 256, 15, 20), w, grad=True)  # 2.3 per channel
     assert not winograd_applies(torch.zeros(4, 512, 15, 20), (512, 512, 3, 3), grad=True)  # 2.3
     assert winograd_applies(torch.zeros(8, 512, 15, 20), (512, 512, 3, 3), grad=True)
-    assert not winograd_applies(torch.zeros(8, 128, 30, 40), (128, 128, 3, 3), grad=True)  # too few channels
+    # 128 channels (res3) only from 64 pixels per channel; 64 channels never.
+    assert winograd_applies(torch.zeros(2, 128, 60, 80), (128, 128, 3, 3), grad=True)  # 75 per channel
+    assert not winograd_applies(torch.zeros(2, 128, 60, 80), (128, 128, 3, 3))  # inference keeps 256
+    assert not winograd_applies(torch.zeros(1, 128, 60, 80), (128, 128, 3, 3), grad=True)  # 37.5
+    assert not winograd_applies(torch.zeros(2, 256, 25, 34), (128, 256, 3, 3), grad=True)  # 6.6 for 256 out
+    assert winograd_applies(torch.zeros(2, 256, 100, 136), (128, 256, 3, 3), grad=True)
+    assert not winograd_applies(torch.zeros(8, 64, 100, 136), (64, 64, 3, 3), grad=True)
