@@ -41,6 +41,9 @@ import torch  # noqa: E402
 #: and under bf16 autocast (``TRAIN.AMP bf16``: ``maskrcnn.engine.amp.autocast_context`` around the forward).
 MODELS = common.TV_SETTINGS + ("ours-fp32", "ours-bf16")
 BF16_RUNS = (common.TV_BF16, "ours-bf16")
+#: Runs that ``--runs`` may name besides :data:`MODELS` (not run by default): ours in fp32 with ``TRAIN.WINOGRAD``
+#: off, the A/B of the Winograd convolutions in one alternated run.
+EXTRA_RUNS = ("ours-fp32-no-winograd",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_flush_denormal_arg(p)
     common.add_tune_malloc_arg(p)
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--child-memory", default=None, choices=MODELS, help=argparse.SUPPRESS)
+    p.add_argument("--child-memory", default=None, choices=MODELS + EXTRA_RUNS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -99,7 +102,7 @@ def build(name: str, size, feats: Dict[str, bool]):
     else:
         model = common.build_ours(tv, size=resize)
         del tv
-        prepare_for_training(model, **feats)
+        prepare_for_training(model, **(dict(feats, winograd=False) if name == "ours-fp32-no-winograd" else feats))
     amp = "bf16" if name in BF16_RUNS else ""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,9 +153,9 @@ def run(args) -> Dict[str, Any]:
           f"{features(args)}, denormals {'flushed' if args.flush_denormal else 'kept'}, malloc "
           f"{'tuned' if args.tune_malloc else 'default'} (every run)")
     runs = [n for n in args.runs.split(",") if n]
-    bad = [n for n in runs if n not in MODELS]
+    bad = [n for n in runs if n not in MODELS + EXTRA_RUNS]
     if bad or not runs:
-        raise SystemExit(f"--runs: unknown or no run(s) {bad}; choose from {MODELS}")
+        raise SystemExit(f"--runs: unknown or no run(s) {bad}; choose from {MODELS + EXTRA_RUNS}")
     steps, losses, faults = {}, {}, {}
     for name in runs:
         _, step, losses[name] = build(name, size, features(args))

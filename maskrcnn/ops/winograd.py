@@ -48,16 +48,17 @@ __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS_PER_CHANNEL", "WINOGRAD
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_SIZE = 14
 #: Training (``winograd_applies(..., grad=True)``): the fewest pixels (N * H * W) per channel. On a 2-core AMD EPYC,
-#: forward + backward at 256 channels took 0.81-0.84 of oneDNN's at 4.7 pixels per channel (1x30x40, 4x15x20),
-#: 0.96 at 3.75 (2x20x24) and 1.16 at 2.3 (2x15x20); at 512 channels 1.30 at 1.2 and 0.68 at 4.7.
-WINOGRAD_MIN_PIXELS_PER_CHANNEL = 4
+#: forward + backward with the ReLU (glibc malloc tuned, as training runs: ``TUNE_MALLOC``) took at 512 channels
+#: 0.75 of oneDNN's at 3.3 pixels per channel (2x25x34), 1.01 at 1.7 (1x25x34) and 1.43 at 1.2 (2x15x20); at 256
+#: channels 0.75 at 6.6, 0.91 at 3.3 and 1.30 at 2.3 (2x15x20).
+WINOGRAD_MIN_PIXELS_PER_CHANNEL = 3
 #: Training also takes narrower convolutions (from :data:`WINOGRAD_NARROW_CHANNELS` to 255 channels, in or out:
 #: ResNet's res3), where the transforms weigh more against the products, on larger batches of pixels (at least
-#: :data:`WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL` x max(C_in, C_out)). On a 2-core AMD EPYC, forward + backward
-#: with the ReLU at 128 channels took 0.84 of oneDNN's at 2x100x136 (212 pixels per channel), 0.83 at 2x60x80 (75),
-#: 0.98 at 1x60x80 (37) and 1.50 at 2x25x34 (13); at 64 channels 1.45 at 2x100x136.
+#: :data:`WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL` x max(C_in, C_out)). Same measurement at 128 channels: 0.87 at
+#: 2x100x136 (212 pixels per channel), 0.98 at 2x60x80 (75), 1.04 at 1x60x80 (37), 1.49 at 2x25x34 (13); at 64
+#: channels 1.29 at 2x100x136.
 WINOGRAD_NARROW_CHANNELS = 128
-WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL = 64
+WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL = 128
 
 #: Output tile sides :func:`conv3x3_winograd` runs: F(4x4, 3x3) (6x6 input tiles), F(5x5, 3x3) (7x7) and
 #: F(6x6, 3x3) (8x8).

@@ -190,13 +190,14 @@ def test_applies_with_gradients_needs_pixels_per_channel():
     w = (256, 256, 3, 3)
     x = torch.zeros(1, 256, 30, 40, requires_grad=True)  # 1200 pixels: 4.7 per channel
     assert not winograd_applies(x, w) and winograd_applies(x, w, grad=True)
-    assert not winograd_applies(torch.zeros(2, 256, 15, 20), w, grad=True)  # 2.3 per channel
-    assert not winograd_applies(torch.zeros(4, 512, 15, 20), (512, 512, 3, 3), grad=True)  # 2.3
-    assert winograd_applies(torch.zeros(8, 512, 15, 20), (512, 512, 3, 3), grad=True)
-    # 128 channels (res3) only from 64 pixels per channel; 64 channels never.
-    assert winograd_applies(torch.zeros(2, 128, 60, 80), (128, 128, 3, 3), grad=True)  # 75 per channel
-    assert not winograd_applies(torch.zeros(2, 128, 60, 80), (128, 128, 3, 3))  # inference keeps 256
-    assert not winograd_applies(torch.zeros(1, 128, 60, 80), (128, 128, 3, 3), grad=True)  # 37.5
+    assert winograd_applies(torch.zeros(1, 256, 25, 34), w, grad=True)  # 3.3 per channel
+    assert not winograd_applies(torch.zeros(2, 256, 15, 20), w, grad=True)  # 2.3
+    assert not winograd_applies(torch.zeros(4, 512, 10, 15), (512, 512, 3, 3), grad=True)  # 1.2
+    assert winograd_applies(torch.zeros(2, 512, 25, 34), (512, 512, 3, 3), grad=True)  # 3.3: res5 at 800 px
+    # 128 channels (res3) only from 128 pixels per channel; 64 channels never.
+    assert winograd_applies(torch.zeros(2, 128, 100, 136), (128, 128, 3, 3), grad=True)  # 212 per channel
+    assert not winograd_applies(torch.zeros(2, 128, 100, 136), (128, 128, 3, 3))  # inference keeps 256
+    assert not winograd_applies(torch.zeros(2, 128, 60, 80), (128, 128, 3, 3), grad=True)  # 75
     assert not winograd_applies(torch.zeros(2, 256, 25, 34), (128, 256, 3, 3), grad=True)  # 6.6 for 256 out
-    assert winograd_applies(torch.zeros(2, 256, 100, 136), (128, 256, 3, 3), grad=True)
+    assert winograd_applies(torch.zeros(4, 256, 100, 136), (128, 256, 3, 3), grad=True)  # 212 for 256 out
     assert not winograd_applies(torch.zeros(8, 64, 100, 136), (64, 64, 3, 3), grad=True)
