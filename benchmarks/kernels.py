@@ -27,12 +27,19 @@ Rows (R-50-FPN shapes at 800x1066):
   gradients) of the same convolution as ``F.conv2d`` under autograd (oneDNN, before) and as
   ``maskrcnn.ops.conv3x3_winograd_autograd`` (now, ``TRAIN.WINOGRAD``), on a training step's shapes; "(not
   taken)": where ``winograd_applies(..., grad=True)`` leaves it to oneDNN.
+- ``winograd train backbone 3x3+ReLU fp32 CinxCout@NxHxW F(mxm)`` (``--winograd``): a ResNet block's middle
+  convolution with its frozen BN folded and its ReLU, forward and backward (input and weight gradients), as
+  ``FrozenBNConv2d.conv_relu`` (oneDNN's fused kernel, before) and as ``WinogradFrozenBNConv2d.conv_relu`` (now,
+  ``TRAIN.WINOGRAD``), on res3's (128@2x100x136), res4's (256@2x50x68) and res5's (512@2x25x34) shapes at 800 px
+  and on smaller ones the rule leaves to oneDNN.
 
   The same input is convolved call after call, so a map that fits the caches is read from them, which a model's
   maps are not: the Winograd rows flatter the transforms' memory traffic. ``inference.py --ablation`` measures the
   whole model.
 
-Each row alternates the two after a warm-up, ``--rounds`` rounds of ``--repeats`` calls each; it prints the median
+glibc malloc is tuned for the whole process (``--tune-malloc 1``, the default, as training and ``tools/test_net.py``
+run): freed buffers are reused instead of mapped and faulted in again at every call, which otherwise weighs on the
+Winograd rows' large temporaries. Each row alternates the two after a warm-up, ``--rounds`` rounds of ``--repeats`` calls each; it prints the median
 of the per-round times and the per-round ratios now / before (< 1: now is faster) with their min-max.
 A diagnostic of our own choices on this machine, not a ratio against another library.
 """
@@ -69,6 +76,10 @@ WINOGRAD = [(1, 256, 200, 272), (1, 256, 100, 136), (1, 256, 50, 68), (1, 256, 2
 # sampled positives' RoIs (about 64 at batch 2).
 WINOGRAD_TRAIN = [(2, 256, 200, 272), (2, 256, 100, 136), (2, 256, 50, 68), (2, 256, 25, 34), (2, 256, 13, 17),
                   (64, 256, 14, 14)]
+#: (N, C, H, W) of the backbone's 3x3 convolutions in a training step: res3, res4 and res5 at 800x1066 (batch 2),
+#: res3 at 480x640, res5 at batch 1 and at 480x640.
+WINOGRAD_TRAIN_BACKBONE = [(2, 128, 100, 136), (2, 256, 50, 68), (2, 512, 25, 34), (2, 128, 60, 80), (1, 512, 25, 34),
+                           (2, 512, 15, 20)]
 
 
 def pointwise_rows(gen: torch.Generator, dtype: torch.dtype) -> Dict[str, List[Callable]]:
@@ -170,6 +181,38 @@ def winograd_train_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
     return rows
 
 
+def winograd_backbone_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
+    from maskrcnn.engine.frozen_bn_training import FoldedFrozenBatchNorm2d, FrozenBNConv2d
+    from maskrcnn.engine.winograd_training import enable_winograd_training
+    from maskrcnn.modeling.backbone.frozen_bn import FrozenBatchNorm2d
+
+    rows = {}
+    for n, c, h, w in WINOGRAD_TRAIN_BACKBONE:
+        conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        bn = FrozenBatchNorm2d(c)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(c, c, 3, 3, generator=gen) / (3 * c ** 0.5))
+            bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+        plain = FrozenBNConv2d(conv, FoldedFrozenBatchNorm2d.from_frozen(bn)).to(memory_format=CL)
+        fast = FrozenBNConv2d(conv, FoldedFrozenBatchNorm2d.from_frozen(bn)).to(memory_format=CL)
+        enable_winograd_training(torch.nn.Sequential(fast))  # same parameter objects, Winograd class
+        x = torch.randn(n, c, h, w, generator=gen).relu().contiguous(memory_format=CL).requires_grad_()
+        grad_out = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
+        taken = "" if winograd_applies(x, conv.weight.shape, grad=True) else " (not taken)"
+
+        def step(m, x=x, grad_out=grad_out):
+            def run():
+                x.grad = m.weight.grad = None
+                m.conv_relu(x).backward(grad_out)
+                return x.grad, m.weight.grad
+            return run
+        tile = winograd_tile(h, w)
+        rows[f"winograd train backbone 3x3+ReLU fp32 {c}x{c}@{n}x{h}x{w} F({tile}x{tile}){taken}"] = [
+            step(plain), step(fast)]
+    return rows
+
+
 def time_row(fns: List[Callable], rounds: int, repeats: int) -> List[List[float]]:
     """Per callable, its ms per call in each of ``rounds`` alternated rounds of ``repeats`` calls
     (:func:`common.alternate`)."""
@@ -190,7 +233,9 @@ def main(argv=None) -> int:
                         help="also the pointwise backward in fp32 (where training keeps oneDNN's)")
     parser.add_argument("--winograd", action="store_true", help="also the Winograd 3x3 rows")
     parser.add_argument("--only", default="", help="only the rows whose name contains this text")
+    common.add_tune_malloc_arg(parser)
     args = parser.parse_args(argv)
+    common.apply_tune_malloc(args.tune_malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -200,10 +245,11 @@ def main(argv=None) -> int:
     if args.winograd:
         rows.update(winograd_rows(gen))
         rows.update(winograd_train_rows(gen))
+        rows.update(winograd_backbone_rows(gen))
     rows = {name: fns for name, fns in rows.items() if args.only in name}
     commit = common.git_commit()
     print(f"# kernels, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x "
-          f"{args.repeats} calls, commit {commit}")
+          f"{args.repeats} calls, malloc {'tuned' if args.tune_malloc else 'default'}, commit {commit}")
     out = {}
     for name, fns in rows.items():
         print(f"## {name} (round lines: 0 = before, 1 = now, seconds for {args.repeats} calls)", flush=True)
@@ -228,7 +274,8 @@ def main(argv=None) -> int:
     if args.json:
         common.write_json(args.json, {"benchmark": "kernels", "commit": commit,
                                       "machine": common.machine_info(), "threads": torch.get_num_threads(),
-                                      "rounds": args.rounds, "repeats": args.repeats, "rows": out})
+                                      "rounds": args.rounds, "repeats": args.repeats,
+                                      "tune_malloc": bool(args.tune_malloc), "rows": out})
     return 0
 
 

@@ -36,12 +36,25 @@ def test_pointwise_rows_compute_the_same_gradients(monkeypatch):
 
 
 def test_winograd_train_rows_compute_the_same_gradients(monkeypatch):
-    monkeypatch.setattr(kernels, "WINOGRAD_TRAIN", [(4, 256, 16, 16), (2, 256, 16, 20), (1, 256, 14, 14)])
+    monkeypatch.setattr(kernels, "WINOGRAD_TRAIN", [(3, 256, 16, 16), (2, 256, 16, 20), (1, 256, 14, 14)])
     rows = kernels.winograd_train_rows(torch.Generator().manual_seed(0))
-    # 4x16x16 = 1024 pixels, 4 per channel: the training rule's floor; 2x16x20 has 2.5, 1x14x14 0.8.
-    assert list(rows) == ["winograd train 3x3 fp32 256x256@4x16x16 F(4x4)",
+    # 3x16x16 = 768 pixels, 3 per channel: the training rule's floor; 2x16x20 has 2.5, 1x14x14 0.8.
+    assert list(rows) == ["winograd train 3x3 fp32 256x256@3x16x16 F(4x4)",
                           "winograd train 3x3 fp32 256x256@2x16x20 F(4x4) (not taken)",
                           "winograd train 3x3 fp32 256x256@1x14x14 F(5x5) (not taken)"]
+    for name, (before, now) in rows.items():
+        a = [g.clone() for g in before()]
+        b = now()
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(gb, ga, rtol=0, atol=2e-5 * float(ga.abs().max()), msg=name)
+
+
+def test_winograd_backbone_rows_compute_the_same_gradients(monkeypatch):
+    # 128 channels at 2x16x16 (512 pixels, 4 per channel) is below the narrow rule's 128: not taken.
+    monkeypatch.setattr(kernels, "WINOGRAD_TRAIN_BACKBONE", [(3, 256, 16, 16), (2, 128, 16, 16)])
+    rows = kernels.winograd_backbone_rows(torch.Generator().manual_seed(0))
+    assert list(rows) == ["winograd train backbone 3x3+ReLU fp32 256x256@3x16x16 F(4x4)",
+                          "winograd train backbone 3x3+ReLU fp32 128x128@2x16x16 F(4x4) (not taken)"]
     for name, (before, now) in rows.items():
         a = [g.clone() for g in before()]
         b = now()
