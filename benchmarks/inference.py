@@ -30,7 +30,8 @@ rounds (default 5); medians and the spread (min-max) are printed with ``ratio`` 
 figure) and the fair ratios: ours fp32 / torchvision's best fp32 setting, ours bf16 / torchvision bf16 +
 channels-last (``common.fair_ratios``). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on each
 model's plain eager graph and divided by the median time to give GFLOP/s and the fraction of this machine's
-matmul peak (a 4096^3 matmul timed in every round). Peak memory is measured in a fresh child process per model
+matmul peak (a 4096^3 matmul timed in every round; for ours-int8, ``torch._int_mm``'s int8 peak in GOP/s, the int8
+run's FLOPs counted as operations). Peak memory is measured in a fresh child process per model
 (``common.py``). The JSON records the commit. glibc malloc keeps freed memory for every model in the timing
 process (``--tune-malloc``, default 1, as ``tools/test_net.py`` does with ``TUNE_MALLOC``); the memory children
 run with glibc's mmap threshold fixed instead.
@@ -174,8 +175,11 @@ def run(args) -> Dict[str, Any]:
           f"{'tuned' if getattr(args, 'tune_malloc', 0) else 'default'}, commit {common.git_commit()}")
     peak_fp32 = None if args.no_peak else common.matmul_peak(torch.float32)
     peak_bf16 = common.matmul_peak(torch.bfloat16) if "bf16" in modes and not args.no_peak else None
+    # int8: torch._int_mm (int8 x int8 -> int32) at 4096^3, GOP/s.
+    peak_int8 = common.matmul_peak(torch.int8) if "int8" in modes and not args.no_peak else None
     if peak_fp32:
-        print(f"matmul peak: fp32 {peak_fp32:.0f} GFLOP/s" + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
+        print(f"matmul peak: fp32 {peak_fp32:.0f} GFLOP/s" + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else "")
+              + (f", int8 {peak_int8:.0f} GOP/s" if peak_int8 else ""))
 
     fns: Dict[str, Any] = {}
     checks: Dict[str, Dict[str, Any]] = {}
@@ -221,15 +225,20 @@ def run(args) -> Dict[str, Any]:
             fns["matmul-fp32"] = common.matmul_runner(torch.float32)
         if peak_bf16 is not None:
             fns["matmul-bf16"] = common.matmul_runner(torch.bfloat16)
+        if peak_int8 is not None:
+            fns["matmul-int8"] = common.matmul_runner(torch.int8)
         times = common.alternate(fns, repeats=repeats, warmup=0, budget_s=args.budget)
         matmul_flops = 2.0 * 4096 ** 3
         if peak_fp32 is not None:
             peak_fp32 = max(peak_fp32, matmul_flops / min(times.pop("matmul-fp32")) / 1e9)
         if peak_bf16 is not None:
             peak_bf16 = max(peak_bf16, matmul_flops / min(times.pop("matmul-bf16")) / 1e9)
+        if peak_int8 is not None:
+            peak_int8 = max(peak_int8, matmul_flops / min(times.pop("matmul-int8")) / 1e9)
         if peak_fp32 is not None:
             print(f"matmul peak (best of all rounds): fp32 {peak_fp32:.0f} GFLOP/s"
-                  + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ""))
+                  + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else "")
+                  + (f", int8 {peak_int8:.0f} GOP/s" if peak_int8 else ""))
     del fns
     gc.collect()
 
@@ -251,6 +260,8 @@ def run(args) -> Dict[str, Any]:
                    "gflop_per_s": gflops, "fraction_of_fp32_peak": gflops / peak_fp32 if peak_fp32 else None}
             if "bf16" in name and peak_bf16:
                 row["fraction_of_bf16_peak"] = gflops / peak_bf16
+            if name == "ours-int8" and peak_int8:
+                row["fraction_of_int8_peak"] = gflops / peak_int8
             rows.append(row)
     memory: Dict[str, int] = {}
     if not args.no_memory:
@@ -266,11 +277,12 @@ def run(args) -> Dict[str, Any]:
                 r["peak_memory_bytes"] = memory[key]
 
     print(f"\n| model | median | spread (min-max) | ratio to tv plain | GFLOP | GFLOP/s | of fp32 peak | "
-          f"of bf16 peak | peak memory |")
+          f"of bf16 / int8 peak | peak memory |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
-        bf = f"{100 * r['fraction_of_bf16_peak']:.0f}%" if "fraction_of_bf16_peak" in r else "-"
+        low = r.get("fraction_of_bf16_peak", r.get("fraction_of_int8_peak"))
+        bf = f"{100 * low:.0f}%" if low is not None else "-"
         fp = f"{100 * r['fraction_of_fp32_peak']:.0f}%" if r["fraction_of_fp32_peak"] is not None else "-"
         print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {r['ratio']:.3f} | "
               f"{r['gflop']:.0f} | {r['gflop_per_s']:.0f} | {fp} | {bf} | "
@@ -285,7 +297,8 @@ def run(args) -> Dict[str, Any]:
             "image": common.image_source(), "repeats": repeats, "score_thresholds": threshes,
             "tune_malloc": bool(getattr(args, "tune_malloc", 0)),
             "sets": [set_key(t, tr) for t, tr in sets],
-            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16}, "rows": rows, "ratios": ratios,
+            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16, "int8": peak_int8}, "rows": rows,
+            "ratios": ratios,
             "detections": checks, "torchvision_detections": detections, "identical_check_failed": failed}
 
 

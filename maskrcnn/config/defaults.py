@@ -253,11 +253,12 @@ _key("TRAIN.FUSE_FROZEN_BN", True, "Run each convolution and its frozen BatchNor
 _key("TRAIN.CHANNELS_LAST", True, "Train with convolutions in channels-last memory format (the layout oneDNN "
      "convolves in; same results up to float rounding).")
 _key("TRAIN.WINOGRAD", True, "On the CPU in float32 (TRAIN.AMP ''): run the forward, input gradient and weight "
-     "gradient of the plain 3x3 stride-1 convolutions (FPN outputs, RPN, mask/keypoint heads) in the Winograd "
-     "transform domain where it pays (256+ channels, maps from 14x14, at least 4 pixels per channel in the batch; "
-     "maskrcnn.engine.winograd_training); gradients equal up to float rounding (about 1e-5 of their scale). The "
-     "modules stay nn.Conv2d subclasses with the same parameters and checkpoint keys. False: oneDNN's direct "
-     "convolution everywhere.")
+     "gradient of the 3x3 stride-1 convolutions (FPN outputs, RPN, mask/keypoint heads, and the ResNet blocks' "
+     "middle ones with their frozen BN folded by TRAIN.FUSE_FROZEN_BN) in the Winograd transform domain where it "
+     "pays (256+ channels with at least 3 pixels per channel in the batch, or 128+ with at least 128; maps from "
+     "14x14; maskrcnn.engine.winograd_training); gradients equal up to float rounding (about 1e-5 of their scale). "
+     "The modules stay subclasses of their classes with the same parameters and checkpoint keys. False: oneDNN's "
+     "direct convolution everywhere.")
 _key("TRAIN.LOG_PERIOD", 20, "Log a line every this many iterations.")
 _key("TRAIN.LOST_RANK_TIMEOUT", 60.0, "Multi-process runs: a process whose heartbeat stops this many seconds is "
      "reported lost and every other one stops with an error naming it (maskrcnn.engine.lost_rank); 0 disables.")

@@ -39,8 +39,9 @@ Training (:func:`prepare_for_training`, keys under ``TRAIN``):
   ``'GN'``) has nothing to fold: set the key to False.
 * ``CHANNELS_LAST``: as for inference.
 * ``WINOGRAD``: every plain 3x3 stride-1 ``nn.Conv2d`` (FPN outputs, RPN, mask head) becomes a
-  :class:`WinogradConv2d` in place (its class only: same parameters, keys and hooks), whose float32 CPU forward and
-  backward run in the Winograd transform domain where that pays (``winograd_training.py``).
+  :class:`WinogradConv2d`, and every such :class:`FrozenBNConv2d` (the ResNet blocks' middle 3x3) a
+  :class:`WinogradFrozenBNConv2d`, in place (the class only: same parameters, keys and hooks), whose float32 CPU
+  forward and backward run in the Winograd transform domain where that pays (``winograd_training.py``).
 
 Every transform edits the model in place. The oneDNN modules live in ``onednn_fusion.py`` and the training fold
 in ``frozen_bn_training.py`` (both re-exported here); the AMP dtype map in ``amp.py``.
@@ -62,7 +63,7 @@ from .frozen_bn_training import (FoldedFrozenBatchNorm2d, FrozenBNConv2d, fold_f
                                  unfold_frozen_bn_for_training)
 from .onednn_fusion import (FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedFPN, enable_winograd,
                             fuse_conv_activations, onednn_fusion_available)
-from .winograd_training import WinogradConv2d, enable_winograd_training
+from .winograd_training import WinogradConv2d, WinogradFrozenBNConv2d, enable_winograd_training
 
 __all__ = [
     "FoldedFrozenBatchNorm2d",
@@ -71,6 +72,7 @@ __all__ = [
     "FusedBottleneck",
     "FusedConv2d",
     "WinogradConv2d",
+    "WinogradFrozenBNConv2d",
     "enable_winograd",
     "enable_winograd_training",
     "FusedFPN",

@@ -1,19 +1,21 @@
 """Training with Winograd 3x3 convolutions (``TRAIN.WINOGRAD``; :func:`maskrcnn.engine.speed.prepare_for_training`).
 
-:func:`enable_winograd_training` turns every plain 3x3 stride-1 zero-padded ``nn.Conv2d`` of a model (in R-50-FPN:
-the FPN's output convolutions, the RPN's ``RPN_conv``, the mask head's ``mask_fcn*``; the backbone's 3x3
-convolutions are :class:`~maskrcnn.engine.frozen_bn_training.FrozenBNConv2d` under ``TRAIN.FUSE_FROZEN_BN`` and stay
-with oneDNN) into a :class:`WinogradConv2d`, in place: the module's class changes (as ``torch.nn.utils.parametrize``
-does), nothing else, so parameters keep their identity (optimizers built before are unaffected), state-dict keys and
-hooks are unchanged, and ``isinstance(m, nn.Conv2d)`` still holds. ``enabled=False`` changes them back;
-:func:`~maskrcnn.engine.speed.prepare_for_inference` does so first, so that the inference speed features see plain
-convolutions.
+:func:`enable_winograd_training` changes, in place, the class of every plain 3x3 stride-1 zero-padded
+``nn.Conv2d`` of a model (in R-50-FPN: the FPN's output convolutions, the RPN's ``RPN_conv``, the mask head's
+``mask_fcn*``) to :class:`WinogradConv2d`, and that of every such
+:class:`~maskrcnn.engine.frozen_bn_training.FrozenBNConv2d` (``TRAIN.FUSE_FROZEN_BN``: the ResNet blocks' middle
+3x3 convolutions, their frozen BN folded in) to :class:`WinogradFrozenBNConv2d`, as ``torch.nn.utils.parametrize``
+does: nothing else changes, so parameters keep their identity (optimizers built before are unaffected), state-dict
+keys and hooks are unchanged, and ``isinstance`` against the old class still holds. ``enabled=False`` changes them
+back; :func:`~maskrcnn.engine.speed.prepare_for_inference` does so first, so that the inference speed features see
+plain convolutions.
 
-A :class:`WinogradConv2d` runs its forward, input gradient and weight gradient in the Winograd transform domain
-(:func:`maskrcnn.ops.conv3x3_winograd_autograd`) where ``winograd_applies(..., grad=True)`` says it pays: float32 on
-the CPU, 256+ channels, maps from 14x14 and enough pixels per channel; elsewhere (CUDA, under autocast, while
-tracing or compiling, small maps) it is the ``nn.Conv2d`` it was. Gradients equal the direct convolution's up to
-float rounding (about 1e-5 of their scale).
+Both run their forward, input gradient and weight gradient in the Winograd transform domain
+(:func:`maskrcnn.ops.conv3x3_winograd_autograd`; the folded one with its ReLU and residual sum,
+:class:`_ScaledWinogradConv`) where ``winograd_applies(..., grad=True)`` says it pays: float32 on the CPU, 256+
+channels (128+ on large batches of pixels: res3), maps from 14x14 and enough pixels per channel; elsewhere (CUDA,
+under autocast, while tracing or compiling, small maps) they are the modules they were. Gradients equal the direct
+convolution's up to float rounding (about 1e-5 of their scale).
 """
 from __future__ import annotations
 

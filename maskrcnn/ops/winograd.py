@@ -66,7 +66,9 @@ WINOGRAD_TILES = (4, 5, 6)
 # Toom-Cook interpolation points (infinity is the last one, implied): the usual small ones, whose transforms
 # round least (Lavin & Gray; Barabasz et al., 2020). F(5x5, 3x3) rounds about as F(4x4, 3x3), F(6x6, 3x3) about
 # 1.5x more; of 1/2 and -1/2 for F(5x5), 1/2 rounded least (one-off measurement at 256 channels).
-_POINTS = {4: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2)),
+# F(2x2) and F(3x3) are not offered (WINOGRAD_TILES: they save less than F(4x4) in fp32); their matrices serve
+# benchmarks/winograd_precision.py, which measures what each tile rounds with bf16 products.
+_POINTS = {2: (0, 1, -1), 3: (0, 1, -1, 2), 4: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2)),
            6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
 #: Elements of one chunk's (tile elements, tiles * C) matrix: 18 MB in float32. Of 16K to 256K (x 36), 64K to 256K
 #: were within a few percent of each other at the FPN's shapes, and at the mask head's (100 RoIs, chunks of whole

@@ -35,6 +35,14 @@ def test_pointwise_rows_compute_the_same_gradients(monkeypatch):
         torch.testing.assert_close(gw_b.float(), gw_a.float(), rtol=tol, atol=tol)
 
 
+def _same_gradients(rows):
+    for name, (before, now) in rows.items():
+        a = [g.clone() for g in before()]
+        b = now()
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(gb, ga, rtol=0, atol=2e-5 * float(ga.abs().max()), msg=name)
+
+
 def test_winograd_train_rows_compute_the_same_gradients(monkeypatch):
     monkeypatch.setattr(kernels, "WINOGRAD_TRAIN", [(3, 256, 16, 16), (2, 256, 16, 20), (1, 256, 14, 14)])
     rows = kernels.winograd_train_rows(torch.Generator().manual_seed(0))
@@ -42,11 +50,7 @@ def test_winograd_train_rows_compute_the_same_gradients(monkeypatch):
     assert list(rows) == ["winograd train 3x3 fp32 256x256@3x16x16 F(4x4)",
                           "winograd train 3x3 fp32 256x256@2x16x20 F(4x4) (not taken)",
                           "winograd train 3x3 fp32 256x256@1x14x14 F(5x5) (not taken)"]
-    for name, (before, now) in rows.items():
-        a = [g.clone() for g in before()]
-        b = now()
-        for ga, gb in zip(a, b):
-            torch.testing.assert_close(gb, ga, rtol=0, atol=2e-5 * float(ga.abs().max()), msg=name)
+    _same_gradients(rows)
 
 
 def test_winograd_backbone_rows_compute_the_same_gradients(monkeypatch):
@@ -55,8 +59,4 @@ def test_winograd_backbone_rows_compute_the_same_gradients(monkeypatch):
     rows = kernels.winograd_backbone_rows(torch.Generator().manual_seed(0))
     assert list(rows) == ["winograd train backbone 3x3+ReLU fp32 256x256@3x16x16 F(4x4)",
                           "winograd train backbone 3x3+ReLU fp32 128x128@2x16x16 F(4x4) (not taken)"]
-    for name, (before, now) in rows.items():
-        a = [g.clone() for g in before()]
-        b = now()
-        for ga, gb in zip(a, b):
-            torch.testing.assert_close(gb, ga, rtol=0, atol=2e-5 * float(ga.abs().max()), msg=name)
+    _same_gradients(rows)

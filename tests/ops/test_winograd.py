@@ -95,7 +95,7 @@ def test_bad_inputs_name_the_shapes():
         winograd_weight(torch.zeros(4, 8, 1, 1))
 
 
-@pytest.mark.parametrize("tile", WINOGRAD_TILES)
+@pytest.mark.parametrize("tile", (2, 3) + WINOGRAD_TILES)  # 2, 3: benchmarks/winograd_precision.py
 def test_transforms_compute_a_1d_correlation_exactly(tile):
     """Toom-Cook's matrices in float64: y = A^T ((G g) * (B^T d)) is the correlation of d with g, to 1e-13."""
     bt, g_t, at = _transforms(tile)
