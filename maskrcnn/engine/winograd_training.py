@@ -19,10 +19,10 @@ convolution's up to float rounding (about 1e-5 of their scale).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
-
-from typing import Optional
 
 from ..ops.winograd import (_transform_filters, conv3x3_winograd, conv3x3_winograd_autograd,
                             conv3x3_winograd_weight_grad, winograd_applies, winograd_tile, winograd_weight)
@@ -122,9 +122,10 @@ class WinogradFrozenBNConv2d(FrozenBNConv2d):
 
 
 def enable_winograd_training(model: nn.Module, enabled: bool = True) -> int:
-    """Make every plain 3x3 stride-1 zero-padded ``nn.Conv2d`` of ``model`` a :class:`WinogradConv2d` in place
-    (``enabled=False``: every :class:`WinogradConv2d` an ``nn.Conv2d`` again). Returns the number of convolutions
-    changed."""
+    """Make every plain 3x3 stride-1 zero-padded ``nn.Conv2d`` of ``model`` a :class:`WinogradConv2d` and every
+    such :class:`~maskrcnn.engine.frozen_bn_training.FrozenBNConv2d` a :class:`WinogradFrozenBNConv2d`, in place
+    (``enabled=False``: each back to the class it was). Exact classes only (a subclass may have its own forward).
+    Returns the number of convolutions changed."""
     count = 0
     for m in model.modules():
         plain = _PLAIN.get(type(m))
@@ -137,6 +138,6 @@ def enable_winograd_training(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
-#: Exact class -> its Winograd class, and back (a subclass may have its own forward).
+#: Exact class -> its Winograd class, and back.
 _PLAIN = {nn.Conv2d: WinogradConv2d, FrozenBNConv2d: WinogradFrozenBNConv2d}
 _WINOGRAD = {v: k for k, v in _PLAIN.items()}
