@@ -47,16 +47,17 @@ __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS_PER_CHANNEL", "WINOGRAD
 #: The smallest input channel count and map side that :func:`winograd_applies` accepts.
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_SIZE = 14
-#: Training (``winograd_applies(..., grad=True)``): the fewest pixels (N * H * W) per channel. On a 2-core AMD EPYC,
-#: forward + backward with the ReLU (glibc malloc tuned, as training runs: ``TUNE_MALLOC``) took at 512 channels
-#: 0.75 of oneDNN's at 3.3 pixels per channel (2x25x34), 1.01 at 1.7 (1x25x34) and 1.43 at 1.2 (2x15x20); at 256
-#: channels 0.75 at 6.6, 0.91 at 3.3 and 1.30 at 2.3 (2x15x20).
+#: Training (``winograd_applies(..., grad=True)``): the fewest pixels (N * H * W) per channel. ``python
+#: benchmarks/kernels.py --winograd --only train`` on a 2-core AMD EPYC (glibc malloc tuned, as training runs;
+#: benchmarks/results/kernels_winograd_train_2026-12-06_epyc_stop37.txt), forward + backward against oneDNN's: at
+#: 512 channels with the ReLU 0.72 at 3.3 pixels per channel (2x25x34), 0.98 at 1.7 (1x25x34) and 0.99 at 1.2
+#: (2x15x20); at 256 channels 0.85 at 6.6 (2x25x34) and 1.80 at 1.7 (2x13x17).
 WINOGRAD_MIN_PIXELS_PER_CHANNEL = 3
 #: Training also takes narrower convolutions (from :data:`WINOGRAD_NARROW_CHANNELS` to 255 channels, in or out:
 #: ResNet's res3), where the transforms weigh more against the products, on larger batches of pixels (at least
-#: :data:`WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL` x max(C_in, C_out)). Same measurement at 128 channels: 0.87 at
-#: 2x100x136 (212 pixels per channel), 0.98 at 2x60x80 (75), 1.04 at 1x60x80 (37), 1.49 at 2x25x34 (13); at 64
-#: channels 1.29 at 2x100x136.
+#: :data:`WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL` x max(C_in, C_out)). Same run, 128 channels with the ReLU: 0.67 at
+#: 2x100x136 (212 pixels per channel), 1.02 at 2x60x80 (75). At 64 channels the transforms cost more than the
+#: products save (the inference rows of ``--winograd``: 1.27 at 1x200x272, stop 36).
 WINOGRAD_NARROW_CHANNELS = 128
 WINOGRAD_NARROW_MIN_PIXELS_PER_CHANNEL = 128
 
