@@ -15,6 +15,10 @@ Rows (R-50-FPN shapes at 800x1066):
 - ``mask logits 100 x K classes``: each detection's mask logits of its own class from the mask head's
   ``(100, 256, 28, 28)`` output, as ``Mask_Outs`` on every class then the label's channel (before) and as
   ``MaskRCNNOutputs.label_logits`` (now, ``ROIHeads.mask_probs`` at inference), fp32, with the sigmoid.
+- ``weight gradient by taps fp32 3x3/2 CxC@NxHxW``: the weight gradient of a stride-2 3x3 convolution of
+  channels-last fp32 maps (res3-res5's first 3x3 with torchvision's stride placement, batch 2), as oneDNN's
+  ``aten::convolution_backward`` (before) and as one matrix product per kernel tap
+  (``maskrcnn.engine.frozen_bn_training._tap_weight_grad``, now, in fp32 training with ``TRAIN.FUSE_FROZEN_BN``).
 - ``winograd 3x3 fp32 CinxCout@NxHxW`` (``--winograd``): a 3x3 stride-1 float32 convolution + ReLU of a
   channels-last map, as oneDNN's fused kernel (``FusedConv2d``, before) and as ``maskrcnn.ops.conv3x3_winograd``
   (now, ``TEST.WINOGRAD``) with the tile ``winograd_tile`` picks for the map, named in the row. The rule
@@ -76,6 +80,8 @@ WINOGRAD = [(1, 256, 200, 272), (1, 256, 100, 136), (1, 256, 50, 68), (1, 256, 2
 # sampled positives' RoIs (about 64 at batch 2).
 WINOGRAD_TRAIN = [(2, 256, 200, 272), (2, 256, 100, 136), (2, 256, 50, 68), (2, 256, 25, 34), (2, 256, 13, 17),
                   (64, 256, 14, 14)]
+#: (N, C, H, W) inputs of the stride-2 3x3 convolutions of res3-res5 in a training step at 800x1066 (batch 2).
+TAPS = [(2, 128, 200, 272), (2, 256, 100, 136), (2, 512, 50, 68)]
 #: (N, C, H, W) of the backbone's 3x3 convolutions in a training step: res3, res4 and res5 at 800x1066 (batch 2),
 #: res3 at 480x640, res5 at batch 1 and at 480x640.
 WINOGRAD_TRAIN_BACKBONE = [(2, 128, 100, 136), (2, 256, 50, 68), (2, 512, 25, 34), (2, 128, 60, 80), (1, 512, 25, 34),
@@ -181,6 +187,25 @@ def winograd_train_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
     return rows
 
 
+def tap_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
+    from maskrcnn.engine.frozen_bn_training import _tap_weight_grad
+
+    rows = {}
+    for n, c, h, w in TAPS:
+        x = torch.randn(n, c, h, w, generator=gen).relu().contiguous(memory_format=CL)
+        weight = (torch.randn(c, c, 3, 3, generator=gen) / (3 * c ** 0.5)).contiguous(memory_format=CL)
+        grad = torch.randn(n, c, (h + 1) // 2, (w + 1) // 2, generator=gen).contiguous(memory_format=CL)
+
+        def before(x=x, weight=weight, grad=grad):
+            return torch.ops.aten.convolution_backward(grad, x, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0],
+                                                       1, [False, True, False])[1]
+
+        def now(x=x, grad=grad):
+            return _tap_weight_grad(grad, x, (3, 3), (2, 2), (1, 1))
+        rows[f"weight gradient by taps fp32 3x3/2 {c}x{c}@{n}x{h}x{w}"] = [before, now]
+    return rows
+
+
 def winograd_backbone_rows(gen: torch.Generator) -> Dict[str, List[Callable]]:
     from maskrcnn.engine.frozen_bn_training import FoldedFrozenBatchNorm2d, FrozenBNConv2d
     from maskrcnn.engine.winograd_training import enable_winograd_training
@@ -239,7 +264,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    rows = {**pointwise_rows(gen, torch.bfloat16), **identity_rows(gen), **mask_rows(gen)}
+    rows = {**pointwise_rows(gen, torch.bfloat16), **identity_rows(gen), **mask_rows(gen), **tap_rows(gen)}
     if args.fp32:
         rows.update(pointwise_rows(gen, torch.float32))
     if args.winograd:

@@ -152,6 +152,11 @@ def _scaled_conv_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, scale: T
         gx, gw, gb = _pointwise_conv_backward(grad, x, scaled, need_x, need_w, need_b, add)
         if add is not None:
             grad_tap = None
+    elif need_w and _weight_grad_by_taps(x, grad, scaled, conf):
+        gx, _, gb = torch.ops.aten.convolution_backward(
+            grad, x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, [need_x, False, need_b])
+        gw = _tap_weight_grad(grad, x, tuple(scaled.shape[2:]), stride, padding)
     else:
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, scaled, [scaled.shape[0]], list(stride), list(padding), list(dilation), False,
@@ -163,6 +168,50 @@ def _scaled_conv_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, scale: T
     # The products promote a bf16 gradient to the parameters' fp32 in the same pass.
     return (gx if need_x else None, torch.mul(gw, scale.view(-1, 1, 1, 1)).to(weight.dtype) if need_w else None,
             torch.mul(gb, scale).to(weight.dtype) if need_b else None)
+
+
+def _weight_grad_by_taps(x: Tensor, grad: Tensor, weight: Tensor, conf: Tuple[Any, ...]) -> bool:
+    """Whether :func:`_tap_weight_grad` takes this convolution's weight gradient: a float32 CPU 3x3 convolution of
+    stride 2 (the first 3x3 of res3-res5 with the stride in the 3x3, torchvision's layout), no dilation, one
+    group, channels-last input and gradient. ``python benchmarks/kernels.py --winograd --only taps`` on a 2-core
+    AMD EPYC (benchmarks/results/kernels_taps_2026-12-06_epyc_stop37.txt): oneDNN's weight gradient of these
+    shapes ran at a third to a half of its forward's rate."""
+    stride, padding, dilation, groups = conf
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and grad.dtype == torch.float32 and x.dim() == 4
+            and groups == 1 and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (2, 2)
+            and all(d == 1 for d in dilation)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and grad.is_contiguous(memory_format=torch.channels_last))
+
+
+def _tap_weight_grad(grad: Tensor, x: Tensor, kernel: Tuple[int, int], stride, padding) -> Tensor:
+    """The weight gradient of a dense convolution (no dilation, one group) as one matrix product per kernel tap:
+    ``grad_W[:, :, i, j] = grad^T @ X_ij`` over the P = N * H_out * W_out output pixels, ``grad`` (P, C_out) and
+    ``X_ij`` (P, C_in) the input pixels tap (i, j) reads, as channels-last rows: the input is copied once into a
+    channels-last buffer with the padding's zeros, and each tap's strided pixels into one (P, C_in) buffer.
+
+    Args:
+        grad: (N, C_out, H_out, W_out) output gradient; x: (N, C_in, H, W) input; kernel (kh, kw), stride and
+            padding (each a pair) of the convolution.
+    Returns (C_out, C_in, kh, kw) in ``x``'s dtype.
+    """
+    n, cin, h, w = x.shape
+    cout, ho, wo = grad.shape[1:]
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    padded = x.new_empty(n, h + 2 * ph, w + 2 * pw, cin)
+    padded[:, :ph].zero_()
+    padded[:, ph + h:].zero_()
+    padded[:, ph:ph + h, :pw].zero_()
+    padded[:, ph:ph + h, pw + w:].zero_()
+    padded[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
+    g_rows = grad.permute(0, 2, 3, 1).reshape(-1, cout)
+    gw = x.new_empty(kh, kw, cout, cin)
+    taps = x.new_empty(n, ho, wo, cin)
+    for i in range(kh):
+        for j in range(kw):
+            taps.copy_(padded[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw])
+            torch.mm(g_rows.t(), taps.view(-1, cin), out=gw[i, j])
+    return gw.permute(2, 3, 0, 1)
 
 
 def _pointwise_as_matmul(x: Tensor, grad: Tensor, weight: Tensor, conf: Tuple[Any, ...]) -> bool:

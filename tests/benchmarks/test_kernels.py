@@ -60,3 +60,10 @@ def test_winograd_backbone_rows_compute_the_same_gradients(monkeypatch):
     assert list(rows) == ["winograd train backbone 3x3+ReLU fp32 256x256@3x16x16 F(4x4)",
                           "winograd train backbone 3x3+ReLU fp32 128x128@2x16x16 F(4x4) (not taken)"]
     _same_gradients(rows)
+
+
+def test_tap_rows_compute_the_same_weight_gradient(monkeypatch):
+    monkeypatch.setattr(kernels, "TAPS", [(2, 8, 11, 14)])
+    (before, now), = kernels.tap_rows(torch.Generator().manual_seed(0)).values()
+    a, b = before(), now()
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))

@@ -566,6 +566,42 @@ def test_pointwise_conv_backward_as_matmuls_equals_convolution_backward(dtype):
     torch.testing.assert_close(gx_add.float(), rx + add.float(), **tol)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 2, 1, (11, 9)), (3, 2, 1, (12, 16)), (3, 1, 1, (7, 6)), (3, 2, 0, (9, 10)), (1, 2, 0, (7, 8))])
+def test_tap_weight_grad_equals_convolution_backward(kernel, stride, padding, size):
+    """The weight gradient as one matrix product per kernel tap gives ``convolution_backward``'s (float64
+    reference), odd and even sizes, with and without padding."""
+    from maskrcnn.engine import frozen_bn_training as fb
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 6, *size).contiguous(memory_format=cl)
+    w = torch.randn(5, 6, kernel, kernel)
+    y = F.conv2d(x, w, None, stride, padding)
+    grad = torch.randn_like(y).contiguous(memory_format=cl)
+    _, ref, _ = torch.ops.aten.convolution_backward(grad.double(), x.double(), w.double(), None, [stride] * 2,
+                                                    [padding] * 2, [1, 1], False, [0, 0], 1, [False, True, False])
+    gw = fb._tap_weight_grad(grad, x, (kernel, kernel), (stride, stride), (padding, padding))
+    assert gw.shape == w.shape and gw.dtype == torch.float32
+    torch.testing.assert_close(gw.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_grad_by_taps_takes_only_fp32_stride2_3x3_channels_last():
+    from maskrcnn.engine import frozen_bn_training as fb
+
+    cl = torch.channels_last
+    x = torch.zeros(1, 8, 10, 10).contiguous(memory_format=cl)
+    g = torch.zeros(1, 4, 5, 5).contiguous(memory_format=cl)
+    w3 = torch.zeros(4, 8, 3, 3)
+    conf = ((2, 2), (1, 1), (1, 1), 1)
+    assert fb._weight_grad_by_taps(x, g, w3, conf)
+    assert not fb._weight_grad_by_taps(x, g, w3, ((1, 1), (1, 1), (1, 1), 1))  # stride 1: oneDNN's (or Winograd)
+    assert not fb._weight_grad_by_taps(x, g, torch.zeros(4, 8, 1, 1), ((2, 2), (0, 0), (1, 1), 1))  # 1x1
+    assert not fb._weight_grad_by_taps(x.contiguous(), g, w3, conf)  # NCHW
+    assert not fb._weight_grad_by_taps(x.bfloat16(), g.bfloat16(), w3.bfloat16(), conf)  # bf16 keeps oneDNN's
+    assert not fb._weight_grad_by_taps(x, g, torch.zeros(4, 4, 3, 3), ((2, 2), (1, 1), (1, 1), 2))  # groups
+
+
 def test_pointwise_as_matmul_takes_only_unstrided_1x1_channels_last_bf16():
     from maskrcnn.engine import frozen_bn_training as fb
 
