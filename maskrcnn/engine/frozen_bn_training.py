@@ -6,7 +6,8 @@ pair; parameters, buffers and state-dict keys are unchanged, so optimizers and c
 block (or stem) whose convolutions are all folded runs with its ReLUs and residual sum inside them as oneDNN
 post-ops (:meth:`FrozenBNConv2d.conv_relu`, channels-last CPU inputs). In bf16 a 1x1 convolution's backward is two
 matrix products over the channels-last rows, and in an identity block the residual's gradient is added to the
-input's inside the first of them (``conv_relu(..., tap=True)``). Applied by
+input's inside the first of them (``conv_relu(..., tap=True)``). In fp32 a stride-2 3x3 convolution's weight
+gradient is one matrix product per kernel tap (:func:`_tap_weight_grad`). Applied by
 :func:`maskrcnn.engine.speed.prepare_for_training`.
 """
 from __future__ import annotations
@@ -173,9 +174,9 @@ def _scaled_conv_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, scale: T
 def _weight_grad_by_taps(x: Tensor, grad: Tensor, weight: Tensor, conf: Tuple[Any, ...]) -> bool:
     """Whether :func:`_tap_weight_grad` takes this convolution's weight gradient: a float32 CPU 3x3 convolution of
     stride 2 (the first 3x3 of res3-res5 with the stride in the 3x3, torchvision's layout), no dilation, one
-    group, channels-last input and gradient. ``python benchmarks/kernels.py --winograd --only taps`` on a 2-core
-    AMD EPYC (benchmarks/results/kernels_taps_2026-12-06_epyc_stop37.txt): oneDNN's weight gradient of these
-    shapes ran at a third to a half of its forward's rate."""
+    group, channels-last input and gradient. ``python benchmarks/kernels.py --only taps`` on a 2-core AMD EPYC
+    (benchmarks/results/kernels_taps_2026-12-06_epyc_stop37.txt): 0.64, 0.51 and 0.91 of oneDNN's weight-gradient
+    time on res3's, res4's and res5's shapes at 800x1066, batch 2."""
     stride, padding, dilation, groups = conf
     return (x.device.type == "cpu" and x.dtype == torch.float32 and grad.dtype == torch.float32 and x.dim() == 4
             and groups == 1 and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (2, 2)
