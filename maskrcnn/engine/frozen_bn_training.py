@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..modeling.backbone.frozen_bn import FrozenBatchNorm2d, find_conv_bn_pairs
 from ..modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNetStem, subsample
+from ..ops.winograd import _window
 from .onednn_fusion import onednn_fusion_available, onednn_supports_dtype
 
 __all__ = ["FoldedFrozenBatchNorm2d", "FrozenBNConv2d", "fold_frozen_bn_for_training",
@@ -199,12 +200,7 @@ def _tap_weight_grad(grad: Tensor, x: Tensor, kernel: Tuple[int, int], stride, p
     n, cin, h, w = x.shape
     cout, ho, wo = grad.shape[1:]
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    padded = x.new_empty(n, h + 2 * ph, w + 2 * pw, cin)
-    padded[:, :ph].zero_()
-    padded[:, ph + h:].zero_()
-    padded[:, ph:ph + h, :pw].zero_()
-    padded[:, ph:ph + h, pw + w:].zero_()
-    padded[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
+    padded = _window(x.new_empty(n, h + 2 * ph, w + 2 * pw, cin), x.permute(0, 2, 3, 1), 0, -ph, -pw)
     g_rows = grad.permute(0, 2, 3, 1).reshape(-1, cout)
     gw = x.new_empty(kh, kw, cout, cin)
     taps = x.new_empty(n, ho, wo, cin)
