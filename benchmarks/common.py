@@ -249,6 +249,71 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int 
     return 2.0 * m * k * n / min(ts) / 1e9
 
 
+#: The convolution probe's geometry (H, W, C_in, C_out, k): the FPN output / RPN 3x3 convolution on P2 at
+#: 800x1066, R-50-FPN's largest single layer (64 GFLOP per image).
+CONV_PROBE = (200, 272, 256, 256, 3)
+
+
+def conv_runner(dtype: torch.dtype = torch.float32, geometry: Tuple[int, int, int, int, int] = CONV_PROBE
+                ) -> Tuple[Callable[[], Any], float]:
+    """A callable running one channels-last ``k x k`` convolution (stride 1, ``k // 2`` padding, batch 1) of
+    ``geometry`` = (H, W, C_in, C_out, k) with the kernels the models use, and its FLOPs (``2 H W C_in C_out k^2``):
+    oneDNN's for fp32 and bf16, the x86 quantized engine's for ``torch.int8`` (a ``torch.ao.nn.quantized.Conv2d``
+    on a quint8 input, as ``TEST.QUANTIZE int8`` runs it; operations counted as FLOPs). Run once here.
+
+    A second peak next to :func:`matmul_runner`'s: ``torch.mm`` in fp32 goes to MKL, which on some CPUs (AMD's)
+    takes a slower code path than oneDNN's convolution kernels (on a 2-core AMD EPYC: fp32 4096^3 mm 190 GFLOP/s,
+    this convolution 218; bf16 391 against 463), so the models' fraction of the peak is taken against the best of
+    both."""
+    import warnings
+
+    h, w, cin, cout, k = geometry
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
+    if dtype == torch.int8:
+        import torch.ao.nn.quantized as nnq
+
+        from maskrcnn.engine.quantize import quantized_engine
+
+        torch.backends.quantized.engine = quantized_engine()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quantized tensor creation is deprecated, still what runs
+            conv = nnq.Conv2d(cin, cout, k, padding=k // 2)
+            scales = weight.abs().amax((1, 2, 3)) / 127
+            conv.set_weight_bias(torch.quantize_per_channel(weight, scales, torch.zeros(cout, dtype=torch.long), 0,
+                                                            torch.qint8), None)
+            conv.scale, conv.zero_point = 0.05, 0
+            xq = torch.quantize_per_tensor(x, float(x.abs().max()) / 127, 128, torch.quint8)
+
+        def run():
+            return conv(xq)
+    else:
+        xd = x.to(dtype)
+        wd = weight.to(dtype).contiguous(memory_format=torch.channels_last)
+
+        def run():
+            return torch.nn.functional.conv2d(xd, wd, padding=k // 2)
+    run()
+    return run, 2.0 * h * w * cin * cout * k * k
+
+
+def compute_peak(dtype: torch.dtype = torch.float32, repeats: int = 3) -> Dict[str, float]:
+    """This machine's peak in ``dtype`` as GFLOP/s (GOP/s for int8): ``{"matmul": the 4096^3 product,
+    "conv": the convolution probe (:func:`conv_runner`), "peak": the better of the two}``, each the best of
+    ``repeats`` after one call."""
+    out = {"matmul": matmul_peak(dtype, repeats=repeats)}
+    run, flops = conv_runner(dtype)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        ts.append(time.perf_counter() - t)
+    out["conv"] = flops / min(ts) / 1e9
+    out["peak"] = max(out["matmul"], out["conv"])
+    return out
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls and convolutions:
     RoIAlign, NMS and elementwise work count nothing)."""

@@ -30,8 +30,9 @@ rounds (default 5); medians and the spread (min-max) are printed with ``ratio`` 
 figure) and the fair ratios: ours fp32 / torchvision's best fp32 setting, ours bf16 / torchvision bf16 +
 channels-last (``common.fair_ratios``). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on each
 model's plain eager graph and divided by the median time to give GFLOP/s and the fraction of this machine's
-matmul peak (a 4096^3 matmul timed in every round; for ours-int8, ``torch._int_mm``'s int8 peak in GOP/s, the int8
-run's FLOPs counted as operations). Peak memory is measured in a fresh child process per model
+peak in fp32, bf16 and int8: the better of a 4096^3 matmul (int8: ``torch._int_mm``, GOP/s, the int8 run's FLOPs
+counted as operations) and the model's largest convolution run by the models' own kernels
+(``common.conv_runner``: oneDNN in fp32 / bf16, the x86 quantized engine in int8), both timed in every round. Peak memory is measured in a fresh child process per model
 (``common.py``). The JSON records the commit. glibc malloc keeps freed memory for every model in the timing
 process (``--tune-malloc``, default 1, as ``tools/test_net.py`` does with ``TUNE_MALLOC``); the memory children
 run with glibc's mmap threshold fixed instead.
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--budget", type=float, default=None, help="stop timing rounds (at least 2) after this many seconds (default: never)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    p.add_argument("--no-peak", action="store_true", help="skip the 4096^3 matmul peak probes (minutes on a "
+    p.add_argument("--no-peak", action="store_true", help="skip the peak probes (4096^3 matmul, largest convolution) (minutes on a "
                    "loaded machine; the 'of peak' columns then show -)")
     p.add_argument("--json", default=None, help="write the results here")
     common.add_tune_malloc_arg(p)
@@ -173,13 +174,16 @@ def run(args) -> Dict[str, Any]:
           f"load {info['load_avg_1min']}), torch {info['torch']}, capability {info['capability']}, image "
           f"{size[0]}x{size[1]} ({common.image_source()}), score thresholds {threshes}, malloc "
           f"{'tuned' if getattr(args, 'tune_malloc', 0) else 'default'}, commit {common.git_commit()}")
-    peak_fp32 = None if args.no_peak else common.matmul_peak(torch.float32)
-    peak_bf16 = common.matmul_peak(torch.bfloat16) if "bf16" in modes and not args.no_peak else None
-    # int8: torch._int_mm (int8 x int8 -> int32) at 4096^3, GOP/s.
-    peak_int8 = common.matmul_peak(torch.int8) if "int8" in modes and not args.no_peak else None
-    if peak_fp32:
-        print(f"matmul peak: fp32 {peak_fp32:.0f} GFLOP/s" + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else "")
-              + (f", int8 {peak_int8:.0f} GOP/s" if peak_int8 else ""))
+    # Each peak is the better of a 4096^3 matmul (int8: torch._int_mm, GOP/s) and the model's largest convolution
+    # with its own kernels (common.conv_runner): MKL's fp32 / bf16 matmul is slower than oneDNN's convolution on
+    # some CPUs, and the fraction of the peak must not flatter the models.
+    peak_dtypes = {} if args.no_peak else {"fp32": torch.float32, **({"bf16": torch.bfloat16} if "bf16" in modes
+                                                                     else {}),
+                                           **({"int8": torch.int8} if "int8" in modes else {})}
+    probes = {name: common.compute_peak(dt) for name, dt in peak_dtypes.items()}
+    for name, pr in probes.items():
+        print(f"peak {name}: matmul {pr['matmul']:.0f}, convolution {pr['conv']:.0f} "
+              f"{'GOP/s' if name == 'int8' else 'GFLOP/s'}")
 
     fns: Dict[str, Any] = {}
     checks: Dict[str, Dict[str, Any]] = {}
@@ -220,25 +224,22 @@ def run(args) -> Dict[str, Any]:
             flops[key] = {"torchvision": common.count_flops(lambda: built["tv"](images)),
                           "ours": common.count_flops(lambda: built["plain"](images))}
             fns.update({row_name(n, key): f for n, f in built["fns"].items()})
-        # The matmul probes run in every round too: the peak is their best time under the models' conditions.
-        if peak_fp32 is not None:
-            fns["matmul-fp32"] = common.matmul_runner(torch.float32)
-        if peak_bf16 is not None:
-            fns["matmul-bf16"] = common.matmul_runner(torch.bfloat16)
-        if peak_int8 is not None:
-            fns["matmul-int8"] = common.matmul_runner(torch.int8)
+        # The peak probes run in every round too: the peak is their best time under the models' conditions.
+        conv_flops: Dict[str, float] = {}
+        for name, dt in peak_dtypes.items():
+            fns[f"matmul-{name}"] = common.matmul_runner(dt)
+            fns[f"conv-{name}"], conv_flops[name] = common.conv_runner(dt)
         times = common.alternate(fns, repeats=repeats, warmup=0, budget_s=args.budget)
         matmul_flops = 2.0 * 4096 ** 3
-        if peak_fp32 is not None:
-            peak_fp32 = max(peak_fp32, matmul_flops / min(times.pop("matmul-fp32")) / 1e9)
-        if peak_bf16 is not None:
-            peak_bf16 = max(peak_bf16, matmul_flops / min(times.pop("matmul-bf16")) / 1e9)
-        if peak_int8 is not None:
-            peak_int8 = max(peak_int8, matmul_flops / min(times.pop("matmul-int8")) / 1e9)
-        if peak_fp32 is not None:
-            print(f"matmul peak (best of all rounds): fp32 {peak_fp32:.0f} GFLOP/s"
-                  + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else "")
-                  + (f", int8 {peak_int8:.0f} GOP/s" if peak_int8 else ""))
+        for name, pr in probes.items():
+            pr["matmul"] = max(pr["matmul"], matmul_flops / min(times.pop(f"matmul-{name}")) / 1e9)
+            pr["conv"] = max(pr["conv"], conv_flops[name] / min(times.pop(f"conv-{name}")) / 1e9)
+            pr["peak"] = max(pr["matmul"], pr["conv"])
+        if probes:
+            print("peak (best of all rounds; matmul / convolution): " + ", ".join(
+                f"{name} {pr['peak']:.0f} ({pr['matmul']:.0f} / {pr['conv']:.0f})" for name, pr in probes.items()))
+        peak_fp32, peak_bf16, peak_int8 = (probes[n]["peak"] if n in probes else None
+                                           for n in ("fp32", "bf16", "int8"))
     del fns
     gc.collect()
 
@@ -297,7 +298,8 @@ def run(args) -> Dict[str, Any]:
             "image": common.image_source(), "repeats": repeats, "score_thresholds": threshes,
             "tune_malloc": bool(getattr(args, "tune_malloc", 0)),
             "sets": [set_key(t, tr) for t, tr in sets],
-            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16, "int8": peak_int8}, "rows": rows,
+            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16, "int8": peak_int8},
+            "peak_probes_gflops": probes, "rows": rows,
             "ratios": ratios,
             "detections": checks, "torchvision_detections": detections, "identical_check_failed": failed}
 

@@ -137,3 +137,31 @@ def test_torchvision_settings_run_channels_last_and_bf16():
 def test_git_commit_is_recorded():
     commit = common.git_commit()
     assert commit == "unknown" or len(commit.split("-")[0]) == 40
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.int8, 6e-2)])
+def test_conv_runner_computes_its_convolution(dtype, tol):
+    h, w, cin, cout, k = 11, 9, 32, 16, 3
+    run, flops = common.conv_runner(dtype, (h, w, cin, cout, k))
+    assert flops == 2 * h * w * cin * cout * k * k
+    out = run()
+    if out.is_quantized:
+        out = out.dequantize()
+    # The runner's seeded input and weight, regenerated.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, h, w, generator=g)
+    weight = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
+    ref = torch.nn.functional.conv2d(x, weight, padding=1)
+    if dtype == torch.int8:
+        ref = ref.clamp(0, 255 * 0.05)  # the quint8 output (zero point 0, scale 0.05) holds 0 .. 12.75
+    assert out.shape == ref.shape
+    assert (out.float() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_compute_peak_is_the_better_probe(monkeypatch):
+    monkeypatch.setattr(common, "matmul_peak", lambda dtype, repeats=3: 100.0)
+    monkeypatch.setattr(common, "CONV_PROBE", (8, 8, 8, 8, 3))
+    monkeypatch.setattr(common.conv_runner, "__defaults__", (torch.float32, (8, 8, 8, 8, 3)))
+    out = common.compute_peak(torch.float32, repeats=1)
+    assert out["matmul"] == 100.0 and out["conv"] > 0
+    assert out["peak"] == max(out["matmul"], out["conv"])

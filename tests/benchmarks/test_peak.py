@@ -12,12 +12,16 @@ import peak  # noqa: E402
 def test_conv_shapes_match_their_names():
     # "resN kxk (HxW, Cin->Cout)": M = H*W, K = Cin*k*k, N = Cout.
     checked = 0
-    for name, m, k, n in peak.SHAPES:
+    for name, m, k, n, conv in peak.SHAPES:
         found = re.match(r".* (\d)x\1 .*\((\d+)x(\d+), (\d+)->(\d+)\)", name)
         if not found:
+            assert conv is None, name
             continue
         ks, h, w, cin, cout = (int(v) for v in found.groups())
         assert (m, k, n) == (h * w, cin * ks * ks, cout), name
+        # The convolution timed for the row computes the same number of multiply-adds as its product.
+        ch, cw, ccin, ccout, ck = conv
+        assert (ccin, ccout, ck) == (cin, cout, ks) and ch * cw == m, name
         checked += 1
     assert checked >= 6
 
@@ -27,3 +31,8 @@ def test_measure_runs(dtype):
     if dtype == "int8" and not peak.int8_available():
         pytest.skip("torch._int_mm is not available on this CPU build")
     assert peak.measure(64, 64, 64, dtype, repeats=1) > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_measure_conv_runs(dtype):
+    assert peak.measure_conv((9, 7, 16, 8, 3), dtype, repeats=1) > 0
