@@ -67,7 +67,8 @@ def clip_boxes_to_image(
     ``size`` is ``(height, width)`` (ints, or 0-dim tensors such as ``image.shape[-2:]`` under
     ``torch.jit.trace``, where they stay symbolic). x coordinates are clamped to ``[0, width]`` and y to
     ``[0, height]`` (``[0, width - 1]`` / ``[0, height - 1]`` with ``legacy_plus_one``). Returns a new
-    tensor of the same shape and dtype; gradients flow through unclamped coordinates.
+    tensor of the same shape and dtype; gradients flow through the coordinates strictly inside the bounds
+    (none through one clamped or exactly on a bound, as with torchvision).
     """
     _check_boxes(boxes, "boxes", multiple_of_four=True)
     if len(size) != 2:
@@ -85,7 +86,10 @@ def clip_boxes_to_image(
         if legacy_plus_one:
             height, width = height - 1, width - 1
         limits = torch.tensor([width, height, width, height] * groups, dtype=boxes.dtype, device=boxes.device)
-    return torch.minimum(boxes.clamp(min=0), limits)
+    # torch.where, not torch.minimum: a coordinate exactly on the bound gets no gradient, as with torchvision's
+    # clamp (torch.minimum would split it in two).
+    clamped = boxes.clamp(min=0)
+    return torch.where(clamped < limits, clamped, limits)
 
 
 def flip_boxes(boxes: Tensor, width: Union[int, float], legacy_plus_one: bool = False) -> Tensor:

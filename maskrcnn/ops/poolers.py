@@ -35,7 +35,8 @@ class LevelMapper:
 
     The level is clamped to ``[k_min, k_max]`` and returned minus ``k_min`` (so 0 is the finest
     level used), as int64 of shape (R,). Boxes: (R, 4) ``x1, y1, x2, y2`` or a list of (Ri, 4)
-    per image (concatenated in order); ``area = (x2 - x1) * (y2 - y1)`` in the boxes' dtype.
+    per image (concatenated in order); ``area = (x2 - x1) * (y2 - y1)`` in the boxes' dtype (float16 and
+    bfloat16 boxes in float32, as torchvision's ``box_area``).
     """
 
     def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4, eps: float = 1e-6):
@@ -56,7 +57,9 @@ class LevelMapper:
             boxes = torch.cat(list(boxes), 0)
         if boxes.dim() != 2 or boxes.shape[1] != 4:
             raise ValueError(f"boxes must be (R, 4) (or a list of (Ri, 4)), got shape {tuple(boxes.shape)}")
-        if not boxes.is_floating_point():
+        if not boxes.is_floating_point() or boxes.dtype not in (torch.float32, torch.float64):
+            # float16 areas overflow (65504 is a 256x256 box) and send large boxes to the top level; torchvision's
+            # box_area upcasts too.
             boxes = boxes.float()
         s = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
         # torchvision's operation order, so that boxes on a level boundary land identically.

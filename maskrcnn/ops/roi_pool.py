@@ -7,7 +7,10 @@ Semantics (torchvision's CPU/CUDA kernels):
 * bin ``p`` of ``n`` covers pixels ``[floor(p * s), ceil((p + 1) * s))`` with ``s = span / n``,
   shifted by the RoI corner and clipped to the map;
 * a bin outputs the channel-wise max over its pixels, the first one in row-major order on ties,
-  and 0 when the clipped bin is empty; the gradient flows to that argmax pixel only.
+  and 0 when the clipped bin is empty; the gradient flows to that argmax pixel only;
+* as torchvision's running max starts at ``-FLT_MAX`` (float32's lowest finite value, in every dtype)
+  and takes only greater values, NaN pixels are never the max, and a bin with no pixel above
+  ``-FLT_MAX`` (all ``-inf``, or float64 values below it) outputs ``-FLT_MAX`` and passes no gradient.
 
 Algorithm: the feature map is laid out as a ``(N*H*W, C)`` channels-last table, followed by
 "max-window" levels: level ``l`` holds, at pixel ``x``, the max over columns ``[x, x + 2**l)`` of
@@ -138,6 +141,10 @@ def _push_down(grad_table: Tensor, right_wins: List[Tensor], rows: int, height: 
     return grad_table[:rows]
 
 
+#: torchvision's starting max for a non-empty bin (float32's largest finite value, in every dtype).
+_FLT_MAX = float(torch.finfo(torch.float32).max)
+
+
 class _RoIPoolFunction(torch.autograd.Function):
     """Bag maxima over the features' max-window table (+ one zero row); differentiable in the features only."""
 
@@ -146,6 +153,11 @@ class _RoIPoolFunction(torch.autograd.Function):
         n, c, h, w = input.shape
         rows = n * h * w
         table = pack_features([input], dtype, extra_rows=levels * rows + 1)
+        # torchvision's kernel keeps a pixel only if it exceeds the running max, which starts at -FLT_MAX: NaN
+        # is never kept, and a bin with nothing above -FLT_MAX (all -inf, or float64 below it) returns -FLT_MAX
+        # with no argmax. Pixels it would never keep become -FLT_MAX here (the table is a copy).
+        pixels = table[:rows]
+        pixels.nan_to_num_(nan=-_FLT_MAX, posinf=float("inf"), neginf=-_FLT_MAX).clamp_(min=-_FLT_MAX)
         table[-1].zero_()
         track = ctx.needs_input_grad[5]
         right_wins = _max_windows(table, rows, n * h, w, levels, track)
@@ -160,6 +172,10 @@ class _RoIPoolFunction(torch.autograd.Function):
                 table, index.reshape(-1), offsets, False, 2, False, None, False, -1
             )
             write_rois(out, rois, 0, output_rows_to_nchw(maxima, output_size))
+            if track:
+                # A bin that kept no pixel (its max is the -FLT_MAX start) passes no gradient, as in
+                # torchvision: its argmax goes to the zero row, whose gradient is dropped.
+                argmax = torch.where(maxima == -_FLT_MAX, table.shape[0] - 1, argmax)
             argmaxes.append(argmax)
         if track:
             ctx.save_for_backward(*right_wins, *argmaxes)

@@ -216,3 +216,13 @@ def test_flip_boxes_continuous_and_legacy_and_involution():
     assert torch.equal(flip_boxes(flip_boxes(b, 37), 37), b)  # integer coordinates: exact
     with pytest.raises(ValueError, match="multiple of 4"):
         flip_boxes(torch.zeros(2, 3), 10)
+
+
+def test_clip_gradient_on_the_bound_matches_torchvision():
+    # A coordinate exactly on a bound gets no gradient (torchvision's clamp), one inside gets all of it.
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [-1.0, 5.0, 11.0, 9.5]])
+    ours, ref = boxes.clone().requires_grad_(), boxes.clone().requires_grad_()
+    clip_boxes_to_image(ours, (10, 10)).sum().backward()
+    torchvision.ops.clip_boxes_to_image(ref, (10, 10)).sum().backward()
+    assert torch.equal(ours.grad, ref.grad)
+    assert ours.grad.tolist() == [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]

@@ -174,3 +174,14 @@ def test_shared_feature_tables_pack_each_level_set_once(monkeypatch):
         frozen = [f.clone() for f in feats]
         assert torch.equal(pooler(frozen, a), pooler(feats, a)) and torch.equal(pooler(frozen, b), pooler(feats, b))
         assert len(packs) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_level_mapper_low_precision_boxes_match_torchvision(dtype):
+    # A 300x300 box's area (90000) overflows float16: the level is computed on float32 areas, as torchvision does.
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=g) * 600
+    boxes = torch.cat([xy, xy + 1 + torch.rand(500, 2, generator=g) * 700], 1).to(dtype)
+    assert torch.equal(LevelMapper(2, 5)(boxes), TVLevelMapper(2, 5)([boxes]))
+    # level floor(4 + log2(300 / 224)) = 4, index 2 of levels 2..5 (an overflowed area would give index 3)
+    assert LevelMapper(2, 5)(torch.tensor([[0, 0, 300, 300.]], dtype=dtype)).item() == 2
