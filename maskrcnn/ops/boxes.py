@@ -87,9 +87,9 @@ def clip_boxes_to_image(
             height, width = height - 1, width - 1
         limits = torch.tensor([width, height, width, height] * groups, dtype=boxes.dtype, device=boxes.device)
     # torch.where, not torch.minimum: a coordinate exactly on the bound gets no gradient, as with torchvision's
-    # clamp (torch.minimum would split it in two).
+    # clamp (torch.minimum would split it in two); NaN fails the test and stays NaN, as it does there.
     clamped = boxes.clamp(min=0)
-    return torch.where(clamped < limits, clamped, limits)
+    return torch.where(clamped >= limits, limits, clamped)
 
 
 def flip_boxes(boxes: Tensor, width: Union[int, float], legacy_plus_one: bool = False) -> Tensor:

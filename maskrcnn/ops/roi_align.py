@@ -579,9 +579,17 @@ def _single_map_plan(
     return roi_align_plan(rois, scale, heights, widths, row_base, output_size, sampling_ratio, aligned, n * h * w)
 
 
+def empty_channels_output(input: Tensor, num_rois: int, output_size: Tuple[int, int]) -> Tensor:
+    """The (R, 0, oh, ow) result of pooling a map with no channels, as torchvision returns it, still attached to
+    ``input``'s autograd graph (its gradient is empty)."""
+    return input.new_zeros((num_rois, 0) + tuple(output_size)) + input.sum()
+
+
 def _roi_align_native(
     input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool
 ) -> Tensor:
+    if input.shape[1] == 0:
+        return empty_channels_output(input, rois.shape[0], output_size)
     dtype = compute_dtype(input.dtype)
     rois = rois.detach().to(device=input.device, dtype=dtype)
     plan = _single_map_plan(input.shape, rois, output_size, spatial_scale, sampling_ratio, aligned)
@@ -628,6 +636,11 @@ def roi_align(
             input, roi_tensor, float(spatial_scale), output_size[0], output_size[1], sampling_ratio, bool(aligned)
         )
     return _roi_align_native(input, roi_tensor, output_size, float(spatial_scale), sampling_ratio, bool(aligned))
+
+
+# torch.fx symbolic tracing (torchvision's feature extraction, FX quantization) records the op as one call
+# instead of tracing into its checks of the input's shape, as torchvision does for its own ops.
+torch.fx.wrap("roi_align")
 
 
 class RoIAlign(nn.Module):

@@ -41,6 +41,7 @@ from maskrcnn.ops.roi_align import (
     check_batch_index,
     check_features,
     compute_dtype,
+    empty_channels_output,
     feature_meta,
     new_output,
     outer_plan,
@@ -200,6 +201,8 @@ class _RoIPoolFunction(torch.autograd.Function):
 
 
 def _roi_pool_native(input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float) -> Tensor:
+    if input.shape[1] == 0:
+        return empty_channels_output(input, rois.shape[0], output_size)
     n, c, h, w = input.shape
     oh, ow = output_size
     dtype = compute_dtype(input.dtype)
@@ -247,6 +250,11 @@ def roi_pool(
     if torch.jit.is_tracing():
         return torch.ops.maskrcnn.roi_pool(input, roi_tensor, float(spatial_scale), output_size[0], output_size[1])
     return _roi_pool_native(input, roi_tensor, output_size, float(spatial_scale))
+
+
+# torch.fx symbolic tracing (torchvision's feature extraction, FX quantization) records the op as one call
+# instead of tracing into its checks of the input's shape, as torchvision does for its own ops.
+torch.fx.wrap("roi_pool")
 
 
 class RoIPool(nn.Module):

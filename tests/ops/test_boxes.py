@@ -226,3 +226,10 @@ def test_clip_gradient_on_the_bound_matches_torchvision():
     torchvision.ops.clip_boxes_to_image(ref, (10, 10)).sum().backward()
     assert torch.equal(ours.grad, ref.grad)
     assert ours.grad.tolist() == [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
+
+
+def test_clip_keeps_nan_as_torchvision():
+    boxes = torch.tensor([[float("nan"), 1.0, 50.0, float("nan")]])
+    ours = clip_boxes_to_image(boxes, (10, 20))
+    assert torch.equal(ours.isnan(), torchvision.ops.clip_boxes_to_image(boxes, (10, 20)).isnan())
+    assert ours[0, 1:3].tolist() == [1.0, 20.0]

@@ -73,3 +73,17 @@ def test_an_empty_box_list_for_a_non_empty_batch_is_rejected(backend):
         MultiLevelRoIAlign(7, SCALES, 2)(feats, [])
     with pytest.raises(ValueError, match="rois is an empty list; pass one"):
         roi_align(feats[0], [], 7)
+
+
+@pytest.mark.parametrize("op", [roi_align, roi_pool])
+def test_feature_map_without_channels(op, backend):
+    # torchvision returns an empty (R, 0, oh, ow) result; ours too, with an (empty) gradient for the map.
+    import torchvision
+
+    x = torch.rand(2, 0, 8, 8, requires_grad=True)
+    rois = torch.tensor([[0, 0, 0, 4, 4.0], [1, 1, 1, 5, 5]])
+    out = op(x, rois, 3)
+    ref = getattr(torchvision.ops, op.__name__)(x.detach(), rois, 3)
+    assert out.shape == ref.shape == (2, 0, 3, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

@@ -216,3 +216,29 @@ def test_traced_native_ops_are_differentiable(op):
             grads.append(leaf.grad)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
+def test_fx_symbolic_trace_records_roi_ops_as_calls():
+    # torchvision's feature extraction (get_graph_node_names) and FX-based tools trace modules symbolically: the
+    # RoI ops are wrapped (torch.fx.wrap) as one call each, as torchvision's own ops are.
+    import torch.fx
+
+    from maskrcnn.ops import RoIAlign, RoIPool
+
+    class Pool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.align = RoIAlign((3, 3), 0.5, 2)
+            self.pool = RoIPool((2, 2), 0.5)
+
+        def forward(self, x, rois):
+            return self.align(x, rois).sum() + self.pool(x, rois).sum()
+
+    model = Pool()
+    graph = torch.fx.symbolic_trace(model)
+    called = [n.target.__name__ for n in graph.graph.nodes if n.op == "call_function" and hasattr(n.target,
+                                                                                                  "__name__")]
+    assert "roi_align" in called and "roi_pool" in called
+    x = torch.rand(2, 4, 16, 16)
+    rois = torch.tensor([[0, 1, 1, 20, 20.0], [1, 0, 2, 9, 30]])
+    assert torch.equal(graph(x, rois), model(x, rois))
