@@ -7,8 +7,9 @@
 Built on :class:`maskrcnn.Predictor`: any weight format ``load_ckpt`` reads, the config's inference speed features,
 ``TEST.AMP``, and lists run in batches of ``TEST.IMS_PER_BATCH``. Without ``--cfg`` the config saved in the
 checkpoint is used. Class names come from the checkpoint (``classes``) when present, else from the COCO list when
-the model has 81 or 91 classes, else "class k". Pictures are ``OUT/<image name>.png``. An unreadable image is
-reported and skipped.
+the model has 81 or 91 classes, else "class k". Pictures are ``OUT/<image name>.png`` (``OUT/<image
+name>_<ext>.png`` where two images share a name or the picture would overwrite an image: :func:`output_paths`).
+An unreadable image is reported and skipped.
 
 Exit status: 0 done, 1 the weights cannot be read or do not fit the config, 2 bad config or command line (errors
 are one ``error: ...`` line, no traceback).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 __all__ = ["main", "parse_args", "list_images", "IMAGE_EXTS"]
 
@@ -67,6 +68,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              run_errors=(CheckpointError,))
 
 
+def output_paths(images: List[str], output_dir: str) -> Dict[str, str]:
+    """The picture each image is drawn to: ``OUT/<name>.png``, or, where that name is taken (``a.jpg`` and
+    ``a.png``; the same name in two folders) or would overwrite one of the images themselves (``--output_dir`` the
+    image folder), ``OUT/<name>_<ext>.png``, then ``OUT/<name>_<ext>_<k>.png``: no picture overwrites another
+    or an input."""
+    inputs = {os.path.realpath(p) for p in images}
+    taken: set = set()
+    out: Dict[str, str] = {}
+    for path in images:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        candidates = [stem, f"{stem}_{ext.lstrip('.') or 'image'}"]
+        k = 2
+        while True:
+            name = candidates.pop(0) if candidates else f"{stem}_{ext.lstrip('.') or 'image'}_{k}"
+            target = os.path.join(output_dir, name + ".png")
+            real = os.path.realpath(target)
+            if real not in taken and real not in inputs:
+                break
+            if not candidates:
+                k += 1
+        taken.add(real)
+        out[path] = target
+    return out
+
+
 def _draw_all(args: argparse.Namespace, images: List[str]) -> int:
     import cv2
     import torch
@@ -78,6 +104,7 @@ def _draw_all(args: argparse.Namespace, images: List[str]) -> int:
     predictor = Predictor(args.cfg, args.load_ckpt, overrides=args.set, device="cpu" if args.no_cuda else None)
     mask_thresh = float(predictor.cfg.MRCNN.THRESH_BINARIZE)
     os.makedirs(args.output_dir, exist_ok=True)
+    targets = output_paths(images, args.output_dir)
 
     def run(paths: List[str], rgbs: list) -> None:
         for path, rgb, det in zip(paths, rgbs, predictor(rgbs, format="RGB")):
@@ -88,7 +115,7 @@ def _draw_all(args: argparse.Namespace, images: List[str]) -> int:
                 # x, y and the heatmap logit (Detectron's kp_thresh 2 applies to it) of the drawn detections.
                 kps = torch.cat([det["keypoints"][..., :2], det["keypoints_scores"][..., None]], -1)
                 drawn = draw_keypoints(drawn, kps[det["scores"] >= args.thresh].numpy())
-            out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+            out = targets[path]
             if not cv2.imwrite(out, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
                 raise OSError(f"could not write {out}")
             kept = int((det["scores"] >= args.thresh).sum())

@@ -107,6 +107,14 @@ def run(cfg, args, ctx, logger) -> int:
                 raise ConfigError(f"--range {args.range[0]} {args.range[1]}: {spec} has only {len(dataset)} images")
             dataset = RangeDataset(dataset, args.range[0], args.range[1])
         datasets.append((spec, dataset))
+    # The checkpoint's class names (its "classes", a memory-mapped read) against each dataset's, before any
+    # model work: the same names in another order would score every detection against the wrong category.
+    from ..data.catalog import check_class_order
+    from ..predictor import _checkpoint_metadata
+
+    trained = _checkpoint_metadata(args.load_ckpt).get("classes")
+    for _, dataset in datasets:
+        check_class_order(trained, dataset)
     model = Generalized_RCNN(cfg).to(ctx.device)
     load_ckpt(model, args.load_ckpt, allow_class_mismatch=False)
     calib = None

@@ -122,6 +122,7 @@ def train(cfg, args, ctx, logger) -> int:
     from ..engine.trainer import NonFiniteLossError, Trainer, make_grad_scaler
     from ..modeling.backbone.norms import check_trainable_from_scratch, convert_sync_batchnorm
     from ..modeling.generalized_rcnn import Generalized_RCNN
+    from ..data.catalog import check_class_order
     from ..utils.checkpoint import Checkpointer, load_ckpt
     from ..utils.env import seed_all
 
@@ -130,6 +131,9 @@ def train(cfg, args, ctx, logger) -> int:
     # TEST.EVAL_PERIOD: the test sets are built (and SOLVER.CHECKPOINT_BEST checked) before any model work.
     eval_datasets = ([(spec, build_checked_dataset(cfg, spec, is_train=False)) for spec in cfg.TEST.DATASETS]
                      if cfg.TEST.EVAL_PERIOD > 0 else [])
+    for _, eval_dataset in eval_datasets:
+        # The training set's names in another order: every evaluation would score the wrong categories.
+        check_class_order(getattr(dataset, "classes", None), eval_dataset)
     if cfg.TEST.EVAL_PERIOD > 0 and not eval_datasets:
         raise ConfigError(f"TEST.EVAL_PERIOD = {cfg.TEST.EVAL_PERIOD} needs a test dataset: set TEST.DATASETS or "
                           f"pass --test_dataset")
@@ -259,16 +263,21 @@ def train(cfg, args, ctx, logger) -> int:
 
 def evaluate(cfg, model, ctx, final_path: str, logger) -> int:
     from ..engine.inference import evaluate_on_dataset
+    from ..data.catalog import check_class_order
     from ..engine.speed import prepare_for_inference
     from ..modeling.backbone.norms import revert_sync_batchnorm
+    from ..predictor import _checkpoint_metadata
 
     # A copy: the inference speed features (folded BN, fused convolutions) make a model unfit for training.
     # SyncBatchNorm (RESNETS.NORM SyncBN under DDP) goes back to BatchNorm: eval-mode BN, folded like any other.
     model = prepare_for_inference(revert_sync_batchnorm(copy.deepcopy(model)), cfg)
     if not cfg.TEST.DATASETS:
         raise ConfigError("--eval_after: no test dataset: set TEST.DATASETS or pass --test_dataset")
-    for spec in cfg.TEST.DATASETS:
-        dataset = build_checked_dataset(cfg, spec, is_train=False)
+    datasets = [(spec, build_checked_dataset(cfg, spec, is_train=False)) for spec in cfg.TEST.DATASETS]
+    trained = _checkpoint_metadata(final_path).get("classes")
+    for _, dataset in datasets:
+        check_class_order(trained, dataset)
+    for spec, dataset in datasets:
         out = os.path.join(cfg.OUTPUT_DIR, "test" if len(cfg.TEST.DATASETS) == 1 else f"test_{_slug(spec)}")
         logger.info("evaluating %s on %s (%d images)", final_path, dataset, len(dataset))
         evaluate_on_dataset(model, dataset, cfg, device=ctx.device, output_dir=out,

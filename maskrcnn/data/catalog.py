@@ -46,7 +46,8 @@ from .datasets.synthetic import SyntheticShapesDataset
 from .datasets.synthetic_family import VARIANTS as SYNTHETIC_VARIANTS
 from .datasets.synthetic_family import SyntheticFamilyDataset
 
-__all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "check_num_classes", "COCO_SPLITS"]
+__all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "check_class_order", "check_num_classes",
+           "COCO_SPLITS"]
 
 #: Built-in COCO splits: name -> (image folder, annotation json), both relative to DATA_DIR.
 COCO_SPLITS: Dict[str, Tuple[str, str]] = {
@@ -251,6 +252,23 @@ _register_synthetic_variants()
 for _split in ("train", "val"):
     DatasetCatalog.register(f"synthetic_keypoints_{_split}",
                             lambda s=_split: SyntheticShapesDataset(s, keypoints=True))
+
+
+def check_class_order(trained: Optional[Sequence[str]], dataset) -> None:
+    """Raise ConfigError when ``dataset.classes`` holds the same names as ``trained`` (a checkpoint's
+    ``classes``) in another order: the model's class k would be scored as the dataset's class k, another
+    category (COCO category ids renumbered between two annotation files put the same names in another
+    order). Other differences (other names, another count, either list missing) are not checked here."""
+    classes = [str(c) for c in (getattr(dataset, "classes", None) or [])]
+    trained = [str(c) for c in (trained or [])]
+    if not classes or not trained or classes == trained or sorted(classes) != sorted(trained):
+        return
+    moved = [f"{i}: {t!r} in the checkpoint, {c!r} in the dataset" for i, (t, c) in
+             enumerate(zip(trained, classes)) if t != c]
+    raise ConfigError(f"the dataset {dataset!r} has the checkpoint's classes in another order ("
+                      + "; ".join(moved[:4]) + ("; ..." if len(moved) > 4 else "") + "): its detections would "
+                      "be scored against the wrong categories. Give the annotation file the category ids of the "
+                      "training file (classes follow the sorted category ids), or retrain on it.")
 
 
 def check_num_classes(cfg, dataset) -> None:

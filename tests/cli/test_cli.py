@@ -161,3 +161,39 @@ def test_help_of_each_shim_mentions_packaged_config_names(tool):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "--cfg" in out.stdout and "baselines/e2e_mask_rcnn_R-50-FPN_1x" in out.stdout
+
+
+def test_check_class_order():
+    from maskrcnn.config import ConfigError
+    from maskrcnn.data.catalog import check_class_order
+
+    class Data:
+        classes = ["__background__", "rect", "ell"]
+
+    check_class_order(["__background__", "rect", "ell"], Data())       # the same order
+    check_class_order(["__background__", "dog", "cat"], Data())        # other names: not this check's business
+    check_class_order(None, Data())                                     # a checkpoint without names
+    check_class_order(["__background__", "rect", "ell"], [1, 2])        # a dataset without classes
+    with pytest.raises(ConfigError, match="another order") as e:
+        check_class_order(["__background__", "ell", "rect"], Data())
+    assert "1: 'ell' in the checkpoint, 'rect' in the dataset" in str(e.value)
+
+
+def test_test_net_refuses_a_dataset_with_the_checkpoint_classes_in_another_order(tmp_path, capsys):
+    # Category ids renumbered between the training and the test annotation files: every AP would be wrong.
+    import torch
+
+    from maskrcnn.cli import test_net
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+    from maskrcnn.predictor import load_config
+    from maskrcnn.utils.checkpoint import save_checkpoint
+
+    cfg = load_config(SMOKE_NAME)
+    ckpt = str(tmp_path / "model_final.pth")
+    save_checkpoint(ckpt, {"model": Generalized_RCNN(cfg).state_dict(), "cfg": cfg.dump(),
+                           "classes": ["__background__", "ellipse", "rectangle", "triangle"]})
+    rc = test_net.main(["--cfg", SMOKE_NAME, "--load_ckpt", ckpt, "--dataset", "synthetic:val", "--output_dir",
+                        str(tmp_path / "test")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another order" in err and "'ellipse' in the checkpoint" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "test" / "bbox_results.json")

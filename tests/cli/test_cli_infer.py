@@ -103,3 +103,28 @@ def test_tools_infer_simple_shim_runs_as_a_script(ckpt, shared_data, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{image}: 20 detections" in r.stdout
     assert os.listdir(tmp_path).count("PennPed00002.png") == 1
+
+
+def test_output_names_never_overwrite_a_picture_or_an_input(tmp_path):
+    from maskrcnn.cli.infer import output_paths
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    images = [str(a / "pic.jpg"), str(a / "pic.png"), str(b / "pic.jpg"), str(a / "other.jpg")]
+    out = output_paths(images, str(tmp_path / "vis"))
+    assert [os.path.basename(out[p]) for p in images] == ["pic.png", "pic_png.png", "pic_jpg.png", "other.png"]
+    # --output_dir the image folder: a .png image is not overwritten by its own picture.
+    same = output_paths([str(a / "photo.png"), str(a / "photo.jpg")], str(a))
+    assert same == {str(a / "photo.png"): str(a / "photo_png.png"), str(a / "photo.jpg"): str(a / "photo_jpg.png")}
+
+
+def test_drawing_into_the_image_folder_keeps_the_images(ckpt, tmp_path, capsys):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rgb = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(folder / "photo.png"), rgb)
+    cv2.imwrite(str(folder / "photo.jpg"), rgb)
+    before = (folder / "photo.png").read_bytes()
+    rc = main(["--load_ckpt", ckpt, "--image_dir", str(folder), "--output_dir", str(folder), "--no_cuda"])
+    assert rc == 0, capsys.readouterr().err
+    assert (folder / "photo.png").read_bytes() == before
+    assert sorted(os.listdir(folder)) == ["photo.jpg", "photo.png", "photo_jpg.png", "photo_png.png"]
