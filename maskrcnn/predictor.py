@@ -163,7 +163,8 @@ def image_to_rgb_tensor(image: Any, format: str = "BGR", who: str = "image") -> 
           EXIF orientation applied, gray and 16-bit converted, truncated files refused);
         * a NumPy array ``(H, W, 3)`` in ``format`` order (``"BGR"`` as ``cv2.imread`` returns, or ``"RGB"``),
           ``(H, W)`` gray or ``(H, W, 4)`` (alpha dropped); dtype uint8, uint16 or float in ``[0, 1]``;
-        * a PIL image (converted to RGB);
+        * a PIL image (converted to RGB; 16-bit modes ``I;16``/``I`` like a uint16 array, ``F`` like a float
+          array in ``[0, 1]``);
         * a tensor ``(3, H, W)`` RGB, float in ``[0, 1]`` or uint8 (``format`` does not apply: tensors are RGB, as
           torchvision's models take them).
 
@@ -192,6 +193,18 @@ def image_to_rgb_tensor(image: Any, format: str = "BGR", who: str = "image") -> 
         _check_unit_range(float(lo), float(hi), who)
         return image.float()
     if isinstance(image, Image.Image):
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            # PIL's convert("RGB") clips these to 0..255 (a 16-bit photo turns white, a float one black): read
+            # their values as the array path does (uint16 >> 8; float in [0, 1]).
+            a = np.array(image)
+            if image.mode == "I":
+                if a.size and (a.min() < 0 or a.max() > 65535):
+                    raise ValueError(f"{who}: a PIL image of mode 'I' must hold 0..65535 (16-bit), got "
+                                     f"{a.min()}..{a.max()}")
+                a = a.astype(np.uint16)
+            elif a.dtype != np.float32:
+                a = a.astype(np.uint16)  # I;16, I;16B: native byte order
+            return image_to_rgb_tensor(a, "RGB", who)
         return to_float_tensor(np.array(image.convert("RGB")))
     if isinstance(image, np.ndarray):
         rgb = _array_to_rgb(image, format, who)

@@ -292,3 +292,21 @@ def test_import_maskrcnn_is_light_and_predictor_loads_on_first_use():
                        capture_output=True, text=True, timeout=300)
     expected = "True maskrcnn.predictor ['__version__', 'get_cfg', 'Generalized_RCNN', 'build_model', 'load_ckpt', 'Predictor']"
     assert r.stdout.strip() == expected, r.stdout + r.stderr
+
+
+def test_pil_images_of_16_bit_and_float_modes_read_like_arrays(tmp_path):
+    # PIL's convert("RGB") clips I;16 / I / F images to 0..255: a 16-bit photo came out white, a float one black.
+    from maskrcnn.predictor import image_to_rgb_tensor
+
+    a = (np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)
+    expected = image_to_rgb_tensor(a)
+    assert 0.4 < float(expected.mean()) < 0.6
+    Image.fromarray(a).save(tmp_path / "x16.png")
+    for im in (Image.fromarray(a), Image.open(tmp_path / "x16.png"), Image.fromarray(a.astype(np.int32))):
+        assert im.mode in ("I;16", "I")
+        assert torch.equal(image_to_rgb_tensor(im), expected)
+    assert torch.equal(image_to_rgb_tensor(tmp_path / "x16.png"), expected)  # the file path reads the same
+    f = image_to_rgb_tensor(Image.fromarray(np.full((10, 12), 0.5, np.float32)))
+    assert f.shape == (3, 10, 12) and torch.all(f == 0.5)
+    with pytest.raises(ValueError, match="mode 'I' must hold 0..65535"):
+        image_to_rgb_tensor(Image.fromarray(np.full((4, 4), 70000, np.int32)))
