@@ -225,3 +225,24 @@ def test_tiny_json_errors_name_file_and_image(tiny_coco, tmp_path):
             ds[0]
     with pytest.raises(FileNotFoundError, match="annotation file"):
         COCODataset(str(tmp_path / "missing.json"), img_dir)
+
+
+@pytest.mark.parametrize("segmentation", [None, [], [2, 3, 10, 3, 10, 8, 2, 8]])
+def test_a_json_whose_every_object_is_dropped_is_refused(tiny_coco, tmp_path, segmentation):
+    # Box-only annotations (no segmentation, an empty one, or a flat list instead of a list of polygons) are
+    # dropped; when nothing is left, training would run on no object at all: an error names the file and why.
+    ann_file, img_dir, _ = tiny_coco
+    data = json.loads(open(ann_file).read())
+    for ann in data["annotations"]:
+        ann["iscrowd"] = 0
+        if segmentation is None:
+            ann.pop("segmentation")
+        else:
+            ann["segmentation"] = segmentation
+    bad = tmp_path / "boxes_only.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="annotation\\(s\\) were dropped, no object is left") as e:
+        COCODataset(str(bad), img_dir)
+    assert str(bad) in str(e.value)
+    if isinstance(segmentation, list) and segmentation:
+        assert "flat list" in str(e.value)

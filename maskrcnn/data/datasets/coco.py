@@ -109,6 +109,14 @@ class COCODataset(Dataset):
         rows = np.arange(len(self._index), dtype=np.int64)
         # dataset index -> row of the packed index (numpy, so that forked workers share it).
         self._rows: np.ndarray = rows if keep is None else rows[keep]
+        dropped = [p for p in self.annotation_problems if not p.kind.endswith("clipped")]
+        if dropped and len(self._index) and not self._index.has_non_crowd().any():
+            # Every object was dropped: training would run on nothing (zero box losses) and evaluation would score
+            # nothing, both without an error.
+            raise ValueError(summarize_problems(
+                self.annotation_problems, 5,
+                f"COCODataset({self.ann_file}): all {len(dropped)} annotation(s) were dropped, no object is left "
+                f"(box-only annotations need a 'segmentation' too, as in COCO):"))
         if self.annotation_problems:
             warnings.warn(summarize_problems(
                 self.annotation_problems, 5,
@@ -266,6 +274,10 @@ class COCODataset(Dataset):
 
         segm = ann.get("segmentation")
         if isinstance(segm, list):
+            if segm and not all(isinstance(p, (list, tuple)) for p in segm):
+                self._problem("bad_segmentation", ann, info, "polygons must be a list of [x1, y1, x2, y2, ...] lists; "
+                              "got a flat list (wrap one polygon in brackets: [[x1, y1, ...]])")
+                return None
             # A polygon needs >= 3 points; pycocotools would also read a 4-number "polygon" as a box.
             polys = [list(map(float, p)) for p in segm if len(p) >= 6 and len(p) % 2 == 0]
             if not polys:
