@@ -110,6 +110,7 @@ def setup_cfg(args: argparse.Namespace, world_size: int, log=print):
 
 def train(cfg, args, ctx, logger) -> int:
     from ..data.build import build_train_loader
+    from ..data.catalog import check_class_order
     from ..engine.ema import EMAHook, ModelEMA
     from ..engine.evaluation_hook import check_best_metric
     from ..engine.hooks import LogHook, PeriodicCheckpointer
@@ -122,7 +123,6 @@ def train(cfg, args, ctx, logger) -> int:
     from ..engine.trainer import NonFiniteLossError, Trainer, make_grad_scaler
     from ..modeling.backbone.norms import check_trainable_from_scratch, convert_sync_batchnorm
     from ..modeling.generalized_rcnn import Generalized_RCNN
-    from ..data.catalog import check_class_order
     from ..utils.checkpoint import Checkpointer, load_ckpt
     from ..utils.env import seed_all
 
@@ -262,8 +262,8 @@ def train(cfg, args, ctx, logger) -> int:
 
 
 def evaluate(cfg, model, ctx, final_path: str, logger) -> int:
-    from ..engine.inference import evaluate_on_dataset
     from ..data.catalog import check_class_order
+    from ..engine.inference import evaluate_on_dataset
     from ..engine.speed import prepare_for_inference
     from ..modeling.backbone.norms import revert_sync_batchnorm
     from ..predictor import _checkpoint_metadata

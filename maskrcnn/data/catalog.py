@@ -46,8 +46,8 @@ from .datasets.synthetic import SyntheticShapesDataset
 from .datasets.synthetic_family import VARIANTS as SYNTHETIC_VARIANTS
 from .datasets.synthetic_family import SyntheticFamilyDataset
 
-__all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "check_class_order", "check_num_classes",
-           "COCO_SPLITS"]
+__all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "check_class_order",
+           "check_num_classes", "COCO_SPLITS"]
 
 #: Built-in COCO splits: name -> (image folder, annotation json), both relative to DATA_DIR.
 COCO_SPLITS: Dict[str, Tuple[str, str]] = {
