@@ -79,7 +79,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..export import INPUT_DTYPES, build_model_for_export, compare_detections, eager_detections, export_model
     from ..utils.checkpoint import CheckpointError
 
-    for flag, path in [("--cfg", args.cfg), ("--load_ckpt", args.load_ckpt), ("--example", args.example)] + [
+    if args.cfg is not None:
+        # A file or a packaged config name, as maskrcnn-train / -test / -infer take it.
+        from ..config.paths import resolve_config_path
+
+        try:
+            resolve_config_path(args.cfg)
+        except ConfigError as e:
+            print(f"--cfg {args.cfg}: {e}", file=sys.stderr)
+            return 2
+    for flag, path in [("--load_ckpt", args.load_ckpt), ("--example", args.example)] + [
             ("--check", c) for c in args.check] + [("--calib", c) for c in args.calib]:
         if path is not None and not os.path.isfile(path):
             print(f"{flag} {path}: file not found", file=sys.stderr)

@@ -56,9 +56,13 @@ def build_model_for_export(model_or_cfg, weights: Union[str, os.PathLike, None] 
         from ..config import get_cfg
 
         if isinstance(model_or_cfg, (str, os.PathLike)):
-            path = os.fspath(model_or_cfg)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"config file not found: {path!r}")
+            from ..config import ConfigError
+            from ..config.paths import resolve_config_path
+
+            try:  # a file, or a packaged config name (as Predictor and the tools take)
+                path = resolve_config_path(os.fspath(model_or_cfg))
+            except ConfigError as e:
+                raise FileNotFoundError(str(e)) from None
             cfg = get_cfg()
             cfg.merge_from_file(path)
         else:

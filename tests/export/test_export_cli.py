@@ -69,3 +69,21 @@ def test_tools_shim_runs_the_cli():
     res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_model.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--format" in res.stdout
+
+
+def test_cfg_takes_a_packaged_config_name_as_the_other_tools_do(tmp_path, capsys):
+    import torch
+
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+    from maskrcnn.predictor import load_config
+
+    name = "quick_schedules/e2e_mask_rcnn_R-18-FPN_smoke"
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "model.pth")
+    torch.save({"model": Generalized_RCNN(load_config(name)).state_dict()}, ckpt)
+    assert main(["--cfg", name, "--load_ckpt", ckpt, "--format", "torchscript",
+                 "--output", str(tmp_path / "m.ts")]) == 0, capsys.readouterr().err
+    assert os.path.isfile(tmp_path / "m.ts")
+    assert main(["--cfg", "no/such/config", "--load_ckpt", ckpt, "--format", "torchscript",
+                 "--output", str(tmp_path / "m2.ts")]) == 2
+    assert "--cfg no/such/config: config file not found" in capsys.readouterr().err
