@@ -222,8 +222,14 @@ class Preprocessor(nn.Module):
             if (new_h, new_w) != (int(h), int(w)):
                 image = pil_bilinear_resize(image, (new_h, new_w))
         elif scale != 1.0:
-            image = F.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
-                                  recompute_scale_factor=True, align_corners=False)[0]
+            if isinstance(h, int) and min(math.floor(h * scale), math.floor(w * scale)) < 1:
+                # A side this thin (e.g. 3x2000 at 1333 max) would resize to 0 pixels, where torchvision fails:
+                # it keeps 1 pixel (the other side as interpolate computes it).
+                image = F.interpolate(image[None], size=(max(1, math.floor(h * scale)), max(1, math.floor(
+                    w * scale))), mode="bilinear", align_corners=False)[0]
+            else:
+                image = F.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
+                                      recompute_scale_factor=True, align_corners=False)[0]
         if target is not None:
             target = dict(target)
             new_hw = tuple(image.shape[-2:])

@@ -186,3 +186,19 @@ def test_from_cfg_reads_the_detectron2_rules():
     cfg.merge_from_list(["RESIZE_METHOD", "pil"])
     with pytest.raises(Exception, match="RESIZE_METHOD"):
         assert_and_infer_cfg(cfg)
+
+
+def test_a_side_that_would_resize_to_nothing_keeps_one_pixel():
+    # 3x2000 at max 64 scales by 0.032: interpolate's floor(3 * 0.032) = 0 rows fails (torchvision too); one row is
+    # kept, the other side as interpolate computes it, and the boxes follow.
+    p = Preprocessor((64,), 64, MEAN, STD).train()
+    image = torch.rand(3, 3, 2000)
+    target = {"boxes": torch.tensor([[100.0, 0.0, 300.0, 3.0]]), "labels": torch.tensor([1]),
+              "masks": torch.ones(1, 3, 2000, dtype=torch.uint8)}
+    out, t, scale = p.resize(image, target)
+    assert tuple(out.shape) == (3, 1, 64) and scale == pytest.approx(0.032)
+    assert tuple(t["masks"].shape) == (1, 1, 64)
+    assert t["boxes"][0].tolist() == pytest.approx([3.2, 0.0, 9.6, 1.0], rel=1e-5)
+    # Sizes that do not vanish resize exactly as before (torchvision's scale_factor path).
+    ref = GeneralizedRCNNTransform(64, 64, MEAN, STD).resize(torch.rand(3, 40, 2000), None)[0]
+    assert tuple(p.resize(torch.rand(3, 40, 2000))[0].shape) == tuple(ref.shape)
