@@ -17,6 +17,7 @@ are one ``error: ...`` line, no traceback).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -78,16 +79,12 @@ def output_paths(images: List[str], output_dir: str) -> Dict[str, str]:
     out: Dict[str, str] = {}
     for path in images:
         stem, ext = os.path.splitext(os.path.basename(path))
-        candidates = [stem, f"{stem}_{ext.lstrip('.') or 'image'}"]
-        k = 2
-        while True:
-            name = candidates.pop(0) if candidates else f"{stem}_{ext.lstrip('.') or 'image'}_{k}"
+        tagged = f"{stem}_{ext.lstrip('.') or 'image'}"
+        for name in itertools.chain([stem, tagged], (f"{tagged}_{k}" for k in itertools.count(2))):
             target = os.path.join(output_dir, name + ".png")
             real = os.path.realpath(target)
             if real not in taken and real not in inputs:
                 break
-            if not candidates:
-                k += 1
         taken.add(real)
         out[path] = target
     return out

@@ -158,7 +158,9 @@ class _RoIPoolFunction(torch.autograd.Function):
         # is never kept, and a bin with nothing above -FLT_MAX (all -inf, or float64 below it) returns -FLT_MAX
         # with no argmax. Pixels it would never keep become -FLT_MAX here (the table is a copy).
         pixels = table[:rows]
-        pixels.nan_to_num_(nan=-_FLT_MAX, posinf=float("inf"), neginf=-_FLT_MAX).clamp_(min=-_FLT_MAX)
+        pixels.nan_to_num_(nan=-_FLT_MAX, posinf=float("inf"), neginf=-_FLT_MAX)
+        if pixels.dtype == torch.float64:  # only float64 holds finite values below -FLT_MAX: a second pass there
+            pixels.clamp_(min=-_FLT_MAX)
         table[-1].zero_()
         track = ctx.needs_input_grad[5]
         right_wins = _max_windows(table, rows, n * h, w, levels, track)
