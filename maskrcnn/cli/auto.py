@@ -74,10 +74,19 @@ def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], 
     if not cfg.TRAIN.DATASETS:
         raise ConfigError("--auto: no training dataset: pass --dataset (or set TRAIN.DATASETS)")
     start = time.time()
-    dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
-                            filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT),
-                            max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
-    stats = compute_dataset_stats(dataset, int(cfg.AUTO.STATS_MAX_IMAGES) or None)
+    # Both raise ValueError (a DatasetSpecError, or a set without a non-crowd object) with a message naming the
+    # dataset: a config error of the run (exit 2), not a crash.
+    try:
+        dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
+                                filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT),
+                                max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
+    except ValueError as e:
+        raise ConfigError(f"--auto: {e}") from e
+    try:
+        stats = compute_dataset_stats(dataset, int(cfg.AUTO.STATS_MAX_IMAGES) or None)
+    except ValueError as e:
+        raise ConfigError(f"--auto: {e}: --auto chooses the anchors and image sizes from the objects' boxes, so the "
+                          f"training set needs objects that are not crowd regions (iscrowd 0)") from e
     say(f"auto: training set {dataset!r}, statistics in {time.time() - start:.1f} s:")
     for line in stats.describe():
         say(f"auto:   {line}")

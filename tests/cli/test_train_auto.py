@@ -67,6 +67,26 @@ def test_cfg_is_required_without_auto(capsys, tmp_path):
     assert "--cfg is required" in capsys.readouterr().err
 
 
+def test_auto_on_a_bad_or_crowd_only_set_is_a_config_error(tiny_coco, tmp_path, capsys):
+    # --auto reads the training set before the run starts; what it cannot use is an exit 2 naming the set, not a
+    # traceback.
+    ann, images = tiny_coco["train"].split(":")[1:]
+    data = json.loads(open(ann).read())
+    for a in data["annotations"]:
+        a["iscrowd"] = 1
+    crowd = tmp_path / "crowd.json"
+    crowd.write_text(json.dumps(data))
+    rc = train_net.main(["--auto", "--dataset", f"coco:{crowd}:{images}", "--output_dir", str(tmp_path / "out"),
+                         "--set", "TRAIN.FILTER_EMPTY_GT", "False"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no (non-crowd) object" in err and str(crowd) in err and "iscrowd 0" in err
+    missing = tmp_path / "missing.json"
+    assert train_net.main(["--auto", "--dataset", f"coco:{missing}", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--auto" in err and str(missing) in err and "not found" in err
+
+
 def test_timed_steps_are_real_training_steps(tmp_path):
     """The step timing --budget divides the time left by: real steps of the chosen model on the training set."""
     args = train_net.parse_args(["--auto", "--dataset", "synthetic:basic:train", "--output_dir", str(tmp_path),

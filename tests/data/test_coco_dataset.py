@@ -246,3 +246,30 @@ def test_a_json_whose_every_object_is_dropped_is_refused(tiny_coco, tmp_path, se
     assert str(bad) in str(e.value)
     if isinstance(segmentation, list) and segmentation:
         assert "flat list" in str(e.value)
+
+
+def test_annotations_without_or_sharing_an_id_are_numbered_for_the_evaluation(tmp_path):
+    # pycocotools indexes the ground truth by annotation id: a missing id failed the evaluation after the whole
+    # inference, and two objects sharing an id lost one of them (its detection then scored as a false positive).
+    from maskrcnn.evaluation.coco import coco_gt_from_dataset, evaluate_coco
+
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    cv2.imwrite(str(img_dir / "a.png"), np.zeros((60, 80, 3), np.uint8))
+    boxes = [[5, 5, 20, 20], [40, 10, 30, 25], [10, 35, 25, 20]]
+    anns = [{"image_id": 1, "category_id": 1, "bbox": b, "area": float(b[2] * b[3]), "iscrowd": 0,
+             "segmentation": [[b[0], b[1], b[0] + b[2], b[1], b[0] + b[2], b[1] + b[3], b[0], b[1] + b[3]]]}
+            for b in boxes]
+    anns[0]["id"], anns[1]["id"] = 7, 7  # the third has none
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 60, "width": 80}],
+                                    "annotations": anns, "categories": [{"id": 1, "name": "box"}]}))
+    ds = COCODataset(str(ann_file), str(img_dir))
+    with pytest.warns(UserWarning, match="1 annotation\\(s\\) without an 'id' and 1 with the id of an earlier one"):
+        gt = coco_gt_from_dataset(ds)
+    assert sorted(gt.anns) == [7, 8, 9]
+    assert gt.anns[7]["bbox"] == boxes[0]  # the first holder of an id keeps it
+    assert json.loads(ann_file.read_text())["annotations"][2].get("id") is None  # the user's file is not touched
+    dets = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 0.9} for b in boxes]
+    metrics = evaluate_coco(gt, {"bbox": dets}, log=lambda *_: None)
+    assert metrics["bbox"]["AP"] == pytest.approx(100.0)

@@ -196,6 +196,7 @@ class COCODataset(Dataset):
     @staticmethod
     def _load_coco(ann_file: str) -> COCO:
         data = COCODataset._read_json(ann_file)
+        COCODataset._number_annotations(ann_file, data)
         coco = COCO()
         coco.dataset = data
         # pycocotools prints progress lines while indexing; keep library use silent.
@@ -205,6 +206,31 @@ class COCODataset(Dataset):
             except Exception as e:
                 raise ValueError(f"COCODataset: could not index {ann_file} as COCO json: {type(e).__name__}: {e}") from e
         return coco
+
+    @staticmethod
+    def _number_annotations(ann_file: str, data: Dict[str, Any]) -> None:
+        """Give each annotation of ``data`` without an ``id``, or with the ``id`` of an earlier one, a new unique id
+        (above the largest given), in place. pycocotools indexes annotations by id: it fails on a missing one and
+        silently keeps one of two sharing an id, which drops an object from the evaluation. Training never needs
+        the ids (and leaves them alone); the evaluation's ground truth does."""
+        seen, redo = set(), []
+        for ann in data["annotations"]:
+            ann_id = ann.get("id") if isinstance(ann, dict) else None
+            if ann_id is None or ann_id in seen or isinstance(ann_id, bool) or not isinstance(ann_id, int):
+                redo.append(ann)
+            else:
+                seen.add(ann_id)
+        redo = [a for a in redo if isinstance(a, dict)]
+        if not redo:
+            return
+        missing = sum("id" not in a for a in redo)
+        start = max(seen, default=0) + 1
+        for k, ann in enumerate(redo):
+            ann["id"] = start + k
+        warnings.warn(f"COCODataset({ann_file}): {missing} annotation(s) without an 'id' and {len(redo) - missing} "
+                      f"with the id of an earlier one (or a non-integer id) were given new ids {start}.."
+                      f"{start + len(redo) - 1} for the evaluation's ground truth; give every annotation a unique "
+                      f"integer 'id' to keep your own", stacklevel=3)
 
     @property
     def coco(self) -> COCO:
