@@ -4,7 +4,8 @@
         [--input_dtype {uint8,float32}] [--paste_masks] [--example IMAGE] [--check IMAGE ...] [--set KEY VALUE ...]
         [--calib IMAGE ...]
 
-The exported model takes one ``(3, H, W)`` RGB image of any size and returns ``boxes (N, 4)``, ``labels (N,)``,
+The exported model takes one ``(3, H, W)`` RGB image of any size (``--format export``: sides of 32 to 4096
+pixels, the range of its symbolic dimensions) and returns ``boxes (N, 4)``, ``labels (N,)``,
 ``scores (N,)`` and ``masks`` (``(N, 1, M, M)`` probabilities, or ``(N, 1, H, W)`` with ``--paste_masks``).
 ``--check`` runs the exported file (ONNX: in ONNX Runtime) on the given photos, compares it with the eager model
 and prints the largest box and score differences and the smallest mask IoU; the exit status is 1 when they
@@ -26,10 +27,12 @@ __all__ = ["main", "parse_args"]
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="maskrcnn-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", required=True, help="config file")
+    p.add_argument("--cfg", required=True, help="config: a YAML file or the name of a config shipped with the "
+                                                "package (as in maskrcnn-train)")
     p.add_argument("--load_ckpt", required=True, help="checkpoint to export (any format load_ckpt reads)")
     p.add_argument("--format", required=True, choices=("torchscript", "onnx", "export"),
-                   help="torchscript (traced), onnx, or export (torch.export .pt2)")
+                   help="torchscript (traced), onnx, or export (torch.export .pt2, which takes images whose "
+                        "sides lie in 32..4096 pixels)")
     p.add_argument("--output", required=True, help="file to write")
     p.add_argument("--input_dtype", default="uint8", choices=("uint8", "float32"),
                    help="input of the exported model: uint8 RGB 0..255 (default) or float32 RGB 0..1")

@@ -14,7 +14,8 @@ A spec is one of
 * a catalog name: the built-in COCO splits (``coco_2017_train``, ``coco_2017_val``, ``coco_2014_train``,
   ``coco_2014_val``, ``coco_2014_minival``, ``coco_2014_valminusminival``) found under ``DATA_DIR`` as
   ``DATA_DIR/coco/annotations/instances_<split>.json`` and ``DATA_DIR/coco/<image folder>``, or a registered name;
-* several of the above joined by commas (or given as a list): their concatenation, which requires equal ``classes``.
+* several of the above joined by commas (or given as a list): their concatenation, which requires equal ``classes``
+  (a comma not followed by a kind or a catalog name is part of a path: ``coco:/data/my set, v2/ann.json``).
 
 Paths in specs are used as given (relative ones are relative to the working directory). Every error raised while
 building a spec is a :class:`DatasetSpecError` whose message quotes the spec.
@@ -47,7 +48,7 @@ from .datasets.synthetic_family import VARIANTS as SYNTHETIC_VARIANTS
 from .datasets.synthetic_family import SyntheticFamilyDataset
 
 __all__ = ["DatasetCatalog", "DatasetSpecError", "ConcatDataset", "build_dataset", "check_class_order",
-           "check_num_classes", "COCO_SPLITS"]
+           "check_num_classes", "split_specs", "COCO_SPLITS"]
 
 #: Built-in COCO splits: name -> (image folder, annotation json), both relative to DATA_DIR.
 COCO_SPLITS: Dict[str, Tuple[str, str]] = {
@@ -199,6 +200,23 @@ def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool,
                            f"or a catalog name")
 
 
+def split_specs(full: str) -> List[str]:
+    """The specs of a comma-joined ``full``, stripped. A comma begins a new spec only where what follows starts
+    one (a kind ``coco:``/``pennfudan:``/``synthetic`` or a catalog name); elsewhere it belongs to the path before
+    it, so ``coco:/data/my set, v2/ann.json`` is one spec."""
+    pieces = full.split(",")
+    parts = [pieces[0]]
+    for piece in pieces[1:]:
+        head = piece.strip().split(":")[0]
+        starts = head in _SPEC_KINDS or head in DatasetCatalog.list()
+        previous = parts[-1].strip().split(":")[0]
+        if not starts and previous in ("coco", "pennfudan") and piece.strip():
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece)
+    return [p.strip() for p in parts]
+
+
 def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", is_train: bool = True,
                   filter_empty: bool = False, max_image_side: Optional[int] = None) -> Dataset:
     """Build the dataset a spec names (see the module docstring).
@@ -219,7 +237,7 @@ def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", i
             raise DatasetSpecError(f"dataset spec must be a string or a list of strings, got {spec!r}")
         spec = ",".join(spec)
     full = spec
-    parts = [p.strip() for p in full.split(",")]
+    parts = split_specs(full)
     if not full.strip() or any(not p for p in parts):
         raise DatasetSpecError(f"dataset spec {full!r}: empty dataset name")
     datasets = []

@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from maskrcnn.data.catalog import (COCO_SPLITS, ConcatDataset, DatasetCatalog, DatasetSpecError, build_dataset)
+from maskrcnn.data.catalog import (COCO_SPLITS, ConcatDataset, DatasetCatalog, DatasetSpecError, build_dataset,
+                                   split_specs)
 from maskrcnn.data.datasets.coco import COCODataset
 from maskrcnn.data.datasets.pennfudan import PennFudanDataset
 from maskrcnn.data.datasets.synthetic import SyntheticShapesDataset
@@ -77,6 +78,22 @@ def test_comma_joined_and_list_specs(paths):
     spec = f"synthetic:train,pennfudan:{paths['pennfudan']}:all"
     with pytest.raises(DatasetSpecError, match=r"different classes.*person"):
         build_dataset(spec, "unused", is_train=True)
+
+
+def test_a_comma_in_a_path_does_not_split_the_spec(tmp_path):
+    # "my set, v2" split into "coco:.../my set" and " v2/...", two specs that named no file.
+    folder = tmp_path / "my set, v2"
+    _write_coco(str(folder), "val2017")
+    ann = folder / "coco" / "annotations" / "instances_val2017.json"
+    images = folder / "coco" / "val2017"
+    ds = build_dataset(f"coco:{ann}:{images}", "unused", is_train=False)
+    assert isinstance(ds, COCODataset) and ds.ann_file == str(ann) and len(ds) == 2
+    both = build_dataset(f"coco:{ann}:{images}, coco:{ann}:{images}", "unused", is_train=False)
+    assert isinstance(both, ConcatDataset) and [len(d) for d in both.datasets] == [2, 2]
+    assert split_specs(f"coco:{ann}:{images},synthetic:val, coco_2017_val") == [
+        f"coco:{ann}:{images}", "synthetic:val", "coco_2017_val"]
+    assert split_specs("coco:a, b.json,pennfudan:/x, y") == ["coco:a, b.json", "pennfudan:/x, y"]
+    assert split_specs("synthetic:train, nope") == ["synthetic:train", "nope"]  # then: unknown dataset 'nope'
 
 
 @pytest.mark.parametrize("spec,match", [
