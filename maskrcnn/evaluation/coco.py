@@ -29,7 +29,7 @@ import io
 import json
 import logging
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -116,12 +116,13 @@ def _run_cocoeval(evaluator: str, coco_gt: COCO, dets: List[Dict[str, Any]], iou
     from faster_coco_eval import COCO as FastCOCO
     from faster_coco_eval import COCOeval_faster
 
-    if "gt" not in gt_cache:  # the same ground-truth dicts, indexed once per evaluate_coco call
+    key = id(coco_gt.dataset)
+    if key not in gt_cache:  # the same ground-truth dicts, indexed once per evaluate_coco call
         gt = FastCOCO(print_function=lambda *a: None)
         gt.dataset = coco_gt.dataset
         gt.createIndex()
-        gt_cache["gt"] = gt
-    gt = gt_cache["gt"]
+        gt_cache[key] = gt
+    gt = gt_cache[key]
     ev = COCOeval_faster(gt, gt.loadRes(dets), iou_type, print_function=lambda *a: None)
     ev.params.imgIds = img_ids
     ev.evaluate()
@@ -205,6 +206,38 @@ def _complete_coco(coco: COCO) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         out.createIndex()
     return out
+
+
+def _usable_segmentation(seg: Any) -> bool:
+    """Whether pycocotools can turn ``seg`` into a mask: an RLE dict, or a list of polygons of >= 3 points."""
+    if isinstance(seg, dict):
+        return "counts" in seg and "size" in seg
+    return (isinstance(seg, list) and len(seg) > 0 and
+            all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg))
+
+
+def _segm_ground_truth(coco_gt: COCO) -> Tuple[COCO, int]:
+    """The ground truth of the mask evaluation: ``coco_gt`` itself when every annotation has a usable
+    segmentation, else a copy where each annotation without one (a box-only object of a json that masks the
+    others) is an ignored region (``iscrowd`` 1, its box as the polygon): a detection on it is neither a hit nor a
+    false positive, as the mask it would be scored against is unknown. Returns ``(ground truth, number of such
+    annotations)``; pycocotools and faster-coco-eval fail on them otherwise."""
+    anns = coco_gt.dataset.get("annotations", [])
+    if all(_usable_segmentation(a.get("segmentation")) for a in anns):
+        return coco_gt, 0
+    data = dict(coco_gt.dataset)
+    data["annotations"], missing = [], 0
+    for a in anns:
+        if not _usable_segmentation(a.get("segmentation")):
+            x, y, w, h = (float(v) for v in a["bbox"])
+            a = dict(a, iscrowd=1, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
+            missing += 1
+        data["annotations"].append(a)
+    out = COCO()
+    out.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        out.createIndex()
+    return out, missing
 
 
 def coco_gt_from_dataset(dataset, indices: Optional[Sequence[int]] = None) -> COCO:
@@ -328,7 +361,13 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
                 metrics[iou_type].update({f"AP-{names.get(c, str(c))}": 0.0 for c in sorted(coco_gt.getCatIds())
                                           if not named_only or c in names})
             continue
-        ev, table = _run_cocoeval(evaluator, coco_gt, dets, iou_type, img_ids, gt_cache, kpt_sigmas)
+        gt = coco_gt
+        if iou_type == "segm":
+            gt, missing = _segm_ground_truth(coco_gt)
+            if missing:
+                log(f"segm: {missing} ground-truth object(s) have no usable segmentation; the mask AP ignores them "
+                    f"(as crowd regions), the box AP counts them")
+        ev, table = _run_cocoeval(evaluator, gt, dets, iou_type, img_ids, gt_cache, kpt_sigmas)
         log(f"Evaluate annotation type *{iou_type}* on {len(img_ids)} images ({evaluator})\n{table}")
         per_cat = {c: v for c, v in _per_category_ap(ev).items() if not named_only or c in names}
         log(f"per-category {iou_type} AP:\n{_format_per_category(per_cat, names)}")

@@ -148,6 +148,36 @@ def test_own_coco_ground_truth_is_used_and_completed():
     assert "iscrowd" not in coco.dataset["annotations"][0]  # the dataset's own object is not modified
 
 
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster_coco_eval"])
+def test_objects_without_a_segmentation_are_ignored_by_the_mask_ap_only(evaluator):
+    # A json that masks some objects and gives others a box only: both evaluators failed in the mask evaluation
+    # (after the whole inference). Those objects are now ignored regions there, and still count in the box AP.
+    ds = _synthetic(6)
+    gt = coco_gt_from_dataset(ds)
+    dets = _gt_as_detections(ds, contiguous_to_category_id(ds))
+    box_only = [a["id"] for a in gt.dataset["annotations"][::3]]
+    data = json.loads(json.dumps(gt.dataset))
+    for a in data["annotations"]:
+        if a["id"] in box_only:
+            del a["segmentation"]
+    partial = COCO()
+    partial.dataset = data
+    partial.createIndex()
+    lines = []
+    metrics = evaluate_coco(partial, dets, log=lines.append, evaluator=evaluator)
+    assert metrics["bbox"]["AP"] == pytest.approx(100.0)
+    # The masks found on the box-only objects are neither hits nor false positives.
+    assert metrics["segm"]["AP"] == pytest.approx(100.0)
+    assert f"segm: {len(box_only)} ground-truth object(s) have no usable segmentation" in "\n".join(lines)
+    # A wrong mask on a masked object still costs AP: the others are not ignored.
+    bad = dict(dets, segm=[dict(d) for d in dets["segm"]])
+    masked = {(a["image_id"], tuple(a["bbox"])) for a in data["annotations"] if "segmentation" in a}
+    k = next(k for k, d in enumerate(dets["bbox"]) if (d["image_id"], tuple(d["bbox"])) in masked)
+    bad["segm"][k]["segmentation"] = mask_to_rle(np.zeros((1, 64, 64), np.uint8))[0]
+    assert evaluate_coco(partial, bad, log=lambda m: None, evaluator=evaluator)["segm"]["AP"] < 99.0
+    assert "segmentation" not in partial.dataset["annotations"][0]  # the caller's ground truth is not modified
+
+
 def test_mask_to_rle_round_trip_and_shape_check():
     masks = (np.random.default_rng(0).random((3, 7, 9)) > 0.5).astype(np.uint8)
     rles = mask_to_rle(masks)
