@@ -79,7 +79,7 @@ def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], 
     try:
         dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
                                 filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT),
-                                max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
+                                max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE, box_masks=not cfg.MODEL.MASK_ON)
     except ValueError as e:
         raise ConfigError(f"--auto: {e}") from e
     try:
@@ -157,7 +157,8 @@ def fit_budget(cfg: CfgNode, args: argparse.Namespace, ctx, logger) -> None:
             cfg.freeze()
         return
     dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
-                            filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT), max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
+                            filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT), max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE,
+                            box_masks=not cfg.MODEL.MASK_ON)
     fit_schedule_to_budget(cfg, dataset, ctx.device, getattr(args, "auto_explicit", set()),
                            getattr(args, "started", time.time()), say, dist_utils.broadcast_object,
                            world_size=ctx.world_size)

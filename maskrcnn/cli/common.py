@@ -49,7 +49,8 @@ def build_checked_dataset(cfg: CfgNode, spec, is_train: bool):
 
     dataset = build_dataset(spec, cfg.DATA_DIR, is_train=is_train,
                             filter_empty=bool(is_train and cfg.TRAIN.FILTER_EMPTY_GT),
-                            max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE)
+                            max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE,
+                            box_masks=not cfg.MODEL.MASK_ON)
     check_num_classes(cfg, dataset)
     return dataset
 

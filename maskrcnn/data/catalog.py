@@ -137,11 +137,11 @@ class DatasetCatalog:
 
     @classmethod
     def get(cls, name: str, data_dir: str = "datasets", remove_images_without_annotations: bool = False,
-            max_image_side: Optional[int] = None) -> Dataset:
+            max_image_side: Optional[int] = None, box_masks: bool = False) -> Dataset:
         """Build dataset ``name``; ``data_dir`` (cfg ``DATA_DIR``) locates the built-in COCO splits.
 
-        ``remove_images_without_annotations`` and ``max_image_side`` (see :class:`COCODataset`) apply to the
-        built-in COCO splits only.
+        ``remove_images_without_annotations``, ``max_image_side`` and ``box_masks`` (see :class:`COCODataset`)
+        apply to the built-in COCO splits only.
         """
         if name in cls._factories:
             dataset = cls._factories[name]()
@@ -156,28 +156,28 @@ class DatasetCatalog:
                     raise DatasetSpecError(f"dataset {name!r} expects {path} (DATA_DIR={data_dir!r}); put COCO there "
                                            f"or set DATA_DIR")
             return COCODataset(ann, images, remove_images_without_annotations=remove_images_without_annotations,
-                               max_image_side=max_image_side)
+                               max_image_side=max_image_side, box_masks=box_masks)
         raise DatasetSpecError(f"unknown dataset {name!r}; catalog names: {cls.list()}; or a spec "
                                f"coco:ANN_JSON[:IMAGE_DIR], pennfudan:ROOT[:train|test|all], synthetic:train|val, "
                                f"synthetic:VARIANT[:train|val]")
 
 
 def _build_one(spec: str, data_dir: str, is_train: bool, filter_empty: bool,
-               max_image_side: Optional[int]) -> Dataset:
+               max_image_side: Optional[int], box_masks: bool) -> Dataset:
     fields = spec.split(":")
     kind = fields[0]
     if len(fields) == 1:
         if kind == "synthetic":
             return SyntheticShapesDataset("train" if is_train else "val")
         return DatasetCatalog.get(kind, data_dir, remove_images_without_annotations=filter_empty and is_train,
-                                  max_image_side=max_image_side)
+                                  max_image_side=max_image_side, box_masks=box_masks)
     if kind == "coco":
         if len(fields) not in (2, 3) or not fields[1]:
             raise DatasetSpecError(f"dataset spec {spec!r}: expected coco:ANN_JSON[:IMAGE_DIR]")
         ann = fields[1]
         image_dir = fields[2] if len(fields) == 3 and fields[2] else os.path.dirname(ann) or "."
         return COCODataset(ann, image_dir, remove_images_without_annotations=filter_empty and is_train,
-                           max_image_side=max_image_side)
+                           max_image_side=max_image_side, box_masks=box_masks)
     if kind == "pennfudan":
         if len(fields) not in (2, 3) or not fields[1]:
             raise DatasetSpecError(f"dataset spec {spec!r}: expected pennfudan:ROOT[:train|test|all]")
@@ -218,7 +218,8 @@ def split_specs(full: str) -> List[str]:
 
 
 def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", is_train: bool = True,
-                  filter_empty: bool = False, max_image_side: Optional[int] = None) -> Dataset:
+                  filter_empty: bool = False, max_image_side: Optional[int] = None,
+                  box_masks: bool = False) -> Dataset:
     """Build the dataset a spec names (see the module docstring).
 
     Args:
@@ -228,6 +229,8 @@ def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", i
         filter_empty: when training, drop COCO images without non-crowd objects (cfg ``TRAIN.FILTER_EMPTY_GT``).
         max_image_side: COCO-format images larger than this are decoded reduced (cfg ``DATA_LOADER.MAX_IMAGE_SIDE``;
             None or 0: never).
+        box_masks: COCO-format annotations without a segmentation get their box as the mask instead of being
+            dropped (for a model without a mask head: ``not cfg.MODEL.MASK_ON``).
 
     Returns:
         the dataset, or a :class:`ConcatDataset` for several specs.
@@ -243,7 +246,7 @@ def build_dataset(spec: Union[str, Sequence[str]], data_dir: str = "datasets", i
     datasets = []
     for part in parts:
         try:
-            dataset = _build_one(part, data_dir, is_train, filter_empty, max_image_side or None)
+            dataset = _build_one(part, data_dir, is_train, filter_empty, max_image_side or None, box_masks)
         except DatasetSpecError:
             raise
         except (OSError, ValueError, TypeError, KeyError) as e:

@@ -273,3 +273,30 @@ def test_annotations_without_or_sharing_an_id_are_numbered_for_the_evaluation(tm
     dets = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 0.9} for b in boxes]
     metrics = evaluate_coco(gt, {"bbox": dets}, log=lambda *_: None)
     assert metrics["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def test_box_masks_keeps_box_only_annotations_with_their_box_as_the_mask(tiny_coco, tmp_path):
+    # For a model without a mask head (the tools pass box_masks=not MODEL.MASK_ON): a box-only annotation is an
+    # object whose mask is its (clipped) box; annotations with a segmentation keep theirs.
+    ann_file, img_dir, masks = tiny_coco
+    data = json.loads(open(ann_file).read())
+    for ann in data["annotations"]:
+        if ann["id"] in (10, 14):
+            ann.pop("segmentation")
+    data["annotations"][2]["segmentation"] = []  # id 12: an empty list, also box-only
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="no object is left .*box-only annotations train a box-only model: "
+                                         "MODEL.MASK_ON False"):
+        COCODataset(str(partial), img_dir)  # only the crowd region 11 is left for a mask model
+    with pytest.warns(UserWarning):  # 13, 15 and 16 are still dropped
+        kept = COCODataset(str(partial), img_dir, box_masks=True)
+    assert [r["id"] for r in kept.records(0)] == [10, 11, 12, 14]
+    _, target = kept[0]
+    expected = np.zeros((4, H, W), np.uint8)
+    expected[0, 3:8, 2:10] = 1          # bbox [2, 3, 8, 5]
+    expected[1] = masks["crowd"]        # its own segmentation
+    expected[2, 10:18, 3:7] = 1         # bbox [3, 10, 4, 8]
+    expected[3, 15:20, 25:30] = 1       # bbox [25, 15, 10, 10] clipped to the 30x20 image
+    np.testing.assert_array_equal(target["masks"].numpy(), expected)
+    np.testing.assert_allclose(target["boxes"].numpy()[[0, 2, 3]], [[2, 3, 10, 8], [3, 10, 7, 18], [25, 15, 30, 20]])

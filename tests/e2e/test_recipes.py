@@ -89,3 +89,33 @@ def test_resume_on_a_fresh_folder_starts_from_imagenet_weights_with_frozen_bn(tm
     assert rc == 0
     sd = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     torch.testing.assert_close(sd["Conv_Body.conv_body.res1.conv1.weight"], tv.conv1.weight, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_box_only_coco_json_trains_a_faster_rcnn(tmp_path):
+    """A COCO json with boxes and no segmentation (what most detection datasets are) trains a box-only model
+    (MODEL.MASK_ON False): its annotations get their boxes as masks instead of being dropped, and the model learns.
+    The GN scratch recipe of the test above, without the mask head, 120 iterations on 128 box-only images,
+    evaluated on 32 box-only validation images; measured: box AP 12.0 (AP50 43.0). The floor is half of that."""
+    import json
+
+    from maskrcnn.data.datasets.synthetic import SyntheticShapesDataset
+    from maskrcnn.data.export_coco import export_coco
+
+    specs = {}
+    for split, n in (("train", 128), ("val", 32)):
+        path = export_coco(SyntheticShapesDataset(split, num_images=n), str(tmp_path / split))
+        data = json.loads(open(path).read())
+        for ann in data["annotations"]:
+            del ann["segmentation"]
+        with open(path, "w") as f:
+            json.dump(data, f)
+        specs[split] = f"coco:{path}:{tmp_path / split / 'images'}"
+    cfg = os.path.join(REPO, "configs", "scratch", "e2e_mask_rcnn_R-18-FPN_GN_scratch_synthetic.yaml")
+    out = tmp_path / "out"
+    rc = _train_net().main(["--cfg", cfg, "--nw", "0", "--output_dir", str(out), "--dataset", specs["train"],
+                            "--eval_after", "--set", "MODEL.MASK_ON", "False", "TEST.DATASETS", f"('{specs['val']}',)",
+                            "SOLVER.MAX_ITER", "120", "SOLVER.WARM_UP_ITERS", "20", "TRAIN.SNAPSHOT_ITERS", "1000"])
+    assert rc == 0
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    assert set(metrics) == {"bbox"} and metrics["bbox"]["AP"] >= 6.0, metrics

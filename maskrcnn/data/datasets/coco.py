@@ -60,6 +60,9 @@ class COCODataset(Dataset):
         max_image_side: images whose longer side exceeds this are decoded at reduced resolution and resized so the
             longer side is ``max_image_side`` (memory stays bounded for e.g. 12000x9000 photos); boxes, masks and
             ``area`` are scaled to match. ``None``: no limit.
+        box_masks: an annotation without a segmentation (a box-only one) gets its box as its mask instead of being
+            dropped, for models that learn no mask (``MODEL.MASK_ON False``, as the tools set it); a mask model
+            must not learn from these rectangles.
 
     The annotations are parsed and validated once, into a packed index (numpy arrays, see
     :mod:`maskrcnn.data.datasets.coco_index`) that DataLoader workers share without copying; an item's records are
@@ -73,7 +76,7 @@ class COCODataset(Dataset):
     """
 
     def __init__(self, ann_file: str, image_dir: str, remove_images_without_annotations: bool = False,
-                 transforms=None, max_image_side: Optional[int] = None):
+                 transforms=None, max_image_side: Optional[int] = None, box_masks: bool = False):
         if not os.path.isfile(ann_file):
             raise FileNotFoundError(f"COCODataset: annotation file not found: {ann_file}")
         if not os.path.isdir(image_dir):
@@ -84,6 +87,7 @@ class COCODataset(Dataset):
         if max_image_side is not None and int(max_image_side) <= 0:
             raise ValueError(f"COCODataset: max_image_side must be positive or None, got {max_image_side!r}")
         self.max_image_side = None if max_image_side is None else int(max_image_side)
+        self.box_masks = bool(box_masks)
         self._coco: Optional[COCO] = None
         data = self._read_json(ann_file)
 
@@ -116,7 +120,8 @@ class COCODataset(Dataset):
             raise ValueError(summarize_problems(
                 self.annotation_problems, 5,
                 f"COCODataset({self.ann_file}): all {len(dropped)} annotation(s) were dropped, no object is left "
-                f"(box-only annotations need a 'segmentation' too, as in COCO):"))
+                f"(a mask model needs a 'segmentation' per object; box-only annotations train a box-only model: "
+                f"MODEL.MASK_ON False):"))
         if self.annotation_problems:
             warnings.warn(summarize_problems(
                 self.annotation_problems, 5,
@@ -299,6 +304,8 @@ class COCODataset(Dataset):
             self._problem("box_clipped", ann, info, f"bbox {bbox!r} clipped to the {width}x{height} image (kept)")
 
         segm = ann.get("segmentation")
+        if self.box_masks and (segm is None or segm == []):
+            segm = [[x1, y1, x2, y1, x2, y2, x1, y2]]
         if isinstance(segm, list):
             if segm and not all(isinstance(p, (list, tuple)) for p in segm):
                 self._problem("bad_segmentation", ann, info, "polygons must be a list of [x1, y1, x2, y2, ...] lists; "
