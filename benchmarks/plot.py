@@ -142,6 +142,9 @@ def markdown(results: Dict[str, Any]) -> str:
                 tol = {"bf16": 0.5, "int8": 1.0}.get(mode, 0.5)
                 lines.append(f"| {mode} {iou_type} AP ({ap['dataset']}) | {other:.2f} | fp32 {fp32:.2f} | "
                              f"{diff:+.2f} points | - | within {tol} | - |")
+    goals = (results.get("train_step") or {}).get("goal_lines") or []
+    if goals:  # what each training goal asks of this machine (train_step.goal_lines)
+        lines += [""] + [f"- {g}" for g in goals]
     return "\n".join(lines)
 
 

@@ -15,7 +15,13 @@ reseeded before every step of every run, and each run steps on its own copy of t
 autocast. Steps alternate after a warm-up step each (5 rounds by default); medians, the spread (min-max),
 ``ratio`` to torchvision plain (today's figure) and the fair ratios (ours fp32 / torchvision's best fp32 setting,
 ours bf16 / torchvision bf16 + channels-last) are printed, with the peak memory of one step measured in a fresh
-child process per run (``common.py``). The JSON records the commit. Float denormals are flushed to zero in
+child process per run (``common.py``). The JSON records the commit.
+
+How hard each goal is (``--no-flops`` skips this): the FLOPs of one step are counted once on torchvision's model
+and on ours without speed features (:func:`count_step_flops`, direct convolutions), and the peak probes of
+``inference.py`` (the 4096^3 matmul and the P2 convolution, fp32 and, with a bf16 run, bf16) are timed in every
+round; each row gets its rate in those FLOPs per second and its fraction of the peak, and :func:`goal_lines` prints
+the rate each of issue #14's training goals (:data:`GOALS`) needs. Float denormals are flushed to zero in
 the whole process, for every run alike (``--flush-denormal 0`` keeps them): as ``tools/train_net.py`` does by
 default (``FLUSH_DENORMAL``); without it the fp32 steps of both models grew about 4x over five steps on
 an Intel Xeon (docs/benchmarks.md, "Denormals"), and the ratio measured which model met denormals first.
@@ -63,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "fewer --repeats on a CPU without native bf16, where they are emulated and slow")
     common.add_flush_denormal_arg(p)
     common.add_tune_malloc_arg(p)
+    p.add_argument("--no-flops", action="store_true",
+                   help="skip the FLOP count of a step and the peak probes (no GFLOP/s, no fraction of the peak)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child-memory", default=None, choices=MODELS + EXTRA_RUNS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -145,6 +153,45 @@ def child_memory(args) -> None:
     print(json.dumps({"model": args.child_memory, "peak_bytes": peak}))
 
 
+#: Issue #14's training goals: (ours, the competitor's runs (the fastest is taken), target ratio, peak dtype).
+GOALS = (("ours-fp32", (common.TV_PLAIN, common.TV_CL), 0.60, "fp32"), ("ours-bf16", (common.TV_BF16,), 0.45, "bf16"))
+
+
+def count_step_flops(runs: List[str], size) -> Dict[str, int]:
+    """FLOPs of one training step (forward with losses and backward; the SGD update counts nothing) of torchvision's
+    model and of ours without speed features, as ``FlopCounterMode`` counts them (convolutions directly, matmuls).
+    The models with speed features are not counted: oneDNN's fused convolution ops escape the counter, and
+    Winograd's products count fewer multiplications than the convolution they compute. Each count steps a model
+    of its own."""
+    out: Dict[str, int] = {}
+    families = {"torchvision": [n for n in runs if n.startswith("torchvision")],
+                "ours": [n for n in runs if n.startswith("ours")]}
+    for family, members in families.items():
+        if members:
+            _, step, _ = build(common.TV_PLAIN if family == "torchvision" else "ours-fp32", size,
+                               {"fold_bn": False, "channels_last": False, "winograd": False})
+            out[family] = common.count_flops(step)
+    return out
+
+
+def goal_lines(medians: Dict[str, float], flops: Dict[str, int], peaks: Dict[str, Dict[str, float]]) -> List[str]:
+    """For each goal of :data:`GOALS` measured here: the step time the target ratio allows and the rate (direct-
+    convolution FLOPs per second) and fraction of the peak it needs."""
+    lines = []
+    for ours, competitors, target, dname in GOALS:
+        comp = [c for c in competitors if c in medians]
+        if ours not in medians or not comp or "torchvision" not in flops or dname not in peaks:
+            continue
+        best = min(comp, key=medians.get)
+        allowed = target * medians[best]
+        need = flops["torchvision"] / allowed / 1e9
+        lines.append(f"goal {ours} <= {target:.2f} of {best} ({common.fmt_s(medians[best])}): a step of "
+                     f"{common.fmt_s(allowed)}, {need:.0f} GFLOP/s in direct-convolution FLOPs, "
+                     f"{100 * need / peaks[dname]['peak']:.0f}% of the {dname} peak ({peaks[dname]['peak']:.0f}); "
+                     f"measured {medians[ours] / medians[best]:.3f}")
+    return lines
+
+
 def run(args) -> Dict[str, Any]:
     size = common.QUICK_IMAGE_SIZE if args.quick else common.IMAGE_SIZE
     info = common.machine_info()
@@ -156,11 +203,23 @@ def run(args) -> Dict[str, Any]:
     bad = [n for n in runs if n not in MODELS + EXTRA_RUNS]
     if bad or not runs:
         raise SystemExit(f"--runs: unknown or no run(s) {bad}; choose from {MODELS + EXTRA_RUNS}")
+    flops = {} if args.no_flops else count_step_flops(runs, size)
     steps, losses, faults = {}, {}, {}
     for name in runs:
         _, step, losses[name] = build(name, size, features(args))
         steps[name] = counting_faults(step, faults.setdefault(name, []))
+    conv_flops: Dict[str, float] = {}
+    peak_dtypes = {} if args.no_flops else {"fp32": torch.float32, **(
+        {"bf16": torch.bfloat16} if any(n in BF16_RUNS for n in runs) else {})}
+    for dname, dt in peak_dtypes.items():  # timed in every round, as the steps are
+        steps[f"matmul-{dname}"] = common.matmul_runner(dt)
+        steps[f"conv-{dname}"], conv_flops[dname] = common.conv_runner(dt)
     times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
+    peaks: Dict[str, Dict[str, float]] = {}
+    for dname in peak_dtypes:
+        mm = 2.0 * 4096 ** 3 / min(times.pop(f"matmul-{dname}")) / 1e9
+        conv = conv_flops[dname] / min(times.pop(f"conv-{dname}")) / 1e9
+        peaks[dname] = {"matmul": mm, "conv": conv, "peak": max(mm, conv)}
     medians = {n: common.median(t) for n, t in times.items()}
     tv = medians.get(common.TV_PLAIN)
     rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],
@@ -169,6 +228,14 @@ def run(args) -> Dict[str, Any]:
     tv_runs = [n for n in runs if n.startswith("torchvision")]
     fastest_tv = min(tv_runs, key=lambda n: medians[n]) if tv_runs else None
     ratios = common.fair_ratios(medians, "ours-fp32", "ours-bf16")
+    for r in rows:
+        fl = flops.get("ours" if r["model"].startswith("ours") else "torchvision")
+        if fl:
+            r["gflop"], r["gflop_per_s"] = fl / 1e9, fl / r["median_s"] / 1e9
+            r["fraction_of_fp32_peak"] = r["gflop_per_s"] / peaks["fp32"]["peak"]
+            if r["model"] in BF16_RUNS and "bf16" in peaks:
+                r["fraction_of_bf16_peak"] = r["gflop_per_s"] / peaks["bf16"]["peak"]
+    lines = goal_lines(medians, flops, peaks)
     del steps
     gc.collect()
     if not args.no_memory:
@@ -180,12 +247,26 @@ def run(args) -> Dict[str, Any]:
             if args.threads:
                 child += ["--threads", str(args.threads)]
             r["peak_memory_bytes"] = common.run_child("train_step.py", child)["peak_bytes"]
-    print("\n| model | median step | spread (min-max) | ratio to tv plain | peak memory |")
-    print("|---|---|---|---|---|")
+    if peaks:
+        print("peak (best of all rounds; matmul / convolution): " + ", ".join(
+            f"{n} {pk['peak']:.0f} ({pk['matmul']:.0f} / {pk['conv']:.0f}) GFLOP/s" for n, pk in peaks.items()))
+    if flops:
+        print("GFLOP of one step (FlopCounterMode on the models without speed features, direct convolutions; "
+              "ours' Winograd convolutions multiply less, so its GFLOP/s can pass the peak): " + ", ".join(
+                  f"{k} {v / 1e9:.1f}" for k, v in flops.items()))
+    print("\n| model | median step | spread (min-max) | ratio to tv plain | GFLOP/s | of fp32 peak | of bf16 peak "
+          "| peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mem = common.fmt_mib(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
-        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {ratio} | {mem} |")
+        rate = f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else "-"
+        f32 = f"{100 * r['fraction_of_fp32_peak']:.0f}%" if "fraction_of_fp32_peak" in r else "-"
+        b16 = f"{100 * r['fraction_of_bf16_peak']:.0f}%" if "fraction_of_bf16_peak" in r else "-"
+        print(f"| {r['model']} | {common.fmt_s(r['median_s'])} | {common.spread(r['times_s'])} | {ratio} | {rate} "
+              f"| {f32} | {b16} | {mem} |")
+    for line in lines:
+        print(line)
     print("\n| ratio | value |\n|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.3f} |")
@@ -200,8 +281,8 @@ def run(args) -> Dict[str, Any]:
     return {"benchmark": "train_step", "commit": common.git_commit(), "machine": info, "image_size": list(size),
             "batch": 2, "repeats": args.repeats, "speed_features": features(args),
             "flush_denormal": bool(args.flush_denormal), "tune_malloc": bool(args.tune_malloc), "runs": runs,
-            "fastest_torchvision": fastest_tv,
-            "rows": rows, "ratios": ratios}
+            "fastest_torchvision": fastest_tv, "step_flops": flops, "peaks_gflops": peaks,
+            "rows": rows, "ratios": ratios, "goal_lines": lines}
 
 
 def main(argv=None) -> int:

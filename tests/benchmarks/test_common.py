@@ -119,6 +119,8 @@ def test_plot_measures_goal_ratios_with_per_round_spread():
     table = plot.markdown({"inference": inference, "train_step": train, "reduced_precision_ap": [ap]})
     assert "| inference int8 (score>=0) |" in table and "<= 0.25" in table
     assert "| int8 bbox AP (synthetic:val) | 59.50 | fp32 60.00 | -0.50 points | - | within 1.0 | - |" in table
+    train["goal_lines"] = ["goal ours-fp32 <= 0.60 of torchvision plain (3.000 s): ..."]
+    assert plot.markdown({"train_step": train}).endswith("\n\n- goal ours-fp32 <= 0.60 of torchvision plain (3.000 s): ...")
 
 
 def test_torchvision_settings_run_channels_last_and_bf16():
