@@ -74,14 +74,31 @@ def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], 
     if not cfg.TRAIN.DATASETS:
         raise ConfigError("--auto: no training dataset: pass --dataset (or set TRAIN.DATASETS)")
     start = time.time()
-    # Both raise ValueError (a DatasetSpecError, or a set without a non-crowd object) with a message naming the
-    # dataset: a config error of the run (exit 2), not a crash.
-    try:
-        dataset = build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
-                                filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT),
-                                max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE, box_masks=not cfg.MODEL.MASK_ON)
-    except ValueError as e:
-        raise ConfigError(f"--auto: {e}") from e
+    # A set whose objects all lack a segmentation (most detection sets) trains a box-only model, unless the user
+    # chose MODEL.MASK_ON: read with box_masks first, to see.
+    choose_masks = bool(cfg.MODEL.MASK_ON) and "MODEL.MASK_ON" not in explicit
+
+    def build(box_masks: bool):
+        # A ValueError (a DatasetSpecError, or a set without a non-crowd object; the statistics below too) names
+        # the dataset: a config error of the run (exit 2), not a crash.
+        try:
+            return build_dataset(cfg.TRAIN.DATASETS, cfg.DATA_DIR, is_train=True,
+                                 filter_empty=bool(cfg.TRAIN.FILTER_EMPTY_GT),
+                                 max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE, box_masks=box_masks)
+        except ValueError as e:
+            raise ConfigError(f"--auto: {e}") from e
+
+    dataset = build(choose_masks or not cfg.MODEL.MASK_ON)
+    boxed, objects = int(getattr(dataset, "box_masked", 0) or 0), int(getattr(dataset, "num_objects", 0) or 0)
+    if choose_masks and boxed:
+        if boxed >= objects:
+            cfg.MODEL.MASK_ON = False
+            say(f"auto: MODEL.MASK_ON = False  (none of the {objects} objects of the training set has a "
+                f"segmentation: a box-only model, Faster R-CNN)")
+        else:  # some objects have masks: a mask model, which drops the others (with a warning)
+            say(f"auto: MODEL.MASK_ON = True  ({objects - boxed} of the {objects} objects have a segmentation; the "
+                f"{boxed} without one are dropped)")
+            dataset = build(False)
     try:
         stats = compute_dataset_stats(dataset, int(cfg.AUTO.STATS_MAX_IMAGES) or None)
     except ValueError as e:

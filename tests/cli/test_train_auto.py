@@ -87,6 +87,43 @@ def test_auto_on_a_bad_or_crowd_only_set_is_a_config_error(tiny_coco, tmp_path, 
     assert "--auto" in err and str(missing) in err and "not found" in err
 
 
+def test_auto_trains_a_box_only_model_on_a_set_without_segmentations(tiny_coco, tmp_path, capsys):
+    # Most detection sets have boxes only: --auto makes that a Faster R-CNN (unless MODEL.MASK_ON is given), which
+    # test_net then evaluates on boxes; with some segmentations it stays a mask model.
+    ann, images = tiny_coco["train"].split(":")[1:]
+    data = json.loads(open(ann).read())
+    for a in data["annotations"]:
+        del a["segmentation"]
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(data))
+    spec = f"coco:{boxes}:{images}"
+    out = tmp_path / "run"
+    rc = train_net.main(["--auto", "--dataset", spec, "--output_dir", str(out), "--set", "SOLVER.MAX_ITER", "2",
+                         *SMALL])
+    assert rc == 0
+    n = len(data["annotations"])
+    assert (f"auto: MODEL.MASK_ON = False  (none of the {n} objects of the training set has a segmentation"
+            in capsys.readouterr().out)
+    assert yaml.safe_load((out / "config.yaml").read_text())["MODEL"]["MASK_ON"] is False
+    assert test_net.main(["--cfg", str(out / "config.yaml"), "--load_ckpt", str(out / "model_final.pth"),
+                          "--dataset", spec, "--output_dir", str(tmp_path / "eval")]) == 0
+    assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())) == {"bbox"}
+    # MODEL.MASK_ON given: kept, and a mask model has no object to learn from.
+    assert train_net.main(["--auto", "--dataset", spec, "--output_dir", str(tmp_path / "masked"), "--set",
+                           "MODEL.MASK_ON", "True", *SMALL]) == 2
+    assert "box-only annotations train a box-only model: MODEL.MASK_ON False" in capsys.readouterr().err
+    # Some objects with a segmentation: a mask model, the others dropped.
+    data["annotations"][0]["segmentation"] = json.loads(open(ann).read())["annotations"][0]["segmentation"]
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="bad_segmentation"):
+        rc = train_net.main(["--auto", "--dataset", f"coco:{mixed}:{images}", "--output_dir", str(tmp_path / "mix"),
+                             "--set", "SOLVER.MAX_ITER", "1", *SMALL])
+    assert rc == 0
+    assert f"auto: MODEL.MASK_ON = True  (1 of the {n} objects have a segmentation" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "mix" / "config.yaml").read_text())["MODEL"]["MASK_ON"] is True
+
+
 def test_timed_steps_are_real_training_steps(tmp_path):
     """The step timing --budget divides the time left by: real steps of the chosen model on the training set."""
     args = train_net.parse_args(["--auto", "--dataset", "synthetic:basic:train", "--output_dir", str(tmp_path),
