@@ -7,6 +7,7 @@ Every op traces with ``torch.jit.trace`` into a graph valid for other input size
 """
 
 from maskrcnn.ops._backend import get_backend, set_backend, use_backend
+from maskrcnn.ops._errors import OpArgumentError, RoIShapeError
 from maskrcnn.ops.box_coder import BoxCoder
 from maskrcnn.ops.box_voting import BOX_VOTING_METHODS, BoxVoting, box_voting
 from maskrcnn.ops.boxes import (
@@ -47,6 +48,9 @@ from maskrcnn.ops.winograd import (
 )
 
 __all__ = [
+    # argument errors (ValueError, and what torchvision raises: RuntimeError / AssertionError)
+    "OpArgumentError",
+    "RoIShapeError",
     # boxes
     "box_area",
     "box_iou",

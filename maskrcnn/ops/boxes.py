@@ -10,6 +10,8 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from maskrcnn.ops._errors import OpArgumentError
+
 
 def _check_boxes(boxes: Tensor, name: str, multiple_of_four: bool = False) -> None:
     if not isinstance(boxes, Tensor):
@@ -18,7 +20,7 @@ def _check_boxes(boxes: Tensor, name: str, multiple_of_four: bool = False) -> No
     ok = last is not None and (last % 4 == 0 and last > 0 if multiple_of_four else last == 4)
     if not ok:
         want = "a multiple of 4" if multiple_of_four else "4"
-        raise ValueError(f"{name} must have last dimension {want}, got shape {tuple(boxes.shape)}")
+        raise OpArgumentError(f"{name} must have last dimension {want}, got shape {tuple(boxes.shape)}")
 
 
 def _upcast(t: Tensor) -> Tensor:

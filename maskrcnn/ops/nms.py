@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from maskrcnn.ops import _backend
+from maskrcnn.ops._errors import OpArgumentError
 
 # Rows per block: larger blocks mean fewer Python-level steps but more wasted in-block IoUs among
 # boxes that end up suppressed; 256 measured best on CPU between 128 and 1024.
@@ -51,15 +52,15 @@ def _check_inputs(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor] = None) 
     # A 1-D empty tensor is accepted as "no boxes", as torchvision and detectron2 accept it.
     empty_1d = isinstance(boxes, Tensor) and boxes.dim() == 1 and boxes.shape[0] == 0
     if not isinstance(boxes, Tensor) or not (empty_1d or (boxes.dim() == 2 and boxes.shape[1] == 4)):
-        raise ValueError(f"boxes must be a (N, 4) tensor (or an empty (0,) one), got {_describe(boxes)}")
+        raise OpArgumentError(f"boxes must be a (N, 4) tensor (or an empty (0,) one), got {_describe(boxes)}")
     n = boxes.shape[0]
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.shape[0] != n:
-        raise ValueError(f"scores must be a (N,) tensor with N = {n} (boxes), got {_describe(scores)}")
+        raise OpArgumentError(f"scores must be a (N,) tensor with N = {n} (boxes), got {_describe(scores)}")
     if idxs is not None:
         if not isinstance(idxs, Tensor) or idxs.dim() != 1 or idxs.shape[0] != n:
-            raise ValueError(f"idxs must be a (N,) tensor with N = {n} (boxes), got {_describe(idxs)}")
+            raise OpArgumentError(f"idxs must be a (N,) tensor with N = {n} (boxes), got {_describe(idxs)}")
         if idxs.is_floating_point() or idxs.is_complex():
-            raise ValueError(f"idxs must have an integer (or bool) dtype, got {idxs.dtype}")
+            raise OpArgumentError(f"idxs must have an integer (or bool) dtype, got {idxs.dtype}")
 
 
 def _work_dtype(boxes: Tensor, scores: Tensor) -> torch.dtype:

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from maskrcnn.ops import _backend
+from maskrcnn.ops._errors import RoIShapeError
 
 RoIs = Union[Tensor, Sequence[Tensor]]
 
@@ -70,19 +71,19 @@ def as_roi_tensor(rois: RoIs, name: str = "rois", features: Optional[Tensor] = N
     """
     if isinstance(rois, Tensor):
         if rois.dim() != 2 or rois.shape[1] != 5:
-            raise ValueError(
+            raise RoIShapeError(
                 f"{name} must be a (R, 5) tensor [batch_idx, x1, y1, x2, y2], got shape {tuple(rois.shape)}"
             )
         return rois
     if not isinstance(rois, (list, tuple)):
-        raise ValueError(f"{name} must be a (R, 5) tensor or a list of (Ri, 4) tensors, got {type(rois).__name__}")
+        raise RoIShapeError(f"{name} must be a (R, 5) tensor or a list of (Ri, 4) tensors, got {type(rois).__name__}")
     if len(rois) == 0:
         if features is not None and features.shape[0] == 0:
             return features.new_zeros((0, 5))
-        raise ValueError(f"{name} is an empty list; pass one (Ri, 4) tensor per image (Ri may be 0)")
+        raise RoIShapeError(f"{name} is an empty list; pass one (Ri, 4) tensor per image (Ri may be 0)")
     for i, b in enumerate(rois):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
-            raise ValueError(f"{name}[{i}] must be a (Ri, 4) tensor, got {getattr(b, 'shape', type(b))}")
+            raise RoIShapeError(f"{name}[{i}] must be a (Ri, 4) tensor, got {getattr(b, 'shape', type(b))}")
     dtype = rois[0].dtype
     # new_full with each list entry's own length (not a tensor of Python counts) keeps the RoI counts
     # symbolic under torch.jit.trace.
