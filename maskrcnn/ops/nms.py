@@ -63,6 +63,17 @@ def _check_inputs(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor] = None) 
             raise OpArgumentError(f"idxs must have an integer (or bool) dtype, got {idxs.dtype}")
 
 
+def _dequantized(boxes: Tensor, scores: Tensor) -> Tuple[Tensor, Tensor]:
+    """Quantized boxes and scores as floats. torchvision sends quantized input to its ``qnms`` kernel, whose IoUs on
+    the integer values equal those on the dequantized ones (the zero point cancels in the differences, the scale in
+    the ratio); its tests assert that equality."""
+    if isinstance(boxes, Tensor) and boxes.is_quantized:
+        boxes = boxes.dequantize()
+    if isinstance(scores, Tensor) and scores.is_quantized:
+        scores = scores.dequantize()
+    return boxes, scores
+
+
 def _work_dtype(boxes: Tensor, scores: Tensor) -> torch.dtype:
     # torchvision's CPU kernel needs equal box/score dtypes and rejects fp16/bf16; promoting both
     # (losslessly for scores) keeps the two backends on the same arithmetic.
@@ -247,9 +258,11 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     A box is dropped when its IoU with a higher-scoring kept box is ``> iou_threshold``. Equal scores
     are visited in increasing index order. Uses torchvision's kernel or the native implementation
     according to :func:`maskrcnn.ops._backend.resolve`; both give the same indices on CPU. Empty
-    input (``(0, 4)`` or ``(0,)`` boxes) gives an empty int64 tensor. Under ``torch.jit.trace`` the
-    call is recorded as one op (``torchvision::nms`` or ``maskrcnn::nms``), valid for any N.
+    input (``(0, 4)`` or ``(0,)`` boxes) gives an empty int64 tensor. Quantized boxes and scores are dequantized
+    (the indices of torchvision's ``qnms``). Under ``torch.jit.trace`` the call is recorded as one op
+    (``torchvision::nms`` or ``maskrcnn::nms``), valid for any N.
     """
+    boxes, scores = _dequantized(boxes, scores)
     _check_inputs(boxes, scores)
     tracing = torch.jit.is_tracing()
     if not tracing and boxes.shape[0] == 0:
@@ -278,6 +291,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     the torchvision one as torchvision's offset trick (what ``torchvision.ops.batched_nms`` itself
     traces to), written so that the trace also accepts zero boxes.
     """
+    boxes, scores = _dequantized(boxes, scores)
     _check_inputs(boxes, scores, idxs)
     tracing = torch.jit.is_tracing()
     if not tracing and boxes.shape[0] == 0:
@@ -318,6 +332,7 @@ def batched_nms_limited(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thresho
         int64 indices into ``boxes``, by decreasing score (ties by index), at most ``limit`` of them
         (empty for ``(0, 4)`` or ``(0,)`` boxes). Always native; one op under ``torch.jit.trace``.
     """
+    boxes, scores = _dequantized(boxes, scores)
     _check_inputs(boxes, scores, idxs)
     limit = int(limit)
     if limit < 0:

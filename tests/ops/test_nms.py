@@ -151,6 +151,21 @@ def test_nms_accepts_half_precision_and_mixed_dtypes(backend):
     assert torch.equal(nms(boxes, scores.double(), 0.5), torchvision.ops.nms(boxes.double(), scores.double(), 0.5))
 
 
+@pytest.mark.parametrize("iou", (0.2, 0.5, 0.8))
+@pytest.mark.parametrize("scale, zero_point", ((1, 0), (2, 50), (3, 10)))
+def test_quantized_boxes_and_scores_match_torchvision_qnms(backend, iou, scale, zero_point):
+    # torchvision sends quantized input to its qnms kernel; ours dequantizes. Same indices as torchvision's.
+    boxes, scores = _clustered(300) * 2, torch.rand(300) * 100
+    qboxes = torch.quantize_per_tensor(boxes, scale=scale, zero_point=zero_point, dtype=torch.quint8)
+    qscores = torch.quantize_per_tensor(scores, scale=scale, zero_point=zero_point, dtype=torch.quint8)
+    expected = torchvision.ops.nms(qboxes, qscores, iou)
+    assert torch.equal(nms(qboxes, qscores, iou), expected)
+    assert torch.equal(nms(qboxes.dequantize(), qscores.dequantize(), iou), expected)
+    idxs = torch.arange(300) % 3
+    assert torch.equal(batched_nms(qboxes, qscores, idxs, iou),
+                       batched_nms(qboxes.dequantize(), qscores.dequantize(), idxs, iou))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_native_nms_on_every_device(device):
     boxes, scores = _clustered(800), torch.rand(800)
