@@ -291,6 +291,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     the torchvision one as torchvision's offset trick (what ``torchvision.ops.batched_nms`` itself
     traces to), written so that the trace also accepts zero boxes.
     """
+    if isinstance(boxes, Tensor) and boxes.numel() == 0 and not torch.jit.is_tracing():
+        return _empty_keep(boxes)  # whatever the other arguments, as torchvision's batched_nms
     boxes, scores = _dequantized(boxes, scores)
     _check_inputs(boxes, scores, idxs)
     tracing = torch.jit.is_tracing()

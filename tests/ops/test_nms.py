@@ -212,6 +212,15 @@ def test_batched_nms_never_suppresses_across_classes(backend):
     assert batched_nms(boxes, scores, torch.arange(6), 0.5).tolist() == [1, 3, 4, 2, 5, 0]
 
 
+def test_batched_nms_of_no_boxes_needs_no_other_argument(backend):
+    # torchvision's batched_nms returns before looking at scores and idxs.
+    empty = torch.empty((0,), dtype=torch.int64)
+    for boxes in (empty, torch.zeros((0, 4))):
+        keep = batched_nms(boxes, None, None, None)
+        assert keep.shape == (0,) and keep.dtype == torch.int64
+        assert torch.equal(keep, torchvision.ops.batched_nms(boxes, None, None, None))
+
+
 def test_batched_nms_ties_and_empty(backend):
     boxes = torch.cat([_clustered(500).round(), torch.tensor([[1.0, 1.0, 5.0, 5.0]] * 10)])
     scores = torch.cat([(torch.rand(500) * 4).floor(), torch.full((10,), 2.0)])
