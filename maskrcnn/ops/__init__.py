@@ -34,7 +34,7 @@ from maskrcnn.ops.masks import (
 from maskrcnn.ops.matcher import Matcher
 from maskrcnn.ops.nms import batched_nms, batched_nms_limited, nms
 from maskrcnn.ops.pil_resize import pil_bilinear_resize
-from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign
+from maskrcnn.ops.poolers import LevelMapper, MultiLevelRoIAlign, multi_level_roi_align
 from maskrcnn.ops.roi_align import RoIAlign, roi_align, shared_feature_tables
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
 from maskrcnn.ops.sampler import BalancedPositiveNegativeSampler
@@ -76,6 +76,7 @@ __all__ = [
     "RoIPool",
     "LevelMapper",
     "MultiLevelRoIAlign",
+    "multi_level_roi_align",
     # training targets and losses
     "Matcher",
     "BalancedPositiveNegativeSampler",

@@ -137,50 +137,69 @@ class MultiLevelRoIAlign(nn.Module):
         Returns (R, C, oh, ow) in the features' dtype, RoIs in the order of ``boxes`` (image-major for
         a list). Zero images (N == 0, ``boxes == []``) or zero boxes give an empty (0, C, oh, ow).
         """
-        features = list(features)
-        if len(features) != len(self.scales):
-            raise ValueError(f"got {len(features)} feature maps for {len(self.scales)} scales {self.scales}")
-        check_features(features)
-        rois = as_roi_tensor(boxes, "boxes", features=features[0])
-        if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
-        levels = self.map_levels(rois[:, 1:])
-        # Under torch.jit.trace the per-level loop records one opaque roi_align per level (the single
-        # gather builds its plan from data in Python, which a trace would freeze).
-        if torch.jit.is_tracing() or _backend.resolve("roi_align") == "torchvision":
-            return self._per_level(features, rois, levels)
-        return self._one_gather(features, rois, levels)
-
-    def _per_level(self, features: List[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
-        ref = features[0]
-        result = ref.new_zeros((rois.shape[0], ref.shape[1]) + self.output_size)
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.where(levels == level)[0]
-            pooled = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
-            # index_copy_ rather than `result[idx] = ...`, which traces to a view sized for the example.
-            result.index_copy_(0, idx, pooled.to(result.dtype))
-        return result
-
-    def _one_gather(self, features: List[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
-        ref = features[0]
-        device = ref.device
-        dtype = compute_dtype(ref.dtype)
-        rois = rois.detach().to(device=device, dtype=dtype)
-        levels = levels.to(device)
-        batch = check_batch_index(rois, ref.shape[0], "boxes")
-        heights = torch.tensor([f.shape[2] for f in features], device=device)
-        widths = torch.tensor([f.shape[3] for f in features], device=device)
-        sizes = ref.shape[0] * heights * widths
-        level_start = torch.cumsum(sizes, 0) - sizes
-        scale = torch.tensor(self.scales, dtype=dtype, device=device)[levels]
-        h, w = heights[levels], widths[levels]
-        row_base = level_start[levels] + batch * h * w
-        plan = roi_align_plan(rois, scale, h, w, row_base, self.output_size, self.sampling_ratio, self.aligned,
-                              int(sizes.sum()))
-        return apply_roi_align_plan(features, plan, rois.shape[0], self.output_size, dtype)
+        m = self.map_levels
+        # Plain values only: torch.fx records the call as one node (the level assignment depends on the data).
+        return multi_level_roi_align(features, boxes, self.output_size, tuple(self.scales), self.sampling_ratio,
+                                     self.aligned, (m.k_min, m.k_max, m.canonical_scale, m.canonical_level, m.eps))
 
     def extra_repr(self) -> str:
         return (
             f"output_size={self.output_size}, scales={self.scales}, sampling_ratio={self.sampling_ratio}, "
             f"aligned={self.aligned}, map_levels={self.map_levels}"
         )
+
+
+def multi_level_roi_align(features: Sequence[Tensor], boxes: RoIs, output_size: Tuple[int, int],
+                          scales: Tuple[float, ...], sampling_ratio: int, aligned: bool,
+                          levels: Tuple[int, int, float, float, float]) -> Tensor:
+    """:class:`MultiLevelRoIAlign`'s computation, ``levels`` = its ``LevelMapper``'s ``(k_min, k_max,
+    canonical_scale, canonical_level, eps)``. ``torch.fx.wrap``ped: a symbolic trace records it as one call, as
+    torchvision's ``MultiScaleRoIAlign`` is one (its feature-extraction tests count on it)."""
+    features = list(features)
+    if len(features) != len(scales):
+        raise ValueError(f"got {len(features)} feature maps for {len(scales)} scales {list(scales)}")
+    check_features(features)
+    rois = as_roi_tensor(boxes, "boxes", features=features[0])
+    if len(features) == 1:
+        return roi_align(features[0], rois, output_size, scales[0], sampling_ratio, aligned)
+    level = LevelMapper(*levels)(rois[:, 1:])
+    # Under torch.jit.trace the per-level loop records one opaque roi_align per level (the single
+    # gather builds its plan from data in Python, which a trace would freeze).
+    if torch.jit.is_tracing() or _backend.resolve("roi_align") == "torchvision":
+        return _per_level(features, rois, level, output_size, scales, sampling_ratio, aligned)
+    return _one_gather(features, rois, level, output_size, scales, sampling_ratio, aligned)
+
+
+def _per_level(features: List[Tensor], rois: Tensor, levels: Tensor, output_size: Tuple[int, int],
+               scales: Sequence[float], sampling_ratio: int, aligned: bool) -> Tensor:
+    ref = features[0]
+    result = ref.new_zeros((rois.shape[0], ref.shape[1]) + tuple(output_size))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        idx = torch.where(levels == level)[0]
+        pooled = roi_align(feature, rois[idx], output_size, scale, sampling_ratio, aligned)
+        # index_copy_ rather than `result[idx] = ...`, which traces to a view sized for the example.
+        result.index_copy_(0, idx, pooled.to(result.dtype))
+    return result
+
+
+def _one_gather(features: List[Tensor], rois: Tensor, levels: Tensor, output_size: Tuple[int, int],
+                scales: Sequence[float], sampling_ratio: int, aligned: bool) -> Tensor:
+    ref = features[0]
+    device = ref.device
+    dtype = compute_dtype(ref.dtype)
+    rois = rois.detach().to(device=device, dtype=dtype)
+    levels = levels.to(device)
+    batch = check_batch_index(rois, ref.shape[0], "boxes")
+    heights = torch.tensor([f.shape[2] for f in features], device=device)
+    widths = torch.tensor([f.shape[3] for f in features], device=device)
+    sizes = ref.shape[0] * heights * widths
+    level_start = torch.cumsum(sizes, 0) - sizes
+    scale = torch.tensor(scales, dtype=dtype, device=device)[levels]
+    h, w = heights[levels], widths[levels]
+    row_base = level_start[levels] + batch * h * w
+    plan = roi_align_plan(rois, scale, h, w, row_base, output_size, sampling_ratio, aligned,
+                          int(sizes.sum()))
+    return apply_roi_align_plan(features, plan, rois.shape[0], output_size, dtype)
+
+
+torch.fx.wrap("multi_level_roi_align")
