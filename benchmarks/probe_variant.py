@@ -34,6 +34,9 @@ def register(base: str, new: str, changes: Dict[str, object]):
 
 
 def main(argv: List[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     cut = argv.index("--") if "--" in argv else -1
     if cut < 2 or cut + 1 >= len(argv):  # BASE NEW [KEY=VALUE ...] -- MODE [ARGS ...]
         raise SystemExit(__doc__)

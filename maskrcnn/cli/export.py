@@ -96,6 +96,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if path is not None and not os.path.isfile(path):
             print(f"{flag} {path}: file not found", file=sys.stderr)
             return 2
+    if args.format == "onnx":
+        import importlib.util
+
+        # torch.onnx raises its own OnnxExporterError (a traceback) without the package; say what to install.
+        missing = [m for m in ("onnx", "onnxruntime" if args.check else None) if m and importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"maskrcnn-export: --format onnx needs {' and '.join(missing)}: pip install 'maskrcnn[onnx]'",
+                  file=sys.stderr)
+            return 2
     dtype = INPUT_DTYPES[args.input_dtype]
     try:
         model = build_model_for_export(args.cfg, args.load_ckpt, args.set)

@@ -34,7 +34,7 @@ from .weights.formats import WeightsConversionError, convert_to_ours, detect_for
 from .weights.safe_pickle import UnsafeWeightsError, WeightsFileError, load_weights_file
 
 __all__ = [
-    "CheckpointError", "CheckpointMismatchError", "CLASS_SPECIFIC_LAYERS", "save_checkpoint", "atomic_write",
+    "CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError", "CLASS_SPECIFIC_LAYERS", "save_checkpoint", "atomic_write",
     "load_checkpoint", "checkpoint_state_dict", "load_ckpt", "Checkpointer", "unwrap_model",
 ]
 
@@ -52,6 +52,12 @@ _SNAPSHOT_RE = re.compile(r"^model_(\d+)\.pth$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, found or read; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError, UnsafeWeightsError):
+    """A weight file the restricted reader refused (a pickle naming a global such as ``os.system``), as
+    :func:`load_ckpt` raises it: a :class:`CheckpointError` like every load failure, and the
+    :class:`~maskrcnn.utils.weights.safe_pickle.UnsafeWeightsError` that the weight readers raise."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -214,7 +220,7 @@ def _read_weights(path: str) -> Any:
     try:
         return load_weights_file(path)
     except UnsafeWeightsError as e:
-        raise CheckpointError(str(e)) from e
+        raise UnsafeCheckpointError(str(e)) from e
     except WeightsFileError as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read ({e})") from e
 

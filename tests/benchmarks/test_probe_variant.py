@@ -33,3 +33,5 @@ def test_usage_errors():
     with pytest.raises(SystemExit, match="'train' or 'test'"):
         probe_variant.main(["mixed", "probe_x", "--", "evaluate"])
     VARIANTS.pop("probe_x", None)
+    # --help prints the usage and succeeds (every benchmark's --help exits 0)
+    assert probe_variant.main(["--help"]) == 0

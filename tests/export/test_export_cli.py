@@ -65,6 +65,18 @@ def test_missing_files_and_bad_overrides_exit_2(fpn_model, tmp_path, capsys):
     assert "NO_SUCH_KEY" in capsys.readouterr().err
 
 
+def test_onnx_without_its_extra_says_what_to_install(fpn_model, tmp_path, capsys, monkeypatch):
+    # torch.onnx raised its OnnxExporterError (a traceback, exit 1) when the onnx package is missing.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
+    assert main(["--cfg", cfg, "--load_ckpt", ckpt, "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "--format onnx needs onnx: pip install 'maskrcnn[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_tools_shim_runs_the_cli():
     res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_model.py"), "--help"],
                          capture_output=True, text=True, timeout=120)

@@ -48,6 +48,9 @@ def test_malicious_pkl_through_load_ckpt_runs_nothing(tmp_path, monkeypatch):
     cfg = get_cfg()
     cfg.merge_from_list(["MODEL.CONV_BODY", "ResNet.ResNet18_conv4_body", "MODEL.MASK_ON", "False"])
     model = Generalized_RCNN(cfg)
-    with pytest.raises(CheckpointError, match="model.pkl"):
+    with pytest.raises(CheckpointError, match="model.pkl") as e:
         load_ckpt(model, str(path))
     assert not sentinel.exists()
+    # docs/model_zoo.md names UnsafeWeightsError: the error is that too.
+    from maskrcnn.utils.weights.safe_pickle import UnsafeWeightsError
+    assert isinstance(e.value, UnsafeWeightsError) and "system" in str(e.value)
