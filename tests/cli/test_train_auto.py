@@ -4,6 +4,8 @@ choices and the explicit keys land in OUTPUT_DIR/config.yaml, and test_net --cfg
 explicit SOLVER.MAX_ITER wins over the budget (the budget arithmetic: tests/engine/test_auto_recipe.py)."""
 import json
 
+import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 import yaml
@@ -94,6 +96,16 @@ def test_auto_trains_a_box_only_model_on_a_set_without_segmentations(tiny_coco, 
     data = json.loads(open(ann).read())
     for a in data["annotations"]:
         del a["segmentation"]
+    n = len(data["annotations"])
+    # A crowd region with its RLE is not a masked object: the set still has none.
+    image = data["images"][0]
+    crowd = np.zeros((image["height"], image["width"]), np.uint8, order="F")
+    crowd[2:10, 3:12] = 1
+    rle = mask_util.encode(crowd)
+    rle["counts"] = rle["counts"].decode("ascii")
+    data["annotations"].append({"id": 10 ** 6, "image_id": image["id"], "bbox": [3, 2, 9, 8], "area": 72.0,
+                                "category_id": data["annotations"][0]["category_id"], "iscrowd": 1,
+                                "segmentation": rle})
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(data))
     spec = f"coco:{boxes}:{images}"
@@ -101,7 +113,6 @@ def test_auto_trains_a_box_only_model_on_a_set_without_segmentations(tiny_coco, 
     rc = train_net.main(["--auto", "--dataset", spec, "--output_dir", str(out), "--set", "SOLVER.MAX_ITER", "2",
                          *SMALL])
     assert rc == 0
-    n = len(data["annotations"])
     assert (f"auto: MODEL.MASK_ON = False  (none of the {n} objects of the training set has a segmentation"
             in capsys.readouterr().out)
     assert yaml.safe_load((out / "config.yaml").read_text())["MODEL"]["MASK_ON"] is False
@@ -113,6 +124,7 @@ def test_auto_trains_a_box_only_model_on_a_set_without_segmentations(tiny_coco, 
                            "MODEL.MASK_ON", "True", *SMALL]) == 2
     assert "box-only annotations train a box-only model: MODEL.MASK_ON False" in capsys.readouterr().err
     # Some objects with a segmentation: a mask model, the others dropped.
+    data["annotations"].pop()
     data["annotations"][0]["segmentation"] = json.loads(open(ann).read())["annotations"][0]["segmentation"]
     mixed = tmp_path / "mixed.json"
     mixed.write_text(json.dumps(data))

@@ -107,7 +107,7 @@ class COCODataset(Dataset):
 
         #: Problems found while parsing (instances dropped or clipped); see :mod:`maskrcnn.data.validate`.
         self.annotation_problems: List[DataProblem] = []
-        #: Annotations kept (crowd regions included), and of them those given their box as mask (``box_masks``).
+        #: Objects kept (non-crowd annotations), and of them those given their box as mask (``box_masks``).
         self.num_objects = 0
         self.box_masked = 0
         self._index = self._build_index(data)
@@ -168,7 +168,7 @@ class COCODataset(Dataset):
                                  f"{ann['image_id']}) must be an integer")
             if record is not None:
                 builder.add_record(ann["image_id"], record)
-                self.num_objects += 1
+                self.num_objects += not record["iscrowd"]
         return builder.build()
 
     @staticmethod
@@ -310,7 +310,7 @@ class COCODataset(Dataset):
         segm = ann.get("segmentation")
         if self.box_masks and (segm is None or segm == []):
             segm = [[x1, y1, x2, y1, x2, y2, x1, y2]]
-            self.box_masked += 1
+            self.box_masked += not int(ann.get("iscrowd", 0))
         if isinstance(segm, list):
             if segm and not all(isinstance(p, (list, tuple)) for p in segm):
                 self._problem("bad_segmentation", ann, info, "polygons must be a list of [x1, y1, x2, y2, ...] lists; "
