@@ -89,8 +89,8 @@ def configure_auto(cfg: CfgNode, args: argparse.Namespace, log: Callable[[str], 
             raise ConfigError(f"--auto: {e}") from e
 
     dataset = build(choose_masks or not cfg.MODEL.MASK_ON)
-    boxed, objects = int(getattr(dataset, "box_masked", 0) or 0), int(getattr(dataset, "num_objects", 0) or 0)
-    if choose_masks and boxed:
+    boxed, objects = getattr(dataset, "box_masked", None), getattr(dataset, "num_objects", None)
+    if choose_masks and boxed and objects is not None:
         if boxed >= objects:
             cfg.MODEL.MASK_ON = False
             say(f"auto: MODEL.MASK_ON = False  (none of the {objects} objects of the training set has a "

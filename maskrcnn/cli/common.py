@@ -44,14 +44,22 @@ def apply_loader_and_device_args(cfg: CfgNode, args: argparse.Namespace) -> None
 
 def build_checked_dataset(cfg: CfgNode, spec, is_train: bool):
     """The dataset ``spec`` names, built with the config's data settings and checked against MODEL.NUM_CLASSES
-    (raises DatasetSpecError or ConfigError)."""
-    from ..data.catalog import build_dataset, check_num_classes
+    (raises DatasetSpecError or ConfigError).
+
+    A training set must hold an object to learn from (one that is not a crowd region): without one every box loss
+    is 0 and the run would learn nothing, silently. A test set keeps box-only objects (``box_masks``) whatever the
+    model: the evaluation reads the json's own ground truth, so a mask model still gets its box AP there (the mask
+    AP ignores those objects)."""
+    from ..data.catalog import DatasetSpecError, build_dataset, check_num_classes
 
     dataset = build_dataset(spec, cfg.DATA_DIR, is_train=is_train,
                             filter_empty=bool(is_train and cfg.TRAIN.FILTER_EMPTY_GT),
                             max_image_side=cfg.DATA_LOADER.MAX_IMAGE_SIDE,
-                            box_masks=not cfg.MODEL.MASK_ON)
+                            box_masks=not (is_train and cfg.MODEL.MASK_ON))
     check_num_classes(cfg, dataset)
+    if is_train and getattr(dataset, "num_objects", None) == 0:
+        raise DatasetSpecError(f"dataset spec {spec!r}: {dataset!r} has no object to train on (every annotation is "
+                               f"missing, dropped or a crowd region, iscrowd 1): give the objects iscrowd 0")
     return dataset
 
 

@@ -84,9 +84,10 @@ class ConcatDataset(_TorchConcatDataset):
                                  f"{d!r} has {other}")
         super().__init__(datasets)
         self.classes: List[str] = first
-        # COCODataset's counts, summed (0 for datasets without them).
-        self.num_objects = sum(int(getattr(d, "num_objects", 0) or 0) for d in datasets)
-        self.box_masked = sum(int(getattr(d, "box_masked", 0) or 0) for d in datasets)
+        # COCODataset's counts, summed; None when a part does not count its objects.
+        counted = all(getattr(d, "num_objects", None) is not None for d in datasets)
+        self.num_objects = sum(int(d.num_objects) for d in datasets) if counted else None
+        self.box_masked = sum(int(getattr(d, "box_masked", 0) or 0) for d in datasets) if counted else None
         maps = [getattr(d, "contiguous_to_category_id", None) for d in datasets]
         if maps[0] is not None and all(m == maps[0] for m in maps):
             self.contiguous_to_category_id = dict(maps[0])

@@ -342,6 +342,10 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
     img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else sorted(int(i) for i in img_ids)
     wanted = set(img_ids)
+    if not any(int(a["image_id"]) in wanted and not a.get("iscrowd", 0)
+               for a in coco_gt.dataset.get("annotations", [])):
+        log(f"the {len(img_ids)} evaluated images have no ground-truth object (crowd regions aside): every AP and AR "
+            f"is undefined (NaN), whatever the detections")
     metrics: Dict[str, Dict[str, float]] = {}
     gt_cache: Dict[str, Any] = {}
     for iou_type, dets in results.items():

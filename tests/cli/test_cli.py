@@ -197,3 +197,58 @@ def test_test_net_refuses_a_dataset_with_the_checkpoint_classes_in_another_order
     err = capsys.readouterr().err
     assert rc == 2 and "another order" in err and "'ellipse' in the checkpoint" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "test" / "bbox_results.json")
+
+
+@pytest.fixture(scope="module")
+def box_only_coco(tmp_path_factory):
+    """A 3-class COCO json exported from the synthetic set, its segmentations removed, and the same set with every
+    object a crowd region."""
+    import json
+
+    from maskrcnn.data.datasets.synthetic import SyntheticShapesDataset
+    from maskrcnn.data.export_coco import export_coco
+
+    root = tmp_path_factory.mktemp("box_only")
+    path = export_coco(SyntheticShapesDataset("val", num_images=4), str(root))
+    data = json.loads(open(path).read())
+    for a in data["annotations"]:
+        del a["segmentation"]
+    boxes = root / "boxes.json"
+    boxes.write_text(json.dumps(data))
+    for a in data["annotations"]:
+        a["iscrowd"] = 1
+    crowd = root / "crowd.json"
+    crowd.write_text(json.dumps(data))
+    return {"boxes": f"coco:{boxes}:{root / 'images'}", "crowd": f"coco:{crowd}:{root / 'images'}"}
+
+
+def test_train_net_refuses_a_set_without_an_object_to_learn(box_only_coco, tmp_path, capsys):
+    # Every object a crowd region (as some RLE exporters write them): the box losses were 0 and the run exited 0.
+    from maskrcnn.cli import train_net
+
+    rc = train_net.main(["--cfg", SMOKE_NAME, "--dataset", box_only_coco["crowd"], "--output_dir", str(tmp_path),
+                         "--set", "MODEL.MASK_ON", "False", "TRAIN.FILTER_EMPTY_GT", "False", "SOLVER.MAX_ITER", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no object to train on" in err and "iscrowd 0" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "model_final.pth")
+
+
+def test_test_net_gives_a_mask_model_its_box_ap_on_a_box_only_json(box_only_coco, tmp_path, capsys):
+    # The test set was refused (every object dropped for a mask model), and MODEL.MASK_ON False, which the
+    # message suggested, no longer fits the checkpoint. The evaluation reads the json: boxes are scored.
+    import json
+
+    from maskrcnn.cli import test_net
+    from maskrcnn.modeling.generalized_rcnn import Generalized_RCNN
+    from maskrcnn.predictor import load_config
+    from maskrcnn.utils.checkpoint import save_checkpoint
+
+    cfg = load_config(SMOKE_NAME)
+    ckpt = str(tmp_path / "model_final.pth")
+    save_checkpoint(ckpt, {"model": Generalized_RCNN(cfg).state_dict(), "cfg": cfg.dump()})
+    rc = test_net.main(["--cfg", SMOKE_NAME, "--load_ckpt", ckpt, "--dataset", box_only_coco["boxes"],
+                        "--output_dir", str(tmp_path / "test"), "--set", "TEST.SCORE_THRESH", "0.0"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert set(metrics) == {"bbox", "segm"} and metrics["bbox"]["AP"] is not None
+    assert "have no usable segmentation; the mask AP ignores them" in capsys.readouterr().out

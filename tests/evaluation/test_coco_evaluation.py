@@ -212,3 +212,15 @@ def test_detailed_metrics_have_recalls_and_ap_per_named_category_only():
     assert set(empty) == set(metrics) and all(v == 0.0 for v in empty.values())
     # Without names, every category of the json is reported (by its json name).
     assert "AP-_background_" in evaluate_coco(coco, {"bbox": dets}, detailed=True, log=lambda m: None)["bbox"]
+
+
+def test_a_set_without_ground_truth_says_why_its_ap_is_nan():
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "height": 10, "width": 10, "file_name": "a.png"}],
+                    "categories": [{"id": 1, "name": "thing"}], "annotations": []}
+    coco.createIndex()
+    lines = []
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9}]
+    metrics = evaluate_coco(coco, {"bbox": dets}, log=lines.append)
+    assert np.isnan(metrics["bbox"]["AP"])
+    assert "the 1 evaluated images have no ground-truth object (crowd regions aside)" in "\n".join(lines)
