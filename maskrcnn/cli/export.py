@@ -135,7 +135,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         run = _runner(args.format, out)
         for path in args.check:
             image = _read_rgb(path, dtype)
-            diff = compare_detections(eager_detections(model, image), run(image), image_size=image.shape[-2:],
+            try:
+                exported = run(image)
+            except Exception as e:  # a guard of the traced shapes, or the runtime's own error: a failed check
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                print(f"check {os.path.basename(path)}: the exported model cannot run this {tuple(image.shape[-2:])} "
+                      f"image: {type(e).__name__}: {first}" + (
+                          "  (a .pt2 holds for the shapes its example traced: see maskrcnn.export.torch_export; "
+                          "--format torchscript takes any size)" if args.format == "export" else ""), file=sys.stderr)
+                ok = False
+                continue
+            diff = compare_detections(eager_detections(model, image), exported, image_size=image.shape[-2:],
                                       mask_padding=model.preprocess.mask_paste_padding,
                                       mask_paste_method=model.preprocess.mask_paste_method)
             ok &= diff.within()

@@ -1,7 +1,12 @@
 """``torch.export`` of :class:`~maskrcnn.export.wrapper.ExportableMaskRCNN` (an ``ExportedProgram``, ``.pt2``).
 
 The image height and width are exported as symbolic dimensions (``32 .. 4096``); data-dependent sizes (proposals
-kept by NMS, detections above the score threshold) become unbacked symbols. torchvision's ``nms`` and
+kept by NMS, detections above the score threshold) become unbacked symbols. ``torch.export`` specializes a size of 1
+against larger ones, so the program also keeps the example's answer to "is this feature map one pixel wide (high)
+at the coarsest levels": an image whose resized, padded side is one block of the coarsest stride when the
+example's was more (a 1:40 image at the 800/1333 test size, a thin one at a small ``TEST.SCALE``), or the other
+way round, fails with ``Guard failed``. Trace with an ``--example`` of the shape class you serve, or export to
+TorchScript, which takes any size (``maskrcnn-export --check`` reports such an image as a failed check). torchvision's ``nms`` and
 ``roi_align`` have fake-tensor kernels, so the program holds them as operators. Load it with
 :func:`load_program` (which imports torchvision to register them) and call ``program.module()(image)``.
 """

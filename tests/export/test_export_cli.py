@@ -34,6 +34,26 @@ def test_torchscript_export_with_check(fpn_model, tmp_path, capsys):
     assert f"check {PHOTOS[1]}.png: detections" in printed and "outside tolerance" not in printed
 
 
+def test_check_reports_an_image_the_exported_model_cannot_run(fpn_model, tmp_path, capsys, monkeypatch):
+    # A .pt2 refuses shapes outside what its example traced ("Guard failed"): --check printed a traceback (exit 1).
+    import maskrcnn.cli.export as export_cli
+
+    def refusing_runner(fmt, path):
+        def run(image):
+            raise AssertionError("Guard failed: (31 + math.trunc(...)) // 32 != 1")
+        return run
+
+    monkeypatch.setattr(export_cli, "_runner", refusing_runner)
+    cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
+    photo = os.path.join(PHOTO_DIR, PHOTOS[1] + ".png")
+    rc = main(["--cfg", cfg, "--load_ckpt", ckpt, "--format", "torchscript", "--output", str(tmp_path / "m.ts"),
+               "--check", photo])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"check {PHOTOS[1]}.png: the exported model cannot run this" in err and "Guard failed" in err
+    assert "Traceback" not in err
+
+
 def test_config_override_reaches_the_export(fpn_model, tmp_path):
     cfg, ckpt = _checkpoint_and_cfg(fpn_model, tmp_path)
     out = tmp_path / "model.ts"
