@@ -300,3 +300,18 @@ def test_box_masks_keeps_box_only_annotations_with_their_box_as_the_mask(tiny_co
     expected[3, 15:20, 25:30] = 1       # bbox [25, 15, 10, 10] clipped to the 30x20 image
     np.testing.assert_array_equal(target["masks"].numpy(), expected)
     np.testing.assert_allclose(target["boxes"].numpy()[[0, 2, 3]], [[2, 3, 10, 8], [3, 10, 7, 18], [25, 15, 30, 20]])
+
+
+def test_string_image_ids_are_named_as_such_and_get_no_segmentation_hint(tiny_coco, tmp_path):
+    # Every annotation's image_id written as a string: all dropped as missing_image, and the headline used to
+    # suggest MODEL.MASK_ON False, which was not the problem.
+    ann_file, img_dir, _ = tiny_coco
+    data = json.loads(open(ann_file).read())
+    for ann in data["annotations"]:
+        ann["image_id"] = str(ann["image_id"])
+    bad = tmp_path / "string_ids.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="no object is left:") as e:
+        COCODataset(str(bad), img_dir)
+    assert "image id '1' is not in 'images' (a string: 'images' has the integer 1" in str(e.value)
+    assert "MASK_ON" not in str(e.value)

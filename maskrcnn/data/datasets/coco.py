@@ -120,11 +120,14 @@ class COCODataset(Dataset):
         if dropped and len(self._index) and not self._index.has_non_crowd().any():
             # Every object was dropped: training would run on nothing (zero box losses) and evaluation would score
             # nothing, both without an error.
+            # The hint for box-only annotations only where segmentations were the problem (not, e.g., image ids
+            # that match no image).
+            hint = (" (a mask model needs a 'segmentation' per object; box-only annotations train a box-only model: "
+                    "MODEL.MASK_ON False)" if any(p.kind == "bad_segmentation" for p in dropped) else "")
             raise ValueError(summarize_problems(
                 self.annotation_problems, 5,
-                f"COCODataset({self.ann_file}): all {len(dropped)} annotation(s) were dropped, no object is left "
-                f"(a mask model needs a 'segmentation' per object; box-only annotations train a box-only model: "
-                f"MODEL.MASK_ON False):"))
+                f"COCODataset({self.ann_file}): all {len(dropped)} annotation(s) were dropped, no object is "
+                f"left{hint}:"))
         if self.annotation_problems:
             warnings.warn(summarize_problems(
                 self.annotation_problems, 5,
@@ -156,7 +159,11 @@ class COCODataset(Dataset):
                                  f"{type(ann).__name__}")
             r = rank.get(ann.get("image_id"), -1)
             if r < 0:
-                self._problem("missing_image", ann, None, f"image id {ann.get('image_id')!r} is not in 'images'")
+                img_id = ann.get("image_id")
+                quoted = isinstance(img_id, str) and img_id.strip().lstrip("-").isdigit() and int(img_id) in rank
+                self._problem("missing_image", ann, None, f"image id {img_id!r} is not in 'images'" + (
+                    f" (a string: 'images' has the integer {int(img_id)}; write ids as json numbers)" if quoted
+                    else ""))
             where[k] = r
         for k in np.argsort(where, kind="stable")[np.searchsorted(np.sort(where), 0):].tolist():
             ann, anns[k] = anns[k], None
