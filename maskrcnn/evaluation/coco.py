@@ -371,6 +371,13 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
             if missing:
                 log(f"segm: {missing} ground-truth object(s) have no usable segmentation; the mask AP ignores them "
                     f"(as crowd regions), the box AP counts them")
+        per_image: Dict[int, int] = {}
+        for d in dets:
+            per_image[int(d["image_id"])] = per_image.get(int(d["image_id"]), 0) + 1
+        crowded = sum(n > 100 for n in per_image.values())
+        if crowded:
+            log(f"{iou_type}: {crowded} image(s) have more than 100 detections (up to {max(per_image.values())}): "
+                f"COCO's AP and AR count the 100 highest-scoring of each image (maxDets 100), as COCO's benchmark does")
         ev, table = _run_cocoeval(evaluator, gt, dets, iou_type, img_ids, gt_cache, kpt_sigmas)
         log(f"Evaluate annotation type *{iou_type}* on {len(img_ids)} images ({evaluator})\n{table}")
         per_cat = {c: v for c, v in _per_category_ap(ev).items() if not named_only or c in names}

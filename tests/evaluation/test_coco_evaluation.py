@@ -224,3 +224,20 @@ def test_a_set_without_ground_truth_says_why_its_ap_is_nan():
     metrics = evaluate_coco(coco, {"bbox": dets}, log=lines.append)
     assert np.isnan(metrics["bbox"]["AP"])
     assert "the 1 evaluated images have no ground-truth object (crowd regions aside)" in "\n".join(lines)
+
+
+def test_more_than_100_detections_per_image_are_said_to_be_cut_at_max_dets():
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "height": 100, "width": 100, "file_name": "a.png"}],
+                    "categories": [{"id": 1, "name": "thing"}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16.0,
+                                     "iscrowd": 0}]}
+    coco.createIndex()
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [1 + k % 90, 1, 4, 4], "score": 1 - k / 1000}
+            for k in range(150)]
+    lines = []
+    evaluate_coco(coco, {"bbox": dets}, log=lines.append)
+    assert "bbox: 1 image(s) have more than 100 detections (up to 150)" in "\n".join(lines)
+    lines.clear()
+    evaluate_coco(coco, {"bbox": dets[:100]}, log=lines.append)
+    assert "more than 100" not in "\n".join(lines)
