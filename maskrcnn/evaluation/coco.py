@@ -342,7 +342,7 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
     img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else sorted(int(i) for i in img_ids)
     wanted = set(img_ids)
-    if not any(int(a["image_id"]) in wanted and not a.get("iscrowd", 0)
+    if not any(a.get("image_id") in wanted and not a.get("iscrowd", 0)
                for a in coco_gt.dataset.get("annotations", [])):
         log(f"the {len(img_ids)} evaluated images have no ground-truth object (crowd regions aside): every AP and AR "
             f"is undefined (NaN), whatever the detections")
@@ -375,7 +375,7 @@ def evaluate_coco(coco_gt: COCO, results: Mapping[str, List[Dict[str, Any]]], im
         for d in dets:
             per_image[int(d["image_id"])] = per_image.get(int(d["image_id"]), 0) + 1
         crowded = sum(n > 100 for n in per_image.values())
-        if crowded:
+        if crowded and iou_type != "keypoints":  # keypoints are scored at maxDets 20 by design
             log(f"{iou_type}: {crowded} image(s) have more than 100 detections (up to {max(per_image.values())}): "
                 f"COCO's AP and AR count the 100 highest-scoring of each image (maxDets 100), as COCO's benchmark does")
         ev, table = _run_cocoeval(evaluator, gt, dets, iou_type, img_ids, gt_cache, kpt_sigmas)
