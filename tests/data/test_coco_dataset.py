@@ -315,3 +315,16 @@ def test_string_image_ids_are_named_as_such_and_get_no_segmentation_hint(tiny_co
         COCODataset(str(bad), img_dir)
     assert "image id '1' is not in 'images' (a string: 'images' has the integer 1" in str(e.value)
     assert "MASK_ON" not in str(e.value)
+
+
+def test_categories_sharing_a_name_are_warned_about(tiny_coco, tmp_path):
+    ann_file, img_dir, _ = tiny_coco
+    data = json.loads(open(ann_file).read())
+    for cat in data["categories"]:
+        if cat["id"] in (3, 7):
+            cat["name"] = "thing"
+    dup = tmp_path / "dup_names.json"
+    dup.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"categories share a name: 'thing' for ids \[3, 7\]"):
+        ds = COCODataset(str(dup), img_dir)
+    assert ds.classes == ["__background__", "thing", "thing", "twelve"]  # still separate classes, ids ascending

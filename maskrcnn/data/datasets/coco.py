@@ -100,6 +100,14 @@ class COCODataset(Dataset):
         self.category_id_to_contiguous: Dict[int, int] = {c["id"]: i + 1 for i, c in enumerate(cats)}
         self.contiguous_to_category_id: Dict[int, int] = {v: k for k, v in self.category_id_to_contiguous.items()}
         self.classes: List[str] = ["__background__"] + [str(c["name"]) for c in cats]
+        shared = sorted({n for n in self.classes[1:] if self.classes.count(n) > 1})
+        if shared:
+            # Two classes the model learns apart under one name: the drawings, class_names and the per-class APs
+            # cannot tell them apart, and a test json with the same names in another order is not caught.
+            ids = {n: [c["id"] for c in cats if str(c["name"]) == n] for n in shared}
+            warnings.warn(f"COCODataset({ann_file}): categories share a name: " + "; ".join(
+                f"{n!r} for ids {v}" for n, v in ids.items()) + "; they are trained as separate classes; give each "
+                "category its own name (or merge their ids) if that is not intended", stacklevel=2)
         # Kept from the json (not the lazily built pycocotools index, which stays unbuilt for training): the keypoint
         # names of the category declaring the most keypoints.
         self._keypoint_names: List[str] = list(max((c.get("keypoints") or [] for c in all_cats.values()), key=len,
