@@ -298,6 +298,28 @@ def conv_runner(dtype: torch.dtype = torch.float32, geometry: Tuple[int, int, in
     return run, 2.0 * h * w * cin * cout * k * k
 
 
+def add_peak_probes(fns: Dict[str, Callable[[], Any]], dtypes: Dict[str, torch.dtype]) -> Dict[str, float]:
+    """Add the two peak probes of each ``dtypes`` entry (``matmul-NAME``: :func:`matmul_runner`, ``conv-NAME``:
+    :func:`conv_runner`) to ``fns``, to be timed in the same alternated rounds as the models; returns the
+    convolution probes' FLOPs by name (for :func:`pop_peaks`)."""
+    conv_flops: Dict[str, float] = {}
+    for name, dt in dtypes.items():
+        fns[f"matmul-{name}"] = matmul_runner(dt)
+        fns[f"conv-{name}"], conv_flops[name] = conv_runner(dt)
+    return conv_flops
+
+
+def pop_peaks(times: Dict[str, List[float]], conv_flops: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+    """Remove the probes :func:`add_peak_probes` added from ``times`` and return, by name, their best rates:
+    ``{"matmul", "conv", "peak"}`` in GFLOP/s (GOP/s for int8), the peak the better of the two."""
+    out: Dict[str, Dict[str, float]] = {}
+    for name, flops in conv_flops.items():
+        mm = 2.0 * 4096 ** 3 / min(times.pop(f"matmul-{name}")) / 1e9
+        conv = flops / min(times.pop(f"conv-{name}")) / 1e9
+        out[name] = {"matmul": mm, "conv": conv, "peak": max(mm, conv)}
+    return out
+
+
 def compute_peak(dtype: torch.dtype = torch.float32, repeats: int = 3) -> Dict[str, float]:
     """This machine's peak in ``dtype`` as GFLOP/s (GOP/s for int8): ``{"matmul": the 4096^3 product,
     "conv": the convolution probe (:func:`conv_runner`), "peak": the better of the two}``, each the best of

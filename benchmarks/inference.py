@@ -225,15 +225,11 @@ def run(args) -> Dict[str, Any]:
                           "ours": common.count_flops(lambda: built["plain"](images))}
             fns.update({row_name(n, key): f for n, f in built["fns"].items()})
         # The peak probes run in every round too: the peak is their best time under the models' conditions.
-        conv_flops: Dict[str, float] = {}
-        for name, dt in peak_dtypes.items():
-            fns[f"matmul-{name}"] = common.matmul_runner(dt)
-            fns[f"conv-{name}"], conv_flops[name] = common.conv_runner(dt)
+        conv_flops = common.add_peak_probes(fns, peak_dtypes)
         times = common.alternate(fns, repeats=repeats, warmup=0, budget_s=args.budget)
-        matmul_flops = 2.0 * 4096 ** 3
-        for name, pr in probes.items():
-            pr["matmul"] = max(pr["matmul"], matmul_flops / min(times.pop(f"matmul-{name}")) / 1e9)
-            pr["conv"] = max(pr["conv"], conv_flops[name] / min(times.pop(f"conv-{name}")) / 1e9)
+        for name, best in common.pop_peaks(times, conv_flops).items():
+            pr = probes[name]
+            pr["matmul"], pr["conv"] = max(pr["matmul"], best["matmul"]), max(pr["conv"], best["conv"])
             pr["peak"] = max(pr["matmul"], pr["conv"])
         if probes:
             print("peak (best of all rounds; matmul / convolution): " + ", ".join(

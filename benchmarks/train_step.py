@@ -208,18 +208,11 @@ def run(args) -> Dict[str, Any]:
     for name in runs:
         _, step, losses[name] = build(name, size, features(args))
         steps[name] = counting_faults(step, faults.setdefault(name, []))
-    conv_flops: Dict[str, float] = {}
     peak_dtypes = {} if args.no_flops else {"fp32": torch.float32, **(
         {"bf16": torch.bfloat16} if any(n in BF16_RUNS for n in runs) else {})}
-    for dname, dt in peak_dtypes.items():  # timed in every round, as the steps are
-        steps[f"matmul-{dname}"] = common.matmul_runner(dt)
-        steps[f"conv-{dname}"], conv_flops[dname] = common.conv_runner(dt)
+    conv_flops = common.add_peak_probes(steps, peak_dtypes)  # timed in every round, as the steps are
     times = common.alternate(steps, repeats=args.repeats, warmup=1, budget_s=args.budget)
-    peaks: Dict[str, Dict[str, float]] = {}
-    for dname in peak_dtypes:
-        mm = 2.0 * 4096 ** 3 / min(times.pop(f"matmul-{dname}")) / 1e9
-        conv = conv_flops[dname] / min(times.pop(f"conv-{dname}")) / 1e9
-        peaks[dname] = {"matmul": mm, "conv": conv, "peak": max(mm, conv)}
+    peaks = common.pop_peaks(times, conv_flops)
     medians = {n: common.median(t) for n, t in times.items()}
     tv = medians.get(common.TV_PLAIN)
     rows: List[Dict[str, Any]] = [{"model": n, "median_s": medians[n], "times_s": times[n],

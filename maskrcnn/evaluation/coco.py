@@ -180,6 +180,15 @@ def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _indexed_coco(data: Dict[str, Any]) -> COCO:
+    """A ``pycocotools`` COCO of the dict ``data`` (``images``, ``annotations``, ``categories``), indexed quietly."""
+    out = COCO()
+    out.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines while indexing
+        out.createIndex()
+    return out
+
+
 def _complete_coco(coco: COCO) -> COCO:
     """``coco`` itself when every annotation has ``iscrowd`` and ``area`` (COCOeval needs both), else a completed
     copy (``iscrowd`` 0, ``area`` of the segmentation or box)."""
@@ -201,11 +210,7 @@ def _complete_coco(coco: COCO) -> COCO:
                 a["area"] = float(mask_util.area(rle))
             else:
                 a["area"] = float(a["bbox"][2] * a["bbox"][3])
-    out = COCO()
-    out.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        out.createIndex()
-    return out
+    return _indexed_coco(data)
 
 
 def _usable_segmentation(seg: Any) -> bool:
@@ -233,11 +238,7 @@ def _segm_ground_truth(coco_gt: COCO) -> Tuple[COCO, int]:
             a = dict(a, iscrowd=1, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
             missing += 1
         data["annotations"].append(a)
-    out = COCO()
-    out.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        out.createIndex()
-    return out, missing
+    return _indexed_coco(data), missing
 
 
 def coco_gt_from_dataset(dataset, indices: Optional[Sequence[int]] = None) -> COCO:
@@ -286,11 +287,7 @@ def coco_gt_from_dataset(dataset, indices: Optional[Sequence[int]] = None) -> CO
     kp_names = list(getattr(dataset, "keypoint_names", []) or [])
     categories = [dict({"id": cat, "name": names[cat]}, **({"keypoints": kp_names} if kp_names else {}))
                   for cat in sorted(names)]
-    coco = COCO()
-    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    return _indexed_coco({"images": images, "annotations": annotations, "categories": categories})
 
 
 def _per_category_ap(coco_eval: COCOeval) -> Dict[int, float]:

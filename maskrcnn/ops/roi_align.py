@@ -92,6 +92,14 @@ def as_roi_tensor(rois: RoIs, name: str = "rois", features: Optional[Tensor] = N
     )
 
 
+def torchvision_work_dtype(input: Tensor) -> torch.dtype:
+    """The dtype torchvision's RoI kernels run ``input`` in: float32 for float16/bfloat16 on the CPU, whose kernels
+    have neither (as torchvision's autocast wrapper does), else ``input``'s own."""
+    if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return input.dtype
+
+
 def pair_size(output_size: Union[int, Sequence[int]], name: str = "output_size") -> Tuple[int, int]:
     """``(h, w)`` from an int or a pair of positive ints."""
     if isinstance(output_size, int) and not isinstance(output_size, bool):
@@ -629,13 +637,11 @@ def roi_align(
     if _backend.resolve("roi_align") == "torchvision":
         import torchvision
 
-        # torchvision's CPU kernel has no float16/bfloat16: in float32 and back, as its autocast wrapper does.
-        work = torch.float32 if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16) else None
+        work = torchvision_work_dtype(input)
         out = torchvision.ops.roi_align(
-            input.to(work or input.dtype), roi_tensor.to(work or input.dtype), output_size, float(spatial_scale),
-            sampling_ratio, bool(aligned)
+            input.to(work), roi_tensor.to(work), output_size, float(spatial_scale), sampling_ratio, bool(aligned)
         )
-        return out if work is None else out.to(input.dtype)
+        return out if work == input.dtype else out.to(input.dtype)
     if torch.jit.is_tracing():
         return torch.ops.maskrcnn.roi_align(
             input, roi_tensor, float(spatial_scale), output_size[0], output_size[1], sampling_ratio, bool(aligned)

@@ -50,6 +50,7 @@ from maskrcnn.ops.roi_align import (
     pack_features,
     pair_size,
     slot_bucket,
+    torchvision_work_dtype,
     unpack_grad,
     write_rois,
 )
@@ -248,11 +249,9 @@ def roi_pool(
     if _backend.resolve("roi_pool") == "torchvision":
         import torchvision
 
-        # torchvision's CPU kernel has no float16/bfloat16: in float32 and back, as its autocast wrapper does.
-        work = torch.float32 if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16) else None
-        out = torchvision.ops.roi_pool(input.to(work or input.dtype), roi_tensor.to(work or input.dtype), output_size,
-                                       float(spatial_scale))
-        return out if work is None else out.to(input.dtype)
+        work = torchvision_work_dtype(input)
+        out = torchvision.ops.roi_pool(input.to(work), roi_tensor.to(work), output_size, float(spatial_scale))
+        return out if work == input.dtype else out.to(input.dtype)
     if torch.jit.is_tracing():
         return torch.ops.maskrcnn.roi_pool(input, roi_tensor, float(spatial_scale), output_size[0], output_size[1])
     return _roi_pool_native(input, roi_tensor, output_size, float(spatial_scale))

@@ -167,3 +167,15 @@ def test_compute_peak_is_the_better_probe(monkeypatch):
     out = common.compute_peak(torch.float32, repeats=1)
     assert out["matmul"] == 100.0 and out["conv"] > 0
     assert out["peak"] == max(out["matmul"], out["conv"])
+
+
+def test_peak_probes_are_added_beside_the_models_and_popped_as_rates():
+    fns = {"model": lambda: None}
+    conv_flops = common.add_peak_probes(fns, {"fp32": torch.float32})
+    assert set(fns) == {"model", "matmul-fp32", "conv-fp32"} and conv_flops["fp32"] > 0
+    times = {"model": [1.0, 2.0], "matmul-fp32": [2.0, 1.0], "conv-fp32": [conv_flops["fp32"] / 300e9, 1.0]}
+    peaks = common.pop_peaks(times, conv_flops)
+    assert set(times) == {"model"}  # the probes are gone, the models' times stay
+    assert peaks["fp32"]["matmul"] == pytest.approx(2.0 * 4096 ** 3 / 1e9)  # the best (shortest) time
+    assert peaks["fp32"]["conv"] == pytest.approx(300.0)
+    assert peaks["fp32"]["peak"] == pytest.approx(max(300.0, 2.0 * 4096 ** 3 / 1e9))

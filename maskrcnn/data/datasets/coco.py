@@ -238,13 +238,12 @@ class COCODataset(Dataset):
         silently keeps one of two sharing an id, which drops an object from the evaluation. Training never needs
         the ids (and leaves them alone); the evaluation's ground truth does."""
         seen, redo = set(), []
-        for ann in data["annotations"]:
-            ann_id = ann.get("id") if isinstance(ann, dict) else None
+        for ann in (a for a in data["annotations"] if isinstance(a, dict)):
+            ann_id = ann.get("id")
             if ann_id is None or ann_id in seen or isinstance(ann_id, bool) or not isinstance(ann_id, int):
                 redo.append(ann)
             else:
                 seen.add(ann_id)
-        redo = [a for a in redo if isinstance(a, dict)]
         if not redo:
             return
         missing = sum("id" not in a for a in redo)
